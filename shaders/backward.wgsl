@@ -1,0 +1,134 @@
+// Backward of softmax and log-softmax (common.wgsl is prepended).
+//
+//   softmax:      dx_j = y_j * (dy_j - r),       r = sum_k dy_k * y_k
+//   log-softmax:  dx_j = dy_j - exp(y_j) * r,    r = sum_k dy_k
+//
+// One reduction per row; the strategies are those of softmax.wgsl. Values are not special-cased:
+// NaN in y or dy propagates through r to its row, and exp(-inf) is 0 by the explicit select.
+
+@group(0) @binding(1) var<storage, read> y: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+
+override LOG: bool = false;
+
+fn term(yv: f32, g: f32) -> f32 {
+    if (LOG) {
+        return g;
+    }
+    return g * yv;
+}
+
+fn grad(yv: f32, g: f32, r: f32) -> f32 {
+    if (LOG) {
+        return g - select(exp(yv), 0.0, is_neg_inf(yv)) * r;
+    }
+    return yv * (g - r);
+}
+
+fn workgroup_total(v: f32, lid: u32) -> f32 {
+    return workgroup_sum4(vec4<f32>(v, 0.0, 0.0, 0.0), lid).x;
+}
+
+@compute @workgroup_size(WG)
+fn row_per_thread(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = linear_group(wid) * WG + lid;
+    if (row >= p.rows) {
+        return;
+    }
+    let y0 = base(0u) + row * p.cols;
+    let g0 = base(1u) + row * p.cols;
+    let d0 = base(2u) + row * p.cols;
+    var r = 0.0;
+    for (var c = 0u; c < p.cols; c++) {
+        r += term(y[y0 + c], dy[g0 + c]);
+    }
+    for (var c = 0u; c < p.cols; c++) {
+        dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = linear_group(wid);
+    // `row` is the same for the whole workgroup, so this return keeps barriers uniform.
+    if (row >= p.rows) {
+        return;
+    }
+    let y0 = base(0u) + row * p.cols;
+    let g0 = base(1u) + row * p.cols;
+    let d0 = base(2u) + row * p.cols;
+    var ys: array<f32, MAX_ITEMS>;
+    var gs: array<f32, MAX_ITEMS>;
+    var r = 0.0;
+    if (ITEMS > 0u) {
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = lid + k * WG;
+            if (c < p.cols) {
+                ys[k] = y[y0 + c];
+                gs[k] = dy[g0 + c];
+                r += term(ys[k], gs[k]);
+            }
+        }
+    } else {
+        for (var c = lid; c < p.cols; c += WG) {
+            r += term(y[y0 + c], dy[g0 + c]);
+        }
+    }
+    r = workgroup_total(r, lid);
+    if (ITEMS > 0u) {
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = lid + k * WG;
+            if (c < p.cols) {
+                dx[d0 + c] = grad(ys[k], gs[k], r);
+            }
+        }
+    } else {
+        for (var c = lid; c < p.cols; c += WG) {
+            dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = linear_group(wid);
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let bounds = chunk_bounds(g % p.chunks);
+    let y0 = base(0u) + row * p.cols;
+    let g0 = base(1u) + row * p.cols;
+    var r = 0.0;
+    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+        r += term(y[y0 + c], dy[g0 + c]);
+    }
+    r = workgroup_total(r, lid);
+    if (lid == 0u) {
+        partials[g] = r;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = linear_group(wid);
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let first = row * p.chunks;
+    var r = 0.0;
+    for (var i = lid; i < p.chunks; i += WG) {
+        r += partials[first + i];
+    }
+    r = workgroup_total(r, lid);
+    let bounds = chunk_bounds(g % p.chunks);
+    let y0 = base(0u) + row * p.cols;
+    let g0 = base(1u) + row * p.cols;
+    let d0 = base(2u) + row * p.cols;
+    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+        dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
+    }
+}

@@ -1,0 +1,124 @@
+// Shared by every row-wise kernel family; prepended to each family's source.
+//
+// A batch is `rows` rows of `cols` contiguous f32. Each operand binding is a window of a buffer
+// starting at an aligned offset; `base` holds, per operand, the element index inside its binding
+// where row 0 begins. The grid is 2-D when the workgroup count exceeds the per-dimension limit;
+// `grid_x` linearises it.
+//
+// Special values are decided by explicit bit tests rather than left to arithmetic, because WGSL
+// lets implementations assume that no infinities or NaNs occur: a row holding NaN or +inf, or
+// made of -inf only, becomes NaN; a -inf entry gets probability exactly 0.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    grid_x: u32,
+    chunk: u32,  // split kernels: elements per chunk
+    chunks: u32, // split kernels: chunks per row
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    base: array<vec4<u32>, 2>,
+    words: vec4<u32>, // op-specific scalars (bit patterns)
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+override WG: u32 = 64u;
+// Elements each invocation keeps in registers (row_per_workgroup); 0 streams from memory.
+override ITEMS: u32 = 0u;
+
+const MAX_WG: u32 = 256u;
+const MAX_ITEMS: u32 = 16u;
+const ABS_MASK: u32 = 0x7fffffffu;
+const INF_BITS: u32 = 0x7f800000u;
+const NEG_INF_BITS: u32 = 0xff800000u;
+const NAN_BITS: u32 = 0x7fc00000u;
+
+fn base(i: u32) -> u32 {
+    return p.base[i / 4u][i % 4u];
+}
+
+// Non-finite constants are built from a uniform so that no compiler folds them into literals
+// that some shading languages cannot express.
+fn from_bits(bits: u32) -> f32 {
+    return bitcast<f32>(bits | (p._pad0 & 0u));
+}
+
+fn pos_inf() -> f32 {
+    return from_bits(INF_BITS);
+}
+
+fn neg_inf() -> f32 {
+    return from_bits(NEG_INF_BITS);
+}
+
+fn quiet_nan() -> f32 {
+    return from_bits(NAN_BITS);
+}
+
+fn is_neg_inf(x: f32) -> bool {
+    return bitcast<u32>(x) == NEG_INF_BITS;
+}
+
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & ABS_MASK) < INF_BITS;
+}
+
+// The value a row's maximum is taken over: NaN and +inf poison the row, so they count as +inf
+// and the row maximum is then not finite.
+fn max_key(x: f32) -> f32 {
+    let bits = bitcast<u32>(x);
+    let poison = (bits & ABS_MASK) >= INF_BITS && bits != NEG_INF_BITS;
+    return select(x, pos_inf(), poison);
+}
+
+// exp(x - m) for a row whose maximum m is finite; exactly 0 for -inf entries.
+fn exp_shifted(x: f32, m: f32) -> f32 {
+    return select(exp(x - m), 0.0, is_neg_inf(x));
+}
+
+fn linear_group(wid: vec3<u32>) -> u32 {
+    return wid.x + wid.y * p.grid_x;
+}
+
+// Chunk `chunk_id` of a split row: [start, end).
+fn chunk_bounds(chunk_id: u32) -> vec2<u32> {
+    let start = chunk_id * p.chunk;
+    return vec2<u32>(start, min(start + p.chunk, p.cols));
+}
+
+// Workgroup reductions. Every invocation writes its value, one barrier, then every invocation
+// combines all WG values itself: one barrier per reduction instead of log2(WG), which matters on
+// software adapters where a barrier switches between all of the workgroup's invocation groups.
+// The max and the vec4 sums use different arrays, and each is used at most once per workgroup
+// between barriers, so no reduction's writes can race another's reads.
+
+var<workgroup> red_max: array<f32, MAX_WG>;
+var<workgroup> red_sum: array<vec4<f32>, MAX_WG>;
+
+fn workgroup_max(v: f32, lid: u32) -> f32 {
+    red_max[lid] = v;
+    workgroupBarrier();
+    var m = red_max[0];
+    for (var i = 1u; i < WG; i++) {
+        m = max(m, red_max[i]);
+    }
+    return m;
+}
+
+fn workgroup_sum4(v: vec4<f32>, lid: u32) -> vec4<f32> {
+    red_sum[lid] = v;
+    workgroupBarrier();
+    var s = vec4<f32>(0.0);
+    for (var i = 0u; i < WG; i++) {
+        s += red_sum[i];
+    }
+    return s;
+}
+
+// Combines per-chunk statistics (max m_i, sum s_i of exp(x - m_i)) of a row into the row's:
+// M = max m_i, S = sum s_i * exp(m_i - M). Chunks of -inf only (m_i = -inf, s_i = 0) add nothing.
+fn rescale(m_i: f32, m: f32) -> f32 {
+    return select(exp(m_i - m), 0.0, is_neg_inf(m_i));
+}

@@ -1,0 +1,353 @@
+// Cross-entropy loss and its fused gradient with respect to the logits (common.wgsl is
+// prepended), with PyTorch's F.cross_entropy semantics.
+//
+// Per row with logits x, target distribution q (see target_mass), M = max x, S = sum exp(x - M):
+//   A = sum_c q_c (x_c - M),  B = sum_c q_c
+//   loss_row = B ln S - A                               (= -sum_c q_c log_softmax(x)_c)
+//   grad_c   = scale_row * (exp(x_c - M) / S * B - q_c)  (= d loss_row / d x_c, scaled)
+// Each logit is read once when the row fits in registers (ITEMS > 0); a split row keeps
+// (m_i, s_i, a_i, b_i) per chunk and combines them with the online-normalizer rule.
+//
+// Rows: an index target equal to ignore_index gives loss 0 and a zero gradient row; an index
+// outside [0, C) gives NaN for its row; a row holding NaN or +inf, or only -inf, gives NaN.
+//
+// Passes: `denominator` (mean only) writes the sum of target weights over rows not ignored to
+// stats[0]; a row kernel writes loss_rows and the gradient; `reduce_loss` writes the reduced loss
+// to stats[1].
+
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+// Class indices (i32 bit patterns, one per row) or probabilities (f32 bits, cols per row).
+@group(0) @binding(2) var<storage, read> targets: array<u32>;
+@group(0) @binding(3) var<storage, read> weight: array<f32>;
+@group(0) @binding(4) var<storage, read> grad_output: array<f32>;
+@group(0) @binding(5) var<storage, read_write> loss_rows: array<f32>;
+// With IN_PLACE the logits are read from here too, and overwritten by the gradient.
+@group(0) @binding(6) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(7) var<storage, read_write> stats: array<f32>;
+@group(0) @binding(8) var<storage, read_write> partials: array<vec4<f32>>;
+
+override PROBS: bool = false;       // probability targets instead of class indices
+override WEIGHTED: bool = false;    // per-class weights in `weight`
+override REDUCTION: u32 = 1u;       // 0 none, 1 mean, 2 sum
+override GRAD: bool = true;         // write the gradient (false: the loss alone)
+override IN_PLACE: bool = false;    // logits live in `grad`
+override GRAD_PER_ROW: bool = false; // grad_output holds one multiplier per row
+
+// words: x = ignore_index (i32 bits), y = label smoothing (f32 bits), z = scalar grad_output,
+// w = the sum of the class weights (C when unweighted).
+fn ignore_index() -> i32 {
+    return bitcast<i32>(p.words.x);
+}
+
+fn smoothing() -> f32 {
+    return bitcast<f32>(p.words.y);
+}
+
+fn logit(i: u32) -> f32 {
+    if (IN_PLACE) {
+        return grad[i];
+    }
+    return logits[i];
+}
+
+fn class_weight(c: u32) -> f32 {
+    if (WEIGHTED) {
+        return weight[base(2u) + c];
+    }
+    return 1.0;
+}
+
+// What a row's index target says: 0 a valid class, 1 ignored, 2 out of range.
+struct RowTarget {
+    index: u32,
+    kind: u32,
+}
+
+fn row_target(row: u32) -> RowTarget {
+    if (PROBS) {
+        return RowTarget(0u, 0u);
+    }
+    let t = bitcast<i32>(targets[base(1u) + row]);
+    if (t == ignore_index()) {
+        return RowTarget(0u, 1u);
+    }
+    if (t < 0 || u32(t) >= p.cols) {
+        return RowTarget(0u, 2u);
+    }
+    return RowTarget(u32(t), 0u);
+}
+
+// q_c: the target mass of class c in row `row`, label smoothing and class weights applied.
+fn target_mass(row: u32, c: u32, t: RowTarget) -> f32 {
+    let e = smoothing();
+    let uniform = e / f32(p.cols);
+    if (PROBS) {
+        let prob = bitcast<f32>(targets[base(1u) + row * p.cols + c]);
+        return class_weight(c) * ((1.0 - e) * prob + uniform);
+    }
+    var q = uniform * class_weight(c);
+    if (c == t.index) {
+        q += (1.0 - e) * class_weight(c);
+    }
+    return q;
+}
+
+// q_c (x_c - m) with a zero-mass term contributing exactly 0, whatever x_c is.
+fn mass_term(q: f32, x: f32, m: f32) -> f32 {
+    return select(q * (x - m), 0.0, q == 0.0);
+}
+
+// The gradient multiplier of a row: grad_output, divided by the weight total for the mean.
+fn row_scale(row: u32) -> f32 {
+    var g = bitcast<f32>(p.words.z);
+    if (GRAD_PER_ROW) {
+        g = grad_output[base(3u) + row];
+    }
+    if (REDUCTION == 1u) {
+        g = g / stats[base(6u)];
+    }
+    return g;
+}
+
+// B = sum_c q_c. For index targets it is known in closed form, (1 - e) w_t + e/C sum_c w_c,
+// which is exact where an f32 sum of C small terms would not be; probabilities need the sum.
+fn mass_total(accumulated: f32, t: RowTarget) -> f32 {
+    if (PROBS) {
+        return accumulated;
+    }
+    let e = smoothing();
+    return (1.0 - e) * class_weight(t.index) + e / f32(p.cols) * bitcast<f32>(p.words.w);
+}
+
+// Row results from the row's statistics: stats4 = (S, A, B, _), max m.
+fn row_loss(m: f32, stats4: vec4<f32>, t: RowTarget) -> f32 {
+    if (t.kind == 1u) {
+        return 0.0;
+    }
+    if (t.kind == 2u || !is_finite(m)) {
+        return quiet_nan();
+    }
+    return mass_total(stats4.z, t) * log(stats4.x) - stats4.y;
+}
+
+fn grad_value(x: f32, q: f32, m: f32, stats4: vec4<f32>, t: RowTarget, scale: f32) -> f32 {
+    if (t.kind == 1u) {
+        return 0.0;
+    }
+    if (t.kind == 2u || !is_finite(m)) {
+        return quiet_nan();
+    }
+    return scale * (exp_shifted(x, m) / stats4.x * mass_total(stats4.z, t) - q);
+}
+
+@compute @workgroup_size(WG)
+fn row_per_thread(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = linear_group(wid) * WG + lid;
+    if (row >= p.rows) {
+        return;
+    }
+    let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
+    let t = row_target(row);
+    var m = neg_inf();
+    for (var c = 0u; c < p.cols; c++) {
+        m = max(m, max_key(logit(x0 + c)));
+    }
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        for (var c = 0u; c < p.cols; c++) {
+            let x = logit(x0 + c);
+            let q = target_mass(row, c, t);
+            acc += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+        }
+    }
+    loss_rows[base(4u) + row] = row_loss(m, acc, t);
+    if (GRAD) {
+        let scale = row_scale(row);
+        let g0 = base(5u) + row * p.cols;
+        for (var c = 0u; c < p.cols; c++) {
+            let x = logit(x0 + c);
+            grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = linear_group(wid);
+    // `row` is the same for the whole workgroup, so this return keeps barriers uniform.
+    if (row >= p.rows) {
+        return;
+    }
+    let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
+    let t = row_target(row);
+    var xs: array<f32, MAX_ITEMS>;
+    var m = neg_inf();
+    if (ITEMS > 0u) {
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = lid + k * WG;
+            var x = neg_inf();
+            if (c < p.cols) {
+                x = logit(x0 + c);
+            }
+            xs[k] = x;
+            m = max(m, max_key(x));
+        }
+    } else {
+        for (var c = lid; c < p.cols; c += WG) {
+            m = max(m, max_key(logit(x0 + c)));
+        }
+    }
+    m = workgroup_max(m, lid);
+
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        if (ITEMS > 0u) {
+            for (var k = 0u; k < ITEMS; k++) {
+                let c = lid + k * WG;
+                if (c < p.cols) {
+                    let q = target_mass(row, c, t);
+                    acc += vec4<f32>(exp_shifted(xs[k], m), mass_term(q, xs[k], m), q, 0.0);
+                }
+            }
+        } else {
+            for (var c = lid; c < p.cols; c += WG) {
+                let x = logit(x0 + c);
+                let q = target_mass(row, c, t);
+                acc += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+            }
+        }
+    }
+    acc = workgroup_sum4(acc, lid);
+    if (lid == 0u) {
+        loss_rows[base(4u) + row] = row_loss(m, acc, t);
+    }
+    if (GRAD) {
+        let scale = row_scale(row);
+        let g0 = base(5u) + row * p.cols;
+        if (ITEMS > 0u) {
+            for (var k = 0u; k < ITEMS; k++) {
+                let c = lid + k * WG;
+                if (c < p.cols) {
+                    grad[g0 + c] = grad_value(xs[k], target_mass(row, c, t), m, acc, t, scale);
+                }
+            }
+        } else {
+            for (var c = lid; c < p.cols; c += WG) {
+                let x = logit(x0 + c);
+                grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = linear_group(wid);
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let bounds = chunk_bounds(g % p.chunks);
+    let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
+    let t = row_target(row);
+    var m = neg_inf();
+    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+        m = max(m, max_key(logit(x0 + c)));
+    }
+    m = workgroup_max(m, lid);
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+            let x = logit(x0 + c);
+            let q = target_mass(row, c, t);
+            acc += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+        }
+    } else {
+        // An all -inf chunk still carries its target mass (and -inf mass terms).
+        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+            let q = target_mass(row, c, t);
+            acc += vec4<f32>(0.0, select(0.0, neg_inf(), q != 0.0), q, 0.0);
+        }
+    }
+    acc = workgroup_sum4(acc, lid);
+    if (lid == 0u) {
+        partials[g] = vec4<f32>(m, acc.x, acc.y, acc.z);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = linear_group(wid);
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let first = row * p.chunks;
+    let t = row_target(row);
+    var m = neg_inf();
+    for (var i = lid; i < p.chunks; i += WG) {
+        m = max(m, partials[first + i].x);
+    }
+    m = workgroup_max(m, lid);
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        for (var i = lid; i < p.chunks; i += WG) {
+            let part = partials[first + i];
+            // A(x - M) = sum_i a_i + (m_i - M) b_i; a chunk without mass adds nothing.
+            let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
+            acc += vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
+        }
+    }
+    acc = workgroup_sum4(acc, lid);
+    if (g % p.chunks == 0u && lid == 0u) {
+        loss_rows[base(4u) + row] = row_loss(m, acc, t);
+    }
+    if (GRAD) {
+        let scale = row_scale(row);
+        let bounds = chunk_bounds(g % p.chunks);
+        let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
+        let g0 = base(5u) + row * p.cols;
+        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+            let x = logit(x0 + c);
+            grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
+        }
+    }
+}
+
+// One workgroup: stats[0] = sum of w[target] over rows not ignored (index targets), or the row
+// count (probability targets), the divisor of the mean.
+@compute @workgroup_size(WG)
+fn denominator(@builtin(local_invocation_index) lid: u32) {
+    var d = 0.0;
+    for (var row = lid; row < p.rows; row += WG) {
+        if (PROBS) {
+            d += 1.0;
+        } else {
+            let t = row_target(row);
+            if (t.kind == 0u) {
+                d += class_weight(t.index);
+            }
+        }
+    }
+    d = workgroup_sum4(vec4<f32>(d, 0.0, 0.0, 0.0), lid).x;
+    if (lid == 0u) {
+        stats[base(6u)] = d;
+    }
+}
+
+// One workgroup: stats[1] = the reduced loss (sum, or sum / stats[0] for the mean).
+@compute @workgroup_size(WG)
+fn reduce_loss(@builtin(local_invocation_index) lid: u32) {
+    var total = 0.0;
+    for (var row = lid; row < p.rows; row += WG) {
+        total += loss_rows[base(4u) + row];
+    }
+    total = workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
+    if (lid == 0u) {
+        if (REDUCTION == 1u) {
+            stats[base(6u) + 1u] = total / stats[base(6u)];
+        } else {
+            stats[base(6u) + 1u] = total;
+        }
+    }
+}

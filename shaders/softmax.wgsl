@@ -1,0 +1,193 @@
+// Row-wise softmax and log-softmax (common.wgsl is prepended).
+//
+// Strategies, chosen on the host by row length and adapter (src/kernels/plan.rs):
+//   row_per_thread     one invocation per row; no barriers at all. Short rows, and software
+//                      adapters where workgroup barriers are expensive.
+//   row_per_workgroup  one workgroup per row; each invocation strides over the row, the row's
+//                      (max, sum) is combined through workgroup memory. With ITEMS > 0 the row is
+//                      held in registers between the phases, so each element is read once.
+//   split_*            a row spread over several workgroups: split_partials writes one
+//                      (max, sum) pair per chunk, split_normalize combines a row's pairs with the
+//                      online-normalizer rule and writes its chunk. Keeps the GPU busy on 4 rows.
+
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(3) var<storage, read_write> partials: array<vec2<f32>>;
+
+override LOG: bool = false;
+
+// The output for one element given the row's max m and `scale`: 1/sum for softmax, ln(sum) for
+// log-softmax. A row whose max is not finite is NaN throughout.
+fn finish(x: f32, m: f32, scale: f32) -> f32 {
+    var y: f32;
+    if (LOG) {
+        y = select((x - m) - scale, neg_inf(), is_neg_inf(x));
+    } else {
+        y = exp_shifted(x, m) * scale;
+    }
+    return select(quiet_nan(), y, is_finite(m));
+}
+
+fn normaliser(sum: f32) -> f32 {
+    if (LOG) {
+        return log(sum);
+    }
+    return 1.0 / sum;
+}
+
+fn workgroup_sum(v: f32, lid: u32) -> f32 {
+    return workgroup_sum4(vec4<f32>(v, 0.0, 0.0, 0.0), lid).x;
+}
+
+@compute @workgroup_size(WG)
+fn row_per_thread(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = linear_group(wid) * WG + lid;
+    if (row >= p.rows) {
+        return;
+    }
+    let s0 = base(0u) + row * p.cols;
+    let d0 = base(1u) + row * p.cols;
+    var m = neg_inf();
+    for (var c = 0u; c < p.cols; c++) {
+        m = max(m, max_key(src[s0 + c]));
+    }
+    var sum = 0.0;
+    if (is_finite(m)) {
+        for (var c = 0u; c < p.cols; c++) {
+            sum += exp_shifted(src[s0 + c], m);
+        }
+    }
+    let scale = normaliser(sum);
+    for (var c = 0u; c < p.cols; c++) {
+        dst[d0 + c] = finish(src[s0 + c], m, scale);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = linear_group(wid);
+    // `row` is the same for the whole workgroup, so this return keeps barriers uniform.
+    if (row >= p.rows) {
+        return;
+    }
+    let s0 = base(0u) + row * p.cols;
+    let d0 = base(1u) + row * p.cols;
+    var vals: array<f32, MAX_ITEMS>;
+
+    var m = neg_inf();
+    if (ITEMS > 0u) {
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = lid + k * WG;
+            var x = neg_inf();
+            if (c < p.cols) {
+                x = src[s0 + c];
+            }
+            vals[k] = x;
+            m = max(m, max_key(x));
+        }
+    } else {
+        for (var c = lid; c < p.cols; c += WG) {
+            m = max(m, max_key(src[s0 + c]));
+        }
+    }
+    m = workgroup_max(m, lid);
+
+    var sum = 0.0;
+    if (is_finite(m)) {
+        if (ITEMS > 0u) {
+            for (var k = 0u; k < ITEMS; k++) {
+                let e = exp_shifted(vals[k], m);
+                sum += e;
+                if (!LOG) {
+                    vals[k] = e;
+                }
+            }
+        } else {
+            for (var c = lid; c < p.cols; c += WG) {
+                sum += exp_shifted(src[s0 + c], m);
+            }
+        }
+    }
+    sum = workgroup_sum(sum, lid);
+    let scale = normaliser(sum);
+    let ok = is_finite(m);
+
+    if (ITEMS > 0u) {
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = lid + k * WG;
+            if (c < p.cols) {
+                var y: f32;
+                if (LOG) {
+                    y = finish(vals[k], m, scale);
+                } else {
+                    y = select(quiet_nan(), vals[k] * scale, ok);
+                }
+                dst[d0 + c] = y;
+            }
+        }
+    } else {
+        for (var c = lid; c < p.cols; c += WG) {
+            dst[d0 + c] = finish(src[s0 + c], m, scale);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = linear_group(wid);
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let bounds = chunk_bounds(g % p.chunks);
+    let s0 = base(0u) + row * p.cols;
+
+    var m = neg_inf();
+    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+        m = max(m, max_key(src[s0 + c]));
+    }
+    m = workgroup_max(m, lid);
+    var sum = 0.0;
+    if (is_finite(m)) {
+        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+            sum += exp_shifted(src[s0 + c], m);
+        }
+    }
+    sum = workgroup_sum(sum, lid);
+    if (lid == 0u) {
+        partials[g] = vec2<f32>(m, sum);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = linear_group(wid);
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let first = row * p.chunks;
+
+    // Combine the row's chunk partials: M = max m_i, S = sum s_i * exp(m_i - M).
+    var m = neg_inf();
+    for (var i = lid; i < p.chunks; i += WG) {
+        m = max(m, partials[first + i].x);
+    }
+    m = workgroup_max(m, lid);
+    var sum = 0.0;
+    if (is_finite(m)) {
+        for (var i = lid; i < p.chunks; i += WG) {
+            let part = partials[first + i];
+            sum += part.y * rescale(part.x, m);
+        }
+    }
+    sum = workgroup_sum(sum, lid);
+    let scale = normaliser(sum);
+
+    let bounds = chunk_bounds(g % p.chunks);
+    let s0 = base(0u) + row * p.cols;
+    let d0 = base(1u) + row * p.cols;
+    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+        dst[d0 + c] = finish(src[s0 + c], m, scale);
+    }
+}

@@ -1,0 +1,305 @@
+//! `wgpu-softmax apply OP ...`: an op applied to `.npy` files. Every failure is one line on
+//! stderr and exit code 2, and no output file is written unless the whole op succeeded.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use wgpu_softmax::{Context, CrossEntropyOptions, GradOutput, Reduction, Targets};
+
+use crate::npy::{self, NpyData};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ApplyOp {
+    /// softmax over the last axis
+    Softmax,
+    /// log-softmax over the last axis
+    LogSoftmax,
+    /// dx from y = softmax(x) (--input) and dy (--grad), over the last axis
+    SoftmaxBackward,
+    /// dx from y = log_softmax(x) (--input) and dy (--grad), over the last axis
+    LogSoftmaxBackward,
+    /// cross-entropy of logits [N, C] or [N, C, d1, ...] (classes on axis 1) and --targets
+    CrossEntropy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReductionArg {
+    None,
+    Mean,
+    Sum,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The operation.
+    #[arg(value_enum)]
+    op: ApplyOp,
+    /// Input `.npy` (float32): x, y for the backward ops, logits for cross-entropy.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output `.npy` (float32): the result, or the loss for cross-entropy (0-d for mean and sum,
+    /// shaped like the targets for none).
+    #[arg(long)]
+    output: PathBuf,
+    /// Backward ops: dL/dy (float32, shaped like --input).
+    #[arg(long)]
+    grad: Option<PathBuf>,
+    /// Cross-entropy: class indices (int64 or int32) shaped [N, d1, ...], or float32
+    /// probabilities shaped like the logits.
+    #[arg(long)]
+    targets: Option<PathBuf>,
+    /// Cross-entropy: a float32 weight per class, shape [C].
+    #[arg(long)]
+    weight: Option<PathBuf>,
+    /// Cross-entropy: targets equal to this are ignored.
+    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
+    ignore_index: i64,
+    /// Cross-entropy: how per-sample losses are combined.
+    #[arg(long, value_enum, default_value_t = ReductionArg::Mean)]
+    reduction: ReductionArg,
+    /// Cross-entropy: label smoothing in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f32,
+    /// Cross-entropy: also write dLoss/dLogits (float32, shaped like the logits) here.
+    #[arg(long)]
+    grad_output: Option<PathBuf>,
+}
+
+pub fn run(ctx: &Context, args: &ApplyArgs) -> ExitCode {
+    match apply(ctx, args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("wgpu-softmax apply: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A float32 array read from a file, with its shape.
+struct Array {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn read_f32(path: &Path) -> Result<Array, String> {
+    let array = npy::read(path).map_err(|e| e.to_string())?;
+    let shape = array.shape.clone();
+    let data = array.into_f32().map_err(|e| e.to_string())?;
+    Ok(Array { shape, data })
+}
+
+fn required<'a>(path: &'a Option<PathBuf>, flag: &str, op: &str) -> Result<&'a Path, String> {
+    path.as_deref()
+        .ok_or_else(|| format!("{op} needs --{flag}"))
+}
+
+fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
+    let name = args
+        .op
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    let input = read_f32(&args.input)?;
+    let located = |e: wgpu_softmax::Error| format!("{}: {e}", args.input.display());
+    // The last axis is the softmax axis; a 0-d array is one row of one element.
+    let cols = input.shape.last().copied().unwrap_or(1);
+    match args.op {
+        ApplyOp::Softmax | ApplyOp::LogSoftmax => {
+            let out = if input.data.is_empty() {
+                Vec::new()
+            } else if args.op == ApplyOp::Softmax {
+                ctx.softmax(&input.data, cols).map_err(located)?
+            } else {
+                ctx.log_softmax(&input.data, cols).map_err(located)?
+            };
+            npy::write_f32(&args.output, &input.shape, &out).map_err(|e| e.to_string())
+        }
+        ApplyOp::SoftmaxBackward | ApplyOp::LogSoftmaxBackward => {
+            let grad_path = required(&args.grad, "grad", &name)?;
+            let grad = read_f32(grad_path)?;
+            if grad.shape != input.shape {
+                return Err(format!(
+                    "{} has shape {:?} but {} has shape {:?}; they must match",
+                    grad_path.display(),
+                    grad.shape,
+                    args.input.display(),
+                    input.shape
+                ));
+            }
+            let out = if input.data.is_empty() {
+                Vec::new()
+            } else if args.op == ApplyOp::SoftmaxBackward {
+                ctx.softmax_backward(&input.data, &grad.data, cols)
+                    .map_err(located)?
+            } else {
+                ctx.log_softmax_backward(&input.data, &grad.data, cols)
+                    .map_err(located)?
+            };
+            npy::write_f32(&args.output, &input.shape, &out).map_err(|e| e.to_string())
+        }
+        ApplyOp::CrossEntropy => cross_entropy(ctx, args, input),
+    }
+}
+
+/// Logits `[N, C, d1, ...]` as rows of `C` classes, one per (n, d1, ...) in C order.
+struct ClassLayout {
+    n: usize,
+    classes: usize,
+    /// Product of the trailing dimensions (1 for `[N, C]`).
+    spatial: usize,
+}
+
+impl ClassLayout {
+    fn of(shape: &[usize], path: &Path) -> Result<Self, String> {
+        if shape.len() < 2 {
+            return Err(format!(
+                "{}: cross-entropy logits must be [N, C] or [N, C, d1, ...], got shape {shape:?}",
+                path.display()
+            ));
+        }
+        Ok(Self {
+            n: shape[0],
+            classes: shape[1],
+            spatial: shape[2..].iter().product(),
+        })
+    }
+
+    /// `[N, C, S]` to `[N * S, C]`.
+    fn to_rows(&self, data: &[f32]) -> Vec<f32> {
+        if self.spatial == 1 {
+            return data.to_vec();
+        }
+        let mut rows = vec![0.0; data.len()];
+        for n in 0..self.n {
+            for c in 0..self.classes {
+                for s in 0..self.spatial {
+                    rows[(n * self.spatial + s) * self.classes + c] =
+                        data[(n * self.classes + c) * self.spatial + s];
+                }
+            }
+        }
+        rows
+    }
+
+    /// `[N * S, C]` back to `[N, C, S]`.
+    fn rows_to_layout(&self, rows: &[f32]) -> Vec<f32> {
+        if self.spatial == 1 {
+            return rows.to_vec();
+        }
+        let mut data = vec![0.0; rows.len()];
+        for n in 0..self.n {
+            for c in 0..self.classes {
+                for s in 0..self.spatial {
+                    data[(n * self.classes + c) * self.spatial + s] =
+                        rows[(n * self.spatial + s) * self.classes + c];
+                }
+            }
+        }
+        data
+    }
+}
+
+fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), String> {
+    let targets_path = required(&args.targets, "targets", "cross-entropy")?;
+    let layout = ClassLayout::of(&logits.shape, &args.input)?;
+    let targets = npy::read(targets_path).map_err(|e| e.to_string())?;
+    let mut target_shape = logits.shape.clone();
+    target_shape.remove(1);
+    let is_indices = !matches!(targets.data, NpyData::F32(_));
+    if is_indices && targets.shape != target_shape {
+        return Err(format!(
+            "{}: class-index targets must have shape {target_shape:?} (the logits without axis 1), got {:?}",
+            targets_path.display(),
+            targets.shape
+        ));
+    }
+    if !is_indices && targets.shape != logits.shape {
+        return Err(format!(
+            "{}: probability targets must be shaped like the logits {:?}, got {:?}",
+            targets_path.display(),
+            logits.shape,
+            targets.shape
+        ));
+    }
+    let probabilities;
+    let target_rows = match &targets.data {
+        NpyData::F32(p) => {
+            probabilities = layout.to_rows(p);
+            Targets::Probabilities(&probabilities)
+        }
+        NpyData::I64(t) => Targets::Indices(t),
+        NpyData::I32(t) => Targets::IndicesI32(t),
+    };
+    let weight = match &args.weight {
+        Some(path) => Some(read_f32(path)?),
+        None => None,
+    };
+    if let Some(w) = &weight {
+        if w.shape != [layout.classes] {
+            return Err(format!(
+                "{}: weight must have shape [{}], got {:?}",
+                args.weight.as_deref().unwrap_or(Path::new("")).display(),
+                layout.classes,
+                w.shape
+            ));
+        }
+    }
+    let reduction = match args.reduction {
+        ReductionArg::None => Reduction::None,
+        ReductionArg::Mean => Reduction::Mean,
+        ReductionArg::Sum => Reduction::Sum,
+    };
+    let options = CrossEntropyOptions {
+        weight: weight.as_ref().map(|w| &w.data[..]),
+        ignore_index: args.ignore_index,
+        reduction,
+        label_smoothing: args.label_smoothing,
+    };
+    let rows = layout.to_rows(&logits.data);
+    let classes = layout.classes;
+    let located = |e: wgpu_softmax::Error| format!("{}: {e}", args.input.display());
+    let (loss, grad) = if args.grad_output.is_some() {
+        let out = ctx
+            .cross_entropy_with_grad(&rows, classes, target_rows, &options, GradOutput::One)
+            .map_err(located)?;
+        (out.loss, Some(layout.rows_to_layout(&out.grad)))
+    } else {
+        let loss = ctx
+            .cross_entropy(&rows, classes, target_rows, &options)
+            .map_err(located)?;
+        (loss, None)
+    };
+    let loss_shape: &[usize] = match reduction {
+        Reduction::None => &target_shape,
+        Reduction::Mean | Reduction::Sum => &[],
+    };
+    // Both files are validated before either is written; each write is atomic.
+    npy::write_f32(&args.output, loss_shape, &loss).map_err(|e| e.to_string())?;
+    if let (Some(path), Some(grad)) = (&args.grad_output, grad) {
+        if let Err(e) = npy::write_f32(path, &logits.shape, &grad) {
+            let _ = std::fs::remove_file(&args.output);
+            return Err(e.to_string());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClassLayout;
+
+    #[test]
+    fn class_axis_moves_last_and_back() {
+        let layout = ClassLayout {
+            n: 2,
+            classes: 3,
+            spatial: 4,
+        };
+        let data: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let rows = layout.to_rows(&data);
+        // Row (n=1, s=2) holds classes 0..3 of sample 1 at position 2.
+        assert_eq!(&rows[(4 + 2) * 3..(4 + 2) * 3 + 3], &[14.0, 18.0, 22.0]);
+        assert_eq!(layout.rows_to_layout(&rows), data);
+    }
+}

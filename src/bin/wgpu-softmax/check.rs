@@ -1,0 +1,316 @@
+//! `wgpu-softmax check` (the default): every op over a spread of shapes, against the f64 reference.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use wgpu_softmax::cpu::{fast, reference};
+use wgpu_softmax::{
+    Comparison, Context, CrossEntropyOptions, GradOutput, Reduction, Result, Targets, Tolerance,
+};
+
+/// The shapes of the default check: tiny, odd, wide, many rows past the dispatch limit, and a few
+/// rows far longer than a workgroup.
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (3, 7),
+    (33, 2049),
+    (4096, 1000),
+    (70_000, 10),
+    (4, 300_000),
+];
+
+/// Timed repetitions per case; the median is reported.
+const REPEATS: usize = 3;
+
+/// One op of the check: how to run it on the GPU and on the CPU fast path, and its reference.
+struct OpCase {
+    name: &'static str,
+    tolerance: Tolerance,
+    /// Rows wider than this are skipped (the Jacobian grows with cols²).
+    max_cols: usize,
+    gpu: fn(&Context, &Inputs) -> Result<Vec<f32>>,
+    cpu: fn(&Inputs) -> Result<Vec<f32>>,
+    reference: fn(&Inputs) -> Result<Vec<f64>>,
+}
+
+/// Generated inputs of one shape.
+pub struct Inputs {
+    pub cols: usize,
+    pub logits: Vec<f32>,
+    /// An upstream gradient shaped like the logits.
+    pub dy: Vec<f32>,
+    /// softmax and log_softmax of the logits (inputs of the backward ops).
+    pub probs: Vec<f32>,
+    pub log_probs: Vec<f32>,
+    /// A class per row, every seventh row ignored (-100).
+    pub targets: Vec<i64>,
+    /// A weight per class.
+    pub weight: Vec<f32>,
+}
+
+impl Inputs {
+    fn targets(&self) -> Targets<'_> {
+        Targets::Indices(&self.targets)
+    }
+
+    /// Mean reduction, class weights, label smoothing 0.1 and ignored rows: every feature.
+    fn loss_options(&self) -> CrossEntropyOptions<'_> {
+        CrossEntropyOptions {
+            weight: Some(&self.weight),
+            label_smoothing: 0.1,
+            ..Default::default()
+        }
+    }
+
+    /// The gradient is checked under `Sum`, where it is O(1) whatever the batch size.
+    fn grad_options(&self) -> CrossEntropyOptions<'_> {
+        CrossEntropyOptions {
+            reduction: Reduction::Sum,
+            ..self.loss_options()
+        }
+    }
+}
+
+/// Cross-entropy losses: f32 accumulation over whole rows and the batch.
+const LOSS_TOLERANCE: Tolerance = Tolerance {
+    abs: 1e-5,
+    rel: 2e-5,
+};
+
+fn ops() -> Vec<OpCase> {
+    vec![
+        OpCase {
+            name: "softmax",
+            tolerance: Tolerance::SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.softmax(&i.logits, i.cols),
+            cpu: |i| fast::softmax(&i.logits, i.cols),
+            reference: |i| reference::softmax(&i.logits, i.cols),
+        },
+        OpCase {
+            name: "log_softmax",
+            tolerance: Tolerance::LOG_SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.log_softmax(&i.logits, i.cols),
+            cpu: |i| fast::log_softmax(&i.logits, i.cols),
+            reference: |i| reference::log_softmax(&i.logits, i.cols),
+        },
+        OpCase {
+            name: "softmax_bwd",
+            tolerance: Tolerance::SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.softmax_backward(&i.probs, &i.dy, i.cols),
+            cpu: |i| fast::softmax_backward(&i.probs, &i.dy, i.cols),
+            reference: |i| reference::softmax_backward(&i.probs, &i.dy, i.cols),
+        },
+        OpCase {
+            name: "log_softmax_bwd",
+            tolerance: Tolerance::LOG_SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.log_softmax_backward(&i.log_probs, &i.dy, i.cols),
+            cpu: |i| fast::log_softmax_backward(&i.log_probs, &i.dy, i.cols),
+            reference: |i| reference::log_softmax_backward(&i.log_probs, &i.dy, i.cols),
+        },
+        OpCase {
+            name: "jacobian",
+            tolerance: Tolerance::SOFTMAX,
+            max_cols: 64,
+            gpu: |ctx, i| ctx.softmax_jacobian(&i.logits, i.cols),
+            cpu: |i| fast::softmax_jacobian(&i.logits, i.cols),
+            reference: |i| reference::softmax_jacobian(&i.logits, i.cols),
+        },
+        OpCase {
+            name: "xent_loss",
+            tolerance: LOSS_TOLERANCE,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.cross_entropy(&i.logits, i.cols, i.targets(), &i.loss_options()),
+            cpu: |i| {
+                Ok(fast::cross_entropy(
+                    &i.logits,
+                    i.cols,
+                    i.targets(),
+                    &i.loss_options(),
+                    GradOutput::One,
+                )?
+                .loss)
+            },
+            reference: |i| {
+                Ok(reference::cross_entropy(
+                    &i.logits,
+                    i.cols,
+                    i.targets(),
+                    &i.loss_options(),
+                    GradOutput::One,
+                )?
+                .loss)
+            },
+        },
+        OpCase {
+            name: "xent_grad",
+            tolerance: Tolerance::SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| {
+                Ok(ctx
+                    .cross_entropy_with_grad(
+                        &i.logits,
+                        i.cols,
+                        i.targets(),
+                        &i.grad_options(),
+                        GradOutput::One,
+                    )?
+                    .grad)
+            },
+            cpu: |i| {
+                Ok(fast::cross_entropy(
+                    &i.logits,
+                    i.cols,
+                    i.targets(),
+                    &i.grad_options(),
+                    GradOutput::One,
+                )?
+                .grad)
+            },
+            reference: |i| {
+                Ok(reference::cross_entropy(
+                    &i.logits,
+                    i.cols,
+                    i.targets(),
+                    &i.grad_options(),
+                    GradOutput::One,
+                )?
+                .grad)
+            },
+        },
+    ]
+}
+
+fn inputs(rows: usize, cols: usize, seed: u64) -> Result<Inputs> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0.0f32, 4.0).expect("valid normal");
+    let logits: Vec<f32> = (0..rows * cols).map(|_| rng.sample(normal)).collect();
+    let dy = (0..rows * cols).map(|_| rng.sample(normal) / 4.0).collect();
+    let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    let probs = as_f32(reference::softmax(&logits, cols)?);
+    let log_probs = as_f32(reference::log_softmax(&logits, cols)?);
+    let targets = (0..rows)
+        .map(|r| {
+            if r % 7 == 3 {
+                -100
+            } else {
+                rng.random_range(0..cols as i64)
+            }
+        })
+        .collect();
+    let weight = (0..cols).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+    Ok(Inputs {
+        cols,
+        logits,
+        dy,
+        probs,
+        log_probs,
+        targets,
+        weight,
+    })
+}
+
+fn median_time<T>(mut run: impl FnMut() -> Result<T>) -> Result<(T, Duration)> {
+    let mut times = Vec::with_capacity(REPEATS);
+    let mut last = None;
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        last = Some(run()?);
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok((last.expect("REPEATS > 0"), times[REPEATS / 2]))
+}
+
+pub fn run(ctx: &Context) -> ExitCode {
+    println!("adapter: {}", ctx.describe());
+    let ops = ops();
+    let cases: usize = SHAPES
+        .iter()
+        .map(|&(_, cols)| ops.iter().filter(|op| cols <= op.max_cols).count())
+        .sum();
+    let bar = ProgressBar::new(cases as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
+    );
+    println!(
+        "{:<16} {:>12} {:>11} {:>11} {:>12} {:>12}  result",
+        "op", "shape", "max abs", "max rel", "GPU ms e2e", "CPU ms"
+    );
+    let mut failures = 0;
+    for (seed, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let inputs = match inputs(rows, cols, seed as u64) {
+            Ok(inputs) => inputs,
+            Err(error) => {
+                eprintln!("wgpu-softmax: generating {rows}x{cols}: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for op in ops.iter().filter(|op| cols <= op.max_cols) {
+            bar.set_message(format!("{} {rows}x{cols}", op.name));
+            let line = match check_case(ctx, op, &inputs) {
+                Ok((cmp, gpu, cpu)) => {
+                    let verdict = if cmp.passed() {
+                        "pass".to_string()
+                    } else {
+                        failures += 1;
+                        format!(
+                            "FAIL ({} elements, first {:?})",
+                            cmp.failures, cmp.first_failure
+                        )
+                    };
+                    format!(
+                        "{:<16} {:>12} {:>11.2e} {:>11.2e} {:>12.3} {:>12.3}  {verdict}",
+                        op.name,
+                        format!("{rows}x{cols}"),
+                        cmp.max_abs,
+                        cmp.max_rel,
+                        gpu.as_secs_f64() * 1e3,
+                        cpu.as_secs_f64() * 1e3,
+                    )
+                }
+                Err(error) => {
+                    failures += 1;
+                    format!(
+                        "{:<16} {:>12}  FAIL: {error}",
+                        op.name,
+                        format!("{rows}x{cols}")
+                    )
+                }
+            };
+            bar.suspend(|| println!("{line}"));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "GPU ms e2e: wall clock of the host-slice call, upload and readback included (median of {REPEATS}, after a warm-up); CPU ms: the f32 fast path (median of {REPEATS})."
+    );
+    println!(
+        "xent_loss: mean, class weights, label smoothing 0.1, every 7th row ignored; xent_grad: the same with sum (tolerance relative to O(1) values)."
+    );
+    if failures == 0 {
+        println!("all {cases} cases passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("{failures} case(s) FAILED");
+        ExitCode::FAILURE
+    }
+}
+
+fn check_case(
+    ctx: &Context,
+    op: &OpCase,
+    inputs: &Inputs,
+) -> Result<(Comparison, Duration, Duration)> {
+    // The first call compiles the pipeline; it is not what a steady-state caller sees.
+    (op.gpu)(ctx, inputs)?;
+    let (got, gpu_time) = median_time(|| (op.gpu)(ctx, inputs))?;
+    let (_, cpu_time) = median_time(|| (op.cpu)(inputs))?;
+    let want = (op.reference)(inputs)?;
+    Ok((op.tolerance.compare(&got, &want), gpu_time, cpu_time))
+}

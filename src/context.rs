@@ -1,0 +1,399 @@
+//! Adapter and device selection, or adoption of the caller's device; the state every operation
+//! shares (kernels, limits, scratch buffers); error capture and readback.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::kernels::plan::Tuning;
+use crate::kernels::Kernels;
+
+/// How to pick the adapter. The defaults follow wgpu's environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct ContextOptions {
+    /// Backends to search; `None` reads `WGPU_BACKEND` (all backends when unset).
+    pub backends: Option<wgpu::Backends>,
+    /// A case-insensitive substring of the adapter's name; `None` reads `WGPU_ADAPTER_NAME`.
+    pub adapter_name: Option<String>,
+    /// Kernel-choice table; `None` picks the default for the adapter's type.
+    pub tuning: Option<Tuning>,
+}
+
+/// A wgpu device and queue with the softmax kernels compiled for them.
+///
+/// Cheap to clone (it is a handle) and `Send + Sync`: operations may run from several threads at
+/// once. Pipelines are compiled once per context, on first use of each specialisation.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) gpu: Arc<Gpu>,
+}
+
+pub(crate) struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub tuning: Tuning,
+    /// Loop iterations an invocation may run (software adapters stop longer ones silently).
+    pub loop_budget: Option<u64>,
+    pub kernels: Kernels,
+    /// Why the device was lost, once it has been.
+    lost: Arc<Mutex<Option<String>>>,
+    /// Host-form staging buffers, reused across calls; one set per concurrent call.
+    pub scratch: Mutex<Vec<crate::ops::Scratch>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("adapter", &self.gpu.info.name)
+            .field("backend", &self.gpu.info.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The limits the kernels cannot do without. Every WebGPU device meets them; GL ES downlevel
+/// devices may not.
+const NEEDED_STORAGE_BUFFERS: u32 = 3;
+const NEEDED_INVOCATIONS: u32 = 64;
+
+impl Context {
+    /// Picks an adapter as `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` say and creates a device on it.
+    ///
+    /// Without `WGPU_ADAPTER_NAME` a hardware adapter is preferred (discrete, then integrated,
+    /// then virtual) and a software adapter (lavapipe, llvmpipe, WARP) is used when there is none.
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`] when no adapter exists, [`Error::AdapterNotFound`] when the name
+    /// matches none, [`Error::RequestDevice`] when the device request fails.
+    pub async fn new() -> Result<Self> {
+        Self::with_options(ContextOptions::default()).await
+    }
+
+    /// Blocking form of [`Context::new`].
+    pub fn new_blocking() -> Result<Self> {
+        pollster::block_on(Self::new())
+    }
+
+    /// Like [`Context::new`], with explicit options.
+    pub async fn with_options(options: ContextOptions) -> Result<Self> {
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(backends) = options.backends {
+            descriptor.backends = backends;
+        }
+        let backends = descriptor.backends;
+        let instance = wgpu::Instance::new(descriptor);
+        let adapter = select_adapter(&instance, backends, options.adapter_name).await?;
+
+        let wanted =
+            adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-softmax"),
+                required_features: wanted,
+                // Large batches want the largest buffers and bindings the adapter has.
+                required_limits: adapter.limits(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await?;
+        // wgpu's default handler panics. Errors of our own operations are caught by error
+        // scopes; anything else (e.g. a fault in a caller's submission on our device) must not
+        // abort the caller's process.
+        device.on_uncaptured_error(Arc::new(|error| {
+            eprintln!("wgpu-softmax: uncaptured GPU error: {error}");
+        }));
+        Self::build(device, queue, options.tuning)
+    }
+
+    /// Adopts a device and queue the caller created, so operations run where the caller's own
+    /// buffers live.
+    ///
+    /// # Errors
+    /// [`Error::InsufficientLimit`] when the device lacks a limit the kernels need.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Self::build(device, queue, None)
+    }
+
+    /// Like [`Context::from_device`] with an explicit kernel-choice table.
+    pub fn from_device_with_tuning(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        tuning: Tuning,
+    ) -> Result<Self> {
+        Self::build(device, queue, Some(tuning))
+    }
+
+    fn build(device: wgpu::Device, queue: wgpu::Queue, tuning: Option<Tuning>) -> Result<Self> {
+        let limits = device.limits();
+        check_limit(
+            "max_storage_buffers_per_shader_stage",
+            NEEDED_STORAGE_BUFFERS,
+            limits.max_storage_buffers_per_shader_stage,
+        )?;
+        check_limit(
+            "max_compute_invocations_per_workgroup",
+            NEEDED_INVOCATIONS,
+            limits.max_compute_invocations_per_workgroup,
+        )?;
+        check_limit(
+            "max_compute_workgroup_size_x",
+            NEEDED_INVOCATIONS,
+            limits.max_compute_workgroup_size_x,
+        )?;
+        let info = device.adapter_info();
+        let tuning = tuning
+            .unwrap_or_else(|| Tuning::for_device_type(info.device_type))
+            .clamped(&limits);
+        let loop_budget = (info.device_type == wgpu::DeviceType::Cpu)
+            .then_some(crate::kernels::plan::SOFTWARE_LOOP_BUDGET);
+        let lost = Arc::new(Mutex::new(None));
+        let lost_flag = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            let mut slot = lost_flag.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| format!("{reason:?}: {message}"));
+        });
+        // A device that cannot compile the kernels (missing limits, a driver fault) must be an
+        // error here, not a panic in wgpu's default handler on the caller's device.
+        let kernels = capture(&device, || Ok(Kernels::new(&device)))?;
+        Ok(Self {
+            gpu: Arc::new(Gpu {
+                device,
+                queue,
+                info,
+                limits,
+                tuning,
+                loop_budget,
+                kernels,
+                lost,
+                scratch: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The adapter in use: its name, type, driver and backend.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.gpu.info
+    }
+
+    /// The backend in use (Vulkan, Metal, Dx12, Gl).
+    pub fn backend(&self) -> wgpu::Backend {
+        self.gpu.info.backend
+    }
+
+    /// The device the kernels run on.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.gpu.device
+    }
+
+    /// The queue operations are submitted to.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.gpu.queue
+    }
+
+    /// The kernel-choice table in force.
+    pub fn tuning(&self) -> Tuning {
+        self.gpu.tuning
+    }
+
+    /// A one-line description of the adapter, e.g. for logs.
+    pub fn describe(&self) -> String {
+        let info = &self.gpu.info;
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            info.name, info.backend, info.device_type, info.driver, info.driver_info
+        )
+    }
+}
+
+fn check_limit(limit: &'static str, needed: u32, actual: u32) -> Result<()> {
+    if actual < needed {
+        return Err(Error::InsufficientLimit {
+            limit,
+            needed: u64::from(needed),
+            actual: u64::from(actual),
+        });
+    }
+    Ok(())
+}
+
+/// Every adapter of `backends`, for `info` listings.
+pub async fn enumerate_adapters(backends: Option<wgpu::Backends>) -> Vec<wgpu::AdapterInfo> {
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if let Some(backends) = backends {
+        descriptor.backends = backends;
+    }
+    let backends = descriptor.backends;
+    let instance = wgpu::Instance::new(descriptor);
+    instance
+        .enumerate_adapters(backends)
+        .await
+        .iter()
+        .map(wgpu::Adapter::get_info)
+        .collect()
+}
+
+/// Hardware before software; wgpu's own `initialize_adapter_from_env` panics when
+/// `WGPU_ADAPTER_NAME` matches nothing, so the name is matched here.
+async fn select_adapter(
+    instance: &wgpu::Instance,
+    backends: wgpu::Backends,
+    name: Option<String>,
+) -> Result<wgpu::Adapter> {
+    let adapters = instance.enumerate_adapters(backends).await;
+    let name = name.or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok());
+    if let Some(wanted) = name.filter(|n| !n.is_empty()) {
+        let lower = wanted.to_lowercase();
+        let available = adapters
+            .iter()
+            .map(|a| {
+                let info = a.get_info();
+                format!("{} ({:?})", info.name, info.backend)
+            })
+            .collect::<Vec<_>>();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&lower))
+            .ok_or_else(|| Error::AdapterNotFound {
+                wanted,
+                available: if available.is_empty() {
+                    "none".into()
+                } else {
+                    available.join(", ")
+                },
+            });
+    }
+    let rank = |a: &wgpu::Adapter| match a.get_info().device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    adapters
+        .into_iter()
+        .min_by_key(rank)
+        .ok_or_else(|| Error::NoAdapter {
+            backends: format!("{backends:?}"),
+        })
+}
+
+impl Gpu {
+    /// Fails if the device has been lost.
+    pub fn check_alive(&self) -> Result<()> {
+        match &*self.lost.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(reason) => Err(Error::DeviceLost(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The alignment of storage-binding offsets.
+    pub fn storage_align(&self) -> u64 {
+        u64::from(self.limits.min_storage_buffer_offset_alignment)
+    }
+
+    /// The largest storage binding, in bytes.
+    pub fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// [`capture`] for an operation of this context: fails at once if the device was lost.
+    pub fn scoped<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.check_alive()?;
+        // A lost device explains a validation error that follows it better than the error.
+        capture(&self.device, work).map_err(|error| match self.check_alive() {
+            Err(lost) if matches!(error, Error::Validation(_)) => lost,
+            _ => error,
+        })
+    }
+
+    /// Waits for `buffer` (MAP_READ) to be mapped after `submission` and copies its first
+    /// `len` f32 into `out`. `wait` says whether the calling thread may block on the device.
+    pub async fn read_mapped(
+        &self,
+        buffer: &wgpu::Buffer,
+        submission: wgpu::SubmissionIndex,
+        out: &mut [f32],
+        wait: Wait,
+    ) -> Result<()> {
+        let bytes = (out.len() * 4) as u64;
+        if bytes == 0 {
+            return Ok(());
+        }
+        let slice = buffer.slice(..bytes);
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            // The receiver is only dropped if the caller's future was; nothing to report then.
+            let _ = sender.send(result);
+        });
+        let poll = wgpu::PollType::Wait {
+            submission_index: Some(submission),
+            timeout: None,
+        };
+        match wait {
+            Wait::Block => {
+                self.device.poll(poll).map_err(|e| self.poll_error(e))?;
+            }
+            Wait::Background => {
+                // The mapping callback only fires while the device is polled; a short-lived
+                // thread does that so the caller's executor is never blocked.
+                let device = self.device.clone();
+                std::thread::spawn(move || {
+                    let _ = device.poll(poll);
+                });
+            }
+        }
+        let mapped = receiver
+            .receive()
+            .await
+            .ok_or_else(|| Error::Map("the mapping callback was dropped".into()))?;
+        if let Err(error) = mapped {
+            self.check_alive()?;
+            return Err(Error::Map(error.to_string()));
+        }
+        {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Map(e.to_string()))?;
+            out.copy_from_slice(bytemuck::cast_slice(&view));
+        }
+        buffer.unmap();
+        Ok(())
+    }
+
+    fn poll_error(&self, error: wgpu::PollError) -> Error {
+        match self.check_alive() {
+            Err(lost) => lost,
+            Ok(()) => Error::DeviceLost(error.to_string()),
+        }
+    }
+}
+
+/// Runs `work` inside validation and out-of-memory error scopes of `device` and turns a captured
+/// error into [`Error`]. wgpu-core reports errors when the call is made, so the scopes resolve
+/// immediately.
+pub(crate) fn capture<T>(device: &wgpu::Device, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let result = work();
+    let validation = pollster::block_on(validation.pop());
+    let oom = pollster::block_on(oom.pop());
+    if let Some(error) = oom {
+        return Err(Error::OutOfMemory(error.to_string()));
+    }
+    if let Some(error) = validation {
+        return Err(Error::Validation(error.to_string()));
+    }
+    result
+}
+
+/// Whether a readback may block the calling thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Poll the device on this thread (the blocking API).
+    Block,
+    /// Poll on a helper thread and await (the async API).
+    Background,
+}

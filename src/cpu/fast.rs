@@ -1,0 +1,1493 @@
+//! The production `f32` CPU path.
+//!
+//! Same operations, signatures and conventions as [`reference`](super::reference), returning
+//! `f32`. Three things make it fast:
+//!
+//! * **Vectorisation without intrinsics.** Every inner loop works on fixed-width chunks with
+//!   per-lane accumulators and branch-free selects, so LLVM turns it into SIMD code; `exp` is a
+//!   range reduction, a polynomial and an exponent-bit splice, with no branches or calls, so it
+//!   vectorises too. Sums accumulate in `f32` lanes over short blocks and in `f64` across blocks,
+//!   which keeps wide rows accurate at no measurable cost.
+//! * **Multiversioning.** The baseline x86-64 target only has SSE2; every kernel is also compiled
+//!   with AVX2 and FMA enabled and picked at run time when the CPU has them.
+//! * **Cache-friendly passes.** A row is scanned once for its maximum (the only pass that has to
+//!   come from memory), then revisited while it is still in cache. Rows are handed to rayon in
+//!   blocks of roughly `TASK_ELEMS` elements so that small rows do not drown in scheduling.
+//!
+//! Accuracy against the f64 reference is tested in this module: softmax within `1e-6` absolute or
+//! `1e-5` relative, log-softmax within `1e-5` absolute plus `1e-5` relative.
+
+use rayon::prelude::*;
+
+#[cfg(test)]
+use super::JACOBIAN_MAX_COLS;
+use crate::error::Result;
+use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
+use crate::validate::{self, CrossEntropyPlan, CrossEntropyTargets};
+
+pub use super::reference::CrossEntropyOutput;
+
+/// Elements handed to one rayon task: enough to amortise scheduling, few enough that a
+/// medium-sized batch still spreads over every core.
+const TASK_ELEMS: usize = 1 << 15;
+
+/// Below this much work a call runs on the calling thread; waking the pool costs more.
+const SERIAL_ELEMS: usize = 1 << 14;
+
+/// Width of the per-lane accumulators: two AVX2 vectors, so that consecutive iterations do not
+/// wait on each other's additions.
+const LANES: usize = 16;
+
+/// Outputs of at least this many bytes are written with non-temporal stores: they cannot stay
+/// in cache anyway, and streaming them skips the read-for-ownership that an ordinary store pays,
+/// a third of the memory traffic of softmax.
+const STREAM_BYTES: usize = 16 << 20;
+
+/// When streaming, rows of up to this many elements keep their exponentials in a per-thread
+/// scratch row (which stays in L2) so exp runs once per element; longer rows evaluate exp a
+/// second time instead of spilling the scratch row to memory.
+const SCRATCH_COLS: usize = 1 << 18;
+
+/// Elements summed in `f32` lanes before the partial sum moves into an `f64` accumulator.
+const SUM_BLOCK: usize = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Arithmetic flavours and the vectorisable exp.
+
+/// How `a * b + c` is evaluated. Rust never contracts a multiply and an add on its own, and
+/// `f32::mul_add` is a slow library call without hardware FMA, so the kernels are generic over
+/// this and each build picks the right one.
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// A separate multiply and add: the SSE2 baseline.
+struct Separate;
+
+/// A fused multiply-add: the AVX2+FMA build.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+struct Fused;
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// Inputs below this give exactly 0 from [`exp`]: the true values are under 3e-38, at the edge
+/// of the normal range, and the exponent construction below needs `n >= -125`.
+const EXP_LO: f32 = -86.5;
+/// `ln(f32::MAX)`: above it [`exp`] is `+inf`.
+const EXP_HI: f32 = 88.722_83;
+
+/// `e^x` in `f32`, branch-free so that loops calling it vectorise.
+///
+/// `x = n ln 2 + r` with `n` an integer and `|r| <= ln 2 / 2`; `e^r` comes from its degree-6
+/// Taylor polynomial (truncation error below 2e-7 relative) and `2^n` is built directly in the
+/// exponent bits. Inputs below [`EXP_LO`] give exactly 0, `-inf` included; above [`EXP_HI`] the
+/// result is `+inf`; NaN propagates.
+#[inline(always)]
+fn exp<M: MulAdd>(x: f32) -> f32 {
+    // Written so that NaN falls through unchanged.
+    let xc = if x > EXP_HI { EXP_HI } else { x };
+    let y = exp_nonpositive::<M>(xc);
+    if x > EXP_HI {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// [`exp`] for arguments that are at most [`EXP_HI`] or NaN, such as `x - max` over a row whose
+/// maximum is `max`: the two selects for overflow are not needed there.
+#[inline(always)]
+fn exp_nonpositive<M: MulAdd>(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits; the extra
+    // 126 is the exponent bias minus one, so shifting those bits into the exponent field gives
+    // 2^(n-1) for every n in [-125, 128]. The missing factor 2 lives in the polynomial.
+    const SHIFT: f32 = 12_582_912.0 + 126.0;
+    // ln 2 split so that n * LN2_HI is exact for |n| <= 2^15.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 2 * (1 + r + r^2/2 + ... + r^6/720).
+    const C0: f32 = 2.0;
+    const C1: f32 = 2.0;
+    const C2: f32 = 1.0;
+    const C3: f32 = 1.0 / 3.0;
+    const C4: f32 = 1.0 / 12.0;
+    const C5: f32 = 1.0 / 60.0;
+    const C6: f32 = 1.0 / 360.0;
+
+    // Written so that NaN falls through unchanged.
+    let xc = if x < EXP_LO { EXP_LO } else { x };
+    let t = M::mul_add(xc, std::f32::consts::LOG2_E, SHIFT);
+    let n = t - SHIFT;
+    let r = M::mul_add(n, -LN2_HI, xc);
+    let r = M::mul_add(n, -LN2_LO, r);
+    let mut p = C6;
+    p = M::mul_add(p, r, C5);
+    p = M::mul_add(p, r, C4);
+    p = M::mul_add(p, r, C3);
+    p = M::mul_add(p, r, C2);
+    p = M::mul_add(p, r, C1);
+    p = M::mul_add(p, r, C0);
+    let y = p * f32::from_bits(t.to_bits() << 23);
+    if x < EXP_LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row reductions.
+
+#[inline(always)]
+fn lane_sum(acc: [f32; LANES]) -> f32 {
+    let mut w = acc;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            w[i] += w[i + n];
+        }
+    }
+    w[0]
+}
+
+/// What the first pass over a row finds out.
+#[derive(Clone, Copy)]
+struct Scan {
+    max: f32,
+    /// A NaN or `+inf` entry, or all entries `-inf`: the row's outputs are all NaN.
+    degenerate: bool,
+}
+
+#[inline(always)]
+fn scan(x: &[f32]) -> Scan {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut nan = [0u32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let v = c[i];
+            max[i] = if v > max[i] { v } else { max[i] };
+            nan[i] |= u32::from(v.is_nan());
+        }
+    }
+    for (i, &v) in tail.iter().enumerate() {
+        max[i] = if v > max[i] { v } else { max[i] };
+        nan[i] |= u32::from(v.is_nan());
+    }
+    // Halving trees, which vectorise, rather than a scalar fold over the lanes: short rows spend
+    // a noticeable share of their time here.
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            max[i] = if max[i + n] > max[i] {
+                max[i + n]
+            } else {
+                max[i]
+            };
+            nan[i] |= nan[i + n];
+        }
+    }
+    let (m, any_nan) = (max[0], nan[0]);
+    // The maximum ignores NaNs (comparisons with them are false), so it is `+inf` exactly when
+    // some entry is, and `-inf` exactly when every non-NaN entry is.
+    Scan {
+        max: m,
+        degenerate: any_nan != 0 || m == f32::INFINITY || m == f32::NEG_INFINITY,
+    }
+}
+
+/// `sum_j exp(x_j - max)`.
+#[inline(always)]
+fn sum_exp<M: MulAdd>(x: &[f32], max: f32) -> f64 {
+    let mut total = 0.0f64;
+    for block in x.chunks(SUM_BLOCK) {
+        let mut acc = [0.0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] += exp_nonpositive::<M>(c[i] - max);
+            }
+        }
+        let mut s = lane_sum(acc);
+        for &v in tail {
+            s += exp_nonpositive::<M>(v - max);
+        }
+        total += f64::from(s);
+    }
+    total
+}
+
+/// `y_j = exp(x_j - max)`, returning `sum_j y_j`.
+#[inline(always)]
+fn exp_store_sum<M: MulAdd>(x: &[f32], max: f32, y: &mut [f32]) -> f64 {
+    let mut total = 0.0f64;
+    for (xb, yb) in x.chunks(SUM_BLOCK).zip(y.chunks_mut(SUM_BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let mut xc = xb.chunks_exact(LANES);
+        let mut yc = yb.chunks_exact_mut(LANES);
+        for (xs, ys) in (&mut xc).zip(&mut yc) {
+            for i in 0..LANES {
+                let e = exp_nonpositive::<M>(xs[i] - max);
+                ys[i] = e;
+                acc[i] += e;
+            }
+        }
+        let mut s = lane_sum(acc);
+        for (&xv, yv) in xc.remainder().iter().zip(yc.into_remainder()) {
+            let e = exp_nonpositive::<M>(xv - max);
+            *yv = e;
+            s += e;
+        }
+        total += f64::from(s);
+    }
+    total
+}
+
+/// `sum_j a_j * b_j`.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for (ab, bb) in a.chunks(SUM_BLOCK).zip(b.chunks(SUM_BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let ac = ab.chunks_exact(LANES);
+        let bc = bb.chunks_exact(LANES);
+        let mut s = 0.0f32;
+        for (&x, &y) in ac.remainder().iter().zip(bc.remainder()) {
+            s += x * y;
+        }
+        for (xs, ys) in ac.zip(bc) {
+            for i in 0..LANES {
+                acc[i] += xs[i] * ys[i];
+            }
+        }
+        total += f64::from(lane_sum(acc) + s);
+    }
+    total
+}
+
+/// `sum_j a_j`.
+#[inline(always)]
+fn sum(a: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for ab in a.chunks(SUM_BLOCK) {
+        let mut acc = [0.0f32; LANES];
+        let ac = ab.chunks_exact(LANES);
+        let mut s = 0.0f32;
+        for &x in ac.remainder() {
+            s += x;
+        }
+        for xs in ac {
+            for i in 0..LANES {
+                acc[i] += xs[i];
+            }
+        }
+        total += f64::from(lane_sum(acc) + s);
+    }
+    total
+}
+
+/// `dst_j = f(a_j, b_j)`, with non-temporal stores when `stream` is set (on x86-64; elsewhere
+/// ordinary stores). A block that streams must end with [`store_fence`].
+#[inline(always)]
+fn store_map(dst: &mut [f32], a: &[f32], b: &[f32], stream: bool, f: impl Fn(f32, f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    if stream {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        // Whole, aligned cache lines let the write-combining buffers flush without a read.
+        let head = dst.as_ptr().align_offset(64).min(dst.len());
+        let (dst_head, dst_body) = dst.split_at_mut(head);
+        for ((d, &a), &b) in dst_head.iter_mut().zip(a).zip(b) {
+            *d = f(a, b);
+        }
+        let (a, b) = (&a[head..], &b[head..]);
+        let mut dc = dst_body.chunks_exact_mut(LANES);
+        let ac = a.chunks_exact(LANES);
+        let bc = b.chunks_exact(LANES);
+        let (a_tail, b_tail) = (ac.remainder(), bc.remainder());
+        for ((d, a), b) in (&mut dc).zip(ac).zip(bc) {
+            let mut v = [0.0f32; LANES];
+            for i in 0..LANES {
+                v[i] = f(a[i], b[i]);
+            }
+            for k in (0..LANES).step_by(4) {
+                // SAFETY: `d` starts 64-byte aligned and holds LANES floats, so `d[k..k + 4]`
+                // is in bounds and 16-byte aligned; `v[k..k + 4]` is in bounds.
+                unsafe { _mm_stream_ps(d.as_mut_ptr().add(k), _mm_loadu_ps(v.as_ptr().add(k))) };
+            }
+        }
+        for ((d, &a), &b) in dc.into_remainder().iter_mut().zip(a_tail).zip(b_tail) {
+            *d = f(a, b);
+        }
+        return;
+    }
+    let _ = stream;
+    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+        *d = f(a, b);
+    }
+}
+
+/// Orders this thread's non-temporal stores before whatever it does next (such as telling rayon
+/// that its task is done); they are not ordered by the usual x86 memory model.
+#[inline(always)]
+fn store_fence(stream: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if stream {
+        // SAFETY: SSE is part of the x86-64 baseline.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    let _ = stream;
+}
+
+thread_local! {
+    /// The scratch row of [`softmax_row`], reused across calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels. Each processes a block of whole rows and is generic over the arithmetic flavour;
+// `multiversion!` builds the dispatching entry point.
+
+#[inline(always)]
+fn softmax_row<M: MulAdd>(x: &[f32], y: &mut [f32], stream: bool, scratch: &mut Vec<f32>) {
+    let s = scan(x);
+    if s.degenerate {
+        y.fill(f32::NAN);
+        return;
+    }
+    let max = s.max;
+    if !stream {
+        // Storing the exponentials and rescaling them costs one pass over `y` while it is in
+        // cache, far less than evaluating exp a second time.
+        let total = exp_store_sum::<M>(x, max, y);
+        let inv = (1.0 / total) as f32;
+        for v in y.iter_mut() {
+            *v *= inv;
+        }
+    } else if x.len() <= SCRATCH_COLS {
+        scratch.resize(x.len(), 0.0);
+        let total = exp_store_sum::<M>(x, max, scratch);
+        let inv = (1.0 / total) as f32;
+        store_map(y, scratch, scratch, true, |e, _| e * inv);
+    } else {
+        let inv = (1.0 / sum_exp::<M>(x, max)) as f32;
+        store_map(y, x, x, true, |v, _| exp_nonpositive::<M>(v - max) * inv);
+    }
+}
+
+#[inline(always)]
+fn softmax_rows<M: MulAdd>(
+    x: &[f32],
+    y: &mut [f32],
+    cols: usize,
+    stream: bool,
+    scratch: &mut Vec<f32>,
+) {
+    for (x, y) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
+        softmax_row::<M>(x, y, stream, scratch);
+    }
+    store_fence(stream);
+}
+
+#[inline(always)]
+fn log_softmax_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
+    for (x, y) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
+        let s = scan(x);
+        if s.degenerate {
+            y.fill(f32::NAN);
+            continue;
+        }
+        let max = s.max;
+        let log_sum = sum_exp::<M>(x, max).ln() as f32;
+        // A -inf entry stays exactly -inf: -inf minus finite values is -inf in IEEE arithmetic.
+        store_map(y, x, x, stream, |v, _| (v - max) - log_sum);
+    }
+    store_fence(stream);
+}
+
+#[inline(always)]
+fn softmax_backward_rows<M: MulAdd>(
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    cols: usize,
+    stream: bool,
+) {
+    for ((y, dy), dx) in y
+        .chunks_exact(cols)
+        .zip(dy.chunks_exact(cols))
+        .zip(dx.chunks_exact_mut(cols))
+    {
+        let d = dot(y, dy) as f32;
+        store_map(dx, y, dy, stream, |y, g| y * (g - d));
+    }
+    store_fence(stream);
+}
+
+#[inline(always)]
+fn log_softmax_backward_rows<M: MulAdd>(
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    cols: usize,
+    stream: bool,
+) {
+    for ((y, dy), dx) in y
+        .chunks_exact(cols)
+        .zip(dy.chunks_exact(cols))
+        .zip(dx.chunks_exact_mut(cols))
+    {
+        let total = sum(dy) as f32;
+        store_map(dx, y, dy, stream, |y, g| M::mul_add(-exp::<M>(y), total, g));
+    }
+    store_fence(stream);
+}
+
+#[inline(always)]
+fn jacobian_rows<M: MulAdd>(x: &[f32], jac: &mut [f32], cols: usize) {
+    let mut s = vec![0.0f32; cols];
+    let mut unused = Vec::new();
+    for (x, jac) in x.chunks_exact(cols).zip(jac.chunks_exact_mut(cols * cols)) {
+        softmax_row::<M>(x, &mut s, false, &mut unused);
+        for (i, row) in jac.chunks_exact_mut(cols).enumerate() {
+            let si = s[i];
+            for (o, &sj) in row.iter_mut().zip(&s) {
+                *o = -si * sj;
+            }
+            row[i] = si * (1.0 - si);
+        }
+    }
+}
+
+/// Builds `$name`, which runs `$kernel` compiled for the best instruction set the CPU offers,
+/// and `$name_on`, which runs the build for a given (supported) instruction set.
+macro_rules! multiversion {
+    ($name:ident, $name_on:ident => $kernel:ident ( $($arg:ident : $ty:ty),* $(,)? )) => {
+        fn $name($($arg: $ty),*) {
+            $name_on(isa(), $($arg),*)
+        }
+
+        fn $name_on(isa: Isa, $($arg: $ty),*) {
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $kernel::<Fused>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $kernel::<Fused>($($arg),*)
+                }
+                match isa {
+                    // SAFETY: callers pass an instruction set that `isa()` found, or one that
+                    // `supported_isas()` lists.
+                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    Isa::Baseline => {}
+                }
+            }
+            let _ = isa;
+            $kernel::<Separate>($($arg),*)
+        }
+    };
+}
+
+/// The instruction sets the kernels are built for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    /// The target's baseline (SSE2 on x86-64).
+    Baseline,
+    /// AVX2 with FMA.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    Avx2,
+    /// AVX-512F (with AVX2 and FMA): twice the lanes and registers of AVX2.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    Avx512,
+}
+
+/// The best instruction set this CPU supports.
+fn isa() -> Isa {
+    // The detection macro caches its answers, so this is a few relaxed loads.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        if avx2 && std::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if avx2 {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Baseline
+}
+
+/// Every instruction set this CPU can run, best last.
+#[cfg(test)]
+fn supported_isas() -> Vec<Isa> {
+    let best = isa();
+    let mut all = vec![Isa::Baseline];
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if best != Isa::Baseline {
+            all.push(Isa::Avx2);
+        }
+        if best == Isa::Avx512 {
+            all.push(Isa::Avx512);
+        }
+    }
+    all
+}
+
+multiversion!(softmax_block, softmax_block_on => softmax_rows(
+    x: &[f32], y: &mut [f32], cols: usize, stream: bool, scratch: &mut Vec<f32>
+));
+multiversion!(log_softmax_block, log_softmax_block_on => log_softmax_rows(
+    x: &[f32], y: &mut [f32], cols: usize, stream: bool
+));
+multiversion!(softmax_backward_block, softmax_backward_block_on => softmax_backward_rows(
+    y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, stream: bool
+));
+multiversion!(log_softmax_backward_block, log_softmax_backward_block_on => log_softmax_backward_rows(
+    y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, stream: bool
+));
+multiversion!(jacobian_block, jacobian_block_on => jacobian_rows(x: &[f32], jac: &mut [f32], cols: usize));
+
+// ---------------------------------------------------------------------------------------------
+// Parallel driver.
+
+/// Splits `out` (`rows` rows of `out_per_row` elements) into blocks of whole rows and runs
+/// `f(first_row, block)` on each, in parallel when there is enough work. `work_per_row` is the
+/// number of elements a row's computation touches.
+fn for_row_blocks(
+    out: &mut [f32],
+    rows: usize,
+    out_per_row: usize,
+    work_per_row: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if rows == 0 {
+        return;
+    }
+    let work_per_row = work_per_row.max(1);
+    if rows.saturating_mul(work_per_row) <= SERIAL_ELEMS {
+        f(0, out);
+        return;
+    }
+    let rows_per_task = (TASK_ELEMS / work_per_row).clamp(1, rows);
+    out.par_chunks_mut(rows_per_task * out_per_row)
+        .enumerate()
+        .for_each(|(i, block)| f(i * rows_per_task, block));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public operations.
+
+fn streams(out: &[f32]) -> bool {
+    std::mem::size_of_val(out) >= STREAM_BYTES
+}
+
+/// Row-wise softmax of a `rows x cols` batch: `exp(x_j - m) / sum_k exp(x_k - m)`.
+pub fn softmax(x: &[f32], cols: usize) -> Result<Vec<f32>> {
+    validate::batch_rows("x", x.len(), cols)?;
+    let mut out = vec![0.0; x.len()];
+    softmax_into(x, cols, &mut out)?;
+    Ok(out)
+}
+
+/// [`softmax`] into `out`, which must be as long as `x`.
+pub fn softmax_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+    let rows = validate::batch_rows("x", x.len(), cols)?;
+    validate::same_len("out", x.len(), out.len())?;
+    let stream = streams(out);
+    for_row_blocks(out, rows, cols, cols, |r, y| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            softmax_block(&x[r * cols..r * cols + y.len()], y, cols, stream, scratch);
+        });
+    });
+    Ok(())
+}
+
+/// Row-wise log-softmax: `(x_j - m) - ln(sum_k exp(x_k - m))`.
+pub fn log_softmax(x: &[f32], cols: usize) -> Result<Vec<f32>> {
+    validate::batch_rows("x", x.len(), cols)?;
+    let mut out = vec![0.0; x.len()];
+    log_softmax_into(x, cols, &mut out)?;
+    Ok(out)
+}
+
+/// [`log_softmax`] into `out`, which must be as long as `x`.
+pub fn log_softmax_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+    let rows = validate::batch_rows("x", x.len(), cols)?;
+    validate::same_len("out", x.len(), out.len())?;
+    let stream = streams(out);
+    for_row_blocks(out, rows, cols, cols, |r, y| {
+        log_softmax_block(&x[r * cols..r * cols + y.len()], y, cols, stream);
+    });
+    Ok(())
+}
+
+fn check_backward(y: &[f32], dy: &[f32], cols: usize, out: &[f32]) -> Result<usize> {
+    let rows = validate::batch_rows("y", y.len(), cols)?;
+    validate::same_len("grad_output", y.len(), dy.len())?;
+    validate::same_len("out", y.len(), out.len())?;
+    Ok(rows)
+}
+
+/// Gradient through softmax from its output `y`: `dx_j = y_j * (dy_j - sum_k dy_k * y_k)`.
+pub fn softmax_backward(y: &[f32], dy: &[f32], cols: usize) -> Result<Vec<f32>> {
+    validate::batch_rows("y", y.len(), cols)?;
+    validate::same_len("grad_output", y.len(), dy.len())?;
+    let mut out = vec![0.0; y.len()];
+    softmax_backward_into(y, dy, cols, &mut out)?;
+    Ok(out)
+}
+
+/// [`softmax_backward`] into `out`, which must be as long as `y`.
+pub fn softmax_backward_into(y: &[f32], dy: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+    let rows = check_backward(y, dy, cols, out)?;
+    let stream = streams(out);
+    for_row_blocks(out, rows, cols, cols, |r, dx| {
+        let range = r * cols..r * cols + dx.len();
+        softmax_backward_block(&y[range.clone()], &dy[range], dx, cols, stream);
+    });
+    Ok(())
+}
+
+/// Gradient through log-softmax from its output `y`: `dx_j = dy_j - exp(y_j) * sum_k dy_k`.
+pub fn log_softmax_backward(y: &[f32], dy: &[f32], cols: usize) -> Result<Vec<f32>> {
+    validate::batch_rows("y", y.len(), cols)?;
+    validate::same_len("grad_output", y.len(), dy.len())?;
+    let mut out = vec![0.0; y.len()];
+    log_softmax_backward_into(y, dy, cols, &mut out)?;
+    Ok(out)
+}
+
+/// [`log_softmax_backward`] into `out`, which must be as long as `y`.
+pub fn log_softmax_backward_into(
+    y: &[f32],
+    dy: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let rows = check_backward(y, dy, cols, out)?;
+    let stream = streams(out);
+    for_row_blocks(out, rows, cols, cols, |r, dx| {
+        let range = r * cols..r * cols + dx.len();
+        log_softmax_backward_block(&y[range.clone()], &dy[range], dx, cols, stream);
+    });
+    Ok(())
+}
+
+/// Per row the `cols x cols` softmax Jacobian `J[i][j] = s_i * (delta_ij - s_j)`;
+/// `rows * cols * cols` values, at most [`JACOBIAN_MAX_COLS`](super::JACOBIAN_MAX_COLS) columns.
+pub fn softmax_jacobian(x: &[f32], cols: usize) -> Result<Vec<f32>> {
+    let rows = validate::jacobian_rows("x", x.len(), cols)?;
+    let mut out = vec![0.0; rows * cols * cols];
+    softmax_jacobian_into(x, cols, &mut out)?;
+    Ok(out)
+}
+
+/// [`softmax_jacobian`] into `out`, which must hold `rows * cols * cols` values.
+pub fn softmax_jacobian_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+    let rows = validate::jacobian_rows("x", x.len(), cols)?;
+    validate::same_len("out", rows * cols * cols, out.len())?;
+    for_row_blocks(out, rows, cols * cols, cols * cols, |r, jac| {
+        let n = jac.len() / (cols * cols);
+        jacobian_block(&x[r * cols..(r + n) * cols], jac, cols);
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy.
+
+/// The per-call constants of a cross-entropy row kernel.
+struct CeContext<'a> {
+    plan: &'a CrossEntropyPlan<'a>,
+    logits: &'a [f32],
+    /// The class weights, or ones: one code path serves both.
+    weight: &'a [f32],
+    /// `e / C`.
+    smooth: f32,
+    /// `1 - e`.
+    keep: f32,
+    /// `sum_c w_c`.
+    weight_sum: f64,
+}
+
+/// `sum_c [w_c != 0] w_c * ((x_c - max) - log_sum)`: the smoothing part of an index-target
+/// loss, without the factor `e / C`.
+#[inline(always)]
+fn weighted_lsm_sum(x: &[f32], w: &[f32], max: f32, log_sum: f32) -> f64 {
+    let mut total = 0.0f64;
+    for (xb, wb) in x.chunks(SUM_BLOCK).zip(w.chunks(SUM_BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let xc = xb.chunks_exact(LANES);
+        let wc = wb.chunks_exact(LANES);
+        let mut s = 0.0f32;
+        for (&x, &w) in xc.remainder().iter().zip(wc.remainder()) {
+            s += if w != 0.0 {
+                w * ((x - max) - log_sum)
+            } else {
+                0.0
+            };
+        }
+        for (xs, ws) in xc.zip(wc) {
+            for i in 0..LANES {
+                let term = ws[i] * ((xs[i] - max) - log_sum);
+                acc[i] += if ws[i] != 0.0 { term } else { 0.0 };
+            }
+        }
+        total += f64::from(lane_sum(acc) + s);
+    }
+    total
+}
+
+/// `(sum_c q_c, sum_c [q_c != 0] q_c * lsm_c)` for a probability target,
+/// `q_c = w_c * ((1 - e) p_c + e / C)`.
+#[inline(always)]
+fn prob_target_sums(
+    x: &[f32],
+    p: &[f32],
+    w: &[f32],
+    keep: f32,
+    smooth: f32,
+    max: f32,
+    log_sum: f32,
+) -> (f64, f64) {
+    let mut total_q = 0.0f64;
+    let mut total_ql = 0.0f64;
+    let term = |x: f32, p: f32, w: f32| {
+        let q = w * (keep * p + smooth);
+        let ql = q * ((x - max) - log_sum);
+        (q, if q != 0.0 { ql } else { 0.0 })
+    };
+    for ((xb, pb), wb) in x
+        .chunks(SUM_BLOCK)
+        .zip(p.chunks(SUM_BLOCK))
+        .zip(w.chunks(SUM_BLOCK))
+    {
+        let mut acc_q = [0.0f32; LANES];
+        let mut acc_ql = [0.0f32; LANES];
+        let xc = xb.chunks_exact(LANES);
+        let pc = pb.chunks_exact(LANES);
+        let wc = wb.chunks_exact(LANES);
+        let (mut sq, mut sql) = (0.0f32, 0.0f32);
+        for ((&x, &p), &w) in xc
+            .remainder()
+            .iter()
+            .zip(pc.remainder())
+            .zip(wc.remainder())
+        {
+            let (q, ql) = term(x, p, w);
+            sq += q;
+            sql += ql;
+        }
+        for ((xs, ps), ws) in xc.zip(pc).zip(wc) {
+            for i in 0..LANES {
+                let (q, ql) = term(xs[i], ps[i], ws[i]);
+                acc_q[i] += q;
+                acc_ql[i] += ql;
+            }
+        }
+        total_q += f64::from(lane_sum(acc_q) + sq);
+        total_ql += f64::from(lane_sum(acc_ql) + sql);
+    }
+    (total_q, total_ql)
+}
+
+/// Loss and gradient of the rows `first..first + losses.len()`; ignored rows are written as 0.
+#[inline(always)]
+fn cross_entropy_rows<M: MulAdd>(
+    ctx: &CeContext<'_>,
+    first: usize,
+    grad: &mut [f32],
+    losses: &mut [f64],
+) {
+    let cols = ctx.plan.cols;
+    let w = ctx.weight;
+    for (i, (g, loss)) in grad
+        .chunks_exact_mut(cols)
+        .zip(losses.iter_mut())
+        .enumerate()
+    {
+        let r = first + i;
+        let x = &ctx.logits[r * cols..(r + 1) * cols];
+        if ctx.plan.is_ignored(r) {
+            *loss = 0.0;
+            g.fill(0.0);
+            continue;
+        }
+        let s = scan(x);
+        if s.degenerate {
+            *loss = f64::NAN;
+            g.fill(f32::NAN);
+            continue;
+        }
+        let max = s.max;
+        let total = sum_exp::<M>(x, max);
+        let log_sum = total.ln() as f32;
+        let inv = (1.0 / total) as f32;
+        let scale = ctx.plan.grad_scale(r);
+        match &ctx.plan.targets {
+            CrossEntropyTargets::Indices(_) => {
+                let t = ctx.plan.target(r).unwrap_or(0);
+                let q_t = ctx.keep * w[t] + ctx.smooth * w[t];
+                let lsm_t = (x[t] - max) - log_sum;
+                let mut l = if q_t != 0.0 {
+                    -f64::from(q_t) * f64::from(lsm_t)
+                } else {
+                    0.0
+                };
+                if ctx.smooth != 0.0 {
+                    // Class t's share of the smoothing is already in q_t.
+                    let others = weighted_lsm_sum(&x[..t], &w[..t], max, log_sum)
+                        + weighted_lsm_sum(&x[t + 1..], &w[t + 1..], max, log_sum);
+                    l -= f64::from(ctx.smooth) * others;
+                }
+                *loss = l;
+                let sum_q =
+                    f64::from(ctx.keep) * f64::from(w[t]) + f64::from(ctx.smooth) * ctx.weight_sum;
+                let a = (scale * sum_q) as f32 * inv;
+                let b = (scale * f64::from(ctx.smooth)) as f32;
+                for ((g, &x), &w) in g.iter_mut().zip(x).zip(w) {
+                    *g = M::mul_add(a, exp_nonpositive::<M>(x - max), -b * w);
+                }
+                let s_t = exp_nonpositive::<M>(x[t] - max) * inv;
+                g[t] = (scale * (f64::from(s_t) * sum_q - f64::from(q_t))) as f32;
+            }
+            CrossEntropyTargets::Probabilities(p) => {
+                let p = &p[r * cols..(r + 1) * cols];
+                let (sum_q, ql) = prob_target_sums(x, p, w, ctx.keep, ctx.smooth, max, log_sum);
+                *loss = -ql;
+                let a = (scale * sum_q) as f32 * inv;
+                let scale = scale as f32;
+                for (((g, &x), &p), &w) in g.iter_mut().zip(x).zip(p).zip(w) {
+                    let q = w * M::mul_add(ctx.keep, p, ctx.smooth);
+                    *g = M::mul_add(a, exp_nonpositive::<M>(x - max), -scale * q);
+                }
+            }
+        }
+    }
+}
+
+multiversion!(cross_entropy_block, cross_entropy_block_on => cross_entropy_rows(
+    ctx: &CeContext<'_>, first: usize, grad: &mut [f32], losses: &mut [f64]
+));
+
+/// PyTorch's `F.cross_entropy` and `dL/dlogits` (times `grad_output`); the definitions are those
+/// of [`reference::cross_entropy`](super::reference::cross_entropy).
+pub fn cross_entropy(
+    logits: &[f32],
+    cols: usize,
+    targets: Targets<'_>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_>,
+) -> Result<CrossEntropyOutput<f32>> {
+    let plan = validate::cross_entropy(logits.len(), cols, targets, options, grad_output)?;
+    let mut grad = vec![0.0; logits.len()];
+    let loss = cross_entropy_planned(&plan, logits, &mut grad);
+    Ok(CrossEntropyOutput { loss, grad })
+}
+
+/// [`cross_entropy`] writing the gradient into `grad` (as long as `logits`); returns the loss.
+pub fn cross_entropy_into(
+    logits: &[f32],
+    cols: usize,
+    targets: Targets<'_>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_>,
+    grad: &mut [f32],
+) -> Result<Vec<f32>> {
+    let plan = validate::cross_entropy(logits.len(), cols, targets, options, grad_output)?;
+    validate::same_len("grad", logits.len(), grad.len())?;
+    Ok(cross_entropy_planned(&plan, logits, grad))
+}
+
+fn cross_entropy_planned(
+    plan: &CrossEntropyPlan<'_>,
+    logits: &[f32],
+    grad: &mut [f32],
+) -> Vec<f32> {
+    let cols = plan.cols;
+    let ones;
+    let weight = match plan.weight {
+        Some(w) => w,
+        None => {
+            ones = vec![1.0f32; cols];
+            &ones[..]
+        }
+    };
+    let e = plan.label_smoothing;
+    let ctx = CeContext {
+        plan,
+        logits,
+        weight,
+        smooth: e / cols as f32,
+        keep: 1.0 - e,
+        weight_sum: weight.iter().map(|&w| f64::from(w)).sum(),
+    };
+    let mut losses = vec![0.0f64; plan.rows];
+    if plan.rows > 0 {
+        // Every row is read about three times.
+        let rows_per_task = (TASK_ELEMS / cols).clamp(1, plan.rows);
+        if plan.rows * cols <= SERIAL_ELEMS {
+            cross_entropy_block(&ctx, 0, grad, &mut losses);
+        } else {
+            grad.par_chunks_mut(rows_per_task * cols)
+                .zip(losses.par_chunks_mut(rows_per_task))
+                .enumerate()
+                .for_each(|(i, (g, l))| cross_entropy_block(&ctx, i * rows_per_task, g, l));
+        }
+    }
+    match plan.reduction {
+        Reduction::None => losses.iter().map(|&l| l as f32).collect(),
+        Reduction::Sum => vec![losses.iter().sum::<f64>() as f32],
+        Reduction::Mean => vec![(losses.iter().sum::<f64>() / plan.mean_denominator) as f32],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::reference;
+    use crate::cpu::test_util::Rng;
+    use crate::error::Error;
+
+    const INF: f32 = f32::INFINITY;
+
+    /// Compares elementwise; NaN must match NaN and infinities must match exactly. Returns the
+    /// largest absolute and relative errors seen.
+    fn compare(
+        what: &str,
+        actual: &[f32],
+        expected: &[f64],
+        abs: f64,
+        rel: f64,
+        either: bool,
+    ) -> (f64, f64) {
+        assert_eq!(actual.len(), expected.len(), "{what}: length");
+        let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);
+        for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+            let a = f64::from(a);
+            if e.is_nan() || e.is_infinite() {
+                assert!(
+                    (e.is_nan() && a.is_nan()) || a == e,
+                    "{what}[{i}]: got {a}, expected {e}"
+                );
+                continue;
+            }
+            let err = (a - e).abs();
+            let r = if e != 0.0 { err / e.abs() } else { 0.0 };
+            max_abs = max_abs.max(err);
+            if e.abs() > 1e-3 {
+                max_rel = max_rel.max(r);
+            }
+            let ok = if either {
+                err <= abs || err <= rel * e.abs()
+            } else {
+                err <= abs + rel * e.abs()
+            };
+            assert!(ok, "{what}[{i}]: got {a}, expected {e} (error {err:e})");
+        }
+        (max_abs, max_rel)
+    }
+
+    /// Checks a backward pass against the reference with a bound per element from the magnitudes
+    /// of the terms that make it up (`scale`), since the result itself may be the small
+    /// difference of large terms.
+    fn check_backward(what: &str, actual: &[f32], expected: &[f64], scale: &[f64]) {
+        assert_eq!(actual.len(), expected.len(), "{what}: length");
+        for (i, ((&a, &e), &s)) in actual.iter().zip(expected).zip(scale).enumerate() {
+            let err = (f64::from(a) - e).abs();
+            assert!(
+                err <= 4e-6 * s + 1e-30,
+                "{what}[{i}]: got {a}, expected {e} (error {err:e}, scale {s:e})"
+            );
+        }
+    }
+
+    /// Per element, `|y_j| * (|dy_j| + sum_k |dy_k y_k|)`.
+    fn softmax_backward_scale(y: &[f32], dy: &[f32], cols: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(y.len());
+        for (y, dy) in y.chunks(cols).zip(dy.chunks(cols)) {
+            let dot: f64 = y
+                .iter()
+                .zip(dy)
+                .map(|(&y, &d)| f64::from(y * d).abs())
+                .sum();
+            out.extend(
+                y.iter()
+                    .zip(dy)
+                    .map(|(&y, &d)| f64::from(y).abs() * (f64::from(d).abs() + dot)),
+            );
+        }
+        out
+    }
+
+    /// Per element, `|dy_j| + exp(y_j) * sum_k |dy_k|`.
+    fn log_softmax_backward_scale(y: &[f32], dy: &[f32], cols: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(y.len());
+        for (y, dy) in y.chunks(cols).zip(dy.chunks(cols)) {
+            let total: f64 = dy.iter().map(|&d| f64::from(d).abs()).sum();
+            out.extend(
+                y.iter()
+                    .zip(dy)
+                    .map(|(&y, &d)| f64::from(d).abs() + f64::from(y).exp() * total),
+            );
+        }
+        out
+    }
+
+    fn check_softmax(what: &str, actual: &[f32], expected: &[f64]) -> (f64, f64) {
+        compare(what, actual, expected, 1e-6, 1e-5, true)
+    }
+
+    fn check_log_softmax(what: &str, actual: &[f32], expected: &[f64]) -> (f64, f64) {
+        compare(what, actual, expected, 1e-5, 1e-5, false)
+    }
+
+    /// Logits with a few degenerate and `-inf`-holding rows mixed in.
+    fn logits(rng: &mut Rng, rows: usize, cols: usize, sigma: f64) -> Vec<f32> {
+        let mut x = rng.normals(rows * cols, sigma);
+        if rows >= 6 {
+            x[cols] = f32::NEG_INFINITY;
+            x[2 * cols + cols / 2] = f32::NAN;
+            x[3 * cols + cols - 1] = INF;
+            x[4 * cols..5 * cols].fill(f32::NEG_INFINITY);
+            x[5 * cols..6 * cols]
+                .iter_mut()
+                .step_by(2)
+                .for_each(|v| *v = f32::NEG_INFINITY);
+        }
+        x
+    }
+
+    const SHAPES: &[(usize, usize)] = &[
+        (0, 5),
+        (1, 1),
+        (3, 7),
+        (6, 16),
+        (7, 33),
+        (33, 2049),
+        (70_000, 10),
+        (4, 300_000),
+        (2, 50_000),
+        (300, 1000),
+    ];
+
+    #[test]
+    fn exp_is_accurate_and_handles_special_values() {
+        fn check<M: MulAdd>() -> f64 {
+            let mut worst = 0.0f64;
+            let mut x = -86.5f32;
+            while x <= 88.7 {
+                let got = f64::from(exp::<M>(x));
+                let want = f64::from(x).exp();
+                worst = worst.max((got - want).abs() / want);
+                x += 0.000_37;
+            }
+            for (x, want) in [
+                (f32::NEG_INFINITY, 0.0),
+                (-1000.0, 0.0),
+                (-87.0, 0.0),
+                (0.0, 1.0),
+                (89.0, f32::INFINITY),
+                (INF, f32::INFINITY),
+            ] {
+                assert_eq!(exp::<M>(x), want, "exp({x})");
+            }
+            assert!(exp::<M>(f32::NAN).is_nan());
+            worst
+        }
+        let worst = check::<Separate>();
+        assert!(worst < 4e-7, "exp relative error {worst:e}");
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            let worst = check::<Fused>();
+            assert!(worst < 4e-7, "exp (fused) relative error {worst:e}");
+        }
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_match_reference() {
+        let mut rng = Rng::new(11);
+        let (mut sm, mut lsm) = ((0.0f64, 0.0f64), (0.0f64, 0.0f64));
+        for &(rows, cols) in SHAPES {
+            for sigma in [1.0, 10.0] {
+                let x = logits(&mut rng, rows, cols, sigma);
+                let what = format!("{rows}x{cols} sigma {sigma}");
+                let (a, r) = check_softmax(
+                    &format!("softmax {what}"),
+                    &softmax(&x, cols).unwrap(),
+                    &reference::softmax(&x, cols).unwrap(),
+                );
+                sm = (sm.0.max(a), sm.1.max(r));
+                let (a, r) = check_log_softmax(
+                    &format!("log_softmax {what}"),
+                    &log_softmax(&x, cols).unwrap(),
+                    &reference::log_softmax(&x, cols).unwrap(),
+                );
+                lsm = (lsm.0.max(a), lsm.1.max(r));
+            }
+        }
+        println!("softmax max abs error {:e}, max rel error {:e}", sm.0, sm.1);
+        println!(
+            "log_softmax max abs error {:e}, max rel error {:e}",
+            lsm.0, lsm.1
+        );
+    }
+
+    #[test]
+    fn every_build_and_store_path_matches_reference() {
+        let mut rng = Rng::new(12);
+        for &(rows, cols) in &[(9, 5), (6, 1000), (6, SCRATCH_COLS + 3)] {
+            let x = logits(&mut rng, rows, cols, 4.0);
+            let want = reference::softmax(&x, cols).unwrap();
+            let want_log = reference::log_softmax(&x, cols).unwrap();
+            // Finite gradients need finite inputs: keep the rows without special values.
+            let finite = |v: &[f64]| -> Vec<f32> {
+                v.iter()
+                    .map(|&v| if v.is_finite() { v as f32 } else { 0.0 })
+                    .collect()
+            };
+            let (want_f32, want_log_f32) = (finite(&want), finite(&want_log));
+            for stream in [false, true] {
+                for isa in supported_isas() {
+                    let what = format!("{isa:?} stream {stream} {rows}x{cols}");
+                    let mut y = vec![0.0; x.len()];
+                    let mut scratch = Vec::new();
+                    softmax_block_on(isa, &x, &mut y, cols, stream, &mut scratch);
+                    check_softmax(&format!("softmax {what}"), &y, &want);
+                    log_softmax_block_on(isa, &x, &mut y, cols, stream);
+                    check_log_softmax(&format!("log_softmax {what}"), &y, &want_log);
+                    // An odd start address exercises the unaligned head of streaming stores.
+                    let mut z = vec![0.0; x.len() + 1];
+                    softmax_block_on(
+                        isa,
+                        &x[..cols],
+                        &mut z[1..=cols],
+                        cols,
+                        stream,
+                        &mut scratch,
+                    );
+                    check_softmax(&format!("unaligned {what}"), &z[1..=cols], &want[..cols]);
+                    let dy = rng.normals(rows * cols, 1.0);
+                    softmax_backward_block_on(isa, &want_f32, &dy, &mut y, cols, stream);
+                    check_backward(
+                        &format!("softmax_backward {what}"),
+                        &y,
+                        &reference::softmax_backward(&want_f32, &dy, cols).unwrap(),
+                        &softmax_backward_scale(&want_f32, &dy, cols),
+                    );
+                    log_softmax_backward_block_on(isa, &want_log_f32, &dy, &mut y, cols, stream);
+                    check_backward(
+                        &format!("log_softmax_backward {what}"),
+                        &y,
+                        &reference::log_softmax_backward(&want_log_f32, &dy, cols).unwrap(),
+                        &log_softmax_backward_scale(&want_log_f32, &dy, cols),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hand_values_and_special_rows() {
+        assert_eq!(
+            softmax(&[1000.0, 0.0, 0.0, 0.0], 4).unwrap(),
+            [1.0, 0.0, 0.0, 0.0]
+        );
+        assert_eq!(log_softmax(&[1000.0, 1.0], 2).unwrap(), [0.0, -999.0]);
+        let x = [
+            0.0,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1.0,
+        ];
+        let s = softmax(&x, 2).unwrap();
+        assert_eq!(s[..2], [1.0, 0.0]);
+        assert!(s[2..].iter().all(|v| v.is_nan()));
+        let l = log_softmax(&x, 2).unwrap();
+        assert_eq!(l[..2], [0.0, f32::NEG_INFINITY]);
+        assert!(l[2..].iter().all(|v| v.is_nan()));
+        let s = softmax(&[1.0, INF, 2.0, 3.0], 2).unwrap();
+        assert!(s[0].is_nan() && s[1].is_nan() && s[2].is_finite());
+    }
+
+    #[test]
+    fn translation_invariance() {
+        let mut rng = Rng::new(13);
+        let x: Vec<f32> = (0..50 * 40).map(|_| rng.below(30) as f32 - 15.0).collect();
+        let shifted: Vec<f32> = x.iter().map(|v| v + 1e7).collect();
+        assert_eq!(softmax(&x, 40).unwrap(), softmax(&shifted, 40).unwrap());
+        assert_eq!(
+            log_softmax(&x, 40).unwrap(),
+            log_softmax(&shifted, 40).unwrap()
+        );
+    }
+
+    #[test]
+    fn backward_and_jacobian_match_reference() {
+        let mut rng = Rng::new(14);
+        for &(rows, cols) in SHAPES {
+            let x = rng.normals(rows * cols, 3.0);
+            let dy = rng.normals(rows * cols, 1.0);
+            let y = softmax(&x, cols).unwrap();
+            check_backward(
+                "softmax_backward",
+                &softmax_backward(&y, &dy, cols).unwrap(),
+                &reference::softmax_backward(&y, &dy, cols).unwrap(),
+                &softmax_backward_scale(&y, &dy, cols),
+            );
+            let l = log_softmax(&x, cols).unwrap();
+            check_backward(
+                "log_softmax_backward",
+                &log_softmax_backward(&l, &dy, cols).unwrap(),
+                &reference::log_softmax_backward(&l, &dy, cols).unwrap(),
+                &log_softmax_backward_scale(&l, &dy, cols),
+            );
+            if cols <= JACOBIAN_MAX_COLS && rows * cols * cols <= 1 << 22 {
+                compare(
+                    "softmax_jacobian",
+                    &softmax_jacobian(&x, cols).unwrap(),
+                    &reference::softmax_jacobian(&x, cols).unwrap(),
+                    1e-6,
+                    1e-5,
+                    true,
+                );
+            }
+        }
+        let x = logits(&mut rng, 8, 9, 2.0);
+        compare(
+            "softmax_jacobian special rows",
+            &softmax_jacobian(&x, 9).unwrap(),
+            &reference::softmax_jacobian(&x, 9).unwrap(),
+            1e-6,
+            1e-5,
+            true,
+        );
+        let x = rng.normals(3 * JACOBIAN_MAX_COLS, 2.0);
+        compare(
+            "softmax_jacobian widest",
+            &softmax_jacobian(&x, JACOBIAN_MAX_COLS).unwrap(),
+            &reference::softmax_jacobian(&x, JACOBIAN_MAX_COLS).unwrap(),
+            1e-6,
+            1e-5,
+            true,
+        );
+    }
+
+    #[test]
+    fn cross_entropy_matches_reference() {
+        let mut rng = Rng::new(15);
+        for &(rows, cols) in &[
+            (1, 1),
+            (7, 5),
+            (64, 100),
+            (70_000, 10),
+            (3, 50_000),
+            (40, 2049),
+        ] {
+            let x = logits(&mut rng, rows, cols, 3.0);
+            let mut idx: Vec<i64> = (0..rows).map(|_| rng.below(cols) as i64).collect();
+            if rows > 3 {
+                idx[1] = -100;
+                idx[4] = -100; // the all -inf row is ignored
+            }
+            let idx32: Vec<i32> = idx.iter().map(|&v| v as i32).collect();
+            let mut probs = rng.uniforms(rows * cols);
+            for row in probs.chunks_mut(cols) {
+                let s: f32 = row.iter().sum();
+                row.iter_mut().for_each(|p| *p /= s);
+            }
+            let w: Vec<f32> = (0..cols)
+                .map(|c| {
+                    if c % 7 == 3 {
+                        0.0
+                    } else {
+                        rng.uniform() as f32 * 2.0
+                    }
+                })
+                .collect();
+            let per_row = rng.normals(rows, 1.0);
+            for targets in [
+                Targets::Indices(&idx),
+                Targets::IndicesI32(&idx32),
+                Targets::Probabilities(&probs),
+            ] {
+                for weight in [None, Some(&w[..])] {
+                    for label_smoothing in [0.0, 0.2] {
+                        for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+                            let o = CrossEntropyOptions {
+                                weight,
+                                ignore_index: -100,
+                                reduction,
+                                label_smoothing,
+                            };
+                            let g = match reduction {
+                                Reduction::None => GradOutput::PerRow(&per_row),
+                                _ => GradOutput::Scalar(-1.5),
+                            };
+                            let got = cross_entropy(&x, cols, targets, &o, g).unwrap();
+                            let want = reference::cross_entropy(&x, cols, targets, &o, g).unwrap();
+                            let what = format!("{rows}x{cols} {o:?} {targets:?}");
+                            let what = &what[..what.len().min(200)];
+                            compare(
+                                &format!("loss {what}"),
+                                &got.loss,
+                                &want.loss,
+                                1e-5,
+                                1e-5,
+                                false,
+                            );
+                            compare(
+                                &format!("grad {what}"),
+                                &got.grad,
+                                &want.grad,
+                                1e-6,
+                                1e-5,
+                                true,
+                            );
+                            if let Targets::Indices(t) = targets {
+                                for (r, &t) in t.iter().enumerate() {
+                                    if t == -100 {
+                                        assert!(got.grad[r * cols..(r + 1) * cols]
+                                            .iter()
+                                            .all(|&v| v == 0.0));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn errors_leave_outputs_untouched() {
+        let mut out = [7.0f32; 4];
+        assert!(matches!(
+            softmax_into(&[0.0; 4], 0, &mut out),
+            Err(Error::ZeroCols)
+        ));
+        assert!(matches!(
+            log_softmax_into(&[0.0; 3], 2, &mut out),
+            Err(Error::LengthNotMultiple {
+                what: "x",
+                len: 3,
+                cols: 2
+            })
+        ));
+        assert!(matches!(
+            softmax_into(&[0.0; 6], 2, &mut out),
+            Err(Error::LengthMismatch {
+                what: "out",
+                expected: 6,
+                actual: 4
+            })
+        ));
+        assert!(matches!(
+            softmax_backward_into(&[0.0; 4], &[0.0; 2], 2, &mut out),
+            Err(Error::LengthMismatch {
+                what: "grad_output",
+                expected: 4,
+                actual: 2
+            })
+        ));
+        assert!(matches!(
+            log_softmax_backward(&[0.0; 4], &[0.0; 4], 3),
+            Err(Error::LengthNotMultiple { what: "y", .. })
+        ));
+        assert!(matches!(
+            softmax_jacobian_into(&[0.0; 2], 2, &mut out[..3]),
+            Err(Error::LengthMismatch {
+                what: "out",
+                expected: 4,
+                actual: 3
+            })
+        ));
+        assert!(matches!(
+            softmax_jacobian(&[0.0; 1025], 1025),
+            Err(Error::JacobianTooWide {
+                cols: 1025,
+                max: 1024
+            })
+        ));
+        assert!(matches!(
+            cross_entropy_into(
+                &[0.0; 4],
+                2,
+                Targets::Indices(&[0, 2]),
+                &CrossEntropyOptions::default(),
+                GradOutput::One,
+                &mut out,
+            ),
+            Err(Error::TargetOutOfRange {
+                row: 1,
+                value: 2,
+                classes: 2,
+                ignore_index: -100
+            })
+        ));
+        assert!(matches!(
+            cross_entropy_into(
+                &[0.0; 4],
+                2,
+                Targets::Indices(&[0, 1]),
+                &CrossEntropyOptions::default(),
+                GradOutput::One,
+                &mut out[..3],
+            ),
+            Err(Error::LengthMismatch {
+                what: "grad",
+                expected: 4,
+                actual: 3
+            })
+        ));
+        assert_eq!(out, [7.0; 4]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn softmax_matches_reference_on_random_batches(
+            cols in 1usize..300,
+            rows in 0usize..20,
+            seed in proptest::num::u64::ANY,
+            scale in 0.01f64..50.0,
+        ) {
+            let x = Rng::new(seed).normals(rows * cols, scale);
+            check_softmax("softmax", &softmax(&x, cols).unwrap(), &reference::softmax(&x, cols).unwrap());
+            check_log_softmax(
+                "log_softmax",
+                &log_softmax(&x, cols).unwrap(),
+                &reference::log_softmax(&x, cols).unwrap(),
+            );
+            let s = softmax(&x, cols).unwrap();
+            for row in s.chunks(cols) {
+                let total: f64 = row.iter().map(|&v| f64::from(v)).sum();
+                proptest::prop_assert!((total - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The WGSL kernels and the machinery every kernel shares: bind-group layouts, a pipeline cache
+//! keyed by specialisation constants, binding windows for batches larger than one storage binding,
+//! and dispatch over a 2-D grid when a dispatch exceeds the per-dimension workgroup limit.
+//!
+//! Each kernel family (one shader file) lives in its own module and only describes *what* to
+//! dispatch; recording is done here, once, for all of them.
+
+pub(crate) mod plan;
+pub(crate) mod rowwise;
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+/// How a kernel accesses one binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+/// Creates a bind-group layout whose binding `i` has access `entries[i]`, visible to compute.
+pub(crate) fn bind_group_layout(
+    device: &wgpu::Device,
+    label: &str,
+    entries: &[Access],
+) -> wgpu::BindGroupLayout {
+    let entries: Vec<_> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, access)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match access {
+                    Access::Uniform => wgpu::BufferBindingType::Uniform,
+                    Access::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                    Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    })
+}
+
+/// One shader file: its module, compiled once, and the pipelines specialised from it, compiled on
+/// first use and kept for the context's lifetime.
+pub(crate) struct ShaderFamily {
+    name: &'static str,
+    module: wgpu::ShaderModule,
+    layout: wgpu::PipelineLayout,
+    bind_group_layout: wgpu::BindGroupLayout,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+/// Which normalisation a softmax-family kernel computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Normalization {
+    Softmax,
+    LogSoftmax,
+}
+
+impl Normalization {
+    /// The `LOG` specialisation constant.
+    pub(crate) fn constant(self) -> (&'static str, u32) {
+        ("LOG", u32::from(self == Normalization::LogSoftmax))
+    }
+}
+
+/// Every kernel family of a context, compiled once per context.
+pub(crate) struct Kernels {
+    pub softmax: rowwise::RowwiseFamily,
+    pub backward: rowwise::RowwiseFamily,
+    pub cross_entropy: rowwise::RowwiseFamily,
+    pub jacobian: rowwise::RowwiseFamily,
+}
+
+impl Kernels {
+    pub(crate) fn new(device: &wgpu::Device) -> Self {
+        Self {
+            softmax: rowwise::RowwiseFamily::new(device, &rowwise::SOFTMAX),
+            backward: rowwise::RowwiseFamily::new(device, &rowwise::BACKWARD),
+            cross_entropy: rowwise::RowwiseFamily::new(device, &rowwise::CROSS_ENTROPY),
+            jacobian: rowwise::RowwiseFamily::new(device, &rowwise::JACOBIAN),
+        }
+    }
+}
+
+/// An entry point and its specialisation constants (name, value).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PipelineKey {
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, u32)>,
+}
+
+impl ShaderFamily {
+    pub(crate) fn new(
+        device: &wgpu::Device,
+        name: &'static str,
+        source: &'static str,
+        bindings: &[Access],
+    ) -> Self {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let bind_group_layout = bind_group_layout(device, name, bindings);
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(name),
+            bind_group_layouts: &[Some(&bind_group_layout)],
+            immediate_size: 0,
+        });
+        Self {
+            name,
+            module,
+            layout,
+            bind_group_layout,
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pipeline for `key`, compiling it the first time it is asked for.
+    pub(crate) fn pipeline(
+        &self,
+        device: &wgpu::Device,
+        key: &PipelineKey,
+    ) -> Arc<wgpu::ComputePipeline> {
+        let mut cache = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(pipeline) = cache.get(key) {
+            return pipeline.clone();
+        }
+        let constants: Vec<(&str, f64)> = key
+            .constants
+            .iter()
+            .map(|&(name, value)| (name, f64::from(value)))
+            .collect();
+        let label = format!("{}::{} {:?}", self.name, key.entry, key.constants);
+        let pipeline = Arc::new(
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: Some(&self.layout),
+                module: &self.module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    // Every kernel writes workgroup memory before reading it.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            }),
+        );
+        cache.insert(key.clone(), pipeline.clone());
+        pipeline
+    }
+}
+
+/// A window onto part of a buffer: the binding starts at an offset aligned to the device's
+/// storage-offset alignment, and `base` is the element index, inside the binding, where the data
+/// begins. This lets a kernel address any row range of any buffer.
+#[derive(Debug, Clone)]
+pub(crate) struct Window {
+    pub buffer: wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+    pub base: u32,
+}
+
+impl Window {
+    /// The window covering `len` 32-bit elements starting at byte `start` of `buffer`, clamped
+    /// to `max_size` bytes (only operands a kernel does not read are ever clamped: row blocks
+    /// keep every operand a kernel reads within one binding).
+    pub(crate) fn new(
+        buffer: &wgpu::Buffer,
+        start: u64,
+        len: u64,
+        align: u64,
+        max_size: u64,
+    ) -> Self {
+        let offset = start / align * align;
+        // Bindings must be non-empty and a multiple of 4 bytes; an empty range still binds one word.
+        let size = (start - offset + len.max(1) * 4)
+            .min(buffer.size() - offset)
+            .min(max_size / 4 * 4);
+        Self {
+            buffer: buffer.clone(),
+            offset,
+            size,
+            base: ((start - offset) / 4) as u32,
+        }
+    }
+
+    fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: NonZeroU64::new(self.size),
+        })
+    }
+}
+
+/// One dispatch, ready to record: the pipeline, its uniform parameters and its storage windows
+/// (bindings 1.. in order), and the number of workgroups.
+pub(crate) struct Dispatch {
+    pub pipeline: Arc<wgpu::ComputePipeline>,
+    pub params: Vec<u8>,
+    pub windows: Vec<Window>,
+    pub workgroups: u32,
+}
+
+/// The 2-D grid covering `workgroups` groups when one dimension may hold at most `max_dim`; the
+/// kernels linearise it as `x + y * grid_x` and skip the surplus groups of the last row.
+pub(crate) fn grid(workgroups: u32, max_dim: u32) -> (u32, u32) {
+    if workgroups <= max_dim {
+        (workgroups, 1)
+    } else {
+        (max_dim, workgroups.div_ceil(max_dim))
+    }
+}
+
+/// Records `dispatches` into `encoder`, in order, in one compute pass. The uniform parameter
+/// blocks are created per recording: the encoder may be submitted much later, and a shared
+/// parameter buffer rewritten by the queue would be seen by every earlier recorded dispatch.
+pub(crate) fn record(
+    device: &wgpu::Device,
+    family: &ShaderFamily,
+    encoder: &mut wgpu::CommandEncoder,
+    dispatches: &[Dispatch],
+    timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+) {
+    let bind_groups: Vec<wgpu::BindGroup> = dispatches
+        .iter()
+        .map(|dispatch| {
+            let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-softmax params"),
+                contents: &dispatch.params,
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: params.as_entire_binding(),
+            }];
+            entries.extend(dispatch.windows.iter().enumerate().map(|(i, window)| {
+                wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: window.binding(),
+                }
+            }));
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(family.name),
+                layout: &family.bind_group_layout,
+                entries: &entries,
+            })
+        })
+        .collect();
+
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(family.name),
+        timestamp_writes: timestamps,
+    });
+    for (dispatch, bind_group) in dispatches.iter().zip(&bind_groups) {
+        if dispatch.workgroups == 0 {
+            continue;
+        }
+        let (x, y) = grid(
+            dispatch.workgroups,
+            device.limits().max_compute_workgroups_per_dimension,
+        );
+        pass.set_pipeline(&dispatch.pipeline);
+        pass.set_bind_group(0, bind_group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+}
+
+/// Row blocks `(first_row, rows)` covering `rows` rows such that each block, plus the slack of an
+/// aligned binding offset, fits one storage binding of `max_binding` bytes.
+pub(crate) fn row_blocks(
+    rows: usize,
+    cols: usize,
+    max_binding: u64,
+    align: u64,
+) -> crate::Result<Vec<(usize, usize)>> {
+    let row_bytes = cols as u64 * 4;
+    let per_block = max_binding.saturating_sub(align) / row_bytes.max(1);
+    if per_block == 0 {
+        return Err(crate::Error::RowTooLong {
+            cols,
+            bytes: row_bytes,
+            max_binding,
+        });
+    }
+    // Element indices inside a binding are u32, and so is the row count of one dispatch.
+    let per_block = per_block.min(u64::from(u32::MAX) / row_bytes.max(1)).max(1) as usize;
+    Ok((0..rows)
+        .step_by(per_block)
+        .map(|first| (first, per_block.min(rows - first)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grid;
+
+    #[test]
+    fn grid_covers_every_workgroup_without_exceeding_the_limit() {
+        for (groups, max) in [(1, 65535), (65535, 65535), (65536, 65535), (200_000, 65535)] {
+            let (x, y) = grid(groups, max);
+            assert!(x <= max && y <= max);
+            assert!(u64::from(x) * u64::from(y) >= u64::from(groups));
+            assert!(u64::from(x) * u64::from(y - 1) < u64::from(groups));
+        }
+    }
+}

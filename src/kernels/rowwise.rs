@@ -1,0 +1,415 @@
+//! The engine shared by every row-wise kernel family: strategy choice, row blocks that fit one
+//! storage binding, operand windows, split-row partials, and the uniform parameter block.
+//!
+//! A family (one shader file) is described by a [`FamilyDesc`]: its operand bindings and the
+//! entry point of each strategy. A call supplies operands, shape, specialisation constants and
+//! op-specific words; [`RowwiseFamily::plan`] turns it into dispatches.
+
+use std::sync::Mutex;
+
+use super::plan::Strategy;
+use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
+use crate::context::Gpu;
+use crate::error::{Error, Result};
+
+/// A kernel family: shader source, operand bindings (1.., before the partials binding), the
+/// entry point of each strategy, and the 32-bit words of split-row statistics per chunk.
+pub(crate) struct FamilyDesc {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub operands: &'static [Access],
+    pub thread: &'static str,
+    pub workgroup: &'static str,
+    /// The two passes of a split row: per-chunk statistics, then the per-chunk output.
+    pub split: [&'static str; 2],
+    pub partial_words: usize,
+}
+
+pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
+    name: "softmax",
+    source: concat!(
+        include_str!("../../shaders/common.wgsl"),
+        include_str!("../../shaders/softmax.wgsl")
+    ),
+    operands: &[Access::Read, Access::ReadWrite],
+    thread: "row_per_thread",
+    workgroup: "row_per_workgroup",
+    split: ["split_partials", "split_normalize"],
+    partial_words: 2,
+};
+
+pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
+    name: "softmax_backward",
+    source: concat!(
+        include_str!("../../shaders/common.wgsl"),
+        include_str!("../../shaders/backward.wgsl")
+    ),
+    operands: &[Access::Read, Access::Read, Access::ReadWrite],
+    thread: "row_per_thread",
+    workgroup: "row_per_workgroup",
+    split: ["split_partials", "split_finish"],
+    partial_words: 1,
+};
+
+pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
+    name: "cross_entropy",
+    source: concat!(
+        include_str!("../../shaders/common.wgsl"),
+        include_str!("../../shaders/cross_entropy.wgsl")
+    ),
+    // logits, targets, weight, grad_output, loss_rows, grad, stats
+    operands: &[
+        Access::Read,
+        Access::Read,
+        Access::Read,
+        Access::Read,
+        Access::ReadWrite,
+        Access::ReadWrite,
+        Access::ReadWrite,
+    ],
+    thread: "row_per_thread",
+    workgroup: "row_per_workgroup",
+    split: ["split_partials", "split_finish"],
+    partial_words: 4,
+};
+
+pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
+    name: "softmax_jacobian",
+    source: concat!(
+        include_str!("../../shaders/common.wgsl"),
+        include_str!("../../shaders/jacobian.wgsl")
+    ),
+    operands: &[Access::Read, Access::ReadWrite],
+    thread: "jacobian_thread",
+    workgroup: "jacobian_workgroup",
+    // Rows are capped far below any split threshold; the per-row kernel stands in.
+    split: ["jacobian_workgroup", "jacobian_workgroup"],
+    partial_words: 1,
+};
+
+/// Workgroup size of the single-workgroup passes over the batch.
+const SINGLE_WORKGROUP: u32 = 256;
+
+/// Mirrors `Params` in `shaders/common.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    grid_x: u32,
+    chunk: u32,
+    chunks: u32,
+    _pad: [u32; 3],
+    base: [u32; 8],
+    words: [u32; 4],
+}
+
+/// Where an operand of a row-wise call lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Operand<'a> {
+    /// `width` 32-bit elements per row, rows contiguous, starting at byte `offset`.
+    Rows {
+        buffer: &'a wgpu::Buffer,
+        offset: u64,
+        width: usize,
+    },
+    /// The same `len` 32-bit elements for every row (class weights, statistics), or a binding
+    /// the kernel variant does not read.
+    Shared {
+        buffer: &'a wgpu::Buffer,
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl<'a> Operand<'a> {
+    /// A `[rows x cols]` matrix at the start of `buffer`.
+    pub(crate) fn matrix(buffer: &'a wgpu::Buffer, cols: usize) -> Self {
+        Operand::Rows {
+            buffer,
+            offset: 0,
+            width: cols,
+        }
+    }
+
+    /// `len` words at the start of `buffer`, the same for every row.
+    pub(crate) fn shared(buffer: &'a wgpu::Buffer, len: usize) -> Self {
+        Operand::Shared {
+            buffer,
+            offset: 0,
+            len,
+        }
+    }
+
+    fn row_bytes(&self) -> u64 {
+        match self {
+            Operand::Rows { width, .. } => *width as u64 * 4,
+            Operand::Shared { .. } => 0,
+        }
+    }
+
+    fn window(&self, first_row: usize, rows: usize, gpu: &Gpu) -> Window {
+        let (align, max) = (gpu.storage_align(), gpu.max_binding());
+        match *self {
+            Operand::Rows {
+                buffer,
+                offset,
+                width,
+            } => Window::new(
+                buffer,
+                offset + (first_row * width * 4) as u64,
+                (rows * width) as u64,
+                align,
+                max,
+            ),
+            Operand::Shared {
+                buffer,
+                offset,
+                len,
+            } => Window::new(buffer, offset, len as u64, align, max),
+        }
+    }
+}
+
+/// One call of a row-wise family.
+pub(crate) struct RowCall<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    /// Bindings 1.. in the family's order.
+    pub operands: Vec<Operand<'a>>,
+    /// Op-specific specialisation constants, besides WG and ITEMS.
+    pub constants: Vec<(&'static str, u32)>,
+    /// Op-specific uniform words.
+    pub words: [u32; 4],
+}
+
+/// A compiled kernel family whose kernels run over rows.
+pub(crate) struct RowwiseFamily {
+    shader: ShaderFamily,
+    desc: &'static FamilyDesc,
+    /// Per-chunk statistics of split rows; grown on demand and shared by all calls, which is
+    /// safe because wgpu orders the dispatches that touch it and the queue runs each call's
+    /// passes back to back.
+    partials: Mutex<wgpu::Buffer>,
+}
+
+impl RowwiseFamily {
+    pub(crate) fn new(device: &wgpu::Device, desc: &'static FamilyDesc) -> Self {
+        let mut bindings = vec![Access::Uniform];
+        bindings.extend_from_slice(desc.operands);
+        bindings.push(Access::ReadWrite);
+        Self {
+            shader: ShaderFamily::new(device, desc.name, desc.source, &bindings),
+            desc,
+            partials: Mutex::new(partials_buffer(device, 64)),
+        }
+    }
+
+    /// The dispatches computing `call` over all its rows, in row blocks that fit one binding.
+    /// Shapes and buffers have been validated by the caller.
+    pub(crate) fn plan(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Vec<Dispatch>> {
+        let tuning = &gpu.tuning;
+        let (rows, cols) = (call.rows, call.cols);
+        let row_bytes = call
+            .operands
+            .iter()
+            .map(Operand::row_bytes)
+            .max()
+            .unwrap_or(0);
+        let blocks = super::row_blocks(
+            rows,
+            (row_bytes as usize / 4).max(1),
+            gpu.max_binding(),
+            gpu.storage_align(),
+        )
+        .map_err(|e| match e {
+            Error::RowTooLong {
+                bytes, max_binding, ..
+            } => Error::RowTooLong {
+                cols,
+                bytes,
+                max_binding,
+            },
+            other => other,
+        })?;
+
+        let strategy = tuning.choose_within(rows, cols, gpu.loop_budget);
+        let desc = self.desc;
+        let (entries, wg, items, chunk): (&[&'static str], u32, u32, u32) = match strategy {
+            Strategy::RowPerThread => (
+                std::slice::from_ref(&desc.thread),
+                tuning.thread_workgroup,
+                0,
+                0,
+            ),
+            Strategy::RowPerWorkgroup { items } => (
+                std::slice::from_ref(&desc.workgroup),
+                tuning.row_workgroup,
+                items,
+                0,
+            ),
+            Strategy::SplitRow { chunk } => (&desc.split, tuning.row_workgroup, 0, chunk),
+        };
+        let chunks = if chunk == 0 {
+            1
+        } else {
+            cols.div_ceil(chunk as usize)
+        };
+        let pipelines: Vec<_> = entries
+            .iter()
+            .map(|&entry| self.pipeline(gpu, call, entry, wg, items))
+            .collect();
+
+        let max_rows = blocks.iter().map(|b| b.1).max().unwrap_or(0);
+        let partial_bytes = (max_rows * chunks * desc.partial_words * 4) as u64;
+        let partials = {
+            let mut slot = self.partials.lock().unwrap_or_else(|p| p.into_inner());
+            if chunk != 0 && slot.size() < partial_bytes {
+                *slot = partials_buffer(&gpu.device, partial_bytes);
+            }
+            slot.clone()
+        };
+
+        let mut dispatches = Vec::new();
+        for &(first, n) in &blocks {
+            let groups = match strategy {
+                Strategy::RowPerThread => n.div_ceil(wg as usize),
+                Strategy::RowPerWorkgroup { .. } => n,
+                Strategy::SplitRow { .. } => n * chunks,
+            } as u32;
+            let partial_len = if chunk == 0 {
+                1
+            } else {
+                n * chunks * desc.partial_words
+            };
+            let windows = self.windows(gpu, call, first, n, &partials, partial_len);
+            let params = params(gpu, call, n, &windows, groups, chunk, chunks as u32);
+            for pipeline in &pipelines {
+                dispatches.push(Dispatch {
+                    pipeline: pipeline.clone(),
+                    params: params.clone(),
+                    windows: windows.clone(),
+                    workgroups: groups,
+                });
+            }
+        }
+        Ok(dispatches)
+    }
+
+    /// A single-workgroup pass over all `call.rows` rows (e.g. a reduction over the batch).
+    /// Operands it reads must be small enough for one binding; others are clamped.
+    pub(crate) fn single(&self, gpu: &Gpu, call: &RowCall<'_>, entry: &'static str) -> Dispatch {
+        // The widest workgroup keeps each invocation's loop over the rows short (see
+        // `Tuning::choose_within`).
+        let wg = SINGLE_WORKGROUP.min(gpu.limits.max_compute_invocations_per_workgroup);
+        let partials = self
+            .partials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let windows = self.windows(gpu, call, 0, call.rows, &partials, 1);
+        Dispatch {
+            pipeline: self.pipeline(gpu, call, entry, wg, 0),
+            params: params(gpu, call, call.rows, &windows, 1, 0, 1),
+            windows,
+            workgroups: 1,
+        }
+    }
+
+    /// Records `dispatches` into `encoder` in one compute pass.
+    pub(crate) fn record(
+        &self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        dispatches: &[Dispatch],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) {
+        super::record(&gpu.device, &self.shader, encoder, dispatches, timestamps);
+    }
+
+    /// Plans and records `call`.
+    pub(crate) fn encode(
+        &self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        call: &RowCall<'_>,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        let dispatches = self.plan(gpu, call)?;
+        self.record(gpu, encoder, &dispatches, timestamps);
+        Ok(())
+    }
+
+    fn pipeline(
+        &self,
+        gpu: &Gpu,
+        call: &RowCall<'_>,
+        entry: &'static str,
+        wg: u32,
+        items: u32,
+    ) -> std::sync::Arc<wgpu::ComputePipeline> {
+        let mut constants = vec![("WG", wg), ("ITEMS", items)];
+        constants.extend_from_slice(&call.constants);
+        self.shader
+            .pipeline(&gpu.device, &PipelineKey { entry, constants })
+    }
+
+    fn windows(
+        &self,
+        gpu: &Gpu,
+        call: &RowCall<'_>,
+        first: usize,
+        rows: usize,
+        partials: &wgpu::Buffer,
+        partial_len: usize,
+    ) -> Vec<Window> {
+        let mut windows: Vec<Window> = call
+            .operands
+            .iter()
+            .map(|operand| operand.window(first, rows, gpu))
+            .collect();
+        windows.push(Window::new(
+            partials,
+            0,
+            partial_len as u64,
+            gpu.storage_align(),
+            gpu.max_binding(),
+        ));
+        windows
+    }
+}
+
+fn params(
+    gpu: &Gpu,
+    call: &RowCall<'_>,
+    rows: usize,
+    windows: &[Window],
+    groups: u32,
+    chunk: u32,
+    chunks: u32,
+) -> Vec<u8> {
+    let mut base = [0u32; 8];
+    for (slot, window) in base.iter_mut().zip(windows) {
+        *slot = window.base;
+    }
+    let params = Params {
+        rows: rows as u32,
+        cols: call.cols as u32,
+        grid_x: super::grid(groups, gpu.limits.max_compute_workgroups_per_dimension).0,
+        chunk,
+        chunks,
+        _pad: [0; 3],
+        base,
+        words: call.words,
+    };
+    bytemuck::bytes_of(&params).to_vec()
+}
+
+fn partials_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-softmax split partials"),
+        size: bytes.max(64),
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}

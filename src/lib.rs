@@ -1,0 +1,24 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod context;
+pub mod cpu;
+mod error;
+mod kernels;
+mod ops;
+mod options;
+mod tolerance;
+mod training;
+mod validate;
+
+pub use context::{enumerate_adapters, Context, ContextOptions};
+pub use error::{Error, Result};
+pub use kernels::plan::{Strategy, Tuning};
+pub use ops::{Tensor, TENSOR_USAGES};
+pub use options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
+pub use tolerance::{Comparison, Tolerance};
+pub use training::{
+    CrossEntropyBuffers, CrossEntropyLoss, GradDestination, LossAndGrad, TargetEncoding,
+    TargetTensor,
+};
+pub use wgpu;

@@ -1,0 +1,479 @@
+//! The public operations in their three forms: host slices (blocking and async), device-resident
+//! [`Tensor`]s, and recording into the caller's own `CommandEncoder` on the caller's buffers.
+
+use crate::context::{Context, Wait};
+use crate::error::{Error, Result};
+use crate::kernels::rowwise::Operand;
+use crate::kernels::rowwise::RowCall;
+use crate::kernels::Normalization;
+use crate::validate;
+
+/// The host forms move data in pieces of at most this many bytes, so staging memory stays bounded
+/// whatever the batch size.
+const HOST_CHUNK_BYTES: u64 = 64 << 20;
+
+/// A `[rows x cols]` f32 matrix resident on the GPU, row-major in one buffer.
+///
+/// Produced by [`Context::upload`] and by the tensor forms of the operations; read back with
+/// [`Tensor::to_vec`]. Operations on tensors submit their work and return at once; a readback
+/// waits for everything submitted before it.
+pub struct Tensor {
+    pub(crate) ctx: Context,
+    pub(crate) buffer: wgpu::Buffer,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Buffer usages a tensor's buffer has: kernels read and write it, and it can be copied from and
+/// to (uploads, readbacks, the caller's own copies).
+pub const TENSOR_USAGES: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl Tensor {
+    /// Rows of the matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the matrix (the softmax axis).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The underlying buffer (usages [`TENSOR_USAGES`]), for the caller's own passes.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// The context the tensor belongs to.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    fn matrix(&self) -> Operand<'_> {
+        Operand::matrix(&self.buffer, self.cols)
+    }
+
+    /// Copies the tensor to the host, waiting for all work submitted before.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        pollster::block_on(self.read(Wait::Block))
+    }
+
+    /// Async form of [`Tensor::to_vec`]; the calling thread is not blocked while the GPU works.
+    pub async fn to_vec_async(&self) -> Result<Vec<f32>> {
+        self.read(Wait::Background).await
+    }
+
+    pub(crate) async fn read(&self, wait: Wait) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.len()];
+        self.ctx.download(&self.buffer, 0, &mut out, wait).await?;
+        Ok(out)
+    }
+
+    /// Softmax of every row, into a new tensor.
+    pub fn softmax(&self) -> Result<Tensor> {
+        self.rowwise(Normalization::Softmax)
+    }
+
+    /// Log-softmax of every row, into a new tensor.
+    pub fn log_softmax(&self) -> Result<Tensor> {
+        self.rowwise(Normalization::LogSoftmax)
+    }
+
+    /// Softmax of every row, written into `out` (same shape, a different tensor).
+    pub fn softmax_into(&self, out: &Tensor) -> Result<()> {
+        self.rowwise_into(Normalization::Softmax, out)
+    }
+
+    /// Log-softmax of every row, written into `out` (same shape, a different tensor).
+    pub fn log_softmax_into(&self, out: &Tensor) -> Result<()> {
+        self.rowwise_into(Normalization::LogSoftmax, out)
+    }
+
+    fn rowwise(&self, op: Normalization) -> Result<Tensor> {
+        let out = self.ctx.empty(self.rows, self.cols)?;
+        self.rowwise_into(op, &out)?;
+        Ok(out)
+    }
+
+    fn rowwise_into(&self, op: Normalization, out: &Tensor) -> Result<()> {
+        validate::same_len("output", self.len(), out.len())?;
+        if self.buffer == out.buffer {
+            return Err(Error::Aliased {
+                first: "input",
+                second: "output",
+            });
+        }
+        let gpu = &self.ctx.gpu;
+        gpu.scoped(|| {
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            let call = normalize_call(op, self.matrix(), out.matrix(), self.rows, self.cols);
+            gpu.kernels.softmax.encode(gpu, &mut encoder, &call, None)?;
+            gpu.queue.submit([encoder.finish()]);
+            Ok(())
+        })
+    }
+}
+
+/// Staging buffers of the host forms, kept by the context and reused across calls.
+pub(crate) struct Scratch {
+    input: wgpu::Buffer,
+    output: wgpu::Buffer,
+    readback: wgpu::Buffer,
+}
+
+impl Scratch {
+    fn new(device: &wgpu::Device, bytes: u64) -> Self {
+        let make = |label, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Self {
+            input: make("wgpu-softmax input", TENSOR_USAGES),
+            output: make("wgpu-softmax output", TENSOR_USAGES),
+            readback: make(
+                "wgpu-softmax readback",
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+        }
+    }
+}
+
+/// The most scratch sets kept for reuse; further concurrent calls allocate and drop their own.
+const SCRATCH_KEPT: usize = 4;
+
+impl Context {
+    /// Softmax of each row of `x`, a row-major batch of rows of `cols` values.
+    ///
+    /// `softmax(x)_j = exp(x_j - max(x)) / sum_k exp(x_k - max(x))`. A row holding NaN or +inf,
+    /// or only -inf, becomes NaN; a -inf entry gets exactly 0. An empty batch gives an empty
+    /// result.
+    ///
+    /// # Errors
+    /// [`Error::ZeroCols`], [`Error::LengthNotMultiple`], [`Error::RowTooLong`] for a row wider
+    /// than one storage binding, and device errors.
+    ///
+    /// ```no_run
+    /// let ctx = wgpu_softmax::Context::new_blocking()?;
+    /// let probs = ctx.softmax(&[1.0, 2.0, 3.0, 0.0, 0.0, 0.0], 3)?;
+    /// assert!((probs[3] - 1.0 / 3.0).abs() < 1e-6);
+    /// # Ok::<(), wgpu_softmax::Error>(())
+    /// ```
+    pub fn softmax(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        pollster::block_on(self.host_rowwise(Normalization::Softmax, x, cols, Wait::Block))
+    }
+
+    /// Async form of [`Context::softmax`].
+    pub async fn softmax_async(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        self.host_rowwise(Normalization::Softmax, x, cols, Wait::Background)
+            .await
+    }
+
+    /// Log-softmax of each row: `x_j - max(x) - ln(sum_k exp(x_k - max(x)))`, computed in that
+    /// form (never as `ln(softmax)`), so large negative log-probabilities stay exact. Special
+    /// values as for [`Context::softmax`], a -inf entry giving -inf.
+    ///
+    /// # Errors
+    /// As [`Context::softmax`].
+    pub fn log_softmax(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        pollster::block_on(self.host_rowwise(Normalization::LogSoftmax, x, cols, Wait::Block))
+    }
+
+    /// Async form of [`Context::log_softmax`].
+    pub async fn log_softmax_async(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        self.host_rowwise(Normalization::LogSoftmax, x, cols, Wait::Background)
+            .await
+    }
+
+    /// Uploads a row-major batch of rows of `cols` values into a new [`Tensor`].
+    ///
+    /// # Errors
+    /// [`Error::ZeroCols`], [`Error::LengthNotMultiple`], [`Error::TensorTooLarge`] beyond the
+    /// device's `max_buffer_size`, and device errors.
+    pub fn upload(&self, data: &[f32], cols: usize) -> Result<Tensor> {
+        let rows = validate::batch_rows("data", data.len(), cols)?;
+        let tensor = self.empty(rows, cols)?;
+        self.gpu.scoped(|| {
+            self.gpu
+                .queue
+                .write_buffer(&tensor.buffer, 0, bytemuck::cast_slice(data));
+            Ok(())
+        })?;
+        Ok(tensor)
+    }
+
+    /// A new tensor of `rows x cols` zeros.
+    ///
+    /// # Errors
+    /// [`Error::ZeroCols`], [`Error::TensorTooLarge`], and device errors such as
+    /// [`Error::OutOfMemory`].
+    pub fn empty(&self, rows: usize, cols: usize) -> Result<Tensor> {
+        if cols == 0 {
+            return Err(Error::ZeroCols);
+        }
+        let bytes = (rows as u64)
+            .checked_mul(cols as u64 * 4)
+            .ok_or(Error::ShapeTooLarge {
+                what: "rows",
+                value: rows,
+                max: usize::MAX / cols / 4,
+            })?;
+        if bytes > self.gpu.limits.max_buffer_size {
+            return Err(Error::TensorTooLarge {
+                bytes,
+                max: self.gpu.limits.max_buffer_size,
+            });
+        }
+        let buffer = self.gpu.scoped(|| {
+            Ok(self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-softmax tensor"),
+                // A zero-sized binding is invalid, so an empty tensor still owns one word.
+                size: bytes.max(4),
+                usage: TENSOR_USAGES,
+                mapped_at_creation: false,
+            }))
+        })?;
+        Ok(Tensor {
+            ctx: self.clone(),
+            buffer,
+            rows,
+            cols,
+        })
+    }
+
+    /// Records `output = softmax(input)` for `rows x cols` f32 into the caller's `encoder`.
+    /// Nothing is submitted; the buffers must stay alive until the caller submits.
+    ///
+    /// # Errors
+    /// [`Error::MissingUsage`] unless both buffers have `STORAGE`, [`Error::BufferTooSmall`],
+    /// [`Error::Aliased`] when they are the same buffer, [`Error::ZeroCols`],
+    /// [`Error::RowTooLong`].
+    pub fn encode_softmax(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        input: &wgpu::Buffer,
+        output: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.encode_rowwise(Normalization::Softmax, encoder, input, output, rows, cols)
+    }
+
+    /// Records `output = log_softmax(input)`; see [`Context::encode_softmax`].
+    ///
+    /// # Errors
+    /// As [`Context::encode_softmax`].
+    pub fn encode_log_softmax(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        input: &wgpu::Buffer,
+        output: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.encode_rowwise(
+            Normalization::LogSoftmax,
+            encoder,
+            input,
+            output,
+            rows,
+            cols,
+        )
+    }
+
+    fn encode_rowwise(
+        &self,
+        op: Normalization,
+        encoder: &mut wgpu::CommandEncoder,
+        input: &wgpu::Buffer,
+        output: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if cols == 0 {
+            return Err(Error::ZeroCols);
+        }
+        let bytes = (rows as u64).saturating_mul(cols as u64 * 4);
+        validate_buffer("input", input, bytes, wgpu::BufferUsages::STORAGE)?;
+        validate_buffer("output", output, bytes, wgpu::BufferUsages::STORAGE)?;
+        if input == output {
+            return Err(Error::Aliased {
+                first: "input",
+                second: "output",
+            });
+        }
+        let gpu = &self.gpu;
+        gpu.scoped(|| {
+            let call = normalize_call(
+                op,
+                Operand::matrix(input, cols),
+                Operand::matrix(output, cols),
+                rows,
+                cols,
+            );
+            gpu.kernels.softmax.encode(gpu, encoder, &call, None)
+        })
+    }
+
+    async fn host_rowwise(
+        &self,
+        op: Normalization,
+        x: &[f32],
+        cols: usize,
+        wait: Wait,
+    ) -> Result<Vec<f32>> {
+        let rows = validate::batch_rows("input", x.len(), cols)?;
+        let gpu = &self.gpu;
+        gpu.check_alive()?;
+        let mut out = vec![0f32; x.len()];
+        if rows == 0 {
+            return Ok(out);
+        }
+        let chunk_limit = gpu.max_binding().min(HOST_CHUNK_BYTES);
+        let blocks = crate::kernels::row_blocks(rows, cols, chunk_limit, gpu.storage_align())?;
+        let chunk_bytes = (blocks[0].1 * cols * 4) as u64;
+        let scratch = self.take_scratch(chunk_bytes)?;
+        for (first, n) in blocks {
+            let range = first * cols..(first + n) * cols;
+            let submission = gpu.scoped(|| {
+                gpu.queue
+                    .write_buffer(&scratch.input, 0, bytemuck::cast_slice(&x[range.clone()]));
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                let matrix = |buffer| Operand::matrix(buffer, cols);
+                let call =
+                    normalize_call(op, matrix(&scratch.input), matrix(&scratch.output), n, cols);
+                gpu.kernels.softmax.encode(gpu, &mut encoder, &call, None)?;
+                encoder.copy_buffer_to_buffer(
+                    &scratch.output,
+                    0,
+                    &scratch.readback,
+                    0,
+                    (range.len() * 4) as u64,
+                );
+                Ok(gpu.queue.submit([encoder.finish()]))
+            })?;
+            gpu.read_mapped(&scratch.readback, submission, &mut out[range], wait)
+                .await?;
+        }
+        self.give_scratch(scratch);
+        Ok(out)
+    }
+
+    /// Copies `out.len()` f32 from `buffer` at byte `offset` to the host, in bounded pieces.
+    pub(crate) async fn download(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        out: &mut [f32],
+        wait: Wait,
+    ) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let gpu = &self.gpu;
+        let piece = (HOST_CHUNK_BYTES / 4) as usize;
+        let scratch = self.take_scratch((out.len().min(piece) * 4) as u64)?;
+        for (i, part) in out.chunks_mut(piece).enumerate() {
+            let start = offset + (i * piece * 4) as u64;
+            let submission = gpu.scoped(|| {
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                encoder.copy_buffer_to_buffer(
+                    buffer,
+                    start,
+                    &scratch.readback,
+                    0,
+                    (part.len() * 4) as u64,
+                );
+                Ok(gpu.queue.submit([encoder.finish()]))
+            })?;
+            gpu.read_mapped(&scratch.readback, submission, part, wait)
+                .await?;
+        }
+        self.give_scratch(scratch);
+        Ok(())
+    }
+
+    fn take_scratch(&self, bytes: u64) -> Result<Scratch> {
+        let reuse = {
+            let mut pool = self.gpu.scratch.lock().unwrap_or_else(|p| p.into_inner());
+            pool.iter()
+                .position(|s| s.input.size() >= bytes)
+                .map(|i| pool.swap_remove(i))
+        };
+        match reuse {
+            Some(scratch) => Ok(scratch),
+            None => self
+                .gpu
+                .scoped(|| Ok(Scratch::new(&self.gpu.device, bytes.max(256)))),
+        }
+    }
+
+    fn give_scratch(&self, scratch: Scratch) {
+        let mut pool = self.gpu.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < SCRATCH_KEPT {
+            pool.push(scratch);
+        }
+    }
+}
+
+/// The softmax-family call computing `dst = op(src)`.
+pub(crate) fn normalize_call<'a>(
+    op: Normalization,
+    src: Operand<'a>,
+    dst: Operand<'a>,
+    rows: usize,
+    cols: usize,
+) -> RowCall<'a> {
+    RowCall {
+        rows,
+        cols,
+        operands: vec![src, dst],
+        constants: vec![op.constant()],
+        words: [0; 4],
+    }
+}
+
+/// Checks that a caller's buffer holds `needed` bytes and has `usage`.
+pub(crate) fn validate_buffer(
+    what: &'static str,
+    buffer: &wgpu::Buffer,
+    needed: u64,
+    usage: wgpu::BufferUsages,
+) -> Result<()> {
+    let missing = usage - buffer.usage();
+    if !missing.is_empty() {
+        return Err(Error::MissingUsage { what, missing });
+    }
+    if buffer.size() < needed {
+        return Err(Error::BufferTooSmall {
+            what,
+            size: buffer.size(),
+            needed,
+        });
+    }
+    Ok(())
+}

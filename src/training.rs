@@ -1,0 +1,941 @@
+//! Training-side operations: softmax and log-softmax backward, the softmax Jacobian, and
+//! cross-entropy with its fused gradient, in host-slice, device-resident and encode forms.
+
+use std::sync::Mutex;
+
+use crate::context::{Context, Gpu, Wait};
+use crate::cpu::CrossEntropyOutput;
+use crate::error::{Error, Result};
+use crate::kernels::rowwise::{Operand, RowCall};
+use crate::kernels::Normalization;
+use crate::ops::{validate_buffer, Tensor, TENSOR_USAGES};
+use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
+use crate::validate::{self, CrossEntropyTargets, UpstreamGrad, IGNORED_ROW};
+
+// ------------------------------------------------------------------------------------------------
+// Softmax backward
+
+impl Context {
+    /// Backward of softmax: from `y = softmax(x)` and `grad_output = dL/dy`, returns
+    /// `dL/dx = y * (dy - sum_k dy_k * y_k)` per row.
+    ///
+    /// # Errors
+    /// [`Error::ZeroCols`], [`Error::LengthNotMultiple`], [`Error::LengthMismatch`] when
+    /// `grad_output` is not shaped like `y`, and device errors.
+    pub fn softmax_backward(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+    ) -> Result<Vec<f32>> {
+        let op = Normalization::Softmax;
+        pollster::block_on(self.host_backward(op, y, grad_output, cols, Wait::Block))
+    }
+
+    /// Async form of [`Context::softmax_backward`].
+    pub async fn softmax_backward_async(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+    ) -> Result<Vec<f32>> {
+        let op = Normalization::Softmax;
+        self.host_backward(op, y, grad_output, cols, Wait::Background)
+            .await
+    }
+
+    /// Backward of log-softmax: from `y = log_softmax(x)` and `grad_output = dL/dy`, returns
+    /// `dL/dx = dy - exp(y) * sum_k dy_k` per row.
+    ///
+    /// # Errors
+    /// As [`Context::softmax_backward`].
+    pub fn log_softmax_backward(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+    ) -> Result<Vec<f32>> {
+        let op = Normalization::LogSoftmax;
+        pollster::block_on(self.host_backward(op, y, grad_output, cols, Wait::Block))
+    }
+
+    /// Async form of [`Context::log_softmax_backward`].
+    pub async fn log_softmax_backward_async(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+    ) -> Result<Vec<f32>> {
+        let op = Normalization::LogSoftmax;
+        self.host_backward(op, y, grad_output, cols, Wait::Background)
+            .await
+    }
+
+    async fn host_backward(
+        &self,
+        op: Normalization,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+        wait: Wait,
+    ) -> Result<Vec<f32>> {
+        validate::batch_rows("y", y.len(), cols)?;
+        validate::same_len("grad_output", y.len(), grad_output.len())?;
+        let y = self.upload(y, cols)?;
+        let dy = self.upload(grad_output, cols)?;
+        y.backward(op, &dy)?.read(wait).await
+    }
+
+    /// Records `grad_input = softmax_backward(y, grad_output)` for `rows x cols` into the caller's
+    /// `encoder`. All three buffers need `STORAGE`; `grad_input` must differ from the others.
+    ///
+    /// # Errors
+    /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Aliased`],
+    /// [`Error::ZeroCols`], [`Error::RowTooLong`].
+    pub fn encode_softmax_backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        y: &wgpu::Buffer,
+        grad_output: &wgpu::Buffer,
+        grad_input: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let op = Normalization::Softmax;
+        self.encode_backward(op, encoder, [y, grad_output, grad_input], rows, cols)
+    }
+
+    /// Records `grad_input = log_softmax_backward(y, grad_output)`; see
+    /// [`Context::encode_softmax_backward`].
+    ///
+    /// # Errors
+    /// As [`Context::encode_softmax_backward`].
+    pub fn encode_log_softmax_backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        y: &wgpu::Buffer,
+        grad_output: &wgpu::Buffer,
+        grad_input: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let op = Normalization::LogSoftmax;
+        self.encode_backward(op, encoder, [y, grad_output, grad_input], rows, cols)
+    }
+
+    fn encode_backward(
+        &self,
+        op: Normalization,
+        encoder: &mut wgpu::CommandEncoder,
+        [y, dy, dx]: [&wgpu::Buffer; 3],
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if cols == 0 {
+            return Err(Error::ZeroCols);
+        }
+        let bytes = (rows as u64).saturating_mul(cols as u64 * 4);
+        let storage = wgpu::BufferUsages::STORAGE;
+        validate_buffer("y", y, bytes, storage)?;
+        validate_buffer("grad_output", dy, bytes, storage)?;
+        validate_buffer("grad_input", dx, bytes, storage)?;
+        for (other, name) in [(y, "y"), (dy, "grad_output")] {
+            if other == dx {
+                return Err(Error::Aliased {
+                    first: name,
+                    second: "grad_input",
+                });
+            }
+        }
+        let gpu = &self.gpu;
+        gpu.scoped(|| {
+            let call = backward_call(op, [y, dy, dx], rows, cols);
+            gpu.kernels.backward.encode(gpu, encoder, &call, None)
+        })
+    }
+}
+
+fn backward_call<'a>(
+    op: Normalization,
+    [y, dy, dx]: [&'a wgpu::Buffer; 3],
+    rows: usize,
+    cols: usize,
+) -> RowCall<'a> {
+    RowCall {
+        rows,
+        cols,
+        operands: vec![
+            Operand::matrix(y, cols),
+            Operand::matrix(dy, cols),
+            Operand::matrix(dx, cols),
+        ],
+        constants: vec![op.constant()],
+        words: [0; 4],
+    }
+}
+
+impl Tensor {
+    /// Softmax backward with `self` as `y = softmax(x)`: returns `dL/dx` for `grad_output = dL/dy`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `grad_output` is shaped differently, and device errors.
+    pub fn softmax_backward(&self, grad_output: &Tensor) -> Result<Tensor> {
+        self.backward(Normalization::Softmax, grad_output)
+    }
+
+    /// Log-softmax backward with `self` as `y = log_softmax(x)`.
+    ///
+    /// # Errors
+    /// As [`Tensor::softmax_backward`].
+    pub fn log_softmax_backward(&self, grad_output: &Tensor) -> Result<Tensor> {
+        self.backward(Normalization::LogSoftmax, grad_output)
+    }
+
+    fn backward(&self, op: Normalization, grad_output: &Tensor) -> Result<Tensor> {
+        validate::same_len("grad_output", self.len(), grad_output.len())?;
+        validate::same_len("grad_output cols", self.cols, grad_output.cols)?;
+        let ctx = &self.ctx;
+        let out = ctx.empty(self.rows, self.cols)?;
+        let gpu = &ctx.gpu;
+        gpu.scoped(|| {
+            let call = backward_call(
+                op,
+                [&self.buffer, &grad_output.buffer, &out.buffer],
+                self.rows,
+                self.cols,
+            );
+            submit(gpu, |encoder| {
+                gpu.kernels.backward.encode(gpu, encoder, &call, None)
+            })
+        })?;
+        Ok(out)
+    }
+
+    /// The softmax Jacobian of every row: a `rows x (cols * cols)` tensor whose row `r` is the
+    /// row-major `C x C` matrix `J_ij = s_i (delta_ij - s_j)`, `s = softmax(x_r)`.
+    ///
+    /// # Errors
+    /// [`Error::JacobianTooWide`] above [`JACOBIAN_MAX_COLS`](crate::cpu::JACOBIAN_MAX_COLS)
+    /// classes, and device errors.
+    pub fn softmax_jacobian(&self) -> Result<Tensor> {
+        validate::jacobian_rows("x", self.len(), self.cols)?;
+        let ctx = &self.ctx;
+        let probs = self.softmax()?;
+        let out = ctx.empty(self.rows, self.cols * self.cols)?;
+        let gpu = &ctx.gpu;
+        gpu.scoped(|| {
+            let call = RowCall {
+                rows: self.rows,
+                cols: self.cols,
+                operands: vec![
+                    Operand::matrix(&probs.buffer, self.cols),
+                    Operand::matrix(&out.buffer, self.cols * self.cols),
+                ],
+                constants: Vec::new(),
+                words: [0; 4],
+            };
+            submit(gpu, |encoder| {
+                gpu.kernels.jacobian.encode(gpu, encoder, &call, None)
+            })
+        })?;
+        Ok(out)
+    }
+}
+
+impl Context {
+    /// The softmax Jacobian of every row of `x`: `rows * cols * cols` values, row `r`'s `C x C`
+    /// matrix `J_ij = s_i (delta_ij - s_j)` row-major. For small class counts only.
+    ///
+    /// # Errors
+    /// [`Error::JacobianTooWide`] above [`JACOBIAN_MAX_COLS`](crate::cpu::JACOBIAN_MAX_COLS)
+    /// classes, shape errors as for [`Context::softmax`], and device errors.
+    pub fn softmax_jacobian(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        validate::jacobian_rows("x", x.len(), cols)?;
+        self.upload(x, cols)?.softmax_jacobian()?.to_vec()
+    }
+}
+
+/// Records with `body` into a new encoder and submits it.
+fn submit(gpu: &Gpu, body: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>) -> Result<()> {
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    body(&mut encoder)?;
+    gpu.queue.submit([encoder.finish()]);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Cross-entropy targets resident on the GPU, checked when they were uploaded: class indices
+/// (one `i32` per row, ignored rows marked) or probabilities (`rows x cols` f32).
+pub struct TargetTensor {
+    buffer: wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    probabilities: bool,
+}
+
+impl std::fmt::Debug for TargetTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetTensor")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("probabilities", &self.probabilities)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TargetTensor {
+    /// Rows (samples) the targets cover.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether the targets are probabilities rather than class indices.
+    pub fn is_probabilities(&self) -> bool {
+        self.probabilities
+    }
+
+    /// The underlying buffer: `i32` class indices (ignored rows are -1) or f32 probabilities.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+/// How the targets in a caller's buffer are encoded, for [`CrossEntropyLoss::encode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetEncoding {
+    /// One `i32` class index per row; rows equal to the loss's `ignore_index` are ignored, values
+    /// outside `[0, cols)` give NaN for their row.
+    Indices,
+    /// `rows x cols` f32 probabilities.
+    Probabilities,
+}
+
+/// The buffers of one [`CrossEntropyLoss::encode`] call, all of the caller's.
+#[derive(Debug, Clone, Copy)]
+pub struct CrossEntropyBuffers<'a> {
+    /// `rows x cols` f32 logits (`STORAGE`).
+    pub logits: &'a wgpu::Buffer,
+    /// The targets (`STORAGE`), encoded as `target_encoding` says.
+    pub targets: &'a wgpu::Buffer,
+    /// How `targets` is encoded.
+    pub target_encoding: TargetEncoding,
+    /// Receives the loss: one f32 for `Mean` and `Sum`, `rows` for `None` (`STORAGE`, and
+    /// `COPY_DST` for `Mean` and `Sum`).
+    pub loss: &'a wgpu::Buffer,
+    /// Where the gradient goes.
+    pub grad: GradDestination<'a>,
+    /// Rows of the batch.
+    pub rows: usize,
+}
+
+/// Where [`CrossEntropyLoss::encode`] writes `dLoss/dLogits`.
+#[derive(Debug, Clone, Copy)]
+pub enum GradDestination<'a> {
+    /// No gradient: the loss alone.
+    None,
+    /// Into this `rows x cols` buffer (`STORAGE`).
+    Buffer(&'a wgpu::Buffer),
+    /// Over the logits.
+    InPlace,
+}
+
+/// A configured cross-entropy loss, with PyTorch's `F.cross_entropy` semantics, whose class
+/// weights live on the GPU. Made by [`Context::cross_entropy_loss`]; reuse it every step.
+///
+/// For logits `x` (a row), target distribution `q` and `s = softmax(x)`:
+/// `loss_row = -sum_c q_c log_softmax(x)_c` and `dloss_row/dx = s * sum(q) - q`, where for a
+/// class-index target `t`, `q_c = (1 - e) w_t [c = t] + e/C w_c` (label smoothing `e`, class
+/// weights `w`), and for probability targets `p`, `q_c = w_c ((1 - e) p_c + e/C)`. A term with
+/// `q_c = 0` contributes exactly 0. `Mean` divides by the sum of `w_t` over rows that are not
+/// ignored (index targets) or by the row count (probabilities); all rows ignored gives NaN for
+/// `Mean` and 0 for `Sum`. Ignored rows have loss 0 and a gradient of exactly 0. A row holding NaN
+/// or +inf, or only -inf, has a NaN loss and gradient.
+pub struct CrossEntropyLoss {
+    ctx: Context,
+    cols: usize,
+    weight: Option<wgpu::Buffer>,
+    ignore_index: i64,
+    reduction: Reduction,
+    label_smoothing: f32,
+    /// The sum of the class weights (`cols` when unweighted), in f64 then rounded once.
+    weight_total: f32,
+    /// `[mean denominator, reduced loss]`, reused by every call (calls are ordered on the queue).
+    stats: wgpu::Buffer,
+    /// Per-row losses of `Mean` and `Sum`, grown on demand.
+    loss_rows: Mutex<wgpu::Buffer>,
+    /// Stand-ins for the bindings a kernel variant does not read or write.
+    unused_read: wgpu::Buffer,
+    unused_write: wgpu::Buffer,
+}
+
+impl std::fmt::Debug for CrossEntropyLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrossEntropyLoss")
+            .field("cols", &self.cols)
+            .field("weighted", &self.weight.is_some())
+            .field("ignore_index", &self.ignore_index)
+            .field("reduction", &self.reduction)
+            .field("label_smoothing", &self.label_smoothing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The loss and the gradient of a fused call.
+#[derive(Debug)]
+pub struct LossAndGrad {
+    /// One value for `Mean` and `Sum`, `rows` for `None`.
+    pub loss: Tensor,
+    /// `dLoss/dLogits`, shaped like the logits.
+    pub grad: Tensor,
+}
+
+impl Context {
+    /// A cross-entropy loss over `cols` classes with these options; class weights are uploaded
+    /// once.
+    ///
+    /// # Errors
+    /// [`Error::ZeroCols`], [`Error::LabelSmoothing`] outside `[0, 1]`, [`Error::LengthMismatch`]
+    /// when the weight is not `cols` long, and device errors.
+    pub fn cross_entropy_loss(
+        &self,
+        cols: usize,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<CrossEntropyLoss> {
+        validate::cross_entropy(0, cols, Targets::Indices(&[]), options, GradOutput::One)?;
+        let gpu = &self.gpu;
+        let storage = |label, size, usage| {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        gpu.scoped(|| {
+            let weight = options.weight.map(|w| {
+                let buffer = storage(
+                    "wgpu-softmax class weights",
+                    (w.len() * 4) as u64,
+                    TENSOR_USAGES,
+                );
+                gpu.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(w));
+                buffer
+            });
+            Ok(CrossEntropyLoss {
+                ctx: self.clone(),
+                cols,
+                weight,
+                ignore_index: options.ignore_index,
+                reduction: options.reduction,
+                label_smoothing: options.label_smoothing,
+                weight_total: options
+                    .weight
+                    .map_or(cols as f64, |w| w.iter().map(|&v| f64::from(v)).sum())
+                    as f32,
+                stats: storage("wgpu-softmax loss stats", 16, TENSOR_USAGES),
+                loss_rows: Mutex::new(storage("wgpu-softmax row losses", 256, TENSOR_USAGES)),
+                unused_read: storage("wgpu-softmax unused", 16, wgpu::BufferUsages::STORAGE),
+                unused_write: storage("wgpu-softmax unused", 16, wgpu::BufferUsages::STORAGE),
+            })
+        })
+    }
+
+    /// The cross-entropy loss of `logits` (`rows x cols`): one value for `Mean` and `Sum`,
+    /// `rows` values for `None`. See [`CrossEntropyLoss`] for the formula.
+    ///
+    /// # Errors
+    /// Shape errors as for [`Context::softmax`]; [`Error::TargetOutOfRange`] naming the row and
+    /// value; [`Error::LengthMismatch`] for targets or weight of the wrong length;
+    /// [`Error::LabelSmoothing`]; device errors.
+    ///
+    /// ```no_run
+    /// use wgpu_softmax::{Context, CrossEntropyOptions, Targets};
+    /// let ctx = Context::new_blocking()?;
+    /// let loss = ctx.cross_entropy(&[2.0, 0.5, 0.1, 0.3, 1.5, 0.2], 3, Targets::Indices(&[0, 1]),
+    ///     &CrossEntropyOptions::default())?;
+    /// assert_eq!(loss.len(), 1);
+    /// # Ok::<(), wgpu_softmax::Error>(())
+    /// ```
+    pub fn cross_entropy(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<Vec<f32>> {
+        let out = pollster::block_on(self.host_cross_entropy(
+            logits,
+            cols,
+            targets,
+            options,
+            None,
+            Wait::Block,
+        ))?;
+        Ok(out.loss)
+    }
+
+    /// Async form of [`Context::cross_entropy`].
+    pub async fn cross_entropy_async(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<Vec<f32>> {
+        let out = self
+            .host_cross_entropy(logits, cols, targets, options, None, Wait::Background)
+            .await?;
+        Ok(out.loss)
+    }
+
+    /// The loss and, in the same kernel, `dLoss/dLogits * grad_output` (one fused pass over the
+    /// logits). `grad_output` is a scalar for `Mean` and `Sum`, one value per row for `None`.
+    ///
+    /// # Errors
+    /// As [`Context::cross_entropy`], and [`Error::LengthMismatch`] for a `grad_output` of the
+    /// wrong shape.
+    pub fn cross_entropy_with_grad(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        pollster::block_on(self.host_cross_entropy(
+            logits,
+            cols,
+            targets,
+            options,
+            Some(grad_output),
+            Wait::Block,
+        ))
+    }
+
+    /// Async form of [`Context::cross_entropy_with_grad`].
+    pub async fn cross_entropy_with_grad_async(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        self.host_cross_entropy(
+            logits,
+            cols,
+            targets,
+            options,
+            Some(grad_output),
+            Wait::Background,
+        )
+        .await
+    }
+
+    async fn host_cross_entropy(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: Option<GradOutput<'_>>,
+        wait: Wait,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        let plan = validate::cross_entropy(
+            logits.len(),
+            cols,
+            targets,
+            options,
+            grad_output.unwrap_or_default(),
+        )?;
+        let loss_fn = self.cross_entropy_loss(cols, options)?;
+        let x = self.upload(logits, cols)?;
+        let t = loss_fn.upload_resolved(&plan.targets, plan.rows)?;
+        match grad_output {
+            None => Ok(CrossEntropyOutput {
+                loss: loss_fn.loss(&x, &t)?.read(wait).await?,
+                grad: Vec::new(),
+            }),
+            Some(g) => {
+                let out = loss_fn.loss_and_grad(&x, &t, g)?;
+                Ok(CrossEntropyOutput {
+                    loss: out.loss.read(wait).await?,
+                    grad: out.grad.read(wait).await?,
+                })
+            }
+        }
+    }
+}
+
+impl CrossEntropyLoss {
+    /// Classes per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The reduction in force.
+    pub fn reduction(&self) -> Reduction {
+        self.reduction
+    }
+
+    /// Checks targets against the class count and `ignore_index` and uploads them.
+    ///
+    /// # Errors
+    /// [`Error::TargetOutOfRange`] naming the row and value, [`Error::LengthNotMultiple`] for
+    /// probabilities not a multiple of `cols` long, and device errors.
+    pub fn upload_targets(&self, targets: Targets<'_>) -> Result<TargetTensor> {
+        let options = CrossEntropyOptions {
+            ignore_index: self.ignore_index,
+            ..Default::default()
+        };
+        let len = match targets {
+            Targets::Indices(t) => t.len() * self.cols,
+            Targets::IndicesI32(t) => t.len() * self.cols,
+            Targets::Probabilities(p) => {
+                validate::batch_rows("targets", p.len(), self.cols)?;
+                p.len()
+            }
+        };
+        let plan = validate::cross_entropy(len, self.cols, targets, &options, GradOutput::One)?;
+        self.upload_resolved(&plan.targets, plan.rows)
+    }
+
+    fn upload_resolved(
+        &self,
+        targets: &CrossEntropyTargets<'_>,
+        rows: usize,
+    ) -> Result<TargetTensor> {
+        let (bytes, probabilities): (&[u8], bool) = match targets {
+            CrossEntropyTargets::Indices(t) => (bytemuck::cast_slice(t), false),
+            CrossEntropyTargets::Probabilities(p) => (bytemuck::cast_slice(p), true),
+        };
+        let gpu = &self.ctx.gpu;
+        let buffer = gpu.scoped(|| {
+            let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-softmax targets"),
+                size: (bytes.len() as u64).max(4),
+                usage: TENSOR_USAGES,
+                mapped_at_creation: false,
+            });
+            gpu.queue.write_buffer(&buffer, 0, bytes);
+            Ok(buffer)
+        })?;
+        Ok(TargetTensor {
+            buffer,
+            rows,
+            cols: self.cols,
+            probabilities,
+        })
+    }
+
+    /// The loss alone.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when logits and targets disagree in shape, and device errors.
+    pub fn loss(&self, logits: &Tensor, targets: &TargetTensor) -> Result<Tensor> {
+        self.check_shapes(logits, targets)?;
+        let loss = self.loss_tensor(logits.rows)?;
+        self.run(
+            logits,
+            targets,
+            &loss,
+            GradTarget::None,
+            UpstreamGrad::Uniform(1.0),
+        )?;
+        Ok(loss)
+    }
+
+    /// The loss and `dLoss/dLogits * grad_output`, from one fused pass over the logits.
+    ///
+    /// # Errors
+    /// As [`CrossEntropyLoss::loss`], and [`Error::LengthMismatch`] for a `grad_output` of the
+    /// wrong shape (a scalar for `Mean` and `Sum`, one value per row for `None`).
+    pub fn loss_and_grad(
+        &self,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        grad_output: GradOutput<'_>,
+    ) -> Result<LossAndGrad> {
+        self.check_shapes(logits, targets)?;
+        let upstream = validate::upstream_grad(self.reduction, logits.rows, grad_output)?;
+        let loss = self.loss_tensor(logits.rows)?;
+        let grad = self.ctx.empty(logits.rows, self.cols)?;
+        self.run(
+            logits,
+            targets,
+            &loss,
+            GradTarget::Buffer(&grad.buffer),
+            upstream,
+        )?;
+        Ok(LossAndGrad { loss, grad })
+    }
+
+    /// As [`CrossEntropyLoss::loss_and_grad`], writing the gradient over `logits`, so a training
+    /// step needs no second logits-sized buffer. Returns the loss.
+    ///
+    /// # Errors
+    /// As [`CrossEntropyLoss::loss_and_grad`].
+    pub fn loss_and_grad_in_place(
+        &self,
+        logits: &mut Tensor,
+        targets: &TargetTensor,
+        grad_output: GradOutput<'_>,
+    ) -> Result<Tensor> {
+        self.check_shapes(logits, targets)?;
+        let upstream = validate::upstream_grad(self.reduction, logits.rows, grad_output)?;
+        let loss = self.loss_tensor(logits.rows)?;
+        self.run(logits, targets, &loss, GradTarget::InPlace, upstream)?;
+        Ok(loss)
+    }
+
+    /// Records the loss (and gradient) of the caller's buffers into the caller's `encoder`.
+    /// The upstream gradient is `grad_output` (a scalar; use the device-resident forms for one
+    /// per row). The loss's `ignore_index` must fit in `i32` for index targets.
+    ///
+    /// # Errors
+    /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Aliased`] for a gradient
+    /// buffer that is also an input, [`Error::ShapeTooLarge`] for an `ignore_index` outside
+    /// `i32`, [`Error::RowTooLong`].
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        buffers: CrossEntropyBuffers<'_>,
+        grad_output: f32,
+    ) -> Result<()> {
+        let rows = buffers.rows;
+        let matrix_bytes = (rows as u64).saturating_mul(self.cols as u64 * 4);
+        let storage = wgpu::BufferUsages::STORAGE;
+        let grad_usage = if matches!(buffers.grad, GradDestination::InPlace) {
+            storage
+        } else {
+            wgpu::BufferUsages::empty()
+        };
+        validate_buffer("logits", buffers.logits, matrix_bytes, storage | grad_usage)?;
+        let (target_bytes, probabilities) = match buffers.target_encoding {
+            TargetEncoding::Indices => (rows as u64 * 4, false),
+            TargetEncoding::Probabilities => (matrix_bytes, true),
+        };
+        validate_buffer("targets", buffers.targets, target_bytes, storage)?;
+        let (loss_bytes, loss_usage) = match self.reduction {
+            Reduction::None => (rows as u64 * 4, storage),
+            _ => (4, wgpu::BufferUsages::COPY_DST),
+        };
+        validate_buffer("loss", buffers.loss, loss_bytes, loss_usage)?;
+        let grad = match buffers.grad {
+            GradDestination::None => GradTarget::None,
+            GradDestination::InPlace => GradTarget::InPlace,
+            GradDestination::Buffer(grad) => {
+                validate_buffer("grad", grad, matrix_bytes, storage)?;
+                for (other, name) in [(buffers.logits, "logits"), (buffers.targets, "targets")] {
+                    if other == grad {
+                        return Err(Error::Aliased {
+                            first: name,
+                            second: "grad",
+                        });
+                    }
+                }
+                GradTarget::Buffer(grad)
+            }
+        };
+        let ignore = if probabilities {
+            0
+        } else {
+            i32::try_from(self.ignore_index).map_err(|_| Error::ShapeTooLarge {
+                what: "ignore_index",
+                value: self.ignore_index.unsigned_abs() as usize,
+                max: i32::MAX as usize,
+            })?
+        };
+        let job = Job {
+            rows,
+            logits: buffers.logits,
+            targets: buffers.targets,
+            probabilities,
+            loss: buffers.loss,
+            grad,
+            upstream: Upstream::Scalar(grad_output),
+            ignore,
+        };
+        let gpu = &self.ctx.gpu;
+        gpu.scoped(|| self.record(gpu, encoder, &job))
+    }
+
+    fn check_shapes(&self, logits: &Tensor, targets: &TargetTensor) -> Result<()> {
+        validate::same_len("logits cols", self.cols, logits.cols)?;
+        validate::same_len("target rows", logits.rows, targets.rows)?;
+        validate::same_len("target cols", self.cols, targets.cols)
+    }
+
+    fn loss_tensor(&self, rows: usize) -> Result<Tensor> {
+        match self.reduction {
+            Reduction::None => self.ctx.empty(rows, 1),
+            Reduction::Mean | Reduction::Sum => self.ctx.empty(1, 1),
+        }
+    }
+
+    fn run(
+        &self,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        loss: &Tensor,
+        grad: GradTarget<'_>,
+        upstream: UpstreamGrad<'_>,
+    ) -> Result<()> {
+        let gpu = &self.ctx.gpu;
+        gpu.scoped(|| {
+            // A per-row upstream gradient travels in a small buffer made for this call.
+            let per_row = match upstream {
+                UpstreamGrad::PerRow(g) => Some(upload_words(gpu, bytemuck::cast_slice(g))),
+                UpstreamGrad::Uniform(_) => None,
+            };
+            let job = Job {
+                rows: logits.rows,
+                logits: &logits.buffer,
+                targets: &targets.buffer,
+                probabilities: targets.probabilities,
+                loss: &loss.buffer,
+                grad,
+                upstream: match (&per_row, upstream) {
+                    (Some(buffer), _) => Upstream::PerRow(buffer),
+                    (None, UpstreamGrad::Uniform(g)) => Upstream::Scalar(g),
+                    (None, UpstreamGrad::PerRow(_)) => unreachable!("uploaded above"),
+                },
+                ignore: IGNORED_ROW,
+            };
+            submit(gpu, |encoder| self.record(gpu, encoder, &job))
+        })
+    }
+
+    /// Records the passes of one call: the mean's denominator, the fused row kernel, and the
+    /// reduction of the per-row losses, in one compute pass.
+    fn record(&self, gpu: &Gpu, encoder: &mut wgpu::CommandEncoder, job: &Job<'_>) -> Result<()> {
+        let cols = self.cols;
+        let reduced = self.reduction != Reduction::None;
+        let loss_rows = if reduced {
+            let mut slot = self.loss_rows.lock().unwrap_or_else(|p| p.into_inner());
+            let needed = (job.rows as u64 * 4).max(4);
+            if slot.size() < needed {
+                *slot = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgpu-softmax row losses"),
+                    size: needed.next_power_of_two(),
+                    usage: TENSOR_USAGES,
+                    mapped_at_creation: false,
+                });
+            }
+            slot.clone()
+        } else {
+            job.loss.clone()
+        };
+        let unused_read = || Operand::shared(&self.unused_read, 1);
+        let (logits, grad, in_place, want_grad) = match job.grad {
+            GradTarget::None => (
+                Operand::matrix(job.logits, cols),
+                Operand::shared(&self.unused_write, 1),
+                false,
+                false,
+            ),
+            GradTarget::Buffer(grad) => (
+                Operand::matrix(job.logits, cols),
+                Operand::matrix(grad, cols),
+                false,
+                true,
+            ),
+            GradTarget::InPlace => (unused_read(), Operand::matrix(job.logits, cols), true, true),
+        };
+        let (grad_output, per_row, scalar) = match &job.upstream {
+            Upstream::Scalar(g) => (unused_read(), false, *g),
+            Upstream::PerRow(buffer) => (Operand::matrix(buffer, 1), true, 1.0),
+        };
+        let call = RowCall {
+            rows: job.rows,
+            cols,
+            operands: vec![
+                logits,
+                Operand::matrix(job.targets, if job.probabilities { cols } else { 1 }),
+                match &self.weight {
+                    Some(w) => Operand::shared(w, cols),
+                    None => unused_read(),
+                },
+                grad_output,
+                Operand::matrix(&loss_rows, 1),
+                grad,
+                Operand::shared(&self.stats, 2),
+            ],
+            constants: vec![
+                ("PROBS", u32::from(job.probabilities)),
+                ("WEIGHTED", u32::from(self.weight.is_some())),
+                (
+                    "REDUCTION",
+                    match self.reduction {
+                        Reduction::None => 0,
+                        Reduction::Mean => 1,
+                        Reduction::Sum => 2,
+                    },
+                ),
+                ("GRAD", u32::from(want_grad)),
+                ("IN_PLACE", u32::from(in_place)),
+                ("GRAD_PER_ROW", u32::from(per_row)),
+            ],
+            words: [
+                job.ignore as u32,
+                self.label_smoothing.to_bits(),
+                scalar.to_bits(),
+                self.weight_total.to_bits(),
+            ],
+        };
+        let family = &gpu.kernels.cross_entropy;
+        let mut dispatches = Vec::new();
+        if self.reduction == Reduction::Mean {
+            dispatches.push(family.single(gpu, &call, "denominator"));
+        }
+        dispatches.extend(family.plan(gpu, &call)?);
+        if reduced {
+            dispatches.push(family.single(gpu, &call, "reduce_loss"));
+        }
+        family.record(gpu, encoder, &dispatches, None);
+        if reduced {
+            encoder.copy_buffer_to_buffer(&self.stats, 4, job.loss, 0, 4);
+        }
+        Ok(())
+    }
+}
+
+/// Where a call's gradient goes.
+#[derive(Clone, Copy)]
+enum GradTarget<'a> {
+    None,
+    Buffer(&'a wgpu::Buffer),
+    InPlace,
+}
+
+/// The upstream gradient as the kernel receives it.
+enum Upstream<'a> {
+    Scalar(f32),
+    PerRow(&'a wgpu::Buffer),
+}
+
+/// Everything one recorded cross-entropy call needs, whoever owns the buffers.
+struct Job<'a> {
+    rows: usize,
+    logits: &'a wgpu::Buffer,
+    targets: &'a wgpu::Buffer,
+    probabilities: bool,
+    loss: &'a wgpu::Buffer,
+    grad: GradTarget<'a>,
+    upstream: Upstream<'a>,
+    /// Index targets equal to this are ignored.
+    ignore: i32,
+}
+
+fn upload_words(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
+    let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-softmax grad_output"),
+        size: (bytes.len() as u64).max(4),
+        usage: TENSOR_USAGES,
+        mapped_at_creation: false,
+    });
+    gpu.queue.write_buffer(&buffer, 0, bytes);
+    buffer
+}

@@ -1,0 +1,251 @@
+//! The runner binary end to end: `apply` on `.npy` files, its errors and exit codes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use npyz::WriterBuilder;
+
+use common::{context, logits};
+use wgpu_softmax::cpu::reference;
+use wgpu_softmax::{CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
+
+fn runner() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wgpu-softmax"))
+}
+
+fn write<T: npyz::Serialize + npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(std::io::BufWriter::new(file))
+        .begin_nd()
+        .unwrap();
+    writer.extend(data.iter().copied()).unwrap();
+    writer.finish().unwrap();
+}
+
+fn read(path: &Path) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().to_vec();
+    (shape, npy.into_vec::<f32>().unwrap())
+}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("wgpu-softmax-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn apply_softmax_over_the_last_axis_of_any_rank() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("softmax");
+    let x = logits(2 * 3 * 5, 7, 2.0, 1);
+    write(&dir.path("x.npy"), &[2, 3, 5, 7], &x);
+    for (op, want) in [
+        ("softmax", reference::softmax(&x, 7).unwrap()),
+        ("log-softmax", reference::log_softmax(&x, 7).unwrap()),
+    ] {
+        let out = dir.path(&format!("{op}.npy"));
+        let status = runner()
+            .args(["apply", op, "--input"])
+            .arg(dir.path("x.npy"))
+            .arg("--output")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{op}");
+        let (shape, got) = read(&out);
+        assert_eq!(shape, [2, 3, 5, 7]);
+        assert!(Tolerance::LOG_SOFTMAX.compare(&got, &want).passed(), "{op}");
+    }
+    // An empty batch gives an empty output of the same shape.
+    write::<f32>(&dir.path("empty.npy"), &[0, 4], &[]);
+    let status = runner()
+        .args(["apply", "softmax", "--input"])
+        .arg(dir.path("empty.npy"))
+        .arg("--output")
+        .arg(dir.path("empty-out.npy"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(read(&dir.path("empty-out.npy")), (vec![0, 4], vec![]));
+}
+
+#[test]
+fn apply_backward_ops() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("backward");
+    let y: Vec<f32> = reference::softmax(&logits(6, 9, 1.0, 2), 9)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let dy = logits(6, 9, 1.0, 3);
+    write(&dir.path("y.npy"), &[6, 9], &y);
+    write(&dir.path("dy.npy"), &[6, 9], &dy);
+    let status = runner()
+        .args(["apply", "softmax-backward", "--input"])
+        .arg(dir.path("y.npy"))
+        .arg("--grad")
+        .arg(dir.path("dy.npy"))
+        .arg("--output")
+        .arg(dir.path("dx.npy"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (_, got) = read(&dir.path("dx.npy"));
+    let want = reference::softmax_backward(&y, &dy, 9).unwrap();
+    assert!(Tolerance::SOFTMAX.compare(&got, &want).passed());
+}
+
+/// Classes on axis 1: logits [N, C, d] and targets [N, d], as in a segmentation loss.
+#[test]
+fn apply_cross_entropy_with_classes_on_axis_one() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("xent");
+    let (n, c, d) = (3, 4, 5);
+    let x = logits(n * c * d, 1, 1.5, 4);
+    let t: Vec<i64> = (0..n * d)
+        .map(|i| if i == 7 { -100 } else { (i % c) as i64 })
+        .collect();
+    write(&dir.path("logits.npy"), &[n as u64, c as u64, d as u64], &x);
+    write(&dir.path("t.npy"), &[n as u64, d as u64], &t);
+    let output = runner()
+        .args(["apply", "cross-entropy", "--input"])
+        .arg(dir.path("logits.npy"))
+        .arg("--targets")
+        .arg(dir.path("t.npy"))
+        .args([
+            "--reduction",
+            "none",
+            "--label-smoothing",
+            "0.1",
+            "--output",
+        ])
+        .arg(dir.path("loss.npy"))
+        .arg("--grad-output")
+        .arg(dir.path("grad.npy"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The reference on rows gathered by hand: row (n, s) holds x[n, :, s].
+    let mut rows = Vec::new();
+    for ni in 0..n {
+        for s in 0..d {
+            rows.extend((0..c).map(|ci| x[(ni * c + ci) * d + s]));
+        }
+    }
+    let options = CrossEntropyOptions {
+        reduction: Reduction::None,
+        label_smoothing: 0.1,
+        ..Default::default()
+    };
+    let want = reference::cross_entropy(&rows, c, Targets::Indices(&t), &options, GradOutput::One)
+        .unwrap();
+    let (shape, loss) = read(&dir.path("loss.npy"));
+    assert_eq!(shape, [n as u64, d as u64]);
+    assert!(Tolerance::LOG_SOFTMAX.compare(&loss, &want.loss).passed());
+    let (shape, grad) = read(&dir.path("grad.npy"));
+    assert_eq!(shape, [n as u64, c as u64, d as u64]);
+    for ni in 0..n {
+        for s in 0..d {
+            for ci in 0..c {
+                let got = grad[(ni * c + ci) * d + s];
+                let expected = want.grad[(ni * d + s) * c + ci];
+                assert!(
+                    (f64::from(got) - expected).abs() < 1e-6,
+                    "grad[{ni},{ci},{s}]"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn apply_failures_exit_2_and_leave_no_output() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("errors");
+    write(&dir.path("ints.npy"), &[2, 2], &[1i64, 2, 3, 4]);
+    write(&dir.path("x.npy"), &[2, 3], &[0.0f32; 6]);
+    write(&dir.path("bad-t.npy"), &[2], &[0i64, 9]);
+    std::fs::write(dir.path("garbage.npy"), b"\x93NUMPY\x01\x00garbage").unwrap();
+    let out = dir.path("out.npy");
+    let cases: Vec<(Vec<&str>, Vec<PathBuf>, &str)> = vec![
+        (
+            vec!["apply", "softmax", "--input"],
+            vec![dir.path("missing.npy")],
+            "missing.npy",
+        ),
+        (
+            vec!["apply", "softmax", "--input"],
+            vec![dir.path("garbage.npy")],
+            "garbage.npy",
+        ),
+        (
+            vec!["apply", "softmax", "--input"],
+            vec![dir.path("ints.npy")],
+            "int64",
+        ),
+        (
+            vec!["apply", "cross-entropy", "--input"],
+            vec![dir.path("x.npy"), "--targets".into(), dir.path("bad-t.npy")],
+            "row 1",
+        ),
+        (
+            vec!["apply", "softmax-backward", "--input"],
+            vec![dir.path("x.npy")],
+            "--grad",
+        ),
+    ];
+    for (args, paths, needle) in cases {
+        let output = runner()
+            .args(&args)
+            .args(&paths)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        // Mesa's drivers may add their own lines (e.g. about XDG_RUNTIME_DIR); ours is one line.
+        let ours: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("wgpu-softmax"))
+            .collect();
+        assert_eq!(ours.len(), 1, "{args:?}: {stderr}");
+        assert!(ours[0].contains(needle), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} left an output file");
+    }
+}

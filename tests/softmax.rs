@@ -1,0 +1,480 @@
+//! Softmax and log-softmax on the GPU against the f64 reference: every shape of the table, every
+//! kernel strategy, the three API forms, the documented special values, and the typed errors.
+
+mod common;
+
+use common::{logits, with_gpu, SHAPES};
+use wgpu_softmax::cpu::reference;
+use wgpu_softmax::{Context, ContextOptions, Error, Strategy, Tolerance, Tuning};
+
+fn check_softmax(ctx: &Context, x: &[f32], cols: usize, what: &str) {
+    let got = ctx.softmax(x, cols).expect("softmax");
+    let want = reference::softmax(x, cols).expect("reference");
+    let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+    assert!(cmp.passed(), "softmax {what}: {cmp:?}");
+    let got = ctx.log_softmax(x, cols).expect("log_softmax");
+    let want = reference::log_softmax(x, cols).expect("reference");
+    let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
+    assert!(cmp.passed(), "log_softmax {what}: {cmp:?}");
+}
+
+#[test]
+fn matches_the_reference_on_every_shape() {
+    with_gpu(|ctx| {
+        for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let x = logits(rows, cols, 3.0, i as u64);
+            check_softmax(ctx, &x, cols, &format!("{rows}x{cols}"));
+        }
+    });
+}
+
+#[test]
+fn large_magnitudes_and_wide_spreads_stay_accurate() {
+    with_gpu(|ctx| {
+        for (scale, cols) in [(80.0, 1000), (1e4, 37), (1e-3, 513)] {
+            let x = logits(9, cols, scale, cols as u64);
+            check_softmax(ctx, &x, cols, &format!("scale {scale}"));
+        }
+    });
+}
+
+/// Every strategy on shapes it would not be chosen for by default, so each kernel is exercised
+/// on every backend whatever the adapter's defaults are.
+#[test]
+fn every_strategy_matches_the_reference() {
+    with_gpu(|base| {
+        let tunings = [
+            (
+                "thread",
+                Tuning {
+                    thread_max_cols: u32::MAX,
+                    ..Tuning::GPU
+                },
+            ),
+            (
+                "streamed",
+                Tuning {
+                    max_items: 1,
+                    split_min_cols: u32::MAX,
+                    ..Tuning::GPU
+                },
+            ),
+            (
+                "cached",
+                Tuning {
+                    thread_max_cols: 0,
+                    split_min_cols: u32::MAX,
+                    ..Tuning::GPU
+                },
+            ),
+            (
+                "split",
+                Tuning {
+                    thread_max_cols: 0,
+                    split_min_cols: 1,
+                    split_max_rows: u32::MAX,
+                    split_chunk: 300,
+                    ..Tuning::GPU
+                },
+            ),
+            ("software", Tuning::SOFTWARE),
+            (
+                "small workgroups",
+                Tuning {
+                    row_workgroup: 8,
+                    thread_workgroup: 8,
+                    thread_max_cols: 4,
+                    ..Tuning::SOFTWARE
+                },
+            ),
+        ];
+        for (name, tuning) in tunings {
+            let ctx = Context::from_device_with_tuning(
+                base.device().clone(),
+                base.queue().clone(),
+                tuning,
+            )
+            .expect("adopt device");
+            for &(rows, cols) in &[(1, 1), (3, 7), (33, 2049), (65, 4097), (2, 20_000), (0, 3)] {
+                let x = logits(rows, cols, 2.0, (rows * cols) as u64);
+                check_softmax(&ctx, &x, cols, &format!("{name} {rows}x{cols}"));
+            }
+        }
+    });
+}
+
+#[test]
+fn dominant_logit_takes_all_the_probability() {
+    with_gpu(|ctx| {
+        assert_eq!(
+            ctx.softmax(&[1000.0, 0.0, 0.0, 0.0], 4).unwrap(),
+            [1.0, 0.0, 0.0, 0.0]
+        );
+        assert_eq!(ctx.log_softmax(&[1000.0, 1.0], 2).unwrap(), [0.0, -999.0]);
+    });
+}
+
+#[test]
+fn translation_invariant_even_for_offsets_of_1e7() {
+    with_gpu(|ctx| {
+        for cols in [4, 100, 3000, 70_000] {
+            // Integers are exact after adding 1e7 in f32, so x + c is exactly representable.
+            let x: Vec<f32> = (0..3 * cols)
+                .map(|i| ((i * 7919) % 17) as f32 - 8.0)
+                .collect();
+            let base = ctx.softmax(&x, cols).unwrap();
+            let base_log = ctx.log_softmax(&x, cols).unwrap();
+            for c in [1e4f32, 1e7] {
+                let shifted: Vec<f32> = x.iter().map(|v| v + c).collect();
+                assert_eq!(
+                    ctx.softmax(&shifted, cols).unwrap(),
+                    base,
+                    "softmax cols {cols} c {c}"
+                );
+                assert_eq!(
+                    ctx.log_softmax(&shifted, cols).unwrap(),
+                    base_log,
+                    "log cols {cols} c {c}"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn special_values_follow_the_documented_policy() {
+    let inf = f32::INFINITY;
+    with_gpu(|ctx| {
+        for cols in [3, 40, 5000, 70_000] {
+            let mut x = logits(6, cols, 1.0, 7);
+            let row = |r: usize| r * cols..(r + 1) * cols;
+            x[row(0).start + 1] = -inf; // a -inf entry: probability 0
+            x[row(1)].fill(-inf); // all -inf: NaN
+            x[row(2).start] = inf; // +inf: NaN row
+            x[row(3).end - 1] = f32::NAN; // NaN: NaN row
+                                          // rows 4 and 5 are ordinary and must be unaffected.
+            let sm = ctx.softmax(&x, cols).unwrap();
+            let lsm = ctx.log_softmax(&x, cols).unwrap();
+            assert_eq!(sm[row(0).start + 1], 0.0);
+            assert_eq!(lsm[row(0).start + 1], -inf);
+            for r in 1..4 {
+                assert!(
+                    sm[row(r)].iter().all(|v| v.is_nan()),
+                    "softmax row {r} cols {cols}"
+                );
+                assert!(
+                    lsm[row(r)].iter().all(|v| v.is_nan()),
+                    "log row {r} cols {cols}"
+                );
+            }
+            let want = reference::softmax(&x, cols).unwrap();
+            assert!(
+                Tolerance::SOFTMAX.compare(&sm, &want).passed(),
+                "cols {cols}"
+            );
+            let want = reference::log_softmax(&x, cols).unwrap();
+            assert!(
+                Tolerance::LOG_SOFTMAX.compare(&lsm, &want).passed(),
+                "cols {cols}"
+            );
+        }
+    });
+}
+
+#[test]
+fn identical_rows_give_identical_outputs_past_the_dispatch_limit() {
+    with_gpu(|ctx| {
+        for cols in [10, 100] {
+            let rows = 70_000;
+            let one = logits(1, cols, 4.0, 3);
+            let x: Vec<f32> = one.iter().copied().cycle().take(rows * cols).collect();
+            let out = ctx.softmax(&x, cols).unwrap();
+            let first = &out[..cols];
+            for r in 0..rows {
+                assert_eq!(&out[r * cols..(r + 1) * cols], first, "row {r}");
+            }
+            let sum: f64 = first.iter().map(|&v| f64::from(v)).sum();
+            assert!((sum - 1.0).abs() < 1e-5);
+        }
+    });
+}
+
+#[test]
+fn batch_over_128_mib_is_split_transparently() {
+    with_gpu(|ctx| {
+        let cols = 1000;
+        let rows = (130 << 20) / (cols * 4) + 7;
+        let x = logits(rows, cols, 2.0, 11);
+        assert!(x.len() * 4 > 128 << 20);
+        check_softmax(ctx, &x, cols, "over 128 MiB");
+    });
+}
+
+/// A device with tiny limits exercises every chunking path in milliseconds: host batches larger
+/// than a binding and a buffer, and tensors larger than one binding.
+#[test]
+fn small_device_limits_are_respected() {
+    with_gpu(|base| {
+        let Some(ctx) = small_limits_context(base) else {
+            return;
+        };
+        let cols = 1000;
+        // 3 MiB: three times the binding limit, below the buffer limit.
+        let x = logits(3 << 8, cols, 2.0, 5);
+        check_softmax(&ctx, &x, cols, "host, small limits");
+        let t = ctx.upload(&x, cols).unwrap();
+        let y = t.softmax().unwrap().to_vec().unwrap();
+        let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
+        assert!(cmp.passed(), "tensor over one binding: {cmp:?}");
+        // 10 MiB host batch: larger than the largest buffer.
+        let x = logits(10 << 8, cols, 2.0, 6);
+        check_softmax(&ctx, &x, cols, "host, over max_buffer_size");
+        assert!(matches!(
+            ctx.upload(&x, cols),
+            Err(Error::TensorTooLarge { .. })
+        ));
+        // A single row wider than one binding is an error, not a wrong answer.
+        let wide = vec![0.0f32; 300_000];
+        assert!(matches!(
+            ctx.softmax(&wide, wide.len()),
+            Err(Error::RowTooLong { .. })
+        ));
+    });
+}
+
+fn small_limits_context(base: &Context) -> Option<Context> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let info = base.adapter_info();
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .find(|a| a.get_info().name == info.name && a.get_info().backend == info.backend)?;
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: 1 << 20,
+        max_buffer_size: 4 << 20,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("device with small limits");
+    Some(Context::from_device(device, queue).expect("adopt"))
+}
+
+#[test]
+fn device_resident_ops_chain_without_readback() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (129, 777);
+        let x = logits(rows, cols, 2.0, 9);
+        let t = ctx.upload(&x, cols).unwrap();
+        assert_eq!((t.rows(), t.cols()), (rows, cols));
+        let sm = t.softmax().unwrap();
+        let lsm = t.log_softmax().unwrap();
+        // log_softmax of probabilities in (0, 1] is well defined: a second op on a device result.
+        let twice = sm.log_softmax().unwrap();
+        let sm = sm.to_vec().unwrap();
+        assert!(Tolerance::SOFTMAX
+            .compare(&sm, &reference::softmax(&x, cols).unwrap())
+            .passed());
+        let lsm = pollster::block_on(lsm.to_vec_async()).unwrap();
+        assert!(Tolerance::LOG_SOFTMAX
+            .compare(&lsm, &reference::log_softmax(&x, cols).unwrap())
+            .passed());
+        let twice = twice.to_vec().unwrap();
+        let want = reference::log_softmax(&sm, cols).unwrap();
+        assert!(Tolerance::LOG_SOFTMAX.compare(&twice, &want).passed());
+        let out = ctx.empty(rows, cols).unwrap();
+        t.softmax_into(&out).unwrap();
+        assert_eq!(out.to_vec().unwrap(), sm);
+    });
+}
+
+#[test]
+fn async_host_forms_match_the_blocking_ones() {
+    with_gpu(|ctx| {
+        let x = logits(40, 333, 2.0, 2);
+        let a = pollster::block_on(ctx.softmax_async(&x, 333)).unwrap();
+        assert_eq!(a, ctx.softmax(&x, 333).unwrap());
+        let a = pollster::block_on(ctx.log_softmax_async(&x, 333)).unwrap();
+        assert_eq!(a, ctx.log_softmax(&x, 333).unwrap());
+    });
+}
+
+#[test]
+fn encode_form_records_into_the_callers_encoder() {
+    with_gpu(|ctx| {
+        use wgpu::util::DeviceExt;
+        let (rows, cols) = (50, 1234);
+        let x = logits(rows, cols, 2.0, 4);
+        let device = ctx.device();
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&x),
+            usage,
+        });
+        let make = || {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: (x.len() * 4) as u64,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let (sm, lsm) = (make(), make());
+        let mut encoder = device.create_command_encoder(&Default::default());
+        ctx.encode_softmax(&mut encoder, &input, &sm, rows, cols)
+            .unwrap();
+        ctx.encode_log_softmax(&mut encoder, &input, &lsm, rows, cols)
+            .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        let read = |buffer: &wgpu::Buffer| read_buffer(ctx, buffer, x.len());
+        assert!(Tolerance::SOFTMAX
+            .compare(&read(&sm), &reference::softmax(&x, cols).unwrap())
+            .passed());
+        assert!(Tolerance::LOG_SOFTMAX
+            .compare(&read(&lsm), &reference::log_softmax(&x, cols).unwrap())
+            .passed());
+    });
+}
+
+fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
+    let device = ctx.device();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: (len * 4) as u64,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, (len * 4) as u64);
+    ctx.queue().submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    let view = staging.slice(..).get_mapped_range().expect("mapped");
+    bytemuck::cast_slice(&view).to_vec()
+}
+
+#[test]
+fn misuse_returns_typed_errors() {
+    with_gpu(|ctx| {
+        assert!(matches!(ctx.softmax(&[1.0, 2.0], 0), Err(Error::ZeroCols)));
+        assert!(matches!(
+            ctx.softmax(&[1.0, 2.0, 3.0], 2),
+            Err(Error::LengthNotMultiple {
+                len: 3,
+                cols: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            ctx.upload(&[1.0; 5], 2),
+            Err(Error::LengthNotMultiple { .. })
+        ));
+        let device = ctx.device();
+        let buffer = |size, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let storage = wgpu::BufferUsages::STORAGE;
+        let input = buffer(400, storage);
+        let small = buffer(396, storage);
+        let unusable = buffer(400, wgpu::BufferUsages::COPY_DST);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        assert!(matches!(
+            ctx.encode_softmax(&mut encoder, &input, &small, 10, 10),
+            Err(Error::BufferTooSmall {
+                what: "output",
+                size: 396,
+                needed: 400
+            })
+        ));
+        assert!(matches!(
+            ctx.encode_softmax(&mut encoder, &unusable, &input, 10, 10),
+            Err(Error::MissingUsage { what: "input", .. })
+        ));
+        assert!(matches!(
+            ctx.encode_softmax(&mut encoder, &input, &input, 10, 10),
+            Err(Error::Aliased { .. })
+        ));
+        assert!(matches!(
+            ctx.encode_softmax(&mut encoder, &input, &small, 10, 0),
+            Err(Error::ZeroCols)
+        ));
+        let t = ctx.upload(&[0.0; 6], 3).unwrap();
+        let other = ctx.empty(3, 3).unwrap();
+        assert!(matches!(
+            t.softmax_into(&other),
+            Err(Error::LengthMismatch { .. })
+        ));
+    });
+}
+
+#[test]
+fn unknown_adapter_name_is_an_error_not_a_panic() {
+    let options = ContextOptions {
+        adapter_name: Some("no-such-adapter-0xdeadbeef".into()),
+        ..Default::default()
+    };
+    match pollster::block_on(Context::with_options(options)) {
+        Err(Error::AdapterNotFound { wanted, .. }) => {
+            assert_eq!(wanted, "no-such-adapter-0xdeadbeef")
+        }
+        other => panic!("expected AdapterNotFound, got {other:?}"),
+    }
+}
+
+#[test]
+fn default_tuning_follows_the_adapter_type() {
+    with_gpu(|ctx| {
+        let expected = Tuning::for_device_type(ctx.adapter_info().device_type);
+        assert_eq!(ctx.tuning().choose(70_000, 10), expected.choose(70_000, 10));
+        assert!(matches!(
+            ctx.tuning().choose(4, 300_000),
+            Strategy::SplitRow { .. }
+        ));
+    });
+}
+
+/// llvmpipe and lavapipe silently stop an invocation after 65535 loop iterations in total; a
+/// tuning that would give one invocation longer loops must still produce the right answer (the
+/// plan escalates to shorter-looping strategies on software adapters).
+#[test]
+fn long_loops_stay_within_the_software_loop_limit() {
+    with_gpu(|base| {
+        let tunings = [
+            Tuning {
+                thread_max_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+            Tuning {
+                thread_max_cols: 0,
+                row_workgroup: 1,
+                max_items: 1,
+                split_min_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ];
+        for tuning in tunings {
+            let ctx = Context::from_device_with_tuning(
+                base.device().clone(),
+                base.queue().clone(),
+                tuning,
+            )
+            .expect("adopt device");
+            for cols in [30_000, 100_000] {
+                let x = logits(2, cols, 3.0, 1);
+                check_softmax(&ctx, &x, cols, &format!("{tuning:?} {cols}"));
+            }
+        }
+    });
+}

@@ -1,0 +1,558 @@
+//! Training ops on the GPU against the f64 reference: softmax backward, the Jacobian, and
+//! cross-entropy with its fused gradient, over shapes and every option.
+
+mod common;
+
+use common::{logits, with_gpu};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use wgpu_softmax::cpu::reference;
+use wgpu_softmax::{
+    Context, CrossEntropyBuffers, CrossEntropyOptions, Error, GradDestination, GradOutput,
+    Reduction, TargetEncoding, Targets, Tolerance,
+};
+
+/// Cross-entropy losses: f32 accumulation over up to 50 000 classes and 70 000 rows.
+const LOSS_TOLERANCE: Tolerance = Tolerance {
+    abs: 1e-5,
+    rel: 2e-5,
+};
+
+/// Gradients are compared after dividing by the largest reference magnitude, so the bound does
+/// not depend on the reduction's scale (1/D for the mean).
+fn assert_grad_close(got: &[f32], want: &[f64], what: &str) {
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let scale = if scale > 0.0 { scale } else { 1.0 };
+    let got: Vec<f32> = got.iter().map(|&v| (f64::from(v) / scale) as f32).collect();
+    let want: Vec<f64> = want.iter().map(|v| v / scale).collect();
+    let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+    assert!(cmp.passed(), "{what}: grad {cmp:?}");
+}
+
+fn index_targets(rows: usize, cols: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..rows)
+        .map(|r| {
+            if ignore_every > 0 && r % ignore_every == 1 {
+                -100
+            } else {
+                rng.random_range(0..cols as i64)
+            }
+        })
+        .collect()
+}
+
+fn probability_targets(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let raw = logits(rows, cols, 1.0, seed);
+    reference::softmax(&raw, cols)
+        .unwrap()
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (4, 2),
+    (3, 7),
+    (33, 2049),
+    (2, 50_000),
+    (70_000, 10),
+    (3, 70_001),
+];
+
+#[test]
+fn backward_matches_the_reference_on_every_shape() {
+    with_gpu(|ctx| {
+        for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let x = logits(rows, cols, 2.0, i as u64);
+            let dy = logits(rows, cols, 1.0, 100 + i as u64);
+            let y = ctx.softmax(&x, cols).unwrap();
+            let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
+            let want = reference::softmax_backward(&y, &dy, cols).unwrap();
+            let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+            assert!(cmp.passed(), "softmax_backward {rows}x{cols}: {cmp:?}");
+            let ly = ctx.log_softmax(&x, cols).unwrap();
+            let got = ctx.log_softmax_backward(&ly, &dy, cols).unwrap();
+            let want = reference::log_softmax_backward(&ly, &dy, cols).unwrap();
+            let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
+            assert!(cmp.passed(), "log_softmax_backward {rows}x{cols}: {cmp:?}");
+        }
+    });
+}
+
+#[test]
+fn backward_device_and_encode_forms_agree_with_the_host_form() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (20, 300);
+        let x = logits(rows, cols, 2.0, 1);
+        let dy = logits(rows, cols, 1.0, 2);
+        let y = ctx.upload(&x, cols).unwrap().softmax().unwrap();
+        let g = ctx.upload(&dy, cols).unwrap();
+        let dx = y.softmax_backward(&g).unwrap().to_vec().unwrap();
+        let host = ctx
+            .softmax_backward(&y.to_vec().unwrap(), &dy, cols)
+            .unwrap();
+        assert_eq!(dx, host);
+        let out = ctx.empty(rows, cols).unwrap();
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        ctx.encode_softmax_backward(
+            &mut encoder,
+            y.buffer(),
+            g.buffer(),
+            out.buffer(),
+            rows,
+            cols,
+        )
+        .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        assert_eq!(out.to_vec().unwrap(), host);
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        assert!(matches!(
+            ctx.encode_softmax_backward(
+                &mut encoder,
+                y.buffer(),
+                g.buffer(),
+                g.buffer(),
+                rows,
+                cols
+            ),
+            Err(Error::Aliased { .. })
+        ));
+        assert!(matches!(
+            ctx.softmax_backward(&x, &dy[1..], cols),
+            Err(Error::LengthMismatch {
+                what: "grad_output",
+                ..
+            })
+        ));
+    });
+}
+
+#[test]
+fn jacobian_matches_the_reference_and_its_cap() {
+    with_gpu(|ctx| {
+        for &(rows, cols) in &[(1, 1), (5, 3), (7, 40), (2, 300)] {
+            let x = logits(rows, cols, 2.0, cols as u64);
+            let got = ctx.softmax_jacobian(&x, cols).unwrap();
+            let want = reference::softmax_jacobian(&x, cols).unwrap();
+            let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+            assert!(cmp.passed(), "jacobian {rows}x{cols}: {cmp:?}");
+        }
+        let wide = vec![0.0; 1025];
+        assert!(matches!(
+            ctx.softmax_jacobian(&wide, 1025),
+            Err(Error::JacobianTooWide {
+                cols: 1025,
+                max: 1024
+            })
+        ));
+    });
+}
+
+/// Every combination of target kind, weights, smoothing and reduction, on several shapes.
+#[test]
+fn cross_entropy_matches_the_reference_for_every_option() {
+    with_gpu(|ctx| {
+        for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+            let x = logits(rows, cols, 3.0, 10 + i as u64);
+            let idx = index_targets(rows, cols, i as u64, 5);
+            let probs = probability_targets(rows, cols, 20 + i as u64);
+            let weight: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
+            let per_row: Vec<f32> = (0..rows).map(|r| 1.0 + (r % 3) as f32).collect();
+            for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                for w in [None, Some(&weight[..])] {
+                    for smoothing in [0.0, 0.1] {
+                        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                            let options = CrossEntropyOptions {
+                                weight: w,
+                                label_smoothing: smoothing,
+                                reduction,
+                                ..Default::default()
+                            };
+                            let grad_output = match reduction {
+                                Reduction::None => GradOutput::PerRow(&per_row),
+                                _ => GradOutput::Scalar(0.5),
+                            };
+                            let what = format!(
+                                "{rows}x{cols} {:?} weighted={} e={smoothing} {reduction:?}",
+                                matches!(targets, Targets::Probabilities(_)),
+                                w.is_some()
+                            );
+                            let got = ctx
+                                .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
+                                .unwrap();
+                            let want =
+                                reference::cross_entropy(&x, cols, targets, &options, grad_output)
+                                    .unwrap();
+                            let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+                            assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                            assert_grad_close(&got.grad, &want.grad, &what);
+                            let loss_only = ctx.cross_entropy(&x, cols, targets, &options).unwrap();
+                            assert_eq!(loss_only, got.loss, "{what}: loss-only kernel");
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The GPU gradient against central differences of the f64 loss, directly.
+#[test]
+fn cross_entropy_gradient_matches_finite_differences() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (6, 9);
+        let x = logits(rows, cols, 1.5, 77);
+        let idx = index_targets(rows, cols, 3, 4);
+        let weight: Vec<f32> = (0..cols).map(|c| 1.0 + c as f32 * 0.1).collect();
+        let options = CrossEntropyOptions {
+            weight: Some(&weight),
+            label_smoothing: 0.2,
+            ..Default::default()
+        };
+        let targets = Targets::Indices(&idx);
+        let got = ctx
+            .cross_entropy_with_grad(&x, cols, targets, &options, GradOutput::One)
+            .unwrap();
+        let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let h = 1e-5;
+        for i in 0..x.len() {
+            let mut plus = x64.clone();
+            let mut minus = x64.clone();
+            plus[i] += h;
+            minus[i] -= h;
+            let lp = reference::cross_entropy_loss_f64(&plus, cols, targets, &options).unwrap()[0];
+            let lm = reference::cross_entropy_loss_f64(&minus, cols, targets, &options).unwrap()[0];
+            let fd = (lp - lm) / (2.0 * h);
+            assert!(
+                (f64::from(got.grad[i]) - fd).abs() < 1e-6,
+                "element {i}: {} vs {fd}",
+                got.grad[i]
+            );
+        }
+    });
+}
+
+#[test]
+fn cross_entropy_invariants_hold() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (300, 37);
+        let x = logits(rows, cols, 2.0, 5);
+        let idx = index_targets(rows, cols, 6, 7);
+        let sum = CrossEntropyOptions {
+            reduction: Reduction::Sum,
+            ..Default::default()
+        };
+        let out = ctx
+            .cross_entropy_with_grad(&x, cols, Targets::Indices(&idx), &sum, GradOutput::One)
+            .unwrap();
+        for (r, row) in out.grad.chunks(cols).enumerate() {
+            if idx[r] == -100 {
+                assert!(
+                    row.iter().all(|&g| g == 0.0),
+                    "ignored row {r} must be exactly 0"
+                );
+            } else {
+                let s: f64 = row.iter().map(|&g| f64::from(g)).sum();
+                assert!(s.abs() < 1e-5, "row {r} sums to {s}");
+            }
+        }
+        // One-hot probabilities give the loss and gradient of index targets (no row ignored).
+        let idx = index_targets(rows, cols, 8, 0);
+        let mut onehot = vec![0.0f32; rows * cols];
+        for (r, &t) in idx.iter().enumerate() {
+            onehot[r * cols + t as usize] = 1.0;
+        }
+        for reduction in [Reduction::Mean, Reduction::None] {
+            let options = CrossEntropyOptions {
+                reduction,
+                label_smoothing: 0.05,
+                ..Default::default()
+            };
+            let grad_output = GradOutput::One;
+            let a = ctx
+                .cross_entropy_with_grad(&x, cols, Targets::Indices(&idx), &options, grad_output)
+                .unwrap();
+            let b = ctx
+                .cross_entropy_with_grad(
+                    &x,
+                    cols,
+                    Targets::Probabilities(&onehot),
+                    &options,
+                    grad_output,
+                )
+                .unwrap();
+            let want: Vec<f64> = b.loss.iter().map(|&v| f64::from(v)).collect();
+            assert!(
+                LOSS_TOLERANCE.compare(&a.loss, &want).passed(),
+                "{reduction:?}"
+            );
+            let want: Vec<f64> = b.grad.iter().map(|&v| f64::from(v)).collect();
+            assert_grad_close(&a.grad, &want, "one-hot vs index");
+        }
+    });
+}
+
+#[test]
+fn ignored_rows_follow_pytorch() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (4, 5);
+        let x = logits(rows, cols, 1.0, 1);
+        let all_ignored = [-100i64; 4];
+        let mean = CrossEntropyOptions::default();
+        let out = ctx
+            .cross_entropy_with_grad(
+                &x,
+                cols,
+                Targets::Indices(&all_ignored),
+                &mean,
+                GradOutput::One,
+            )
+            .unwrap();
+        assert!(out.loss[0].is_nan(), "all ignored with mean is NaN");
+        assert!(out.grad.iter().all(|&g| g == 0.0));
+        let sum = CrossEntropyOptions {
+            reduction: Reduction::Sum,
+            ..Default::default()
+        };
+        assert_eq!(
+            ctx.cross_entropy(&x, cols, Targets::Indices(&all_ignored), &sum)
+                .unwrap(),
+            [0.0]
+        );
+        let custom = CrossEntropyOptions {
+            ignore_index: 3,
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let loss = ctx
+            .cross_entropy(&x, cols, Targets::IndicesI32(&[3, 0, 3, 1]), &custom)
+            .unwrap();
+        assert_eq!((loss[0], loss[2]), (0.0, 0.0));
+        assert!(loss[1] > 0.0 && loss[3] > 0.0);
+    });
+}
+
+#[test]
+fn in_place_gradient_equals_the_out_of_place_one() {
+    with_gpu(|ctx| {
+        for &(rows, cols) in &[(70_000, 10), (33, 2049), (3, 70_001)] {
+            let x = logits(rows, cols, 2.0, 3);
+            let idx = index_targets(rows, cols, 4, 9);
+            let loss_fn = ctx
+                .cross_entropy_loss(cols, &CrossEntropyOptions::default())
+                .unwrap();
+            let targets = loss_fn.upload_targets(Targets::Indices(&idx)).unwrap();
+            let t = ctx.upload(&x, cols).unwrap();
+            let out = loss_fn
+                .loss_and_grad(&t, &targets, GradOutput::One)
+                .unwrap();
+            let mut t = ctx.upload(&x, cols).unwrap();
+            let loss = loss_fn
+                .loss_and_grad_in_place(&mut t, &targets, GradOutput::One)
+                .unwrap();
+            assert_eq!(
+                loss.to_vec().unwrap(),
+                out.loss.to_vec().unwrap(),
+                "{rows}x{cols}"
+            );
+            assert_eq!(
+                t.to_vec().unwrap(),
+                out.grad.to_vec().unwrap(),
+                "{rows}x{cols}"
+            );
+        }
+    });
+}
+
+#[test]
+fn encode_form_writes_the_callers_buffers() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (40, 100);
+        let x = logits(rows, cols, 2.0, 12);
+        let idx: Vec<i32> = index_targets(rows, cols, 13, 6)
+            .iter()
+            .map(|&t| t as i32)
+            .collect();
+        let options = CrossEntropyOptions {
+            reduction: Reduction::Sum,
+            ..Default::default()
+        };
+        let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+        let logits_t = ctx.upload(&x, cols).unwrap();
+        let targets = ctx.upload(bytemuck::cast_slice(&idx), 1).unwrap();
+        let loss = ctx.empty(1, 1).unwrap();
+        let grad = ctx.empty(rows, cols).unwrap();
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let buffers = CrossEntropyBuffers {
+            logits: logits_t.buffer(),
+            targets: targets.buffer(),
+            target_encoding: TargetEncoding::Indices,
+            loss: loss.buffer(),
+            grad: GradDestination::Buffer(grad.buffer()),
+            rows,
+        };
+        loss_fn.encode(&mut encoder, buffers, 2.0).unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        let want = reference::cross_entropy(
+            &x,
+            cols,
+            Targets::IndicesI32(&idx),
+            &options,
+            GradOutput::Scalar(2.0),
+        )
+        .unwrap();
+        assert!(LOSS_TOLERANCE
+            .compare(&loss.to_vec().unwrap(), &want.loss)
+            .passed());
+        assert_grad_close(&grad.to_vec().unwrap(), &want.grad, "encode");
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let aliased = CrossEntropyBuffers {
+            grad: GradDestination::Buffer(logits_t.buffer()),
+            ..buffers
+        };
+        assert!(matches!(
+            loss_fn.encode(&mut encoder, aliased, 1.0),
+            Err(Error::Aliased { .. })
+        ));
+        let small = ctx.empty(1, 1).unwrap();
+        let bad = CrossEntropyBuffers {
+            grad: GradDestination::Buffer(small.buffer()),
+            ..buffers
+        };
+        assert!(matches!(
+            loss_fn.encode(&mut encoder, bad, 1.0),
+            Err(Error::BufferTooSmall { what: "grad", .. })
+        ));
+    });
+}
+
+#[test]
+fn cross_entropy_special_values_stay_in_their_rows() {
+    with_gpu(|ctx| {
+        let cols = 6;
+        let mut x = logits(4, cols, 1.0, 2);
+        x[0] = f32::NAN;
+        x[cols + 2] = f32::NEG_INFINITY; // the target of row 1
+        let idx = [1i64, 2, 3, 4];
+        let options = CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let out = ctx
+            .cross_entropy_with_grad(&x, cols, Targets::Indices(&idx), &options, GradOutput::One)
+            .unwrap();
+        assert!(out.loss[0].is_nan());
+        assert_eq!(out.loss[1], f32::INFINITY);
+        assert!(out.loss[2].is_finite() && out.loss[3].is_finite());
+        assert!(out.grad[..cols].iter().all(|g| g.is_nan()));
+        let want =
+            reference::cross_entropy(&x, cols, Targets::Indices(&idx), &options, GradOutput::One)
+                .unwrap();
+        assert!(LOSS_TOLERANCE.compare(&out.loss, &want.loss).passed());
+    });
+}
+
+#[test]
+fn cross_entropy_misuse_returns_typed_errors() {
+    with_gpu(|ctx| {
+        let x = logits(3, 4, 1.0, 0);
+        let opts = CrossEntropyOptions::default();
+        match ctx.cross_entropy(&x, 4, Targets::Indices(&[0, 7, 1]), &opts) {
+            Err(Error::TargetOutOfRange {
+                row: 1,
+                value: 7,
+                classes: 4,
+                ..
+            }) => {}
+            other => panic!("expected TargetOutOfRange, got {other:?}"),
+        }
+        assert!(matches!(
+            ctx.cross_entropy(&x, 4, Targets::Indices(&[0, 1]), &opts),
+            Err(Error::LengthMismatch {
+                what: "targets",
+                ..
+            })
+        ));
+        let bad_weight = CrossEntropyOptions {
+            weight: Some(&[1.0; 3]),
+            ..Default::default()
+        };
+        assert!(matches!(
+            ctx.cross_entropy(&x, 4, Targets::Indices(&[0, 1, 2]), &bad_weight),
+            Err(Error::LengthMismatch { what: "weight", .. })
+        ));
+        let bad_smoothing = CrossEntropyOptions {
+            label_smoothing: 1.5,
+            ..Default::default()
+        };
+        assert!(matches!(
+            ctx.cross_entropy(&x, 4, Targets::Indices(&[0, 1, 2]), &bad_smoothing),
+            Err(Error::LabelSmoothing(_))
+        ));
+        assert!(matches!(
+            ctx.cross_entropy(&x, 4, Targets::Probabilities(&[0.25; 8]), &opts),
+            Err(Error::LengthMismatch {
+                what: "targets",
+                ..
+            })
+        ));
+        let none = CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        assert!(matches!(
+            ctx.cross_entropy_with_grad(
+                &x,
+                4,
+                Targets::Indices(&[0, 1, 2]),
+                &none,
+                GradOutput::PerRow(&[1.0; 2])
+            ),
+            Err(Error::LengthMismatch {
+                what: "grad_output",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ctx.cross_entropy_with_grad(
+                &x,
+                4,
+                Targets::Indices(&[0, 1, 2]),
+                &opts,
+                GradOutput::PerRow(&[1.0; 3])
+            ),
+            Err(Error::LengthMismatch {
+                what: "grad_output",
+                ..
+            })
+        ));
+    });
+}
+
+#[test]
+fn async_forms_match_the_blocking_ones() {
+    with_gpu(|ctx: &Context| {
+        let x = logits(10, 20, 1.0, 4);
+        let dy = logits(10, 20, 1.0, 5);
+        let a = pollster::block_on(ctx.softmax_backward_async(&x, &dy, 20)).unwrap();
+        assert_eq!(a, ctx.softmax_backward(&x, &dy, 20).unwrap());
+        let idx = index_targets(10, 20, 1, 0);
+        let opts = CrossEntropyOptions::default();
+        let a = pollster::block_on(ctx.cross_entropy_with_grad_async(
+            &x,
+            20,
+            Targets::Indices(&idx),
+            &opts,
+            GradOutput::One,
+        ))
+        .unwrap();
+        let b = ctx
+            .cross_entropy_with_grad(&x, 20, Targets::Indices(&idx), &opts, GradOutput::One)
+            .unwrap();
+        assert_eq!((a.loss, a.grad), (b.loss, b.grad));
+    });
+}
