@@ -3,7 +3,7 @@
 //   softmax:      dx_j = y_j * (dy_j - r),       r = sum_k dy_k * y_k
 //   log-softmax:  dx_j = dy_j - exp(y_j) * r,    r = sum_k dy_k
 //
-// One reduction per row; the strategies are those of softmax.wgsl. Values are not special-cased:
+// One reduction per row; the entry points are those of softmax.wgsl. Values are not special-cased:
 // NaN in y or dy propagates through r to its row, and exp(-inf) is 0 by the explicit select.
 
 @group(0) @binding(1) var<storage, read> y: array<f32>;
@@ -32,39 +32,21 @@ fn workgroup_total(v: f32, lid: u32) -> f32 {
 }
 
 @compute @workgroup_size(WG)
-fn row_per_thread(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid) * WG + lid;
-    if (row >= p.rows) {
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    // A whole team leaves together, so its reductions stay uniform.
+    if (team.row >= p.rows) {
         return;
     }
-    let y0 = base(0u) + row * p.cols;
-    let g0 = base(1u) + row * p.cols;
-    let d0 = base(2u) + row * p.cols;
-    var r = 0.0;
-    for (var c = 0u; c < p.cols; c++) {
-        r += term(y[y0 + c], dy[g0 + c]);
-    }
-    for (var c = 0u; c < p.cols; c++) {
-        dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
-    }
-}
-
-@compute @workgroup_size(WG)
-fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid);
-    // `row` is the same for the whole workgroup, so this return keeps barriers uniform.
-    if (row >= p.rows) {
-        return;
-    }
-    let y0 = base(0u) + row * p.cols;
-    let g0 = base(1u) + row * p.cols;
-    let d0 = base(2u) + row * p.cols;
+    let y0 = base(0u) + team.row * p.cols;
+    let g0 = base(1u) + team.row * p.cols;
+    let d0 = base(2u) + team.row * p.cols;
     var ys: array<f32, MAX_ITEMS>;
     var gs: array<f32, MAX_ITEMS>;
     var r = 0.0;
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {
-            let c = lid + k * WG;
+            let c = team.lane + k * team.size;
             if (c < p.cols) {
                 ys[k] = y[y0 + c];
                 gs[k] = dy[g0 + c];
@@ -72,20 +54,20 @@ fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             }
         }
     } else {
-        for (var c = lid; c < p.cols; c += WG) {
+        for (var c = team.lane; c < p.cols; c += team.size) {
             r += term(y[y0 + c], dy[g0 + c]);
         }
     }
-    r = workgroup_total(r, lid);
+    r = team_sum(r, lid);
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {
-            let c = lid + k * WG;
+            let c = team.lane + k * team.size;
             if (c < p.cols) {
                 dx[d0 + c] = grad(ys[k], gs[k], r);
             }
         }
     } else {
-        for (var c = lid; c < p.cols; c += WG) {
+        for (var c = team.lane; c < p.cols; c += team.size) {
             dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
         }
     }

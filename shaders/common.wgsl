@@ -25,8 +25,12 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 
 override WG: u32 = 64u;
-// Elements each invocation keeps in registers (row_per_workgroup); 0 streams from memory.
+// Elements each invocation keeps in registers; 0 streams the row from memory in each phase.
 override ITEMS: u32 = 0u;
+// Who works on one row: 0 one invocation, 1 one subgroup of SG invocations, 2 the workgroup.
+override TEAM: u32 = 2u;
+// The device's (fixed) subgroup size, for TEAM = 1.
+override SG: u32 = 32u;
 
 const MAX_WG: u32 = 256u;
 const MAX_ITEMS: u32 = 16u;
@@ -115,6 +119,52 @@ fn workgroup_sum4(v: vec4<f32>, lid: u32) -> vec4<f32> {
         s += red_sum[i];
     }
     return s;
+}
+
+// The team working on one row: which row, this invocation's lane in the team, the team's size.
+// Lane `l` handles columns l, l + size, l + 2 size, ... so a team's loads are contiguous.
+struct Team {
+    row: u32,
+    lane: u32,
+    size: u32,
+}
+
+fn team_of(wid: vec3<u32>, lid: u32) -> Team {
+    let g = linear_group(wid);
+    if (TEAM == 0u) {
+        return Team(g * WG + lid, 0u, 1u);
+    }
+    if (TEAM == 1u) {
+        // Subgroups tile a 1-D workgroup in order of local_invocation_index.
+        return Team(g * (WG / SG) + lid / SG, lid % SG, SG);
+    }
+    return Team(g, lid, WG);
+}
+
+// Reductions over a team. A team never straddles rows, and every member of a team reaches these
+// calls (rows are guarded per team), so subgroup operations and barriers stay uniform.
+fn team_max(v: f32, lid: u32) -> f32 {
+    if (TEAM == 0u) {
+        return v;
+    }
+    if (TEAM == 1u) {
+        return subgroup_max(v);
+    }
+    return workgroup_max(v, lid);
+}
+
+fn team_sum4(v: vec4<f32>, lid: u32) -> vec4<f32> {
+    if (TEAM == 0u) {
+        return v;
+    }
+    if (TEAM == 1u) {
+        return subgroup_sum4(v);
+    }
+    return workgroup_sum4(v, lid);
+}
+
+fn team_sum(v: f32, lid: u32) -> f32 {
+    return team_sum4(vec4<f32>(v, 0.0, 0.0, 0.0), lid).x;
 }
 
 // Combines per-chunk statistics (max m_i, sum s_i of exp(x - m_i)) of a row into the row's:

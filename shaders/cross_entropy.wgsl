@@ -141,50 +141,20 @@ fn grad_value(x: f32, q: f32, m: f32, stats4: vec4<f32>, t: RowTarget, scale: f3
 }
 
 @compute @workgroup_size(WG)
-fn row_per_thread(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid) * WG + lid;
-    if (row >= p.rows) {
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    // A whole team leaves together, so its reductions stay uniform.
+    if (team.row >= p.rows) {
         return;
     }
-    let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
-    let t = row_target(row);
-    var m = neg_inf();
-    for (var c = 0u; c < p.cols; c++) {
-        m = max(m, max_key(logit(x0 + c)));
-    }
-    var acc = vec4<f32>(0.0);
-    if (is_finite(m)) {
-        for (var c = 0u; c < p.cols; c++) {
-            let x = logit(x0 + c);
-            let q = target_mass(row, c, t);
-            acc += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
-        }
-    }
-    loss_rows[base(4u) + row] = row_loss(m, acc, t);
-    if (GRAD) {
-        let scale = row_scale(row);
-        let g0 = base(5u) + row * p.cols;
-        for (var c = 0u; c < p.cols; c++) {
-            let x = logit(x0 + c);
-            grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
-        }
-    }
-}
-
-@compute @workgroup_size(WG)
-fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid);
-    // `row` is the same for the whole workgroup, so this return keeps barriers uniform.
-    if (row >= p.rows) {
-        return;
-    }
+    let row = team.row;
     let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
     let t = row_target(row);
     var xs: array<f32, MAX_ITEMS>;
     var m = neg_inf();
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {
-            let c = lid + k * WG;
+            let c = team.lane + k * team.size;
             var x = neg_inf();
             if (c < p.cols) {
                 x = logit(x0 + c);
@@ -193,32 +163,32 @@ fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             m = max(m, max_key(x));
         }
     } else {
-        for (var c = lid; c < p.cols; c += WG) {
+        for (var c = team.lane; c < p.cols; c += team.size) {
             m = max(m, max_key(logit(x0 + c)));
         }
     }
-    m = workgroup_max(m, lid);
+    m = team_max(m, lid);
 
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
         if (ITEMS > 0u) {
             for (var k = 0u; k < ITEMS; k++) {
-                let c = lid + k * WG;
+                let c = team.lane + k * team.size;
                 if (c < p.cols) {
                     let q = target_mass(row, c, t);
                     acc += vec4<f32>(exp_shifted(xs[k], m), mass_term(q, xs[k], m), q, 0.0);
                 }
             }
         } else {
-            for (var c = lid; c < p.cols; c += WG) {
+            for (var c = team.lane; c < p.cols; c += team.size) {
                 let x = logit(x0 + c);
                 let q = target_mass(row, c, t);
                 acc += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
             }
         }
     }
-    acc = workgroup_sum4(acc, lid);
-    if (lid == 0u) {
+    acc = team_sum4(acc, lid);
+    if (team.lane == 0u) {
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
     if (GRAD) {
@@ -226,13 +196,13 @@ fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         let g0 = base(5u) + row * p.cols;
         if (ITEMS > 0u) {
             for (var k = 0u; k < ITEMS; k++) {
-                let c = lid + k * WG;
+                let c = team.lane + k * team.size;
                 if (c < p.cols) {
                     grad[g0 + c] = grad_value(xs[k], target_mass(row, c, t), m, acc, t, scale);
                 }
             }
         } else {
-            for (var c = lid; c < p.cols; c += WG) {
+            for (var c = team.lane; c < p.cols; c += team.size) {
                 let x = logit(x0 + c);
                 grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
             }

@@ -1,6 +1,6 @@
 // Per-row softmax Jacobian J_ij = s_i (delta_ij - s_j) from the row's probabilities s
-// (common.wgsl is prepended). Rows are at most a few hundred classes wide, so one invocation
-// (short rows) or one workgroup (longer rows) writes a row's C x C block.
+// (common.wgsl is prepended). Rows are at most 1024 classes wide; one team (an invocation, a
+// subgroup or the workgroup) writes a row's C x C block.
 
 @group(0) @binding(1) var<storage, read> probs: array<f32>;
 @group(0) @binding(2) var<storage, read_write> jac: array<f32>;
@@ -19,17 +19,9 @@ fn write_block(row: u32, first: u32, step: u32) {
 }
 
 @compute @workgroup_size(WG)
-fn jacobian_thread(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid) * WG + lid;
-    if (row < p.rows) {
-        write_block(row, 0u, 1u);
-    }
-}
-
-@compute @workgroup_size(WG)
-fn jacobian_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid);
-    if (row < p.rows) {
-        write_block(row, lid, WG);
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    if (team.row < p.rows) {
+        write_block(team.row, team.lane, team.size);
     }
 }

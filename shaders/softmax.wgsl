@@ -1,14 +1,12 @@
 // Row-wise softmax and log-softmax (common.wgsl is prepended).
 //
-// Strategies, chosen on the host by row length and adapter (src/kernels/plan.rs):
-//   row_per_thread     one invocation per row; no barriers at all. Short rows, and software
-//                      adapters where workgroup barriers are expensive.
-//   row_per_workgroup  one workgroup per row; each invocation strides over the row, the row's
-//                      (max, sum) is combined through workgroup memory. With ITEMS > 0 the row is
-//                      held in registers between the phases, so each element is read once.
-//   split_*            a row spread over several workgroups: split_partials writes one
-//                      (max, sum) pair per chunk, split_normalize combines a row's pairs with the
-//                      online-normalizer rule and writes its chunk. Keeps the GPU busy on 4 rows.
+// Entry points, chosen on the host by row length and adapter (src/kernels/plan.rs):
+//   rows        one team per row (TEAM: an invocation, a subgroup, or the workgroup); each lane
+//               strides over the row and the row's (max, sum) is combined over the team. With
+//               ITEMS > 0 the row is held in registers between the phases: one read, one write.
+//   split_*     a row spread over several workgroups: split_partials writes one (max, sum) pair
+//               per chunk, split_normalize combines a row's pairs with the online-normalizer rule
+//               and writes its chunk. Keeps the GPU busy on 4 rows.
 
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
@@ -35,49 +33,21 @@ fn normaliser(sum: f32) -> f32 {
     return 1.0 / sum;
 }
 
-fn workgroup_sum(v: f32, lid: u32) -> f32 {
-    return workgroup_sum4(vec4<f32>(v, 0.0, 0.0, 0.0), lid).x;
-}
-
 @compute @workgroup_size(WG)
-fn row_per_thread(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid) * WG + lid;
-    if (row >= p.rows) {
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    // A whole team leaves together, so its reductions stay uniform.
+    if (team.row >= p.rows) {
         return;
     }
-    let s0 = base(0u) + row * p.cols;
-    let d0 = base(1u) + row * p.cols;
-    var m = neg_inf();
-    for (var c = 0u; c < p.cols; c++) {
-        m = max(m, max_key(src[s0 + c]));
-    }
-    var sum = 0.0;
-    if (is_finite(m)) {
-        for (var c = 0u; c < p.cols; c++) {
-            sum += exp_shifted(src[s0 + c], m);
-        }
-    }
-    let scale = normaliser(sum);
-    for (var c = 0u; c < p.cols; c++) {
-        dst[d0 + c] = finish(src[s0 + c], m, scale);
-    }
-}
-
-@compute @workgroup_size(WG)
-fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid);
-    // `row` is the same for the whole workgroup, so this return keeps barriers uniform.
-    if (row >= p.rows) {
-        return;
-    }
-    let s0 = base(0u) + row * p.cols;
-    let d0 = base(1u) + row * p.cols;
+    let s0 = base(0u) + team.row * p.cols;
+    let d0 = base(1u) + team.row * p.cols;
     var vals: array<f32, MAX_ITEMS>;
 
     var m = neg_inf();
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {
-            let c = lid + k * WG;
+            let c = team.lane + k * team.size;
             var x = neg_inf();
             if (c < p.cols) {
                 x = src[s0 + c];
@@ -86,11 +56,11 @@ fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             m = max(m, max_key(x));
         }
     } else {
-        for (var c = lid; c < p.cols; c += WG) {
+        for (var c = team.lane; c < p.cols; c += team.size) {
             m = max(m, max_key(src[s0 + c]));
         }
     }
-    m = workgroup_max(m, lid);
+    m = team_max(m, lid);
 
     var sum = 0.0;
     if (is_finite(m)) {
@@ -103,18 +73,18 @@ fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
                 }
             }
         } else {
-            for (var c = lid; c < p.cols; c += WG) {
+            for (var c = team.lane; c < p.cols; c += team.size) {
                 sum += exp_shifted(src[s0 + c], m);
             }
         }
     }
-    sum = workgroup_sum(sum, lid);
+    sum = team_sum(sum, lid);
     let scale = normaliser(sum);
     let ok = is_finite(m);
 
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {
-            let c = lid + k * WG;
+            let c = team.lane + k * team.size;
             if (c < p.cols) {
                 var y: f32;
                 if (LOG) {
@@ -126,7 +96,7 @@ fn row_per_workgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             }
         }
     } else {
-        for (var c = lid; c < p.cols; c += WG) {
+        for (var c = team.lane; c < p.cols; c += team.size) {
             dst[d0 + c] = finish(src[s0 + c], m, scale);
         }
     }
@@ -153,7 +123,7 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             sum += exp_shifted(src[s0 + c], m);
         }
     }
-    sum = workgroup_sum(sum, lid);
+    sum = workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;
     if (lid == 0u) {
         partials[g] = vec2<f32>(m, sum);
     }
@@ -181,7 +151,7 @@ fn split_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             sum += part.y * rescale(part.x, m);
         }
     }
-    sum = workgroup_sum(sum, lid);
+    sum = workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;
     let scale = normaliser(sum);
 
     let bounds = chunk_bounds(g % p.chunks);

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::kernels::plan::Tuning;
+use crate::kernels::plan::{Capabilities, Tuning};
 use crate::kernels::Kernels;
 
 /// How to pick the adapter. The defaults follow wgpu's environment variables.
@@ -33,8 +33,8 @@ pub(crate) struct Gpu {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub tuning: Tuning,
-    /// Loop iterations an invocation may run (software adapters stop longer ones silently).
-    pub loop_budget: Option<u64>,
+    /// What the kernel choice depends on: subgroups, the loop budget of software adapters.
+    pub caps: Capabilities,
     pub kernels: Kernels,
     /// Why the device was lost, once it has been.
     lost: Arc<Mutex<Option<String>>>,
@@ -142,11 +142,19 @@ impl Context {
             limits.max_compute_workgroup_size_x,
         )?;
         let info = device.adapter_info();
+        let caps = Capabilities {
+            // Subgroup-per-row kernels need to know the size; devices whose subgroup size varies
+            // (from pipeline to pipeline) use the workgroup kernels instead.
+            subgroup_size: (device.features().contains(wgpu::Features::SUBGROUP)
+                && info.subgroup_min_size == info.subgroup_max_size
+                && info.subgroup_min_size >= 1)
+                .then_some(info.subgroup_min_size),
+            loop_budget: (info.device_type == wgpu::DeviceType::Cpu)
+                .then_some(crate::kernels::plan::SOFTWARE_LOOP_BUDGET),
+        };
         let tuning = tuning
             .unwrap_or_else(|| Tuning::for_device_type(info.device_type))
-            .clamped(&limits);
-        let loop_budget = (info.device_type == wgpu::DeviceType::Cpu)
-            .then_some(crate::kernels::plan::SOFTWARE_LOOP_BUDGET);
+            .clamped(&limits, caps.subgroup_size);
         let lost = Arc::new(Mutex::new(None));
         let lost_flag = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
@@ -163,7 +171,7 @@ impl Context {
                 info,
                 limits,
                 tuning,
-                loop_budget,
+                caps,
                 kernels,
                 lost,
                 scratch: Mutex::new(Vec::new()),
@@ -194,6 +202,17 @@ impl Context {
     /// The kernel-choice table in force.
     pub fn tuning(&self) -> Tuning {
         self.gpu.tuning
+    }
+
+    /// What the kernel choice depends on: the subgroup size (when fixed) and the loop budget of
+    /// software adapters.
+    pub fn capabilities(&self) -> Capabilities {
+        self.gpu.caps
+    }
+
+    /// The strategy the kernels use for `rows x cols`.
+    pub fn strategy(&self, rows: usize, cols: usize) -> crate::Strategy {
+        self.gpu.tuning.choose(rows, cols, &self.gpu.caps)
     }
 
     /// A one-line description of the adapter, e.g. for logs.

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod bench;
 mod context;
 pub mod cpu;
 mod error;
@@ -13,7 +14,7 @@ mod validate;
 
 pub use context::{enumerate_adapters, Context, ContextOptions};
 pub use error::{Error, Result};
-pub use kernels::plan::{Strategy, Tuning};
+pub use kernels::plan::{Capabilities, Strategy, Tuning};
 pub use ops::{Tensor, TENSOR_USAGES};
 pub use options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 pub use tolerance::{Comparison, Tolerance};

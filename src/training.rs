@@ -155,7 +155,7 @@ impl Context {
     }
 }
 
-fn backward_call<'a>(
+pub(crate) fn backward_call<'a>(
     op: Normalization,
     [y, dy, dx]: [&'a wgpu::Buffer; 3],
     rows: usize,
@@ -704,6 +704,17 @@ impl CrossEntropyLoss {
         buffers: CrossEntropyBuffers<'_>,
         grad_output: f32,
     ) -> Result<()> {
+        self.encode_timed(encoder, buffers, grad_output, None)
+    }
+
+    /// [`CrossEntropyLoss::encode`] with timestamps written at the start and end of its pass.
+    pub(crate) fn encode_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        buffers: CrossEntropyBuffers<'_>,
+        grad_output: f32,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
         let rows = buffers.rows;
         let matrix_bytes = (rows as u64).saturating_mul(self.cols as u64 * 4);
         let storage = wgpu::BufferUsages::STORAGE;
@@ -759,7 +770,7 @@ impl CrossEntropyLoss {
             ignore,
         };
         let gpu = &self.ctx.gpu;
-        gpu.scoped(|| self.record(gpu, encoder, &job))
+        gpu.scoped(|| self.record(gpu, encoder, &job, timestamps))
     }
 
     fn check_shapes(&self, logits: &Tensor, targets: &TargetTensor) -> Result<()> {
@@ -804,13 +815,19 @@ impl CrossEntropyLoss {
                 },
                 ignore: IGNORED_ROW,
             };
-            submit(gpu, |encoder| self.record(gpu, encoder, &job))
+            submit(gpu, |encoder| self.record(gpu, encoder, &job, None))
         })
     }
 
     /// Records the passes of one call: the mean's denominator, the fused row kernel, and the
     /// reduction of the per-row losses, in one compute pass.
-    fn record(&self, gpu: &Gpu, encoder: &mut wgpu::CommandEncoder, job: &Job<'_>) -> Result<()> {
+    fn record(
+        &self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        job: &Job<'_>,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
         let cols = self.cols;
         let reduced = self.reduction != Reduction::None;
         let loss_rows = if reduced {
@@ -894,7 +911,7 @@ impl CrossEntropyLoss {
         if reduced {
             dispatches.push(family.single(gpu, &call, "reduce_loss"));
         }
-        family.record(gpu, encoder, &dispatches, None);
+        family.record(gpu, encoder, &dispatches, timestamps);
         if reduced {
             encoder.copy_buffer_to_buffer(&self.stats, 4, job.loss, 0, 4);
         }

@@ -77,6 +77,26 @@ fn every_strategy_matches_the_reference() {
                     ..Tuning::GPU
                 },
             ),
+            (
+                "subgroup",
+                Tuning {
+                    thread_max_cols: 0,
+                    subgroup_max_cols: u32::MAX,
+                    split_min_cols: u32::MAX,
+                    ..Tuning::GPU
+                },
+            ),
+            (
+                "subgroup streamed",
+                Tuning {
+                    thread_max_cols: 0,
+                    subgroup_max_cols: u32::MAX,
+                    max_items: 1,
+                    split_min_cols: u32::MAX,
+                    subgroup_workgroup: 32,
+                    ..Tuning::GPU
+                },
+            ),
             ("software", Tuning::SOFTWARE),
             (
                 "small workgroups",
@@ -437,11 +457,24 @@ fn unknown_adapter_name_is_an_error_not_a_panic() {
 fn default_tuning_follows_the_adapter_type() {
     with_gpu(|ctx| {
         let expected = Tuning::for_device_type(ctx.adapter_info().device_type);
-        assert_eq!(ctx.tuning().choose(70_000, 10), expected.choose(70_000, 10));
+        let caps = ctx.capabilities();
+        assert_eq!(ctx.strategy(70_000, 10), expected.choose(70_000, 10, &caps));
         assert!(matches!(
-            ctx.tuning().choose(4, 300_000),
+            ctx.strategy(4, 300_000),
             Strategy::SplitRow { .. }
         ));
+        let info = ctx.adapter_info();
+        let fixed = info.subgroup_min_size == info.subgroup_max_size;
+        let has = ctx.device().features().contains(wgpu::Features::SUBGROUP);
+        assert_eq!(
+            caps.subgroup_size.is_some(),
+            has && fixed,
+            "{caps:?} {info:?}"
+        );
+        eprintln!(
+            "capabilities: {caps:?}; 4096x1000 runs {:?}",
+            ctx.strategy(4096, 1000)
+        );
     });
 }
 

@@ -82,6 +82,8 @@ pub(crate) struct Kernels {
     pub backward: rowwise::RowwiseFamily,
     pub cross_entropy: rowwise::RowwiseFamily,
     pub jacobian: rowwise::RowwiseFamily,
+    /// A plain copy, the bandwidth reference of the benchmarks.
+    pub copy: ShaderFamily,
 }
 
 impl Kernels {
@@ -91,6 +93,12 @@ impl Kernels {
             backward: rowwise::RowwiseFamily::new(device, &rowwise::BACKWARD),
             cross_entropy: rowwise::RowwiseFamily::new(device, &rowwise::CROSS_ENTROPY),
             jacobian: rowwise::RowwiseFamily::new(device, &rowwise::JACOBIAN),
+            copy: ShaderFamily::new(
+                device,
+                "copy",
+                include_str!("../../shaders/copy.wgsl"),
+                &[Access::Uniform, Access::Read, Access::ReadWrite],
+            ),
         }
     }
 }
@@ -106,7 +114,7 @@ impl ShaderFamily {
     pub(crate) fn new(
         device: &wgpu::Device,
         name: &'static str,
-        source: &'static str,
+        source: &str,
         bindings: &[Access],
     ) -> Self {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {

@@ -1,27 +1,38 @@
-//! Which kernel runs a row-wise op, chosen by row length, row count and adapter.
+//! Which kernel runs a row-wise op, chosen by row length, row count and device.
 //!
 //! The table is data, [`Tuning`], so that benchmarks can override it. Two defaults exist because
 //! the best kernel differs by an order of magnitude between GPUs and software rasterisers: on
 //! lavapipe/llvmpipe a workgroup barrier switches between every group of SIMD lanes of the
-//! workgroup, so barrier-free and small-workgroup kernels win there, whereas a GPU needs many
-//! invocations per row to hide memory latency.
+//! workgroup, so barrier-free kernels (an invocation or a subgroup per row) win there, whereas a
+//! GPU wants many invocations per row to hide memory latency.
 
-/// The widest row ever given to a single invocation.
+/// The widest row ever given to a single invocation: one invocation summing a whole row in f32
+/// loses accuracy past a few thousand terms.
 pub const THREAD_MAX_COLS: u32 = 4096;
 
 /// The loop iterations an invocation may run on llvmpipe/lavapipe (which stop it, silently, at
 /// 65535), with room for the loops outside the main passes.
 pub const SOFTWARE_LOOP_BUDGET: u64 = 60_000;
 
-/// The kernel strategy for one op call.
+/// The most elements an invocation keeps in registers.
+pub const MAX_ITEMS: u32 = 16;
+
+/// Who works on one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
-    /// One invocation per row, no barriers.
-    RowPerThread,
-    /// One workgroup per row; `items` elements per invocation are kept in registers (0: the row
-    /// is streamed from memory in each phase).
+    /// One invocation per row, no reductions between invocations.
+    RowPerThread {
+        /// Elements held in registers (0: the row is streamed from memory in each phase).
+        items: u32,
+    },
+    /// One subgroup per row, reduced with subgroup operations: no barriers.
+    RowPerSubgroup {
+        /// Elements per invocation held in registers (0: streamed).
+        items: u32,
+    },
+    /// One workgroup per row, reduced through workgroup memory.
     RowPerWorkgroup {
-        /// Elements held in registers per invocation.
+        /// Elements per invocation held in registers (0: streamed).
         items: u32,
     },
     /// Each row is split into chunks of `chunk` elements, one workgroup per chunk.
@@ -31,6 +42,15 @@ pub enum Strategy {
     },
 }
 
+/// What the device offers that the choice depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// The subgroup size, when the device has subgroup operations and a fixed subgroup size.
+    pub subgroup_size: Option<u32>,
+    /// The loop iterations one invocation may run (software adapters end longer ones).
+    pub loop_budget: Option<u64>,
+}
+
 /// Thresholds and workgroup sizes of the kernel choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
@@ -38,14 +58,18 @@ pub struct Tuning {
     pub thread_workgroup: u32,
     /// Rows of at most this many columns run one invocation per row.
     pub thread_max_cols: u32,
+    /// Workgroup size of the one-subgroup-per-row kernel (a multiple of the subgroup size).
+    pub subgroup_workgroup: u32,
+    /// Rows of at most this many columns run one subgroup per row, where subgroups exist.
+    pub subgroup_max_cols: u32,
     /// Workgroup size of the per-row and split kernels.
     pub row_workgroup: u32,
     /// The most elements an invocation keeps in registers (a power of two, at most 16).
     pub max_items: u32,
     /// Rows of at least this many columns are split across workgroups ...
     pub split_min_cols: u32,
-    /// ... when the batch has fewer rows than this (otherwise one workgroup per row already
-    /// fills the device).
+    /// ... when the batch has fewer rows than this (otherwise one team per row already fills
+    /// the device).
     pub split_max_rows: u32,
     /// Elements per chunk of a split row.
     pub split_chunk: u32,
@@ -55,7 +79,9 @@ impl Tuning {
     /// The defaults for a hardware GPU.
     pub const GPU: Tuning = Tuning {
         thread_workgroup: 64,
-        thread_max_cols: 16,
+        thread_max_cols: 8,
+        subgroup_workgroup: 256,
+        subgroup_max_cols: 1024,
         row_workgroup: 256,
         max_items: 16,
         split_min_cols: 16384,
@@ -67,6 +93,8 @@ impl Tuning {
     pub const SOFTWARE: Tuning = Tuning {
         thread_workgroup: 64,
         thread_max_cols: 64,
+        subgroup_workgroup: 64,
+        subgroup_max_cols: u32::MAX,
         row_workgroup: 32,
         max_items: 16,
         split_min_cols: 65536,
@@ -82,56 +110,77 @@ impl Tuning {
         }
     }
 
-    /// The strategy for a batch of `rows` rows of `cols` columns.
-    pub fn choose(&self, rows: usize, cols: usize) -> Strategy {
-        let cols32 = u32::try_from(cols).unwrap_or(u32::MAX);
-        if cols32 <= self.thread_max_cols {
-            return Strategy::RowPerThread;
-        }
-        if cols32 >= self.split_min_cols && rows < self.split_max_rows as usize {
-            return Strategy::SplitRow {
-                chunk: self.split_chunk,
-            };
-        }
-        Strategy::RowPerWorkgroup {
-            items: self.items_for(cols),
-        }
-    }
-
-    /// Like [`Tuning::choose`], escalating to a strategy with shorter loops (one workgroup per
-    /// row, then split rows) when `loop_budget` caps the loop iterations one invocation may run.
+    /// The strategy for a batch of `rows` rows of `cols` columns on a device with `caps`.
     ///
-    /// llvmpipe and lavapipe end an invocation after 65535 loop iterations in total, silently, so
-    /// on software adapters a strategy whose invocations loop longer would return wrong results.
-    pub fn choose_within(&self, rows: usize, cols: usize, loop_budget: Option<u64>) -> Strategy {
-        let first = self.choose(rows, cols);
-        let Some(budget) = loop_budget else {
+    /// Where `caps.loop_budget` caps the loop iterations of one invocation, a strategy whose
+    /// invocations would loop longer is replaced by one with shorter loops (more invocations per
+    /// row, then split rows): llvmpipe and lavapipe end an invocation after 65535 iterations,
+    /// silently, so it would return wrong results.
+    pub fn choose(&self, rows: usize, cols: usize, caps: &Capabilities) -> Strategy {
+        let cols32 = u32::try_from(cols).unwrap_or(u32::MAX);
+        let split = Strategy::SplitRow {
+            chunk: self.split_chunk,
+        };
+        let wide_and_few = cols32 >= self.split_min_cols && rows < self.split_max_rows as usize;
+        let first = if wide_and_few {
+            split
+        } else if cols32 <= self.thread_max_cols {
+            Strategy::RowPerThread {
+                items: self.items(cols, 1),
+            }
+        } else if let (Some(sg), true) = (caps.subgroup_size, cols32 <= self.subgroup_max_cols) {
+            Strategy::RowPerSubgroup {
+                items: self.items(cols, sg),
+            }
+        } else {
+            Strategy::RowPerWorkgroup {
+                items: self.items(cols, self.row_workgroup),
+            }
+        };
+        let Some(budget) = caps.loop_budget else {
             return first;
         };
-        let per_row = match first {
-            Strategy::RowPerThread => Strategy::RowPerWorkgroup {
-                items: self.items_for(cols),
+        let wider = [
+            first,
+            Strategy::RowPerWorkgroup {
+                items: self.items(cols, self.row_workgroup),
             },
-            other => other,
-        };
-        for strategy in [first, per_row] {
-            if self.loop_iterations(strategy, cols) <= budget {
-                return strategy;
-            }
-        }
-        self.split_within(cols, budget)
+        ];
+        wider
+            .into_iter()
+            .find(|&s| self.loop_iterations(s, cols, caps) <= budget)
+            .unwrap_or_else(|| self.split_within(cols, budget, caps))
     }
 
-    /// Loop iterations one invocation runs, at most three passes over its share of a row plus the
-    /// workgroup reductions; an upper bound for every kernel family.
-    pub fn loop_iterations(&self, strategy: Strategy, cols: usize) -> u64 {
+    /// Elements per invocation for a team of `team` on rows of `cols`: a power of two when the
+    /// row fits in registers, else 0 (streamed).
+    fn items(&self, cols: usize, team: u32) -> u32 {
+        let per_invocation = u32::try_from(cols)
+            .unwrap_or(u32::MAX)
+            .div_ceil(team.max(1));
+        if per_invocation <= self.max_items {
+            per_invocation.max(1).next_power_of_two()
+        } else {
+            0
+        }
+    }
+
+    /// Loop iterations one invocation runs: at most three passes over its share of a row plus
+    /// the workgroup reductions; an upper bound for every kernel family.
+    pub fn loop_iterations(&self, strategy: Strategy, cols: usize, caps: &Capabilities) -> u64 {
         let cols = cols as u64;
         let wg = u64::from(self.row_workgroup);
         let reductions = 2 * wg;
+        let passes = |team: u64, items: u32| match items {
+            0 => 3 * cols.div_ceil(team),
+            items => 3 * u64::from(items),
+        };
         match strategy {
-            Strategy::RowPerThread => 3 * cols,
-            Strategy::RowPerWorkgroup { items: 0 } => 3 * cols.div_ceil(wg) + reductions,
-            Strategy::RowPerWorkgroup { items } => 3 * u64::from(items) + reductions,
+            Strategy::RowPerThread { items } => passes(1, items),
+            Strategy::RowPerSubgroup { items } => {
+                passes(u64::from(caps.subgroup_size.unwrap_or(1)), items)
+            }
+            Strategy::RowPerWorkgroup { items } => passes(wg, items) + reductions,
             Strategy::SplitRow { chunk } => {
                 let chunk = u64::from(chunk);
                 3 * chunk.div_ceil(wg) + 2 * cols.div_ceil(chunk).div_ceil(wg) + reductions
@@ -139,39 +188,29 @@ impl Tuning {
         }
     }
 
-    fn items_for(&self, cols: usize) -> u32 {
-        let per_invocation = u32::try_from(cols)
-            .unwrap_or(u32::MAX)
-            .div_ceil(self.row_workgroup);
-        if per_invocation <= self.max_items {
-            per_invocation.next_power_of_two()
-        } else {
-            0
-        }
-    }
-
     /// A split whose chunks keep every invocation within `budget` loop iterations.
-    fn split_within(&self, cols: usize, budget: u64) -> Strategy {
+    fn split_within(&self, cols: usize, budget: u64, caps: &Capabilities) -> Strategy {
         let mut chunk = self.split_chunk;
         while chunk > self.row_workgroup
-            && self.loop_iterations(Strategy::SplitRow { chunk }, cols) > budget
+            && self.loop_iterations(Strategy::SplitRow { chunk }, cols, caps) > budget
         {
             chunk /= 2;
         }
         Strategy::SplitRow { chunk }
     }
 
-    /// The same tuning with workgroup sizes no larger than the device allows.
-    pub(crate) fn clamped(mut self, limits: &wgpu::Limits) -> Tuning {
+    /// The same tuning with workgroup sizes the device allows and `subgroup` divides.
+    pub(crate) fn clamped(mut self, limits: &wgpu::Limits, subgroup: Option<u32>) -> Tuning {
         let max = limits
             .max_compute_invocations_per_workgroup
             .min(limits.max_compute_workgroup_size_x)
             .min(256);
         self.thread_workgroup = self.thread_workgroup.clamp(1, max);
-        // One invocation summing a whole row in f32 loses accuracy past a few thousand terms.
         self.thread_max_cols = self.thread_max_cols.min(THREAD_MAX_COLS);
         self.row_workgroup = self.row_workgroup.clamp(1, max);
-        self.max_items = self.max_items.clamp(1, 16).next_power_of_two();
+        let sg = subgroup.unwrap_or(1);
+        self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
+        self.max_items = self.max_items.clamp(1, MAX_ITEMS).next_power_of_two();
         self.split_chunk = self.split_chunk.max(self.row_workgroup);
         self
     }
@@ -181,64 +220,85 @@ impl Tuning {
 mod tests {
     use super::*;
 
+    const PLAIN: Capabilities = Capabilities {
+        subgroup_size: None,
+        loop_budget: None,
+    };
+    const NVIDIA: Capabilities = Capabilities {
+        subgroup_size: Some(32),
+        loop_budget: None,
+    };
+    const LAVAPIPE: Capabilities = Capabilities {
+        subgroup_size: Some(8),
+        loop_budget: Some(SOFTWARE_LOOP_BUDGET),
+    };
+
     #[test]
     fn short_rows_run_one_invocation_per_row() {
-        assert_eq!(Tuning::GPU.choose(70_000, 10), Strategy::RowPerThread);
-        assert_eq!(Tuning::SOFTWARE.choose(1, 1), Strategy::RowPerThread);
+        assert_eq!(
+            Tuning::GPU.choose(70_000, 8, &NVIDIA),
+            Strategy::RowPerThread { items: 8 }
+        );
+        assert_eq!(
+            Tuning::SOFTWARE.choose(1, 1, &LAVAPIPE),
+            Strategy::RowPerThread { items: 1 }
+        );
     }
 
     #[test]
-    fn medium_rows_are_cached_in_registers_when_they_fit() {
+    fn medium_rows_use_a_subgroup_where_there_is_one() {
         assert_eq!(
-            Tuning::GPU.choose(4096, 1000),
+            Tuning::GPU.choose(70_000, 10, &NVIDIA),
+            Strategy::RowPerSubgroup { items: 1 }
+        );
+        assert_eq!(
+            Tuning::GPU.choose(4096, 1000, &NVIDIA),
+            Strategy::RowPerSubgroup { items: 0 }
+        );
+        assert_eq!(
+            Tuning::GPU.choose(4096, 500, &NVIDIA),
+            Strategy::RowPerSubgroup { items: 16 }
+        );
+        assert_eq!(
+            Tuning::GPU.choose(4096, 1000, &PLAIN),
             Strategy::RowPerWorkgroup { items: 4 }
         );
         assert_eq!(
-            Tuning::GPU.choose(33, 2049),
-            Strategy::RowPerWorkgroup { items: 16 }
-        );
-        assert_eq!(
-            Tuning::GPU.choose(4096, 8192),
+            Tuning::GPU.choose(4096, 8192, &NVIDIA),
             Strategy::RowPerWorkgroup { items: 0 }
-        );
-    }
-
-    #[test]
-    fn software_loop_budget_escalates_long_loops() {
-        let budget = Some(SOFTWARE_LOOP_BUDGET);
-        let thread = Tuning {
-            thread_max_cols: u32::MAX,
-            ..Tuning::SOFTWARE
-        };
-        let s = thread.choose_within(2, 30_000, budget);
-        assert!(
-            thread.loop_iterations(s, 30_000) <= SOFTWARE_LOOP_BUDGET,
-            "{s:?}"
-        );
-        assert_eq!(
-            thread.choose_within(2, 30_000, None),
-            Strategy::RowPerThread
-        );
-        for cols in [700_000, 1 << 20, 33_000_000] {
-            let s = Tuning::SOFTWARE.choose_within(1000, cols, budget);
-            assert!(matches!(s, Strategy::SplitRow { .. }), "{cols}: {s:?}");
-            assert!(Tuning::SOFTWARE.loop_iterations(s, cols) <= SOFTWARE_LOOP_BUDGET);
-        }
-        assert_eq!(
-            Tuning::SOFTWARE.choose_within(4096, 1000, budget),
-            Tuning::SOFTWARE.choose(4096, 1000)
         );
     }
 
     #[test]
     fn few_long_rows_are_split() {
         assert_eq!(
-            Tuning::GPU.choose(4, 300_000),
+            Tuning::GPU.choose(4, 300_000, &NVIDIA),
             Strategy::SplitRow { chunk: 4096 }
         );
         assert_eq!(
-            Tuning::GPU.choose(100_000, 300_000),
+            Tuning::GPU.choose(100_000, 300_000, &NVIDIA),
             Strategy::RowPerWorkgroup { items: 0 }
         );
+    }
+
+    #[test]
+    fn software_loop_budget_escalates_long_loops() {
+        let thread = Tuning {
+            thread_max_cols: u32::MAX,
+            ..Tuning::SOFTWARE
+        };
+        let s = thread.choose(2, 30_000, &LAVAPIPE);
+        assert!(thread.loop_iterations(s, 30_000, &LAVAPIPE) <= SOFTWARE_LOOP_BUDGET);
+        assert_eq!(
+            thread.choose(2, 30_000, &PLAIN),
+            Strategy::RowPerThread { items: 0 }
+        );
+        for cols in [700_000, 1 << 20, 33_000_000] {
+            let s = Tuning::SOFTWARE.choose(1000, cols, &LAVAPIPE);
+            assert!(
+                Tuning::SOFTWARE.loop_iterations(s, cols, &LAVAPIPE) <= SOFTWARE_LOOP_BUDGET,
+                "{cols}: {s:?}"
+            );
+        }
     }
 }

@@ -12,51 +12,46 @@ use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
 use crate::context::Gpu;
 use crate::error::{Error, Result};
 
-/// A kernel family: shader source, operand bindings (1.., before the partials binding), the
-/// entry point of each strategy, and the 32-bit words of split-row statistics per chunk.
+/// A kernel family: shader source (`common.wgsl` and the subgroup functions are prepended),
+/// operand bindings (1.., before the partials binding), the entry points, and the 32-bit words of
+/// split-row statistics per chunk.
 pub(crate) struct FamilyDesc {
     pub name: &'static str,
     pub source: &'static str,
     pub operands: &'static [Access],
-    pub thread: &'static str,
-    pub workgroup: &'static str,
-    /// The two passes of a split row: per-chunk statistics, then the per-chunk output.
-    pub split: [&'static str; 2],
+    /// One team per row (`TEAM` selects an invocation, a subgroup or the workgroup).
+    pub rows: &'static str,
+    /// The two passes of a split row, per-chunk statistics then the per-chunk output; `None`
+    /// when the family cannot split rows (one workgroup per row stands in).
+    pub split: Option<[&'static str; 2]>,
     pub partial_words: usize,
 }
 
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+const SUBGROUP: &str = include_str!("../../shaders/subgroup.wgsl");
+const SUBGROUP_ABSENT: &str = include_str!("../../shaders/subgroup_absent.wgsl");
+
 pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     name: "softmax",
-    source: concat!(
-        include_str!("../../shaders/common.wgsl"),
-        include_str!("../../shaders/softmax.wgsl")
-    ),
+    source: include_str!("../../shaders/softmax.wgsl"),
     operands: &[Access::Read, Access::ReadWrite],
-    thread: "row_per_thread",
-    workgroup: "row_per_workgroup",
-    split: ["split_partials", "split_normalize"],
+    rows: "rows",
+    split: Some(["split_partials", "split_normalize"]),
     partial_words: 2,
 };
 
 pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     name: "softmax_backward",
-    source: concat!(
-        include_str!("../../shaders/common.wgsl"),
-        include_str!("../../shaders/backward.wgsl")
-    ),
+    source: include_str!("../../shaders/backward.wgsl"),
     operands: &[Access::Read, Access::Read, Access::ReadWrite],
-    thread: "row_per_thread",
-    workgroup: "row_per_workgroup",
-    split: ["split_partials", "split_finish"],
+    rows: "rows",
+    split: Some(["split_partials", "split_finish"]),
     partial_words: 1,
 };
 
 pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     name: "cross_entropy",
-    source: concat!(
-        include_str!("../../shaders/common.wgsl"),
-        include_str!("../../shaders/cross_entropy.wgsl")
-    ),
+    source: include_str!("../../shaders/cross_entropy.wgsl"),
     // logits, targets, weight, grad_output, loss_rows, grad, stats
     operands: &[
         Access::Read,
@@ -67,23 +62,17 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
         Access::ReadWrite,
         Access::ReadWrite,
     ],
-    thread: "row_per_thread",
-    workgroup: "row_per_workgroup",
-    split: ["split_partials", "split_finish"],
+    rows: "rows",
+    split: Some(["split_partials", "split_finish"]),
     partial_words: 4,
 };
 
 pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     name: "softmax_jacobian",
-    source: concat!(
-        include_str!("../../shaders/common.wgsl"),
-        include_str!("../../shaders/jacobian.wgsl")
-    ),
+    source: include_str!("../../shaders/jacobian.wgsl"),
     operands: &[Access::Read, Access::ReadWrite],
-    thread: "jacobian_thread",
-    workgroup: "jacobian_workgroup",
-    // Rows are capped far below any split threshold; the per-row kernel stands in.
-    split: ["jacobian_workgroup", "jacobian_workgroup"],
+    rows: "rows",
+    split: None,
     partial_words: 1,
 };
 
@@ -198,8 +187,14 @@ impl RowwiseFamily {
         let mut bindings = vec![Access::Uniform];
         bindings.extend_from_slice(desc.operands);
         bindings.push(Access::ReadWrite);
+        let subgroup = if device.features().contains(wgpu::Features::SUBGROUP) {
+            SUBGROUP
+        } else {
+            SUBGROUP_ABSENT
+        };
+        let source = format!("{COMMON}\n{subgroup}\n{}", desc.source);
         Self {
-            shader: ShaderFamily::new(device, desc.name, desc.source, &bindings),
+            shader: ShaderFamily::new(device, desc.name, &source, &bindings),
             desc,
             partials: Mutex::new(partials_buffer(device, 64)),
         }
@@ -233,22 +228,53 @@ impl RowwiseFamily {
             other => other,
         })?;
 
-        let strategy = tuning.choose_within(rows, cols, gpu.loop_budget);
+        // The widest operand row is the work of one row (C * C for the Jacobian).
+        let width = (row_bytes as usize / 4).max(cols);
+        let mut strategy = tuning.choose(rows, width, &gpu.caps);
         let desc = self.desc;
-        let (entries, wg, items, chunk): (&[&'static str], u32, u32, u32) = match strategy {
-            Strategy::RowPerThread => (
-                std::slice::from_ref(&desc.thread),
-                tuning.thread_workgroup,
-                0,
-                0,
-            ),
-            Strategy::RowPerWorkgroup { items } => (
-                std::slice::from_ref(&desc.workgroup),
-                tuning.row_workgroup,
-                items,
-                0,
-            ),
-            Strategy::SplitRow { chunk } => (&desc.split, tuning.row_workgroup, 0, chunk),
+        if desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
+            strategy = Strategy::RowPerWorkgroup { items: 0 };
+        }
+        let sg = gpu.caps.subgroup_size.unwrap_or(1);
+        // (entry points, workgroup size, items, team, rows per workgroup, chunk)
+        let (entries, wg, items, team, per_group, chunk): (
+            &[&'static str],
+            u32,
+            u32,
+            u32,
+            usize,
+            u32,
+        ) = match (strategy, &desc.split) {
+            (Strategy::RowPerThread { items }, _) => {
+                let wg = tuning.thread_workgroup;
+                (
+                    std::slice::from_ref(&desc.rows),
+                    wg,
+                    items,
+                    0,
+                    wg as usize,
+                    0,
+                )
+            }
+            (Strategy::RowPerSubgroup { items }, _) => {
+                let wg = tuning.subgroup_workgroup;
+                (
+                    std::slice::from_ref(&desc.rows),
+                    wg,
+                    items,
+                    1,
+                    (wg / sg) as usize,
+                    0,
+                )
+            }
+            (Strategy::RowPerWorkgroup { items }, _) => {
+                let wg = tuning.row_workgroup;
+                (std::slice::from_ref(&desc.rows), wg, items, 2, 1, 0)
+            }
+            (Strategy::SplitRow { chunk }, Some(split)) => {
+                (&split[..], tuning.row_workgroup, 0, 2, 1, chunk)
+            }
+            (Strategy::SplitRow { .. }, None) => unreachable!("replaced above"),
         };
         let chunks = if chunk == 0 {
             1
@@ -257,7 +283,7 @@ impl RowwiseFamily {
         };
         let pipelines: Vec<_> = entries
             .iter()
-            .map(|&entry| self.pipeline(gpu, call, entry, wg, items))
+            .map(|&entry| self.pipeline(gpu, call, entry, [wg, items, team, sg]))
             .collect();
 
         let max_rows = blocks.iter().map(|b| b.1).max().unwrap_or(0);
@@ -272,10 +298,10 @@ impl RowwiseFamily {
 
         let mut dispatches = Vec::new();
         for &(first, n) in &blocks {
-            let groups = match strategy {
-                Strategy::RowPerThread => n.div_ceil(wg as usize),
-                Strategy::RowPerWorkgroup { .. } => n,
-                Strategy::SplitRow { .. } => n * chunks,
+            let groups = if chunk == 0 {
+                n.div_ceil(per_group)
+            } else {
+                n * chunks
             } as u32;
             let partial_len = if chunk == 0 {
                 1
@@ -309,7 +335,7 @@ impl RowwiseFamily {
             .clone();
         let windows = self.windows(gpu, call, 0, call.rows, &partials, 1);
         Dispatch {
-            pipeline: self.pipeline(gpu, call, entry, wg, 0),
+            pipeline: self.pipeline(gpu, call, entry, [wg, 0, 2, 1]),
             params: params(gpu, call, call.rows, &windows, 1, 0, 1),
             windows,
             workgroups: 1,
@@ -340,15 +366,15 @@ impl RowwiseFamily {
         Ok(())
     }
 
+    /// The pipeline of `entry` specialised with `[WG, ITEMS, TEAM, SG]` and the call's constants.
     fn pipeline(
         &self,
         gpu: &Gpu,
         call: &RowCall<'_>,
         entry: &'static str,
-        wg: u32,
-        items: u32,
+        [wg, items, team, sg]: [u32; 4],
     ) -> std::sync::Arc<wgpu::ComputePipeline> {
-        let mut constants = vec![("WG", wg), ("ITEMS", items)];
+        let mut constants = vec![("WG", wg), ("ITEMS", items), ("TEAM", team), ("SG", sg)];
         constants.extend_from_slice(&call.constants);
         self.shader
             .pipeline(&gpu.device, &PipelineKey { entry, constants })

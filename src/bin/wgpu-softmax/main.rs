@@ -2,6 +2,7 @@
 //! applies ops to `.npy` files.
 
 mod apply;
+mod bench;
 mod check;
 mod npy;
 
@@ -34,6 +35,8 @@ enum Command {
     },
     /// Apply an op over the last axis of a float32 `.npy` file.
     Apply(apply::ApplyArgs),
+    /// Time each op on the GPU and the CPU fast path: ms, GB/s and % of an in-run copy limit.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Check => with_context(check::run),
         Command::Info { short } => info(short),
         Command::Apply(args) => with_context(|ctx| apply::run(ctx, &args)),
+        Command::Bench(args) => with_context(|ctx| bench::run(ctx, &args)),
     }
 }
 

@@ -1,0 +1,443 @@
+//! Timing of the GPU kernels and of the CPU fast path, shared by `wgpu-softmax bench` and
+//! `cargo bench`. Every figure says how it was timed ([`Timing`]); throughput counts the bytes an
+//! op must read plus write ([`BenchOp::bytes`]).
+
+use std::time::{Duration, Instant};
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
+
+use crate::context::Context;
+use crate::cpu::fast;
+use crate::error::{Error, Result};
+use crate::kernels::rowwise::Operand;
+use crate::kernels::{Dispatch, Normalization, PipelineKey, Window};
+use crate::ops::{normalize_call, Tensor};
+use crate::options::{CrossEntropyOptions, GradOutput, Targets};
+use crate::training::{backward_call, CrossEntropyBuffers, CrossEntropyLoss, GradDestination};
+use crate::{TargetEncoding, TargetTensor};
+
+/// An operation as benchmarked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BenchOp {
+    /// Softmax.
+    Softmax,
+    /// Log-softmax.
+    LogSoftmax,
+    /// Softmax backward.
+    SoftmaxBackward,
+    /// Log-softmax backward.
+    LogSoftmaxBackward,
+    /// Cross-entropy loss and gradient, fused (mean reduction, index targets).
+    CrossEntropy,
+    /// A plain copy of the logits: the bandwidth limit.
+    Copy,
+}
+
+impl BenchOp {
+    /// The operations of the library (not [`BenchOp::Copy`]).
+    pub const OPS: [BenchOp; 5] = [
+        BenchOp::Softmax,
+        BenchOp::LogSoftmax,
+        BenchOp::SoftmaxBackward,
+        BenchOp::LogSoftmaxBackward,
+        BenchOp::CrossEntropy,
+    ];
+
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchOp::Softmax => "softmax",
+            BenchOp::LogSoftmax => "log-softmax",
+            BenchOp::SoftmaxBackward => "softmax-backward",
+            BenchOp::LogSoftmaxBackward => "log-softmax-backward",
+            BenchOp::CrossEntropy => "cross-entropy",
+            BenchOp::Copy => "copy",
+        }
+    }
+
+    /// The op named `name`.
+    pub fn from_name(name: &str) -> Option<BenchOp> {
+        Self::OPS
+            .into_iter()
+            .chain([BenchOp::Copy])
+            .find(|op| op.name() == name)
+    }
+
+    /// Bytes the op must read plus write for `rows x cols`: each input element read once, each
+    /// output element written once (targets and per-row losses included for cross-entropy).
+    pub fn bytes(self, rows: usize, cols: usize) -> u64 {
+        let matrix = (rows * cols * 4) as u64;
+        match self {
+            BenchOp::Softmax | BenchOp::LogSoftmax | BenchOp::Copy => 2 * matrix,
+            BenchOp::SoftmaxBackward | BenchOp::LogSoftmaxBackward => 3 * matrix,
+            BenchOp::CrossEntropy => 2 * matrix + 8 * rows as u64 + 4,
+        }
+    }
+}
+
+/// How a duration was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// GPU timestamps written at the start and end of the op's compute pass.
+    TimestampQuery,
+    /// Wall clock from submission to completion (the adapter has no timestamp queries).
+    WallSubmitToCompletion,
+    /// Wall clock of a host-slice call: upload, kernels and readback.
+    WallEndToEnd,
+    /// Wall clock of the CPU fast path.
+    WallCpu,
+}
+
+impl Timing {
+    /// A short name for tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Timing::TimestampQuery => "gpu-timestamps",
+            Timing::WallSubmitToCompletion => "wall-submit-to-completion",
+            Timing::WallEndToEnd => "wall-end-to-end",
+            Timing::WallCpu => "wall-cpu",
+        }
+    }
+}
+
+/// Random inputs for one op and shape, on the host.
+struct HostInputs {
+    logits: Vec<f32>,
+    dy: Vec<f32>,
+    targets: Vec<i32>,
+}
+
+impl HostInputs {
+    fn new(rows: usize, cols: usize, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let logits = (0..rows * cols)
+            .map(|_| rng.random_range(-8.0..8.0))
+            .collect();
+        let dy = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let targets = (0..rows)
+            .map(|_| rng.random_range(0..cols as i32))
+            .collect();
+        Self {
+            logits,
+            dy,
+            targets,
+        }
+    }
+}
+
+/// One op and shape set up on the GPU, run repeatedly.
+pub struct GpuBench {
+    ctx: Context,
+    op: BenchOp,
+    rows: usize,
+    cols: usize,
+    host: HostInputs,
+    x: Tensor,
+    dy: Tensor,
+    out: Tensor,
+    loss: Tensor,
+    loss_fn: CrossEntropyLoss,
+    targets: TargetTensor,
+    timer: Option<Timer>,
+}
+
+/// Timestamp queries around one compute pass.
+struct Timer {
+    queries: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    readback: wgpu::Buffer,
+}
+
+impl GpuBench {
+    /// Uploads random inputs for `op` on `rows x cols`.
+    ///
+    /// # Errors
+    /// Shape and device errors, as the ops themselves.
+    pub fn new(ctx: &Context, op: BenchOp, rows: usize, cols: usize) -> Result<Self> {
+        let host = HostInputs::new(rows, cols, (rows * 31 + cols) as u64);
+        let x = ctx.upload(&host.logits, cols)?;
+        let dy = ctx.upload(&host.dy, cols)?;
+        let out = ctx.empty(rows, cols)?;
+        let loss = ctx.empty(1, 1)?;
+        let loss_fn = ctx.cross_entropy_loss(cols, &CrossEntropyOptions::default())?;
+        let targets = loss_fn.upload_targets(Targets::IndicesI32(&host.targets))?;
+        let timer = ctx
+            .device()
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| Timer::new(ctx.device()));
+        Ok(Self {
+            ctx: ctx.clone(),
+            op,
+            rows,
+            cols,
+            host,
+            x,
+            dy,
+            out,
+            loss,
+            loss_fn,
+            targets,
+            timer,
+        })
+    }
+
+    /// How [`GpuBench::run`] times.
+    pub fn timing(&self) -> Timing {
+        if self.timer.is_some() {
+            Timing::TimestampQuery
+        } else {
+            Timing::WallSubmitToCompletion
+        }
+    }
+
+    /// Runs the op once on the device-resident inputs and returns its duration, timed as
+    /// [`GpuBench::timing`] says.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn run(&self) -> Result<Duration> {
+        self.submit(true)
+    }
+
+    /// Runs the op once on the device-resident inputs and returns the wall time from submission
+    /// to completion, without timestamp queries.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn run_wall(&self) -> Result<Duration> {
+        self.submit(false)
+    }
+
+    fn submit(&self, timed: bool) -> Result<Duration> {
+        let gpu = &self.ctx.gpu;
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        let timer = self.timer.as_ref().filter(|_| timed);
+        let timestamps = timer.map(|t| wgpu::ComputePassTimestampWrites {
+            query_set: &t.queries,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        });
+        gpu.scoped(|| self.encode(&mut encoder, timestamps))?;
+        if let Some(timer) = timer {
+            encoder.resolve_query_set(&timer.queries, 0..2, &timer.resolved, 0);
+            encoder.copy_buffer_to_buffer(&timer.resolved, 0, &timer.readback, 0, 16);
+        }
+        let start = Instant::now();
+        let submission = gpu.queue.submit([encoder.finish()]);
+        gpu.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        let wall = start.elapsed();
+        match timer {
+            None => Ok(wall),
+            Some(timer) => timer.read(&self.ctx),
+        }
+    }
+
+    /// Runs the op's host-slice form once (upload, kernels, readback) and returns its wall time.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn run_end_to_end(&self) -> Result<Duration> {
+        let (ctx, cols, host) = (&self.ctx, self.cols, &self.host);
+        let start = Instant::now();
+        match self.op {
+            BenchOp::Softmax | BenchOp::Copy => ctx.softmax(&host.logits, cols).map(drop),
+            BenchOp::LogSoftmax => ctx.log_softmax(&host.logits, cols).map(drop),
+            BenchOp::SoftmaxBackward => {
+                ctx.softmax_backward(&host.logits, &host.dy, cols).map(drop)
+            }
+            BenchOp::LogSoftmaxBackward => ctx
+                .log_softmax_backward(&host.logits, &host.dy, cols)
+                .map(drop),
+            BenchOp::CrossEntropy => ctx
+                .cross_entropy_with_grad(
+                    &host.logits,
+                    cols,
+                    Targets::IndicesI32(&host.targets),
+                    &CrossEntropyOptions::default(),
+                    GradOutput::One,
+                )
+                .map(drop),
+        }?;
+        Ok(start.elapsed())
+    }
+
+    fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        let gpu = &self.ctx.gpu;
+        let (rows, cols) = (self.rows, self.cols);
+        match self.op {
+            BenchOp::Softmax | BenchOp::LogSoftmax => {
+                let op = if self.op == BenchOp::Softmax {
+                    Normalization::Softmax
+                } else {
+                    Normalization::LogSoftmax
+                };
+                let call = normalize_call(
+                    op,
+                    Operand::matrix(&self.x.buffer, cols),
+                    Operand::matrix(&self.out.buffer, cols),
+                    rows,
+                    cols,
+                );
+                gpu.kernels.softmax.encode(gpu, encoder, &call, timestamps)
+            }
+            BenchOp::SoftmaxBackward | BenchOp::LogSoftmaxBackward => {
+                let op = if self.op == BenchOp::SoftmaxBackward {
+                    Normalization::Softmax
+                } else {
+                    Normalization::LogSoftmax
+                };
+                let buffers = [&self.x.buffer, &self.dy.buffer, &self.out.buffer];
+                let call = backward_call(op, buffers, rows, cols);
+                gpu.kernels.backward.encode(gpu, encoder, &call, timestamps)
+            }
+            BenchOp::CrossEntropy => {
+                let buffers = CrossEntropyBuffers {
+                    logits: &self.x.buffer,
+                    targets: self.targets.buffer(),
+                    target_encoding: TargetEncoding::Indices,
+                    loss: &self.loss.buffer,
+                    grad: GradDestination::Buffer(&self.out.buffer),
+                    rows,
+                };
+                self.loss_fn.encode_timed(encoder, buffers, 1.0, timestamps)
+            }
+            BenchOp::Copy => {
+                let len4 = (rows * cols / 4) as u32;
+                let groups = len4.div_ceil(256);
+                let max_dim = gpu.limits.max_compute_workgroups_per_dimension;
+                let params: [u32; 4] = [len4, crate::kernels::grid(groups, max_dim).0, 0, 0];
+                let window = |t: &Tensor| {
+                    Window::new(
+                        &t.buffer,
+                        0,
+                        u64::from(len4) * 4,
+                        gpu.storage_align(),
+                        gpu.max_binding(),
+                    )
+                };
+                let family = &gpu.kernels.copy;
+                let key = PipelineKey {
+                    entry: "copy",
+                    constants: Vec::new(),
+                };
+                let dispatch = Dispatch {
+                    pipeline: family.pipeline(&gpu.device, &key),
+                    params: bytemuck::cast_slice(&params).to_vec(),
+                    windows: vec![window(&self.x), window(&self.out)],
+                    workgroups: groups,
+                };
+                crate::kernels::record(&gpu.device, family, encoder, &[dispatch], timestamps);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Timer {
+    fn new(device: &wgpu::Device) -> Self {
+        let buffer = |usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-softmax timestamps"),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Self {
+            queries: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("wgpu-softmax timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolved: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+        }
+    }
+
+    fn read(&self, ctx: &Context) -> Result<Duration> {
+        let slice = self.readback.slice(..);
+        slice.map_async(wgpu::MapMode::Read, |_| {});
+        ctx.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        let ticks: [u64; 2] = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Map(e.to_string()))?;
+            bytemuck::pod_read_unaligned(&view[..16])
+        };
+        self.readback.unmap();
+        let period = f64::from(ctx.queue().get_timestamp_period());
+        let nanos = ticks[1].saturating_sub(ticks[0]) as f64 * period;
+        Ok(Duration::from_nanos(nanos as u64))
+    }
+}
+
+/// One op and shape set up for the CPU fast path.
+pub struct CpuBench {
+    op: BenchOp,
+    cols: usize,
+    host: HostInputs,
+    out: Vec<f32>,
+}
+
+impl CpuBench {
+    /// Random inputs for `op` on `rows x cols`.
+    pub fn new(op: BenchOp, rows: usize, cols: usize) -> Self {
+        Self {
+            op,
+            cols,
+            host: HostInputs::new(rows, cols, (rows * 31 + cols) as u64),
+            out: vec![0.0; rows * cols],
+        }
+    }
+
+    /// Runs the op once into a preallocated output and returns its wall time. For
+    /// [`BenchOp::Copy`], a multi-threaded memcpy: the CPU's bandwidth limit.
+    ///
+    /// # Errors
+    /// Shape errors, as the ops themselves.
+    pub fn run(&mut self) -> Result<Duration> {
+        let (cols, host) = (self.cols, &self.host);
+        let out = &mut self.out;
+        let start = Instant::now();
+        match self.op {
+            BenchOp::Softmax => fast::softmax_into(&host.logits, cols, out)?,
+            BenchOp::LogSoftmax => fast::log_softmax_into(&host.logits, cols, out)?,
+            BenchOp::SoftmaxBackward => {
+                fast::softmax_backward_into(&host.logits, &host.dy, cols, out)?
+            }
+            BenchOp::LogSoftmaxBackward => {
+                fast::log_softmax_backward_into(&host.logits, &host.dy, cols, out)?
+            }
+            BenchOp::CrossEntropy => {
+                fast::cross_entropy_into(
+                    &host.logits,
+                    cols,
+                    Targets::IndicesI32(&host.targets),
+                    &CrossEntropyOptions::default(),
+                    GradOutput::One,
+                    out,
+                )?;
+            }
+            BenchOp::Copy => out
+                .par_chunks_mut(1 << 16)
+                .zip(host.logits.par_chunks(1 << 16))
+                .for_each(|(dst, src)| dst.copy_from_slice(src)),
+        }
+        Ok(start.elapsed())
+    }
+}

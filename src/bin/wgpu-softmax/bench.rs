@@ -1,0 +1,266 @@
+//! `wgpu-softmax bench`: time, GB/s and the share of an in-run bandwidth limit for each op and
+//! shape, on the GPU (kernel time) and on the CPU fast path.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, Timing};
+use wgpu_softmax::{Context, Result};
+
+/// The shapes benchmarked by default: square, many medium rows, many short rows, few long rows,
+/// very few very long rows, and a latency-bound tiny batch.
+const DEFAULT_SHAPES: &[(usize, usize)] = &[
+    (4096, 4096),
+    (16384, 1024),
+    (65536, 128),
+    (64, 262_144),
+    (4, 524_288),
+    (32, 10),
+];
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Ops to run (repeatable): softmax, log-softmax, softmax-backward, log-softmax-backward,
+    /// cross-entropy. Default: all.
+    #[arg(long = "op", value_parser = parse_op)]
+    ops: Vec<BenchOp>,
+    /// Shapes `ROWSxCOLS` (repeatable). Default: 4096x4096, 16384x1024, 65536x128, 64x262144,
+    /// 4x524288, 32x10.
+    #[arg(long = "shape", value_parser = parse_shape)]
+    shapes: Vec<(usize, usize)>,
+    /// Timed repetitions per case (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 7)]
+    repeats: usize,
+    /// Print a JSON array of records instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also time the GPU host-slice form end to end (upload, kernels, readback).
+    #[arg(long)]
+    end_to_end: bool,
+    /// Skip the CPU fast path.
+    #[arg(long)]
+    no_cpu: bool,
+    /// Skip the GPU.
+    #[arg(long)]
+    no_gpu: bool,
+    /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
+    /// thread_workgroup, thread_max_cols, subgroup_workgroup, subgroup_max_cols, row_workgroup,
+    /// max_items, split_min_cols, split_max_rows, split_chunk.
+    #[arg(long = "tune", value_parser = parse_tune)]
+    tune: Vec<(String, u32)>,
+}
+
+fn parse_tune(text: &str) -> Result<(String, u32), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not FIELD=VALUE"))?;
+    let value = value.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    Ok((key.to_string(), value))
+}
+
+fn tuned(ctx: &Context, overrides: &[(String, u32)]) -> std::result::Result<Context, String> {
+    if overrides.is_empty() {
+        return Ok(ctx.clone());
+    }
+    let mut t = ctx.tuning();
+    for (key, value) in overrides {
+        let slot = match key.as_str() {
+            "thread_workgroup" => &mut t.thread_workgroup,
+            "thread_max_cols" => &mut t.thread_max_cols,
+            "subgroup_workgroup" => &mut t.subgroup_workgroup,
+            "subgroup_max_cols" => &mut t.subgroup_max_cols,
+            "row_workgroup" => &mut t.row_workgroup,
+            "max_items" => &mut t.max_items,
+            "split_min_cols" => &mut t.split_min_cols,
+            "split_max_rows" => &mut t.split_max_rows,
+            "split_chunk" => &mut t.split_chunk,
+            other => return Err(format!("unknown tuning field {other:?}")),
+        };
+        *slot = *value;
+    }
+    Context::from_device_with_tuning(ctx.device().clone(), ctx.queue().clone(), t)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_op(name: &str) -> Result<BenchOp, String> {
+    BenchOp::from_name(name).ok_or_else(|| {
+        let names: Vec<_> = BenchOp::OPS.iter().map(|op| op.name()).collect();
+        format!("unknown op {name:?}; one of {}", names.join(", "))
+    })
+}
+
+fn parse_shape(text: &str) -> Result<(usize, usize), String> {
+    let (rows, cols) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("shape {text:?} is not ROWSxCOLS"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("shape {text:?}: {e}"))
+    };
+    let (rows, cols) = (parse(rows)?, parse(cols)?);
+    if rows == 0 || cols == 0 {
+        return Err(format!("shape {text:?} must have rows and cols >= 1"));
+    }
+    Ok((rows, cols))
+}
+
+/// One line of the results.
+#[derive(Debug, Serialize)]
+struct Record {
+    op: &'static str,
+    rows: usize,
+    cols: usize,
+    device: &'static str,
+    /// Median seconds.
+    seconds: f64,
+    /// Bytes read plus written per second / 1e9.
+    gb_per_s: f64,
+    /// The in-run limit: the copy kernel (gpu) or a multi-threaded memcpy (cpu), same bytes.
+    limit_gb_per_s: f64,
+    pct_of_limit: f64,
+    timing: &'static str,
+    adapter: String,
+}
+
+fn median(mut run: impl FnMut() -> Result<Duration>, repeats: usize) -> Result<Duration> {
+    run()?;
+    let mut times = (0..repeats.max(1))
+        .map(|_| run())
+        .collect::<Result<Vec<_>>>()?;
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+pub fn run(ctx: &Context, args: &BenchArgs) -> ExitCode {
+    let ctx = &match tuned(ctx, &args.tune) {
+        Ok(ctx) => ctx,
+        Err(error) => {
+            eprintln!("wgpu-softmax bench: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let ops = if args.ops.is_empty() {
+        BenchOp::OPS.to_vec()
+    } else {
+        args.ops.clone()
+    };
+    let shapes = if args.shapes.is_empty() {
+        DEFAULT_SHAPES.to_vec()
+    } else {
+        args.shapes.clone()
+    };
+    match measure(ctx, args, &ops, &shapes) {
+        Ok(records) => {
+            if args.json {
+                match serde_json::to_string_pretty(&records) {
+                    Ok(text) => println!("{text}"),
+                    Err(error) => {
+                        eprintln!("wgpu-softmax bench: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print_table(ctx, &records);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("wgpu-softmax bench: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn measure(
+    ctx: &Context,
+    args: &BenchArgs,
+    ops: &[BenchOp],
+    shapes: &[(usize, usize)],
+) -> Result<Vec<Record>> {
+    let bar = ProgressBar::new((ops.len() * shapes.len()) as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
+    );
+    let adapter = ctx.describe();
+    let mut records = Vec::new();
+    for &(rows, cols) in shapes {
+        bar.set_message(format!("copy {rows}x{cols}"));
+        let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
+        let gpu_limit = if args.no_gpu {
+            f64::NAN
+        } else {
+            let copy = GpuBench::new(ctx, BenchOp::Copy, rows, cols)?;
+            copy_bytes / median(|| copy.run(), args.repeats)?.as_secs_f64() / 1e9
+        };
+        let cpu_limit = if args.no_cpu {
+            f64::NAN
+        } else {
+            let mut copy = CpuBench::new(BenchOp::Copy, rows, cols);
+            copy_bytes / median(|| copy.run(), args.repeats)?.as_secs_f64() / 1e9
+        };
+        for &op in ops {
+            bar.set_message(format!("{} {rows}x{cols}", op.name()));
+            let bytes = op.bytes(rows, cols) as f64;
+            let record = |device, time: Duration, limit: f64, timing: Timing| {
+                let gb_per_s = bytes / time.as_secs_f64() / 1e9;
+                Record {
+                    op: op.name(),
+                    rows,
+                    cols,
+                    device,
+                    seconds: time.as_secs_f64(),
+                    gb_per_s,
+                    limit_gb_per_s: limit,
+                    pct_of_limit: 100.0 * gb_per_s / limit,
+                    timing: timing.name(),
+                    adapter: adapter.clone(),
+                }
+            };
+            if !args.no_gpu {
+                let gpu = GpuBench::new(ctx, op, rows, cols)?;
+                let time = median(|| gpu.run(), args.repeats)?;
+                records.push(record("gpu", time, gpu_limit, gpu.timing()));
+                if args.end_to_end {
+                    let time = median(|| gpu.run_end_to_end(), args.repeats)?;
+                    records.push(record("gpu", time, gpu_limit, Timing::WallEndToEnd));
+                }
+            }
+            if !args.no_cpu {
+                let mut cpu = CpuBench::new(op, rows, cols);
+                let time = median(|| cpu.run(), args.repeats)?;
+                records.push(record("cpu", time, cpu_limit, Timing::WallCpu));
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(records)
+}
+
+fn print_table(ctx: &Context, records: &[Record]) {
+    println!("adapter: {}", ctx.describe());
+    println!("tuning: {:?}", ctx.tuning());
+    println!(
+        "{:<21} {:>13} {:>6} {:>11} {:>8} {:>8} {:>7}  timing",
+        "op", "shape", "device", "ms", "GB/s", "limit", "% lim"
+    );
+    for r in records {
+        println!(
+            "{:<21} {:>13} {:>6} {:>11.3} {:>8.2} {:>8.2} {:>6.1}%  {}",
+            r.op,
+            format!("{}x{}", r.rows, r.cols),
+            r.device,
+            r.seconds * 1e3,
+            r.gb_per_s,
+            r.limit_gb_per_s,
+            r.pct_of_limit,
+            r.timing
+        );
+    }
+    println!(
+        "GB/s: bytes read + written per second; limit: a copy kernel of the same bytes on this adapter (gpu), a multi-threaded memcpy (cpu), both measured in this run; medians."
+    );
+}
