@@ -220,26 +220,59 @@ impl Tensor {
     pub fn softmax_jacobian(&self) -> Result<Tensor> {
         validate::jacobian_rows("x", self.len(), self.cols)?;
         let ctx = &self.ctx;
-        let probs = self.softmax()?;
         let out = ctx.empty(self.rows, self.cols * self.cols)?;
         let gpu = &ctx.gpu;
         gpu.scoped(|| {
-            let call = RowCall {
-                rows: self.rows,
-                cols: self.cols,
-                operands: vec![
-                    Operand::matrix(&probs.buffer, self.cols),
-                    Operand::matrix(&out.buffer, self.cols * self.cols),
-                ],
-                constants: Vec::new(),
-                words: [0; 4],
-            };
             submit(gpu, |encoder| {
-                gpu.kernels.jacobian.encode(gpu, encoder, &call, None)
+                encode_jacobian(
+                    gpu,
+                    encoder,
+                    &self.buffer,
+                    &out.buffer,
+                    self.rows,
+                    self.cols,
+                )
             })
         })?;
         Ok(out)
     }
+}
+
+/// Records the softmax of `x` into a scratch buffer, then the Jacobian blocks from it.
+fn encode_jacobian(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    x: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    // The probabilities live until the encoder's work is done: the bind groups hold them.
+    let probs = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-softmax jacobian probabilities"),
+        size: ((rows * cols * 4) as u64).max(4),
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let softmax = crate::ops::normalize_call(
+        Normalization::Softmax,
+        Operand::matrix(x, cols),
+        Operand::matrix(&probs, cols),
+        rows,
+        cols,
+    );
+    gpu.kernels.softmax.encode(gpu, encoder, &softmax, None)?;
+    let call = RowCall {
+        rows,
+        cols,
+        operands: vec![
+            Operand::matrix(&probs, cols),
+            Operand::matrix(out, cols * cols),
+        ],
+        constants: Vec::new(),
+        words: [0; 4],
+    };
+    gpu.kernels.jacobian.encode(gpu, encoder, &call, None)
 }
 
 impl Context {
@@ -252,6 +285,39 @@ impl Context {
     pub fn softmax_jacobian(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
         validate::jacobian_rows("x", x.len(), cols)?;
         self.upload(x, cols)?.softmax_jacobian()?.to_vec()
+    }
+
+    /// Records `output = softmax_jacobian(input)` for `rows x cols` into the caller's `encoder`:
+    /// `output` holds `rows * cols * cols` f32. Both buffers need `STORAGE`.
+    ///
+    /// # Errors
+    /// [`Error::JacobianTooWide`], [`Error::MissingUsage`], [`Error::BufferTooSmall`],
+    /// [`Error::Aliased`], [`Error::ZeroCols`].
+    pub fn encode_softmax_jacobian(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        input: &wgpu::Buffer,
+        output: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let len = rows.checked_mul(cols).ok_or(Error::ShapeTooLarge {
+            what: "rows",
+            value: rows,
+            max: usize::MAX / cols.max(1),
+        })?;
+        validate::jacobian_rows("input", len, cols)?;
+        let storage = wgpu::BufferUsages::STORAGE;
+        validate_buffer("input", input, len as u64 * 4, storage)?;
+        validate_buffer("output", output, (len * cols) as u64 * 4, storage)?;
+        if input == output {
+            return Err(Error::Aliased {
+                first: "input",
+                second: "output",
+            });
+        }
+        let gpu = &self.gpu;
+        gpu.scoped(|| encode_jacobian(gpu, encoder, input, output, rows, cols))
     }
 }
 

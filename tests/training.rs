@@ -141,6 +141,24 @@ fn jacobian_matches_the_reference_and_its_cap() {
             let cmp = Tolerance::SOFTMAX.compare(&got, &want);
             assert!(cmp.passed(), "jacobian {rows}x{cols}: {cmp:?}");
         }
+        // The encode form on the caller's buffers gives the host form's result.
+        let (rows, cols) = (9, 12);
+        let x = logits(rows, cols, 2.0, 99);
+        let input = ctx.upload(&x, cols).unwrap();
+        let output = ctx.empty(rows, cols * cols).unwrap();
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        ctx.encode_softmax_jacobian(&mut encoder, input.buffer(), output.buffer(), rows, cols)
+            .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        assert_eq!(
+            output.to_vec().unwrap(),
+            ctx.softmax_jacobian(&x, cols).unwrap()
+        );
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        assert!(matches!(
+            ctx.encode_softmax_jacobian(&mut encoder, input.buffer(), input.buffer(), rows, cols),
+            Err(Error::BufferTooSmall { what: "output", .. })
+        ));
         let wide = vec![0.0; 1025];
         assert!(matches!(
             ctx.softmax_jacobian(&wide, 1025),
