@@ -5,17 +5,8 @@
 //! Throughput counts the bytes an op must read plus write.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench};
+use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, SHAPES};
 use wgpu_softmax::Context;
-
-const SHAPES: &[(usize, usize)] = &[
-    (4096, 4096),
-    (16384, 1024),
-    (65536, 128),
-    (64, 262_144),
-    (4, 524_288),
-    (32, 10),
-];
 
 fn ops(c: &mut Criterion) {
     let ctx = match Context::new_blocking() {

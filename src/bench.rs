@@ -17,6 +17,17 @@ use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 use crate::training::{backward_call, CrossEntropyBuffers, CrossEntropyLoss, GradDestination};
 use crate::{TargetEncoding, TargetTensor};
 
+/// The shapes of the benchmark table: square, many medium rows, many short rows, few long rows,
+/// very few very long rows, and a latency-bound tiny batch.
+pub const SHAPES: [(usize, usize); 6] = [
+    (4096, 4096),
+    (16384, 1024),
+    (65536, 128),
+    (64, 262_144),
+    (4, 524_288),
+    (32, 10),
+];
+
 /// An operation as benchmarked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BenchOp {

@@ -7,19 +7,8 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, Timing};
+use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, Timing, SHAPES};
 use wgpu_softmax::{Context, Result};
-
-/// The shapes benchmarked by default: square, many medium rows, many short rows, few long rows,
-/// very few very long rows, and a latency-bound tiny batch.
-const DEFAULT_SHAPES: &[(usize, usize)] = &[
-    (4096, 4096),
-    (16384, 1024),
-    (65536, 128),
-    (64, 262_144),
-    (4, 524_288),
-    (32, 10),
-];
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -149,7 +138,7 @@ pub fn run(ctx: &Context, args: &BenchArgs) -> ExitCode {
         args.ops.clone()
     };
     let shapes = if args.shapes.is_empty() {
-        DEFAULT_SHAPES.to_vec()
+        SHAPES.to_vec()
     } else {
         args.shapes.clone()
     };
