@@ -19,7 +19,7 @@ fn ops(c: &mut Criterion) {
     for op in BenchOp::OPS {
         let mut group = c.benchmark_group(op.name());
         group.sample_size(10);
-        for &(rows, cols) in SHAPES {
+        for (rows, cols) in SHAPES {
             let shape = format!("{rows}x{cols}");
             group.throughput(Throughput::Bytes(op.bytes(rows, cols)));
             if let Some(ctx) = &ctx {
