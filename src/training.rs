@@ -781,7 +781,9 @@ impl CrossEntropyLoss {
     /// The loss alone.
     ///
     /// # Errors
-    /// [`Error::LengthMismatch`] when logits and targets disagree in shape, and device errors.
+    /// [`Error::LengthMismatch`] when logits and targets disagree in shape,
+    /// [`Error::ShapeTooLarge`] for `Mean` and `Sum` over more rows than one storage binding
+    /// holds one word each for (the host forms have no such bound), and device errors.
     pub fn loss(&self, logits: &Tensor, targets: &TargetTensor) -> Result<Tensor> {
         self.check_shapes(logits, targets)?;
         let loss = self.loss_tensor(logits.rows)?;
