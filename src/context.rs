@@ -52,9 +52,32 @@ impl std::fmt::Debug for Context {
 }
 
 /// The limits the kernels cannot do without. Every WebGPU device meets them; GL ES downlevel
-/// devices may not.
-const NEEDED_STORAGE_BUFFERS: u32 = 3;
+/// devices, and devices a caller requested with lowered limits, may not. Checking them up front
+/// turns what would be a validation failure deep inside pipeline creation into a typed error that
+/// names the limit.
 const NEEDED_INVOCATIONS: u32 = 64;
+/// `red_max` and `red_sum` in `shaders/common.wgsl`: 256 f32 plus 256 vec4<f32>.
+const NEEDED_WORKGROUP_STORAGE: u32 = 256 * 4 + 256 * 16;
+
+/// Storage buffers the widest kernel family binds: its operands plus the split-row partials.
+fn needed_storage_buffers() -> u32 {
+    use crate::kernels::rowwise::{BACKWARD, CROSS_ENTROPY, JACOBIAN, SOFTMAX};
+    [&SOFTMAX, &BACKWARD, &CROSS_ENTROPY, &JACOBIAN]
+        .iter()
+        .map(|family| family.operands.len() as u32 + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+// Operations run from several threads on one context; losing either bound would be a breaking
+// change, so it is checked at compile time.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Context>();
+    shareable::<crate::ops::Tensor>();
+    shareable::<crate::training::CrossEntropyLoss>();
+    shareable::<crate::training::TargetTensor>();
+};
 
 impl Context {
     /// Picks an adapter as `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` say and creates a device on it.
@@ -126,10 +149,33 @@ impl Context {
 
     fn build(device: wgpu::Device, queue: wgpu::Queue, tuning: Option<Tuning>) -> Result<Self> {
         let limits = device.limits();
+        let storage_buffers = needed_storage_buffers();
         check_limit(
             "max_storage_buffers_per_shader_stage",
-            NEEDED_STORAGE_BUFFERS,
+            storage_buffers,
             limits.max_storage_buffers_per_shader_stage,
+        )?;
+        // The parameter block, the storage buffers, one group.
+        check_limit(
+            "max_bindings_per_bind_group",
+            storage_buffers + 1,
+            limits.max_bindings_per_bind_group,
+        )?;
+        check_limit(
+            "max_uniform_buffers_per_shader_stage",
+            1,
+            limits.max_uniform_buffers_per_shader_stage,
+        )?;
+        check_limit("max_bind_groups", 1, limits.max_bind_groups)?;
+        check_limit(
+            "max_compute_workgroup_storage_size",
+            NEEDED_WORKGROUP_STORAGE,
+            limits.max_compute_workgroup_storage_size,
+        )?;
+        check_limit(
+            "max_compute_workgroups_per_dimension",
+            1,
+            limits.max_compute_workgroups_per_dimension,
         )?;
         check_limit(
             "max_compute_invocations_per_workgroup",
@@ -300,6 +346,10 @@ async fn select_adapter(
 impl Gpu {
     /// Fails if the device has been lost.
     pub fn check_alive(&self) -> Result<()> {
+        // wgpu reports a destroyed device through the lost callback only from its maintenance,
+        // and silently ignores work on it until then; a non-blocking poll runs that maintenance
+        // so a device destroyed since the last call is seen here, not as a hang or garbage later.
+        let _ = self.device.poll(wgpu::PollType::Poll);
         match &*self.lost.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(reason) => Err(Error::DeviceLost(reason.clone())),
             None => Ok(()),
@@ -323,7 +373,7 @@ impl Gpu {
         self.check_alive()?;
         // A lost device explains a validation error that follows it better than the error.
         capture(&self.device, work).map_err(|error| match self.check_alive() {
-            Err(lost) if matches!(error, Error::Validation(_)) => lost,
+            Err(lost) if matches!(error, Error::Validation(_) | Error::Internal(_)) => lost,
             _ => error,
         })
     }
@@ -337,7 +387,24 @@ impl Gpu {
         out: &mut [f32],
         wait: Wait,
     ) -> Result<()> {
-        let bytes = (out.len() * 4) as u64;
+        self.read_mapped_parts(buffer, submission, &mut [(0, out)], wait)
+            .await
+    }
+
+    /// [`Gpu::read_mapped`] for several pieces of one buffer at once: each `(byte offset, out)`
+    /// receives `out.len()` f32 from that offset. One mapping serves them all.
+    pub async fn read_mapped_parts(
+        &self,
+        buffer: &wgpu::Buffer,
+        submission: wgpu::SubmissionIndex,
+        parts: &mut [(u64, &mut [f32])],
+        wait: Wait,
+    ) -> Result<()> {
+        let bytes = parts
+            .iter()
+            .map(|(offset, out)| offset + (out.len() * 4) as u64)
+            .max()
+            .unwrap_or(0);
         if bytes == 0 {
             return Ok(());
         }
@@ -376,7 +443,11 @@ impl Gpu {
             let view = slice
                 .get_mapped_range()
                 .map_err(|e| Error::Map(e.to_string()))?;
-            out.copy_from_slice(bytemuck::cast_slice(&view));
+            for (offset, out) in parts.iter_mut() {
+                let start = *offset as usize;
+                let end = start + out.len() * 4;
+                out.copy_from_slice(bytemuck::cast_slice(&view[start..end]));
+            }
         }
         buffer.unmap();
         Ok(())
@@ -394,16 +465,35 @@ impl Gpu {
 /// error into [`Error`]. wgpu-core reports errors when the call is made, so the scopes resolve
 /// immediately.
 pub(crate) fn capture<T>(device: &wgpu::Device, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    // An error no scope catches goes to the device's handler, which for a caller's device is
+    // wgpu's default: a panic. So every filter there is gets a scope.
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let result = work();
+    // A few wgpu helpers (e.g. `create_buffer_init`, which the kernel recorder uses for its
+    // parameter blocks) panic instead of reporting when the device is lost between our check
+    // and the call. That must not unwind through the caller's code: it is contained here and
+    // reported as the device loss it is (`scoped` maps it once the lost callback has run).
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a wgpu call panicked");
+            Err(Error::Internal(message.to_string()))
+        });
     let validation = pollster::block_on(validation.pop());
     let oom = pollster::block_on(oom.pop());
+    let internal = pollster::block_on(internal.pop());
     if let Some(error) = oom {
         return Err(Error::OutOfMemory(error.to_string()));
     }
     if let Some(error) = validation {
         return Err(Error::Validation(error.to_string()));
+    }
+    if let Some(error) = internal {
+        return Err(Error::Internal(error.to_string()));
     }
     result
 }

@@ -140,6 +140,9 @@ pub enum Error {
     /// A validation error raised by wgpu while running an operation.
     #[error("GPU validation error: {0}")]
     Validation(String),
+    /// An internal error of wgpu or the driver (e.g. a shader the driver failed to compile).
+    #[error("GPU internal error: {0}")]
+    Internal(String),
     /// The device ran out of memory.
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),

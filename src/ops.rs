@@ -10,7 +10,7 @@ use crate::validate;
 
 /// The host forms move data in pieces of at most this many bytes, so staging memory stays bounded
 /// whatever the batch size.
-const HOST_CHUNK_BYTES: u64 = 64 << 20;
+pub(crate) const HOST_CHUNK_BYTES: u64 = 64 << 20;
 
 /// A `[rows x cols]` f32 matrix resident on the GPU, row-major in one buffer.
 ///
@@ -235,8 +235,9 @@ impl Context {
         if cols == 0 {
             return Err(Error::ZeroCols);
         }
-        let bytes = (rows as u64)
-            .checked_mul(cols as u64 * 4)
+        let bytes = (cols as u64)
+            .checked_mul(4)
+            .and_then(|row| row.checked_mul(rows as u64))
             .ok_or(Error::ShapeTooLarge {
                 what: "rows",
                 value: rows,
@@ -317,7 +318,7 @@ impl Context {
         if cols == 0 {
             return Err(Error::ZeroCols);
         }
-        let bytes = (rows as u64).saturating_mul(cols as u64 * 4);
+        let bytes = matrix_bytes(rows, cols);
         validate_buffer("input", input, bytes, wgpu::BufferUsages::STORAGE)?;
         validate_buffer("output", output, bytes, wgpu::BufferUsages::STORAGE)?;
         if input == output {
@@ -455,6 +456,12 @@ pub(crate) fn normalize_call<'a>(
         constants: vec![op.constant()],
         words: [0; 4],
     }
+}
+
+/// The bytes of a `rows x cols` f32 matrix, saturating: a shape too large to exist then fails
+/// the buffer-size check instead of overflowing.
+pub(crate) fn matrix_bytes(rows: usize, cols: usize) -> u64 {
+    (rows as u64).saturating_mul((cols as u64).saturating_mul(4))
 }
 
 /// Checks that a caller's buffer holds `needed` bytes and has `usage`.

@@ -8,7 +8,7 @@ use crate::cpu::CrossEntropyOutput;
 use crate::error::{Error, Result};
 use crate::kernels::rowwise::{Operand, RowCall};
 use crate::kernels::Normalization;
-use crate::ops::{validate_buffer, Tensor, TENSOR_USAGES};
+use crate::ops::{matrix_bytes, validate_buffer, Tensor, HOST_CHUNK_BYTES, TENSOR_USAGES};
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 use crate::validate::{self, CrossEntropyTargets, UpstreamGrad, IGNORED_ROW};
 
@@ -79,11 +79,48 @@ impl Context {
         cols: usize,
         wait: Wait,
     ) -> Result<Vec<f32>> {
-        validate::batch_rows("y", y.len(), cols)?;
+        let rows = validate::batch_rows("y", y.len(), cols)?;
         validate::same_len("grad_output", y.len(), grad_output.len())?;
-        let y = self.upload(y, cols)?;
-        let dy = self.upload(grad_output, cols)?;
-        y.backward(op, &dy)?.read(wait).await
+        let gpu = &self.gpu;
+        gpu.check_alive()?;
+        let mut out = vec![0f32; y.len()];
+        if rows == 0 {
+            return Ok(out);
+        }
+        // Row blocks, like the forward host forms, so a batch larger than one binding or one
+        // buffer still runs.
+        let blocks = host_blocks(gpu, rows, cols)?;
+        let bytes = matrix_bytes(blocks[0].1, cols);
+        let [y_buf, dy_buf, dx_buf, readback] = gpu.scoped(|| {
+            Ok([
+                staging(gpu, "wgpu-softmax y", bytes, TENSOR_USAGES),
+                staging(gpu, "wgpu-softmax grad_output", bytes, TENSOR_USAGES),
+                staging(gpu, "wgpu-softmax grad_input", bytes, TENSOR_USAGES),
+                staging(gpu, "wgpu-softmax readback", bytes, READBACK),
+            ])
+        })?;
+        for (first, n) in blocks {
+            let range = first * cols..(first + n) * cols;
+            let submission = gpu.scoped(|| {
+                gpu.queue
+                    .write_buffer(&y_buf, 0, bytemuck::cast_slice(&y[range.clone()]));
+                gpu.queue.write_buffer(
+                    &dy_buf,
+                    0,
+                    bytemuck::cast_slice(&grad_output[range.clone()]),
+                );
+                let call = backward_call(op, [&y_buf, &dy_buf, &dx_buf], n, cols);
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                gpu.kernels
+                    .backward
+                    .encode(gpu, &mut encoder, &call, None)?;
+                encoder.copy_buffer_to_buffer(&dx_buf, 0, &readback, 0, matrix_bytes(n, cols));
+                Ok(gpu.queue.submit([encoder.finish()]))
+            })?;
+            gpu.read_mapped(&readback, submission, &mut out[range], wait)
+                .await?;
+        }
+        Ok(out)
     }
 
     /// Records `grad_input = softmax_backward(y, grad_output)` for `rows x cols` into the caller's
@@ -134,7 +171,7 @@ impl Context {
         if cols == 0 {
             return Err(Error::ZeroCols);
         }
-        let bytes = (rows as u64).saturating_mul(cols as u64 * 4);
+        let bytes = matrix_bytes(rows, cols);
         let storage = wgpu::BufferUsages::STORAGE;
         validate_buffer("y", y, bytes, storage)?;
         validate_buffer("grad_output", dy, bytes, storage)?;
@@ -319,6 +356,27 @@ impl Context {
         let gpu = &self.gpu;
         gpu.scoped(|| encode_jacobian(gpu, encoder, input, output, rows, cols))
     }
+}
+
+const READBACK: wgpu::BufferUsages =
+    wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
+
+/// The row blocks a host form moves through the GPU one at a time: each fits one storage binding
+/// and the bounded staging size.
+fn host_blocks(gpu: &Gpu, rows: usize, cols: usize) -> Result<Vec<(usize, usize)>> {
+    let limit = gpu.max_binding().min(HOST_CHUNK_BYTES);
+    crate::kernels::row_blocks(rows, cols, limit, gpu.storage_align())
+}
+
+/// A staging buffer of a host call; call inside [`Gpu::scoped`] so a failed allocation is an
+/// error.
+fn staging(gpu: &Gpu, label: &'static str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(4),
+        usage,
+        mapped_at_creation: false,
+    })
 }
 
 /// Records with `body` into a new encoder and submits it.
@@ -616,22 +674,105 @@ impl Context {
             options,
             grad_output.unwrap_or_default(),
         )?;
-        let loss_fn = self.cross_entropy_loss(cols, options)?;
-        let x = self.upload(logits, cols)?;
-        let t = loss_fn.upload_resolved(&plan.targets, plan.rows)?;
-        match grad_output {
-            None => Ok(CrossEntropyOutput {
-                loss: loss_fn.loss(&x, &t)?.read(wait).await?,
-                grad: Vec::new(),
-            }),
-            Some(g) => {
-                let out = loss_fn.loss_and_grad(&x, &t, g)?;
-                Ok(CrossEntropyOutput {
-                    loss: out.loss.read(wait).await?,
-                    grad: out.grad.read(wait).await?,
-                })
+        // Every row block runs unreduced with its rows' own gradient factor (g, or g / D for the
+        // mean, D resolved from all targets up front); the blocks' losses are then reduced here
+        // in f64. So a batch of any size gives the result one pass over it would, and the
+        // single-workgroup reduction passes never see more rows than one binding holds.
+        let per_row = CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..*options
+        };
+        let loss_fn = self.cross_entropy_loss(cols, &per_row)?;
+        let gpu = &self.gpu;
+        gpu.check_alive()?;
+        let (rows, want_grad) = (plan.rows, grad_output.is_some());
+        let mut row_losses = vec![0f32; rows];
+        let mut grad = if want_grad {
+            vec![0f32; logits.len()]
+        } else {
+            Vec::new()
+        };
+        if rows > 0 {
+            let blocks = host_blocks(gpu, rows, cols)?;
+            let most = blocks[0].1;
+            let (matrix, vector) = (matrix_bytes(most, cols), matrix_bytes(most, 1));
+            let probabilities = matches!(plan.targets, CrossEntropyTargets::Probabilities(_));
+            let target_bytes = if probabilities { matrix } else { vector };
+            let grad_bytes = if want_grad { matrix } else { 0 };
+            let [x_buf, t_buf, g_buf, loss_buf, grad_buf, readback] = gpu.scoped(|| {
+                Ok([
+                    staging(gpu, "wgpu-softmax logits", matrix, TENSOR_USAGES),
+                    staging(gpu, "wgpu-softmax targets", target_bytes, TENSOR_USAGES),
+                    staging(gpu, "wgpu-softmax grad_output", vector, TENSOR_USAGES),
+                    staging(gpu, "wgpu-softmax row losses", vector, TENSOR_USAGES),
+                    staging(gpu, "wgpu-softmax grad", grad_bytes, TENSOR_USAGES),
+                    staging(gpu, "wgpu-softmax readback", vector + grad_bytes, READBACK),
+                ])
+            })?;
+            for (first, n) in blocks {
+                let row_range = first..first + n;
+                let range = first * cols..(first + n) * cols;
+                let scales: Vec<f32> = row_range
+                    .clone()
+                    .map(|row| plan.grad_scale(row) as f32)
+                    .collect();
+                let submission = gpu.scoped(|| {
+                    let queue = &gpu.queue;
+                    queue.write_buffer(&x_buf, 0, bytemuck::cast_slice(&logits[range.clone()]));
+                    let target_words: &[u8] = match &plan.targets {
+                        CrossEntropyTargets::Indices(t) => {
+                            bytemuck::cast_slice(&t[row_range.clone()])
+                        }
+                        CrossEntropyTargets::Probabilities(p) => {
+                            bytemuck::cast_slice(&p[range.clone()])
+                        }
+                    };
+                    queue.write_buffer(&t_buf, 0, target_words);
+                    if want_grad {
+                        queue.write_buffer(&g_buf, 0, bytemuck::cast_slice(&scales));
+                    }
+                    let job = Job {
+                        rows: n,
+                        logits: &x_buf,
+                        targets: &t_buf,
+                        probabilities,
+                        loss: &loss_buf,
+                        grad: if want_grad {
+                            GradTarget::Buffer(&grad_buf)
+                        } else {
+                            GradTarget::None
+                        },
+                        upstream: if want_grad {
+                            Upstream::PerRow(&g_buf)
+                        } else {
+                            Upstream::Scalar(1.0)
+                        },
+                        ignore: IGNORED_ROW,
+                    };
+                    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                    loss_fn.record(gpu, &mut encoder, &job)?;
+                    let n_bytes = matrix_bytes(n, 1);
+                    encoder.copy_buffer_to_buffer(&loss_buf, 0, &readback, 0, n_bytes);
+                    if want_grad {
+                        let bytes = matrix_bytes(n, cols);
+                        encoder.copy_buffer_to_buffer(&grad_buf, 0, &readback, n_bytes, bytes);
+                    }
+                    Ok(gpu.queue.submit([encoder.finish()]))
+                })?;
+                let n_bytes = matrix_bytes(n, 1);
+                let grad_part: &mut [f32] = if want_grad { &mut grad[range] } else { &mut [] };
+                let mut parts = [(0, &mut row_losses[row_range]), (n_bytes, grad_part)];
+                gpu.read_mapped_parts(&readback, submission, &mut parts, wait)
+                    .await?;
             }
         }
+        let total = || row_losses.iter().map(|&v| f64::from(v)).sum::<f64>();
+        let loss = match options.reduction {
+            Reduction::None => row_losses,
+            Reduction::Sum => vec![total() as f32],
+            Reduction::Mean => vec![(total() / plan.mean_denominator) as f32],
+        };
+        Ok(CrossEntropyOutput { loss, grad })
     }
 }
 
@@ -656,9 +797,16 @@ impl CrossEntropyLoss {
             ignore_index: self.ignore_index,
             ..Default::default()
         };
+        let shaped = |rows: usize| {
+            rows.checked_mul(self.cols).ok_or(Error::ShapeTooLarge {
+                what: "targets",
+                value: rows,
+                max: usize::MAX / self.cols,
+            })
+        };
         let len = match targets {
-            Targets::Indices(t) => t.len() * self.cols,
-            Targets::IndicesI32(t) => t.len() * self.cols,
+            Targets::Indices(t) => shaped(t.len())?,
+            Targets::IndicesI32(t) => shaped(t.len())?,
             Targets::Probabilities(p) => {
                 validate::batch_rows("targets", p.len(), self.cols)?;
                 p.len()
@@ -699,7 +847,9 @@ impl CrossEntropyLoss {
     /// The loss alone.
     ///
     /// # Errors
-    /// [`Error::LengthMismatch`] when logits and targets disagree in shape, and device errors.
+    /// [`Error::LengthMismatch`] when logits and targets disagree in shape,
+    /// [`Error::ShapeTooLarge`] for `Mean` and `Sum` over more rows than one storage binding
+    /// holds one word each for (the host forms have no such bound), and device errors.
     pub fn loss(&self, logits: &Tensor, targets: &TargetTensor) -> Result<Tensor> {
         self.check_shapes(logits, targets)?;
         let loss = self.loss_tensor(logits.rows)?;
@@ -782,7 +932,8 @@ impl CrossEntropyLoss {
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         let rows = buffers.rows;
-        let matrix_bytes = (rows as u64).saturating_mul(self.cols as u64 * 4);
+        let vector_bytes = matrix_bytes(rows, 1);
+        let matrix_bytes = matrix_bytes(rows, self.cols);
         let storage = wgpu::BufferUsages::STORAGE;
         let grad_usage = if matches!(buffers.grad, GradDestination::InPlace) {
             storage
@@ -791,12 +942,12 @@ impl CrossEntropyLoss {
         };
         validate_buffer("logits", buffers.logits, matrix_bytes, storage | grad_usage)?;
         let (target_bytes, probabilities) = match buffers.target_encoding {
-            TargetEncoding::Indices => (rows as u64 * 4, false),
+            TargetEncoding::Indices => (vector_bytes, false),
             TargetEncoding::Probabilities => (matrix_bytes, true),
         };
         validate_buffer("targets", buffers.targets, target_bytes, storage)?;
         let (loss_bytes, loss_usage) = match self.reduction {
-            Reduction::None => (rows as u64 * 4, storage),
+            Reduction::None => (vector_bytes, storage),
             _ => (4, wgpu::BufferUsages::COPY_DST),
         };
         validate_buffer("loss", buffers.loss, loss_bytes, loss_usage)?;
@@ -896,6 +1047,9 @@ impl CrossEntropyLoss {
     ) -> Result<()> {
         let cols = self.cols;
         let reduced = self.reduction != Reduction::None;
+        if reduced {
+            check_reducible_rows(gpu, job.rows)?;
+        }
         let loss_rows = if reduced {
             let mut slot = self.loss_rows.lock().unwrap_or_else(|p| p.into_inner());
             let needed = (job.rows as u64 * 4).max(4);
@@ -983,6 +1137,28 @@ impl CrossEntropyLoss {
         }
         Ok(())
     }
+}
+
+/// The `denominator` and `reduce_loss` passes of `Mean` and `Sum` are one workgroup reading one
+/// word per row through a single binding: more rows than that binding holds would be summed in
+/// part (the binding is clamped), and on software adapters more rows than the workgroup covers
+/// within the loop budget would be cut short. Both are wrong answers, so they are refused; the
+/// host forms and `Reduction::None` have no such bound.
+fn check_reducible_rows(gpu: &Gpu, rows: usize) -> Result<()> {
+    let by_binding = gpu.max_binding().saturating_sub(gpu.storage_align()) / 4;
+    let workgroup = u64::from(256u32.min(gpu.limits.max_compute_invocations_per_workgroup));
+    let by_loop = gpu
+        .loop_budget
+        .map_or(u64::MAX, |budget| budget.saturating_mul(workgroup));
+    let max = by_binding.min(by_loop);
+    if rows as u64 > max {
+        return Err(Error::ShapeTooLarge {
+            what: "rows of a reduced device-resident cross-entropy",
+            value: rows,
+            max: max as usize,
+        });
+    }
+    Ok(())
 }
 
 /// Where a call's gradient goes.

@@ -64,3 +64,34 @@ pub const SHAPES: &[(usize, usize)] = &[
     (4, 300_000),
     (3, 70_001),
 ];
+
+/// A second device on the shared context's adapter whose storage bindings hold 1 MiB and whose
+/// buffers hold 4 MiB, so every splitting path runs on megabytes instead of gigabytes.
+pub fn small_limits_context(base: &Context) -> Context {
+    let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
+        max_storage_buffer_binding_size: 1 << 20,
+        max_buffer_size: 4 << 20,
+        ..limits
+    });
+    Context::from_device(device, queue).expect("adopt a device with small limits")
+}
+
+/// A fresh device on the adapter `base` runs on, with the limits `adjust` makes of the adapter's.
+pub fn device_on_same_adapter(
+    base: &Context,
+    adjust: impl FnOnce(wgpu::Limits) -> wgpu::Limits,
+) -> (wgpu::Device, wgpu::Queue) {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let info = base.adapter_info();
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .find(|a| a.get_info().name == info.name && a.get_info().backend == info.backend)
+        .unwrap_or_else(|| panic!("the adapter {} is listed again", info.name));
+    let limits = adjust(adapter.limits());
+    pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a second device on the same adapter")
+}

@@ -70,10 +70,16 @@ pub fn run(ctx: &Context, args: &ApplyArgs) -> ExitCode {
     match apply(ctx, args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("wgpu-softmax apply: {message}");
+            eprintln!("wgpu-softmax apply: {}", one_line(&message));
             ExitCode::from(2)
         }
     }
+}
+
+/// wgpu's validation and device messages span several lines ("Caused by:" chains); the runner
+/// promises one line per failure, so scripts can read it as a single record.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A float32 array read from a file, with its shape.
@@ -287,7 +293,15 @@ fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), S
 
 #[cfg(test)]
 mod tests {
-    use super::ClassLayout;
+    use super::{one_line, ClassLayout};
+
+    #[test]
+    fn messages_become_one_line() {
+        assert_eq!(
+            one_line("Validation Error\n\nCaused by:\n    In a submit\r\n  bad\t buffer"),
+            "Validation Error Caused by: In a submit bad buffer"
+        );
+    }
 
     #[test]
     fn class_axis_moves_last_and_back() {
