@@ -350,8 +350,7 @@ impl GpuBench {
                     windows: vec![window(&self.x), window(&self.out)],
                     workgroups: groups,
                 };
-                crate::kernels::record(&gpu.device, family, encoder, &[dispatch], timestamps);
-                Ok(())
+                crate::kernels::record(&gpu.device, family, encoder, &[dispatch], timestamps)
             }
         }
     }

@@ -750,7 +750,7 @@ impl Context {
                         ignore: IGNORED_ROW,
                     };
                     let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                    loss_fn.record(gpu, &mut encoder, &job)?;
+                    loss_fn.record(gpu, &mut encoder, &job, None)?;
                     let n_bytes = matrix_bytes(n, 1);
                     encoder.copy_buffer_to_buffer(&loss_buf, 0, &readback, 0, n_bytes);
                     if want_grad {
@@ -1131,7 +1131,7 @@ impl CrossEntropyLoss {
         if reduced {
             dispatches.push(family.single(gpu, &call, "reduce_loss"));
         }
-        family.record(gpu, encoder, &dispatches, timestamps);
+        family.record(gpu, encoder, &dispatches, timestamps)?;
         if reduced {
             encoder.copy_buffer_to_buffer(&self.stats, 4, job.loss, 0, 4);
         }
@@ -1148,6 +1148,7 @@ fn check_reducible_rows(gpu: &Gpu, rows: usize) -> Result<()> {
     let by_binding = gpu.max_binding().saturating_sub(gpu.storage_align()) / 4;
     let workgroup = u64::from(256u32.min(gpu.limits.max_compute_invocations_per_workgroup));
     let by_loop = gpu
+        .caps
         .loop_budget
         .map_or(u64::MAX, |budget| budget.saturating_mul(workgroup));
     let max = by_binding.min(by_loop);

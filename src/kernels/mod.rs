@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
 
 /// How a kernel accesses one binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,38 +239,40 @@ pub(crate) fn grid(workgroups: u32, max_dim: u32) -> (u32, u32) {
 /// Records `dispatches` into `encoder`, in order, in one compute pass. The uniform parameter
 /// blocks are created per recording: the encoder may be submitted much later, and a shared
 /// parameter buffer rewritten by the queue would be seen by every earlier recorded dispatch.
+///
+/// # Errors
+/// [`Error::DeviceLost`](crate::Error::DeviceLost) when a parameter block cannot be written
+/// (the device went away while recording).
 pub(crate) fn record(
     device: &wgpu::Device,
     family: &ShaderFamily,
     encoder: &mut wgpu::CommandEncoder,
     dispatches: &[Dispatch],
     timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
-) {
-    let bind_groups: Vec<wgpu::BindGroup> = dispatches
-        .iter()
-        .map(|dispatch| {
-            let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-softmax params"),
-                contents: &dispatch.params,
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: params.as_entire_binding(),
-            }];
-            entries.extend(dispatch.windows.iter().enumerate().map(|(i, window)| {
-                wgpu::BindGroupEntry {
+) -> crate::Result<()> {
+    let mut bind_groups = Vec::with_capacity(dispatches.len());
+    for dispatch in dispatches {
+        let params = parameter_block(device, &dispatch.params)?;
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params.as_entire_binding(),
+        }];
+        entries.extend(
+            dispatch
+                .windows
+                .iter()
+                .enumerate()
+                .map(|(i, window)| wgpu::BindGroupEntry {
                     binding: i as u32 + 1,
                     resource: window.binding(),
-                }
-            }));
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(family.name),
-                layout: &family.bind_group_layout,
-                entries: &entries,
-            })
-        })
-        .collect();
+                }),
+        );
+        bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(family.name),
+            layout: &family.bind_group_layout,
+            entries: &entries,
+        }));
+    }
 
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some(family.name),
@@ -289,6 +290,28 @@ pub(crate) fn record(
         pass.set_bind_group(0, bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);
     }
+    Ok(())
+}
+
+/// A uniform buffer holding `bytes`, written through a mapping at creation. Unlike
+/// `create_buffer_init`, a mapping that fails (a destroyed device) is an error, not a panic.
+fn parameter_block(device: &wgpu::Device, bytes: &[u8]) -> crate::Result<wgpu::Buffer> {
+    let size = (bytes.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT).max(16);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-softmax params"),
+        size,
+        usage: wgpu::BufferUsages::UNIFORM,
+        mapped_at_creation: true,
+    });
+    {
+        let mut view = buffer
+            .slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| crate::Error::DeviceLost(e.to_string()))?;
+        view.slice(..bytes.len()).copy_from_slice(bytes);
+    }
+    buffer.unmap();
+    Ok(buffer)
 }
 
 /// Row blocks `(first_row, rows)` covering `rows` rows such that each block, plus the slack of an

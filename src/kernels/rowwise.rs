@@ -349,8 +349,8 @@ impl RowwiseFamily {
         encoder: &mut wgpu::CommandEncoder,
         dispatches: &[Dispatch],
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
-    ) {
-        super::record(&gpu.device, &self.shader, encoder, dispatches, timestamps);
+    ) -> Result<()> {
+        super::record(&gpu.device, &self.shader, encoder, dispatches, timestamps)
     }
 
     /// Plans and records `call`.
@@ -362,8 +362,7 @@ impl RowwiseFamily {
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         let dispatches = self.plan(gpu, call)?;
-        self.record(gpu, encoder, &dispatches, timestamps);
-        Ok(())
+        self.record(gpu, encoder, &dispatches, timestamps)
     }
 
     /// The pipeline of `entry` specialised with `[WG, ITEMS, TEAM, SG]` and the call's constants.
