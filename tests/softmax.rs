@@ -104,6 +104,7 @@ fn every_strategy_matches_the_reference() {
                     row_workgroup: 8,
                     thread_workgroup: 8,
                     thread_max_cols: 4,
+                    thread_max_cols_without_subgroups: 4,
                     ..Tuning::SOFTWARE
                 },
             ),

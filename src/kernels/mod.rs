@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
-
 /// How a kernel accesses one binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -257,16 +256,12 @@ pub(crate) fn record(
             binding: 0,
             resource: params.as_entire_binding(),
         }];
-        entries.extend(
-            dispatch
-                .windows
-                .iter()
-                .enumerate()
-                .map(|(i, window)| wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
-                    resource: window.binding(),
-                }),
-        );
+        entries.extend(dispatch.windows.iter().enumerate().map(|(i, window)| {
+            wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: window.binding(),
+            }
+        }));
         bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(family.name),
             layout: &family.bind_group_layout,
@@ -296,7 +291,9 @@ pub(crate) fn record(
 /// A uniform buffer holding `bytes`, written through a mapping at creation. Unlike
 /// `create_buffer_init`, a mapping that fails (a destroyed device) is an error, not a panic.
 fn parameter_block(device: &wgpu::Device, bytes: &[u8]) -> crate::Result<wgpu::Buffer> {
-    let size = (bytes.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT).max(16);
+    let size = (bytes.len() as u64)
+        .next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT)
+        .max(16);
     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("wgpu-softmax params"),
         size,

@@ -58,6 +58,9 @@ pub struct Tuning {
     pub thread_workgroup: u32,
     /// Rows of at most this many columns run one invocation per row.
     pub thread_max_cols: u32,
+    /// The same bound on devices without (fixed-size) subgroups, where the alternative is a
+    /// workgroup per row.
+    pub thread_max_cols_without_subgroups: u32,
     /// Workgroup size of the one-subgroup-per-row kernel (a multiple of the subgroup size).
     pub subgroup_workgroup: u32,
     /// Rows of at most this many columns run one subgroup per row, where subgroups exist.
@@ -80,6 +83,7 @@ impl Tuning {
     pub const GPU: Tuning = Tuning {
         thread_workgroup: 64,
         thread_max_cols: 8,
+        thread_max_cols_without_subgroups: 8,
         subgroup_workgroup: 256,
         subgroup_max_cols: 1024,
         row_workgroup: 256,
@@ -89,17 +93,20 @@ impl Tuning {
         split_chunk: 4096,
     };
 
-    /// The defaults for a software adapter (lavapipe, llvmpipe, WARP, SwiftShader).
+    /// The defaults for a software adapter (lavapipe, llvmpipe, WARP, SwiftShader). Measured
+    /// on lavapipe and llvmpipe (`wgpu-softmax bench --tune`): barrier-free teams in wide
+    /// workgroups (fewer workgroup launches) win; rows too long for one team are split.
     pub const SOFTWARE: Tuning = Tuning {
-        thread_workgroup: 64,
+        thread_workgroup: 256,
         thread_max_cols: 64,
-        subgroup_workgroup: 64,
+        thread_max_cols_without_subgroups: THREAD_MAX_COLS,
+        subgroup_workgroup: 256,
         subgroup_max_cols: u32::MAX,
         row_workgroup: 32,
         max_items: 16,
         split_min_cols: 65536,
-        split_max_rows: 8,
-        split_chunk: 16384,
+        split_max_rows: 128,
+        split_chunk: 8192,
     };
 
     /// The defaults for an adapter of this type.
@@ -124,7 +131,9 @@ impl Tuning {
         let wide_and_few = cols32 >= self.split_min_cols && rows < self.split_max_rows as usize;
         let first = if wide_and_few {
             split
-        } else if cols32 <= self.thread_max_cols {
+        } else if cols32 <= self.thread_max_cols
+            || (caps.subgroup_size.is_none() && cols32 <= self.thread_max_cols_without_subgroups)
+        {
             Strategy::RowPerThread {
                 items: self.items(cols, 1),
             }
@@ -207,6 +216,8 @@ impl Tuning {
             .min(256);
         self.thread_workgroup = self.thread_workgroup.clamp(1, max);
         self.thread_max_cols = self.thread_max_cols.min(THREAD_MAX_COLS);
+        self.thread_max_cols_without_subgroups =
+            self.thread_max_cols_without_subgroups.min(THREAD_MAX_COLS);
         self.row_workgroup = self.row_workgroup.clamp(1, max);
         let sg = subgroup.unwrap_or(1);
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;

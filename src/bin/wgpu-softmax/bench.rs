@@ -36,7 +36,7 @@ pub struct BenchArgs {
     #[arg(long)]
     no_gpu: bool,
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
-    /// thread_workgroup, thread_max_cols, subgroup_workgroup, subgroup_max_cols, row_workgroup,
+    /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup, subgroup_max_cols, row_workgroup,
     /// max_items, split_min_cols, split_max_rows, split_chunk.
     #[arg(long = "tune", value_parser = parse_tune)]
     tune: Vec<(String, u32)>,
@@ -59,6 +59,7 @@ fn tuned(ctx: &Context, overrides: &[(String, u32)]) -> std::result::Result<Cont
         let slot = match key.as_str() {
             "thread_workgroup" => &mut t.thread_workgroup,
             "thread_max_cols" => &mut t.thread_max_cols,
+            "thread_max_cols_without_subgroups" => &mut t.thread_max_cols_without_subgroups,
             "subgroup_workgroup" => &mut t.subgroup_workgroup,
             "subgroup_max_cols" => &mut t.subgroup_max_cols,
             "row_workgroup" => &mut t.row_workgroup,
