@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{logits, small_limits_context, with_gpu};
+use common::{assert_grad_close, logits, small_limits_context, with_gpu};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{Context, CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
 
@@ -19,19 +19,6 @@ const LOSS: Tolerance = Tolerance {
 fn assert_close(got: &[f32], want: &[f64], tolerance: Tolerance, what: &str) {
     let cmp = tolerance.compare(got, want);
     assert!(cmp.passed(), "{what}: {cmp:?}");
-}
-
-/// Gradients of reduced losses scale with 1/D; they are compared relative to their largest
-/// magnitude so one bound serves every reduction.
-fn assert_grad_close(got: &[f32], want: &[f64], what: &str) {
-    let scale = want
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, |m, v| m.max(v.abs()));
-    let scale = if scale > 0.0 { scale } else { 1.0 };
-    let got: Vec<f32> = got.iter().map(|&v| (f64::from(v) / scale) as f32).collect();
-    let want: Vec<f64> = want.iter().map(|v| v / scale).collect();
-    assert_close(&got, &want, Tolerance::SOFTMAX, what);
 }
 
 /// The backward ops subtract `p_j * sum_k t_k` from `dy_j`; the f32 row sum of `t` carries an

@@ -2,58 +2,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use npyz::WriterBuilder;
-
+use common::files::{read, runner, write, Dir};
 use common::{context, logits};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
-
-fn runner() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wgpu-softmax"))
-}
-
-fn write<T: npyz::Serialize + npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut writer = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(file))
-        .begin_nd()
-        .unwrap();
-    writer.extend(data.iter().copied()).unwrap();
-    writer.finish().unwrap();
-}
-
-fn read(path: &Path) -> (Vec<u64>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().to_vec();
-    (shape, npy.into_vec::<f32>().unwrap())
-}
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("wgpu-softmax-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn apply_softmax_over_the_last_axis_of_any_rank() {

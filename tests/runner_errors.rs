@@ -4,49 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use npyz::WriterBuilder;
+use std::path::Path;
 
 use common::context;
-
-fn write<T: npyz::Serialize + npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut writer = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(file))
-        .begin_nd()
-        .unwrap();
-    writer.extend(data.iter().copied()).unwrap();
-    writer.finish().unwrap();
-}
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("wgpu-softmax-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-
-    fn arg(&self, file: &str) -> String {
-        self.path(file).display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::files::{runner, write, Dir};
 
 #[test]
 fn every_apply_failure_is_one_line_exit_2_and_no_output() {
@@ -150,7 +111,7 @@ fn every_apply_failure_is_one_line_exit_2_and_no_output() {
         ),
     ];
     for (args, needle) in cases {
-        let output = Command::new(env!("CARGO_BIN_EXE_wgpu-softmax"))
+        let output = runner()
             .args(&args)
             .args(["--output", &out])
             .output()

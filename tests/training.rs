@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{logits, with_gpu};
+use common::{assert_grad_close, logits, with_gpu};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
@@ -16,20 +16,6 @@ const LOSS_TOLERANCE: Tolerance = Tolerance {
     abs: 1e-5,
     rel: 2e-5,
 };
-
-/// Gradients are compared after dividing by the largest reference magnitude, so the bound does
-/// not depend on the reduction's scale (1/D for the mean).
-fn assert_grad_close(got: &[f32], want: &[f64], what: &str) {
-    let scale = want
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, |m, v| m.max(v.abs()));
-    let scale = if scale > 0.0 { scale } else { 1.0 };
-    let got: Vec<f32> = got.iter().map(|&v| (f64::from(v) / scale) as f32).collect();
-    let want: Vec<f64> = want.iter().map(|v| v / scale).collect();
-    let cmp = Tolerance::SOFTMAX.compare(&got, &want);
-    assert!(cmp.passed(), "{what}: grad {cmp:?}");
-}
 
 fn index_targets(rows: usize, cols: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
     let mut rng = StdRng::seed_from_u64(seed);

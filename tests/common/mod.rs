@@ -1,6 +1,8 @@
 //! Shared test support: one context per test binary, generated batches, shape tables.
 #![allow(dead_code)]
 
+pub mod files;
+
 use std::sync::OnceLock;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -94,4 +96,18 @@ pub fn device_on_same_adapter(
         ..Default::default()
     }))
     .expect("a second device on the same adapter")
+}
+
+/// Compares gradients after dividing by the largest reference magnitude, so one bound
+/// (`Tolerance::SOFTMAX`) serves every reduction (the mean scales gradients by 1/D).
+pub fn assert_grad_close(got: &[f32], want: &[f64], what: &str) {
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let scale = if scale > 0.0 { scale } else { 1.0 };
+    let got: Vec<f32> = got.iter().map(|&v| (f64::from(v) / scale) as f32).collect();
+    let want: Vec<f64> = want.iter().map(|v| v / scale).collect();
+    let cmp = wgpu_softmax::Tolerance::SOFTMAX.compare(&got, &want);
+    assert!(cmp.passed(), "{what}: grad {cmp:?}");
 }
