@@ -54,8 +54,13 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     } else {
-        for (var c = team.lane; c < p.cols; c += team.size) {
-            r += term(y[y0 + c], dy[g0 + c]);
+        for (var c0 = team.lane; c0 < p.cols; c0 += team.size * SUM_BLOCK) {
+            let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
+            var part = 0.0;
+            for (var c = c0; c < stop; c += team.size) {
+                part += term(y[y0 + c], dy[g0 + c]);
+            }
+            r += part;
         }
     }
     r = team_sum(r, lid);
@@ -84,8 +89,13 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let y0 = base(0u) + row * p.cols;
     let g0 = base(1u) + row * p.cols;
     var r = 0.0;
-    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
-        r += term(y[y0 + c], dy[g0 + c]);
+    for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
+        let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+        var part = 0.0;
+        for (var c = c0; c < stop; c += WG) {
+            part += term(y[y0 + c], dy[g0 + c]);
+        }
+        r += part;
     }
     r = workgroup_total(r, lid);
     if (lid == 0u) {

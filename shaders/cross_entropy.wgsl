@@ -180,10 +180,15 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 }
             }
         } else {
-            for (var c = team.lane; c < p.cols; c += team.size) {
-                let x = logit(x0 + c);
-                let q = target_mass(row, c, t);
-                acc += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+            for (var c0 = team.lane; c0 < p.cols; c0 += team.size * SUM_BLOCK) {
+                let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
+                var part = vec4<f32>(0.0);
+                for (var c = c0; c < stop; c += team.size) {
+                    let x = logit(x0 + c);
+                    let q = target_mass(row, c, t);
+                    part += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+                }
+                acc += part;
             }
         }
     }
@@ -227,16 +232,26 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     m = workgroup_max(m, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
-        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
-            let x = logit(x0 + c);
-            let q = target_mass(row, c, t);
-            acc += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+        for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+            var part = vec4<f32>(0.0);
+            for (var c = c0; c < stop; c += WG) {
+                let x = logit(x0 + c);
+                let q = target_mass(row, c, t);
+                part += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+            }
+            acc += part;
         }
     } else {
         // An all -inf chunk still carries its target mass (and -inf mass terms).
-        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
-            let q = target_mass(row, c, t);
-            acc += vec4<f32>(0.0, select(0.0, neg_inf(), q != 0.0), q, 0.0);
+        for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+            var part = vec4<f32>(0.0);
+            for (var c = c0; c < stop; c += WG) {
+                let q = target_mass(row, c, t);
+                part += vec4<f32>(0.0, select(0.0, neg_inf(), q != 0.0), q, 0.0);
+            }
+            acc += part;
         }
     }
     acc = workgroup_sum4(acc, lid);

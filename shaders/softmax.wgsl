@@ -73,8 +73,13 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 }
             }
         } else {
-            for (var c = team.lane; c < p.cols; c += team.size) {
-                sum += exp_shifted(src[s0 + c], m);
+            for (var c0 = team.lane; c0 < p.cols; c0 += team.size * SUM_BLOCK) {
+                let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
+                var part = 0.0;
+                for (var c = c0; c < stop; c += team.size) {
+                    part += exp_shifted(src[s0 + c], m);
+                }
+                sum += part;
             }
         }
     }
@@ -119,8 +124,13 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     m = workgroup_max(m, lid);
     var sum = 0.0;
     if (is_finite(m)) {
-        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
-            sum += exp_shifted(src[s0 + c], m);
+        for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+            var part = 0.0;
+            for (var c = c0; c < stop; c += WG) {
+                part += exp_shifted(src[s0 + c], m);
+            }
+            sum += part;
         }
     }
     sum = workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;

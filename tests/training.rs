@@ -560,3 +560,49 @@ fn async_forms_match_the_blocking_ones() {
         assert_eq!((a.loss, a.grad), (b.loss, b.grad));
     });
 }
+
+/// A row summed by one invocation: without blocked accumulation the f32 sums of cancelling
+/// `dy * y` terms over 1000 columns missed the 1e-5 bounds (seen on llvmpipe, where rows of up to
+/// 4096 columns run one invocation per row).
+#[test]
+fn sums_over_a_whole_row_in_one_invocation_stay_within_tolerance() {
+    use wgpu_softmax::Tuning;
+    with_gpu(|base| {
+        let tuning = Tuning {
+            thread_max_cols: 4096,
+            thread_max_cols_without_subgroups: 4096,
+            ..Tuning::SOFTWARE
+        };
+        let ctx =
+            Context::from_device_with_tuning(base.device().clone(), base.queue().clone(), tuning)
+                .expect("adopt device");
+        let (rows, cols) = (256, 1000);
+        let x = logits(rows, cols, 4.0, 21);
+        let dy = logits(rows, cols, 4.0, 22);
+        let y = ctx.softmax(&x, cols).unwrap();
+        let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
+        let want = reference::softmax_backward(&y, &dy, cols).unwrap();
+        assert!(
+            Tolerance::SOFTMAX.compare(&got, &want).passed(),
+            "softmax_backward"
+        );
+        let ly = ctx.log_softmax(&x, cols).unwrap();
+        let got = ctx.log_softmax_backward(&ly, &dy, cols).unwrap();
+        let want = reference::log_softmax_backward(&ly, &dy, cols).unwrap();
+        let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
+        assert!(cmp.passed(), "log_softmax_backward: {cmp:?}");
+        let idx = index_targets(rows, cols, 23, 7);
+        let options = CrossEntropyOptions {
+            reduction: Reduction::Sum,
+            label_smoothing: 0.1,
+            ..Default::default()
+        };
+        let got = ctx
+            .cross_entropy_with_grad(&x, cols, Targets::Indices(&idx), &options, GradOutput::One)
+            .unwrap();
+        let want =
+            reference::cross_entropy(&x, cols, Targets::Indices(&idx), &options, GradOutput::One)
+                .unwrap();
+        assert_grad_close(&got.grad, &want.grad, "cross-entropy");
+    });
+}

@@ -180,8 +180,9 @@ impl Tuning {
         let cols = cols as u64;
         let wg = u64::from(self.row_workgroup);
         let reductions = 2 * wg;
+        // Streamed passes, plus the outer loop of the blocked sum (SUM_BLOCK = 32 in the shaders).
         let passes = |team: u64, items: u32| match items {
-            0 => 3 * cols.div_ceil(team),
+            0 => 3 * cols.div_ceil(team) + cols.div_ceil(32 * team),
             items => 3 * u64::from(items),
         };
         match strategy {
@@ -192,7 +193,10 @@ impl Tuning {
             Strategy::RowPerWorkgroup { items } => passes(wg, items) + reductions,
             Strategy::SplitRow { chunk } => {
                 let chunk = u64::from(chunk);
-                3 * chunk.div_ceil(wg) + 2 * cols.div_ceil(chunk).div_ceil(wg) + reductions
+                3 * chunk.div_ceil(wg)
+                    + chunk.div_ceil(32 * wg)
+                    + 2 * cols.div_ceil(chunk).div_ceil(wg)
+                    + reductions
             }
         }
     }
