@@ -36,6 +36,10 @@ pub(crate) struct Gpu {
     /// What the kernel choice depends on: subgroups, the loop budget of software adapters.
     pub caps: Capabilities,
     pub kernels: Kernels,
+    /// Stand-ins bound where a kernel variant neither reads nor writes a binding (read-only and
+    /// read-write uses need distinct buffers).
+    pub unused_read: wgpu::Buffer,
+    pub unused_write: wgpu::Buffer,
     /// Why the device was lost, once it has been.
     lost: Arc<Mutex<Option<String>>>,
     /// Host-form staging buffers, reused across calls; one set per concurrent call.
@@ -209,7 +213,17 @@ impl Context {
         });
         // A device that cannot compile the kernels (missing limits, a driver fault) must be an
         // error here, not a panic in wgpu's default handler on the caller's device.
-        let kernels = capture(&device, || Ok(Kernels::new(&device)))?;
+        let (kernels, unused_read, unused_write) = capture(&device, || {
+            let unused = || {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgpu-softmax unused binding"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            };
+            Ok((Kernels::new(&device), unused(), unused()))
+        })?;
         Ok(Self {
             gpu: Arc::new(Gpu {
                 device,
@@ -219,6 +233,8 @@ impl Context {
                 tuning,
                 caps,
                 kernels,
+                unused_read,
+                unused_write,
                 lost,
                 scratch: Mutex::new(Vec::new()),
             }),

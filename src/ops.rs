@@ -319,14 +319,7 @@ impl Context {
             return Err(Error::ZeroCols);
         }
         let bytes = matrix_bytes(rows, cols);
-        validate_buffer("input", input, bytes, wgpu::BufferUsages::STORAGE)?;
-        validate_buffer("output", output, bytes, wgpu::BufferUsages::STORAGE)?;
-        if input == output {
-            return Err(Error::Aliased {
-                first: "input",
-                second: "output",
-            });
-        }
+        validate_encode(&[("input", input, bytes)], ("output", output, bytes))?;
         let gpu = &self.gpu;
         gpu.scoped(|| {
             let call = normalize_call(
@@ -465,6 +458,25 @@ pub(crate) fn matrix_bytes(rows: usize, cols: usize) -> u64 {
 }
 
 /// Checks that a caller's buffer holds `needed` bytes and has `usage`.
+/// Checks the caller's buffers of an encode form: each `(name, buffer, bytes)` needs `STORAGE`
+/// and `bytes`, and the `written` one must not also be one of the `read` ones.
+pub(crate) fn validate_encode(
+    read: &[(&'static str, &wgpu::Buffer, u64)],
+    written: (&'static str, &wgpu::Buffer, u64),
+) -> Result<()> {
+    let storage = wgpu::BufferUsages::STORAGE;
+    for &(what, buffer, bytes) in read.iter().chain([&written]) {
+        validate_buffer(what, buffer, bytes, storage)?;
+    }
+    match read.iter().find(|(_, buffer, _)| *buffer == written.1) {
+        Some(&(first, _, _)) => Err(Error::Aliased {
+            first,
+            second: written.0,
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn validate_buffer(
     what: &'static str,
     buffer: &wgpu::Buffer,

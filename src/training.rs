@@ -8,7 +8,9 @@ use crate::cpu::CrossEntropyOutput;
 use crate::error::{Error, Result};
 use crate::kernels::rowwise::{Operand, RowCall};
 use crate::kernels::Normalization;
-use crate::ops::{matrix_bytes, validate_buffer, Tensor, HOST_CHUNK_BYTES, TENSOR_USAGES};
+use crate::ops::{
+    matrix_bytes, validate_buffer, validate_encode, Tensor, HOST_CHUNK_BYTES, TENSOR_USAGES,
+};
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 use crate::validate::{self, CrossEntropyTargets, UpstreamGrad, IGNORED_ROW};
 
@@ -172,18 +174,10 @@ impl Context {
             return Err(Error::ZeroCols);
         }
         let bytes = matrix_bytes(rows, cols);
-        let storage = wgpu::BufferUsages::STORAGE;
-        validate_buffer("y", y, bytes, storage)?;
-        validate_buffer("grad_output", dy, bytes, storage)?;
-        validate_buffer("grad_input", dx, bytes, storage)?;
-        for (other, name) in [(y, "y"), (dy, "grad_output")] {
-            if other == dx {
-                return Err(Error::Aliased {
-                    first: name,
-                    second: "grad_input",
-                });
-            }
-        }
+        validate_encode(
+            &[("y", y, bytes), ("grad_output", dy, bytes)],
+            ("grad_input", dx, bytes),
+        )?;
         let gpu = &self.gpu;
         gpu.scoped(|| {
             let call = backward_call(op, [y, dy, dx], rows, cols);
@@ -344,15 +338,10 @@ impl Context {
             max: usize::MAX / cols.max(1),
         })?;
         validate::jacobian_rows("input", len, cols)?;
-        let storage = wgpu::BufferUsages::STORAGE;
-        validate_buffer("input", input, len as u64 * 4, storage)?;
-        validate_buffer("output", output, (len * cols) as u64 * 4, storage)?;
-        if input == output {
-            return Err(Error::Aliased {
-                first: "input",
-                second: "output",
-            });
-        }
+        validate_encode(
+            &[("input", input, len as u64 * 4)],
+            ("output", output, (len * cols) as u64 * 4),
+        )?;
         let gpu = &self.gpu;
         gpu.scoped(|| encode_jacobian(gpu, encoder, input, output, rows, cols))
     }
@@ -489,9 +478,6 @@ pub struct CrossEntropyLoss {
     stats: wgpu::Buffer,
     /// Per-row losses of `Mean` and `Sum`, grown on demand.
     loss_rows: Mutex<wgpu::Buffer>,
-    /// Stand-ins for the bindings a kernel variant does not read or write.
-    unused_read: wgpu::Buffer,
-    unused_write: wgpu::Buffer,
 }
 
 impl std::fmt::Debug for CrossEntropyLoss {
@@ -560,8 +546,6 @@ impl Context {
                     as f32,
                 stats: storage("wgpu-softmax loss stats", 16, TENSOR_USAGES),
                 loss_rows: Mutex::new(storage("wgpu-softmax row losses", 256, TENSOR_USAGES)),
-                unused_read: storage("wgpu-softmax unused", 16, wgpu::BufferUsages::STORAGE),
-                unused_write: storage("wgpu-softmax unused", 16, wgpu::BufferUsages::STORAGE),
             })
         })
     }
@@ -955,15 +939,13 @@ impl CrossEntropyLoss {
             GradDestination::None => GradTarget::None,
             GradDestination::InPlace => GradTarget::InPlace,
             GradDestination::Buffer(grad) => {
-                validate_buffer("grad", grad, matrix_bytes, storage)?;
-                for (other, name) in [(buffers.logits, "logits"), (buffers.targets, "targets")] {
-                    if other == grad {
-                        return Err(Error::Aliased {
-                            first: name,
-                            second: "grad",
-                        });
-                    }
-                }
+                validate_encode(
+                    &[
+                        ("logits", buffers.logits, matrix_bytes),
+                        ("targets", buffers.targets, target_bytes),
+                    ],
+                    ("grad", grad, matrix_bytes),
+                )?;
                 GradTarget::Buffer(grad)
             }
         };
@@ -1065,11 +1047,11 @@ impl CrossEntropyLoss {
         } else {
             job.loss.clone()
         };
-        let unused_read = || Operand::shared(&self.unused_read, 1);
+        let unused_read = || Operand::shared(&gpu.unused_read, 1);
         let (logits, grad, in_place, want_grad) = match job.grad {
             GradTarget::None => (
                 Operand::matrix(job.logits, cols),
-                Operand::shared(&self.unused_write, 1),
+                Operand::shared(&gpu.unused_write, 1),
                 false,
                 false,
             ),
