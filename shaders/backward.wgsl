@@ -27,10 +27,6 @@ fn grad(yv: f32, g: f32, r: f32) -> f32 {
     return yv * (g - r);
 }
 
-fn workgroup_total(v: f32, lid: u32) -> f32 {
-    return workgroup_sum4(vec4<f32>(v, 0.0, 0.0, 0.0), lid).x;
-}
-
 @compute @workgroup_size(WG)
 fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let team = team_of(wid, lid);
@@ -80,7 +76,8 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = linear_group(wid);
+    let team = team_of(wid, lid);
+    let g = team.row;
     if (g >= p.rows * p.chunks) {
         return;
     }
@@ -89,38 +86,39 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let y0 = base(0u) + row * p.cols;
     let g0 = base(1u) + row * p.cols;
     var r = 0.0;
-    for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
-        let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+    for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
+        let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
         var part = 0.0;
-        for (var c = c0; c < stop; c += WG) {
+        for (var c = c0; c < stop; c += team.size) {
             part += term(y[y0 + c], dy[g0 + c]);
         }
         r += part;
     }
-    r = workgroup_total(r, lid);
-    if (lid == 0u) {
+    r = team_sum(r, lid);
+    if (team.lane == 0u) {
         partials[g] = r;
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = linear_group(wid);
+    let team = team_of(wid, lid);
+    let g = team.row;
     if (g >= p.rows * p.chunks) {
         return;
     }
     let row = g / p.chunks;
     let first = row * p.chunks;
     var r = 0.0;
-    for (var i = lid; i < p.chunks; i += WG) {
+    for (var i = team.lane; i < p.chunks; i += team.size) {
         r += partials[first + i];
     }
-    r = workgroup_total(r, lid);
+    r = team_sum(r, lid);
     let bounds = chunk_bounds(g % p.chunks);
     let y0 = base(0u) + row * p.cols;
     let g0 = base(1u) + row * p.cols;
     let d0 = base(2u) + row * p.cols;
-    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
         dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
     }
 }

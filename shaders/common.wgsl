@@ -86,6 +86,30 @@ fn exp_shifted(x: f32, m: f32) -> f32 {
     return select(exp(x - m), 0.0, is_neg_inf(x));
 }
 
+// Four-wide forms, for rows read and written as vec4 (rows of a multiple of 4 columns starting at
+// a multiple of 16 bytes).
+fn max_key4(x: vec4<f32>) -> vec4<f32> {
+    let bits = bitcast<vec4<u32>>(x);
+    let poison = (bits & vec4<u32>(ABS_MASK)) >= vec4<u32>(INF_BITS) & bits != vec4<u32>(NEG_INF_BITS);
+    return select(x, vec4<f32>(pos_inf()), poison);
+}
+
+fn is_neg_inf4(x: vec4<f32>) -> vec4<bool> {
+    return bitcast<vec4<u32>>(x) == vec4<u32>(NEG_INF_BITS);
+}
+
+fn exp_shifted4(x: vec4<f32>, m: f32) -> vec4<f32> {
+    return select(exp(x - m), vec4<f32>(0.0), is_neg_inf4(x));
+}
+
+fn max_of(v: vec4<f32>) -> f32 {
+    return max(max(v.x, v.y), max(v.z, v.w));
+}
+
+fn sum_of(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
 fn linear_group(wid: vec3<u32>) -> u32 {
     return wid.x + wid.y * p.grid_x;
 }
@@ -125,8 +149,9 @@ fn workgroup_sum4(v: vec4<f32>, lid: u32) -> vec4<f32> {
     return s;
 }
 
-// The team working on one row: which row, this invocation's lane in the team, the team's size.
-// Lane `l` handles columns l, l + size, l + 2 size, ... so a team's loads are contiguous.
+// The team working on one row (or, in split kernels, on one chunk of a row): which row or chunk,
+// this invocation's lane in the team, the team's size. Lane `l` handles columns l, l + size,
+// l + 2 size, ... so a team's loads are contiguous.
 struct Team {
     row: u32,
     lane: u32,

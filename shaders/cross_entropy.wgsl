@@ -217,7 +217,8 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = linear_group(wid);
+    let team = team_of(wid, lid);
+    let g = team.row;
     if (g >= p.rows * p.chunks) {
         return;
     }
@@ -226,16 +227,16 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
     let t = row_target(row);
     var m = neg_inf();
-    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
         m = max(m, max_key(logit(x0 + c)));
     }
-    m = workgroup_max(m, lid);
+    m = team_max(m, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
-        for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+        for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
             var part = vec4<f32>(0.0);
-            for (var c = c0; c < stop; c += WG) {
+            for (var c = c0; c < stop; c += team.size) {
                 let x = logit(x0 + c);
                 let q = target_mass(row, c, t);
                 part += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
@@ -244,25 +245,26 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         }
     } else {
         // An all -inf chunk still carries its target mass (and -inf mass terms).
-        for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+        for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
             var part = vec4<f32>(0.0);
-            for (var c = c0; c < stop; c += WG) {
+            for (var c = c0; c < stop; c += team.size) {
                 let q = target_mass(row, c, t);
                 part += vec4<f32>(0.0, select(0.0, neg_inf(), q != 0.0), q, 0.0);
             }
             acc += part;
         }
     }
-    acc = workgroup_sum4(acc, lid);
-    if (lid == 0u) {
+    acc = team_sum4(acc, lid);
+    if (team.lane == 0u) {
         partials[g] = vec4<f32>(m, acc.x, acc.y, acc.z);
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = linear_group(wid);
+    let team = team_of(wid, lid);
+    let g = team.row;
     if (g >= p.rows * p.chunks) {
         return;
     }
@@ -270,21 +272,21 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let first = row * p.chunks;
     let t = row_target(row);
     var m = neg_inf();
-    for (var i = lid; i < p.chunks; i += WG) {
+    for (var i = team.lane; i < p.chunks; i += team.size) {
         m = max(m, partials[first + i].x);
     }
-    m = workgroup_max(m, lid);
+    m = team_max(m, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
-        for (var i = lid; i < p.chunks; i += WG) {
+        for (var i = team.lane; i < p.chunks; i += team.size) {
             let part = partials[first + i];
             // A(x - M) = sum_i a_i + (m_i - M) b_i; a chunk without mass adds nothing.
             let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
             acc += vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
         }
     }
-    acc = workgroup_sum4(acc, lid);
-    if (g % p.chunks == 0u && lid == 0u) {
+    acc = team_sum4(acc, lid);
+    if (g % p.chunks == 0u && team.lane == 0u) {
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
     if (GRAD) {
@@ -292,7 +294,7 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         let bounds = chunk_bounds(g % p.chunks);
         let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
         let g0 = base(5u) + row * p.cols;
-        for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+        for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
             let x = logit(x0 + c);
             grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
         }

@@ -4,13 +4,19 @@
 //   rows        one team per row (TEAM: an invocation, a subgroup, or the workgroup); each lane
 //               strides over the row and the row's (max, sum) is combined over the team. With
 //               ITEMS > 0 the row is held in registers between the phases: one read, one write.
-//   split_*     a row spread over several workgroups: split_partials writes one (max, sum) pair
-//               per chunk, split_normalize combines a row's pairs with the online-normalizer rule
-//               and writes its chunk. Keeps the GPU busy on 4 rows.
+//   split_*     a row spread over several teams: split_partials writes one (max, sum) pair per
+//               chunk, split_normalize combines a row's pairs with the online-normalizer rule and
+//               writes its chunk. Keeps the GPU busy on 4 rows.
+//   *4          the same over vec4: rows of a multiple of 4 columns whose operands start at a
+//               multiple of 16 bytes are read and written four elements at a time. A streamed row
+//               is read twice, not three times: (max, sum) is accumulated online, block by block.
 
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read_write> partials: array<vec2<f32>>;
+// The same bindings seen as vec4, used only by the *4 entry points.
+@group(0) @binding(1) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> dst4: array<vec4<f32>>;
 
 override LOG: bool = false;
 
@@ -24,6 +30,16 @@ fn finish(x: f32, m: f32, scale: f32) -> f32 {
         y = exp_shifted(x, m) * scale;
     }
     return select(quiet_nan(), y, is_finite(m));
+}
+
+fn finish4(x: vec4<f32>, m: f32, scale: f32) -> vec4<f32> {
+    var y: vec4<f32>;
+    if (LOG) {
+        y = select((x - m) - scale, vec4<f32>(neg_inf()), is_neg_inf4(x));
+    } else {
+        y = exp_shifted4(x, m) * scale;
+    }
+    return select(vec4<f32>(quiet_nan()), y, is_finite(m));
 }
 
 fn normaliser(sum: f32) -> f32 {
@@ -107,9 +123,29 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
+// A split row's (max, sum), combined over the team from its chunks' partials with the
+// online-normalizer rule: M = max m_i, S = sum s_i * exp(m_i - M).
+fn row_stats(row: u32, team: Team, lid: u32) -> vec2<f32> {
+    let first = row * p.chunks;
+    var m = neg_inf();
+    for (var i = team.lane; i < p.chunks; i += team.size) {
+        m = max(m, partials[first + i].x);
+    }
+    m = team_max(m, lid);
+    var sum = 0.0;
+    if (is_finite(m)) {
+        for (var i = team.lane; i < p.chunks; i += team.size) {
+            let part = partials[first + i];
+            sum += part.y * rescale(part.x, m);
+        }
+    }
+    return vec2<f32>(m, team_sum(sum, lid));
+}
+
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = linear_group(wid);
+    let team = team_of(wid, lid);
+    let g = team.row;
     if (g >= p.rows * p.chunks) {
         return;
     }
@@ -118,56 +154,178 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let s0 = base(0u) + row * p.cols;
 
     var m = neg_inf();
-    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
         m = max(m, max_key(src[s0 + c]));
     }
-    m = workgroup_max(m, lid);
+    m = team_max(m, lid);
     var sum = 0.0;
     if (is_finite(m)) {
-        for (var c0 = bounds.x + lid; c0 < bounds.y; c0 += WG * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + WG * SUM_BLOCK);
+        for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
             var part = 0.0;
-            for (var c = c0; c < stop; c += WG) {
+            for (var c = c0; c < stop; c += team.size) {
                 part += exp_shifted(src[s0 + c], m);
             }
             sum += part;
         }
     }
-    sum = workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;
-    if (lid == 0u) {
+    sum = team_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;
+    if (team.lane == 0u) {
         partials[g] = vec2<f32>(m, sum);
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = linear_group(wid);
+    let team = team_of(wid, lid);
+    let g = team.row;
     if (g >= p.rows * p.chunks) {
         return;
     }
     let row = g / p.chunks;
-    let first = row * p.chunks;
-
-    // Combine the row's chunk partials: M = max m_i, S = sum s_i * exp(m_i - M).
-    var m = neg_inf();
-    for (var i = lid; i < p.chunks; i += WG) {
-        m = max(m, partials[first + i].x);
-    }
-    m = workgroup_max(m, lid);
-    var sum = 0.0;
-    if (is_finite(m)) {
-        for (var i = lid; i < p.chunks; i += WG) {
-            let part = partials[first + i];
-            sum += part.y * rescale(part.x, m);
-        }
-    }
-    sum = workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;
+    let st = row_stats(row, team, lid);
+    let m = st.x;
+    let sum = st.y;
     let scale = normaliser(sum);
 
     let bounds = chunk_bounds(g % p.chunks);
     let s0 = base(0u) + row * p.cols;
     let d0 = base(1u) + row * p.cols;
-    for (var c = bounds.x + lid; c < bounds.y; c += WG) {
+    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
         dst[d0 + c] = finish(src[s0 + c], m, scale);
+    }
+}
+
+// vec4s a lane loads at once in online_stats4 before folding them into its running (max, sum).
+const BLOCK4: u32 = 8u;
+
+// A lane's (max, sum of exp(x - max)) over the vec4s start + lane, start + lane + size, ... below
+// stop, from one read: each block of BLOCK4 vec4s is loaded, its maximum taken, and the running sum
+// rescaled when the maximum grows (one extra exp per block, not per element).
+fn online_stats4(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
+    var m = neg_inf();
+    var s = 0.0;
+    for (var i0 = start + lane; i0 < stop; i0 += size * BLOCK4) {
+        var block: array<vec4<f32>, BLOCK4>;
+        var bm = vec4<f32>(neg_inf());
+        for (var k = 0u; k < BLOCK4; k++) {
+            let i = i0 + k * size;
+            var x = vec4<f32>(neg_inf());
+            if (i < stop) {
+                x = src4[i];
+            }
+            block[k] = x;
+            bm = max(bm, max_key4(x));
+        }
+        let mn = max(m, max_of(bm));
+        var acc = vec4<f32>(0.0);
+        for (var k = 0u; k < BLOCK4; k++) {
+            acc += exp_shifted4(block[k], mn);
+        }
+        s = s * rescale(m, mn) + sum_of(acc);
+        m = mn;
+    }
+    return vec2<f32>(m, s);
+}
+
+// Combines the lanes' (max, sum) pairs over the team. Lanes whose maximum is below the team's
+// rescale their sums; a team maximum that is not finite leaves the sum meaningless (the outputs
+// are NaN then).
+fn team_stats(st: vec2<f32>, lid: u32) -> vec2<f32> {
+    let m = team_max(st.x, lid);
+    let part = select(0.0, st.y * rescale(st.x, m), is_finite(m));
+    return vec2<f32>(m, team_sum(part, lid));
+}
+
+@compute @workgroup_size(WG)
+fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    if (team.row >= p.rows) {
+        return;
+    }
+    let n4 = p.cols / 4u;
+    let s0 = base(0u) / 4u + team.row * n4;
+    let d0 = base(1u) / 4u + team.row * n4;
+    if (ITEMS > 0u) {
+        var vals: array<vec4<f32>, MAX_ITEMS>;
+        var mv = vec4<f32>(neg_inf());
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = team.lane + k * team.size;
+            var x = vec4<f32>(neg_inf());
+            if (c < n4) {
+                x = src4[s0 + c];
+            }
+            vals[k] = x;
+            mv = max(mv, max_key4(x));
+        }
+        let m = team_max(max_of(mv), lid);
+        var acc = vec4<f32>(0.0);
+        if (is_finite(m)) {
+            for (var k = 0u; k < ITEMS; k++) {
+                let e = exp_shifted4(vals[k], m);
+                acc += e;
+                if (!LOG) {
+                    vals[k] = e;
+                }
+            }
+        }
+        let scale = normaliser(team_sum(sum_of(acc), lid));
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = team.lane + k * team.size;
+            if (c < n4) {
+                var y: vec4<f32>;
+                if (LOG) {
+                    y = finish4(vals[k], m, scale);
+                } else {
+                    y = select(vec4<f32>(quiet_nan()), vals[k] * scale, is_finite(m));
+                }
+                dst4[d0 + c] = y;
+            }
+        }
+    } else {
+        let st = team_stats(online_stats4(s0, s0 + n4, team.lane, team.size), lid);
+        let scale = normaliser(st.y);
+        for (var c = team.lane; c < n4; c += team.size) {
+            dst4[d0 + c] = finish4(src4[s0 + c], st.x, scale);
+        }
+    }
+}
+
+// Chunk bounds of a split row in vec4s (the chunk size is a multiple of 4 for these kernels).
+fn chunk_bounds4(chunk_id: u32) -> vec2<u32> {
+    return chunk_bounds(chunk_id) / 4u;
+}
+
+@compute @workgroup_size(WG)
+fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    let g = team.row;
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let bounds = chunk_bounds4(g % p.chunks);
+    let s0 = base(0u) / 4u + row * (p.cols / 4u);
+    let st = team_stats(online_stats4(s0 + bounds.x, s0 + bounds.y, team.lane, team.size), lid);
+    if (team.lane == 0u) {
+        partials[g] = st;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_normalize4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    let g = team.row;
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let st = row_stats(row, team, lid);
+    let scale = normaliser(st.y);
+    let bounds = chunk_bounds4(g % p.chunks);
+    let s0 = base(0u) / 4u + row * (p.cols / 4u);
+    let d0 = base(1u) / 4u + row * (p.cols / 4u);
+    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+        dst4[d0 + c] = finish4(src4[s0 + c], st.x, scale);
     }
 }

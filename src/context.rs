@@ -272,9 +272,11 @@ impl Context {
         self.gpu.caps
     }
 
-    /// The strategy the kernels use for `rows x cols`.
+    /// The strategy the softmax kernels use for `rows x cols` (host forms and tensors, whose
+    /// rows start at a multiple of 16 bytes when `cols` is a multiple of 4).
     pub fn strategy(&self, rows: usize, cols: usize) -> crate::Strategy {
-        self.gpu.tuning.choose(rows, cols, &self.gpu.caps)
+        let vector = self.gpu.tuning.vector_for(cols, true);
+        self.gpu.tuning.choose(rows, cols, &self.gpu.caps, vector)
     }
 
     /// A one-line description of the adapter, e.g. for logs.

@@ -99,6 +99,24 @@ fn every_strategy_matches_the_reference() {
             ),
             ("software", Tuning::SOFTWARE),
             (
+                "scalar",
+                Tuning {
+                    vector: 1,
+                    ..Tuning::SOFTWARE
+                },
+            ),
+            (
+                "split per invocation",
+                Tuning {
+                    thread_max_cols: 0,
+                    split_min_cols: 1,
+                    split_max_rows: u32::MAX,
+                    split_chunk: 300,
+                    split_team: 0,
+                    ..Tuning::GPU
+                },
+            ),
+            (
                 "small workgroups",
                 Tuning {
                     row_workgroup: 8,
@@ -116,9 +134,24 @@ fn every_strategy_matches_the_reference() {
                 tuning,
             )
             .expect("adopt device");
-            for &(rows, cols) in &[(1, 1), (3, 7), (33, 2049), (65, 4097), (2, 20_000), (0, 3)] {
+            // Unaligned shapes (scalar kernels), then aligned ones (vec4 kernels).
+            for &(rows, cols) in &[
+                (1, 1),
+                (3, 7),
+                (33, 2049),
+                (65, 4097),
+                (0, 3),
+                (3, 4),
+                (9, 8),
+                (70, 128),
+                (33, 2048),
+                (2, 20_000),
+            ] {
                 let x = logits(rows, cols, 2.0, (rows * cols) as u64);
                 check_softmax(&ctx, &x, cols, &format!("{name} {rows}x{cols}"));
+            }
+            for cols in [8, 128, 4096] {
+                check_special_values(&ctx, cols, &format!("{name} cols {cols}"));
             }
         }
     });
@@ -162,42 +195,42 @@ fn translation_invariant_even_for_offsets_of_1e7() {
     });
 }
 
+/// Six rows of `cols` columns: a -inf entry, all -inf, a +inf, a NaN, and two ordinary rows.
+fn check_special_values(ctx: &Context, cols: usize, what: &str) {
+    let inf = f32::INFINITY;
+    let mut x = logits(6, cols, 1.0, 7);
+    let row = |r: usize| r * cols..(r + 1) * cols;
+    x[row(0).start + cols / 2] = -inf; // a -inf entry: probability 0
+    x[row(1)].fill(-inf); // all -inf: NaN
+    x[row(2).start + cols / 3] = inf; // +inf: NaN row
+    x[row(3).end - 1] = f32::NAN; // NaN: NaN row
+                                  // rows 4 and 5 are ordinary and must be unaffected.
+    let sm = ctx.softmax(&x, cols).unwrap();
+    let lsm = ctx.log_softmax(&x, cols).unwrap();
+    assert_eq!(sm[row(0).start + cols / 2], 0.0, "{what}");
+    assert_eq!(lsm[row(0).start + cols / 2], -inf, "{what}");
+    for r in 1..4 {
+        assert!(
+            sm[row(r)].iter().all(|v| v.is_nan()),
+            "softmax row {r} {what}"
+        );
+        assert!(lsm[row(r)].iter().all(|v| v.is_nan()), "log row {r} {what}");
+    }
+    let want = reference::softmax(&x, cols).unwrap();
+    assert!(Tolerance::SOFTMAX.compare(&sm, &want).passed(), "{what}");
+    let want = reference::log_softmax(&x, cols).unwrap();
+    assert!(
+        Tolerance::LOG_SOFTMAX.compare(&lsm, &want).passed(),
+        "{what}"
+    );
+}
+
 #[test]
 fn special_values_follow_the_documented_policy() {
-    let inf = f32::INFINITY;
     with_gpu(|ctx| {
-        for cols in [3, 40, 5000, 70_000] {
-            let mut x = logits(6, cols, 1.0, 7);
-            let row = |r: usize| r * cols..(r + 1) * cols;
-            x[row(0).start + 1] = -inf; // a -inf entry: probability 0
-            x[row(1)].fill(-inf); // all -inf: NaN
-            x[row(2).start] = inf; // +inf: NaN row
-            x[row(3).end - 1] = f32::NAN; // NaN: NaN row
-                                          // rows 4 and 5 are ordinary and must be unaffected.
-            let sm = ctx.softmax(&x, cols).unwrap();
-            let lsm = ctx.log_softmax(&x, cols).unwrap();
-            assert_eq!(sm[row(0).start + 1], 0.0);
-            assert_eq!(lsm[row(0).start + 1], -inf);
-            for r in 1..4 {
-                assert!(
-                    sm[row(r)].iter().all(|v| v.is_nan()),
-                    "softmax row {r} cols {cols}"
-                );
-                assert!(
-                    lsm[row(r)].iter().all(|v| v.is_nan()),
-                    "log row {r} cols {cols}"
-                );
-            }
-            let want = reference::softmax(&x, cols).unwrap();
-            assert!(
-                Tolerance::SOFTMAX.compare(&sm, &want).passed(),
-                "cols {cols}"
-            );
-            let want = reference::log_softmax(&x, cols).unwrap();
-            assert!(
-                Tolerance::LOG_SOFTMAX.compare(&lsm, &want).passed(),
-                "cols {cols}"
-            );
+        // Unaligned rows run the scalar kernels, aligned ones the vec4 kernels.
+        for cols in [3, 40, 5000, 70_000, 4, 64, 4096, 65_536] {
+            check_special_values(ctx, cols, &format!("cols {cols}"));
         }
     });
 }
@@ -437,7 +470,10 @@ fn default_tuning_follows_the_adapter_type() {
     with_gpu(|ctx| {
         let expected = Tuning::for_device_type(ctx.adapter_info().device_type);
         let caps = ctx.capabilities();
-        assert_eq!(ctx.strategy(70_000, 10), expected.choose(70_000, 10, &caps));
+        assert_eq!(
+            ctx.strategy(70_000, 10),
+            expected.choose(70_000, 10, &caps, 1)
+        );
         assert!(matches!(
             ctx.strategy(4, 300_000),
             Strategy::SplitRow { .. }

@@ -35,10 +35,12 @@ pub enum Strategy {
         /// Elements per invocation held in registers (0: streamed).
         items: u32,
     },
-    /// Each row is split into chunks of `chunk` elements, one workgroup per chunk.
+    /// Each row is split into chunks of `chunk` elements, one team per chunk.
     SplitRow {
         /// Elements per chunk.
         chunk: u32,
+        /// One invocation per chunk (no barriers) rather than one workgroup.
+        per_invocation: bool,
     },
 }
 
@@ -76,6 +78,11 @@ pub struct Tuning {
     pub split_max_rows: u32,
     /// Elements per chunk of a split row.
     pub split_chunk: u32,
+    /// Who works on one chunk of a split row: 0 one invocation, otherwise one workgroup.
+    pub split_team: u32,
+    /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
+    /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
+    pub vector: u32,
 }
 
 impl Tuning {
@@ -91,6 +98,8 @@ impl Tuning {
         split_min_cols: 16384,
         split_max_rows: 512,
         split_chunk: 4096,
+        split_team: 2,
+        vector: 4,
     };
 
     /// The defaults for a software adapter (lavapipe, llvmpipe, WARP, SwiftShader). Measured
@@ -107,6 +116,8 @@ impl Tuning {
         split_min_cols: 65536,
         split_max_rows: 128,
         split_chunk: 8192,
+        split_team: 0,
+        vector: 4,
     };
 
     /// The defaults for an adapter of this type.
@@ -117,16 +128,19 @@ impl Tuning {
         }
     }
 
-    /// The strategy for a batch of `rows` rows of `cols` columns on a device with `caps`.
+    /// The strategy for a batch of `rows` rows of `cols` columns on a device with `caps`, for
+    /// kernels loading `vector` elements at a time (1, or 4 on aligned rows).
     ///
     /// Where `caps.loop_budget` caps the loop iterations of one invocation, a strategy whose
     /// invocations would loop longer is replaced by one with shorter loops (more invocations per
     /// row, then split rows): llvmpipe and lavapipe end an invocation after 65535 iterations,
     /// silently, so it would return wrong results.
-    pub fn choose(&self, rows: usize, cols: usize, caps: &Capabilities) -> Strategy {
+    pub fn choose(&self, rows: usize, cols: usize, caps: &Capabilities, vector: u32) -> Strategy {
         let cols32 = u32::try_from(cols).unwrap_or(u32::MAX);
+        let vector = vector.max(1);
         let split = Strategy::SplitRow {
             chunk: self.split_chunk,
+            per_invocation: self.split_team == 0,
         };
         let wide_and_few = cols32 >= self.split_min_cols && rows < self.split_max_rows as usize;
         let first = if wide_and_few {
@@ -135,15 +149,15 @@ impl Tuning {
             || (caps.subgroup_size.is_none() && cols32 <= self.thread_max_cols_without_subgroups)
         {
             Strategy::RowPerThread {
-                items: self.items(cols, 1),
+                items: self.items(cols, 1, vector),
             }
         } else if let (Some(sg), true) = (caps.subgroup_size, cols32 <= self.subgroup_max_cols) {
             Strategy::RowPerSubgroup {
-                items: self.items(cols, sg),
+                items: self.items(cols, sg, vector),
             }
         } else {
             Strategy::RowPerWorkgroup {
-                items: self.items(cols, self.row_workgroup),
+                items: self.items(cols, self.row_workgroup, vector),
             }
         };
         let Some(budget) = caps.loop_budget else {
@@ -152,19 +166,29 @@ impl Tuning {
         let wider = [
             first,
             Strategy::RowPerWorkgroup {
-                items: self.items(cols, self.row_workgroup),
+                items: self.items(cols, self.row_workgroup, vector),
             },
         ];
         wider
             .into_iter()
-            .find(|&s| self.loop_iterations(s, cols, caps) <= budget)
-            .unwrap_or_else(|| self.split_within(cols, budget, caps))
+            .find(|&s| self.loop_iterations(s, cols, caps, vector) <= budget)
+            .unwrap_or_else(|| self.split_within(cols, budget, caps, vector))
     }
 
-    /// Elements per invocation for a team of `team` on rows of `cols`: a power of two when the
-    /// row fits in registers, else 0 (streamed).
-    fn items(&self, cols: usize, team: u32) -> u32 {
-        let per_invocation = u32::try_from(cols)
+    /// Elements per load for rows of `cols` columns: 4 when the tuning allows it, `cols` is a
+    /// multiple of 4 and every operand starts at a multiple of 16 bytes (`aligned`); else 1.
+    pub fn vector_for(&self, cols: usize, aligned: bool) -> u32 {
+        if self.vector >= 4 && aligned && cols.is_multiple_of(4) {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Loads per invocation for a team of `team` on rows of `cols` loaded `vector` elements at a
+    /// time: a power of two when the row fits in registers, else 0 (streamed).
+    fn items(&self, cols: usize, team: u32, vector: u32) -> u32 {
+        let per_invocation = u32::try_from(cols.div_ceil(vector as usize))
             .unwrap_or(u32::MAX)
             .div_ceil(team.max(1));
         if per_invocation <= self.max_items {
@@ -176,13 +200,21 @@ impl Tuning {
 
     /// Loop iterations one invocation runs: at most three passes over its share of a row plus
     /// the workgroup reductions; an upper bound for every kernel family.
-    pub fn loop_iterations(&self, strategy: Strategy, cols: usize, caps: &Capabilities) -> u64 {
-        let cols = cols as u64;
+    pub fn loop_iterations(
+        &self,
+        strategy: Strategy,
+        cols: usize,
+        caps: &Capabilities,
+        vector: u32,
+    ) -> u64 {
+        let units = (cols as u64).div_ceil(u64::from(vector.max(1)));
         let wg = u64::from(self.row_workgroup);
         let reductions = 2 * wg;
-        // Streamed passes, plus the outer loop of the blocked sum (SUM_BLOCK = 32 in the shaders).
+        // Three streamed passes over `n` loads, plus the outer loop of the blocked sum (blocks of
+        // 32 scalars or 8 vec4s in the shaders) and the padding of its last block.
+        let streamed = |n: u64, team: u64| 3 * n.div_ceil(team) + n.div_ceil(8 * team) + 16;
         let passes = |team: u64, items: u32| match items {
-            0 => 3 * cols.div_ceil(team) + cols.div_ceil(32 * team),
+            0 => streamed(units, team),
             items => 3 * u64::from(items),
         };
         match strategy {
@@ -191,25 +223,32 @@ impl Tuning {
                 passes(u64::from(caps.subgroup_size.unwrap_or(1)), items)
             }
             Strategy::RowPerWorkgroup { items } => passes(wg, items) + reductions,
-            Strategy::SplitRow { chunk } => {
-                let chunk = u64::from(chunk);
-                3 * chunk.div_ceil(wg)
-                    + chunk.div_ceil(32 * wg)
-                    + 2 * cols.div_ceil(chunk).div_ceil(wg)
-                    + reductions
+            Strategy::SplitRow {
+                chunk,
+                per_invocation,
+            } => {
+                let team = if per_invocation { 1 } else { wg };
+                let chunk = u64::from(chunk).div_ceil(u64::from(vector.max(1)));
+                let chunks = cols.div_ceil(chunk.max(1) as usize * vector.max(1) as usize) as u64;
+                streamed(chunk, team) + 2 * chunks.div_ceil(team) + reductions
             }
         }
     }
 
     /// A split whose chunks keep every invocation within `budget` loop iterations.
-    fn split_within(&self, cols: usize, budget: u64, caps: &Capabilities) -> Strategy {
+    fn split_within(&self, cols: usize, budget: u64, caps: &Capabilities, vector: u32) -> Strategy {
+        let per_invocation = self.split_team == 0;
         let mut chunk = self.split_chunk;
-        while chunk > self.row_workgroup
-            && self.loop_iterations(Strategy::SplitRow { chunk }, cols, caps) > budget
+        let split = |chunk| Strategy::SplitRow {
+            chunk,
+            per_invocation,
+        };
+        while chunk > self.row_workgroup.max(4)
+            && self.loop_iterations(split(chunk), cols, caps, vector) > budget
         {
             chunk /= 2;
         }
-        Strategy::SplitRow { chunk }
+        split(chunk)
     }
 
     /// The same tuning with workgroup sizes the device allows and `subgroup` divides.
@@ -227,6 +266,7 @@ impl Tuning {
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
         self.max_items = self.max_items.clamp(1, MAX_ITEMS).next_power_of_two();
         self.split_chunk = self.split_chunk.max(self.row_workgroup);
+        self.vector = if self.vector >= 4 { 4 } else { 1 };
         self
     }
 }
@@ -251,11 +291,11 @@ mod tests {
     #[test]
     fn short_rows_run_one_invocation_per_row() {
         assert_eq!(
-            Tuning::GPU.choose(70_000, 8, &NVIDIA),
+            Tuning::GPU.choose(70_000, 8, &NVIDIA, 1),
             Strategy::RowPerThread { items: 8 }
         );
         assert_eq!(
-            Tuning::SOFTWARE.choose(1, 1, &LAVAPIPE),
+            Tuning::SOFTWARE.choose(1, 1, &LAVAPIPE, 1),
             Strategy::RowPerThread { items: 1 }
         );
     }
@@ -263,23 +303,23 @@ mod tests {
     #[test]
     fn medium_rows_use_a_subgroup_where_there_is_one() {
         assert_eq!(
-            Tuning::GPU.choose(70_000, 10, &NVIDIA),
+            Tuning::GPU.choose(70_000, 10, &NVIDIA, 1),
             Strategy::RowPerSubgroup { items: 1 }
         );
         assert_eq!(
-            Tuning::GPU.choose(4096, 1000, &NVIDIA),
+            Tuning::GPU.choose(4096, 1000, &NVIDIA, 1),
             Strategy::RowPerSubgroup { items: 0 }
         );
         assert_eq!(
-            Tuning::GPU.choose(4096, 500, &NVIDIA),
+            Tuning::GPU.choose(4096, 500, &NVIDIA, 1),
             Strategy::RowPerSubgroup { items: 16 }
         );
         assert_eq!(
-            Tuning::GPU.choose(4096, 1000, &PLAIN),
+            Tuning::GPU.choose(4096, 1000, &PLAIN, 1),
             Strategy::RowPerWorkgroup { items: 4 }
         );
         assert_eq!(
-            Tuning::GPU.choose(4096, 8192, &NVIDIA),
+            Tuning::GPU.choose(4096, 8192, &NVIDIA, 1),
             Strategy::RowPerWorkgroup { items: 0 }
         );
     }
@@ -287,11 +327,14 @@ mod tests {
     #[test]
     fn few_long_rows_are_split() {
         assert_eq!(
-            Tuning::GPU.choose(4, 300_000, &NVIDIA),
-            Strategy::SplitRow { chunk: 4096 }
+            Tuning::GPU.choose(4, 300_000, &NVIDIA, 1),
+            Strategy::SplitRow {
+                chunk: 4096,
+                per_invocation: false
+            }
         );
         assert_eq!(
-            Tuning::GPU.choose(100_000, 300_000, &NVIDIA),
+            Tuning::GPU.choose(100_000, 300_000, &NVIDIA, 1),
             Strategy::RowPerWorkgroup { items: 0 }
         );
     }
@@ -302,18 +345,58 @@ mod tests {
             thread_max_cols: u32::MAX,
             ..Tuning::SOFTWARE
         };
-        let s = thread.choose(2, 30_000, &LAVAPIPE);
-        assert!(thread.loop_iterations(s, 30_000, &LAVAPIPE) <= SOFTWARE_LOOP_BUDGET);
+        let s = thread.choose(2, 30_000, &LAVAPIPE, 1);
+        assert!(thread.loop_iterations(s, 30_000, &LAVAPIPE, 1) <= SOFTWARE_LOOP_BUDGET);
         assert_eq!(
-            thread.choose(2, 30_000, &PLAIN),
+            thread.choose(2, 30_000, &PLAIN, 1),
             Strategy::RowPerThread { items: 0 }
         );
         for cols in [700_000, 1 << 20, 33_000_000] {
-            let s = Tuning::SOFTWARE.choose(1000, cols, &LAVAPIPE);
+            let s = Tuning::SOFTWARE.choose(1000, cols, &LAVAPIPE, 1);
             assert!(
-                Tuning::SOFTWARE.loop_iterations(s, cols, &LAVAPIPE) <= SOFTWARE_LOOP_BUDGET,
+                Tuning::SOFTWARE.loop_iterations(s, cols, &LAVAPIPE, 1) <= SOFTWARE_LOOP_BUDGET,
                 "{cols}: {s:?}"
             );
+        }
+    }
+
+    #[test]
+    fn aligned_rows_count_registers_in_vec4s() {
+        assert_eq!(
+            Tuning::GPU.choose(4096, 1024, &NVIDIA, 4),
+            Strategy::RowPerSubgroup { items: 8 }
+        );
+        assert_eq!(
+            Tuning::GPU.choose(4096, 1024, &NVIDIA, 1),
+            Strategy::RowPerSubgroup { items: 0 }
+        );
+        assert_eq!(
+            Tuning::SOFTWARE.choose(65_536, 128, &LAVAPIPE, 4),
+            Strategy::RowPerSubgroup { items: 4 }
+        );
+    }
+
+    #[test]
+    fn software_splits_give_each_invocation_a_chunk_within_the_loop_budget() {
+        for vector in [1, 4] {
+            for cols in [262_144, 524_288, 1 << 24] {
+                let s = Tuning::SOFTWARE.choose(4, cols, &LAVAPIPE, vector);
+                assert!(
+                    matches!(
+                        s,
+                        Strategy::SplitRow {
+                            per_invocation: true,
+                            ..
+                        }
+                    ),
+                    "{cols}: {s:?}"
+                );
+                assert!(
+                    Tuning::SOFTWARE.loop_iterations(s, cols, &LAVAPIPE, vector)
+                        <= SOFTWARE_LOOP_BUDGET,
+                    "{cols} {vector}: {s:?}"
+                );
+            }
         }
     }
 }

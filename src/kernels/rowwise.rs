@@ -24,6 +24,8 @@ pub(crate) struct FamilyDesc {
     /// The two passes of a split row, per-chunk statistics then the per-chunk output; `None`
     /// when the family cannot split rows (one workgroup per row stands in).
     pub split: Option<[&'static str; 2]>,
+    /// The same entry points over vec4 (`rows`, then the split pair), for aligned rows.
+    pub vec4: Option<[&'static str; 3]>,
     pub partial_words: usize,
 }
 
@@ -37,6 +39,7 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     operands: &[Access::Read, Access::ReadWrite],
     rows: "rows",
     split: Some(["split_partials", "split_normalize"]),
+    vec4: Some(["rows4", "split_partials4", "split_normalize4"]),
     partial_words: 2,
 };
 
@@ -46,6 +49,7 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     operands: &[Access::Read, Access::Read, Access::ReadWrite],
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
+    vec4: None,
     partial_words: 1,
 };
 
@@ -64,6 +68,7 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     ],
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
+    vec4: None,
     partial_words: 4,
 };
 
@@ -73,6 +78,7 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     operands: &[Access::Read, Access::ReadWrite],
     rows: "rows",
     split: None,
+    vec4: None,
     partial_words: 1,
 };
 
@@ -230,13 +236,26 @@ impl RowwiseFamily {
 
         // The widest operand row is the work of one row (C * C for the Jacobian).
         let width = (row_bytes as usize / 4).max(cols);
-        let mut strategy = tuning.choose(rows, width, &gpu.caps);
         let desc = self.desc;
+        let aligned = call.operands.iter().all(|operand| match operand {
+            Operand::Rows { offset, .. } => offset.is_multiple_of(16),
+            Operand::Shared { .. } => true,
+        });
+        let vec4 = desc
+            .vec4
+            .filter(|_| width == cols && tuning.vector_for(cols, aligned) == 4);
+        let vector = if vec4.is_some() { 4 } else { 1 };
+        let mut strategy = tuning.choose(rows, width, &gpu.caps, vector);
         if desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
             strategy = Strategy::RowPerWorkgroup { items: 0 };
         }
+        let (rows_entry, split_entries) = match (vec4, desc.split) {
+            (Some([rows, partials, finish]), _) => (rows, Some([partials, finish])),
+            (None, split) => (desc.rows, split),
+        };
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
-        // (entry points, workgroup size, items, team, rows per workgroup, chunk)
+        // (entry points, workgroup size, items, team, rows or chunks per workgroup, chunk)
+        let one = [rows_entry];
         let (entries, wg, items, team, per_group, chunk): (
             &[&'static str],
             u32,
@@ -244,35 +263,34 @@ impl RowwiseFamily {
             u32,
             usize,
             u32,
-        ) = match (strategy, &desc.split) {
+        ) = match (strategy, &split_entries) {
             (Strategy::RowPerThread { items }, _) => {
                 let wg = tuning.thread_workgroup;
-                (
-                    std::slice::from_ref(&desc.rows),
-                    wg,
-                    items,
-                    0,
-                    wg as usize,
-                    0,
-                )
+                (&one[..], wg, items, 0, wg as usize, 0)
             }
             (Strategy::RowPerSubgroup { items }, _) => {
                 let wg = tuning.subgroup_workgroup;
-                (
-                    std::slice::from_ref(&desc.rows),
-                    wg,
-                    items,
-                    1,
-                    (wg / sg) as usize,
-                    0,
-                )
+                (&one[..], wg, items, 1, (wg / sg) as usize, 0)
             }
             (Strategy::RowPerWorkgroup { items }, _) => {
                 let wg = tuning.row_workgroup;
-                (std::slice::from_ref(&desc.rows), wg, items, 2, 1, 0)
+                (&one[..], wg, items, 2, 1, 0)
             }
-            (Strategy::SplitRow { chunk }, Some(split)) => {
-                (&split[..], tuning.row_workgroup, 0, 2, 1, chunk)
+            (
+                Strategy::SplitRow {
+                    chunk,
+                    per_invocation,
+                },
+                Some(split),
+            ) => {
+                // vec4 kernels take chunks of whole vec4s.
+                let chunk = chunk.next_multiple_of(vector);
+                let wg = tuning.row_workgroup;
+                if per_invocation {
+                    (&split[..], wg, 0, 0, wg as usize, chunk)
+                } else {
+                    (&split[..], wg, 0, 2, 1, chunk)
+                }
             }
             (Strategy::SplitRow { .. }, None) => unreachable!("replaced above"),
         };
@@ -298,11 +316,7 @@ impl RowwiseFamily {
 
         let mut dispatches = Vec::new();
         for &(first, n) in &blocks {
-            let groups = if chunk == 0 {
-                n.div_ceil(per_group)
-            } else {
-                n * chunks
-            } as u32;
+            let groups = if chunk == 0 { n } else { n * chunks }.div_ceil(per_group) as u32;
             let partial_len = if chunk == 0 {
                 1
             } else {

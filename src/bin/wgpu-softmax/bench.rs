@@ -37,7 +37,7 @@ pub struct BenchArgs {
     no_gpu: bool,
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
     /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup, subgroup_max_cols, row_workgroup,
-    /// max_items, split_min_cols, split_max_rows, split_chunk.
+    /// max_items, split_min_cols, split_max_rows, split_chunk, split_team, vector.
     #[arg(long = "tune", value_parser = parse_tune)]
     tune: Vec<(String, u32)>,
 }
@@ -67,6 +67,8 @@ fn tuned(ctx: &Context, overrides: &[(String, u32)]) -> std::result::Result<Cont
             "split_min_cols" => &mut t.split_min_cols,
             "split_max_rows" => &mut t.split_max_rows,
             "split_chunk" => &mut t.split_chunk,
+            "split_team" => &mut t.split_team,
+            "vector" => &mut t.vector,
             other => return Err(format!("unknown tuning field {other:?}")),
         };
         *slot = *value;
