@@ -3,13 +3,19 @@
 //   softmax:      dx_j = y_j * (dy_j - r),       r = sum_k dy_k * y_k
 //   log-softmax:  dx_j = dy_j - exp(y_j) * r,    r = sum_k dy_k
 //
-// One reduction per row; the entry points are those of softmax.wgsl. Values are not special-cased:
-// NaN in y or dy propagates through r to its row, and exp(-inf) is 0 by the explicit select.
+// One reduction per row; the entry points are those of softmax.wgsl, *4 included. Values are not
+// special-cased: NaN in y or dy propagates through r to its row, and exp(-inf) is 0 by the
+// explicit select.
 
 @group(0) @binding(1) var<storage, read> y: array<f32>;
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+// The same bindings seen as vec4, used only by the *4 entry points (aligned rows, as in
+// softmax.wgsl).
+@group(0) @binding(1) var<storage, read> y4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> dx4: array<vec4<f32>>;
 
 override LOG: bool = false;
 
@@ -23,6 +29,20 @@ fn term(yv: f32, g: f32) -> f32 {
 fn grad(yv: f32, g: f32, r: f32) -> f32 {
     if (LOG) {
         return g - select(exp(yv), 0.0, is_neg_inf(yv)) * r;
+    }
+    return yv * (g - r);
+}
+
+fn term4(yv: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
+    if (LOG) {
+        return g;
+    }
+    return g * yv;
+}
+
+fn grad4(yv: vec4<f32>, g: vec4<f32>, r: f32) -> vec4<f32> {
+    if (LOG) {
+        return g - select(exp(yv), vec4<f32>(0.0), is_neg_inf4(yv)) * r;
     }
     return yv * (g - r);
 }
@@ -74,6 +94,16 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
+// r of a split row: the sum of its chunks' partials, over the team.
+fn row_total(row: u32, team: Team, lid: u32) -> f32 {
+    let first = row * p.chunks;
+    var r = 0.0;
+    for (var i = team.lane; i < p.chunks; i += team.size) {
+        r += partials[first + i];
+    }
+    return team_sum(r, lid);
+}
+
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let team = team_of(wid, lid);
@@ -108,17 +138,101 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         return;
     }
     let row = g / p.chunks;
-    let first = row * p.chunks;
-    var r = 0.0;
-    for (var i = team.lane; i < p.chunks; i += team.size) {
-        r += partials[first + i];
-    }
-    r = team_sum(r, lid);
+    let r = row_total(row, team, lid);
     let bounds = chunk_bounds(g % p.chunks);
     let y0 = base(0u) + row * p.cols;
     let g0 = base(1u) + row * p.cols;
     let d0 = base(2u) + row * p.cols;
     for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
         dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
+    }
+}
+
+// A lane's share of r over the vec4s start + lane, start + lane + size, ... below stop, summed in
+// blocks of BLOCK4 terms per component.
+fn lane_sum4(y0: u32, g0: u32, start: u32, stop: u32, lane: u32, size: u32) -> f32 {
+    var r = 0.0;
+    for (var c0 = start + lane; c0 < stop; c0 += size * BLOCK4) {
+        let end = min(stop, c0 + size * BLOCK4);
+        var part = vec4<f32>(0.0);
+        for (var c = c0; c < end; c += size) {
+            part += term4(y4[y0 + c], dy4[g0 + c]);
+        }
+        r += sum_of(part);
+    }
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    if (team.row >= p.rows) {
+        return;
+    }
+    let n4 = p.cols / 4u;
+    let y0 = base(0u) / 4u + team.row * n4;
+    let g0 = base(1u) / 4u + team.row * n4;
+    let d0 = base(2u) / 4u + team.row * n4;
+    if (ITEMS > 0u) {
+        var ys: array<vec4<f32>, MAX_ITEMS>;
+        var gs: array<vec4<f32>, MAX_ITEMS>;
+        var part = vec4<f32>(0.0);
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = team.lane + k * team.size;
+            if (c < n4) {
+                ys[k] = y4[y0 + c];
+                gs[k] = dy4[g0 + c];
+                part += term4(ys[k], gs[k]);
+            }
+        }
+        let r = team_sum(sum_of(part), lid);
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = team.lane + k * team.size;
+            if (c < n4) {
+                dx4[d0 + c] = grad4(ys[k], gs[k], r);
+            }
+        }
+    } else {
+        let r = team_sum(lane_sum4(y0, g0, 0u, n4, team.lane, team.size), lid);
+        for (var c = team.lane; c < n4; c += team.size) {
+            dx4[d0 + c] = grad4(y4[y0 + c], dy4[g0 + c], r);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    let g = team.row;
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let bounds = chunk_bounds4(g % p.chunks);
+    let n4 = p.cols / 4u;
+    let y0 = base(0u) / 4u + row * n4;
+    let g0 = base(1u) / 4u + row * n4;
+    let r = team_sum(lane_sum4(y0, g0, bounds.x, bounds.y, team.lane, team.size), lid);
+    if (team.lane == 0u) {
+        partials[g] = r;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    let g = team.row;
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let r = row_total(row, team, lid);
+    let bounds = chunk_bounds4(g % p.chunks);
+    let n4 = p.cols / 4u;
+    let y0 = base(0u) / 4u + row * n4;
+    let g0 = base(1u) / 4u + row * n4;
+    let d0 = base(2u) / 4u + row * n4;
+    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+        dx4[d0 + c] = grad4(y4[y0 + c], dy4[g0 + c], r);
     }
 }

@@ -110,6 +110,14 @@ fn sum_of(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
+// vec4s a lane loads (or sums) as one block before folding them into its running statistics.
+const BLOCK4: u32 = 8u;
+
+// Chunk bounds of a split row in vec4s (the chunk size is a multiple of 4 for vec4 kernels).
+fn chunk_bounds4(chunk_id: u32) -> vec2<u32> {
+    return chunk_bounds(chunk_id) / 4u;
+}
+
 fn linear_group(wid: vec3<u32>) -> u32 {
     return wid.x + wid.y * p.grid_x;
 }

@@ -196,9 +196,6 @@ fn split_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     }
 }
 
-// vec4s a lane loads at once in online_stats4 before folding them into its running (max, sum).
-const BLOCK4: u32 = 8u;
-
 // A lane's (max, sum of exp(x - max)) over the vec4s start + lane, start + lane + size, ... below
 // stop, from one read: each block of BLOCK4 vec4s is loaded, its maximum taken, and the running sum
 // rescaled when the maximum grows (one extra exp per block, not per element).
@@ -289,11 +286,6 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
             dst4[d0 + c] = finish4(src4[s0 + c], st.x, scale);
         }
     }
-}
-
-// Chunk bounds of a split row in vec4s (the chunk size is a multiple of 4 for these kernels).
-fn chunk_bounds4(chunk_id: u32) -> vec2<u32> {
-    return chunk_bounds(chunk_id) / 4u;
 }
 
 @compute @workgroup_size(WG)

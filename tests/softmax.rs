@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{logits, small_limits_context, with_gpu, SHAPES};
+use common::{logits, small_limits_context, strategy_tunings, tuned, with_gpu, SHAPES};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{Context, ContextOptions, Error, Strategy, Tolerance, Tuning};
 
@@ -43,97 +43,8 @@ fn large_magnitudes_and_wide_spreads_stay_accurate() {
 #[test]
 fn every_strategy_matches_the_reference() {
     with_gpu(|base| {
-        let tunings = [
-            (
-                "thread",
-                Tuning {
-                    thread_max_cols: u32::MAX,
-                    ..Tuning::GPU
-                },
-            ),
-            (
-                "streamed",
-                Tuning {
-                    max_items: 1,
-                    split_min_cols: u32::MAX,
-                    ..Tuning::GPU
-                },
-            ),
-            (
-                "cached",
-                Tuning {
-                    thread_max_cols: 0,
-                    split_min_cols: u32::MAX,
-                    ..Tuning::GPU
-                },
-            ),
-            (
-                "split",
-                Tuning {
-                    thread_max_cols: 0,
-                    split_min_cols: 1,
-                    split_max_rows: u32::MAX,
-                    split_chunk: 300,
-                    ..Tuning::GPU
-                },
-            ),
-            (
-                "subgroup",
-                Tuning {
-                    thread_max_cols: 0,
-                    subgroup_max_cols: u32::MAX,
-                    split_min_cols: u32::MAX,
-                    ..Tuning::GPU
-                },
-            ),
-            (
-                "subgroup streamed",
-                Tuning {
-                    thread_max_cols: 0,
-                    subgroup_max_cols: u32::MAX,
-                    max_items: 1,
-                    split_min_cols: u32::MAX,
-                    subgroup_workgroup: 32,
-                    ..Tuning::GPU
-                },
-            ),
-            ("software", Tuning::SOFTWARE),
-            (
-                "scalar",
-                Tuning {
-                    vector: 1,
-                    ..Tuning::SOFTWARE
-                },
-            ),
-            (
-                "split per invocation",
-                Tuning {
-                    thread_max_cols: 0,
-                    split_min_cols: 1,
-                    split_max_rows: u32::MAX,
-                    split_chunk: 300,
-                    split_team: 0,
-                    ..Tuning::GPU
-                },
-            ),
-            (
-                "small workgroups",
-                Tuning {
-                    row_workgroup: 8,
-                    thread_workgroup: 8,
-                    thread_max_cols: 4,
-                    thread_max_cols_without_subgroups: 4,
-                    ..Tuning::SOFTWARE
-                },
-            ),
-        ];
-        for (name, tuning) in tunings {
-            let ctx = Context::from_device_with_tuning(
-                base.device().clone(),
-                base.queue().clone(),
-                tuning,
-            )
-            .expect("adopt device");
+        for (name, tuning) in strategy_tunings() {
+            let ctx = tuned(base, tuning);
             // Unaligned shapes (scalar kernels), then aligned ones (vec4 kernels).
             for &(rows, cols) in &[
                 (1, 1),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_grad_close, logits, with_gpu};
+use common::{assert_grad_close, logits, strategy_tunings, tuned, with_gpu};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
@@ -198,6 +198,60 @@ fn cross_entropy_matches_the_reference_for_every_option() {
                             assert_eq!(loss_only, got.loss, "{what}: loss-only kernel");
                         }
                     }
+                }
+            }
+        }
+    });
+}
+
+/// Backward and cross-entropy under every kernel strategy, on unaligned rows (scalar kernels) and
+/// aligned ones (vec4 kernels where the family has them), special values included.
+#[test]
+fn training_ops_match_the_reference_under_every_strategy() {
+    with_gpu(|base| {
+        for (name, tuning) in strategy_tunings() {
+            let ctx = tuned(base, tuning);
+            for &(rows, cols) in &[
+                (3, 7),
+                (33, 2049),
+                (5, 8),
+                (70, 128),
+                (33, 2048),
+                (2, 20_000),
+            ] {
+                let what = format!("{name} {rows}x{cols}");
+                let mut x = logits(rows, cols, 2.0, cols as u64);
+                x[cols / 2] = f32::NEG_INFINITY;
+                let dy = logits(rows, cols, 1.0, 1 + cols as u64);
+                let y = ctx.softmax(&x, cols).unwrap();
+                let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
+                let want = reference::softmax_backward(&y, &dy, cols).unwrap();
+                let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+                assert!(cmp.passed(), "softmax_backward {what}: {cmp:?}");
+                let ly = ctx.log_softmax(&x, cols).unwrap();
+                let got = ctx.log_softmax_backward(&ly, &dy, cols).unwrap();
+                let want = reference::log_softmax_backward(&ly, &dy, cols).unwrap();
+                let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
+                assert!(cmp.passed(), "log_softmax_backward {what}: {cmp:?}");
+
+                let idx = index_targets(rows, cols, 3, 4);
+                let probs = probability_targets(rows, cols, 4);
+                let weight: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+                for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                    let options = CrossEntropyOptions {
+                        weight: Some(&weight),
+                        label_smoothing: 0.1,
+                        ..Default::default()
+                    };
+                    let got = ctx
+                        .cross_entropy_with_grad(&x, cols, targets, &options, GradOutput::One)
+                        .unwrap();
+                    let want =
+                        reference::cross_entropy(&x, cols, targets, &options, GradOutput::One)
+                            .unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+                    assert!(cmp.passed(), "cross-entropy {what}: loss {cmp:?}");
+                    assert_grad_close(&got.grad, &want.grad, &format!("cross-entropy {what}"));
                 }
             }
         }

@@ -49,7 +49,7 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     operands: &[Access::Read, Access::Read, Access::ReadWrite],
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
-    vec4: None,
+    vec4: Some(["rows4", "split_partials4", "split_finish4"]),
     partial_words: 1,
 };
 

@@ -6,7 +6,7 @@ pub mod files;
 use std::sync::OnceLock;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use wgpu_softmax::Context;
+use wgpu_softmax::{Context, Tuning};
 
 /// Whether this run is CI, where a missing adapter is a failure, never a skip.
 pub fn in_ci() -> bool {
@@ -110,4 +110,100 @@ pub fn assert_grad_close(got: &[f32], want: &[f64], what: &str) {
     let want: Vec<f64> = want.iter().map(|v| v / scale).collect();
     let cmp = wgpu_softmax::Tolerance::SOFTMAX.compare(&got, &want);
     assert!(cmp.passed(), "{what}: grad {cmp:?}");
+}
+
+/// Kernel-choice tables that force every strategy (thread, subgroup, workgroup, cached or
+/// streamed, split by workgroup or by invocation, vec4 or scalar), so that each kernel runs on
+/// every backend whatever the adapter's defaults are.
+pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
+    vec![
+        (
+            "thread",
+            Tuning {
+                thread_max_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "streamed",
+            Tuning {
+                max_items: 1,
+                split_min_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "cached",
+            Tuning {
+                thread_max_cols: 0,
+                split_min_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "split",
+            Tuning {
+                thread_max_cols: 0,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk: 300,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "subgroup",
+            Tuning {
+                thread_max_cols: 0,
+                subgroup_max_cols: u32::MAX,
+                split_min_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "subgroup streamed",
+            Tuning {
+                thread_max_cols: 0,
+                subgroup_max_cols: u32::MAX,
+                max_items: 1,
+                split_min_cols: u32::MAX,
+                subgroup_workgroup: 32,
+                ..Tuning::GPU
+            },
+        ),
+        ("software", Tuning::SOFTWARE),
+        (
+            "scalar",
+            Tuning {
+                vector: 1,
+                ..Tuning::SOFTWARE
+            },
+        ),
+        (
+            "split per invocation",
+            Tuning {
+                thread_max_cols: 0,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk: 300,
+                split_team: 0,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "small workgroups",
+            Tuning {
+                row_workgroup: 8,
+                thread_workgroup: 8,
+                thread_max_cols: 4,
+                thread_max_cols_without_subgroups: 4,
+                ..Tuning::SOFTWARE
+            },
+        ),
+    ]
+}
+
+/// A context on `base`'s device with `tuning`.
+pub fn tuned(base: &Context, tuning: Tuning) -> Context {
+    Context::from_device_with_tuning(base.device().clone(), base.queue().clone(), tuning)
+        .expect("adopt device")
 }
