@@ -153,6 +153,8 @@ pub struct GpuBench {
     loss_fn: CrossEntropyLoss,
     targets: TargetTensor,
     timer: Option<Timer>,
+    /// [`BenchOp::Copy`]: vec4s per invocation (0: one).
+    copy_run: u32,
 }
 
 /// Timestamp queries around one compute pass.
@@ -193,7 +195,15 @@ impl GpuBench {
             loss_fn,
             targets,
             timer,
+            copy_run: 0,
         })
+    }
+
+    /// For [`BenchOp::Copy`]: each invocation copies `vec4s` consecutive vec4s instead of one.
+    /// Software adapters copy fastest this way; GPUs with one vec4 per invocation.
+    pub fn copy_in_runs(mut self, vec4s: u32) -> Self {
+        self.copy_run = vec4s;
+        self
     }
 
     /// How [`GpuBench::run`] times.
@@ -327,9 +337,10 @@ impl GpuBench {
             }
             BenchOp::Copy => {
                 let len4 = (rows * cols / 4) as u32;
-                let groups = len4.div_ceil(256);
+                let per = self.copy_run.max(1);
+                let groups = len4.div_ceil(per).div_ceil(256);
                 let max_dim = gpu.limits.max_compute_workgroups_per_dimension;
-                let params: [u32; 4] = [len4, crate::kernels::grid(groups, max_dim).0, 0, 0];
+                let params: [u32; 4] = [len4, crate::kernels::grid(groups, max_dim).0, per, 0];
                 let window = |t: &Tensor| {
                     Window::new(
                         &t.buffer,
@@ -341,7 +352,11 @@ impl GpuBench {
                 };
                 let family = &gpu.kernels.copy;
                 let key = PipelineKey {
-                    entry: "copy",
+                    entry: if self.copy_run == 0 {
+                        "copy"
+                    } else {
+                        "copy_runs"
+                    },
                     constants: Vec::new(),
                 };
                 let dispatch = Dispatch {

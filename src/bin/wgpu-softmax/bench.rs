@@ -10,6 +10,10 @@ use serde::Serialize;
 use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, Timing, SHAPES};
 use wgpu_softmax::{Context, Result};
 
+/// vec4s per invocation of the run-wise copy kernel (the GPU limit is the faster of that and one
+/// vec4 per invocation).
+const COPY_RUN: u32 = 1024;
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Ops to run (repeatable): softmax, log-softmax, softmax-backward, log-softmax-backward,
@@ -184,8 +188,13 @@ fn measure(
         let gpu_limit = if args.no_gpu {
             f64::NAN
         } else {
-            let copy = GpuBench::new(ctx, BenchOp::Copy, rows, cols)?;
-            copy_bytes / median(|| copy.run(), args.repeats)?.as_secs_f64() / 1e9
+            // The faster of the two access patterns on this adapter.
+            let mut best = 0.0f64;
+            for run in [0, COPY_RUN] {
+                let copy = GpuBench::new(ctx, BenchOp::Copy, rows, cols)?.copy_in_runs(run);
+                best = best.max(copy_bytes / median(|| copy.run(), args.repeats)?.as_secs_f64());
+            }
+            best / 1e9
         };
         let cpu_limit = if args.no_cpu {
             f64::NAN
@@ -253,6 +262,6 @@ fn print_table(ctx: &Context, records: &[Record]) {
         );
     }
     println!(
-        "GB/s: bytes read + written per second; limit: a copy kernel of the same bytes on this adapter (gpu), a multi-threaded memcpy (cpu), both measured in this run; medians."
+        "GB/s: bytes read + written per second; limit: the faster of two copy kernels of the same bytes on this adapter (gpu), a multi-threaded memcpy (cpu), both measured in this run; medians."
     );
 }
