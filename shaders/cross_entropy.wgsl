@@ -25,6 +25,11 @@
 @group(0) @binding(6) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(7) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(8) var<storage, read_write> partials: array<vec4<f32>>;
+// Logits and gradient seen as vec4, used only by the *4 entry points (rows of a multiple of 4
+// columns at multiples of 16 bytes). Targets and weights stay scalar: an index target is one word
+// per row, and a class-weight binding may be a one-word stand-in.
+@group(0) @binding(1) var<storage, read> logits4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> grad4: array<vec4<f32>>;
 
 override PROBS: bool = false;       // probability targets instead of class indices
 override WEIGHTED: bool = false;    // per-class weights in `weight`
@@ -215,6 +220,37 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
+// A row's statistics: max m and acc = (S, A, B, _).
+struct RowStats {
+    m: f32,
+    acc: vec4<f32>,
+}
+
+// A split row's statistics combined over the team from its chunks' partials (m_i, s_i, a_i, b_i);
+// the team of the row's first chunk also writes the row's loss.
+fn split_row_stats(g: u32, row: u32, t: RowTarget, team: Team, lid: u32) -> RowStats {
+    let first = row * p.chunks;
+    var m = neg_inf();
+    for (var i = team.lane; i < p.chunks; i += team.size) {
+        m = max(m, partials[first + i].x);
+    }
+    m = team_max(m, lid);
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        for (var i = team.lane; i < p.chunks; i += team.size) {
+            let part = partials[first + i];
+            // A(x - M) = sum_i a_i + (m_i - M) b_i; a chunk without mass adds nothing.
+            let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
+            acc += vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
+        }
+    }
+    acc = team_sum4(acc, lid);
+    if (g % p.chunks == 0u && team.lane == 0u) {
+        loss_rows[base(4u) + row] = row_loss(m, acc, t);
+    }
+    return RowStats(m, acc);
+}
+
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let team = team_of(wid, lid);
@@ -269,26 +305,10 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         return;
     }
     let row = g / p.chunks;
-    let first = row * p.chunks;
     let t = row_target(row);
-    var m = neg_inf();
-    for (var i = team.lane; i < p.chunks; i += team.size) {
-        m = max(m, partials[first + i].x);
-    }
-    m = team_max(m, lid);
-    var acc = vec4<f32>(0.0);
-    if (is_finite(m)) {
-        for (var i = team.lane; i < p.chunks; i += team.size) {
-            let part = partials[first + i];
-            // A(x - M) = sum_i a_i + (m_i - M) b_i; a chunk without mass adds nothing.
-            let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
-            acc += vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
-        }
-    }
-    acc = team_sum4(acc, lid);
-    if (g % p.chunks == 0u && team.lane == 0u) {
-        loss_rows[base(4u) + row] = row_loss(m, acc, t);
-    }
+    let st = split_row_stats(g, row, t, team, lid);
+    let m = st.m;
+    let acc = st.acc;
     if (GRAD) {
         let scale = row_scale(row);
         let bounds = chunk_bounds(g % p.chunks);
@@ -297,6 +317,196 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
             let x = logit(x0 + c);
             grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
+        }
+    }
+}
+
+// ---- vec4 forms (aligned rows) ----
+
+fn logit4(i: u32) -> vec4<f32> {
+    if (IN_PLACE) {
+        return grad4[i];
+    }
+    return logits4[i];
+}
+
+fn class_weight4(c: u32) -> vec4<f32> {
+    if (WEIGHTED) {
+        let w0 = base(2u) + c;
+        return vec4<f32>(weight[w0], weight[w0 + 1u], weight[w0 + 2u], weight[w0 + 3u]);
+    }
+    return vec4<f32>(1.0);
+}
+
+// q for the four classes c4 * 4 .. c4 * 4 + 3 of `row`.
+fn target_mass4(row: u32, c4: u32, t: RowTarget) -> vec4<f32> {
+    let c = c4 * 4u;
+    let e = smoothing();
+    let uniform = e / f32(p.cols);
+    let w = class_weight4(c);
+    if (PROBS) {
+        let t0 = base(1u) + row * p.cols + c;
+        let prob = bitcast<vec4<f32>>(
+            vec4<u32>(targets[t0], targets[t0 + 1u], targets[t0 + 2u], targets[t0 + 3u])
+        );
+        return w * ((1.0 - e) * prob + uniform);
+    }
+    let hit = vec4<u32>(c, c + 1u, c + 2u, c + 3u) == vec4<u32>(t.index);
+    return uniform * w + select(vec4<f32>(0.0), (1.0 - e) * w, hit);
+}
+
+// (exp terms, mass terms, masses) of four classes, each summed, as in `rows`.
+fn terms4(x: vec4<f32>, q: vec4<f32>, m: f32) -> vec4<f32> {
+    let mass = select(q * (x - m), vec4<f32>(0.0), q == vec4<f32>(0.0));
+    return vec4<f32>(sum_of(exp_shifted4(x, m)), sum_of(mass), sum_of(q), 0.0);
+}
+
+fn grad_value4(x: vec4<f32>, q: vec4<f32>, m: f32, stats4: vec4<f32>, t: RowTarget, scale: f32) -> vec4<f32> {
+    if (t.kind == 1u) {
+        return vec4<f32>(0.0);
+    }
+    if (t.kind == 2u || !is_finite(m)) {
+        return vec4<f32>(quiet_nan());
+    }
+    return scale * (exp_shifted4(x, m) / stats4.x * mass_total(stats4.z, t) - q);
+}
+
+// A lane's share of (S, A, B) over the vec4s start + lane, start + lane + size, ... below stop of
+// a row whose maximum is m, in blocks of BLOCK4 vec4s.
+fn lane_terms4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, m: f32, t: RowTarget) -> vec4<f32> {
+    var acc = vec4<f32>(0.0);
+    for (var c0 = start + lane; c0 < stop; c0 += size * BLOCK4) {
+        let end = min(stop, c0 + size * BLOCK4);
+        var part = vec4<f32>(0.0);
+        for (var c = c0; c < end; c += size) {
+            part += terms4(logit4(x0 + c), target_mass4(row, c, t), m);
+        }
+        acc += part;
+    }
+    return acc;
+}
+
+fn lane_max4(x0: u32, start: u32, stop: u32, lane: u32, size: u32) -> f32 {
+    var mv = vec4<f32>(neg_inf());
+    for (var c = start + lane; c < stop; c += size) {
+        mv = max(mv, max_key4(logit4(x0 + c)));
+    }
+    return max_of(mv);
+}
+
+@compute @workgroup_size(WG)
+fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    if (team.row >= p.rows) {
+        return;
+    }
+    let row = team.row;
+    let n4 = p.cols / 4u;
+    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * n4;
+    let t = row_target(row);
+    var xs: array<vec4<f32>, MAX_ITEMS>;
+    var m = neg_inf();
+    if (ITEMS > 0u) {
+        var mv = vec4<f32>(neg_inf());
+        for (var k = 0u; k < ITEMS; k++) {
+            let c = team.lane + k * team.size;
+            var x = vec4<f32>(neg_inf());
+            if (c < n4) {
+                x = logit4(x0 + c);
+            }
+            xs[k] = x;
+            mv = max(mv, max_key4(x));
+        }
+        m = max_of(mv);
+    } else {
+        m = lane_max4(x0, 0u, n4, team.lane, team.size);
+    }
+    m = team_max(m, lid);
+
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        if (ITEMS > 0u) {
+            for (var k = 0u; k < ITEMS; k++) {
+                let c = team.lane + k * team.size;
+                if (c < n4) {
+                    acc += terms4(xs[k], target_mass4(row, c, t), m);
+                }
+            }
+        } else {
+            acc = lane_terms4(row, x0, 0u, n4, team.lane, team.size, m, t);
+        }
+    }
+    acc = team_sum4(acc, lid);
+    if (team.lane == 0u) {
+        loss_rows[base(4u) + row] = row_loss(m, acc, t);
+    }
+    if (GRAD) {
+        let scale = row_scale(row);
+        let g0 = base(5u) / 4u + row * n4;
+        if (ITEMS > 0u) {
+            for (var k = 0u; k < ITEMS; k++) {
+                let c = team.lane + k * team.size;
+                if (c < n4) {
+                    grad4[g0 + c] = grad_value4(xs[k], target_mass4(row, c, t), m, acc, t, scale);
+                }
+            }
+        } else {
+            for (var c = team.lane; c < n4; c += team.size) {
+                let q = target_mass4(row, c, t);
+                grad4[g0 + c] = grad_value4(logit4(x0 + c), q, m, acc, t, scale);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    let g = team.row;
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let bounds = chunk_bounds4(g % p.chunks);
+    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * (p.cols / 4u);
+    let t = row_target(row);
+    let m = team_max(lane_max4(x0, bounds.x, bounds.y, team.lane, team.size), lid);
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        acc = lane_terms4(row, x0, bounds.x, bounds.y, team.lane, team.size, m, t);
+    } else {
+        // An all -inf chunk still carries its target mass (and -inf mass terms).
+        for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+            let q = target_mass4(row, c, t);
+            let mass = select(vec4<f32>(neg_inf()), vec4<f32>(0.0), q == vec4<f32>(0.0));
+            acc += vec4<f32>(0.0, sum_of(mass), sum_of(q), 0.0);
+        }
+    }
+    acc = team_sum4(acc, lid);
+    if (team.lane == 0u) {
+        partials[g] = vec4<f32>(m, acc.x, acc.y, acc.z);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    let g = team.row;
+    if (g >= p.rows * p.chunks) {
+        return;
+    }
+    let row = g / p.chunks;
+    let t = row_target(row);
+    let st = split_row_stats(g, row, t, team, lid);
+    if (GRAD) {
+        let scale = row_scale(row);
+        let bounds = chunk_bounds4(g % p.chunks);
+        let n4 = p.cols / 4u;
+        let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * n4;
+        let g0 = base(5u) / 4u + row * n4;
+        for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+            let q = target_mass4(row, c, t);
+            grad4[g0 + c] = grad_value4(logit4(x0 + c), q, st.m, st.acc, t, scale);
         }
     }
 }

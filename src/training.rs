@@ -1047,11 +1047,12 @@ impl CrossEntropyLoss {
         } else {
             job.loss.clone()
         };
-        let unused_read = || Operand::shared(&gpu.unused_read, 1);
+        // Four words: vec4 kernels declare the logits and gradient bindings as vec4 arrays.
+        let unused_read = || Operand::shared(&gpu.unused_read, 4);
         let (logits, grad, in_place, want_grad) = match job.grad {
             GradTarget::None => (
                 Operand::matrix(job.logits, cols),
-                Operand::shared(&gpu.unused_write, 1),
+                Operand::shared(&gpu.unused_write, 4),
                 false,
                 false,
             ),

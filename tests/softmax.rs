@@ -52,6 +52,7 @@ fn every_strategy_matches_the_reference() {
                 (33, 2049),
                 (65, 4097),
                 (0, 3),
+                (0, 4),
                 (3, 4),
                 (9, 8),
                 (70, 128),

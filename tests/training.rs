@@ -397,7 +397,15 @@ fn ignored_rows_follow_pytorch() {
 #[test]
 fn in_place_gradient_equals_the_out_of_place_one() {
     with_gpu(|ctx| {
-        for &(rows, cols) in &[(70_000, 10), (33, 2049), (3, 70_001)] {
+        // Unaligned rows, then aligned ones (vec4 kernels).
+        for &(rows, cols) in &[
+            (70_000, 10),
+            (33, 2049),
+            (3, 70_001),
+            (70_000, 12),
+            (33, 2048),
+            (3, 70_000),
+        ] {
             let x = logits(rows, cols, 2.0, 3);
             let idx = index_targets(rows, cols, 4, 9);
             let loss_fn = ctx

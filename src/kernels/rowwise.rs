@@ -68,7 +68,7 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     ],
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
-    vec4: None,
+    vec4: Some(["rows4", "split_partials4", "split_finish4"]),
     partial_words: 4,
 };
 
@@ -237,13 +237,15 @@ impl RowwiseFamily {
         // The widest operand row is the work of one row (C * C for the Jacobian).
         let width = (row_bytes as usize / 4).max(cols);
         let desc = self.desc;
+        // vec4 kernels read and write the operands with a row of `cols` elements as vec4 (the
+        // others stay scalar), so those must start at a multiple of 16 bytes.
         let aligned = call.operands.iter().all(|operand| match operand {
-            Operand::Rows { offset, .. } => offset.is_multiple_of(16),
+            Operand::Rows { offset, width, .. } => *width != cols || offset.is_multiple_of(16),
             Operand::Shared { .. } => true,
         });
         let vec4 = desc
             .vec4
-            .filter(|_| width == cols && tuning.vector_for(cols, aligned) == 4);
+            .filter(|_| rows > 0 && width == cols && tuning.vector_for(cols, aligned) == 4);
         let vector = if vec4.is_some() { 4 } else { 1 };
         let mut strategy = tuning.choose(rows, width, &gpu.caps, vector);
         if desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
