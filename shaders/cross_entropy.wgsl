@@ -371,27 +371,51 @@ fn grad_value4(x: vec4<f32>, q: vec4<f32>, m: f32, stats4: vec4<f32>, t: RowTarg
     return scale * (exp_shifted4(x, m) / stats4.x * mass_total(stats4.z, t) - q);
 }
 
-// A lane's share of (S, A, B) over the vec4s start + lane, start + lane + size, ... below stop of
-// a row whose maximum is m, in blocks of BLOCK4 vec4s.
-fn lane_terms4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, m: f32, t: RowTarget) -> vec4<f32> {
-    var acc = vec4<f32>(0.0);
+// A lane's statistics (m, S, A, B) over the vec4s start + lane, start + lane + size, ... below
+// stop, from one read of the logits: S and A are relative to the lane's running maximum m, and
+// are rescaled (S by exp(m_old - m_new)) or shifted (A by (m_old - m_new) B) when a block of
+// BLOCK4 vec4s raises it. A -inf logit with target mass gives A = -inf exactly, as in the row
+// kernels, whether or not a finite maximum has been seen yet.
+fn lane_stats4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t: RowTarget) -> vec4<f32> {
+    var st = vec4<f32>(neg_inf(), 0.0, 0.0, 0.0);
     for (var c0 = start + lane; c0 < stop; c0 += size * BLOCK4) {
-        let end = min(stop, c0 + size * BLOCK4);
-        var part = vec4<f32>(0.0);
-        for (var c = c0; c < end; c += size) {
-            part += terms4(logit4(x0 + c), target_mass4(row, c, t), m);
+        var block: array<vec4<f32>, BLOCK4>;
+        var bm = vec4<f32>(neg_inf());
+        for (var k = 0u; k < BLOCK4; k++) {
+            let c = c0 + k * size;
+            var x = vec4<f32>(neg_inf());
+            if (c < stop) {
+                x = logit4(x0 + c);
+            }
+            block[k] = x;
+            bm = max(bm, max_key4(x));
         }
-        acc += part;
+        let m = max(st.x, max_of(bm));
+        let shift = select((st.x - m) * st.w, 0.0, st.w == 0.0 || st.x == m);
+        st = vec4<f32>(m, st.y * rescale(st.x, m), st.z + shift, st.w);
+        var part = vec4<f32>(0.0);
+        for (var k = 0u; k < BLOCK4; k++) {
+            let c = c0 + k * size;
+            if (c < stop) {
+                let x = block[k];
+                let q = target_mass4(row, c, t);
+                let mass = select(q * (x - m), vec4<f32>(neg_inf()), is_neg_inf4(x));
+                let a = select(mass, vec4<f32>(0.0), q == vec4<f32>(0.0));
+                part += vec4<f32>(0.0, sum_of(exp_shifted4(x, m)), sum_of(a), sum_of(q));
+            }
+        }
+        st += part;
     }
-    return acc;
+    return st;
 }
 
-fn lane_max4(x0: u32, start: u32, stop: u32, lane: u32, size: u32) -> f32 {
-    var mv = vec4<f32>(neg_inf());
-    for (var c = start + lane; c < stop; c += size) {
-        mv = max(mv, max_key4(logit4(x0 + c)));
-    }
-    return max_of(mv);
+// Combines the lanes' (m_i, S_i, A_i, B_i) over the team: M = max m_i, S = sum S_i exp(m_i - M),
+// A = sum A_i + (m_i - M) B_i, B = sum B_i. Returns M and (S, A, B, _).
+fn team_stats4(st: vec4<f32>, lid: u32) -> RowStats {
+    let m = team_max(st.x, lid);
+    let shift = select((st.x - m) * st.w, 0.0, st.w == 0.0 || st.x == m);
+    let mine = vec4<f32>(st.y * rescale(st.x, m), st.z + shift, st.w, 0.0);
+    return RowStats(m, team_sum4(mine, lid));
 }
 
 @compute @workgroup_size(WG)
@@ -406,6 +430,7 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let t = row_target(row);
     var xs: array<vec4<f32>, MAX_ITEMS>;
     var m = neg_inf();
+    var acc = vec4<f32>(0.0);
     if (ITEMS > 0u) {
         var mv = vec4<f32>(neg_inf());
         for (var k = 0u; k < ITEMS; k++) {
@@ -417,26 +442,21 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
             xs[k] = x;
             mv = max(mv, max_key4(x));
         }
-        m = max_of(mv);
-    } else {
-        m = lane_max4(x0, 0u, n4, team.lane, team.size);
-    }
-    m = team_max(m, lid);
-
-    var acc = vec4<f32>(0.0);
-    if (is_finite(m)) {
-        if (ITEMS > 0u) {
+        m = team_max(max_of(mv), lid);
+        if (is_finite(m)) {
             for (var k = 0u; k < ITEMS; k++) {
                 let c = team.lane + k * team.size;
                 if (c < n4) {
                     acc += terms4(xs[k], target_mass4(row, c, t), m);
                 }
             }
-        } else {
-            acc = lane_terms4(row, x0, 0u, n4, team.lane, team.size, m, t);
         }
+        acc = team_sum4(acc, lid);
+    } else {
+        let st = team_stats4(lane_stats4(row, x0, 0u, n4, team.lane, team.size, t), lid);
+        m = st.m;
+        acc = st.acc;
     }
-    acc = team_sum4(acc, lid);
     if (team.lane == 0u) {
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
@@ -470,19 +490,9 @@ fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     let bounds = chunk_bounds4(g % p.chunks);
     let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * (p.cols / 4u);
     let t = row_target(row);
-    let m = team_max(lane_max4(x0, bounds.x, bounds.y, team.lane, team.size), lid);
-    var acc = vec4<f32>(0.0);
-    if (is_finite(m)) {
-        acc = lane_terms4(row, x0, bounds.x, bounds.y, team.lane, team.size, m, t);
-    } else {
-        // An all -inf chunk still carries its target mass (and -inf mass terms).
-        for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
-            let q = target_mass4(row, c, t);
-            let mass = select(vec4<f32>(neg_inf()), vec4<f32>(0.0), q == vec4<f32>(0.0));
-            acc += vec4<f32>(0.0, sum_of(mass), sum_of(q), 0.0);
-        }
-    }
-    acc = team_sum4(acc, lid);
+    let st = team_stats4(lane_stats4(row, x0, bounds.x, bounds.y, team.lane, team.size, t), lid);
+    let m = st.m;
+    let acc = st.acc;
     if (team.lane == 0u) {
         partials[g] = vec4<f32>(m, acc.x, acc.y, acc.z);
     }

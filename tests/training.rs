@@ -498,27 +498,62 @@ fn encode_form_writes_the_callers_buffers() {
 
 #[test]
 fn cross_entropy_special_values_stay_in_their_rows() {
-    with_gpu(|ctx| {
-        let cols = 6;
-        let mut x = logits(4, cols, 1.0, 2);
-        x[0] = f32::NAN;
-        x[cols + 2] = f32::NEG_INFINITY; // the target of row 1
-        let idx = [1i64, 2, 3, 4];
-        let options = CrossEntropyOptions {
-            reduction: Reduction::None,
-            ..Default::default()
-        };
-        let out = ctx
-            .cross_entropy_with_grad(&x, cols, Targets::Indices(&idx), &options, GradOutput::One)
-            .unwrap();
-        assert!(out.loss[0].is_nan());
-        assert_eq!(out.loss[1], f32::INFINITY);
-        assert!(out.loss[2].is_finite() && out.loss[3].is_finite());
-        assert!(out.grad[..cols].iter().all(|g| g.is_nan()));
-        let want =
-            reference::cross_entropy(&x, cols, Targets::Indices(&idx), &options, GradOutput::One)
-                .unwrap();
-        assert!(LOSS_TOLERANCE.compare(&out.loss, &want.loss).passed());
+    with_gpu(|base| {
+        let mut contexts = vec![("default", base.clone())];
+        contexts.extend(
+            strategy_tunings()
+                .into_iter()
+                .map(|(name, tuning)| (name, tuned(base, tuning))),
+        );
+        for (name, ctx) in &contexts {
+            // Unaligned and aligned rows, in registers, streamed and split.
+            for cols in [6, 8, 2048, 20_000] {
+                let what = format!("{name} cols {cols}");
+                let mut x = logits(5, cols, 1.0, 2);
+                x[0] = f32::NAN;
+                // Row 1: its target is -inf and is the first logit any lane reads.
+                x[cols] = f32::NEG_INFINITY;
+                // Row 2: -inf logits away from the target contribute nothing.
+                x[2 * cols + 1] = f32::NEG_INFINITY;
+                x[3 * cols - 1] = f32::NEG_INFINITY;
+                // Row 4: a leading run of -inf holding the target.
+                x[4 * cols..4 * cols + cols / 2].fill(f32::NEG_INFINITY);
+                let idx = [1i64, 0, 3, 4, 1];
+                let options = CrossEntropyOptions {
+                    reduction: Reduction::None,
+                    ..Default::default()
+                };
+                let targets = Targets::Indices(&idx);
+                let out = ctx
+                    .cross_entropy_with_grad(&x, cols, targets, &options, GradOutput::One)
+                    .unwrap();
+                assert!(out.loss[0].is_nan(), "{what}");
+                assert_eq!(out.loss[1], f32::INFINITY, "{what}");
+                assert!(out.loss[2].is_finite() && out.loss[3].is_finite(), "{what}");
+                assert_eq!(out.loss[4], f32::INFINITY, "{what}");
+                assert!(out.grad[..cols].iter().all(|g| g.is_nan()), "{what}");
+                let want =
+                    reference::cross_entropy(&x, cols, targets, &options, GradOutput::One).unwrap();
+                let cmp = LOSS_TOLERANCE.compare(&out.loss, &want.loss);
+                assert!(cmp.passed(), "{what}: {cmp:?}");
+                assert_grad_close(&out.grad, &want.grad, &what);
+                // With label smoothing every class carries mass: any -inf logit makes the loss
+                // infinite.
+                let smoothed = CrossEntropyOptions {
+                    label_smoothing: 0.1,
+                    ..options
+                };
+                let out = ctx
+                    .cross_entropy_with_grad(&x, cols, targets, &smoothed, GradOutput::One)
+                    .unwrap();
+                let want = reference::cross_entropy(&x, cols, targets, &smoothed, GradOutput::One)
+                    .unwrap();
+                assert_eq!(out.loss[2], f32::INFINITY, "{what} smoothed");
+                let cmp = LOSS_TOLERANCE.compare(&out.loss, &want.loss);
+                assert!(cmp.passed(), "{what} smoothed: {cmp:?}");
+                assert_grad_close(&out.grad, &want.grad, &format!("{what} smoothed"));
+            }
+        }
     });
 }
 
