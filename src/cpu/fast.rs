@@ -151,6 +151,20 @@ fn exp_nonpositive<M: MulAdd>(x: f32) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // Row reductions.
 
+/// Folds the lanes with `f` as a halving tree, which vectorises (a scalar fold over the lanes
+/// does not): short rows spend a noticeable share of their time here.
+#[inline(always)]
+fn fold_lanes<T: Copy>(mut w: [T; LANES], f: impl Fn(T, T) -> T) -> T {
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            w[i] = f(w[i], w[i + n]);
+        }
+    }
+    w[0]
+}
+
 #[inline(always)]
 fn lane_sum(acc: [f32; LANES]) -> f32 {
     let mut w = acc;
@@ -172,6 +186,13 @@ struct Scan {
     degenerate: bool,
 }
 
+/// `v.is_nan()` as an integer comparison of the bits, which LLVM vectorises (the float
+/// comparison became one scalar compare per element).
+#[inline(always)]
+fn is_nan_bits(v: f32) -> bool {
+    v.to_bits() & 0x7fff_ffff > 0x7f80_0000
+}
+
 #[inline(always)]
 fn scan(x: &[f32]) -> Scan {
     let mut max = [f32::NEG_INFINITY; LANES];
@@ -182,28 +203,19 @@ fn scan(x: &[f32]) -> Scan {
         for i in 0..LANES {
             let v = c[i];
             max[i] = if v > max[i] { v } else { max[i] };
-            nan[i] |= u32::from(v.is_nan());
+            nan[i] |= u32::from(is_nan_bits(v));
         }
     }
-    for (i, &v) in tail.iter().enumerate() {
-        max[i] = if v > max[i] { v } else { max[i] };
-        nan[i] |= u32::from(v.is_nan());
+    // The tail in scalars: indexing the lane arrays by a variable kept them in memory, for the
+    // whole loop above.
+    let (mut tail_max, mut tail_nan) = (f32::NEG_INFINITY, 0u32);
+    for &v in tail {
+        tail_max = if v > tail_max { v } else { tail_max };
+        tail_nan |= u32::from(is_nan_bits(v));
     }
-    // Halving trees, which vectorise, rather than a scalar fold over the lanes: short rows spend
-    // a noticeable share of their time here.
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            max[i] = if max[i + n] > max[i] {
-                max[i + n]
-            } else {
-                max[i]
-            };
-            nan[i] |= nan[i + n];
-        }
-    }
-    let (m, any_nan) = (max[0], nan[0]);
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
+    let m = larger(fold_lanes(max, larger), tail_max);
+    let any_nan = fold_lanes(nan, |a, b| a | b) | tail_nan;
     // The maximum ignores NaNs (comparisons with them are false), so it is `+inf` exactly when
     // some entry is, and `-inf` exactly when every non-NaN entry is.
     Scan {
@@ -235,27 +247,18 @@ fn sum_exp<M: MulAdd>(x: &[f32], max: f32) -> f64 {
 }
 
 /// `y_j = exp(x_j - max)`, returning `sum_j y_j`.
+///
+/// Each block is summed after it is stored, while it is in L1: accumulating in the same loop as
+/// the stores made LLVM keep the accumulators on the stack (it cannot rule out that the output
+/// aliases them), a store-to-load dependency on every iteration.
 #[inline(always)]
 fn exp_store_sum<M: MulAdd>(x: &[f32], max: f32, y: &mut [f32]) -> f64 {
     let mut total = 0.0f64;
     for (xb, yb) in x.chunks(SUM_BLOCK).zip(y.chunks_mut(SUM_BLOCK)) {
-        let mut acc = [0.0f32; LANES];
-        let mut xc = xb.chunks_exact(LANES);
-        let mut yc = yb.chunks_exact_mut(LANES);
-        for (xs, ys) in (&mut xc).zip(&mut yc) {
-            for i in 0..LANES {
-                let e = exp_nonpositive::<M>(xs[i] - max);
-                ys[i] = e;
-                acc[i] += e;
-            }
+        for (yv, &xv) in yb.iter_mut().zip(xb) {
+            *yv = exp_nonpositive::<M>(xv - max);
         }
-        let mut s = lane_sum(acc);
-        for (&xv, yv) in xc.remainder().iter().zip(yc.into_remainder()) {
-            let e = exp_nonpositive::<M>(xv - max);
-            *yv = e;
-            s += e;
-        }
-        total += f64::from(s);
+        total += block_sum(yb);
     }
     total
 }
@@ -280,6 +283,23 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
         total += f64::from(lane_sum(acc) + s);
     }
     total
+}
+
+/// `sum_j a_j` in `f32` lanes, for at most [`SUM_BLOCK`] elements.
+#[inline(always)]
+fn block_sum(a: &[f32]) -> f64 {
+    let mut acc = [0.0f32; LANES];
+    let ac = a.chunks_exact(LANES);
+    let mut s = 0.0f32;
+    for &x in ac.remainder() {
+        s += x;
+    }
+    for xs in ac {
+        for i in 0..LANES {
+            acc[i] += xs[i];
+        }
+    }
+    f64::from(lane_sum(acc) + s)
 }
 
 /// `sum_j a_j`.
