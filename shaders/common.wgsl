@@ -29,8 +29,9 @@ override WG: u32 = 64u;
 override ITEMS: u32 = 0u;
 // Who works on one row: 0 one invocation, 1 one subgroup of SG invocations, 2 the workgroup.
 override TEAM: u32 = 2u;
-// The device's (fixed) subgroup size, for TEAM = 1.
-override SG: u32 = 32u;
+// The device's fixed subgroup size (TEAM = 1, and the first step of workgroup reductions); 1
+// where subgroup operations are absent or their size varies.
+override SG: u32 = 1u;
 
 const MAX_WG: u32 = 256u;
 // Streamed sums add SUM_BLOCK of a lane's terms at a time into the running total: the f32
@@ -128,33 +129,42 @@ fn chunk_bounds(chunk_id: u32) -> vec2<u32> {
     return vec2<u32>(start, min(start + p.chunk, p.cols));
 }
 
-// Workgroup reductions. Every invocation writes its value, one barrier, then every invocation
-// combines all WG values itself: one barrier per reduction instead of log2(WG), which matters on
-// software adapters where a barrier switches between all of the workgroup's invocation groups.
-// The max and the vec4 sums use different arrays, and each is used at most once per workgroup
-// between barriers, so no reduction's writes can race another's reads.
+// Workgroup reductions. Each subgroup first reduces its own values (with subgroup operations
+// where the device has them and SG is its fixed size; SG = 1 otherwise), its first invocation
+// writes the result, one barrier, then every invocation combines the ceil(WG / SG) partials
+// itself: one barrier per reduction instead of log2(WG), which matters on software adapters where
+// a barrier switches between all of the workgroup's invocation groups, and few shared-memory
+// reads on GPUs. Subgroups tile the workgroup in order of local_invocation_index (a partial last
+// subgroup included). The max and the vec4 sums use different arrays, and each is used at most
+// once per workgroup between barriers, so no reduction's writes can race another's reads.
 
 var<workgroup> red_max: array<f32, MAX_WG>;
 var<workgroup> red_sum: array<vec4<f32>, MAX_WG>;
 
 fn workgroup_max(v: f32, lid: u32) -> f32 {
-    red_max[lid] = v;
+    let s = subgroup_max(v);
+    if (lid % SG == 0u) {
+        red_max[lid / SG] = s;
+    }
     workgroupBarrier();
     var m = red_max[0];
-    for (var i = 1u; i < WG; i++) {
+    for (var i = 1u; i < (WG + SG - 1u) / SG; i++) {
         m = max(m, red_max[i]);
     }
     return m;
 }
 
 fn workgroup_sum4(v: vec4<f32>, lid: u32) -> vec4<f32> {
-    red_sum[lid] = v;
-    workgroupBarrier();
-    var s = vec4<f32>(0.0);
-    for (var i = 0u; i < WG; i++) {
-        s += red_sum[i];
+    let s = subgroup_sum4(v);
+    if (lid % SG == 0u) {
+        red_sum[lid / SG] = s;
     }
-    return s;
+    workgroupBarrier();
+    var total = vec4<f32>(0.0);
+    for (var i = 0u; i < (WG + SG - 1u) / SG; i++) {
+        total += red_sum[i];
+    }
+    return total;
 }
 
 // The team working on one row (or, in split kernels, on one chunk of a row): which row or chunk,

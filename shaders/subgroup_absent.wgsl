@@ -1,4 +1,5 @@
-// Stand-ins on devices without subgroup operations; the planner never selects TEAM = 1 there.
+// Stand-ins on devices without subgroup operations, where SG = 1: a subgroup of one invocation.
+// The planner never selects TEAM = 1 there.
 
 fn subgroup_max(v: f32) -> f32 {
     return v;

@@ -344,6 +344,7 @@ impl RowwiseFamily {
         // The widest workgroup keeps each invocation's loop over the rows short (see
         // `Tuning::choose_within`).
         let wg = SINGLE_WORKGROUP.min(gpu.limits.max_compute_invocations_per_workgroup);
+        let sg = gpu.caps.subgroup_size.unwrap_or(1);
         let partials = self
             .partials
             .lock()
@@ -351,7 +352,7 @@ impl RowwiseFamily {
             .clone();
         let windows = self.windows(gpu, call, 0, call.rows, &partials, 1);
         Dispatch {
-            pipeline: self.pipeline(gpu, call, entry, [wg, 0, 2, 1]),
+            pipeline: self.pipeline(gpu, call, entry, [wg, 0, 2, sg]),
             params: params(gpu, call, call.rows, &windows, 1, 0, 1),
             windows,
             workgroups: 1,

@@ -190,6 +190,17 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             },
         ),
         (
+            // Not a multiple of lavapipe's subgroup size of 8: a partial last subgroup.
+            "workgroups of 12",
+            Tuning {
+                row_workgroup: 12,
+                thread_max_cols: 0,
+                subgroup_max_cols: 0,
+                split_min_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ),
+        (
             "small workgroups",
             Tuning {
                 row_workgroup: 8,
