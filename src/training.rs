@@ -1129,7 +1129,10 @@ impl CrossEntropyLoss {
 /// host forms and `Reduction::None` have no such bound.
 fn check_reducible_rows(gpu: &Gpu, rows: usize) -> Result<()> {
     let by_binding = gpu.max_binding().saturating_sub(gpu.storage_align()) / 4;
-    let workgroup = u64::from(256u32.min(gpu.limits.max_compute_invocations_per_workgroup));
+    let workgroup = u64::from(
+        crate::kernels::rowwise::SINGLE_WORKGROUP
+            .min(gpu.limits.max_compute_invocations_per_workgroup),
+    );
     let by_loop = gpu
         .caps
         .loop_budget

@@ -82,8 +82,12 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     partial_words: 1,
 };
 
-/// Workgroup size of the single-workgroup passes over the batch.
-const SINGLE_WORKGROUP: u32 = 256;
+/// Workgroup size of the single-workgroup passes over the batch: at most ...
+pub(crate) const SINGLE_WORKGROUP: u32 = 256;
+/// ... at least ...
+const SINGLE_MIN_WORKGROUP: u32 = 32;
+/// ... and otherwise enough for this many rows per invocation.
+const SINGLE_ROWS_PER_INVOCATION: usize = 64;
 
 /// Mirrors `Params` in `shaders/common.wgsl`.
 #[repr(C)]
@@ -341,9 +345,15 @@ impl RowwiseFamily {
     /// A single-workgroup pass over all `call.rows` rows (e.g. a reduction over the batch).
     /// Operands it reads must be small enough for one binding; others are clamped.
     pub(crate) fn single(&self, gpu: &Gpu, call: &RowCall<'_>, entry: &'static str) -> Dispatch {
-        // The widest workgroup keeps each invocation's loop over the rows short (see
-        // `Tuning::choose_within`).
-        let wg = SINGLE_WORKGROUP.min(gpu.limits.max_compute_invocations_per_workgroup);
+        // Wide enough that each invocation loops over at most SINGLE_ROWS_PER_INVOCATION rows
+        // until the widest workgroup is reached (which keeps loops within the software loop
+        // budget up to millions of rows), and no wider: a small batch then pays for a narrow
+        // workgroup's barrier, which on software adapters costs in proportion to its width.
+        let widest = SINGLE_WORKGROUP.min(gpu.limits.max_compute_invocations_per_workgroup);
+        let wg = u32::try_from(call.rows.div_ceil(SINGLE_ROWS_PER_INVOCATION))
+            .unwrap_or(u32::MAX)
+            .next_power_of_two()
+            .clamp(SINGLE_MIN_WORKGROUP.min(widest), widest);
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
         let partials = self
             .partials
