@@ -275,8 +275,14 @@ impl Context {
     /// The strategy the softmax kernels use for `rows x cols` (host forms and tensors, whose
     /// rows start at a multiple of 16 bytes when `cols` is a multiple of 4).
     pub fn strategy(&self, rows: usize, cols: usize) -> crate::Strategy {
-        let vector = self.gpu.tuning.vector_for(cols, true);
+        let vector = self.vector_width(cols);
         self.gpu.tuning.choose(rows, cols, &self.gpu.caps, vector)
+    }
+
+    /// Elements per load and store in the kernels for rows of `cols` columns in host forms and
+    /// tensors: 4 (`vec4`) when `cols` is a multiple of 4 and the tuning allows it, else 1.
+    pub fn vector_width(&self, cols: usize) -> u32 {
+        self.gpu.tuning.vector_for(cols, true)
     }
 
     /// A one-line description of the adapter, e.g. for logs.

@@ -390,6 +390,12 @@ fn default_tuning_follows_the_adapter_type() {
             ctx.strategy(4, 300_000),
             Strategy::SplitRow { .. }
         ));
+        assert_eq!(ctx.vector_width(4096), 4);
+        assert_eq!(ctx.vector_width(10), 1);
+        assert_eq!(
+            ctx.strategy(4096, 4096),
+            expected.choose(4096, 4096, &caps, 4)
+        );
         let info = ctx.adapter_info();
         let fixed = info.subgroup_min_size == info.subgroup_max_size;
         let has = ctx.device().features().contains(wgpu::Features::SUBGROUP);
