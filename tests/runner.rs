@@ -1,4 +1,4 @@
-//! The runner binary end to end: `apply` on `.npy` files, its errors and exit codes.
+//! The runner binary end to end: `apply` on `.npy` files, its errors and exit codes; `bench`.
 
 mod common;
 
@@ -202,4 +202,62 @@ fn apply_failures_exit_2_and_leave_no_output() {
         assert!(ours[0].contains(needle), "{args:?}: {stderr}");
         assert!(!out.exists(), "{args:?} left an output file");
     }
+}
+
+#[test]
+fn bench_prints_a_json_record_per_op_shape_and_device() {
+    if context().is_none() {
+        return;
+    }
+    let output = runner()
+        .args([
+            "bench",
+            "--op",
+            "softmax",
+            "--op",
+            "cross-entropy",
+            "--shape",
+            "8x16",
+            "--shape",
+            "3x7",
+            "--repeats",
+            "1",
+            "--json",
+            "--tune",
+            "vector=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(records.len(), 2 * 2 * 2, "{records:?}");
+    for record in &records {
+        let field = |name: &str| {
+            record
+                .get(name)
+                .unwrap_or_else(|| panic!("{name}: {record}"))
+        };
+        assert!(["softmax", "cross-entropy"].contains(&field("op").as_str().unwrap()));
+        assert!([8, 3].contains(&field("rows").as_u64().unwrap()));
+        assert!([16, 7].contains(&field("cols").as_u64().unwrap()));
+        let device = field("device").as_str().unwrap();
+        let timing = field("timing").as_str().unwrap();
+        match device {
+            "gpu" => assert!(
+                ["gpu-timestamps", "wall-submit-to-completion"].contains(&timing),
+                "{record}"
+            ),
+            "cpu" => assert_eq!(timing, "wall-cpu"),
+            other => panic!("device {other}"),
+        }
+        let gb = field("gb_per_s").as_f64().unwrap();
+        assert!(gb.is_finite() && gb > 0.0, "{record}");
+        assert!(field("pct_of_limit").as_f64().unwrap() > 0.0, "{record}");
+    }
+    // A tuning field that does not exist is refused with exit code 2.
+    let output = runner()
+        .args(["bench", "--shape", "3x7", "--tune", "no_such_field=1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
 }

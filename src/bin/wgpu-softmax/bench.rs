@@ -127,8 +127,36 @@ fn median(mut run: impl FnMut() -> Result<Duration>, repeats: usize) -> Result<D
     let mut times = (0..repeats.max(1))
         .map(|_| run())
         .collect::<Result<Vec<_>>>()?;
+    Ok(middle(&mut times))
+}
+
+fn middle(times: &mut [Duration]) -> Duration {
     times.sort();
-    Ok(times[times.len() / 2])
+    times[times.len() / 2]
+}
+
+/// Medians of `op` and of each of `limits`, timed in turn within every repetition (after one
+/// warm-up each): the machine's bandwidth drifts over seconds on shared hosts, and interleaving
+/// keeps an op and its limit measured under the same conditions.
+fn interleaved(
+    mut op: impl FnMut() -> Result<Duration>,
+    limits: &mut [&mut dyn FnMut() -> Result<Duration>],
+    repeats: usize,
+) -> Result<(Duration, Vec<Duration>)> {
+    op()?;
+    for limit in limits.iter_mut() {
+        limit()?;
+    }
+    let mut op_times = Vec::new();
+    let mut limit_times = vec![Vec::new(); limits.len()];
+    for _ in 0..repeats.max(1) {
+        for (limit, times) in limits.iter_mut().zip(&mut limit_times) {
+            times.push(limit()?);
+        }
+        op_times.push(op()?);
+    }
+    let limits = limit_times.iter_mut().map(|t| middle(t)).collect();
+    Ok((middle(&mut op_times), limits))
 }
 
 pub fn run(ctx: &Context, args: &BenchArgs) -> ExitCode {
@@ -185,28 +213,22 @@ fn measure(
     for &(rows, cols) in shapes {
         bar.set_message(format!("copy {rows}x{cols}"));
         let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
-        let gpu_limit = if args.no_gpu {
-            f64::NAN
+        // The GPU limit is the faster of two access patterns on this adapter.
+        let gpu_copies = if args.no_gpu {
+            Vec::new()
         } else {
-            // The faster of the two access patterns on this adapter.
-            let mut best = 0.0f64;
-            for run in [0, COPY_RUN] {
-                let copy = GpuBench::new(ctx, BenchOp::Copy, rows, cols)?.copy_in_runs(run);
-                best = best.max(copy_bytes / median(|| copy.run(), args.repeats)?.as_secs_f64());
-            }
-            best / 1e9
+            [0, COPY_RUN]
+                .into_iter()
+                .map(|run| Ok(GpuBench::new(ctx, BenchOp::Copy, rows, cols)?.copy_in_runs(run)))
+                .collect::<Result<Vec<_>>>()?
         };
-        let cpu_limit = if args.no_cpu {
-            f64::NAN
-        } else {
-            let mut copy = CpuBench::new(BenchOp::Copy, rows, cols);
-            copy_bytes / median(|| copy.run(), args.repeats)?.as_secs_f64() / 1e9
-        };
+        let mut cpu_copy = CpuBench::new(BenchOp::Copy, rows, cols);
+        let gb_per_s = |bytes: f64, time: Duration| bytes / time.as_secs_f64() / 1e9;
         for &op in ops {
             bar.set_message(format!("{} {rows}x{cols}", op.name()));
             let bytes = op.bytes(rows, cols) as f64;
             let record = |device, time: Duration, limit: f64, timing: Timing| {
-                let gb_per_s = bytes / time.as_secs_f64() / 1e9;
+                let gb_per_s = gb_per_s(bytes, time);
                 Record {
                     op: op.name(),
                     rows,
@@ -222,17 +244,28 @@ fn measure(
             };
             if !args.no_gpu {
                 let gpu = GpuBench::new(ctx, op, rows, cols)?;
-                let time = median(|| gpu.run(), args.repeats)?;
-                records.push(record("gpu", time, gpu_limit, gpu.timing()));
+                let mut runs: Vec<_> = gpu_copies.iter().map(|c| move || c.run()).collect();
+                let mut limits: Vec<&mut dyn FnMut() -> Result<Duration>> = runs
+                    .iter_mut()
+                    .map(|r| r as &mut dyn FnMut() -> Result<Duration>)
+                    .collect();
+                let (time, copies) = interleaved(|| gpu.run(), &mut limits, args.repeats)?;
+                let limit = copies
+                    .iter()
+                    .map(|&t| gb_per_s(copy_bytes, t))
+                    .fold(0.0, f64::max);
+                records.push(record("gpu", time, limit, gpu.timing()));
                 if args.end_to_end {
                     let time = median(|| gpu.run_end_to_end(), args.repeats)?;
-                    records.push(record("gpu", time, gpu_limit, Timing::WallEndToEnd));
+                    records.push(record("gpu", time, limit, Timing::WallEndToEnd));
                 }
             }
             if !args.no_cpu {
                 let mut cpu = CpuBench::new(op, rows, cols);
-                let time = median(|| cpu.run(), args.repeats)?;
-                records.push(record("cpu", time, cpu_limit, Timing::WallCpu));
+                let (time, copies) =
+                    interleaved(|| cpu.run(), &mut [&mut || cpu_copy.run()], args.repeats)?;
+                let limit = gb_per_s(copy_bytes, copies[0]);
+                records.push(record("cpu", time, limit, Timing::WallCpu));
             }
             bar.inc(1);
         }
@@ -262,6 +295,6 @@ fn print_table(ctx: &Context, records: &[Record]) {
         );
     }
     println!(
-        "GB/s: bytes read + written per second; limit: the faster of two copy kernels of the same bytes on this adapter (gpu), a multi-threaded memcpy (cpu), both measured in this run; medians."
+        "GB/s: bytes read + written per second; limit: the faster of two copy kernels of the same bytes on this adapter (gpu), a multi-threaded memcpy (cpu), timed in turn with each op; medians."
     );
 }
