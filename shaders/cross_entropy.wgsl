@@ -142,7 +142,8 @@ fn grad_value(x: f32, q: f32, m: f32, stats4: vec4<f32>, t: RowTarget, scale: f3
     if (t.kind == 2u || !is_finite(m)) {
         return quiet_nan();
     }
-    return scale * (exp_shifted(x, m) / stats4.x * mass_total(stats4.z, t) - q);
+    // B / S is the same for the whole row, so the compiler can hoist it out of the loop.
+    return scale * (exp_shifted(x, m) * (mass_total(stats4.z, t) / stats4.x) - q);
 }
 
 @compute @workgroup_size(WG)
@@ -368,7 +369,7 @@ fn grad_value4(x: vec4<f32>, q: vec4<f32>, m: f32, stats4: vec4<f32>, t: RowTarg
     if (t.kind == 2u || !is_finite(m)) {
         return vec4<f32>(quiet_nan());
     }
-    return scale * (exp_shifted4(x, m) / stats4.x * mass_total(stats4.z, t) - q);
+    return scale * (exp_shifted4(x, m) * (mass_total(stats4.z, t) / stats4.x) - q);
 }
 
 // A lane's statistics (m, S, A, B) over the vec4s start + lane, start + lane + size, ... below
@@ -393,18 +394,22 @@ fn lane_stats4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t
         let m = max(st.x, max_of(bm));
         let shift = select((st.x - m) * st.w, 0.0, st.w == 0.0 || st.x == m);
         st = vec4<f32>(m, st.y * rescale(st.x, m), st.z + shift, st.w);
-        var part = vec4<f32>(0.0);
+        // Per-component sums over the block; one horizontal sum each at its end.
+        var s4 = vec4<f32>(0.0);
+        var a4 = vec4<f32>(0.0);
+        var b4 = vec4<f32>(0.0);
         for (var k = 0u; k < BLOCK4; k++) {
             let c = c0 + k * size;
             if (c < stop) {
                 let x = block[k];
                 let q = target_mass4(row, c, t);
                 let mass = select(q * (x - m), vec4<f32>(neg_inf()), is_neg_inf4(x));
-                let a = select(mass, vec4<f32>(0.0), q == vec4<f32>(0.0));
-                part += vec4<f32>(0.0, sum_of(exp_shifted4(x, m)), sum_of(a), sum_of(q));
+                s4 += exp_shifted4(x, m);
+                a4 += select(mass, vec4<f32>(0.0), q == vec4<f32>(0.0));
+                b4 += q;
             }
         }
-        st += part;
+        st += vec4<f32>(0.0, sum_of(s4), sum_of(a4), sum_of(b4));
     }
     return st;
 }
