@@ -862,7 +862,9 @@ fn cross_entropy_rows<M: MulAdd>(
             continue;
         }
         let max = s.max;
-        let total = sum_exp::<M>(x, max);
+        // The exponentials go to the gradient row, which stays in cache, and are reused below
+        // rather than evaluated a second time.
+        let total = exp_store_sum::<M>(x, max, g);
         let log_sum = total.ln() as f32;
         let inv = (1.0 / total) as f32;
         let scale = ctx.plan.grad_scale(r);
@@ -887,10 +889,10 @@ fn cross_entropy_rows<M: MulAdd>(
                     f64::from(ctx.keep) * f64::from(w[t]) + f64::from(ctx.smooth) * ctx.weight_sum;
                 let a = (scale * sum_q) as f32 * inv;
                 let b = (scale * f64::from(ctx.smooth)) as f32;
-                for ((g, &x), &w) in g.iter_mut().zip(x).zip(w) {
-                    *g = M::mul_add(a, exp_nonpositive::<M>(x - max), -b * w);
+                let s_t = g[t] * inv;
+                for (g, &w) in g.iter_mut().zip(w) {
+                    *g = M::mul_add(a, *g, -b * w);
                 }
-                let s_t = exp_nonpositive::<M>(x[t] - max) * inv;
                 g[t] = (scale * (f64::from(s_t) * sum_q - f64::from(q_t))) as f32;
             }
             CrossEntropyTargets::Probabilities(p) => {
@@ -899,9 +901,9 @@ fn cross_entropy_rows<M: MulAdd>(
                 *loss = -ql;
                 let a = (scale * sum_q) as f32 * inv;
                 let scale = scale as f32;
-                for (((g, &x), &p), &w) in g.iter_mut().zip(x).zip(p).zip(w) {
+                for ((g, &p), &w) in g.iter_mut().zip(p).zip(w) {
                     let q = w * M::mul_add(ctx.keep, p, ctx.smooth);
-                    *g = M::mul_add(a, exp_nonpositive::<M>(x - max), -scale * q);
+                    *g = M::mul_add(a, *g, -scale * q);
                 }
             }
         }
