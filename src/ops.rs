@@ -137,9 +137,11 @@ impl Tensor {
 
 /// Staging buffers of the host forms, kept by the context and reused across calls.
 pub(crate) struct Scratch {
-    input: wgpu::Buffer,
-    output: wgpu::Buffer,
-    readback: wgpu::Buffer,
+    pub(crate) input: wgpu::Buffer,
+    /// A second input of the same size, made on first use (by the backward ops).
+    second: Option<wgpu::Buffer>,
+    pub(crate) output: wgpu::Buffer,
+    pub(crate) readback: wgpu::Buffer,
 }
 
 impl Scratch {
@@ -154,12 +156,31 @@ impl Scratch {
         };
         Self {
             input: make("wgpu-softmax input", TENSOR_USAGES),
+            second: None,
             output: make("wgpu-softmax output", TENSOR_USAGES),
             readback: make(
                 "wgpu-softmax readback",
                 wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             ),
         }
+    }
+}
+
+impl Scratch {
+    /// The second input buffer, made the first time it is asked for; call inside
+    /// [`Gpu::scoped`](crate::context::Gpu::scoped) so a failed allocation is an error.
+    pub(crate) fn second_input(&mut self, device: &wgpu::Device) -> wgpu::Buffer {
+        let size = self.input.size();
+        self.second
+            .get_or_insert_with(|| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgpu-softmax second input"),
+                    size,
+                    usage: TENSOR_USAGES,
+                    mapped_at_creation: false,
+                })
+            })
+            .clone()
     }
 }
 
@@ -411,7 +432,7 @@ impl Context {
         Ok(())
     }
 
-    fn take_scratch(&self, bytes: u64) -> Result<Scratch> {
+    pub(crate) fn take_scratch(&self, bytes: u64) -> Result<Scratch> {
         let reuse = {
             let mut pool = self.gpu.scratch.lock().unwrap_or_else(|p| p.into_inner());
             pool.iter()
@@ -426,7 +447,7 @@ impl Context {
         }
     }
 
-    fn give_scratch(&self, scratch: Scratch) {
+    pub(crate) fn give_scratch(&self, scratch: Scratch) {
         let mut pool = self.gpu.scratch.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < SCRATCH_KEPT {
             pool.push(scratch);

@@ -93,35 +93,32 @@ impl Context {
         // buffer still runs.
         let blocks = host_blocks(gpu, rows, cols)?;
         let bytes = matrix_bytes(blocks[0].1, cols);
-        let [y_buf, dy_buf, dx_buf, readback] = gpu.scoped(|| {
-            Ok([
-                staging(gpu, "wgpu-softmax y", bytes, TENSOR_USAGES),
-                staging(gpu, "wgpu-softmax grad_output", bytes, TENSOR_USAGES),
-                staging(gpu, "wgpu-softmax grad_input", bytes, TENSOR_USAGES),
-                staging(gpu, "wgpu-softmax readback", bytes, READBACK),
-            ])
-        })?;
+        // Pooled staging buffers, shared with the forward host forms.
+        let mut scratch = self.take_scratch(bytes)?;
+        let dy_buf = gpu.scoped(|| Ok(scratch.second_input(&gpu.device)))?;
+        let (y_buf, dx_buf, readback) = (&scratch.input, &scratch.output, &scratch.readback);
         for (first, n) in blocks {
             let range = first * cols..(first + n) * cols;
             let submission = gpu.scoped(|| {
                 gpu.queue
-                    .write_buffer(&y_buf, 0, bytemuck::cast_slice(&y[range.clone()]));
+                    .write_buffer(y_buf, 0, bytemuck::cast_slice(&y[range.clone()]));
                 gpu.queue.write_buffer(
                     &dy_buf,
                     0,
                     bytemuck::cast_slice(&grad_output[range.clone()]),
                 );
-                let call = backward_call(op, [&y_buf, &dy_buf, &dx_buf], n, cols);
+                let call = backward_call(op, [y_buf, &dy_buf, dx_buf], n, cols);
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 gpu.kernels
                     .backward
                     .encode(gpu, &mut encoder, &call, None)?;
-                encoder.copy_buffer_to_buffer(&dx_buf, 0, &readback, 0, matrix_bytes(n, cols));
+                encoder.copy_buffer_to_buffer(dx_buf, 0, readback, 0, matrix_bytes(n, cols));
                 Ok(gpu.queue.submit([encoder.finish()]))
             })?;
-            gpu.read_mapped(&readback, submission, &mut out[range], wait)
+            gpu.read_mapped(readback, submission, &mut out[range], wait)
                 .await?;
         }
+        self.give_scratch(scratch);
         Ok(out)
     }
 
