@@ -14,7 +14,8 @@ pub const THREAD_MAX_COLS: u32 = 4096;
 /// 65535), with room for the loops outside the main passes.
 pub const SOFTWARE_LOOP_BUDGET: u64 = 60_000;
 
-/// The most elements an invocation keeps in registers.
+/// The most loads (scalars, or vec4s on aligned rows) whose values an invocation keeps in
+/// registers.
 pub const MAX_ITEMS: u32 = 16;
 
 /// Who works on one row.
@@ -69,7 +70,9 @@ pub struct Tuning {
     pub subgroup_max_cols: u32,
     /// Workgroup size of the per-row and split kernels.
     pub row_workgroup: u32,
-    /// The most elements an invocation keeps in registers (a power of two, at most 16).
+    /// The most loads an invocation keeps in registers (a power of two, at most 16): scalars, or
+    /// vec4s on aligned rows (up to 64 elements, twice that for the backward kernels, which
+    /// keep two operands).
     pub max_items: u32,
     /// Rows of at least this many columns are split across workgroups ...
     pub split_min_cols: u32,
