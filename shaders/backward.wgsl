@@ -95,10 +95,10 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 
 // r of a split row: the sum of its chunks' partials, over the team.
-fn row_total(row: u32, team: Team, lid: u32) -> f32 {
-    let first = row * p.chunks;
+fn row_total(ch: Chunk, lid: u32) -> f32 {
+    let first = ch.row * p.chunks;
     var r = 0.0;
-    for (var i = team.lane; i < p.chunks; i += team.size) {
+    for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
         r += partials[first + i];
     }
     return team_sum(r, lid);
@@ -106,44 +106,40 @@ fn row_total(row: u32, team: Team, lid: u32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let bounds = chunk_bounds(g % p.chunks);
-    let y0 = base(0u) + row * p.cols;
-    let g0 = base(1u) + row * p.cols;
+    let bounds = chunk_bounds(ch.within);
+    let y0 = base(0u) + ch.row * p.cols;
+    let g0 = base(1u) + ch.row * p.cols;
     var r = 0.0;
-    for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
-        let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
+    for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
+        let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
         var part = 0.0;
-        for (var c = c0; c < stop; c += team.size) {
+        for (var c = c0; c < stop; c += ch.team.size) {
             part += term(y[y0 + c], dy[g0 + c]);
         }
         r += part;
     }
     r = team_sum(r, lid);
-    if (team.lane == 0u) {
-        partials[g] = r;
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = r;
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let r = row_total(row, team, lid);
-    let bounds = chunk_bounds(g % p.chunks);
-    let y0 = base(0u) + row * p.cols;
-    let g0 = base(1u) + row * p.cols;
-    let d0 = base(2u) + row * p.cols;
-    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+    let r = row_total(ch, lid);
+    let bounds = chunk_bounds(ch.within);
+    let y0 = base(0u) + ch.row * p.cols;
+    let g0 = base(1u) + ch.row * p.cols;
+    let d0 = base(2u) + ch.row * p.cols;
+    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         dx[d0 + c] = grad(y[y0 + c], dy[g0 + c], r);
     }
 }
@@ -202,37 +198,33 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
 
 @compute @workgroup_size(WG)
 fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let bounds = chunk_bounds4(g % p.chunks);
+    let bounds = chunk_bounds4(ch.within);
     let n4 = p.cols / 4u;
-    let y0 = base(0u) / 4u + row * n4;
-    let g0 = base(1u) / 4u + row * n4;
-    let r = team_sum(lane_sum4(y0, g0, bounds.x, bounds.y, team.lane, team.size), lid);
-    if (team.lane == 0u) {
-        partials[g] = r;
+    let y0 = base(0u) / 4u + ch.row * n4;
+    let g0 = base(1u) / 4u + ch.row * n4;
+    let r = team_sum(lane_sum4(y0, g0, bounds.x, bounds.y, ch.team.lane, ch.team.size), lid);
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = r;
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let r = row_total(row, team, lid);
-    let bounds = chunk_bounds4(g % p.chunks);
+    let r = row_total(ch, lid);
+    let bounds = chunk_bounds4(ch.within);
     let n4 = p.cols / 4u;
-    let y0 = base(0u) / 4u + row * n4;
-    let g0 = base(1u) / 4u + row * n4;
-    let d0 = base(2u) / 4u + row * n4;
-    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+    let y0 = base(0u) / 4u + ch.row * n4;
+    let g0 = base(1u) / 4u + ch.row * n4;
+    let d0 = base(2u) / 4u + ch.row * n4;
+    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         dx4[d0 + c] = grad4(y4[y0 + c], dy4[g0 + c], r);
     }
 }

@@ -188,6 +188,20 @@ fn team_of(wid: vec3<u32>, lid: u32) -> Team {
     return Team(g, lid, WG);
 }
 
+// The chunk of a split row a team works on: its index among all chunks of the batch (where its
+// partial goes), its row, and its place in the row. Teams past the last chunk leave together.
+struct Chunk {
+    team: Team,
+    index: u32,
+    row: u32,
+    within: u32,
+}
+
+fn chunk_of(wid: vec3<u32>, lid: u32) -> Chunk {
+    let team = team_of(wid, lid);
+    return Chunk(team, team.row, team.row / p.chunks, team.row % p.chunks);
+}
+
 // Reductions over a team. A team never straddles rows, and every member of a team reaches these
 // calls (rows are guarded per team), so subgroup operations and barriers stay uniform.
 fn team_max(v: f32, lid: u32) -> f32 {

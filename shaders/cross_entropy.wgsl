@@ -229,16 +229,16 @@ struct RowStats {
 
 // A split row's statistics combined over the team from its chunks' partials (m_i, s_i, a_i, b_i);
 // the team of the row's first chunk also writes the row's loss.
-fn split_row_stats(g: u32, row: u32, t: RowTarget, team: Team, lid: u32) -> RowStats {
-    let first = row * p.chunks;
+fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
+    let first = ch.row * p.chunks;
     var m = neg_inf();
-    for (var i = team.lane; i < p.chunks; i += team.size) {
+    for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
         m = max(m, partials[first + i].x);
     }
     m = team_max(m, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
-        for (var i = team.lane; i < p.chunks; i += team.size) {
+        for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
             let part = partials[first + i];
             // A(x - M) = sum_i a_i + (m_i - M) b_i; a chunk without mass adds nothing.
             let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
@@ -246,78 +246,74 @@ fn split_row_stats(g: u32, row: u32, t: RowTarget, team: Team, lid: u32) -> RowS
         }
     }
     acc = team_sum4(acc, lid);
-    if (g % p.chunks == 0u && team.lane == 0u) {
-        loss_rows[base(4u) + row] = row_loss(m, acc, t);
+    if (ch.within == 0u && ch.team.lane == 0u) {
+        loss_rows[base(4u) + ch.row] = row_loss(m, acc, t);
     }
     return RowStats(m, acc);
 }
 
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let bounds = chunk_bounds(g % p.chunks);
-    let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
-    let t = row_target(row);
+    let bounds = chunk_bounds(ch.within);
+    let x0 = select(base(0u), base(5u), IN_PLACE) + ch.row * p.cols;
+    let t = row_target(ch.row);
     var m = neg_inf();
-    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         m = max(m, max_key(logit(x0 + c)));
     }
     m = team_max(m, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
-        for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
+        for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
             var part = vec4<f32>(0.0);
-            for (var c = c0; c < stop; c += team.size) {
+            for (var c = c0; c < stop; c += ch.team.size) {
                 let x = logit(x0 + c);
-                let q = target_mass(row, c, t);
+                let q = target_mass(ch.row, c, t);
                 part += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
             }
             acc += part;
         }
     } else {
         // An all -inf chunk still carries its target mass (and -inf mass terms).
-        for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
+        for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
             var part = vec4<f32>(0.0);
-            for (var c = c0; c < stop; c += team.size) {
-                let q = target_mass(row, c, t);
+            for (var c = c0; c < stop; c += ch.team.size) {
+                let q = target_mass(ch.row, c, t);
                 part += vec4<f32>(0.0, select(0.0, neg_inf(), q != 0.0), q, 0.0);
             }
             acc += part;
         }
     }
     acc = team_sum4(acc, lid);
-    if (team.lane == 0u) {
-        partials[g] = vec4<f32>(m, acc.x, acc.y, acc.z);
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = vec4<f32>(m, acc.x, acc.y, acc.z);
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let t = row_target(row);
-    let st = split_row_stats(g, row, t, team, lid);
+    let t = row_target(ch.row);
+    let st = split_row_stats(ch, t, lid);
     let m = st.m;
     let acc = st.acc;
     if (GRAD) {
-        let scale = row_scale(row);
-        let bounds = chunk_bounds(g % p.chunks);
-        let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
-        let g0 = base(5u) + row * p.cols;
-        for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+        let scale = row_scale(ch.row);
+        let bounds = chunk_bounds(ch.within);
+        let x0 = select(base(0u), base(5u), IN_PLACE) + ch.row * p.cols;
+        let g0 = base(5u) + ch.row * p.cols;
+        for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
             let x = logit(x0 + c);
-            grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
+            grad[g0 + c] = grad_value(x, target_mass(ch.row, c, t), m, acc, t, scale);
         }
     }
 }
@@ -486,41 +482,37 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
 
 @compute @workgroup_size(WG)
 fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let bounds = chunk_bounds4(g % p.chunks);
-    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * (p.cols / 4u);
-    let t = row_target(row);
-    let st = team_stats4(lane_stats4(row, x0, bounds.x, bounds.y, team.lane, team.size, t), lid);
+    let bounds = chunk_bounds4(ch.within);
+    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * (p.cols / 4u);
+    let t = row_target(ch.row);
+    let st = team_stats4(lane_stats4(ch.row, x0, bounds.x, bounds.y, ch.team.lane, ch.team.size, t), lid);
     let m = st.m;
     let acc = st.acc;
-    if (team.lane == 0u) {
-        partials[g] = vec4<f32>(m, acc.x, acc.y, acc.z);
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = vec4<f32>(m, acc.x, acc.y, acc.z);
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let t = row_target(row);
-    let st = split_row_stats(g, row, t, team, lid);
+    let t = row_target(ch.row);
+    let st = split_row_stats(ch, t, lid);
     if (GRAD) {
-        let scale = row_scale(row);
-        let bounds = chunk_bounds4(g % p.chunks);
+        let scale = row_scale(ch.row);
+        let bounds = chunk_bounds4(ch.within);
         let n4 = p.cols / 4u;
-        let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * n4;
-        let g0 = base(5u) / 4u + row * n4;
-        for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
-            let q = target_mass4(row, c, t);
+        let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * n4;
+        let g0 = base(5u) / 4u + ch.row * n4;
+        for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
+            let q = target_mass4(ch.row, c, t);
             grad4[g0 + c] = grad_value4(logit4(x0 + c), q, st.m, st.acc, t, scale);
         }
     }

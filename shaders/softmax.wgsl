@@ -125,16 +125,16 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 // A split row's (max, sum), combined over the team from its chunks' partials with the
 // online-normalizer rule: M = max m_i, S = sum s_i * exp(m_i - M).
-fn row_stats(row: u32, team: Team, lid: u32) -> vec2<f32> {
-    let first = row * p.chunks;
+fn row_stats(ch: Chunk, lid: u32) -> vec2<f32> {
+    let first = ch.row * p.chunks;
     var m = neg_inf();
-    for (var i = team.lane; i < p.chunks; i += team.size) {
+    for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
         m = max(m, partials[first + i].x);
     }
     m = team_max(m, lid);
     var sum = 0.0;
     if (is_finite(m)) {
-        for (var i = team.lane; i < p.chunks; i += team.size) {
+        for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
             let part = partials[first + i];
             sum += part.y * rescale(part.x, m);
         }
@@ -144,54 +144,50 @@ fn row_stats(row: u32, team: Team, lid: u32) -> vec2<f32> {
 
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let bounds = chunk_bounds(g % p.chunks);
-    let s0 = base(0u) + row * p.cols;
+    let bounds = chunk_bounds(ch.within);
+    let s0 = base(0u) + ch.row * p.cols;
 
     var m = neg_inf();
-    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         m = max(m, max_key(src[s0 + c]));
     }
     m = team_max(m, lid);
     var sum = 0.0;
     if (is_finite(m)) {
-        for (var c0 = bounds.x + team.lane; c0 < bounds.y; c0 += team.size * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + team.size * SUM_BLOCK);
+        for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
+            let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
             var part = 0.0;
-            for (var c = c0; c < stop; c += team.size) {
+            for (var c = c0; c < stop; c += ch.team.size) {
                 part += exp_shifted(src[s0 + c], m);
             }
             sum += part;
         }
     }
     sum = team_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;
-    if (team.lane == 0u) {
-        partials[g] = vec2<f32>(m, sum);
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = vec2<f32>(m, sum);
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let st = row_stats(row, team, lid);
+    let st = row_stats(ch, lid);
     let m = st.x;
     let sum = st.y;
     let scale = normaliser(sum);
 
-    let bounds = chunk_bounds(g % p.chunks);
-    let s0 = base(0u) + row * p.cols;
-    let d0 = base(1u) + row * p.cols;
-    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+    let bounds = chunk_bounds(ch.within);
+    let s0 = base(0u) + ch.row * p.cols;
+    let d0 = base(1u) + ch.row * p.cols;
+    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         dst[d0 + c] = finish(src[s0 + c], m, scale);
     }
 }
@@ -290,34 +286,30 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
 
 @compute @workgroup_size(WG)
 fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let bounds = chunk_bounds4(g % p.chunks);
-    let s0 = base(0u) / 4u + row * (p.cols / 4u);
-    let st = team_stats(online_stats4(s0 + bounds.x, s0 + bounds.y, team.lane, team.size), lid);
-    if (team.lane == 0u) {
-        partials[g] = st;
+    let bounds = chunk_bounds4(ch.within);
+    let s0 = base(0u) / 4u + ch.row * (p.cols / 4u);
+    let st = team_stats(online_stats4(s0 + bounds.x, s0 + bounds.y, ch.team.lane, ch.team.size), lid);
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = st;
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_normalize4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    let g = team.row;
-    if (g >= p.rows * p.chunks) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let row = g / p.chunks;
-    let st = row_stats(row, team, lid);
+    let st = row_stats(ch, lid);
     let scale = normaliser(st.y);
-    let bounds = chunk_bounds4(g % p.chunks);
-    let s0 = base(0u) / 4u + row * (p.cols / 4u);
-    let d0 = base(1u) / 4u + row * (p.cols / 4u);
-    for (var c = bounds.x + team.lane; c < bounds.y; c += team.size) {
+    let bounds = chunk_bounds4(ch.within);
+    let s0 = base(0u) / 4u + ch.row * (p.cols / 4u);
+    let d0 = base(1u) / 4u + ch.row * (p.cols / 4u);
+    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         dst4[d0 + c] = finish4(src4[s0 + c], st.x, scale);
     }
 }
