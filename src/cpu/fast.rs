@@ -38,10 +38,8 @@ const SERIAL_ELEMS: usize = 1 << 14;
 /// wait on each other's additions.
 const LANES: usize = 16;
 
-/// Outputs of at least this many bytes are written with non-temporal stores: they cannot stay
-/// in cache anyway, and streaming them skips the read-for-ownership that an ordinary store pays,
-/// a third of the memory traffic of softmax.
-const STREAM_BYTES: usize = 16 << 20;
+/// The last-level cache assumed where the CPU does not report its L3 size.
+const DEFAULT_L3_BYTES: usize = 32 << 20;
 
 /// When streaming, rows of up to this many elements keep their exponentials in a per-thread
 /// scratch row (which stays in L2) so exp runs once per element; longer rows evaluate exp a
@@ -619,8 +617,22 @@ fn for_row_blocks(
 // ---------------------------------------------------------------------------------------------
 // Public operations.
 
-fn streams(out: &[f32]) -> bool {
-    std::mem::size_of_val(out) >= STREAM_BYTES
+/// Whether a call whose operands (inputs and output) span `operand_bytes` writes its output with
+/// non-temporal stores. Streaming skips the read-for-ownership that an ordinary store pays (a
+/// third of the memory traffic of softmax) but sends the output past the caches. That pays off
+/// only when the operands cannot stay in the last-level cache anyway: from three quarters of the
+/// L3 up, the rule a C library's `memcpy` follows. Below it, ordinary stores leave the output in
+/// L3 for whatever reads it next (the next layer, or the next call on the same buffers).
+fn streams(operand_bytes: usize) -> bool {
+    static THRESHOLD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threshold = *THRESHOLD.get_or_init(|| {
+        cache_size::l3_cache_size()
+            .filter(|&l3| l3 > 0)
+            .unwrap_or(DEFAULT_L3_BYTES)
+            / 4
+            * 3
+    });
+    operand_bytes >= threshold
 }
 
 /// Row-wise softmax of a `rows x cols` batch: `exp(x_j - m) / sum_k exp(x_k - m)`.
@@ -635,7 +647,7 @@ pub fn softmax(x: &[f32], cols: usize) -> Result<Vec<f32>> {
 pub fn softmax_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
     let rows = validate::batch_rows("x", x.len(), cols)?;
     validate::same_len("out", x.len(), out.len())?;
-    let stream = streams(out);
+    let stream = streams(2 * std::mem::size_of_val(out));
     for_row_blocks(out, rows, cols, cols, |r, y| {
         SCRATCH.with_borrow_mut(|scratch| {
             softmax_block(&x[r * cols..r * cols + y.len()], y, cols, stream, scratch);
@@ -656,7 +668,7 @@ pub fn log_softmax(x: &[f32], cols: usize) -> Result<Vec<f32>> {
 pub fn log_softmax_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
     let rows = validate::batch_rows("x", x.len(), cols)?;
     validate::same_len("out", x.len(), out.len())?;
-    let stream = streams(out);
+    let stream = streams(2 * std::mem::size_of_val(out));
     for_row_blocks(out, rows, cols, cols, |r, y| {
         log_softmax_block(&x[r * cols..r * cols + y.len()], y, cols, stream);
     });
@@ -682,7 +694,7 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], cols: usize) -> Result<Vec<f32>> 
 /// [`softmax_backward`] into `out`, which must be as long as `y`.
 pub fn softmax_backward_into(y: &[f32], dy: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
     let rows = check_backward(y, dy, cols, out)?;
-    let stream = streams(out);
+    let stream = streams(3 * std::mem::size_of_val(out));
     for_row_blocks(out, rows, cols, cols, |r, dx| {
         let range = r * cols..r * cols + dx.len();
         softmax_backward_block(&y[range.clone()], &dy[range], dx, cols, stream);
@@ -707,7 +719,7 @@ pub fn log_softmax_backward_into(
     out: &mut [f32],
 ) -> Result<()> {
     let rows = check_backward(y, dy, cols, out)?;
-    let stream = streams(out);
+    let stream = streams(3 * std::mem::size_of_val(out));
     for_row_blocks(out, rows, cols, cols, |r, dx| {
         let range = r * cols..r * cols + dx.len();
         log_softmax_backward_block(&y[range.clone()], &dy[range], dx, cols, stream);
