@@ -138,10 +138,23 @@ impl Tensor {
 /// Staging buffers of the host forms, kept by the context and reused across calls.
 pub(crate) struct Scratch {
     pub(crate) input: wgpu::Buffer,
-    /// A second input of the same size, made on first use (by the backward ops).
+    /// A second input of the same size, made on first use (by the backward ops and the
+    /// cross-entropy host forms' probability targets).
     second: Option<wgpu::Buffer>,
     pub(crate) output: wgpu::Buffer,
     pub(crate) readback: wgpu::Buffer,
+    /// Per-row buffers of the cross-entropy host forms, made on first use and regrown when a
+    /// call needs more.
+    rows: Option<RowStaging>,
+}
+
+/// Per-row staging of the cross-entropy host forms: index targets, upstream gradient factors and
+/// row losses, each one f32 or i32 per row.
+#[derive(Clone)]
+pub(crate) struct RowStaging {
+    pub(crate) targets: wgpu::Buffer,
+    pub(crate) upstream: wgpu::Buffer,
+    pub(crate) loss: wgpu::Buffer,
 }
 
 impl Scratch {
@@ -157,6 +170,7 @@ impl Scratch {
         Self {
             input: make("wgpu-softmax input", TENSOR_USAGES),
             second: None,
+            rows: None,
             output: make("wgpu-softmax output", TENSOR_USAGES),
             readback: make(
                 "wgpu-softmax readback",
@@ -179,6 +193,29 @@ impl Scratch {
                     usage: TENSOR_USAGES,
                     mapped_at_creation: false,
                 })
+            })
+            .clone()
+    }
+
+    /// Per-row buffers of at least `bytes` each, made or regrown on demand; call inside
+    /// [`Gpu::scoped`](crate::context::Gpu::scoped) so a failed allocation is an error.
+    pub(crate) fn row_staging(&mut self, device: &wgpu::Device, bytes: u64) -> RowStaging {
+        if let Some(rows) = self.rows.as_ref().filter(|r| r.loss.size() >= bytes) {
+            return rows.clone();
+        }
+        let make = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.max(256),
+                usage: TENSOR_USAGES,
+                mapped_at_creation: false,
+            })
+        };
+        self.rows
+            .insert(RowStaging {
+                targets: make("wgpu-softmax targets"),
+                upstream: make("wgpu-softmax grad_output"),
+                loss: make("wgpu-softmax row losses"),
             })
             .clone()
     }

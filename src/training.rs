@@ -344,25 +344,11 @@ impl Context {
     }
 }
 
-const READBACK: wgpu::BufferUsages =
-    wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
-
 /// The row blocks a host form moves through the GPU one at a time: each fits one storage binding
 /// and the bounded staging size.
 fn host_blocks(gpu: &Gpu, rows: usize, cols: usize) -> Result<Vec<(usize, usize)>> {
     let limit = gpu.max_binding().min(HOST_CHUNK_BYTES);
     crate::kernels::row_blocks(rows, cols, limit, gpu.storage_align())
-}
-
-/// A staging buffer of a host call; call inside [`Gpu::scoped`] so a failed allocation is an
-/// error.
-fn staging(gpu: &Gpu, label: &'static str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-    gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: bytes.max(4),
-        usage,
-        mapped_at_creation: false,
-    })
 }
 
 /// Records with `body` into a new encoder and submits it.
@@ -678,18 +664,18 @@ impl Context {
             let most = blocks[0].1;
             let (matrix, vector) = (matrix_bytes(most, cols), matrix_bytes(most, 1));
             let probabilities = matches!(plan.targets, CrossEntropyTargets::Probabilities(_));
-            let target_bytes = if probabilities { matrix } else { vector };
-            let grad_bytes = if want_grad { matrix } else { 0 };
-            let [x_buf, t_buf, g_buf, loss_buf, grad_buf, readback] = gpu.scoped(|| {
-                Ok([
-                    staging(gpu, "wgpu-softmax logits", matrix, TENSOR_USAGES),
-                    staging(gpu, "wgpu-softmax targets", target_bytes, TENSOR_USAGES),
-                    staging(gpu, "wgpu-softmax grad_output", vector, TENSOR_USAGES),
-                    staging(gpu, "wgpu-softmax row losses", vector, TENSOR_USAGES),
-                    staging(gpu, "wgpu-softmax grad", grad_bytes, TENSOR_USAGES),
-                    staging(gpu, "wgpu-softmax readback", vector + grad_bytes, READBACK),
-                ])
+            // Pooled staging buffers, shared with the other host forms and sized for a block
+            // plus one value per row: the logits in `input`, the gradient in `output`, the row
+            // losses followed by the gradient in `readback`. Probability targets go in the
+            // second input; index targets, upstream factors and losses in the row staging.
+            let mut scratch = self.take_scratch(matrix + vector)?;
+            let (row_bufs, probs_buf) = gpu.scoped(|| {
+                let probs = probabilities.then(|| scratch.second_input(&gpu.device));
+                Ok((scratch.row_staging(&gpu.device, vector), probs))
             })?;
+            let (x_buf, grad_buf, readback) = (&scratch.input, &scratch.output, &scratch.readback);
+            let t_buf = probs_buf.as_ref().unwrap_or(&row_bufs.targets);
+            let (g_buf, loss_buf) = (&row_bufs.upstream, &row_bufs.loss);
             for (first, n) in blocks {
                 let row_range = first..first + n;
                 let range = first * cols..(first + n) * cols;
@@ -699,7 +685,7 @@ impl Context {
                     .collect();
                 let submission = gpu.scoped(|| {
                     let queue = &gpu.queue;
-                    queue.write_buffer(&x_buf, 0, bytemuck::cast_slice(&logits[range.clone()]));
+                    queue.write_buffer(x_buf, 0, bytemuck::cast_slice(&logits[range.clone()]));
                     let target_words: &[u8] = match &plan.targets {
                         CrossEntropyTargets::Indices(t) => {
                             bytemuck::cast_slice(&t[row_range.clone()])
@@ -708,23 +694,23 @@ impl Context {
                             bytemuck::cast_slice(&p[range.clone()])
                         }
                     };
-                    queue.write_buffer(&t_buf, 0, target_words);
+                    queue.write_buffer(t_buf, 0, target_words);
                     if want_grad {
-                        queue.write_buffer(&g_buf, 0, bytemuck::cast_slice(&scales));
+                        queue.write_buffer(g_buf, 0, bytemuck::cast_slice(&scales));
                     }
                     let job = Job {
                         rows: n,
-                        logits: &x_buf,
-                        targets: &t_buf,
+                        logits: x_buf,
+                        targets: t_buf,
                         probabilities,
-                        loss: &loss_buf,
+                        loss: loss_buf,
                         grad: if want_grad {
-                            GradTarget::Buffer(&grad_buf)
+                            GradTarget::Buffer(grad_buf)
                         } else {
                             GradTarget::None
                         },
                         upstream: if want_grad {
-                            Upstream::PerRow(&g_buf)
+                            Upstream::PerRow(g_buf)
                         } else {
                             Upstream::Scalar(1.0)
                         },
@@ -733,19 +719,20 @@ impl Context {
                     let mut encoder = gpu.device.create_command_encoder(&Default::default());
                     loss_fn.record(gpu, &mut encoder, &job, None)?;
                     let n_bytes = matrix_bytes(n, 1);
-                    encoder.copy_buffer_to_buffer(&loss_buf, 0, &readback, 0, n_bytes);
+                    encoder.copy_buffer_to_buffer(loss_buf, 0, readback, 0, n_bytes);
                     if want_grad {
                         let bytes = matrix_bytes(n, cols);
-                        encoder.copy_buffer_to_buffer(&grad_buf, 0, &readback, n_bytes, bytes);
+                        encoder.copy_buffer_to_buffer(grad_buf, 0, readback, n_bytes, bytes);
                     }
                     Ok(gpu.queue.submit([encoder.finish()]))
                 })?;
                 let n_bytes = matrix_bytes(n, 1);
                 let grad_part: &mut [f32] = if want_grad { &mut grad[range] } else { &mut [] };
                 let mut parts = [(0, &mut row_losses[row_range]), (n_bytes, grad_part)];
-                gpu.read_mapped_parts(&readback, submission, &mut parts, wait)
+                gpu.read_mapped_parts(readback, submission, &mut parts, wait)
                     .await?;
             }
+            self.give_scratch(scratch);
         }
         let total = || row_losses.iter().map(|&v| f64::from(v)).sum::<f64>();
         let loss = match options.reduction {
