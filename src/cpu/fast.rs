@@ -153,7 +153,7 @@ fn exp_nonpositive<M: MulAdd>(x: f32) -> f32 {
 /// does not): short rows spend a noticeable share of their time here.
 ///
 /// The lanes pass through [`std::hint::black_box`] first. Without it, LLVM's SLP vectoriser
-/// plans the loop that filled them together with this tree, and built both from two-lane
+/// planned the loop that filled them together with this tree and built both from two-lane
 /// vectors: the accumulating loop ran on 8-byte loads instead of whole AVX-512 registers. The
 /// barrier costs one store and a few reloads per row.
 #[inline(always)]
