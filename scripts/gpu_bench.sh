@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU comparison in one go, on a machine with a GPU, its Vulkan driver and PyTorch:
+# `wgpu-softmax info` and `check` through Vulkan, then ROUNDS rounds each of `wgpu-softmax bench
+# --json` and `scripts/torch_reference.py --json` (CUDA), and the README table built from them by
+# `scripts/bench_table.py`. Everything lands in OUT.
+#
+#   cargo build --release && scripts/gpu_bench.sh
+#
+# Environment: OUT (default gpu-results), ROUNDS (default 3), WGPU_SOFTMAX (the runner binary,
+# default target/release/wgpu-softmax), PYTHON (default python3), WGPU_BACKEND (default vulkan).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+rounds=${ROUNDS:-3}
+bin=${WGPU_SOFTMAX:-target/release/wgpu-softmax}
+python=${PYTHON:-python3}
+export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+mkdir -p "$out"
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true; } \
+  >"$out/machine.txt"
+"$bin" info >"$out/info.txt" 2>&1
+"$bin" check >"$out/check.txt" 2>&1 || echo "check failed: see $out/check.txt"
+for i in $(seq 1 "$rounds"); do
+  "$bin" bench --no-cpu --json >"$out/bench_$i.json" 2>"$out/bench_$i.err"
+  "$python" scripts/torch_reference.py --json >"$out/torch_$i.json" 2>"$out/torch_$i.err"
+done
+"$python" scripts/bench_table.py "$out"/bench_*.json "$out"/torch_*.json \
+  >"$out/table.md" 2>"$out/limits.txt"
+cat "$out/machine.txt" "$out/table.md" "$out/limits.txt"

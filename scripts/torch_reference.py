@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""PyTorch's side of the GPU comparison.
+
+Times torch.softmax, torch.log_softmax, their backward kernels and F.cross_entropy (forward and
+backward, the gradient with respect to the logits) on the shapes of `wgpu-softmax bench`, each
+repetition timed in turn with a device-to-device copy of the same bytes, which is the limit. Bytes
+are counted as the bench counts them (read plus written: 2 matrices for softmax and log-softmax, 3
+for the backward ops, 2 plus 8 bytes a row plus 4 for cross-entropy), and the records have the
+bench's JSON fields, with device "torch".
+
+    python3 scripts/torch_reference.py --json > torch.json          # CUDA when present
+    python3 scripts/torch_reference.py --device cpu --shape 64x1000  # a quick look anywhere
+
+On CUDA the times come from CUDA events around each call (timing "cuda-events"); on the CPU from
+the wall clock (timing "wall-cpu").
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (16384, 1024), (65536, 128), (64, 262144), (4, 524288), (32, 10)]
+OPS = ["softmax", "log-softmax", "softmax-backward", "log-softmax-backward", "cross-entropy"]
+
+
+def bytes_moved(op, rows, cols):
+    matrix = rows * cols * 4
+    if op in ("softmax", "log-softmax", "copy"):
+        return 2 * matrix
+    if op.endswith("backward"):
+        return 3 * matrix
+    return 2 * matrix + 8 * rows + 4
+
+
+def shape(text):
+    rows, sep, cols = text.partition("x")
+    if not sep or not rows.isdigit() or not cols.isdigit() or int(cols) == 0:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, got {text!r}")
+    return int(rows), int(cols)
+
+
+def make_op(op, rows, cols, device, generator):
+    """A zero-argument callable running `op` once on fresh inputs of the shape."""
+    x = torch.randn(rows, cols, device=device, generator=generator)
+    if op == "softmax":
+        return lambda: torch.softmax(x, dim=-1)
+    if op == "log-softmax":
+        return lambda: torch.log_softmax(x, dim=-1)
+    if op in ("softmax-backward", "log-softmax-backward"):
+        # The backward kernels themselves, on an output and an upstream gradient: what
+        # `wgpu-softmax`'s backward ops compute.
+        dy = torch.randn(rows, cols, device=device, generator=generator)
+        if op == "softmax-backward":
+            y = torch.softmax(x, dim=-1)
+            return lambda: torch._softmax_backward_data(dy, y, -1, torch.float32)
+        y = torch.log_softmax(x, dim=-1)
+        return lambda: torch._log_softmax_backward_data(dy, y, -1, torch.float32)
+    if op == "cross-entropy":
+        logits = x.clone().requires_grad_(True)
+        targets = torch.randint(0, cols, (rows,), device=device, generator=generator)
+
+        def step():
+            logits.grad = None
+            F.cross_entropy(logits, targets).backward()
+            return logits.grad
+
+        return step
+    raise ValueError(op)
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.name = "cuda-events" if self.cuda else "wall-cpu"
+
+    def seconds(self, fn):
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def run(args):
+    device = torch.device(args.device)
+    generator = torch.Generator(device=device).manual_seed(7)
+    timer = Timer(device)
+    name = torch.cuda.get_device_name(device) if timer.cuda else "cpu"
+    records = []
+    for rows, cols in args.shapes or SHAPES:
+        src = torch.randn(rows, cols, device=device, generator=generator)
+        dst = torch.empty_like(src)
+        copy = lambda: dst.copy_(src)  # noqa: E731
+        for op in args.ops or OPS:
+            fn = make_op(op, rows, cols, device, generator)
+            fn(), copy()  # warm-up
+            op_times, copy_times = [], []
+            for _ in range(args.repeats):
+                copy_times.append(timer.seconds(copy))
+                op_times.append(timer.seconds(fn))
+            seconds = statistics.median(op_times)
+            limit = bytes_moved("copy", rows, cols) / statistics.median(copy_times) / 1e9
+            gb_per_s = bytes_moved(op, rows, cols) / seconds / 1e9
+            records.append({
+                "op": op,
+                "rows": rows,
+                "cols": cols,
+                "device": "torch",
+                "seconds": seconds,
+                "gb_per_s": gb_per_s,
+                "limit_gb_per_s": limit,
+                "pct_of_limit": 100.0 * gb_per_s / limit,
+                "timing": timer.name,
+                "adapter": f"{name} (torch {torch.__version__})",
+            })
+            if not args.json:
+                r = records[-1]
+                print(f"{op:<22} {rows:>7}x{cols:<7} {seconds * 1e3:10.3f} ms {gb_per_s:9.2f} GB/s"
+                      f" {limit:9.2f} limit {r['pct_of_limit']:6.1f}%  {timer.name}")
+            del fn
+    if args.json:
+        json.dump(records, sys.stdout, indent=1)
+        print()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", dest="ops", action="append", choices=OPS,
+                        help="op to time (repeatable); default: all")
+    parser.add_argument("--shape", dest="shapes", action="append", type=shape,
+                        help="ROWSxCOLS (repeatable); default: the bench's shapes")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed repetitions per case, the median is reported (default 7)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="print JSON records, not a table")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
