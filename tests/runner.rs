@@ -254,6 +254,27 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
         assert!(gb.is_finite() && gb > 0.0, "{record}");
         assert!(field("pct_of_limit").as_f64().unwrap() > 0.0, "{record}");
     }
+    // The README's table is built from these records by scripts/bench_table.py.
+    let dir = Dir::new("bench");
+    let json = dir.path("round.json");
+    std::fs::write(&json, &output.stdout).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_table.py");
+    let table = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&json)
+        .output()
+        .expect("python3 runs scripts/bench_table.py");
+    assert!(table.status.success(), "{table:?}");
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("CPU f32 GB/s (% memcpy)"), "{table}");
+    for row in [
+        "| softmax | 8x16 |",
+        "| softmax | 3x7 |",
+        "| cross-entropy (loss + grad) | 8x16 |",
+    ] {
+        assert!(table.contains(row), "{row}: {table}");
+    }
+    assert_eq!(table.lines().count(), 2 + 4, "{table}");
     // A tuning field that does not exist is refused with exit code 2.
     let output = runner()
         .args(["bench", "--shape", "3x7", "--tune", "no_such_field=1"])
