@@ -898,8 +898,16 @@ fn cross_entropy_rows<M: MulAdd>(
                 let a = (scale * sum_q) as f32 * inv;
                 let b = (scale * f64::from(ctx.smooth)) as f32;
                 let s_t = g[t] * inv;
-                for (g, &w) in g.iter_mut().zip(w) {
-                    *g = M::mul_add(a, *g, -b * w);
+                if b == 0.0 && ctx.plan.weight.is_none() {
+                    // No smoothing and unit weights: the weight term is -0 for every class, so
+                    // this is the loop below, bit for bit, without reading a row of ones.
+                    for g in g.iter_mut() {
+                        *g *= a;
+                    }
+                } else {
+                    for (g, &w) in g.iter_mut().zip(w) {
+                        *g = M::mul_add(a, *g, -b * w);
+                    }
                 }
                 g[t] = (scale * (f64::from(s_t) * sum_q - f64::from(q_t))) as f32;
             }
