@@ -296,25 +296,10 @@ fn block_sum(a: &[f32]) -> f64 {
     f64::from(lane_sum(acc) + s)
 }
 
-/// `sum_j a_j`.
+/// `sum_j a_j`, in blocks of [`SUM_BLOCK`] added in `f64`.
 #[inline(always)]
 fn sum(a: &[f32]) -> f64 {
-    let mut total = 0.0f64;
-    for ab in a.chunks(SUM_BLOCK) {
-        let mut acc = [0.0f32; LANES];
-        let ac = ab.chunks_exact(LANES);
-        let mut s = 0.0f32;
-        for &x in ac.remainder() {
-            s += x;
-        }
-        for xs in ac {
-            for i in 0..LANES {
-                acc[i] += xs[i];
-            }
-        }
-        total += f64::from(lane_sum(acc) + s);
-    }
-    total
+    a.chunks(SUM_BLOCK).map(block_sum).sum()
 }
 
 /// `dst_j = f(a_j, b_j)`, with non-temporal stores when `stream` is set (on x86-64; elsewhere
