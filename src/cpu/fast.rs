@@ -735,7 +735,9 @@ pub fn softmax_jacobian_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<
 struct CeContext<'a> {
     plan: &'a CrossEntropyPlan<'a>,
     logits: &'a [f32],
-    /// The class weights, or ones: one code path serves both.
+    /// The class weights. Without weights: ones where a loop reads one per class (label
+    /// smoothing, probability targets), so one code path serves both; otherwise empty, and the
+    /// target's weight is 1.
     weight: &'a [f32],
     /// `e / C`.
     smooth: f32,
@@ -864,7 +866,8 @@ fn cross_entropy_rows<M: MulAdd>(
         match &ctx.plan.targets {
             CrossEntropyTargets::Indices(_) => {
                 let t = ctx.plan.target(r).unwrap_or(0);
-                let q_t = ctx.keep * w[t] + ctx.smooth * w[t];
+                let w_t = if w.is_empty() { 1.0 } else { w[t] };
+                let q_t = ctx.keep * w_t + ctx.smooth * w_t;
                 let lsm_t = (x[t] - max) - log_sum;
                 let mut l = if q_t != 0.0 {
                     -f64::from(q_t) * f64::from(lsm_t)
@@ -879,13 +882,13 @@ fn cross_entropy_rows<M: MulAdd>(
                 }
                 *loss = l;
                 let sum_q =
-                    f64::from(ctx.keep) * f64::from(w[t]) + f64::from(ctx.smooth) * ctx.weight_sum;
+                    f64::from(ctx.keep) * f64::from(w_t) + f64::from(ctx.smooth) * ctx.weight_sum;
                 let a = (scale * sum_q) as f32 * inv;
                 let b = (scale * f64::from(ctx.smooth)) as f32;
                 let s_t = g[t] * inv;
-                if b == 0.0 && ctx.plan.weight.is_none() {
-                    // No smoothing and unit weights: the weight term is -0 for every class, so
-                    // this is the loop below, bit for bit, without reading a row of ones.
+                if w.is_empty() {
+                    // Unit weights without smoothing: b = 0 and the weight term is -0 for every
+                    // class, so this is the loop below, bit for bit.
                     for g in g.iter_mut() {
                         *g *= a;
                     }
@@ -950,22 +953,26 @@ fn cross_entropy_planned(
     grad: &mut [f32],
 ) -> Vec<f32> {
     let cols = plan.cols;
+    let e = plan.label_smoothing;
+    let per_class = e != 0.0 || matches!(plan.targets, CrossEntropyTargets::Probabilities(_));
     let ones;
     let weight = match plan.weight {
         Some(w) => w,
-        None => {
+        None if per_class => {
             ones = vec![1.0f32; cols];
             &ones[..]
         }
+        None => &[],
     };
-    let e = plan.label_smoothing;
     let ctx = CeContext {
         plan,
         logits,
         weight,
         smooth: e / cols as f32,
         keep: 1.0 - e,
-        weight_sum: weight.iter().map(|&w| f64::from(w)).sum(),
+        weight_sum: plan
+            .weight
+            .map_or(cols as f64, |w| w.iter().map(|&w| f64::from(w)).sum()),
     };
     let mut losses = vec![0.0f64; plan.rows];
     if plan.rows > 0 {
