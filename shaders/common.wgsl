@@ -25,7 +25,8 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 
 override WG: u32 = 64u;
-// Elements each invocation keeps in registers; 0 streams the row from memory in each phase.
+// Elements (or vec4s) each invocation keeps in registers, at most MAX_ITEMS per array; 0 streams
+// the row from memory in each phase.
 override ITEMS: u32 = 0u;
 // Who works on one row: 0 one invocation, 1 one subgroup of SG invocations, 2 the workgroup.
 override TEAM: u32 = 2u;

@@ -230,6 +230,57 @@ fn team_stats(st: vec2<f32>, lid: u32) -> vec2<f32> {
     return vec2<f32>(m, team_sum(part, lid));
 }
 
+// A row held in registers by the vec4 kernel: each invocation keeps up to 2 * MAX_ITEMS vec4s,
+// in two arrays of MAX_ITEMS indexed only by loop counters with constant bounds, so that shader
+// compilers unroll the loops and keep the values in registers (llvmpipe leaves loops of more
+// iterations rolled, and a rolled loop's array lives in memory, each access lane by lane).
+alias Items4 = array<vec4<f32>, MAX_ITEMS>;
+
+// Loads the team's items first .. first + count of a row (-inf past its end) into `v`; returns
+// their max keys.
+fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, s0: u32, n4: u32, team: Team) -> vec4<f32> {
+    var mv = vec4<f32>(neg_inf());
+    for (var k = 0u; k < count; k++) {
+        let c = team.lane + (first + k) * team.size;
+        var x = vec4<f32>(neg_inf());
+        if (c < n4) {
+            x = src4[s0 + c];
+        }
+        (*v)[k] = x;
+        mv = max(mv, max_key4(x));
+    }
+    return mv;
+}
+
+// The sum of exp(x - m) over the items; softmax keeps the exponentials in place of the inputs.
+fn exp_items4(v: ptr<function, Items4>, count: u32, m: f32) -> vec4<f32> {
+    var acc = vec4<f32>(0.0);
+    for (var k = 0u; k < count; k++) {
+        let e = exp_shifted4((*v)[k], m);
+        acc += e;
+        if (!LOG) {
+            (*v)[k] = e;
+        }
+    }
+    return acc;
+}
+
+// Writes the outputs of the items loaded by load_items4 (with exp_items4 applied for softmax).
+fn store_items4(v: ptr<function, Items4>, first: u32, count: u32, d0: u32, n4: u32, team: Team, m: f32, scale: f32) {
+    for (var k = 0u; k < count; k++) {
+        let c = team.lane + (first + k) * team.size;
+        if (c < n4) {
+            var y: vec4<f32>;
+            if (LOG) {
+                y = finish4((*v)[k], m, scale);
+            } else {
+                y = select(vec4<f32>(quiet_nan()), (*v)[k] * scale, is_finite(m));
+            }
+            dst4[d0 + c] = y;
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let team = team_of(wid, lid);
@@ -240,41 +291,20 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let s0 = base(0u) / 4u + team.row * n4;
     let d0 = base(1u) / 4u + team.row * n4;
     if (ITEMS > 0u) {
-        var vals: array<vec4<f32>, MAX_ITEMS>;
-        var mv = vec4<f32>(neg_inf());
-        for (var k = 0u; k < ITEMS; k++) {
-            let c = team.lane + k * team.size;
-            var x = vec4<f32>(neg_inf());
-            if (c < n4) {
-                x = src4[s0 + c];
-            }
-            vals[k] = x;
-            mv = max(mv, max_key4(x));
-        }
+        // Up to MAX_ITEMS vec4s in `lo`, the rest in `hi`.
+        var lo: Items4;
+        var hi: Items4;
+        let n_lo = min(ITEMS, MAX_ITEMS);
+        let n_hi = ITEMS - n_lo;
+        let mv = max(load_items4(&lo, 0u, n_lo, s0, n4, team), load_items4(&hi, MAX_ITEMS, n_hi, s0, n4, team));
         let m = team_max(max_of(mv), lid);
         var acc = vec4<f32>(0.0);
         if (is_finite(m)) {
-            for (var k = 0u; k < ITEMS; k++) {
-                let e = exp_shifted4(vals[k], m);
-                acc += e;
-                if (!LOG) {
-                    vals[k] = e;
-                }
-            }
+            acc = exp_items4(&lo, n_lo, m) + exp_items4(&hi, n_hi, m);
         }
         let scale = normaliser(team_sum(sum_of(acc), lid));
-        for (var k = 0u; k < ITEMS; k++) {
-            let c = team.lane + k * team.size;
-            if (c < n4) {
-                var y: vec4<f32>;
-                if (LOG) {
-                    y = finish4(vals[k], m, scale);
-                } else {
-                    y = select(vec4<f32>(quiet_nan()), vals[k] * scale, is_finite(m));
-                }
-                dst4[d0 + c] = y;
-            }
-        }
+        store_items4(&lo, 0u, n_lo, d0, n4, team, m, scale);
+        store_items4(&hi, MAX_ITEMS, n_hi, d0, n4, team, m, scale);
     } else {
         let st = team_stats(online_stats4(s0, s0 + n4, team.lane, team.size), lid);
         let scale = normaliser(st.y);

@@ -56,6 +56,7 @@ fn every_strategy_matches_the_reference() {
                 (3, 4),
                 (9, 8),
                 (70, 128),
+                (5, 100),
                 (33, 2048),
                 (2, 20_000),
             ] {

@@ -14,9 +14,12 @@ pub const THREAD_MAX_COLS: u32 = 4096;
 /// 65535), with room for the loops outside the main passes.
 pub const SOFTWARE_LOOP_BUDGET: u64 = 60_000;
 
-/// The most loads (scalars, or vec4s on aligned rows) whose values an invocation keeps in
-/// registers.
+/// The most loads whose values an invocation keeps in registers in scalar kernels and in the
+/// backward and cross-entropy kernels (one array in the shaders).
 pub const MAX_ITEMS: u32 = 16;
+
+/// The same for the vec4 softmax kernel, which holds two such arrays.
+pub const MAX_ITEMS_SOFTMAX4: u32 = 2 * MAX_ITEMS;
 
 /// Who works on one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,9 +73,10 @@ pub struct Tuning {
     pub subgroup_max_cols: u32,
     /// Workgroup size of the per-row and split kernels.
     pub row_workgroup: u32,
-    /// The most loads an invocation keeps in registers (a power of two, at most 16): scalars, or
-    /// vec4s on aligned rows (up to 64 elements, twice that for the backward kernels, which
-    /// keep two operands).
+    /// The most loads an invocation keeps in registers (a power of two): vec4s on aligned rows,
+    /// up to 32 (128 elements) in the softmax kernels; scalar kernels and the backward and
+    /// cross-entropy kernels keep at most 16 (the backward kernels hold that many of each of
+    /// their two operands).
     pub max_items: u32,
     /// Rows of at least this many columns are split across workgroups ...
     pub split_min_cols: u32,
@@ -115,7 +119,7 @@ impl Tuning {
         subgroup_workgroup: 256,
         subgroup_max_cols: u32::MAX,
         row_workgroup: 32,
-        max_items: 16,
+        max_items: 32,
         split_min_cols: 65536,
         split_max_rows: 128,
         split_chunk: 8192,
@@ -194,7 +198,12 @@ impl Tuning {
         let per_invocation = u32::try_from(cols.div_ceil(vector as usize))
             .unwrap_or(u32::MAX)
             .div_ceil(team.max(1));
-        if per_invocation <= self.max_items {
+        let max_items = if vector == 4 {
+            self.max_items
+        } else {
+            self.max_items.min(MAX_ITEMS)
+        };
+        if per_invocation <= max_items {
             per_invocation.max(1).next_power_of_two()
         } else {
             0
@@ -267,7 +276,10 @@ impl Tuning {
         self.row_workgroup = self.row_workgroup.clamp(1, max);
         let sg = subgroup.unwrap_or(1);
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
-        self.max_items = self.max_items.clamp(1, MAX_ITEMS).next_power_of_two();
+        self.max_items = self
+            .max_items
+            .clamp(1, MAX_ITEMS_SOFTMAX4)
+            .next_power_of_two();
         self.split_chunk = self.split_chunk.max(self.row_workgroup);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
         self
@@ -376,6 +388,19 @@ mod tests {
         assert_eq!(
             Tuning::SOFTWARE.choose(65_536, 128, &LAVAPIPE, 4),
             Strategy::RowPerSubgroup { items: 4 }
+        );
+        // Up to 32 vec4s per invocation; scalars stop at 16.
+        assert_eq!(
+            Tuning::SOFTWARE.choose(16_384, 1024, &LAVAPIPE, 4),
+            Strategy::RowPerSubgroup { items: 32 }
+        );
+        assert_eq!(
+            Tuning::SOFTWARE.choose(16_384, 256, &LAVAPIPE, 1),
+            Strategy::RowPerSubgroup { items: 0 }
+        );
+        assert_eq!(
+            Tuning::SOFTWARE.choose(16_384, 128, &LAVAPIPE, 1),
+            Strategy::RowPerSubgroup { items: 16 }
         );
     }
 

@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use super::plan::Strategy;
+use super::plan::{Strategy, MAX_ITEMS, MAX_ITEMS_SOFTMAX4};
 use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
 use crate::context::Gpu;
 use crate::error::{Error, Result};
@@ -26,6 +26,9 @@ pub(crate) struct FamilyDesc {
     pub split: Option<[&'static str; 2]>,
     /// The same entry points over vec4 (`rows`, then the split pair), for aligned rows.
     pub vec4: Option<[&'static str; 3]>,
+    /// The most `ITEMS` (vec4s per invocation) the vec4 `rows` entry point holds in registers;
+    /// the scalar one holds at most [`MAX_ITEMS`].
+    pub vec4_items: u32,
     pub partial_words: usize,
 }
 
@@ -40,6 +43,7 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     rows: "rows",
     split: Some(["split_partials", "split_normalize"]),
     vec4: Some(["rows4", "split_partials4", "split_normalize4"]),
+    vec4_items: MAX_ITEMS_SOFTMAX4,
     partial_words: 2,
 };
 
@@ -50,6 +54,7 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
     vec4: Some(["rows4", "split_partials4", "split_finish4"]),
+    vec4_items: MAX_ITEMS,
     partial_words: 1,
 };
 
@@ -69,6 +74,7 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
     vec4: Some(["rows4", "split_partials4", "split_finish4"]),
+    vec4_items: MAX_ITEMS,
     partial_words: 4,
 };
 
@@ -79,6 +85,7 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     rows: "rows",
     split: None,
     vec4: None,
+    vec4_items: MAX_ITEMS,
     partial_words: 1,
 };
 
@@ -251,6 +258,10 @@ impl RowwiseFamily {
             .vec4
             .filter(|_| rows > 0 && width == cols && tuning.vector_for(cols, aligned) == 4);
         let vector = if vec4.is_some() { 4 } else { 1 };
+        let tuning = &super::plan::Tuning {
+            max_items: tuning.max_items.min(desc.vec4_items),
+            ..*tuning
+        };
         let mut strategy = tuning.choose(rows, width, &gpu.caps, vector);
         if desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
             strategy = Strategy::RowPerWorkgroup { items: 0 };

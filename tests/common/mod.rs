@@ -201,6 +201,27 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             },
         ),
         (
+            // Rows of 17 to 32 vec4s per invocation: two register arrays in the vec4 softmax
+            // kernel (the other kernels stream such rows).
+            "thread, 32 items",
+            Tuning {
+                thread_max_cols: u32::MAX,
+                max_items: 32,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "workgroup, 32 items",
+            Tuning {
+                thread_max_cols: 0,
+                subgroup_max_cols: 0,
+                row_workgroup: 32,
+                max_items: 32,
+                split_min_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ),
+        (
             "small workgroups",
             Tuning {
                 row_workgroup: 8,
