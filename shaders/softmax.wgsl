@@ -230,13 +230,13 @@ fn team_stats(st: vec2<f32>, lid: u32) -> vec2<f32> {
     return vec2<f32>(m, team_sum(part, lid));
 }
 
-// A row held in registers by the vec4 kernel: each invocation keeps up to 2 * MAX_ITEMS vec4s,
-// in two arrays of MAX_ITEMS indexed only by loop counters with constant bounds, so that shader
-// compilers unroll the loops and keep the values in registers (llvmpipe leaves loops of more
-// iterations rolled, and a rolled loop's array lives in memory, each access lane by lane).
+// A row held in registers by rows4: each invocation keeps up to 2 * MAX_ITEMS vec4s in two
+// arrays of MAX_ITEMS, each indexed only by loop counters with constant bounds, so that shader
+// compilers unroll the loops and keep the values in registers (llvmpipe leaves longer loops
+// rolled, and a rolled loop's array lives in memory, each access made lane by lane).
 alias Items4 = array<vec4<f32>, MAX_ITEMS>;
 
-// Loads the team's items first .. first + count of a row (-inf past its end) into `v`; returns
+// Loads the team's vec4s first .. first + count of a row (-inf past its end) into `v`; returns
 // their max keys.
 fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, s0: u32, n4: u32, team: Team) -> vec4<f32> {
     var mv = vec4<f32>(neg_inf());

@@ -19,7 +19,7 @@ pub const SOFTWARE_LOOP_BUDGET: u64 = 60_000;
 pub const MAX_ITEMS: u32 = 16;
 
 /// The same for the vec4 softmax kernel, which holds two such arrays.
-pub const MAX_ITEMS_SOFTMAX4: u32 = 2 * MAX_ITEMS;
+pub const MAX_ITEMS_VEC4: u32 = 2 * MAX_ITEMS;
 
 /// Who works on one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,10 +276,7 @@ impl Tuning {
         self.row_workgroup = self.row_workgroup.clamp(1, max);
         let sg = subgroup.unwrap_or(1);
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
-        self.max_items = self
-            .max_items
-            .clamp(1, MAX_ITEMS_SOFTMAX4)
-            .next_power_of_two();
+        self.max_items = self.max_items.clamp(1, MAX_ITEMS_VEC4).next_power_of_two();
         self.split_chunk = self.split_chunk.max(self.row_workgroup);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
         self

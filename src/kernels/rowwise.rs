@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use super::plan::{Strategy, MAX_ITEMS, MAX_ITEMS_SOFTMAX4};
+use super::plan::{Strategy, MAX_ITEMS, MAX_ITEMS_VEC4};
 use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
 use crate::context::Gpu;
 use crate::error::{Error, Result};
@@ -43,7 +43,7 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     rows: "rows",
     split: Some(["split_partials", "split_normalize"]),
     vec4: Some(["rows4", "split_partials4", "split_normalize4"]),
-    vec4_items: MAX_ITEMS_SOFTMAX4,
+    vec4_items: MAX_ITEMS_VEC4,
     partial_words: 2,
 };
 
