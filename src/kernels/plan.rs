@@ -387,18 +387,13 @@ mod tests {
             Strategy::RowPerSubgroup { items: 4 }
         );
         // Up to 32 vec4s per invocation; scalars stop at 16.
-        assert_eq!(
-            Tuning::SOFTWARE.choose(16_384, 1024, &LAVAPIPE, 4),
-            Strategy::RowPerSubgroup { items: 32 }
-        );
-        assert_eq!(
-            Tuning::SOFTWARE.choose(16_384, 256, &LAVAPIPE, 1),
-            Strategy::RowPerSubgroup { items: 0 }
-        );
-        assert_eq!(
-            Tuning::SOFTWARE.choose(16_384, 128, &LAVAPIPE, 1),
-            Strategy::RowPerSubgroup { items: 16 }
-        );
+        for (cols, vector, items) in [(1024, 4, 32), (256, 1, 0), (128, 1, 16)] {
+            assert_eq!(
+                Tuning::SOFTWARE.choose(16_384, cols, &LAVAPIPE, vector),
+                Strategy::RowPerSubgroup { items },
+                "{cols} columns, vector {vector}"
+            );
+        }
     }
 
     #[test]
