@@ -24,12 +24,17 @@ pub(crate) struct FamilyDesc {
     /// The two passes of a split row, per-chunk statistics then the per-chunk output; `None`
     /// when the family cannot split rows (one workgroup per row stands in).
     pub split: Option<[&'static str; 2]>,
-    /// The same entry points over vec4 (`rows`, then the split pair), for aligned rows.
-    pub vec4: Option<[&'static str; 3]>,
-    /// The most `ITEMS` (vec4s per invocation) the vec4 `rows` entry point holds in registers;
-    /// the scalar one holds at most [`MAX_ITEMS`].
-    pub vec4_items: u32,
+    /// The same over vec4, for aligned rows.
+    pub vec4: Option<Vec4Kernels>,
     pub partial_words: usize,
+}
+
+/// A family's vec4 entry points: `rows`, then the split pair, and the most `ITEMS` (vec4s per
+/// invocation) its `rows` holds in registers (the scalar `rows` holds at most [`MAX_ITEMS`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Vec4Kernels {
+    pub entries: [&'static str; 3],
+    pub max_items: u32,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -42,8 +47,10 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     operands: &[Access::Read, Access::ReadWrite],
     rows: "rows",
     split: Some(["split_partials", "split_normalize"]),
-    vec4: Some(["rows4", "split_partials4", "split_normalize4"]),
-    vec4_items: MAX_ITEMS_VEC4,
+    vec4: Some(Vec4Kernels {
+        entries: ["rows4", "split_partials4", "split_normalize4"],
+        max_items: MAX_ITEMS_VEC4,
+    }),
     partial_words: 2,
 };
 
@@ -53,8 +60,10 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     operands: &[Access::Read, Access::Read, Access::ReadWrite],
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
-    vec4: Some(["rows4", "split_partials4", "split_finish4"]),
-    vec4_items: MAX_ITEMS,
+    vec4: Some(Vec4Kernels {
+        entries: ["rows4", "split_partials4", "split_finish4"],
+        max_items: MAX_ITEMS,
+    }),
     partial_words: 1,
 };
 
@@ -73,8 +82,10 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     ],
     rows: "rows",
     split: Some(["split_partials", "split_finish"]),
-    vec4: Some(["rows4", "split_partials4", "split_finish4"]),
-    vec4_items: MAX_ITEMS,
+    vec4: Some(Vec4Kernels {
+        entries: ["rows4", "split_partials4", "split_finish4"],
+        max_items: MAX_ITEMS,
+    }),
     partial_words: 4,
 };
 
@@ -85,7 +96,6 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     rows: "rows",
     split: None,
     vec4: None,
-    vec4_items: MAX_ITEMS,
     partial_words: 1,
 };
 
@@ -258,8 +268,9 @@ impl RowwiseFamily {
             .vec4
             .filter(|_| rows > 0 && width == cols && tuning.vector_for(cols, aligned) == 4);
         let vector = if vec4.is_some() { 4 } else { 1 };
+        // Scalar kernels are held to MAX_ITEMS by the planner; vec4 ones to what theirs hold.
         let tuning = &super::plan::Tuning {
-            max_items: tuning.max_items.min(desc.vec4_items),
+            max_items: vec4.map_or(tuning.max_items, |v| tuning.max_items.min(v.max_items)),
             ..*tuning
         };
         let mut strategy = tuning.choose(rows, width, &gpu.caps, vector);
@@ -267,7 +278,10 @@ impl RowwiseFamily {
             strategy = Strategy::RowPerWorkgroup { items: 0 };
         }
         let (rows_entry, split_entries) = match (vec4, desc.split) {
-            (Some([rows, partials, finish]), _) => (rows, Some([partials, finish])),
+            (Some(v), _) => {
+                let [rows, partials, finish] = v.entries;
+                (rows, Some([partials, finish]))
+            }
             (None, split) => (desc.rows, split),
         };
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
