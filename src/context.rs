@@ -7,6 +7,11 @@ use crate::error::{Error, Result};
 use crate::kernels::plan::{Capabilities, Tuning};
 use crate::kernels::Kernels;
 
+/// The most bytes one kernel binding covers (2 GiB, 2^29 f32). Larger batches are split into
+/// blocks of rows like batches past a device's own binding limit; indices and loop counters in
+/// the shaders then stay far below 2^32 and cannot wrap.
+pub(crate) const MAX_BINDING_BYTES: u64 = 1 << 31;
+
 /// How to pick the adapter. The defaults follow wgpu's environment variables.
 #[derive(Debug, Clone, Default)]
 pub struct ContextOptions {
@@ -385,11 +390,14 @@ impl Gpu {
         u64::from(self.limits.min_storage_buffer_offset_alignment)
     }
 
-    /// The largest storage binding, in bytes.
+    /// The largest storage binding, in bytes: the device's limit, and never more than
+    /// [`MAX_BINDING_BYTES`] so that every element index inside a binding fits the shaders' u32
+    /// arithmetic with room to spare.
     pub fn max_binding(&self) -> u64 {
         self.limits
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size)
+            .min(MAX_BINDING_BYTES)
     }
 
     /// [`capture`] for an operation of this context: fails at once if the device was lost.
