@@ -6,7 +6,8 @@
 //   loss_row = B ln S - A                               (= -sum_c q_c log_softmax(x)_c)
 //   grad_c   = scale_row * (exp(x_c - M) / S * B - q_c)  (= d loss_row / d x_c, scaled)
 // Each logit is read once when the row fits in registers (ITEMS > 0); a split row keeps
-// (m_i, s_i, a_i, b_i) per chunk and combines them with the online-normalizer rule.
+// (m_i, s_i, a_i, b_i) per chunk and combines them with the online-normalizer rule. Without
+// DENSE mass only S is accumulated per element (A and B follow from the target class).
 //
 // Rows: an index target equal to ignore_index gives loss 0 and a zero gradient row; an index
 // outside [0, C) gives NaN for its row; a row holding NaN or +inf, or only -inf, gives NaN.
@@ -37,6 +38,10 @@ override REDUCTION: u32 = 1u;       // 0 none, 1 mean, 2 sum
 override GRAD: bool = true;         // write the gradient (false: the loss alone)
 override IN_PLACE: bool = false;    // logits live in `grad`
 override GRAD_PER_ROW: bool = false; // grad_output holds one multiplier per row
+// Whether classes other than the target can have mass (probability targets, label smoothing).
+// Without (index targets, no smoothing), B is w_t and A is w_t (x_t - M), taken from the target
+// logit once per row: the per-element work is that of softmax.
+override DENSE: bool = true;
 
 // words: x = ignore_index (i32 bits), y = label smoothing (f32 bits), z = scalar grad_output,
 // w = the sum of the class weights (C when unweighted).
@@ -84,6 +89,9 @@ fn row_target(row: u32) -> RowTarget {
 
 // q_c: the target mass of class c in row `row`, label smoothing and class weights applied.
 fn target_mass(row: u32, c: u32, t: RowTarget) -> f32 {
+    if (!DENSE) {
+        return select(0.0, class_weight(t.index), c == t.index);
+    }
     let e = smoothing();
     let uniform = e / f32(p.cols);
     if (PROBS) {
@@ -100,6 +108,31 @@ fn target_mass(row: u32, c: u32, t: RowTarget) -> f32 {
 // q_c (x_c - m) with a zero-mass term contributing exactly 0, whatever x_c is.
 fn mass_term(q: f32, x: f32, m: f32) -> f32 {
     return select(q * (x - m), 0.0, q == 0.0);
+}
+
+// One class's (exp term, mass term, mass, _) to be summed over the row; only the exp term
+// without DENSE mass.
+fn terms(x: f32, q: f32, m: f32) -> vec4<f32> {
+    if (!DENSE) {
+        return vec4<f32>(exp_shifted(x, m), 0.0, 0.0, 0.0);
+    }
+    return vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+}
+
+// Row statistics acc = (S, A, B, _) completed without DENSE mass, where A was not accumulated:
+// A = w_t (x_t - m) from the target logit x_t (exactly 0 when w_t = 0; -inf for x_t = -inf).
+// Rows without a valid target have no loss terms to complete.
+fn complete_stats(acc: vec4<f32>, m: f32, x_t: f32, t: RowTarget) -> vec4<f32> {
+    if (DENSE || t.kind != 0u) {
+        return acc;
+    }
+    return vec4<f32>(acc.x, mass_term(class_weight(t.index), x_t, m), acc.z, acc.w);
+}
+
+// The target class's logit in a row whose logits start at x0 (meaningless when DENSE or for a
+// row without a valid target, whose index is 0: still a logit of the row).
+fn target_logit(x0: u32, t: RowTarget) -> f32 {
+    return logit(x0 + t.index);
 }
 
 // The gradient multiplier of a row: grad_output, divided by the weight total for the mean.
@@ -181,8 +214,7 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var k = 0u; k < ITEMS; k++) {
                 let c = team.lane + k * team.size;
                 if (c < p.cols) {
-                    let q = target_mass(row, c, t);
-                    acc += vec4<f32>(exp_shifted(xs[k], m), mass_term(q, xs[k], m), q, 0.0);
+                    acc += terms(xs[k], target_mass(row, c, t), m);
                 }
             }
         } else {
@@ -190,15 +222,13 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
                 var part = vec4<f32>(0.0);
                 for (var c = c0; c < stop; c += team.size) {
-                    let x = logit(x0 + c);
-                    let q = target_mass(row, c, t);
-                    part += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+                    part += terms(logit(x0 + c), target_mass(row, c, t), m);
                 }
                 acc += part;
             }
         }
     }
-    acc = team_sum4(acc, lid);
+    acc = complete_stats(team_sum4(acc, lid), m, target_logit(x0, t), t);
     if (team.lane == 0u) {
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
@@ -229,7 +259,7 @@ struct RowStats {
 
 // A split row's statistics combined over the team from its chunks' partials (m_i, s_i, a_i, b_i);
 // the team of the row's first chunk also writes the row's loss.
-fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
+fn split_row_stats(ch: Chunk, t: RowTarget, x_t: f32, lid: u32) -> RowStats {
     let first = ch.row * p.chunks;
     var m = neg_inf();
     for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
@@ -245,7 +275,7 @@ fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
             acc += vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
         }
     }
-    acc = team_sum4(acc, lid);
+    acc = complete_stats(team_sum4(acc, lid), m, x_t, t);
     if (ch.within == 0u && ch.team.lane == 0u) {
         loss_rows[base(4u) + ch.row] = row_loss(m, acc, t);
     }
@@ -272,13 +302,11 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
             var part = vec4<f32>(0.0);
             for (var c = c0; c < stop; c += ch.team.size) {
-                let x = logit(x0 + c);
-                let q = target_mass(ch.row, c, t);
-                part += vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+                part += terms(logit(x0 + c), target_mass(ch.row, c, t), m);
             }
             acc += part;
         }
-    } else {
+    } else if (DENSE) {
         // An all -inf chunk still carries its target mass (and -inf mass terms).
         for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
             let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
@@ -303,13 +331,13 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         return;
     }
     let t = row_target(ch.row);
-    let st = split_row_stats(ch, t, lid);
+    let x0 = select(base(0u), base(5u), IN_PLACE) + ch.row * p.cols;
+    let st = split_row_stats(ch, t, target_logit(x0, t), lid);
     let m = st.m;
     let acc = st.acc;
     if (GRAD) {
         let scale = row_scale(ch.row);
         let bounds = chunk_bounds(ch.within);
-        let x0 = select(base(0u), base(5u), IN_PLACE) + ch.row * p.cols;
         let g0 = base(5u) + ch.row * p.cols;
         for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
             let x = logit(x0 + c);
@@ -327,6 +355,11 @@ fn logit4(i: u32) -> vec4<f32> {
     return logits4[i];
 }
 
+// target_logit for rows whose logits start at vec4 x0.
+fn target_logit4(x0: u32, t: RowTarget) -> f32 {
+    return logit4(x0 + t.index / 4u)[t.index % 4u];
+}
+
 fn class_weight4(c: u32) -> vec4<f32> {
     if (WEIGHTED) {
         let w0 = base(2u) + c;
@@ -338,6 +371,10 @@ fn class_weight4(c: u32) -> vec4<f32> {
 // q for the four classes c4 * 4 .. c4 * 4 + 3 of `row`.
 fn target_mass4(row: u32, c4: u32, t: RowTarget) -> vec4<f32> {
     let c = c4 * 4u;
+    if (!DENSE) {
+        let hit = vec4<u32>(c, c + 1u, c + 2u, c + 3u) == vec4<u32>(t.index);
+        return select(vec4<f32>(0.0), vec4<f32>(class_weight(t.index)), hit);
+    }
     let e = smoothing();
     let uniform = e / f32(p.cols);
     let w = class_weight4(c);
@@ -354,6 +391,9 @@ fn target_mass4(row: u32, c4: u32, t: RowTarget) -> vec4<f32> {
 
 // (exp terms, mass terms, masses) of four classes, each summed, as in `rows`.
 fn terms4(x: vec4<f32>, q: vec4<f32>, m: f32) -> vec4<f32> {
+    if (!DENSE) {
+        return vec4<f32>(sum_of(exp_shifted4(x, m)), 0.0, 0.0, 0.0);
+    }
     let mass = select(q * (x - m), vec4<f32>(0.0), q == vec4<f32>(0.0));
     return vec4<f32>(sum_of(exp_shifted4(x, m)), sum_of(mass), sum_of(q), 0.0);
 }
@@ -398,11 +438,13 @@ fn lane_stats4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t
             let c = c0 + k * size;
             if (c < stop) {
                 let x = block[k];
-                let q = target_mass4(row, c, t);
-                let mass = select(q * (x - m), vec4<f32>(neg_inf()), is_neg_inf4(x));
                 s4 += exp_shifted4(x, m);
-                a4 += select(mass, vec4<f32>(0.0), q == vec4<f32>(0.0));
-                b4 += q;
+                if (DENSE) {
+                    let q = target_mass4(row, c, t);
+                    let mass = select(q * (x - m), vec4<f32>(neg_inf()), is_neg_inf4(x));
+                    a4 += select(mass, vec4<f32>(0.0), q == vec4<f32>(0.0));
+                    b4 += q;
+                }
             }
         }
         st += vec4<f32>(0.0, sum_of(s4), sum_of(a4), sum_of(b4));
@@ -458,6 +500,7 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         m = st.m;
         acc = st.acc;
     }
+    acc = complete_stats(acc, m, target_logit4(x0, t), t);
     if (team.lane == 0u) {
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
@@ -504,12 +547,12 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         return;
     }
     let t = row_target(ch.row);
-    let st = split_row_stats(ch, t, lid);
+    let n4 = p.cols / 4u;
+    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * n4;
+    let st = split_row_stats(ch, t, target_logit4(x0, t), lid);
     if (GRAD) {
         let scale = row_scale(ch.row);
         let bounds = chunk_bounds4(ch.within);
-        let n4 = p.cols / 4u;
-        let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * n4;
         let g0 = base(5u) / 4u + ch.row * n4;
         for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
             let q = target_mass4(ch.row, c, t);

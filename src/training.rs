@@ -1081,6 +1081,11 @@ impl CrossEntropyLoss {
                 ("GRAD", u32::from(want_grad)),
                 ("IN_PLACE", u32::from(in_place)),
                 ("GRAD_PER_ROW", u32::from(per_row)),
+                // Mass on classes other than the target: probabilities or label smoothing.
+                (
+                    "DENSE",
+                    u32::from(job.probabilities || self.label_smoothing != 0.0),
+                ),
             ],
             words: [
                 job.ignore as u32,
