@@ -124,9 +124,10 @@ impl ShaderFamily {
         // by a step of at least 1 (1, a constant, `team.size` >= 1 since `SG` >= 1, or `WG`) to
         // a bound the host derives from a validated shape, and no index can wrap: bounds are
         // element counts within one binding (at most 2^29 f32, `MAX_BINDING_BYTES`) and steps
-        // are at most `WG * SUM_BLOCK`. Bounds checks on buffers and arrays and the integer-division checks
-        // stay on. Dropping the counters lets the compiler unroll and vectorise the streamed
-        // loops (lavapipe: softmax and cross-entropy 8-14% faster on 4096x4096 and 64x262144).
+        // are at most `WG * SUM_BLOCK`. Bounds checks on buffers and arrays and the
+        // integer-division checks stay on. Dropping the counters lets the compiler unroll and
+        // vectorise the streamed loops (lavapipe: softmax and cross-entropy 8-14% faster on
+        // 4096x4096 and 64x262144).
         let module = unsafe {
             device.create_shader_module_trusted(
                 desc,
