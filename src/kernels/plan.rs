@@ -87,6 +87,11 @@ pub struct Tuning {
     pub split_chunk: u32,
     /// Who works on one chunk of a split row: 0 one invocation, otherwise one workgroup.
     pub split_team: u32,
+    /// Split rows run in groups of rows spanning at most this many bytes of input (at least one
+    /// row per group), each group's partials pass followed at once by its finishing pass, so
+    /// that the finishing pass can find the group's input still in cache; 0: all rows at once
+    /// (two dispatches in all).
+    pub split_group_bytes: u32,
     /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
     /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
     pub vector: u32,
@@ -106,6 +111,7 @@ impl Tuning {
         split_max_rows: 512,
         split_chunk: 4096,
         split_team: 2,
+        split_group_bytes: 0,
         vector: 4,
     };
 
@@ -124,6 +130,7 @@ impl Tuning {
         split_max_rows: 128,
         split_chunk: 8192,
         split_team: 0,
+        split_group_bytes: 0,
         vector: 4,
     };
 

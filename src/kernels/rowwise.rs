@@ -335,6 +335,20 @@ impl RowwiseFamily {
             .map(|&entry| self.pipeline(gpu, call, entry, [wg, items, team, sg]))
             .collect();
 
+        let blocks = match (chunk, tuning.split_group_bytes) {
+            (0, _) | (_, 0) => blocks,
+            (_, group_bytes) => {
+                let per_group = (u64::from(group_bytes) / row_bytes.max(1)).max(1) as usize;
+                blocks
+                    .iter()
+                    .flat_map(|&(first, n)| {
+                        (first..first + n)
+                            .step_by(per_group)
+                            .map(move |start| (start, per_group.min(first + n - start)))
+                    })
+                    .collect()
+            }
+        };
         let max_rows = blocks.iter().map(|b| b.1).max().unwrap_or(0);
         let partial_bytes = (max_rows * chunks * desc.partial_words * 4) as u64;
         let partials = {

@@ -190,6 +190,19 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             },
         ),
         (
+            // Workgroups per chunk, in groups of 16 KiB of rows: 32 rows of 128 columns, two of
+            // 2049 and one of 4097 (some groups shorter than the rest).
+            "split in row groups",
+            Tuning {
+                thread_max_cols: 0,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk: 1000,
+                split_group_bytes: 16384,
+                ..Tuning::GPU
+            },
+        ),
+        (
             // Not a multiple of lavapipe's subgroup size of 8: a partial last subgroup.
             "workgroups of 12",
             Tuning {
