@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Sweeps the kernel-choice table (`Tuning`) on the adapter at hand: runs `wgpu-softmax bench
+# --no-cpu --json` once with the defaults and once per override set below, each set on the
+# shapes its fields can change, and prints what `scripts/tune_table.py` makes of the results:
+# per set, op and shape, the ratio of its GB/s to the defaults'. Meant for a machine with a GPU,
+# where `Tuning::GPU` has not been measured; everything lands in OUT.
+#
+#   cargo build --release && scripts/gpu_tune.sh
+#
+# Environment: OUT (default gpu-results/tune), ROUNDS (default 2: the sets run in turn, ROUNDS
+# times, so that drift affects them alike), REPEATS (default 9), SETS (names of the sets to run,
+# space-separated; default all), SHAPES (replaces every set's shapes, e.g. "32x10" for a dry
+# run), WGPU_SOFTMAX (default target/release/wgpu-softmax), PYTHON (default python3),
+# WGPU_BACKEND (default vulkan).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results/tune}
+rounds=${ROUNDS:-2}
+repeats=${REPEATS:-9}
+bin=${WGPU_SOFTMAX:-target/release/wgpu-softmax}
+python=${PYTHON:-python3}
+export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+
+all="4096x4096 16384x1024 65536x128 64x262144 4x524288 32x10"
+short="65536x128 32x10"
+medium="4096x4096 16384x1024 65536x128"
+long="64x262144 4x524288"
+# name | overrides (space-separated FIELD=VALUE) | shapes
+sets="
+default||$all
+thread_max_cols=32|thread_max_cols=32|$short
+thread_max_cols=128,max_items=32|thread_max_cols=128 max_items=32|$short
+thread_workgroup=256|thread_workgroup=256|$short
+subgroup_workgroup=64|subgroup_workgroup=64|$medium
+subgroup_workgroup=128|subgroup_workgroup=128|$medium
+subgroup_max_cols=256|subgroup_max_cols=256|$medium
+subgroup_max_cols=4096|subgroup_max_cols=4096|$medium
+subgroup_max_cols=4096,max_items=32|subgroup_max_cols=4096 max_items=32|$medium
+row_workgroup=64|row_workgroup=64|$medium $long
+row_workgroup=128|row_workgroup=128|$medium $long
+max_items=8|max_items=8|$medium
+max_items=32|max_items=32|$medium
+vector=1|vector=1|$all
+split_chunk=2048|split_chunk=2048|$long
+split_chunk=8192|split_chunk=8192|$long
+split_chunk=16384|split_chunk=16384|$long
+split_team=0|split_team=0|$long
+split_min_cols=65536|split_min_cols=65536|$long
+split_max_rows=64|split_max_rows=64|$long
+split_group_bytes=8MiB|split_group_bytes=8388608|$long
+split_group_bytes=16MiB|split_group_bytes=16777216|$long
+split_group_bytes=32MiB|split_group_bytes=33554432|$long
+"
+
+mkdir -p "$out"
+rm -f "$out"/set_* "$out/sets.tsv"
+wanted=" ${SETS:-} "
+index=0
+while IFS='|' read -r name overrides shapes; do
+  [ -n "$name" ] || continue
+  if [ -n "${SETS:-}" ] && [ "$name" != default ] && [[ "$wanted" != *" $name "* ]]; then
+    continue
+  fi
+  index=$((index + 1))
+  printf '%s\t%s\t%s\n' "$index" "$name" "$overrides" >>"$out/sets.tsv"
+  args=()
+  for o in $overrides; do args+=(--tune "$o"); done
+  for s in ${SHAPES:-$shapes}; do args+=(--shape "$s"); done
+  printf '%s\n' "${args[@]}" >"$out/set_$index.args"
+done <<<"$sets"
+
+for round in $(seq 1 "$rounds"); do
+  while IFS=$'\t' read -r index name _; do
+    mapfile -t args <"$out/set_$index.args"
+    echo "round $round: $name" >&2
+    "$bin" bench --no-cpu --json --repeats "$repeats" "${args[@]}" \
+      >"$out/set_${index}_r$round.json" 2>>"$out/bench.err"
+  done <"$out/sets.tsv"
+done
+"$python" scripts/tune_table.py "$out" | tee "$out/tune.md"

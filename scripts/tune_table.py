@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Summarises a `scripts/gpu_tune.sh` sweep.
+
+Reads OUT/sets.tsv (index, name, overrides) and the `wgpu-softmax bench --json` records of every
+set and round (OUT/set_<index>_r<round>.json), and prints Markdown: the defaults' GB/s and share
+of the copy limit per op and shape, then for each override set and shape the ratio of its GB/s to
+the defaults' (medians over the rounds; above 1 is faster), and last, per shape, the set with the
+best geometric-mean ratio over the ops.
+
+    python3 scripts/tune_table.py gpu-results/tune
+"""
+
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+OPS = ["softmax", "log-softmax", "softmax-backward", "log-softmax-backward", "cross-entropy"]
+
+
+def load(out):
+    sets = []
+    for line in (out / "sets.tsv").read_text().splitlines():
+        index, name, overrides = (line.split("\t") + [""])[:3]
+        sets.append((index, name, overrides))
+    # set name -> (op, rows, cols) -> list of (gb_per_s, pct_of_limit)
+    runs = defaultdict(lambda: defaultdict(list))
+    adapters = set()
+    for index, name, _ in sets:
+        for path in sorted(out.glob(f"set_{index}_r*.json")):
+            for r in json.loads(path.read_text() or "[]"):
+                if r["device"] != "gpu":
+                    continue
+                adapters.add(r.get("adapter", "?"))
+                key = (r["op"], r["rows"], r["cols"])
+                runs[name][key].append((r["gb_per_s"], r["pct_of_limit"]))
+    medians = {
+        name: {key: (statistics.median(g for g, _ in v), statistics.median(p for _, p in v))
+               for key, v in cases.items()}
+        for name, cases in runs.items()
+    }
+    return sets, medians, adapters
+
+
+def shape_order(keys):
+    seen = []
+    for _, rows, cols in keys:
+        if (rows, cols) not in seen:
+            seen.append((rows, cols))
+    return seen
+
+
+def main(argv):
+    if len(argv) != 2:
+        sys.exit(__doc__)
+    sets, medians, adapters = load(Path(argv[1]))
+    base = medians.get("default")
+    if not base:
+        sys.exit("no records of the default set")
+    ops = [op for op in OPS if any(k[0] == op for k in base)]
+    shapes = shape_order(base)
+    print("Adapter: " + "; ".join(sorted(adapters)))
+    print()
+    print("Defaults: GB/s (% of the in-run copy), medians over the rounds.")
+    print()
+    print("| op | " + " | ".join(f"{r}x{c}" for r, c in shapes) + " |")
+    print("|---|" + "---|" * len(shapes))
+    for op in ops:
+        cells = []
+        for r, c in shapes:
+            v = base.get((op, r, c))
+            cells.append(f"{v[0]:.3g} ({v[1]:.0f}%)" if v else "")
+        print(f"| {op} | " + " | ".join(cells) + " |")
+    print()
+    print("Each set against the defaults: GB/s of the set / GB/s of the defaults.")
+    print()
+    print("| set | shape | " + " | ".join(ops) + " | geomean |")
+    print("|---|---|" + "---|" * (len(ops) + 1))
+    best = {}
+    for _, name, overrides in sets:
+        if name == "default" or name not in medians:
+            continue
+        for r, c in shape_order(medians[name]):
+            ratios = []
+            cells = []
+            for op in ops:
+                v, b = medians[name].get((op, r, c)), base.get((op, r, c))
+                if v and b:
+                    ratios.append(v[0] / b[0])
+                    cells.append(f"{v[0] / b[0]:.2f}")
+                else:
+                    cells.append("")
+            if not ratios:
+                continue
+            mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            print(f"| {name} | {r}x{c} | " + " | ".join(cells) + f" | {mean:.2f} |")
+            if mean > best.get((r, c), ("", 1.0))[1]:
+                best[(r, c)] = (name if name == overrides else f"{name} ({overrides})", mean)
+    print()
+    print("Best per shape (geometric mean over the ops; none: no set beat the defaults).")
+    print()
+    for r, c in shapes:
+        name, mean = best.get((r, c), ("none", 1.0))
+        print(f"- {r}x{c}: {name}" + (f", {mean:.2f}x" if name != "none" else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv)
