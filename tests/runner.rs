@@ -282,3 +282,45 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2), "{output:?}");
 }
+
+/// `scripts/gpu_tune.sh` end to end on a tiny shape: the defaults and two override sets, each a
+/// row per shape in the summary, then the best set per shape.
+#[test]
+fn tuning_sweep_ranks_override_sets_against_the_defaults() {
+    if context().is_none() {
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = Dir::new("tune");
+    let out = dir.path("out");
+    let output = std::process::Command::new("bash")
+        .arg(root.join("scripts/gpu_tune.sh"))
+        .env("OUT", &out)
+        .env("WGPU_SOFTMAX", env!("CARGO_BIN_EXE_wgpu-softmax"))
+        .env("SETS", "vector=1 split_group_bytes=8MiB")
+        .env("SHAPES", "3x8")
+        .env("ROUNDS", "1")
+        .env("REPEATS", "1")
+        .output()
+        .expect("bash runs scripts/gpu_tune.sh");
+    assert!(output.status.success(), "{output:?}");
+    let table = std::fs::read_to_string(out.join("tune.md")).unwrap();
+    assert_eq!(table, String::from_utf8(output.stdout).unwrap());
+    for line in [
+        "| softmax | ",
+        "| cross-entropy | ",
+        "| vector=1 | 3x8 | ",
+        "| split_group_bytes=8MiB | 3x8 | ",
+        "- 3x8: ",
+    ] {
+        assert!(table.contains(line), "{line}: {table}");
+    }
+    // The defaults, then each set: five ops, on the one shape.
+    for index in 1..=3 {
+        let records: Vec<serde_json::Value> = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("set_{index}_r1.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(records.len(), 5, "set {index}: {records:?}");
+    }
+}
