@@ -4,8 +4,9 @@
 Reads OUT/sets.tsv (index, name, overrides) and the `wgpu-softmax bench --json` records of every
 set and round (OUT/set_<index>_r<round>.json), and prints Markdown: the defaults' GB/s and share
 of the copy limit per op and shape, then for each override set and shape the ratio of its GB/s to
-the defaults' (medians over the rounds; above 1 is faster), and last, per shape, the set with the
-best geometric-mean ratio over the ops.
+the defaults' (medians over the rounds; above 1 is faster) with the number of ops whose kernel
+it changes, and last, per shape, the set with the best geometric-mean ratio over the ops among
+those that change a kernel there.
 
     python3 scripts/tune_table.py gpu-results/tune
 """
@@ -27,6 +28,8 @@ def load(out):
         sets.append((index, name, overrides))
     # set name -> (op, rows, cols) -> list of (gb_per_s, pct_of_limit)
     runs = defaultdict(lambda: defaultdict(list))
+    # set name -> (op, rows, cols) -> what ran
+    kernels = defaultdict(dict)
     adapters = set()
     for index, name, _ in sets:
         for path in sorted(out.glob(f"set_{index}_r*.json")):
@@ -36,12 +39,13 @@ def load(out):
                 adapters.add(r.get("adapter", "?"))
                 key = (r["op"], r["rows"], r["cols"])
                 runs[name][key].append((r["gb_per_s"], r["pct_of_limit"]))
+                kernels[name][key] = r.get("kernel", "")
     medians = {
         name: {key: (statistics.median(g for g, _ in v), statistics.median(p for _, p in v))
                for key, v in cases.items()}
         for name, cases in runs.items()
     }
-    return sets, medians, adapters
+    return sets, medians, kernels, adapters
 
 
 def shape_order(keys):
@@ -55,7 +59,7 @@ def shape_order(keys):
 def main(argv):
     if len(argv) != 2:
         sys.exit(__doc__)
-    sets, medians, adapters = load(Path(argv[1]))
+    sets, medians, kernels, adapters = load(Path(argv[1]))
     base = medians.get("default")
     if not base:
         sys.exit("no records of the default set")
@@ -74,10 +78,17 @@ def main(argv):
             cells.append(f"{v[0]:.3g} ({v[1]:.0f}%)" if v else "")
         print(f"| {op} | " + " | ".join(cells) + " |")
     print()
-    print("Each set against the defaults: GB/s of the set / GB/s of the defaults.")
+    print("Kernels of the defaults:")
     print()
-    print("| set | shape | " + " | ".join(ops) + " | geomean |")
-    print("|---|---|" + "---|" * (len(ops) + 1))
+    for r, c in shapes:
+        ran = [f"{op}: {kernels['default'].get((op, r, c), '?')}" for op in ops]
+        print(f"- {r}x{c}: " + "; ".join(ran))
+    print()
+    print("Each set against the defaults: GB/s of the set / GB/s of the defaults; `changed`:")
+    print("the ops whose kernel the set changes (the other ratios are run-to-run variation).")
+    print()
+    print("| set | shape | " + " | ".join(ops) + " | geomean | changed |")
+    print("|---|---|" + "---|" * (len(ops) + 2))
     best = {}
     for _, name, overrides in sets:
         if name == "default" or name not in medians:
@@ -95,11 +106,17 @@ def main(argv):
             if not ratios:
                 continue
             mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-            print(f"| {name} | {r}x{c} | " + " | ".join(cells) + f" | {mean:.2f} |")
-            if mean > best.get((r, c), ("", 1.0))[1]:
+            changed = sum(
+                1 for op in ops
+                if (op, r, c) in kernels[name]
+                and kernels[name][(op, r, c)] != kernels["default"].get((op, r, c))
+            )
+            print(f"| {name} | {r}x{c} | " + " | ".join(cells) + f" | {mean:.2f} | {changed} |")
+            if changed and mean > best.get((r, c), ("", 1.0))[1]:
                 best[(r, c)] = (name if name == overrides else f"{name} ({overrides})", mean)
     print()
-    print("Best per shape (geometric mean over the ops; none: no set beat the defaults).")
+    print("Best per shape (geometric mean over the ops, among the sets that change a kernel;")
+    print("none: no such set beat the defaults).")
     print()
     for r, c in shapes:
         name, mean = best.get((r, c), ("none", 1.0))

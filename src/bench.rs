@@ -206,6 +206,29 @@ impl GpuBench {
         self
     }
 
+    /// What runs the op on this shape, e.g. `workgroup per row, 4 loads in registers, vec4`: the
+    /// kernel of its row-wise pass (cross-entropy adds one-workgroup passes over the batch for the
+    /// reduction), or the access pattern of [`BenchOp::Copy`].
+    pub fn kernel(&self) -> String {
+        let gpu = &self.ctx.gpu;
+        let kernels = &gpu.kernels;
+        let family = match self.op {
+            BenchOp::Softmax | BenchOp::LogSoftmax => &kernels.softmax,
+            BenchOp::SoftmaxBackward | BenchOp::LogSoftmaxBackward => &kernels.backward,
+            BenchOp::CrossEntropy => &kernels.cross_entropy,
+            BenchOp::Copy => {
+                return match self.copy_run {
+                    0 => "copy, 1 vec4 per invocation".to_string(),
+                    n => format!("copy, {n} vec4s per invocation"),
+                };
+            }
+        };
+        // The bench's tensors start at offset 0, so rows of a multiple of 4 columns are aligned.
+        let (strategy, vector) = family.choose(gpu, self.rows, self.cols, self.cols, true);
+        let loads = if vector == 4 { "vec4" } else { "scalar" };
+        format!("{strategy}, {loads}")
+    }
+
     /// How [`GpuBench::run`] times.
     pub fn timing(&self) -> Timing {
         if self.timer.is_some() {
@@ -427,6 +450,16 @@ impl CpuBench {
             cols,
             host: HostInputs::new(rows, cols, (rows * 31 + cols) as u64),
             out: vec![0.0; rows * cols],
+        }
+    }
+
+    /// What runs the op: the f32 fast path's instruction set and rayon's thread count (memcpy
+    /// for [`BenchOp::Copy`]).
+    pub fn kernel(&self) -> String {
+        let threads = rayon::current_num_threads();
+        match self.op {
+            BenchOp::Copy => format!("memcpy, {threads} threads"),
+            _ => format!("f32 {}, {threads} threads", fast::instruction_set()),
         }
     }
 

@@ -242,12 +242,24 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
         assert!([16, 7].contains(&field("cols").as_u64().unwrap()));
         let device = field("device").as_str().unwrap();
         let timing = field("timing").as_str().unwrap();
+        let kernel = field("kernel").as_str().unwrap();
         match device {
-            "gpu" => assert!(
-                ["gpu-timestamps", "wall-submit-to-completion"].contains(&timing),
-                "{record}"
-            ),
-            "cpu" => assert_eq!(timing, "wall-cpu"),
+            "gpu" => {
+                assert!(
+                    ["gpu-timestamps", "wall-submit-to-completion"].contains(&timing),
+                    "{record}"
+                );
+                // `--tune vector=1`: scalar kernels only.
+                assert!(kernel.ends_with(", scalar"), "{record}");
+                assert!(kernel.contains(" per row, "), "{record}");
+            }
+            "cpu" => {
+                assert_eq!(timing, "wall-cpu");
+                assert!(
+                    kernel.starts_with("f32 ") && kernel.ends_with(" threads"),
+                    "{record}"
+                );
+            }
             other => panic!("device {other}"),
         }
         let gb = field("gb_per_s").as_f64().unwrap();
@@ -311,6 +323,7 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
         "| cross-entropy | ",
         "| vector=1 | 3x8 | ",
         "| split_group_bytes=8MiB | 3x8 | ",
+        "- 3x8: softmax: ",
         "- 3x8: ",
     ] {
         assert!(table.contains(line), "{line}: {table}");

@@ -537,6 +537,17 @@ fn isa() -> Isa {
     Isa::Baseline
 }
 
+/// The instruction set the kernels run with on this CPU: `avx512f`, `avx2+fma` or `baseline`.
+pub fn instruction_set() -> &'static str {
+    match isa() {
+        Isa::Baseline => "baseline",
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        Isa::Avx2 => "avx2+fma",
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        Isa::Avx512 => "avx512f",
+    }
+}
+
 /// Every instruction set this CPU can run, best last.
 #[cfg(test)]
 fn supported_isas() -> Vec<Isa> {

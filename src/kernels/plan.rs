@@ -48,6 +48,34 @@ pub enum Strategy {
     },
 }
 
+impl std::fmt::Display for Strategy {
+    /// E.g. `subgroup per row, 8 loads in registers` or `split in chunks of 4096, workgroup per
+    /// chunk`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (team, items) = match *self {
+            Strategy::RowPerThread { items } => ("invocation", items),
+            Strategy::RowPerSubgroup { items } => ("subgroup", items),
+            Strategy::RowPerWorkgroup { items } => ("workgroup", items),
+            Strategy::SplitRow {
+                chunk,
+                per_invocation,
+            } => {
+                let team = if per_invocation {
+                    "invocation"
+                } else {
+                    "workgroup"
+                };
+                return write!(f, "split in chunks of {chunk}, {team} per chunk");
+            }
+        };
+        match items {
+            0 => write!(f, "{team} per row, streamed"),
+            1 => write!(f, "{team} per row, 1 load in registers"),
+            n => write!(f, "{team} per row, {n} loads in registers"),
+        }
+    }
+}
+
 /// What the device offers that the choice depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capabilities {
@@ -306,6 +334,41 @@ mod tests {
         subgroup_size: Some(8),
         loop_budget: Some(SOFTWARE_LOOP_BUDGET),
     };
+
+    #[test]
+    fn strategies_say_who_works_on_a_row() {
+        let cases = [
+            (
+                Strategy::RowPerThread { items: 1 },
+                "invocation per row, 1 load in registers",
+            ),
+            (
+                Strategy::RowPerSubgroup { items: 8 },
+                "subgroup per row, 8 loads in registers",
+            ),
+            (
+                Strategy::RowPerWorkgroup { items: 0 },
+                "workgroup per row, streamed",
+            ),
+            (
+                Strategy::SplitRow {
+                    chunk: 4096,
+                    per_invocation: false,
+                },
+                "split in chunks of 4096, workgroup per chunk",
+            ),
+            (
+                Strategy::SplitRow {
+                    chunk: 8192,
+                    per_invocation: true,
+                },
+                "split in chunks of 8192, invocation per chunk",
+            ),
+        ];
+        for (strategy, text) in cases {
+            assert_eq!(strategy.to_string(), text);
+        }
+    }
 
     #[test]
     fn short_rows_run_one_invocation_per_row() {

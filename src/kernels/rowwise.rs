@@ -264,19 +264,8 @@ impl RowwiseFamily {
             Operand::Rows { offset, width, .. } => *width != cols || offset.is_multiple_of(16),
             Operand::Shared { .. } => true,
         });
-        let vec4 = desc
-            .vec4
-            .filter(|_| rows > 0 && width == cols && tuning.vector_for(cols, aligned) == 4);
-        let vector = if vec4.is_some() { 4 } else { 1 };
-        // Scalar kernels are held to MAX_ITEMS by the planner; vec4 ones to what theirs hold.
-        let tuning = &super::plan::Tuning {
-            max_items: vec4.map_or(tuning.max_items, |v| tuning.max_items.min(v.max_items)),
-            ..*tuning
-        };
-        let mut strategy = tuning.choose(rows, width, &gpu.caps, vector);
-        if desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
-            strategy = Strategy::RowPerWorkgroup { items: 0 };
-        }
+        let (strategy, vector) = self.choose(gpu, rows, cols, width, aligned);
+        let vec4 = desc.vec4.filter(|_| vector == 4);
         let (rows_entry, split_entries) = match (vec4, desc.split) {
             (Some(v), _) => {
                 let [rows, partials, finish] = v.entries;
@@ -379,6 +368,35 @@ impl RowwiseFamily {
             }
         }
         Ok(dispatches)
+    }
+
+    /// The strategy and elements per load (1, or 4 for the `vec4` kernels) for `rows` rows of
+    /// `cols` columns whose widest operand row holds `width` elements, `aligned` when the
+    /// operands with rows of `cols` elements start at a multiple of 16 bytes.
+    pub(crate) fn choose(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        width: usize,
+        aligned: bool,
+    ) -> (Strategy, u32) {
+        let tuning = &gpu.tuning;
+        let vec4 = self
+            .desc
+            .vec4
+            .filter(|_| rows > 0 && width == cols && tuning.vector_for(cols, aligned) == 4);
+        let vector = if vec4.is_some() { 4 } else { 1 };
+        // Scalar kernels are held to MAX_ITEMS by the planner; vec4 ones to what theirs hold.
+        let tuning = super::plan::Tuning {
+            max_items: vec4.map_or(tuning.max_items, |v| tuning.max_items.min(v.max_items)),
+            ..*tuning
+        };
+        let strategy = tuning.choose(rows, width, &gpu.caps, vector);
+        if self.desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
+            return (Strategy::RowPerWorkgroup { items: 0 }, vector);
+        }
+        (strategy, vector)
     }
 
     /// A single-workgroup pass over all `call.rows` rows (e.g. a reduction over the batch).

@@ -122,6 +122,8 @@ struct Record {
     pct_of_limit: f64,
     timing: &'static str,
     adapter: String,
+    /// What ran: the GPU kernel's team, registers and loads, or the CPU path's instruction set.
+    kernel: String,
 }
 
 fn median(mut run: impl FnMut() -> Result<Duration>, repeats: usize) -> Result<Duration> {
@@ -229,7 +231,7 @@ fn measure(
         for &op in ops {
             bar.set_message(format!("{} {rows}x{cols}", op.name()));
             let bytes = op.bytes(rows, cols) as f64;
-            let record = |device, time: Duration, limit: f64, timing: Timing| {
+            let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &String| {
                 let gb_per_s = gb_per_s(bytes, time);
                 Record {
                     op: op.name(),
@@ -242,6 +244,7 @@ fn measure(
                     pct_of_limit: 100.0 * gb_per_s / limit,
                     timing: timing.name(),
                     adapter: adapter.clone(),
+                    kernel: kernel.clone(),
                 }
             };
             if !args.no_gpu {
@@ -256,10 +259,11 @@ fn measure(
                     .iter()
                     .map(|&t| gb_per_s(copy_bytes, t))
                     .fold(0.0, f64::max);
-                records.push(record("gpu", time, limit, gpu.timing()));
+                let kernel = gpu.kernel();
+                records.push(record("gpu", time, limit, gpu.timing(), &kernel));
                 if args.end_to_end {
                     let time = median(|| gpu.run_end_to_end(), args.repeats)?;
-                    records.push(record("gpu", time, limit, Timing::WallEndToEnd));
+                    records.push(record("gpu", time, limit, Timing::WallEndToEnd, &kernel));
                 }
             }
             if !args.no_cpu {
@@ -267,7 +271,7 @@ fn measure(
                 let (time, copies) =
                     interleaved(|| cpu.run(), &mut [&mut || cpu_copy.run()], args.repeats)?;
                 let limit = gb_per_s(copy_bytes, copies[0]);
-                records.push(record("cpu", time, limit, Timing::WallCpu));
+                records.push(record("cpu", time, limit, Timing::WallCpu, &cpu.kernel()));
             }
             bar.inc(1);
         }
@@ -280,12 +284,12 @@ fn print_table(ctx: &Context, records: &[Record]) {
     println!("adapter: {}", ctx.describe());
     println!("tuning: {:?}", ctx.tuning());
     println!(
-        "{:<21} {:>13} {:>6} {:>11} {:>8} {:>8} {:>7}  timing",
-        "op", "shape", "device", "ms", "GB/s", "limit", "% lim"
+        "{:<21} {:>13} {:>6} {:>11} {:>8} {:>8} {:>7}  {:<25}  kernel",
+        "op", "shape", "device", "ms", "GB/s", "limit", "% lim", "timing"
     );
     for r in records {
         println!(
-            "{:<21} {:>13} {:>6} {:>11.3} {:>8.2} {:>8.2} {:>6.1}%  {}",
+            "{:<21} {:>13} {:>6} {:>11.3} {:>8.2} {:>8.2} {:>6.1}%  {:<25}  {}",
             r.op,
             format!("{}x{}", r.rows, r.cols),
             r.device,
@@ -293,7 +297,8 @@ fn print_table(ctx: &Context, records: &[Record]) {
             r.gb_per_s,
             r.limit_gb_per_s,
             r.pct_of_limit,
-            r.timing
+            r.timing,
+            r.kernel
         );
     }
     println!(
