@@ -280,8 +280,8 @@ impl Context {
     /// The strategy the softmax kernels use for `rows x cols` (host forms and tensors, whose
     /// rows start at a multiple of 16 bytes when `cols` is a multiple of 4).
     pub fn strategy(&self, rows: usize, cols: usize) -> crate::Strategy {
-        let vector = self.vector_width(cols);
-        self.gpu.tuning.choose(rows, cols, &self.gpu.caps, vector)
+        let gpu = &self.gpu;
+        gpu.kernels.softmax.choose(gpu, rows, cols, cols, true).0
     }
 
     /// Elements per load and store in the kernels for rows of `cols` columns in host forms and

@@ -87,14 +87,14 @@ fn info(short: bool) -> ExitCode {
         info.subgroup_min_size, info.subgroup_max_size
     );
     println!("tuning: {:?}", ctx.tuning());
-    println!("kernels for the benchmark shapes:");
+    println!("softmax kernels for the benchmark shapes:");
     for (rows, cols) in wgpu_softmax::bench::SHAPES {
         let loads = if ctx.vector_width(cols) == 4 {
             "vec4"
         } else {
             "scalar"
         };
-        println!("  {rows}x{cols}: {:?}, {loads}", ctx.strategy(rows, cols));
+        println!("  {rows}x{cols}: {}, {loads}", ctx.strategy(rows, cols));
     }
     println!("limits: {:#?}", ctx.device().limits());
     ExitCode::SUCCESS
