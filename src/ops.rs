@@ -406,7 +406,8 @@ impl Context {
             return Ok(out);
         }
         let chunk_limit = gpu.max_binding().min(HOST_CHUNK_BYTES);
-        let blocks = crate::kernels::row_blocks(rows, cols, chunk_limit, gpu.storage_align())?;
+        let blocks =
+            crate::kernels::row_blocks(rows, cols, chunk_limit, gpu.storage_align(), usize::MAX)?;
         let chunk_bytes = (blocks[0].1 * cols * 4) as u64;
         let scratch = self.take_scratch(chunk_bytes)?;
         for (first, n) in blocks {

@@ -348,7 +348,7 @@ impl Context {
 /// and the bounded staging size.
 fn host_blocks(gpu: &Gpu, rows: usize, cols: usize) -> Result<Vec<(usize, usize)>> {
     let limit = gpu.max_binding().min(HOST_CHUNK_BYTES);
-    crate::kernels::row_blocks(rows, cols, limit, gpu.storage_align())
+    crate::kernels::row_blocks(rows, cols, limit, gpu.storage_align(), usize::MAX)
 }
 
 /// Records with `body` into a new encoder and submits it.

@@ -330,12 +330,14 @@ fn parameter_block(device: &wgpu::Device, bytes: &[u8]) -> crate::Result<wgpu::B
 }
 
 /// Row blocks `(first_row, rows)` covering `rows` rows such that each block, plus the slack of an
-/// aligned binding offset, fits one storage binding of `max_binding` bytes.
+/// aligned binding offset, fits one storage binding of `max_binding` bytes, and holds at most
+/// `max_rows` rows (at least one).
 pub(crate) fn row_blocks(
     rows: usize,
     cols: usize,
     max_binding: u64,
     align: u64,
+    max_rows: usize,
 ) -> crate::Result<Vec<(usize, usize)>> {
     let row_bytes = cols as u64 * 4;
     let per_block = max_binding.saturating_sub(align) / row_bytes.max(1);
@@ -347,7 +349,10 @@ pub(crate) fn row_blocks(
         });
     }
     // Element indices inside a binding are u32, and so is the row count of one dispatch.
-    let per_block = per_block.min(u64::from(u32::MAX) / row_bytes.max(1)).max(1) as usize;
+    let per_block = per_block
+        .min(u64::from(u32::MAX) / row_bytes.max(1))
+        .min(max_rows as u64)
+        .max(1) as usize;
     Ok((0..rows)
         .step_by(per_block)
         .map(|first| (first, per_block.min(rows - first)))
@@ -356,7 +361,24 @@ pub(crate) fn row_blocks(
 
 #[cfg(test)]
 mod tests {
-    use super::grid;
+    use super::{grid, row_blocks};
+
+    #[test]
+    fn row_blocks_fit_the_binding_and_the_row_cap() {
+        // 10 rows of 100 bytes: 4 per 512-byte binding (less 64 bytes of alignment slack).
+        assert_eq!(
+            row_blocks(10, 25, 512, 64, usize::MAX).unwrap(),
+            [(0, 4), (4, 4), (8, 2)]
+        );
+        // A cap below the binding's count wins; one above it changes nothing; 0 means 1.
+        assert_eq!(
+            row_blocks(10, 25, 512, 64, 3).unwrap(),
+            [(0, 3), (3, 3), (6, 3), (9, 1)]
+        );
+        assert_eq!(row_blocks(5, 25, 512, 64, 9).unwrap(), [(0, 4), (4, 1)]);
+        assert_eq!(row_blocks(2, 25, 512, 64, 0).unwrap(), [(0, 1), (1, 1)]);
+        assert!(row_blocks(2, 200, 512, 64, usize::MAX).is_err());
+    }
 
     #[test]
     fn grid_covers_every_workgroup_without_exceeding_the_limit() {

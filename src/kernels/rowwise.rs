@@ -238,23 +238,6 @@ impl RowwiseFamily {
             .map(Operand::row_bytes)
             .max()
             .unwrap_or(0);
-        let blocks = super::row_blocks(
-            rows,
-            (row_bytes as usize / 4).max(1),
-            gpu.max_binding(),
-            gpu.storage_align(),
-        )
-        .map_err(|e| match e {
-            Error::RowTooLong {
-                bytes, max_binding, ..
-            } => Error::RowTooLong {
-                cols,
-                bytes,
-                max_binding,
-            },
-            other => other,
-        })?;
-
         // The widest operand row is the work of one row (C * C for the Jacobian).
         let width = (row_bytes as usize / 4).max(cols);
         let desc = self.desc;
@@ -319,25 +302,33 @@ impl RowwiseFamily {
         } else {
             cols.div_ceil(chunk as usize)
         };
+        // Split rows may run in groups of rows (`Tuning::split_group_bytes`), each group a block.
+        let group_rows = match (chunk, tuning.split_group_bytes) {
+            (0, _) | (_, 0) => usize::MAX,
+            (_, group_bytes) => (u64::from(group_bytes) / row_bytes.max(1)).max(1) as usize,
+        };
+        let blocks = super::row_blocks(
+            rows,
+            (row_bytes as usize / 4).max(1),
+            gpu.max_binding(),
+            gpu.storage_align(),
+            group_rows,
+        )
+        .map_err(|e| match e {
+            Error::RowTooLong {
+                bytes, max_binding, ..
+            } => Error::RowTooLong {
+                cols,
+                bytes,
+                max_binding,
+            },
+            other => other,
+        })?;
         let pipelines: Vec<_> = entries
             .iter()
             .map(|&entry| self.pipeline(gpu, call, entry, [wg, items, team, sg]))
             .collect();
 
-        let blocks = match (chunk, tuning.split_group_bytes) {
-            (0, _) | (_, 0) => blocks,
-            (_, group_bytes) => {
-                let per_group = (u64::from(group_bytes) / row_bytes.max(1)).max(1) as usize;
-                blocks
-                    .iter()
-                    .flat_map(|&(first, n)| {
-                        (first..first + n)
-                            .step_by(per_group)
-                            .map(move |start| (start, per_group.min(first + n - start)))
-                    })
-                    .collect()
-            }
-        };
         let max_rows = blocks.iter().map(|b| b.1).max().unwrap_or(0);
         let partial_bytes = (max_rows * chunks * desc.partial_words * 4) as u64;
         let partials = {

@@ -231,7 +231,7 @@ fn measure(
         for &op in ops {
             bar.set_message(format!("{} {rows}x{cols}", op.name()));
             let bytes = op.bytes(rows, cols) as f64;
-            let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &String| {
+            let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &str| {
                 let gb_per_s = gb_per_s(bytes, time);
                 Record {
                     op: op.name(),
@@ -244,7 +244,7 @@ fn measure(
                     pct_of_limit: 100.0 * gb_per_s / limit,
                     timing: timing.name(),
                     adapter: adapter.clone(),
-                    kernel: kernel.clone(),
+                    kernel: kernel.to_string(),
                 }
             };
             if !args.no_gpu {
