@@ -21,6 +21,7 @@ pub fn context() -> Option<&'static Context> {
         .get_or_init(|| match Context::new_blocking() {
             Ok(ctx) => {
                 eprintln!("adapter: {}", ctx.describe());
+                check_subgroup_size(&ctx);
                 Some(ctx)
             }
             Err(error) if in_ci() => panic!("CI=true and no usable GPU adapter: {error}"),
@@ -32,6 +33,27 @@ pub fn context() -> Option<&'static Context> {
             }
         })
         .as_ref()
+}
+
+/// The variable that names the subgroup size a run must have, e.g. `4` when CI runs lavapipe with
+/// `LP_NATIVE_VECTOR_WIDTH=128`: the kernels must work for any subgroup size, and a driver that
+/// ignored the request would otherwise retest the default size without a word.
+pub const SUBGROUP_SIZE_VAR: &str = "WGPU_SOFTMAX_TEST_SUBGROUP_SIZE";
+
+/// Panics unless the adapter's subgroup size is the one [`SUBGROUP_SIZE_VAR`] names (when set).
+fn check_subgroup_size(ctx: &Context) {
+    let Ok(wanted) = std::env::var(SUBGROUP_SIZE_VAR) else {
+        return;
+    };
+    let wanted: u32 = wanted
+        .parse()
+        .unwrap_or_else(|_| panic!("{SUBGROUP_SIZE_VAR}={wanted:?} is not a subgroup size"));
+    let actual = ctx.capabilities().subgroup_size;
+    assert_eq!(
+        actual,
+        Some(wanted),
+        "{SUBGROUP_SIZE_VAR}={wanted}, but the adapter's fixed subgroup size is {actual:?}"
+    );
 }
 
 /// Runs `body` with the shared context, or reports the skip.
