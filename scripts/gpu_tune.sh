@@ -41,6 +41,7 @@ row_workgroup=128|row_workgroup=128|$medium $long
 max_items=8|max_items=8|$medium
 max_items=32|max_items=32|$medium
 vector=1|vector=1|$all
+subgroups=0|subgroups=0|$all
 split_chunk=2048|split_chunk=2048|$long
 split_chunk=8192|split_chunk=8192|$long
 split_chunk=16384|split_chunk=16384|$long

@@ -197,19 +197,21 @@ impl Context {
             limits.max_compute_workgroup_size_x,
         )?;
         let info = device.adapter_info();
+        let tuning = tuning.unwrap_or_else(|| Tuning::for_device_type(info.device_type));
         let caps = Capabilities {
-            // Subgroup-per-row kernels need to know the size; devices whose subgroup size varies
-            // (from pipeline to pipeline) use the workgroup kernels instead.
-            subgroup_size: (device.features().contains(wgpu::Features::SUBGROUP)
+            // The kernels need the size: a subgroup per row to plan the dispatch, and workgroup
+            // reductions to know which invocations hold a subgroup's result. Devices whose
+            // subgroup size varies (from pipeline to pipeline) run kernels without subgroup
+            // operations.
+            subgroup_size: (tuning.subgroups != 0
+                && device.features().contains(wgpu::Features::SUBGROUP)
                 && info.subgroup_min_size == info.subgroup_max_size
                 && info.subgroup_min_size >= 1)
                 .then_some(info.subgroup_min_size),
             loop_budget: (info.device_type == wgpu::DeviceType::Cpu)
                 .then_some(crate::kernels::plan::SOFTWARE_LOOP_BUDGET),
         };
-        let tuning = tuning
-            .unwrap_or_else(|| Tuning::for_device_type(info.device_type))
-            .clamped(&limits, caps.subgroup_size);
+        let tuning = tuning.clamped(&limits, caps.subgroup_size);
         let lost = Arc::new(Mutex::new(None));
         let lost_flag = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
@@ -227,7 +229,7 @@ impl Context {
                     mapped_at_creation: false,
                 })
             };
-            Ok((Kernels::new(&device), unused(), unused()))
+            Ok((Kernels::new(&device, &caps), unused(), unused()))
         })?;
         Ok(Self {
             gpu: Arc::new(Gpu {

@@ -85,12 +85,14 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    pub(crate) fn new(device: &wgpu::Device) -> Self {
+    pub(crate) fn new(device: &wgpu::Device, caps: &plan::Capabilities) -> Self {
+        let subgroups = caps.subgroup_size.is_some();
+        let family = |desc| rowwise::RowwiseFamily::new(device, desc, subgroups);
         Self {
-            softmax: rowwise::RowwiseFamily::new(device, &rowwise::SOFTMAX),
-            backward: rowwise::RowwiseFamily::new(device, &rowwise::BACKWARD),
-            cross_entropy: rowwise::RowwiseFamily::new(device, &rowwise::CROSS_ENTROPY),
-            jacobian: rowwise::RowwiseFamily::new(device, &rowwise::JACOBIAN),
+            softmax: family(&rowwise::SOFTMAX),
+            backward: family(&rowwise::BACKWARD),
+            cross_entropy: family(&rowwise::CROSS_ENTROPY),
+            jacobian: family(&rowwise::JACOBIAN),
             copy: ShaderFamily::new(
                 device,
                 "copy",

@@ -79,7 +79,9 @@ impl std::fmt::Display for Strategy {
 /// What the device offers that the choice depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capabilities {
-    /// The subgroup size, when the device has subgroup operations and a fixed subgroup size.
+    /// The subgroup size the kernels use: the device's, when it has subgroup operations and a
+    /// fixed subgroup size and [`Tuning::subgroups`] allows them; `None` otherwise, and then no
+    /// kernel uses a subgroup operation (reductions go through workgroup memory alone).
     pub subgroup_size: Option<u32>,
     /// The loop iterations one invocation may run (software adapters end longer ones).
     pub loop_budget: Option<u64>,
@@ -123,6 +125,10 @@ pub struct Tuning {
     /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
     /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
     pub vector: u32,
+    /// 1: use subgroup operations where the device has them with a fixed subgroup size (a
+    /// subgroup per row, and the first step of workgroup reductions); 0: never, as on a device
+    /// without them.
+    pub subgroups: u32,
 }
 
 impl Tuning {
@@ -141,6 +147,7 @@ impl Tuning {
         split_team: 2,
         split_group_bytes: 0,
         vector: 4,
+        subgroups: 1,
     };
 
     /// The defaults for a software adapter (lavapipe, llvmpipe, WARP, SwiftShader). Measured
@@ -160,6 +167,7 @@ impl Tuning {
         split_team: 0,
         split_group_bytes: 0,
         vector: 4,
+        subgroups: 1,
     };
 
     /// The defaults for an adapter of this type.
@@ -314,6 +322,7 @@ impl Tuning {
         self.max_items = self.max_items.clamp(1, MAX_ITEMS_VEC4).next_power_of_two();
         self.split_chunk = self.split_chunk.max(self.row_workgroup);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
+        self.subgroups = self.subgroups.min(1);
         self
     }
 }

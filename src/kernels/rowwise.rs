@@ -210,15 +210,14 @@ pub(crate) struct RowwiseFamily {
 }
 
 impl RowwiseFamily {
-    pub(crate) fn new(device: &wgpu::Device, desc: &'static FamilyDesc) -> Self {
+    /// Compiles the family; `subgroups`: with subgroup operations, for a device whose fixed
+    /// subgroup size the pipelines get as `SG` (without them, `SG` is 1 and a "subgroup" is one
+    /// invocation).
+    pub(crate) fn new(device: &wgpu::Device, desc: &'static FamilyDesc, subgroups: bool) -> Self {
         let mut bindings = vec![Access::Uniform];
         bindings.extend_from_slice(desc.operands);
         bindings.push(Access::ReadWrite);
-        let subgroup = if device.features().contains(wgpu::Features::SUBGROUP) {
-            SUBGROUP
-        } else {
-            SUBGROUP_ABSENT
-        };
+        let subgroup = if subgroups { SUBGROUP } else { SUBGROUP_ABSENT };
         let source = format!("{COMMON}\n{subgroup}\n{}", desc.source);
         Self {
             shader: ShaderFamily::new(device, desc.name, &source, &bindings),

@@ -257,6 +257,28 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             },
         ),
         (
+            // A workgroup per row reduced through workgroup memory alone, on a device that has
+            // subgroup operations: what devices whose subgroup size varies run.
+            "workgroup, no subgroup operations",
+            Tuning {
+                thread_max_cols: 0,
+                subgroups: 0,
+                split_min_cols: u32::MAX,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "split, no subgroup operations",
+            Tuning {
+                thread_max_cols: 0,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk: 300,
+                subgroups: 0,
+                ..Tuning::GPU
+            },
+        ),
+        (
             "small workgroups",
             Tuning {
                 row_workgroup: 8,

@@ -42,7 +42,7 @@ pub struct BenchArgs {
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
     /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup,
     /// subgroup_max_cols, row_workgroup, max_items, split_min_cols, split_max_rows, split_chunk,
-    /// split_team, split_group_bytes, vector.
+    /// split_team, split_group_bytes, vector, subgroups.
     #[arg(long = "tune", value_parser = parse_tune)]
     tune: Vec<(String, u32)>,
 }
@@ -74,6 +74,7 @@ fn tuned(ctx: &Context, overrides: &[(String, u32)]) -> std::result::Result<Cont
             "split_chunk" => &mut t.split_chunk,
             "split_team" => &mut t.split_team,
             "split_group_bytes" => &mut t.split_group_bytes,
+            "subgroups" => &mut t.subgroups,
             "vector" => &mut t.vector,
             other => return Err(format!("unknown tuning field {other:?}")),
         };
