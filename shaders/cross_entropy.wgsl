@@ -129,6 +129,21 @@ fn complete_stats(acc: vec4<f32>, m: f32, x_t: f32, t: RowTarget) -> vec4<f32> {
     return vec4<f32>(acc.x, mass_term(class_weight(t.index), x_t, m), acc.z, acc.w);
 }
 
+// Whether a chunk of columns [bounds.x, bounds.y) holds the target whose terms `target_partial`
+// adds (index targets without DENSE mass).
+fn holds_target(t: RowTarget, bounds: vec2<u32>) -> bool {
+    return !DENSE && t.kind == 0u && t.index >= bounds.x && t.index < bounds.y;
+}
+
+// A chunk's partial (s, a, b, _) with the target's terms, relative to the chunk's max m:
+// a = w_t (x_t - m) and b = w_t, so that combining chunks gives A = w_t (x_t - M). A chunk of
+// -inf only still carries them (a = -inf where w_t > 0).
+fn target_partial(acc: vec4<f32>, m: f32, x_t: f32, t: RowTarget) -> vec4<f32> {
+    let w = class_weight(t.index);
+    let a = select(select(0.0, neg_inf(), w != 0.0), mass_term(w, x_t, m), is_finite(m));
+    return vec4<f32>(acc.x, a, w, acc.w);
+}
+
 // The target class's logit in a row whose logits start at x0 (meaningless when DENSE or for a
 // row without a valid target, whose index is 0: still a logit of the row).
 fn target_logit(x0: u32, t: RowTarget) -> f32 {
@@ -189,6 +204,9 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let row = team.row;
     let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
     let t = row_target(row);
+    // Read before the team's first reduction: in place, another member may store the target
+    // class's gradient over it once the reductions are done.
+    let x_t = target_logit(x0, t);
     var xs: array<f32, MAX_ITEMS>;
     var m = neg_inf();
     if (ITEMS > 0u) {
@@ -228,7 +246,7 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
-    acc = complete_stats(team_sum4(acc, lid), m, target_logit(x0, t), t);
+    acc = complete_stats(team_sum4(acc, lid), m, x_t, t);
     if (team.lane == 0u) {
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
@@ -258,8 +276,10 @@ struct RowStats {
 }
 
 // A split row's statistics combined over the team from its chunks' partials (m_i, s_i, a_i, b_i);
-// the team of the row's first chunk also writes the row's loss.
-fn split_row_stats(ch: Chunk, t: RowTarget, x_t: f32, lid: u32) -> RowStats {
+// the team of the row's first chunk also writes the row's loss. Without DENSE mass, the chunk
+// holding the target gave its (a_i, b_i) (`target_partial`): the finishing pass cannot read the
+// target logit itself, which another chunk's team may already have overwritten in place.
+fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
     let first = ch.row * p.chunks;
     var m = neg_inf();
     for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
@@ -275,7 +295,7 @@ fn split_row_stats(ch: Chunk, t: RowTarget, x_t: f32, lid: u32) -> RowStats {
             acc += vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
         }
     }
-    acc = complete_stats(team_sum4(acc, lid), m, x_t, t);
+    acc = team_sum4(acc, lid);
     if (ch.within == 0u && ch.team.lane == 0u) {
         loss_rows[base(4u) + ch.row] = row_loss(m, acc, t);
     }
@@ -319,6 +339,9 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         }
     }
     acc = team_sum4(acc, lid);
+    if (holds_target(t, bounds)) {
+        acc = target_partial(acc, m, logit(x0 + t.index), t);
+    }
     if (ch.team.lane == 0u) {
         partials[ch.index] = vec4<f32>(m, acc.x, acc.y, acc.z);
     }
@@ -332,7 +355,7 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     }
     let t = row_target(ch.row);
     let x0 = select(base(0u), base(5u), IN_PLACE) + ch.row * p.cols;
-    let st = split_row_stats(ch, t, target_logit(x0, t), lid);
+    let st = split_row_stats(ch, t, lid);
     let m = st.m;
     let acc = st.acc;
     if (GRAD) {
@@ -471,6 +494,8 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let n4 = p.cols / 4u;
     let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * n4;
     let t = row_target(row);
+    // Read before the team's first reduction, as in `rows`.
+    let x_t = target_logit4(x0, t);
     var xs: array<vec4<f32>, MAX_ITEMS>;
     var m = neg_inf();
     var acc = vec4<f32>(0.0);
@@ -500,7 +525,7 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         m = st.m;
         acc = st.acc;
     }
-    acc = complete_stats(acc, m, target_logit4(x0, t), t);
+    acc = complete_stats(acc, m, x_t, t);
     if (team.lane == 0u) {
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
@@ -534,7 +559,10 @@ fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     let t = row_target(ch.row);
     let st = team_stats4(lane_stats4(ch.row, x0, bounds.x, bounds.y, ch.team.lane, ch.team.size, t), lid);
     let m = st.m;
-    let acc = st.acc;
+    var acc = st.acc;
+    if (holds_target(t, bounds * 4u)) {
+        acc = target_partial(acc, m, target_logit4(x0, t), t);
+    }
     if (ch.team.lane == 0u) {
         partials[ch.index] = vec4<f32>(m, acc.x, acc.y, acc.z);
     }
@@ -549,7 +577,7 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     let t = row_target(ch.row);
     let n4 = p.cols / 4u;
     let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * n4;
-    let st = split_row_stats(ch, t, target_logit4(x0, t), lid);
+    let st = split_row_stats(ch, t, lid);
     if (GRAD) {
         let scale = row_scale(ch.row);
         let bounds = chunk_bounds4(ch.within);
