@@ -1,7 +1,7 @@
 //! The public operations in their three forms: host slices (blocking and async), device-resident
 //! [`Tensor`]s, and recording into the caller's own `CommandEncoder` on the caller's buffers.
 
-use crate::context::{Context, Wait};
+use crate::context::{Context, Gpu, Wait};
 use crate::error::{Error, Result};
 use crate::kernels::rowwise::Operand;
 use crate::kernels::rowwise::RowCall;
@@ -11,6 +11,16 @@ use crate::validate;
 /// The host forms move data in pieces of at most this many bytes, so staging memory stays bounded
 /// whatever the batch size.
 pub(crate) const HOST_CHUNK_BYTES: u64 = 64 << 20;
+
+/// The row blocks a host form moves through the GPU one at a time: each fits one storage binding
+/// and, unless a single row is longer, the bounded staging size.
+pub(crate) fn host_blocks(gpu: &Gpu, rows: usize, cols: usize) -> Result<Vec<(usize, usize)>> {
+    let row_bytes = (cols as u64).saturating_mul(4);
+    let limit = gpu
+        .max_binding()
+        .min(HOST_CHUNK_BYTES.max(row_bytes.saturating_add(gpu.storage_align())));
+    crate::kernels::row_blocks(rows, cols, limit, gpu.storage_align(), usize::MAX)
+}
 
 /// A `[rows x cols]` f32 matrix resident on the GPU, row-major in one buffer.
 ///
@@ -405,9 +415,7 @@ impl Context {
         if rows == 0 {
             return Ok(out);
         }
-        let chunk_limit = gpu.max_binding().min(HOST_CHUNK_BYTES);
-        let blocks =
-            crate::kernels::row_blocks(rows, cols, chunk_limit, gpu.storage_align(), usize::MAX)?;
+        let blocks = host_blocks(gpu, rows, cols)?;
         let chunk_bytes = (blocks[0].1 * cols * 4) as u64;
         let scratch = self.take_scratch(chunk_bytes)?;
         for (first, n) in blocks {

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::kernels::rowwise::{Operand, RowCall};
 use crate::kernels::Normalization;
 use crate::ops::{
-    matrix_bytes, validate_buffer, validate_encode, Tensor, HOST_CHUNK_BYTES, TENSOR_USAGES,
+    host_blocks, matrix_bytes, validate_buffer, validate_encode, Tensor, TENSOR_USAGES,
 };
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 use crate::validate::{self, CrossEntropyTargets, UpstreamGrad, IGNORED_ROW};
@@ -344,12 +344,6 @@ impl Context {
     }
 }
 
-/// The row blocks a host form moves through the GPU one at a time: each fits one storage binding
-/// and the bounded staging size.
-fn host_blocks(gpu: &Gpu, rows: usize, cols: usize) -> Result<Vec<(usize, usize)>> {
-    let limit = gpu.max_binding().min(HOST_CHUNK_BYTES);
-    crate::kernels::row_blocks(rows, cols, limit, gpu.storage_align(), usize::MAX)
-}
 
 /// Records with `body` into a new encoder and submits it.
 fn submit(gpu: &Gpu, body: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>) -> Result<()> {

@@ -177,6 +177,36 @@ fn batch_over_128_mib_is_split_transparently() {
     });
 }
 
+/// Host forms stage batches through blocks of at most 64 MiB, but a row longer than that is
+/// still one block when the device's binding holds it.
+#[test]
+fn host_forms_take_rows_longer_than_their_staging_block() {
+    with_gpu(|ctx| {
+        let cols = (64 << 20) / 4 + 4;
+        let x = logits(1, cols, 3.0, 17);
+        check_softmax(ctx, &x, cols, "one row over 64 MiB");
+        let targets = [cols as i64 - 3];
+        let options = wgpu_softmax::CrossEntropyOptions::default();
+        let got = ctx
+            .cross_entropy(&x, cols, wgpu_softmax::Targets::Indices(&targets), &options)
+            .expect("cross-entropy");
+        let want = reference::cross_entropy(
+            &x,
+            cols,
+            wgpu_softmax::Targets::Indices(&targets),
+            &options,
+            wgpu_softmax::GradOutput::One,
+        )
+        .expect("reference");
+        assert!(
+            (f64::from(got[0]) - want.loss[0]).abs() <= 1e-5 * want.loss[0].abs().max(1.0),
+            "cross-entropy of one row over 64 MiB: {} vs {}",
+            got[0],
+            want.loss[0]
+        );
+    });
+}
+
 /// A device with tiny limits exercises every chunking path in milliseconds: host batches larger
 /// than a binding and a buffer, and tensors larger than one binding.
 #[test]
