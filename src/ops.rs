@@ -128,6 +128,7 @@ impl Tensor {
 
     fn rowwise_into(&self, op: Normalization, out: &Tensor) -> Result<()> {
         validate::same_len("output", self.len(), out.len())?;
+        validate::same_len("output cols", self.cols, out.cols)?;
         if self.buffer == out.buffer {
             return Err(Error::Aliased {
                 first: "input",

@@ -391,6 +391,15 @@ fn misuse_returns_typed_errors() {
             t.softmax_into(&other),
             Err(Error::LengthMismatch { .. })
         ));
+        // Six elements either way, but rows of 2 instead of 3.
+        let reshaped = ctx.empty(3, 2).unwrap();
+        assert!(matches!(
+            t.softmax_into(&reshaped),
+            Err(Error::LengthMismatch {
+                what: "output cols",
+                ..
+            })
+        ));
     });
 }
 

@@ -320,7 +320,8 @@ impl Tuning {
         let sg = subgroup.unwrap_or(1);
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
         self.max_items = self.max_items.clamp(1, MAX_ITEMS_VEC4).next_power_of_two();
-        self.split_chunk = self.split_chunk.max(self.row_workgroup);
+        // At most 2^30 elements, so rounding a chunk up to whole vec4s cannot overflow.
+        self.split_chunk = self.split_chunk.clamp(self.row_workgroup, 1 << 30);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
         self.subgroups = self.subgroups.min(1);
         self
@@ -343,6 +344,29 @@ mod tests {
         subgroup_size: Some(8),
         loop_budget: Some(SOFTWARE_LOOP_BUDGET),
     };
+
+    #[test]
+    fn clamping_bounds_every_field_a_caller_can_set() {
+        let wild = Tuning {
+            split_chunk: u32::MAX,
+            subgroups: 7,
+            vector: 3,
+            max_items: 5,
+            ..Tuning::GPU
+        }
+        .clamped(&wgpu::Limits::default(), Some(32));
+        assert_eq!(wild.split_chunk, 1 << 30);
+        assert!(wild.split_chunk.checked_next_multiple_of(4).is_some());
+        assert_eq!(wild.subgroups, 1);
+        assert_eq!(wild.vector, 1);
+        assert_eq!(wild.max_items, 8);
+        let tiny = Tuning {
+            split_chunk: 0,
+            ..Tuning::GPU
+        }
+        .clamped(&wgpu::Limits::default(), Some(32));
+        assert_eq!(tiny.split_chunk, Tuning::GPU.row_workgroup);
+    }
 
     #[test]
     fn strategies_say_who_works_on_a_row() {

@@ -396,7 +396,9 @@ impl RowwiseFamily {
         // until the widest workgroup is reached (which keeps loops within the software loop
         // budget up to millions of rows), and no wider: a small batch then pays for a narrow
         // workgroup's barrier, which on software adapters costs in proportion to its width.
-        let widest = SINGLE_WORKGROUP.min(gpu.limits.max_compute_invocations_per_workgroup);
+        let widest = SINGLE_WORKGROUP
+            .min(gpu.limits.max_compute_invocations_per_workgroup)
+            .min(gpu.limits.max_compute_workgroup_size_x);
         let wg = u32::try_from(call.rows.div_ceil(SINGLE_ROWS_PER_INVOCATION))
             .unwrap_or(u32::MAX)
             .next_power_of_two()
