@@ -1013,12 +1013,18 @@ impl CrossEntropyLoss {
             let mut slot = self.loss_rows.lock().unwrap_or_else(|p| p.into_inner());
             let needed = (job.rows as u64 * 4).max(4);
             if slot.size() < needed {
-                *slot = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("wgpu-softmax row losses"),
-                    size: needed.next_power_of_two(),
-                    usage: TENSOR_USAGES,
-                    mapped_at_creation: false,
-                });
+                // In a scope of its own: a refused buffer must not take the slot.
+                *slot = crate::context::capture(&gpu.device, || {
+                    Ok(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("wgpu-softmax row losses"),
+                        size: needed
+                            .next_power_of_two()
+                            .min(gpu.limits.max_buffer_size)
+                            .max(needed),
+                        usage: TENSOR_USAGES,
+                        mapped_at_creation: false,
+                    }))
+                })?;
             }
             slot.clone()
         } else {

@@ -333,7 +333,11 @@ impl RowwiseFamily {
         let partials = {
             let mut slot = self.partials.lock().unwrap_or_else(|p| p.into_inner());
             if chunk != 0 && slot.size() < partial_bytes {
-                *slot = partials_buffer(&gpu.device, partial_bytes);
+                // In a scope of its own, so that a buffer the device refused never takes the
+                // slot (its size would still say it is big enough, failing every later call).
+                *slot = crate::context::capture(&gpu.device, || {
+                    Ok(partials_buffer(&gpu.device, partial_bytes))
+                })?;
             }
             slot.clone()
         };
