@@ -141,6 +141,10 @@ impl Context {
     /// Adopts a device and queue the caller created, so operations run where the caller's own
     /// buffers live.
     ///
+    /// The context installs the device's lost callback (wgpu keeps one per device), to report
+    /// [`Error::DeviceLost`] from later calls: a callback the caller set before is replaced, and
+    /// of several contexts on one device only the last one created learns of a loss.
+    ///
     /// # Errors
     /// [`Error::InsufficientLimit`] when the device lacks a limit the kernels need.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {

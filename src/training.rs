@@ -873,7 +873,8 @@ impl CrossEntropyLoss {
     ///
     /// # Errors
     /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Aliased`] for a gradient
-    /// buffer that is also an input, [`Error::ShapeTooLarge`] for an `ignore_index` outside
+    /// buffer that is also an input or a loss buffer that is any other operand,
+    /// [`Error::ShapeTooLarge`] for an `ignore_index` outside
     /// `i32`, [`Error::RowTooLong`].
     pub fn encode(
         &self,
@@ -912,6 +913,22 @@ impl CrossEntropyLoss {
             _ => (4, wgpu::BufferUsages::COPY_DST),
         };
         validate_buffer("loss", buffers.loss, loss_bytes, loss_usage)?;
+        let grad_buffer = match buffers.grad {
+            GradDestination::Buffer(grad) => Some(grad),
+            _ => None,
+        };
+        for (name, other) in [
+            ("logits", Some(buffers.logits)),
+            ("targets", Some(buffers.targets)),
+            ("grad", grad_buffer),
+        ] {
+            if other == Some(buffers.loss) {
+                return Err(Error::Aliased {
+                    first: name,
+                    second: "loss",
+                });
+            }
+        }
         let grad = match buffers.grad {
             GradDestination::None => GradTarget::None,
             GradDestination::InPlace => GradTarget::InPlace,

@@ -324,6 +324,31 @@ fn callers_buffers_are_checked_for_size_and_usage() {
                 loss_fn.encode(e, in_place_read_only, 1.0),
                 Err(Error::MissingUsage { what: "logits", .. })
             ));
+            if reduction == Reduction::None {
+                // The per-row loss written over the logits or into the gradient's buffer.
+                let over_logits = CrossEntropyBuffers {
+                    loss: &good,
+                    ..buffers
+                };
+                assert!(matches!(
+                    loss_fn.encode(e, over_logits, 1.0),
+                    Err(Error::Aliased {
+                        first: "logits",
+                        second: "loss"
+                    })
+                ));
+                let over_grad = CrossEntropyBuffers {
+                    loss: &out,
+                    ..buffers
+                };
+                assert!(matches!(
+                    loss_fn.encode(e, over_grad, 1.0),
+                    Err(Error::Aliased {
+                        first: "grad",
+                        second: "loss"
+                    })
+                ));
+            }
             let huge = CrossEntropyBuffers {
                 rows: usize::MAX,
                 ..buffers
