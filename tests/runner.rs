@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::files::{read, runner, write, Dir};
 use common::{context, logits};
@@ -335,5 +335,144 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
         )
         .unwrap();
         assert_eq!(records.len(), 5, "set {index}: {records:?}");
+    }
+}
+
+/// `apply softmax --input x.npy --output <out>`: its output.
+fn softmax_to(x: &Path, out: &Path) -> std::process::Output {
+    runner()
+        .args(["apply", "softmax", "--input"])
+        .arg(x)
+        .arg("--output")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+/// `--output` names where the data goes, not a directory entry to replace: a symbolic link is
+/// followed, and a FIFO or character device is written into and stays what it was.
+#[cfg(target_os = "linux")]
+#[test]
+fn apply_output_writes_where_the_path_points() {
+    use std::io::Read;
+    use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("output-kinds");
+    let x = dir.path("x.npy");
+    write(&x, &[2, 3], &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0]);
+    let plain = dir.path("plain.npy");
+    assert!(softmax_to(&x, &plain).status.success());
+    let expected = std::fs::read(&plain).unwrap();
+
+    // A link to a file not there yet, then to the file the first run made.
+    std::fs::create_dir(dir.path("real")).unwrap();
+    let link = dir.path("link.npy");
+    symlink("real/y.npy", &link).unwrap();
+    for _ in 0..2 {
+        let output = softmax_to(&x, &link);
+        assert!(output.status.success(), "{output:?}");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(dir.path("real/y.npy")).unwrap(), expected);
+    }
+
+    // Opened for reading and writing, a FIFO has a reader at once (Linux), so the runner's
+    // write does not wait; it fits in the pipe's buffer.
+    let fifo = dir.path("fifo");
+    if std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        let output = softmax_to(&x, &fifo);
+        assert!(output.status.success(), "{output:?}");
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        let mut got = vec![0; expected.len()];
+        reader.read_exact(&mut got).unwrap();
+        assert_eq!(got, expected);
+    } else {
+        eprintln!("SKIPPED the FIFO case: mkfifo failed");
+    }
+
+    // A character device. Renaming over one (the fault this guards against) needs write
+    // permission on its directory: an unprivileged user cannot do it in /dev, so /dev/null
+    // itself is safe to name; a privileged one gets a node of its own, the same device.
+    let privileged = std::fs::metadata(&x).unwrap().uid() == 0;
+    let device = if privileged {
+        let node = dir.path("null");
+        let made = std::process::Command::new("mknod")
+            .arg(&node)
+            .args(["c", "1", "3"])
+            .status()
+            .is_ok_and(|s| s.success());
+        // A file system mounted nodev refuses to open device nodes.
+        (made && std::fs::OpenOptions::new().write(true).open(&node).is_ok()).then_some(node)
+    } else {
+        Some(PathBuf::from("/dev/null"))
+    };
+    match device.filter(|d| std::fs::metadata(d).is_ok_and(|m| m.file_type().is_char_device())) {
+        Some(device) => {
+            let output = softmax_to(&x, &device);
+            assert!(output.status.success(), "{output:?}");
+            assert!(std::fs::metadata(&device)
+                .unwrap()
+                .file_type()
+                .is_char_device());
+        }
+        None => eprintln!("SKIPPED the character device case: no device node to use"),
+    }
+}
+
+/// Replacing an existing output keeps its permissions, and an output the user may not write is
+/// refused (a privileged user may write it, and it stays read-only).
+#[cfg(unix)]
+#[test]
+fn apply_output_keeps_permissions_and_refuses_read_only_files() {
+    use std::os::unix::fs::PermissionsExt;
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("output-modes");
+    let x = dir.path("x.npy");
+    write(&x, &[2, 3], &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0]);
+    let out = dir.path("y.npy");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let set_mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+
+    // A mode no umask gives a new file.
+    std::fs::write(&out, b"old").unwrap();
+    set_mode(&out, 0o604);
+    let output = softmax_to(&x, &out);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(mode(&out), 0o604);
+    assert_eq!(read(&out).0, [2, 3]);
+
+    std::fs::write(&out, b"old").unwrap();
+    set_mode(&out, 0o444);
+    let writable = std::fs::OpenOptions::new().write(true).open(&out).is_ok();
+    let output = softmax_to(&x, &out);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(mode(&out), 0o444, "{stderr}");
+    if writable {
+        assert!(output.status.success(), "{stderr}");
+        assert_eq!(read(&out).0, [2, 3]);
+    } else {
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("cannot write") && stderr.contains("y.npy"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), b"old");
     }
 }

@@ -442,12 +442,77 @@ fn fortran_to_c<T: Copy>(shape: &[usize], fortran: bool, data: Vec<T>) -> Vec<T>
     out
 }
 
+/// Symbolic links followed before giving up, as the kernel's own limit for a path.
+const MAX_LINKS: usize = 40;
+
+/// A `.npy` file written but not yet in place: [`Staged::commit`] puts it there. Staging every
+/// output of a command before committing any lets a failure leave all the old files intact.
+pub struct Staged<'a> {
+    /// The path as the user gave it, for messages.
+    path: PathBuf,
+    target: Target<'a>,
+}
+
+enum Target<'a> {
+    /// The complete file, in a temporary file beside `destination` (a regular file or none yet)
+    /// and renamed over it at commit.
+    Replace {
+        temp: tempfile::NamedTempFile,
+        destination: PathBuf,
+    },
+    /// `destination` exists and is not a regular file (a character device such as /dev/null, a
+    /// FIFO): renaming over it would replace the device itself, so the data is written into it
+    /// at commit.
+    InPlace {
+        destination: PathBuf,
+        shape: Vec<u64>,
+        data: &'a [f32],
+    },
+}
+
+impl Staged<'_> {
+    /// Puts the file in place: renames the temporary file over the destination, or writes into
+    /// a device or FIFO.
+    pub fn commit(self) -> Result<(), NpyError> {
+        let io_err = |e| NpyError::io(&self.path, "write", e);
+        match self.target {
+            Target::Replace { temp, destination } => {
+                temp.persist(&destination).map_err(|e| io_err(e.error))?;
+            }
+            Target::InPlace {
+                destination,
+                shape,
+                data,
+            } => {
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&destination)
+                    .map_err(io_err)?;
+                write_body(&mut file, &shape, data).map_err(io_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes `data` as a little-endian float32 C-order `.npy` file of the given shape.
-///
-/// The file appears complete or not at all: it is written to a temporary file beside `path`
-/// and renamed over it only once everything is on disk, so a reader never sees half a file
-/// and a failed write leaves no debris.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
+    stage_f32(path, shape, data)?.commit()
+}
+
+/// Prepares `data` as a little-endian float32 C-order `.npy` file of the given shape, to be put
+/// at `path` by [`Staged::commit`].
+///
+/// A symbolic link is followed: the file it points to is written. A regular file appears
+/// complete or not at all: the data goes to a temporary file beside it, renamed over it only
+/// once everything is on disk, so a reader never sees half a file and a failed write leaves no
+/// debris; an existing file must be writable by the user, and the new one gets its permissions.
+/// An existing device or FIFO is written into at commit instead.
+pub fn stage_f32<'a>(
+    path: &Path,
+    shape: &[usize],
+    data: &'a [f32],
+) -> Result<Staged<'a>, NpyError> {
     let shape_u64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     let count = element_count(&shape_u64);
     if count != Some(data.len() as u64) {
@@ -466,22 +531,96 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyEr
     }
 
     let io_err = |e| NpyError::io(path, "write", e);
-    let dir = directory_of(path);
+    let destination = resolve_links(path).map_err(io_err)?;
+    let existing = match std::fs::metadata(&destination) {
+        Ok(metadata) => Some(metadata),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e)),
+    };
+    let old = match existing {
+        Some(m) if m.is_dir() => {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "it is a directory",
+            )))
+        }
+        Some(m) if !m.is_file() => {
+            return Ok(Staged {
+                path: path.to_owned(),
+                target: Target::InPlace {
+                    destination,
+                    shape: shape_u64,
+                    data,
+                },
+            });
+        }
+        Some(m) => {
+            // Renaming needs only the directory's permission; the user's right to change this
+            // file is what counts. Opening without truncating checks it and changes nothing.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&destination)
+                .map_err(io_err)?;
+            Some(m)
+        }
+        None => None,
+    };
+
+    let dir = directory_of(&destination);
     let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(destination.file_name().unwrap_or_default());
     prefix.push(".");
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp");
-    // Temporary files are private by default; the result should get the permissions any
+    // Temporary files are private by default; a new result should get the permissions any
     // newly created file gets (0666 less the umask).
     #[cfg(unix)]
     builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
     let mut temp = builder.tempfile_in(dir).map_err(io_err)?;
+    if let Some(old) = old {
+        keep_owner_and_permissions(temp.as_file(), &old).map_err(io_err)?;
+    }
 
     write_body(temp.as_file_mut(), &shape_u64, data).map_err(io_err)?;
     temp.as_file().sync_all().map_err(io_err)?;
-    temp.persist(path).map_err(|e| io_err(e.error))?;
-    Ok(())
+    Ok(Staged {
+        path: path.to_owned(),
+        target: Target::Replace { temp, destination },
+    })
+}
+
+/// Gives the replacement of an existing file that file's permissions (exactly, whatever the
+/// umask) and, where the user may, its owner and group.
+fn keep_owner_and_permissions(file: &File, old: &std::fs::Metadata) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // Only a privileged user may give a file away; anyone else keeps the file as their own,
+        // as if they had created it.
+        let _ = std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()));
+    }
+    // After the owner: changing it may clear the set-id bits.
+    file.set_permissions(old.permissions())
+}
+
+/// `path` with every symbolic link at its end followed (a dangling link gives the path it points
+/// to, where the file will be created).
+fn resolve_links(path: &Path) -> io::Result<PathBuf> {
+    let mut current = path.to_owned();
+    for _ in 0..MAX_LINKS {
+        match std::fs::symlink_metadata(&current) {
+            Ok(metadata) if metadata.file_type().is_symlink() => {
+                // A relative target is relative to the link's directory; an absolute one
+                // replaces the whole path.
+                let target = std::fs::read_link(&current)?;
+                current = directory_of(&current).join(target);
+            }
+            _ => return Ok(current),
+        }
+    }
+    Err(io::Error::other(format!(
+        "more than {MAX_LINKS} levels of symbolic links"
+    )))
 }
 
 /// The directory `path` lives in, which must hold the temporary file for the rename to be atomic.
@@ -949,8 +1088,7 @@ mod tests {
     #[test]
     fn failed_write_leaves_no_file_and_keeps_the_old_one() {
         let dir = TempDir::new().unwrap();
-        // Renaming a file over a non-empty directory fails after the data has been written,
-        // which exercises the cleanup of the temporary file.
+        // A directory in the way is refused before anything is written.
         let blocker = dir.path().join("out.npy");
         std::fs::create_dir(&blocker).unwrap();
         std::fs::write(blocker.join("keep"), b"x").unwrap();
@@ -965,6 +1103,7 @@ mod tests {
             ),
             "{err}"
         );
+        assert!(err.to_string().contains("is a directory"), "{err}");
         assert_eq!(dir_entries(dir.path()), ["out.npy"]);
         assert_eq!(dir_entries(&blocker), ["keep"]);
 
