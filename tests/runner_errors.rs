@@ -128,3 +128,83 @@ fn every_apply_failure_is_one_line_exit_2_and_no_output() {
         assert!(!Path::new(&grad).exists(), "{args:?} left {grad}");
     }
 }
+
+/// Runs `args`, expecting exit code 2 and one line of ours on stderr containing `needle`.
+fn fails_with(args: &[String], needle: &str) {
+    let output = runner().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("wgpu-softmax"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{args:?}: {stderr}");
+    assert!(ours[0].contains(needle), "{args:?}: {stderr}");
+}
+
+/// Cross-entropy writes two files: when the second cannot be written, the first keeps its old
+/// contents; and the two may not be one file.
+#[test]
+fn cross_entropy_outputs_are_replaced_together_or_not_at_all() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("runner-two-outputs");
+    write(
+        &dir.path("x.npy"),
+        &[2, 3],
+        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
+    );
+    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
+    let loss = dir.path("loss.npy");
+    std::fs::write(&loss, b"old loss").unwrap();
+    std::fs::create_dir(dir.path("grad-dir")).unwrap();
+    let xent = |output: &str, grad_output: &str| -> Vec<String> {
+        [
+            "apply",
+            "cross-entropy",
+            "--input",
+            &dir.arg("x.npy"),
+            "--targets",
+            &dir.arg("t.npy"),
+            "--output",
+            output,
+            "--grad-output",
+            grad_output,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    fails_with(
+        &xent(&dir.arg("loss.npy"), &dir.arg("grad-dir")),
+        "grad-dir",
+    );
+    assert_eq!(std::fs::read(&loss).unwrap(), b"old loss");
+    assert_eq!(std::fs::read_dir(dir.path("grad-dir")).unwrap().count(), 0);
+
+    // The same file spelt twice, existing or not, directly or through a link.
+    let other = dir.path("sub").join("..").join("loss.npy");
+    std::fs::create_dir(dir.path("sub")).unwrap();
+    fails_with(
+        &xent(&dir.arg("loss.npy"), &other.display().to_string()),
+        "same file",
+    );
+    assert_eq!(std::fs::read(&loss).unwrap(), b"old loss");
+    let fresh = dir.path("sub").join("..").join("fresh.npy");
+    fails_with(
+        &xent(&dir.arg("fresh.npy"), &fresh.display().to_string()),
+        "same file",
+    );
+    assert!(!dir.path("fresh.npy").exists());
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("loss.npy", dir.path("alias.npy")).unwrap();
+        fails_with(
+            &xent(&dir.arg("alias.npy"), &dir.arg("loss.npy")),
+            "same file",
+        );
+        assert_eq!(std::fs::read(&loss).unwrap(), b"old loss");
+    }
+}

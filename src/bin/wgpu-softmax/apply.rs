@@ -106,6 +106,7 @@ fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
         .to_possible_value()
         .map(|v| v.get_name().to_string())
         .unwrap_or_default();
+    check_distinct_outputs(args)?;
     let input = read_f32(&args.input)?;
     let located = |e: wgpu_softmax::Error| format!("{}: {e}", args.input.display());
     // The last axis is the softmax axis; a 0-d array is one row of one element.
@@ -280,13 +281,30 @@ fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), S
         Reduction::None => &target_shape,
         Reduction::Mean | Reduction::Sum => &[],
     };
-    // Both files are validated before either is written; each write is atomic.
-    npy::write_f32(&args.output, loss_shape, &loss).map_err(|e| e.to_string())?;
-    if let (Some(path), Some(grad)) = (&args.grad_output, grad) {
-        if let Err(e) = npy::write_f32(path, &logits.shape, &grad) {
-            let _ = std::fs::remove_file(&args.output);
-            return Err(e.to_string());
+    // Both files are complete before either is put in place, so a failure (a full disk, a
+    // directory in the way) leaves every old file as it was.
+    let loss_file = npy::stage_f32(&args.output, loss_shape, &loss).map_err(|e| e.to_string())?;
+    let grad_file = match (&args.grad_output, &grad) {
+        (Some(path), Some(grad)) => {
+            Some(npy::stage_f32(path, &logits.shape, grad).map_err(|e| e.to_string())?)
         }
+        _ => None,
+    };
+    npy::commit_all(std::iter::once(loss_file).chain(grad_file)).map_err(|e| e.to_string())
+}
+
+/// Refuses `--output` and `--grad-output` naming one file (through links or different
+/// spellings): the gradient would replace the loss.
+fn check_distinct_outputs(args: &ApplyArgs) -> Result<(), String> {
+    let Some(grad_output) = &args.grad_output else {
+        return Ok(());
+    };
+    if npy::same_file(&args.output, grad_output) {
+        return Err(format!(
+            "--output {} and --grad-output {} name the same file",
+            args.output.display(),
+            grad_output.display()
+        ));
     }
     Ok(())
 }

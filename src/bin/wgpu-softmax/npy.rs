@@ -495,6 +495,38 @@ impl Staged<'_> {
     }
 }
 
+/// Puts staged files in place: those written into devices and FIFOs first (the writes that can
+/// still fail), then the renames. Nothing is put in place unless every file was staged.
+pub fn commit_all<'a>(staged: impl IntoIterator<Item = Staged<'a>>) -> Result<(), NpyError> {
+    let (in_place, renamed): (Vec<_>, Vec<_>) = staged
+        .into_iter()
+        .partition(|s| matches!(s.target, Target::InPlace { .. }));
+    in_place
+        .into_iter()
+        .chain(renamed)
+        .try_for_each(Staged::commit)
+}
+
+/// Whether writing to `a` and to `b` would write the same file: links followed, the paths
+/// compared in canonical form (for a file not there yet, its directory's canonical form).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    identity(a) == identity(b)
+}
+
+fn identity(path: &Path) -> PathBuf {
+    let resolved = resolve_links(path).unwrap_or_else(|_| path.to_owned());
+    if let Ok(canonical) = std::fs::canonicalize(&resolved) {
+        return canonical;
+    }
+    match (
+        std::fs::canonicalize(directory_of(&resolved)),
+        resolved.file_name(),
+    ) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => resolved,
+    }
+}
+
 /// Writes `data` as a little-endian float32 C-order `.npy` file of the given shape.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
     stage_f32(path, shape, data)?.commit()
@@ -1111,6 +1143,25 @@ mod tests {
         let err = write_f32(&missing_dir, &[1], &[1.0]).unwrap_err();
         assert!(err.to_string().contains("no/such/dir/out.npy"), "{err}");
         assert_eq!(dir_entries(dir.path()), ["out.npy"]);
+    }
+
+    #[test]
+    fn staged_files_appear_together_or_not_at_all() {
+        let dir = TempDir::new().unwrap();
+        let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
+        let staged = stage_f32(&a, &[1], &[1.0]).unwrap();
+        assert!(!a.exists());
+        drop(staged);
+        assert!(dir_entries(dir.path()).is_empty());
+        commit_all([
+            stage_f32(&a, &[1], &[1.0]).unwrap(),
+            stage_f32(&b, &[2], &[2.0, 3.0]).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(dir_entries(dir.path()), ["a.npy", "b.npy"]);
+        assert_eq!(read(&b).unwrap().into_f32().unwrap(), [2.0, 3.0]);
+        assert!(same_file(&a, &dir.path().join(".").join("a.npy")));
+        assert!(!same_file(&a, &b));
     }
 
     #[test]
