@@ -208,3 +208,30 @@ fn cross_entropy_outputs_are_replaced_together_or_not_at_all() {
         assert_eq!(std::fs::read(&loss).unwrap(), b"old loss");
     }
 }
+
+/// Shapes whose bytes cannot be counted or allocated are refused in one line, never by a panic
+/// or an abort on a failed allocation.
+#[test]
+fn bench_refuses_shapes_too_large_for_memory() {
+    if context().is_none() {
+        return;
+    }
+    for (shape, needle) in [
+        ("4294967296x4294967296", "too large"),
+        ("4611686018427387904x4", "too large"),
+        ("4x4294967296", "cols must be at most"),
+        // 2^62 bytes a matrix: countable, but not six times over.
+        ("1099511627776x1048576", "host memory"),
+        // 2^48 bytes a matrix: more than any address space holds.
+        ("68719476736x1024", "host memory"),
+    ] {
+        let output = runner()
+            .args(["bench", "--no-gpu", "--repeats", "1", "--shape", shape])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{shape}: {stderr}");
+        assert!(stderr.contains(needle), "{shape}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{shape}: {stderr}");
+    }
+}

@@ -78,7 +78,7 @@ pub fn run(ctx: &Context, args: &ApplyArgs) -> ExitCode {
 
 /// wgpu's validation and device messages span several lines ("Caused by:" chains); the runner
 /// promises one line per failure, so scripts can read it as a single record.
-fn one_line(message: &str) -> String {
+pub fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

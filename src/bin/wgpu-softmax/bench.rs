@@ -7,8 +7,11 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use thiserror::Error;
 use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, Timing, SHAPES};
 use wgpu_softmax::{Context, Result};
+
+use crate::apply::one_line;
 
 /// vec4s per invocation of the run-wise copy kernel (the GPU limit is the faster of that and one
 /// vec4 per invocation).
@@ -104,7 +107,46 @@ fn parse_shape(text: &str) -> Result<(usize, usize), String> {
     if rows == 0 || cols == 0 {
         return Err(format!("shape {text:?} must have rows and cols >= 1"));
     }
+    // The bytes an op moves (`BenchOp::bytes`) must be countable: three matrices of f32 plus
+    // a target and a loss per row.
+    let bytes = rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(4))
+        .and_then(|m| u64::try_from(m).ok())
+        .and_then(|m| m.checked_mul(3))
+        .and_then(|b| b.checked_add((rows as u64).checked_mul(8)?.checked_add(4)?));
+    if bytes.is_none() {
+        return Err(format!(
+            "shape {text:?} is too large: {rows} x {cols} float32 values overflow a 64-bit byte count"
+        ));
+    }
+    // The bench draws class indices below `cols` as int32.
+    if cols > i32::MAX as usize {
+        return Err(format!("shape {text:?}: cols must be at most {}", i32::MAX));
+    }
     Ok((rows, cols))
+}
+
+/// Host memory the bench of one shape holds at once, in bytes: random inputs (logits, an
+/// upstream gradient, int32 targets) for each GPU bench (the op and two copy kernels) and
+/// each CPU bench (the op and memcpy), which also hold an output; an output for end-to-end
+/// runs.
+fn host_bytes(args: &BenchArgs, rows: usize, cols: usize) -> Option<usize> {
+    let matrix = rows.checked_mul(cols)?.checked_mul(4)?;
+    let targets = rows.checked_mul(4)?;
+    let inputs = matrix.checked_mul(2)?.checked_add(targets)?;
+    let gpu = if args.no_gpu {
+        0
+    } else {
+        let end_to_end = if args.end_to_end { matrix } else { 0 };
+        inputs.checked_mul(3)?.checked_add(end_to_end)?
+    };
+    let cpu = if args.no_cpu {
+        0
+    } else {
+        inputs.checked_add(matrix)?.checked_mul(2)?
+    };
+    gpu.checked_add(cpu)
 }
 
 /// One line of the results.
@@ -198,9 +240,34 @@ pub fn run(ctx: &Context, args: &BenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("wgpu-softmax bench: {error}");
+            eprintln!("wgpu-softmax bench: {}", one_line(&error.to_string()));
             ExitCode::from(2)
         }
+    }
+}
+
+/// Why a bench could not run.
+#[derive(Debug, Error)]
+enum BenchError {
+    #[error("shape {rows}x{cols} needs {} of host memory, which cannot be allocated", amount(*.bytes))]
+    HostMemory {
+        rows: usize,
+        cols: usize,
+        /// `None`: more than a `usize` counts.
+        bytes: Option<usize>,
+    },
+    #[error("shape {rows}x{cols}: {source}")]
+    Shape {
+        rows: usize,
+        cols: usize,
+        source: wgpu_softmax::Error,
+    },
+}
+
+fn amount(bytes: Option<usize>) -> String {
+    match bytes {
+        Some(b) => format!("{:.1} GB", b as f64 / 1e9),
+        None => "more than the address space".to_owned(),
     }
 }
 
@@ -209,76 +276,102 @@ fn measure(
     args: &BenchArgs,
     ops: &[BenchOp],
     shapes: &[(usize, usize)],
-) -> Result<Vec<Record>> {
+) -> std::result::Result<Vec<Record>, BenchError> {
     let bar = ProgressBar::new((ops.len() * shapes.len()) as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
     );
-    let adapter = ctx.describe();
     let mut records = Vec::new();
-    for &(rows, cols) in shapes {
-        bar.set_message(format!("copy {rows}x{cols}"));
-        let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
-        // The GPU limit is the faster of two access patterns on this adapter.
-        let gpu_copies = if args.no_gpu {
-            Vec::new()
-        } else {
-            [0, COPY_RUN]
-                .into_iter()
-                .map(|run| Ok(GpuBench::new(ctx, BenchOp::Copy, rows, cols)?.copy_in_runs(run)))
-                .collect::<Result<Vec<_>>>()?
-        };
-        let mut cpu_copy = CpuBench::new(BenchOp::Copy, rows, cols);
-        let gb_per_s = |bytes: f64, time: Duration| bytes / time.as_secs_f64() / 1e9;
-        for &op in ops {
-            bar.set_message(format!("{} {rows}x{cols}", op.name()));
-            let bytes = op.bytes(rows, cols) as f64;
-            let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &str| {
-                let gb_per_s = gb_per_s(bytes, time);
-                Record {
-                    op: op.name(),
-                    rows,
-                    cols,
-                    device,
-                    seconds: time.as_secs_f64(),
-                    gb_per_s,
-                    limit_gb_per_s: limit,
-                    pct_of_limit: 100.0 * gb_per_s / limit,
-                    timing: timing.name(),
-                    adapter: adapter.clone(),
-                    kernel: kernel.to_string(),
-                }
-            };
-            if !args.no_gpu {
-                let gpu = GpuBench::new(ctx, op, rows, cols)?;
-                let mut runs: Vec<_> = gpu_copies.iter().map(|c| move || c.run()).collect();
-                let mut limits: Vec<&mut dyn FnMut() -> Result<Duration>> = runs
-                    .iter_mut()
-                    .map(|r| r as &mut dyn FnMut() -> Result<Duration>)
-                    .collect();
-                let (time, copies) = interleaved(|| gpu.run(), &mut limits, args.repeats)?;
-                let limit = copies
-                    .iter()
-                    .map(|&t| gb_per_s(copy_bytes, t))
-                    .fold(0.0, f64::max);
-                let kernel = gpu.kernel();
-                records.push(record("gpu", time, limit, gpu.timing(), &kernel));
-                if args.end_to_end {
-                    let time = median(|| gpu.run_end_to_end(), args.repeats)?;
-                    records.push(record("gpu", time, limit, Timing::WallEndToEnd, &kernel));
-                }
-            }
-            if !args.no_cpu {
-                let mut cpu = CpuBench::new(op, rows, cols);
-                let (time, copies) =
-                    interleaved(|| cpu.run(), &mut [&mut || cpu_copy.run()], args.repeats)?;
-                let limit = gb_per_s(copy_bytes, copies[0]);
-                records.push(record("cpu", time, limit, Timing::WallCpu, &cpu.kernel()));
-            }
-            bar.inc(1);
+    let result = shapes.iter().try_for_each(|&(rows, cols)| {
+        // The benches allocate their host buffers infallibly: the whole amount is reserved once
+        // (and freed) first, so that a shape too large for memory is an error, not an abort.
+        let bytes = host_bytes(args, rows, cols);
+        if !bytes.is_some_and(|b| Vec::<u8>::new().try_reserve_exact(b).is_ok()) {
+            return Err(BenchError::HostMemory { rows, cols, bytes });
         }
-    }
+        measure_shape(ctx, args, ops, (rows, cols), &bar, &mut records)
+            .map_err(|source| BenchError::Shape { rows, cols, source })
+    });
     bar.finish_and_clear();
-    Ok(records)
+    result.map(|()| records)
+}
+
+/// Every op of `ops` on one shape, on the devices selected.
+fn measure_shape(
+    ctx: &Context,
+    args: &BenchArgs,
+    ops: &[BenchOp],
+    (rows, cols): (usize, usize),
+    bar: &ProgressBar,
+    records: &mut Vec<Record>,
+) -> Result<()> {
+    let adapter = ctx.describe();
+    bar.set_message(format!("copy {rows}x{cols}"));
+    let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
+    // The GPU limit is the faster of two access patterns on this adapter.
+    let gpu_copies = if args.no_gpu {
+        Vec::new()
+    } else {
+        // Checked before any host buffer is filled for the upload.
+        let bytes = (rows * cols * 4) as u64;
+        let max = ctx.device().limits().max_buffer_size;
+        if bytes > max {
+            return Err(wgpu_softmax::Error::TensorTooLarge { bytes, max });
+        }
+        [0, COPY_RUN]
+            .into_iter()
+            .map(|run| Ok(GpuBench::new(ctx, BenchOp::Copy, rows, cols)?.copy_in_runs(run)))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let mut cpu_copy = (!args.no_cpu).then(|| CpuBench::new(BenchOp::Copy, rows, cols));
+    let gb_per_s = |bytes: f64, time: Duration| bytes / time.as_secs_f64() / 1e9;
+    for &op in ops {
+        bar.set_message(format!("{} {rows}x{cols}", op.name()));
+        let bytes = op.bytes(rows, cols) as f64;
+        let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &str| {
+            let gb_per_s = gb_per_s(bytes, time);
+            Record {
+                op: op.name(),
+                rows,
+                cols,
+                device,
+                seconds: time.as_secs_f64(),
+                gb_per_s,
+                limit_gb_per_s: limit,
+                pct_of_limit: 100.0 * gb_per_s / limit,
+                timing: timing.name(),
+                adapter: adapter.clone(),
+                kernel: kernel.to_string(),
+            }
+        };
+        if !args.no_gpu {
+            let gpu = GpuBench::new(ctx, op, rows, cols)?;
+            let mut runs: Vec<_> = gpu_copies.iter().map(|c| move || c.run()).collect();
+            let mut limits: Vec<&mut dyn FnMut() -> Result<Duration>> = runs
+                .iter_mut()
+                .map(|r| r as &mut dyn FnMut() -> Result<Duration>)
+                .collect();
+            let (time, copies) = interleaved(|| gpu.run(), &mut limits, args.repeats)?;
+            let limit = copies
+                .iter()
+                .map(|&t| gb_per_s(copy_bytes, t))
+                .fold(0.0, f64::max);
+            let kernel = gpu.kernel();
+            records.push(record("gpu", time, limit, gpu.timing(), &kernel));
+            if args.end_to_end {
+                let time = median(|| gpu.run_end_to_end(), args.repeats)?;
+                records.push(record("gpu", time, limit, Timing::WallEndToEnd, &kernel));
+            }
+        }
+        if let Some(cpu_copy) = &mut cpu_copy {
+            let mut cpu = CpuBench::new(op, rows, cols);
+            let (time, copies) =
+                interleaved(|| cpu.run(), &mut [&mut || cpu_copy.run()], args.repeats)?;
+            let limit = gb_per_s(copy_bytes, copies[0]);
+            records.push(record("cpu", time, limit, Timing::WallCpu, &cpu.kernel()));
+        }
+        bar.inc(1);
+    }
+    Ok(())
 }
 
 fn print_table(ctx: &Context, records: &[Record]) {
