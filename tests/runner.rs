@@ -175,7 +175,7 @@ fn apply_failures_exit_2_and_leave_no_output() {
         (
             vec!["apply", "cross-entropy", "--input"],
             vec![dir.path("x.npy"), "--targets".into(), dir.path("bad-t.npy")],
-            "row 1",
+            "bad-t.npy: target 9 at index 1",
         ),
         (
             vec!["apply", "softmax-backward", "--input"],

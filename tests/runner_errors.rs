@@ -66,7 +66,10 @@ fn every_apply_failure_is_one_line_exit_2_and_no_output() {
             "missing.npy",
         ),
         (xent(&[]), "--targets"),
-        (xent(&["--targets", &dir.arg("t-i32-bad.npy")]), "row 1"),
+        (
+            xent(&["--targets", &dir.arg("t-i32-bad.npy")]),
+            "t-i32-bad.npy: target -7 at index 1",
+        ),
         (xent(&["--targets", &dir.arg("t-short.npy")]), "t-short.npy"),
         (xent(&["--targets", &dir.arg("p-wrong.npy")]), "p-wrong.npy"),
         (xent(&["--targets", &dir.arg("t-f64.npy")]), "t-f64.npy"),
@@ -76,11 +79,11 @@ fn every_apply_failure_is_one_line_exit_2_and_no_output() {
         ),
         (
             xent(&["--targets", &t, "--label-smoothing", "2"]),
-            "label_smoothing",
+            "--label-smoothing",
         ),
         (
             xent(&["--targets", &t, "--label-smoothing", "NaN"]),
-            "label_smoothing",
+            "--label-smoothing",
         ),
         (
             vec![
@@ -233,5 +236,58 @@ fn bench_refuses_shapes_too_large_for_memory() {
         assert_eq!(output.status.code(), Some(2), "{shape}: {stderr}");
         assert!(stderr.contains(needle), "{shape}: {stderr}");
         assert!(!stderr.contains("panicked"), "{shape}: {stderr}");
+    }
+}
+
+/// A failure names what the user gave: the targets file for a bad target, at its index in the
+/// targets array; the flag for a bad flag; the axis for an empty one.
+#[test]
+fn apply_errors_name_the_flag_or_file_at_fault() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("runner-blame");
+    write(&dir.path("x.npy"), &[2, 3, 5], &[0.0f32; 30]);
+    let mut t = vec![0i64; 10];
+    t[9] = 7;
+    write(&dir.path("t_oor.npy"), &[2, 5], &t);
+    write(&dir.path("t.npy"), &[2, 5], &[0i64; 10]);
+    write::<f32>(&dir.path("no-classes.npy"), &[4, 0], &[]);
+    write(&dir.path("t4.npy"), &[4], &[0i64; 4]);
+    let out = dir.arg("out.npy");
+    let xent = |input: &str, targets: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "apply",
+            "cross-entropy",
+            "--input",
+            &dir.arg(input),
+            "--targets",
+            &dir.arg(targets),
+            "--output",
+            &out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let cases = [
+        (
+            xent("x.npy", "t_oor.npy", &[]),
+            "t_oor.npy: target 7 at index (1, 4) is outside [0, 3)",
+        ),
+        (
+            xent("x.npy", "t.npy", &["--label-smoothing", "1.5"]),
+            "apply: --label-smoothing must lie in [0, 1], got 1.5",
+        ),
+        (
+            xent("no-classes.npy", "t4.npy", &[]),
+            "no-classes.npy: the class axis (axis 1) has length 0",
+        ),
+    ];
+    for (args, needle) in cases {
+        fails_with(&args, needle);
+        assert!(!Path::new(&out).exists(), "{args:?} left {out}");
     }
 }

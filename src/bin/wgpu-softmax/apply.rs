@@ -107,8 +107,9 @@ fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
         .map(|v| v.get_name().to_string())
         .unwrap_or_default();
     check_distinct_outputs(args)?;
+    check_label_smoothing(args.label_smoothing)?;
     let input = read_f32(&args.input)?;
-    let located = |e: wgpu_softmax::Error| format!("{}: {e}", args.input.display());
+    let located = |e| explain(e, args, &Blame::LastAxis);
     // The last axis is the softmax axis; a 0-d array is one row of one element.
     let cols = input.shape.last().copied().unwrap_or(1);
     match args.op {
@@ -146,6 +147,113 @@ fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
             npy::write_f32(&args.output, &input.shape, &out).map_err(|e| e.to_string())
         }
         ApplyOp::CrossEntropy => cross_entropy(ctx, args, input),
+    }
+}
+
+/// What the rows the library sees are, in the user's terms.
+enum Blame<'a> {
+    /// Rows along the last axis of `--input`.
+    LastAxis,
+    /// Rows of the classes (axis 1) of `--input`, one per element of `--targets`.
+    Classes {
+        targets: &'a Path,
+        target_shape: &'a [usize],
+    },
+}
+
+/// The library's error in the terms of the command line: the flag or file at fault, and
+/// positions and axes of the user's arrays rather than the flat rows the library sees.
+fn explain(error: wgpu_softmax::Error, args: &ApplyArgs, blame: &Blame) -> String {
+    use wgpu_softmax::Error;
+    let input = args.input.display();
+    let axis = match blame {
+        Blame::LastAxis => "the last axis",
+        Blame::Classes { .. } => "the class axis (axis 1)",
+    };
+    match (error, blame) {
+        (Error::LabelSmoothing(value), _) => label_smoothing_message(value),
+        (
+            Error::TargetOutOfRange {
+                row,
+                value,
+                classes,
+                ignore_index,
+            },
+            Blame::Classes {
+                targets,
+                target_shape,
+            },
+        ) => format!(
+            "{}: target {value} at index {} is outside [0, {classes}) for {classes} classes and is not --ignore-index {ignore_index}",
+            targets.display(),
+            index_in(target_shape, row)
+        ),
+        (Error::ZeroCols, _) => format!("{input}: {axis} has length 0; at least 1 is needed"),
+        (
+            Error::ShapeTooLarge {
+                what: "cols",
+                value,
+                max,
+            },
+            _,
+        ) => format!("{input}: {axis} has length {value}, more than the supported {max}"),
+        (
+            Error::RowTooLong {
+                cols,
+                bytes,
+                max_binding,
+            },
+            _,
+        ) => format!(
+            "{input}: {axis} has length {cols} ({bytes} bytes), more than the device's storage binding limit of {max_binding} bytes"
+        ),
+        // Faults of the device, not of the file.
+        (
+            error @ (Error::Validation(_)
+            | Error::Internal(_)
+            | Error::OutOfMemory(_)
+            | Error::DeviceLost(_)
+            | Error::Map(_)),
+            _,
+        ) => error.to_string(),
+        (error, _) => format!("{input}: {error}"),
+    }
+}
+
+/// Element `flat` (in C order) of an array of `shape`, as numpy writes an index: `4` or
+/// `(1, 4)`.
+fn index_in(shape: &[usize], flat: usize) -> String {
+    let mut index = vec![0; shape.len()];
+    let mut rest = flat;
+    for (i, &dim) in shape.iter().enumerate().rev() {
+        if dim > 0 {
+            index[i] = rest % dim;
+            rest /= dim;
+        }
+    }
+    match index.as_slice() {
+        [only] => only.to_string(),
+        _ => format!(
+            "({})",
+            index
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn label_smoothing_message(value: f32) -> String {
+    format!("--label-smoothing must lie in [0, 1], got {value}")
+}
+
+/// Refuses a label smoothing outside [0, 1] (NaN included) before any file is read.
+fn check_label_smoothing(value: f32) -> Result<(), String> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(label_smoothing_message(value))
     }
 }
 
@@ -265,7 +373,16 @@ fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), S
     };
     let rows = layout.to_rows(&logits.data);
     let classes = layout.classes;
-    let located = |e: wgpu_softmax::Error| format!("{}: {e}", args.input.display());
+    let located = |e| {
+        explain(
+            e,
+            args,
+            &Blame::Classes {
+                targets: targets_path,
+                target_shape: &target_shape,
+            },
+        )
+    };
     let (loss, grad) = if args.grad_output.is_some() {
         let out = ctx
             .cross_entropy_with_grad(&rows, classes, target_rows, &options, GradOutput::One)
@@ -311,7 +428,14 @@ fn check_distinct_outputs(args: &ApplyArgs) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{one_line, ClassLayout};
+    use super::{index_in, one_line, ClassLayout};
+
+    #[test]
+    fn flat_rows_become_indices_of_the_targets() {
+        assert_eq!(index_in(&[2, 5], 9), "(1, 4)");
+        assert_eq!(index_in(&[4], 3), "3");
+        assert_eq!(index_in(&[2, 3, 4], 23), "(1, 2, 3)");
+    }
 
     #[test]
     fn messages_become_one_line() {
