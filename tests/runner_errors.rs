@@ -291,3 +291,50 @@ fn apply_errors_name_the_flag_or_file_at_fault() {
         assert!(!Path::new(&out).exists(), "{args:?} left {out}");
     }
 }
+
+/// An option the op does not use is refused, naming the option and the op, rather than ignored.
+#[test]
+fn options_of_other_ops_are_refused() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("runner-foreign-options");
+    write(
+        &dir.path("x.npy"),
+        &[2, 3],
+        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
+    );
+    let out = dir.arg("out.npy");
+    let x = dir.arg("x.npy");
+    for (op, extra, flag) in [
+        ("softmax", vec!["--grad", x.as_str()], "--grad"),
+        ("softmax", vec!["--targets", x.as_str()], "--targets"),
+        ("log-softmax", vec!["--weight", x.as_str()], "--weight"),
+        (
+            "softmax",
+            vec!["--label-smoothing", "0.1"],
+            "--label-smoothing",
+        ),
+        ("softmax", vec!["--reduction", "sum"], "--reduction"),
+        ("softmax", vec!["--ignore-index", "3"], "--ignore-index"),
+        (
+            "softmax",
+            vec!["--grad-output", &dir.arg("g.npy")],
+            "--grad-output",
+        ),
+        (
+            "softmax-backward",
+            vec!["--targets", x.as_str()],
+            "--targets",
+        ),
+        ("cross-entropy", vec!["--grad", x.as_str()], "--grad"),
+    ] {
+        let mut args: Vec<String> = ["apply", op, "--input", &x, "--output", &out]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        fails_with(&args, &format!("{flag} does not apply to {op}"));
+        assert!(!Path::new(&out).exists(), "{args:?} left {out}");
+    }
+}

@@ -52,15 +52,15 @@ pub struct ApplyArgs {
     /// Cross-entropy: a float32 weight per class, shape [C].
     #[arg(long)]
     weight: Option<PathBuf>,
-    /// Cross-entropy: targets equal to this are ignored.
-    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
-    ignore_index: i64,
-    /// Cross-entropy: how per-sample losses are combined.
-    #[arg(long, value_enum, default_value_t = ReductionArg::Mean)]
-    reduction: ReductionArg,
-    /// Cross-entropy: label smoothing in [0, 1].
-    #[arg(long, default_value_t = 0.0)]
-    label_smoothing: f32,
+    /// Cross-entropy: targets equal to this are ignored [default: -100].
+    #[arg(long, allow_hyphen_values = true)]
+    ignore_index: Option<i64>,
+    /// Cross-entropy: how per-sample losses are combined [default: mean].
+    #[arg(long, value_enum)]
+    reduction: Option<ReductionArg>,
+    /// Cross-entropy: label smoothing in [0, 1] [default: 0].
+    #[arg(long)]
+    label_smoothing: Option<f32>,
     /// Cross-entropy: also write dLoss/dLogits (float32, shaped like the logits) here.
     #[arg(long)]
     grad_output: Option<PathBuf>,
@@ -106,8 +106,9 @@ fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
         .to_possible_value()
         .map(|v| v.get_name().to_string())
         .unwrap_or_default();
+    check_options_apply(args, &name)?;
     check_distinct_outputs(args)?;
-    check_label_smoothing(args.label_smoothing)?;
+    check_label_smoothing(args.label_smoothing.unwrap_or_default())?;
     let input = read_f32(&args.input)?;
     let located = |e| explain(e, args, &Blame::LastAxis);
     // The last axis is the softmax axis; a 0-d array is one row of one element.
@@ -360,16 +361,17 @@ fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), S
             ));
         }
     }
-    let reduction = match args.reduction {
+    let reduction = match args.reduction.unwrap_or(ReductionArg::Mean) {
         ReductionArg::None => Reduction::None,
         ReductionArg::Mean => Reduction::Mean,
         ReductionArg::Sum => Reduction::Sum,
     };
+    let defaults = CrossEntropyOptions::default();
     let options = CrossEntropyOptions {
         weight: weight.as_ref().map(|w| &w.data[..]),
-        ignore_index: args.ignore_index,
+        ignore_index: args.ignore_index.unwrap_or(defaults.ignore_index),
         reduction,
-        label_smoothing: args.label_smoothing,
+        label_smoothing: args.label_smoothing.unwrap_or(defaults.label_smoothing),
     };
     let rows = layout.to_rows(&logits.data);
     let classes = layout.classes;
@@ -408,6 +410,63 @@ fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), S
         _ => None,
     };
     npy::commit_all(std::iter::once(loss_file).chain(grad_file)).map_err(|e| e.to_string())
+}
+
+/// Refuses an option the op does not use, which would otherwise be ignored without a word.
+fn check_options_apply(args: &ApplyArgs, name: &str) -> Result<(), String> {
+    const BACKWARD: &str = "softmax-backward and log-softmax-backward";
+    const CROSS_ENTROPY: &str = "cross-entropy";
+    let backward = matches!(
+        args.op,
+        ApplyOp::SoftmaxBackward | ApplyOp::LogSoftmaxBackward
+    );
+    let cross_entropy = args.op == ApplyOp::CrossEntropy;
+    let options = [
+        ("--grad", args.grad.is_some(), backward, BACKWARD),
+        (
+            "--targets",
+            args.targets.is_some(),
+            cross_entropy,
+            CROSS_ENTROPY,
+        ),
+        (
+            "--weight",
+            args.weight.is_some(),
+            cross_entropy,
+            CROSS_ENTROPY,
+        ),
+        (
+            "--ignore-index",
+            args.ignore_index.is_some(),
+            cross_entropy,
+            CROSS_ENTROPY,
+        ),
+        (
+            "--reduction",
+            args.reduction.is_some(),
+            cross_entropy,
+            CROSS_ENTROPY,
+        ),
+        (
+            "--label-smoothing",
+            args.label_smoothing.is_some(),
+            cross_entropy,
+            CROSS_ENTROPY,
+        ),
+        (
+            "--grad-output",
+            args.grad_output.is_some(),
+            cross_entropy,
+            CROSS_ENTROPY,
+        ),
+    ];
+    match options
+        .iter()
+        .find(|(_, given, applies, _)| *given && !applies)
+    {
+        Some((flag, _, _, ops)) => Err(format!("{flag} does not apply to {name} (only to {ops})")),
+        None => Ok(()),
+    }
 }
 
 /// Refuses `--output` and `--grad-output` naming one file (through links or different
