@@ -285,7 +285,7 @@ fn measure(
         // The benches allocate their host buffers infallibly: the whole amount is reserved once
         // (and freed) first, so that a shape too large for memory is an error, not an abort.
         let bytes = host_bytes(args, rows, cols);
-        if !bytes.is_some_and(|b| Vec::<u8>::new().try_reserve_exact(b).is_ok()) {
+        if bytes.is_none_or(|b| Vec::<u8>::new().try_reserve_exact(b).is_err()) {
             return Err(BenchError::HostMemory { rows, cols, bytes });
         }
         measure_shape(ctx, args, ops, (rows, cols), &bar, &mut records)
