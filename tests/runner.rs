@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::files::{read, runner, write, Dir};
+use common::files::{assert_one_error_line, read, runner, write, Dir};
 use common::{context, logits};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
@@ -191,15 +191,7 @@ fn apply_failures_exit_2_and_leave_no_output() {
             .arg(&out)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-        // Mesa's drivers may add their own lines (e.g. about XDG_RUNTIME_DIR); ours is one line.
-        let ours: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("wgpu-softmax"))
-            .collect();
-        assert_eq!(ours.len(), 1, "{args:?}: {stderr}");
-        assert!(ours[0].contains(needle), "{args:?}: {stderr}");
+        assert_one_error_line(&output, &format!("{args:?}"), needle);
         assert!(!out.exists(), "{args:?} left an output file");
     }
 }

@@ -7,23 +7,29 @@ mod common;
 use std::path::Path;
 
 use common::context;
-use common::files::{runner, write, Dir};
+use common::files::{assert_one_error_line, runner, write, Dir};
+
+/// A scratch directory holding a 2x3 batch of logits, `x.npy`, and its targets, `t.npy`.
+fn batch_dir(name: &str) -> Dir {
+    let dir = Dir::new(name);
+    write(
+        &dir.path("x.npy"),
+        &[2, 3],
+        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
+    );
+    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
+    dir
+}
 
 #[test]
 fn every_apply_failure_is_one_line_exit_2_and_no_output() {
     if context().is_none() {
         return;
     }
-    let dir = Dir::new("runner-errors");
-    write(
-        &dir.path("x.npy"),
-        &[2, 3],
-        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
-    );
+    let dir = batch_dir("runner-errors");
     write(&dir.path("x3.npy"), &[2, 3, 2], &[0.0f32; 12]);
     write(&dir.path("vec.npy"), &[3], &[0.0f32; 3]);
     write(&dir.path("dy-wrong.npy"), &[3, 2], &[0.0f32; 6]);
-    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
     write(&dir.path("t-i32-bad.npy"), &[2], &[0i32, -7]);
     write(&dir.path("t-short.npy"), &[1], &[0i64]);
     write(&dir.path("p-wrong.npy"), &[2, 2], &[0.5f32; 4]);
@@ -119,14 +125,7 @@ fn every_apply_failure_is_one_line_exit_2_and_no_output() {
             .args(["--output", &out])
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-        let ours: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("wgpu-softmax"))
-            .collect();
-        assert_eq!(ours.len(), 1, "{args:?}: {stderr}");
-        assert!(ours[0].contains(needle), "{args:?}: {stderr}");
+        assert_one_error_line(&output, &format!("{args:?}"), needle);
         assert!(!Path::new(&out).exists(), "{args:?} left {out}");
         assert!(!Path::new(&grad).exists(), "{args:?} left {grad}");
     }
@@ -135,14 +134,7 @@ fn every_apply_failure_is_one_line_exit_2_and_no_output() {
 /// Runs `args`, expecting exit code 2 and one line of ours on stderr containing `needle`.
 fn fails_with(args: &[String], needle: &str) {
     let output = runner().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-    let ours: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("wgpu-softmax"))
-        .collect();
-    assert_eq!(ours.len(), 1, "{args:?}: {stderr}");
-    assert!(ours[0].contains(needle), "{args:?}: {stderr}");
+    assert_one_error_line(&output, &format!("{args:?}"), needle);
 }
 
 /// Cross-entropy writes two files: when the second cannot be written, the first keeps its old
@@ -152,13 +144,7 @@ fn cross_entropy_outputs_are_replaced_together_or_not_at_all() {
     if context().is_none() {
         return;
     }
-    let dir = Dir::new("runner-two-outputs");
-    write(
-        &dir.path("x.npy"),
-        &[2, 3],
-        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
-    );
-    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
+    let dir = batch_dir("runner-two-outputs");
     let loss = dir.path("loss.npy");
     std::fs::write(&loss, b"old loss").unwrap();
     std::fs::create_dir(dir.path("grad-dir")).unwrap();

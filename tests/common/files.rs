@@ -27,6 +27,20 @@ pub fn write<T: npyz::Serialize + npyz::AutoSerialize + Copy>(
     writer.finish().unwrap();
 }
 
+/// Asserts that a run failed with exit code 2 and exactly one line of ours on stderr (Mesa's
+/// drivers may add their own, e.g. about XDG_RUNTIME_DIR), containing `needle`. `what` names the
+/// run in a failure.
+pub fn assert_one_error_line(output: &std::process::Output, what: &str, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{what}: {stderr}");
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("wgpu-softmax"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{what}: {stderr}");
+    assert!(ours[0].contains(needle), "{what}: {stderr}");
+}
+
 /// Reads a float32 `.npy`: its shape and data.
 pub fn read(path: &Path) -> (Vec<u64>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();

@@ -421,52 +421,29 @@ fn check_options_apply(args: &ApplyArgs, name: &str) -> Result<(), String> {
         ApplyOp::SoftmaxBackward | ApplyOp::LogSoftmaxBackward
     );
     let cross_entropy = args.op == ApplyOp::CrossEntropy;
-    let options = [
-        ("--grad", args.grad.is_some(), backward, BACKWARD),
+    // The options only some ops use: (those ops, whether this is one, the options given).
+    type Group<'a> = (&'a str, bool, &'a [(&'a str, bool)]);
+    let groups: [Group; 2] = [
+        (BACKWARD, backward, &[("--grad", args.grad.is_some())]),
         (
-            "--targets",
-            args.targets.is_some(),
-            cross_entropy,
             CROSS_ENTROPY,
-        ),
-        (
-            "--weight",
-            args.weight.is_some(),
             cross_entropy,
-            CROSS_ENTROPY,
-        ),
-        (
-            "--ignore-index",
-            args.ignore_index.is_some(),
-            cross_entropy,
-            CROSS_ENTROPY,
-        ),
-        (
-            "--reduction",
-            args.reduction.is_some(),
-            cross_entropy,
-            CROSS_ENTROPY,
-        ),
-        (
-            "--label-smoothing",
-            args.label_smoothing.is_some(),
-            cross_entropy,
-            CROSS_ENTROPY,
-        ),
-        (
-            "--grad-output",
-            args.grad_output.is_some(),
-            cross_entropy,
-            CROSS_ENTROPY,
+            &[
+                ("--targets", args.targets.is_some()),
+                ("--weight", args.weight.is_some()),
+                ("--ignore-index", args.ignore_index.is_some()),
+                ("--reduction", args.reduction.is_some()),
+                ("--label-smoothing", args.label_smoothing.is_some()),
+                ("--grad-output", args.grad_output.is_some()),
+            ],
         ),
     ];
-    match options
-        .iter()
-        .find(|(_, given, applies, _)| *given && !applies)
-    {
-        Some((flag, _, _, ops)) => Err(format!("{flag} does not apply to {name} (only to {ops})")),
-        None => Ok(()),
+    for (ops, applies, options) in groups {
+        if let Some((flag, _)) = options.iter().find(|(_, given)| *given && !applies) {
+            return Err(format!("{flag} does not apply to {name} (only to {ops})"));
+        }
     }
+    Ok(())
 }
 
 /// Refuses `--output` and `--grad-output` naming one file (through links or different
