@@ -536,8 +536,20 @@ pub(crate) fn validate_encode(
     for &(what, buffer, bytes) in read.iter().chain([&written]) {
         validate_buffer(what, buffer, bytes, storage)?;
     }
-    match read.iter().find(|(_, buffer, _)| *buffer == written.1) {
-        Some(&(first, _, _)) => Err(Error::Aliased {
+    let others: Vec<_> = read
+        .iter()
+        .map(|&(what, buffer, _)| (what, buffer))
+        .collect();
+    check_not_aliased(&others, (written.0, written.1))
+}
+
+/// [`Error::Aliased`] when the `written` buffer is one of the `others`.
+pub(crate) fn check_not_aliased(
+    others: &[(&'static str, &wgpu::Buffer)],
+    written: (&'static str, &wgpu::Buffer),
+) -> Result<()> {
+    match others.iter().find(|(_, buffer)| *buffer == written.1) {
+        Some(&(first, _)) => Err(Error::Aliased {
             first,
             second: written.0,
         }),

@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::kernels::rowwise::{Operand, RowCall};
 use crate::kernels::Normalization;
 use crate::ops::{
-    host_blocks, matrix_bytes, validate_buffer, validate_encode, Tensor, TENSOR_USAGES,
+    check_not_aliased, host_blocks, matrix_bytes, validate_buffer, validate_encode, Tensor,
+    TENSOR_USAGES,
 };
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 use crate::validate::{self, CrossEntropyTargets, UpstreamGrad, IGNORED_ROW};
@@ -913,22 +914,11 @@ impl CrossEntropyLoss {
             _ => (4, wgpu::BufferUsages::COPY_DST),
         };
         validate_buffer("loss", buffers.loss, loss_bytes, loss_usage)?;
-        let grad_buffer = match buffers.grad {
-            GradDestination::Buffer(grad) => Some(grad),
-            _ => None,
-        };
-        for (name, other) in [
-            ("logits", Some(buffers.logits)),
-            ("targets", Some(buffers.targets)),
-            ("grad", grad_buffer),
-        ] {
-            if other == Some(buffers.loss) {
-                return Err(Error::Aliased {
-                    first: name,
-                    second: "loss",
-                });
-            }
+        let mut operands = vec![("logits", buffers.logits), ("targets", buffers.targets)];
+        if let GradDestination::Buffer(grad) = buffers.grad {
+            operands.push(("grad", grad));
         }
+        check_not_aliased(&operands, ("loss", buffers.loss))?;
         let grad = match buffers.grad {
             GradDestination::None => GradTarget::None,
             GradDestination::InPlace => GradTarget::InPlace,
