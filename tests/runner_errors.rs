@@ -324,3 +324,65 @@ fn options_of_other_ops_are_refused() {
         assert!(!Path::new(&out).exists(), "{args:?} left {out}");
     }
 }
+
+/// `bench` refuses what it cannot do as asked rather than doing something else without a word;
+/// a tuning value the limits clamp is run, and reported.
+#[test]
+fn bench_refuses_arguments_it_would_change() {
+    if context().is_none() {
+        return;
+    }
+    for (extra, needle) in [
+        (&["--repeats", "0"][..], "at least 1"),
+        (&["--no-gpu", "--no-cpu"][..], "cannot be used with"),
+        (&["--op", "copy"][..], "unknown op \"copy\""),
+        (&["--tune", "vector=3"][..], "vector must be 1 or 4"),
+        (
+            &["--tune", "max_items=5"][..],
+            "max_items must be a power of two",
+        ),
+        (
+            &["--tune", "split_chunk=0"][..],
+            "split_chunk must be at least 1",
+        ),
+        (
+            &["--tune", "row_workgroup=0"][..],
+            "row_workgroup must be at least 1",
+        ),
+        (&["--tune", "no_such_field=1"][..], "unknown tuning field"),
+    ] {
+        let output = runner()
+            .args(["bench", "--shape", "3x5", "--op", "softmax"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "{extra:?}: {output:?}");
+    }
+
+    // No kernel runs a row of more than 4096 columns on one invocation.
+    let output = runner()
+        .args([
+            "bench",
+            "--shape",
+            "3x5",
+            "--op",
+            "softmax",
+            "--repeats",
+            "1",
+        ])
+        .args(["--no-cpu", "--json", "--tune", "thread_max_cols=5000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("thread_max_cols=5000 is clamped to 4096"),
+        "{stderr}"
+    );
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["tuning"]["thread_max_cols"], 4096, "{records:?}");
+}

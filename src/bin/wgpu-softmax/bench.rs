@@ -1,6 +1,7 @@
 //! `wgpu-softmax bench`: time, GB/s and the share of an in-run bandwidth limit for each op and
 //! shape, on the GPU (kernel time) and on the CPU fast path.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use thiserror::Error;
 use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, Timing, SHAPES};
-use wgpu_softmax::{Context, Result};
+use wgpu_softmax::{Context, Result, Tuning};
 
 use crate::apply::one_line;
 
@@ -20,15 +21,16 @@ const COPY_RUN: u32 = 1024;
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Ops to run (repeatable): softmax, log-softmax, softmax-backward, log-softmax-backward,
-    /// cross-entropy. Default: all.
+    /// cross-entropy. Default: all. (The copy kernel is not an op here: its bandwidth is every
+    /// record's limit.)
     #[arg(long = "op", value_parser = parse_op)]
     ops: Vec<BenchOp>,
     /// Shapes `ROWSxCOLS` (repeatable). Default: 4096x4096, 16384x1024, 65536x128, 64x262144,
     /// 4x524288, 32x10.
     #[arg(long = "shape", value_parser = parse_shape)]
     shapes: Vec<(usize, usize)>,
-    /// Timed repetitions per case (the median is reported), after one warm-up.
-    #[arg(long, default_value_t = 7)]
+    /// Timed repetitions per case, at least 1 (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 7, value_parser = parse_repeats)]
     repeats: usize,
     /// Print a JSON array of records instead of a table.
     #[arg(long)]
@@ -37,7 +39,7 @@ pub struct BenchArgs {
     #[arg(long)]
     end_to_end: bool,
     /// Skip the CPU fast path.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_gpu")]
     no_cpu: bool,
     /// Skip the GPU.
     #[arg(long)]
@@ -45,53 +47,151 @@ pub struct BenchArgs {
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
     /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup,
     /// subgroup_max_cols, row_workgroup, max_items, split_min_cols, split_max_rows, split_chunk,
-    /// split_team, split_group_bytes, vector, subgroups.
+    /// split_team, split_group_bytes, vector, subgroups. Workgroup sizes and split_chunk must be
+    /// at least 1, max_items a power of two up to 32, vector 1 or 4, subgroups 0 or 1; a value
+    /// the device's limits change is reported on stderr.
     #[arg(long = "tune", value_parser = parse_tune)]
-    tune: Vec<(String, u32)>,
+    tune: Vec<(&'static str, u32)>,
 }
 
-fn parse_tune(text: &str) -> Result<(String, u32), String> {
+/// What a `--tune` field accepts, as `Tuning`'s documentation says.
+#[derive(Debug, Clone, Copy)]
+enum Accepts {
+    Any,
+    AtLeastOne,
+    PowerOfTwoUpTo(u32),
+    OneOf(&'static [u32]),
+}
+
+/// The fields of `Tuning` that `--tune` sets.
+const TUNE_FIELDS: [(&str, Accepts); 14] = [
+    ("thread_workgroup", Accepts::AtLeastOne),
+    ("thread_max_cols", Accepts::Any),
+    ("thread_max_cols_without_subgroups", Accepts::Any),
+    ("subgroup_workgroup", Accepts::AtLeastOne),
+    ("subgroup_max_cols", Accepts::Any),
+    ("row_workgroup", Accepts::AtLeastOne),
+    ("max_items", Accepts::PowerOfTwoUpTo(MAX_ITEMS)),
+    ("split_min_cols", Accepts::Any),
+    ("split_max_rows", Accepts::Any),
+    ("split_chunk", Accepts::AtLeastOne),
+    ("split_team", Accepts::Any),
+    ("split_group_bytes", Accepts::Any),
+    ("vector", Accepts::OneOf(&[1, 4])),
+    ("subgroups", Accepts::OneOf(&[0, 1])),
+];
+
+/// The most loads an invocation keeps in registers (`Tuning::max_items`).
+const MAX_ITEMS: u32 = 32;
+
+/// The field of `tuning` named `name` (one of [`TUNE_FIELDS`]).
+fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
+    Some(match name {
+        "thread_workgroup" => &mut tuning.thread_workgroup,
+        "thread_max_cols" => &mut tuning.thread_max_cols,
+        "thread_max_cols_without_subgroups" => &mut tuning.thread_max_cols_without_subgroups,
+        "subgroup_workgroup" => &mut tuning.subgroup_workgroup,
+        "subgroup_max_cols" => &mut tuning.subgroup_max_cols,
+        "row_workgroup" => &mut tuning.row_workgroup,
+        "max_items" => &mut tuning.max_items,
+        "split_min_cols" => &mut tuning.split_min_cols,
+        "split_max_rows" => &mut tuning.split_max_rows,
+        "split_chunk" => &mut tuning.split_chunk,
+        "split_team" => &mut tuning.split_team,
+        "split_group_bytes" => &mut tuning.split_group_bytes,
+        "vector" => &mut tuning.vector,
+        "subgroups" => &mut tuning.subgroups,
+        _ => return None,
+    })
+}
+
+/// `FIELD=VALUE`, checked against what the field accepts.
+fn parse_tune(text: &str) -> Result<(&'static str, u32), String> {
     let (key, value) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not FIELD=VALUE"))?;
-    let value = value.parse().map_err(|e| format!("{text:?}: {e}"))?;
-    Ok((key.to_string(), value))
+    let Some(&(name, accepts)) = TUNE_FIELDS.iter().find(|(name, _)| *name == key) else {
+        let names: Vec<_> = TUNE_FIELDS.iter().map(|(name, _)| *name).collect();
+        return Err(format!(
+            "unknown tuning field {key:?}; one of {}",
+            names.join(", ")
+        ));
+    };
+    let value: u32 = value.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let valid = match accepts {
+        Accepts::Any => true,
+        Accepts::AtLeastOne => value >= 1,
+        Accepts::PowerOfTwoUpTo(max) => value.is_power_of_two() && value <= max,
+        Accepts::OneOf(values) => values.contains(&value),
+    };
+    if !valid {
+        let wanted = match accepts {
+            Accepts::Any => unreachable!("every value is valid"),
+            Accepts::AtLeastOne => "at least 1".to_owned(),
+            Accepts::PowerOfTwoUpTo(max) => format!("a power of two up to {max}"),
+            Accepts::OneOf(values) => values
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" or "),
+        };
+        return Err(format!("{name} must be {wanted}, got {value}"));
+    }
+    Ok((name, value))
 }
 
-fn tuned(ctx: &Context, overrides: &[(String, u32)]) -> std::result::Result<Context, String> {
+/// The context with the overrides applied; a value the kernels' or the device's limits changed
+/// is reported on stderr.
+fn tuned(ctx: &Context, overrides: &[(&'static str, u32)]) -> Result<Context> {
     if overrides.is_empty() {
         return Ok(ctx.clone());
     }
-    let mut t = ctx.tuning();
-    for (key, value) in overrides {
-        let slot = match key.as_str() {
-            "thread_workgroup" => &mut t.thread_workgroup,
-            "thread_max_cols" => &mut t.thread_max_cols,
-            "thread_max_cols_without_subgroups" => &mut t.thread_max_cols_without_subgroups,
-            "subgroup_workgroup" => &mut t.subgroup_workgroup,
-            "subgroup_max_cols" => &mut t.subgroup_max_cols,
-            "row_workgroup" => &mut t.row_workgroup,
-            "max_items" => &mut t.max_items,
-            "split_min_cols" => &mut t.split_min_cols,
-            "split_max_rows" => &mut t.split_max_rows,
-            "split_chunk" => &mut t.split_chunk,
-            "split_team" => &mut t.split_team,
-            "split_group_bytes" => &mut t.split_group_bytes,
-            "subgroups" => &mut t.subgroups,
-            "vector" => &mut t.vector,
-            other => return Err(format!("unknown tuning field {other:?}")),
-        };
-        *slot = *value;
+    let mut wanted = ctx.tuning();
+    for &(name, value) in overrides {
+        if let Some(slot) = field(&mut wanted, name) {
+            *slot = value;
+        }
     }
-    Context::from_device_with_tuning(ctx.device().clone(), ctx.queue().clone(), t)
-        .map_err(|e| e.to_string())
+    let tuned =
+        Context::from_device_with_tuning(ctx.device().clone(), ctx.queue().clone(), wanted)?;
+    let mut in_effect = tuned.tuning();
+    for &(name, value) in overrides {
+        match field(&mut in_effect, name) {
+            Some(&mut actual) if actual != value => eprintln!(
+                "wgpu-softmax bench: --tune {name}={value} is clamped to {actual} by the limits of the kernels or of this device"
+            ),
+            _ => {}
+        }
+    }
+    Ok(tuned)
 }
 
+/// The tuning as `FIELD: VALUE` pairs, for JSON records.
+fn tuning_fields(tuning: Tuning) -> BTreeMap<&'static str, u32> {
+    let mut tuning = tuning;
+    TUNE_FIELDS
+        .iter()
+        .filter_map(|&(name, _)| Some((name, *field(&mut tuning, name)?)))
+        .collect()
+}
+
+fn parse_repeats(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<i64>() {
+        Ok(n) if n >= 1 => usize::try_from(n).map_err(|e| e.to_string()),
+        Ok(n) => Err(format!("must be at least 1, got {n}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// An op of the library; `copy`, the limit every record is measured against, is not one.
 fn parse_op(name: &str) -> Result<BenchOp, String> {
-    BenchOp::from_name(name).ok_or_else(|| {
-        let names: Vec<_> = BenchOp::OPS.iter().map(|op| op.name()).collect();
-        format!("unknown op {name:?}; one of {}", names.join(", "))
-    })
+    BenchOp::OPS
+        .into_iter()
+        .find(|op| op.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = BenchOp::OPS.iter().map(|op| op.name()).collect();
+            format!("unknown op {name:?}; one of {}", names.join(", "))
+        })
 }
 
 fn parse_shape(text: &str) -> Result<(usize, usize), String> {
@@ -167,6 +267,10 @@ struct Record {
     adapter: String,
     /// What ran: the GPU kernel's team, registers and loads, or the CPU path's instruction set.
     kernel: String,
+    /// GPU records: the kernel-choice table in effect (defaults, `--tune` overrides, the device's
+    /// limits applied).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tuning: Option<BTreeMap<&'static str, u32>>,
 }
 
 fn median(mut run: impl FnMut() -> Result<Duration>, repeats: usize) -> Result<Duration> {
@@ -210,7 +314,7 @@ pub fn run(ctx: &Context, args: &BenchArgs) -> ExitCode {
     let ctx = &match tuned(ctx, &args.tune) {
         Ok(ctx) => ctx,
         Err(error) => {
-            eprintln!("wgpu-softmax bench: {error}");
+            eprintln!("wgpu-softmax bench: {}", one_line(&error.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -305,6 +409,7 @@ fn measure_shape(
     records: &mut Vec<Record>,
 ) -> Result<()> {
     let adapter = ctx.describe();
+    let tuning = tuning_fields(ctx.tuning());
     bar.set_message(format!("copy {rows}x{cols}"));
     let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
     // The GPU limit is the faster of two access patterns on this adapter.
@@ -341,6 +446,7 @@ fn measure_shape(
                 timing: timing.name(),
                 adapter: adapter.clone(),
                 kernel: kernel.to_string(),
+                tuning: (device == "gpu").then(|| tuning.clone()),
             }
         };
         if !args.no_gpu {
