@@ -386,3 +386,50 @@ fn bench_refuses_arguments_it_would_change() {
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["tuning"]["thread_max_cols"], 4096, "{records:?}");
 }
+
+/// A negative number is a value, so the range check explains what is wrong with it.
+#[test]
+fn negative_numbers_reach_the_range_checks() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("runner-negative");
+    write(
+        &dir.path("x.npy"),
+        &[2, 3],
+        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
+    );
+    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
+    let out = dir.arg("out.npy");
+    let args: Vec<String> = [
+        "apply",
+        "cross-entropy",
+        "--input",
+        &dir.arg("x.npy"),
+        "--targets",
+        &dir.arg("t.npy"),
+        "--output",
+        &out,
+        "--label-smoothing",
+        "-0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    fails_with(&args, "--label-smoothing must lie in [0, 1], got -0.1");
+    assert!(!Path::new(&out).exists());
+
+    for (extra, needle) in [
+        (["--repeats", "-1"], "must be at least 1, got -1"),
+        (["--shape", "-3x5"], "must have rows and cols >= 1"),
+    ] {
+        let output = runner()
+            .args(["bench", "--op", "softmax"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+    }
+}

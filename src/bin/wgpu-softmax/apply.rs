@@ -59,7 +59,7 @@ pub struct ApplyArgs {
     #[arg(long, value_enum)]
     reduction: Option<ReductionArg>,
     /// Cross-entropy: label smoothing in [0, 1] [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     label_smoothing: Option<f32>,
     /// Cross-entropy: also write dLoss/dLogits (float32, shaped like the logits) here.
     #[arg(long)]

@@ -27,10 +27,15 @@ pub struct BenchArgs {
     ops: Vec<BenchOp>,
     /// Shapes `ROWSxCOLS` (repeatable). Default: 4096x4096, 16384x1024, 65536x128, 64x262144,
     /// 4x524288, 32x10.
-    #[arg(long = "shape", value_parser = parse_shape)]
+    #[arg(long = "shape", value_parser = parse_shape, allow_hyphen_values = true)]
     shapes: Vec<(usize, usize)>,
     /// Timed repetitions per case, at least 1 (the median is reported), after one warm-up.
-    #[arg(long, default_value_t = 7, value_parser = parse_repeats)]
+    #[arg(
+        long,
+        default_value_t = 7,
+        value_parser = parse_repeats,
+        allow_negative_numbers = true
+    )]
     repeats: usize,
     /// Print a JSON array of records instead of a table.
     #[arg(long)]
@@ -198,10 +203,13 @@ fn parse_shape(text: &str) -> Result<(usize, usize), String> {
     let (rows, cols) = text
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("shape {text:?} is not ROWSxCOLS"))?;
-    let parse = |v: &str| {
-        v.trim()
+    let parse = |v: &str| match v.trim() {
+        negative if negative.starts_with('-') => {
+            Err(format!("shape {text:?} must have rows and cols >= 1"))
+        }
+        v => v
             .parse::<usize>()
-            .map_err(|e| format!("shape {text:?}: {e}"))
+            .map_err(|e| format!("shape {text:?}: {e}")),
     };
     let (rows, cols) = (parse(rows)?, parse(cols)?);
     if rows == 0 || cols == 0 {
