@@ -433,3 +433,52 @@ fn negative_numbers_reach_the_range_checks() {
         assert!(stderr.contains(needle), "{extra:?}: {stderr}");
     }
 }
+
+/// A file of the wrong element type is told what that input takes, and how to convert it.
+#[test]
+fn wrong_dtype_names_what_the_input_takes() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("runner-dtype");
+    write(&dir.path("f64.npy"), &[2, 3], &[0.5f64; 6]);
+    write(&dir.path("x.npy"), &[2, 3], &[0.5f32; 6]);
+    let out = dir.arg("out.npy");
+    let args = |op: &str, extra: &[String]| -> Vec<String> {
+        let mut args: Vec<String> = ["apply", op, "--output", &out]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend_from_slice(extra);
+        args
+    };
+    fails_with(
+        &args("softmax", &["--input".into(), dir.arg("f64.npy")]),
+        "f64.npy holds float64; expected float32 (convert with x.astype(np.float32))",
+    );
+    fails_with(
+        &args(
+            "softmax-backward",
+            &[
+                "--input".into(),
+                dir.arg("x.npy"),
+                "--grad".into(),
+                dir.arg("f64.npy"),
+            ],
+        ),
+        "f64.npy holds float64; expected float32 (",
+    );
+    fails_with(
+        &args(
+            "cross-entropy",
+            &[
+                "--input".into(),
+                dir.arg("x.npy"),
+                "--targets".into(),
+                dir.arg("f64.npy"),
+            ],
+        ),
+        "f64.npy holds float64; expected int64 or int32 class indices, or float32 probabilities",
+    );
+    assert!(!Path::new(&out).exists());
+}

@@ -89,7 +89,7 @@ struct Array {
 }
 
 fn read_f32(path: &Path) -> Result<Array, String> {
-    let array = npy::read(path).map_err(|e| e.to_string())?;
+    let array = npy::read_as(path, npy::Expected::FLOAT32).map_err(|e| e.to_string())?;
     let shape = array.shape.clone();
     let data = array.into_f32().map_err(|e| e.to_string())?;
     Ok(Array { shape, data })
@@ -319,7 +319,7 @@ impl ClassLayout {
 fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), String> {
     let targets_path = required(&args.targets, "targets", "cross-entropy")?;
     let layout = ClassLayout::of(&logits.shape, &args.input)?;
-    let targets = npy::read(targets_path).map_err(|e| e.to_string())?;
+    let targets = npy::read_as(targets_path, npy::Expected::TARGETS).map_err(|e| e.to_string())?;
     let mut target_shape = logits.shape.clone();
     target_shape.remove(1);
     let is_indices = !matches!(targets.data, NpyData::F32(_));

@@ -20,8 +20,33 @@ const MAX_HEADER_LEN: usize = 1 << 16;
 /// front keeps both the recursion and the message small.
 const MAX_HEADER_NESTING: usize = 32;
 
-/// What `read` accepts, in the words its error message uses.
-const READABLE_DTYPES: &str = "float32, int64 or int32";
+/// The element types an input may hold, in the words its error message uses.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected {
+    kinds: &'static [ElementKind],
+    /// E.g. `float32 (convert with x.astype(np.float32))`.
+    words: &'static str,
+}
+
+impl Expected {
+    /// Everything `read` can read.
+    pub const ANY: Expected = Expected {
+        kinds: &[ElementKind::F32, ElementKind::I64, ElementKind::I32],
+        words: "float32, int64 or int32",
+    };
+
+    /// Float inputs: logits, probabilities, gradients, weights.
+    pub const FLOAT32: Expected = Expected {
+        kinds: &[ElementKind::F32],
+        words: "float32 (convert with x.astype(np.float32))",
+    };
+
+    /// Cross-entropy targets: class indices or probabilities.
+    pub const TARGETS: Expected = Expected {
+        kinds: &[ElementKind::I64, ElementKind::I32, ElementKind::F32],
+        words: "int64 or int32 class indices, or float32 probabilities (convert with t.astype(np.int64) or t.astype(np.float32))",
+    };
+}
 
 #[derive(Debug, Error)]
 pub enum NpyError {
@@ -134,13 +159,13 @@ impl NpyArray {
             NpyData::I64(_) | NpyData::I32(_) => Err(NpyError::UnsupportedDtype {
                 path: self.path,
                 found: found.to_owned(),
-                expected: "float32",
+                expected: Expected::FLOAT32.words,
             }),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ElementKind {
     F32,
     I64,
@@ -212,7 +237,13 @@ fn format_shape<T: std::fmt::Display>(shape: &[T]) -> String {
 
 /// Reads an `.npy` file holding float32, int64 or int32 values of any rank and byte order.
 /// Fortran-ordered files are transposed, so the result is always in C order.
+#[allow(dead_code)] // every input says what it expects; the tests read anything
 pub fn read(path: &Path) -> Result<NpyArray, NpyError> {
+    read_as(path, Expected::ANY)
+}
+
+/// Like [`read`], refusing (before reading the data) an element type `expected` does not list.
+pub fn read_as(path: &Path, expected: Expected) -> Result<NpyArray, NpyError> {
     let file = File::open(path).map_err(|e| NpyError::io(path, "open", e))?;
     let file_len = file
         .metadata()
@@ -228,11 +259,11 @@ pub fn read(path: &Path) -> Result<NpyArray, NpyError> {
         NpyHeader::from_reader(&header_bytes[..]).map_err(|e| NpyError::malformed(path, e))?;
 
     let dtype = header.dtype();
-    let Some(kind) = ElementKind::of(&dtype) else {
+    let Some(kind) = ElementKind::of(&dtype).filter(|k| expected.kinds.contains(k)) else {
         return Err(NpyError::UnsupportedDtype {
             path: path.to_owned(),
             found: describe_dtype(&dtype),
-            expected: READABLE_DTYPES,
+            expected: expected.words,
         });
     };
 
@@ -950,6 +981,24 @@ mod tests {
             &[0; 8],
         );
         assert!(read_err(&structured).contains("structured dtype"));
+    }
+
+    #[test]
+    fn each_input_names_the_types_it_takes() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("x.npy");
+        write_with(&path, "<f8", Order::C, &[2], &[1.0f64, 2.0]);
+        let msg = read_as(&path, Expected::FLOAT32).unwrap_err().to_string();
+        assert!(
+            msg.ends_with(
+                "x.npy holds float64; expected float32 (convert with x.astype(np.float32))"
+            ),
+            "{msg}"
+        );
+        write_with(&path, "<i8", Order::C, &[2], &[1i64, 2]);
+        let msg = read_as(&path, Expected::FLOAT32).unwrap_err().to_string();
+        assert!(msg.contains("holds int64; expected float32 ("), "{msg}");
+        assert!(read_as(&path, Expected::TARGETS).is_ok());
     }
 
     #[test]
