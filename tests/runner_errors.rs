@@ -482,3 +482,39 @@ fn wrong_dtype_names_what_the_input_takes() {
     );
     assert!(!Path::new(&out).exists());
 }
+
+/// `bench --no-gpu` looks for no adapter, so the adapter variables cannot stop it; a
+/// `WGPU_BACKEND` that wgpu would read as no backend at all is explained as such.
+#[test]
+fn adapter_variables_are_checked_only_where_an_adapter_is_needed() {
+    if context().is_none() {
+        return;
+    }
+    let output = runner()
+        .args(["bench", "--no-gpu", "--shape", "3x5", "--op", "softmax"])
+        .args(["--repeats", "1", "--json"])
+        .env("WGPU_ADAPTER_NAME", "zzz-no-such-adapter")
+        .env("WGPU_BACKEND", "bogus")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["device"], "cpu", "{records:?}");
+
+    for (value, needle) in [
+        ("bogus", "WGPU_BACKEND=\"bogus\" is not understood"),
+        ("gl,vulkn", "\"vulkn\" is not a backend"),
+        ("", "names no backend"),
+    ] {
+        let output = runner()
+            .args(["info", "--short"])
+            .env("WGPU_BACKEND", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{value:?}: {stderr}");
+        assert!(stderr.contains(needle), "{value:?}: {stderr}");
+        assert!(stderr.contains("vulkan, vk"), "{value:?}: {stderr}");
+    }
+}

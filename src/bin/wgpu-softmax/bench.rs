@@ -41,7 +41,7 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Also time the GPU host-slice form end to end (upload, kernels, readback).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_gpu")]
     end_to_end: bool,
     /// Skip the CPU fast path.
     #[arg(long, conflicts_with = "no_gpu")]
@@ -55,7 +55,7 @@ pub struct BenchArgs {
     /// split_team, split_group_bytes, vector, subgroups. Workgroup sizes and split_chunk must be
     /// at least 1, max_items a power of two up to 32, vector 1 or 4, subgroups 0 or 1; a value
     /// the device's limits change is reported on stderr.
-    #[arg(long = "tune", value_parser = parse_tune)]
+    #[arg(long = "tune", value_parser = parse_tune, conflicts_with = "no_gpu")]
     tune: Vec<(&'static str, u32)>,
 }
 
@@ -272,7 +272,9 @@ struct Record {
     limit_gb_per_s: f64,
     pct_of_limit: f64,
     timing: &'static str,
-    adapter: String,
+    /// The GPU adapter, when one was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adapter: Option<String>,
     /// What ran: the GPU kernel's team, registers and loads, or the CPU path's instruction set.
     kernel: String,
     /// GPU records: the kernel-choice table in effect (defaults, `--tune` overrides, the device's
@@ -318,14 +320,23 @@ fn interleaved(
     Ok((middle(&mut op_times), limits))
 }
 
-pub fn run(ctx: &Context, args: &BenchArgs) -> ExitCode {
-    let ctx = &match tuned(ctx, &args.tune) {
-        Ok(ctx) => ctx,
+impl BenchArgs {
+    /// Whether the bench needs a GPU context (without `--no-gpu` no adapter is looked for).
+    pub fn needs_gpu(&self) -> bool {
+        !self.no_gpu
+    }
+}
+
+/// Runs the bench: on the GPU of `ctx`, when there is one, and on the CPU unless `--no-cpu`.
+pub fn run(ctx: Option<&Context>, args: &BenchArgs) -> ExitCode {
+    let tuned = match ctx.map(|ctx| tuned(ctx, &args.tune)).transpose() {
+        Ok(tuned) => tuned,
         Err(error) => {
             eprintln!("wgpu-softmax bench: {}", one_line(&error.to_string()));
             return ExitCode::from(2);
         }
     };
+    let ctx = tuned.as_ref();
     let ops = if args.ops.is_empty() {
         BenchOp::OPS.to_vec()
     } else {
@@ -384,7 +395,7 @@ fn amount(bytes: Option<usize>) -> String {
 }
 
 fn measure(
-    ctx: &Context,
+    ctx: Option<&Context>,
     args: &BenchArgs,
     ops: &[BenchOp],
     shapes: &[(usize, usize)],
@@ -409,21 +420,19 @@ fn measure(
 
 /// Every op of `ops` on one shape, on the devices selected.
 fn measure_shape(
-    ctx: &Context,
+    ctx: Option<&Context>,
     args: &BenchArgs,
     ops: &[BenchOp],
     (rows, cols): (usize, usize),
     bar: &ProgressBar,
     records: &mut Vec<Record>,
 ) -> Result<()> {
-    let adapter = ctx.describe();
-    let tuning = tuning_fields(ctx.tuning());
+    let adapter = ctx.map(Context::describe);
+    let tuning = ctx.map(|ctx| tuning_fields(ctx.tuning()));
     bar.set_message(format!("copy {rows}x{cols}"));
     let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
     // The GPU limit is the faster of two access patterns on this adapter.
-    let gpu_copies = if args.no_gpu {
-        Vec::new()
-    } else {
+    let gpu_copies = if let Some(ctx) = ctx {
         // Checked before any host buffer is filled for the upload.
         let bytes = (rows * cols * 4) as u64;
         let max = ctx.device().limits().max_buffer_size;
@@ -434,6 +443,8 @@ fn measure_shape(
             .into_iter()
             .map(|run| Ok(GpuBench::new(ctx, BenchOp::Copy, rows, cols)?.copy_in_runs(run)))
             .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
     };
     let mut cpu_copy = (!args.no_cpu).then(|| CpuBench::new(BenchOp::Copy, rows, cols));
     let gb_per_s = |bytes: f64, time: Duration| bytes / time.as_secs_f64() / 1e9;
@@ -454,10 +465,10 @@ fn measure_shape(
                 timing: timing.name(),
                 adapter: adapter.clone(),
                 kernel: kernel.to_string(),
-                tuning: (device == "gpu").then(|| tuning.clone()),
+                tuning: tuning.clone().filter(|_| device == "gpu"),
             }
         };
-        if !args.no_gpu {
+        if let Some(ctx) = ctx {
             let gpu = GpuBench::new(ctx, op, rows, cols)?;
             let mut runs: Vec<_> = gpu_copies.iter().map(|c| move || c.run()).collect();
             let mut limits: Vec<&mut dyn FnMut() -> Result<Duration>> = runs
@@ -488,9 +499,11 @@ fn measure_shape(
     Ok(())
 }
 
-fn print_table(ctx: &Context, records: &[Record]) {
-    println!("adapter: {}", ctx.describe());
-    println!("tuning: {:?}", ctx.tuning());
+fn print_table(ctx: Option<&Context>, records: &[Record]) {
+    if let Some(ctx) = ctx {
+        println!("adapter: {}", ctx.describe());
+        println!("tuning: {:?}", ctx.tuning());
+    }
     println!(
         "{:<21} {:>13} {:>6} {:>11} {:>8} {:>8} {:>7}  {:<25}  kernel",
         "op", "shape", "device", "ms", "GB/s", "limit", "% lim", "timing"

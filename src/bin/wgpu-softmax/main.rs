@@ -45,28 +45,67 @@ fn main() -> ExitCode {
         Command::Check => with_context(check::run),
         Command::Info { short } => info(short),
         Command::Apply(args) => with_context(|ctx| apply::run(ctx, &args)),
-        Command::Bench(args) => with_context(|ctx| bench::run(ctx, &args)),
+        Command::Bench(args) if !args.needs_gpu() => bench::run(None, &args),
+        Command::Bench(args) => with_context(|ctx| bench::run(Some(ctx), &args)),
     }
 }
 
+/// wgpu's names for `WGPU_BACKEND`, as `wgpu::Backends::from_comma_list` reads them.
+const BACKEND_NAMES: [&str; 11] = [
+    "vulkan", "vk", "dx12", "d3d12", "metal", "mtl", "opengl", "gles", "gl", "webgpu", "noop",
+];
+
+/// Refuses a `WGPU_BACKEND` with a name wgpu does not know: wgpu skips such names, so a typo
+/// would otherwise search other backends than meant, or none at all.
+fn check_backend_variable() -> Result<(), String> {
+    let Ok(value) = std::env::var("WGPU_BACKEND") else {
+        return Ok(());
+    };
+    let lower = value.to_lowercase();
+    let names: Vec<&str> = lower
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    let unknown: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| !BACKEND_NAMES.contains(name))
+        .collect();
+    let problem = match unknown.as_slice() {
+        [] if names.is_empty() => "names no backend".to_owned(),
+        [] => return Ok(()),
+        [one] => format!("is not understood: {one:?} is not a backend"),
+        many => format!("is not understood: {many:?} are not backends"),
+    };
+    Err(format!(
+        "WGPU_BACKEND={value:?} {problem}; valid names, comma-separated: {}",
+        BACKEND_NAMES.join(", ")
+    ))
+}
+
 /// Creates the context or explains, in one line, why there is none (exit code 2).
+fn new_context() -> Result<Context, ExitCode> {
+    let created = check_backend_variable()
+        .and_then(|()| Context::new_blocking().map_err(|error| error.to_string()));
+    created.map_err(|error| {
+        eprintln!("wgpu-softmax: {error}");
+        ExitCode::from(2)
+    })
+}
+
+/// Runs `body` with a new context, or explains, in one line, why there is none (exit code 2).
 fn with_context(body: impl FnOnce(&Context) -> ExitCode) -> ExitCode {
-    match Context::new_blocking() {
+    match new_context() {
         Ok(ctx) => body(&ctx),
-        Err(error) => {
-            eprintln!("wgpu-softmax: {error}");
-            ExitCode::from(2)
-        }
+        Err(code) => code,
     }
 }
 
 fn info(short: bool) -> ExitCode {
-    let ctx = match Context::new_blocking() {
+    let ctx = match new_context() {
         Ok(ctx) => ctx,
-        Err(error) => {
-            eprintln!("wgpu-softmax: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if short {
         println!("adapter: {}", ctx.describe());
