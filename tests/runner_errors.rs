@@ -223,6 +223,17 @@ fn bench_refuses_shapes_too_large_for_memory() {
         assert!(stderr.contains(needle), "{shape}: {stderr}");
         assert!(!stderr.contains("panicked"), "{shape}: {stderr}");
     }
+
+    // A matrix just over the adapter's largest buffer is refused before the host fills one.
+    let max = context().unwrap().device().limits().max_buffer_size;
+    let shape = format!("{}x1024", max / 4096 + 1);
+    let output = runner()
+        .args(["bench", "--no-cpu", "--op", "softmax", "--shape", &shape])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{shape}: {stderr}");
+    assert!(stderr.contains("max_buffer_size"), "{shape}: {stderr}");
 }
 
 /// A failure names what the user gave: the targets file for a bad target, at its index in the

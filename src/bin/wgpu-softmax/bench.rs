@@ -405,6 +405,15 @@ fn measure(
     );
     let mut records = Vec::new();
     let result = shapes.iter().try_for_each(|&(rows, cols)| {
+        // Checked before any host buffer is filled for the upload.
+        if let Some(ctx) = ctx {
+            let bytes = (rows * cols * 4) as u64;
+            let max = ctx.device().limits().max_buffer_size;
+            if bytes > max {
+                let source = wgpu_softmax::Error::TensorTooLarge { bytes, max };
+                return Err(BenchError::Shape { rows, cols, source });
+            }
+        }
         // The benches allocate their host buffers infallibly: the whole amount is reserved once
         // (and freed) first, so that a shape too large for memory is an error, not an abort.
         let bytes = host_bytes(args, rows, cols);
@@ -433,12 +442,6 @@ fn measure_shape(
     let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
     // The GPU limit is the faster of two access patterns on this adapter.
     let gpu_copies = if let Some(ctx) = ctx {
-        // Checked before any host buffer is filled for the upload.
-        let bytes = (rows * cols * 4) as u64;
-        let max = ctx.device().limits().max_buffer_size;
-        if bytes > max {
-            return Err(wgpu_softmax::Error::TensorTooLarge { bytes, max });
-        }
         [0, COPY_RUN]
             .into_iter()
             .map(|run| Ok(GpuBench::new(ctx, BenchOp::Copy, rows, cols)?.copy_in_runs(run)))
