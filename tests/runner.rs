@@ -287,7 +287,7 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
     assert_eq!(output.status.code(), Some(2), "{output:?}");
 }
 
-/// `scripts/gpu_tune.sh` end to end on a tiny shape: the defaults and two override sets, each a
+/// `scripts/gpu_tune.sh` end to end on a tiny shape: the defaults and three override sets, each a
 /// row per shape in the summary, then the best set per shape.
 #[test]
 fn tuning_sweep_ranks_override_sets_against_the_defaults() {
@@ -301,7 +301,7 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
         .arg(root.join("scripts/gpu_tune.sh"))
         .env("OUT", &out)
         .env("WGPU_SOFTMAX", env!("CARGO_BIN_EXE_wgpu-softmax"))
-        .env("SETS", "vector=1 split_group_bytes=8MiB")
+        .env("SETS", "vector=1 subgroups=0 split_group_bytes=8MiB")
         .env("SHAPES", "3x8")
         .env("ROUNDS", "1")
         .env("REPEATS", "1")
@@ -314,6 +314,7 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
         "| softmax | ",
         "| cross-entropy | ",
         "| vector=1 | 3x8 | ",
+        "| subgroups=0 | 3x8 | ",
         "| split_group_bytes=8MiB | 3x8 | ",
         "- 3x8: softmax: ",
         "- 3x8: ",
@@ -321,7 +322,7 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
         assert!(table.contains(line), "{line}: {table}");
     }
     // The defaults, then each set: five ops, on the one shape.
-    for index in 1..=3 {
+    for index in 1..=4 {
         let records: Vec<serde_json::Value> = serde_json::from_str(
             &std::fs::read_to_string(out.join(format!("set_{index}_r1.json"))).unwrap(),
         )

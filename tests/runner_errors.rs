@@ -348,6 +348,7 @@ fn bench_refuses_arguments_it_would_change() {
         (&["--no-gpu", "--no-cpu"][..], "cannot be used with"),
         (&["--op", "copy"][..], "unknown op \"copy\""),
         (&["--tune", "vector=3"][..], "vector must be 1 or 4"),
+        (&["--tune", "subgroups=2"][..], "subgroups must be 0 or 1"),
         (
             &["--tune", "max_items=5"][..],
             "max_items must be a power of two",
