@@ -49,6 +49,10 @@ pub(crate) struct Gpu {
     lost: Arc<Mutex<Option<String>>>,
     /// Host-form staging buffers, reused across calls; one set per concurrent call.
     pub scratch: Mutex<Vec<crate::ops::Scratch>>,
+    /// The softmax the Jacobian kernel reads, made on first use and regrown when a call needs
+    /// more; each Jacobian's softmax pass is followed at once by its Jacobian pass, so calls
+    /// recorded one after another share it.
+    pub jacobian_probabilities: Mutex<Option<wgpu::Buffer>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -248,6 +252,7 @@ impl Context {
                 unused_write,
                 lost,
                 scratch: Mutex::new(Vec::new()),
+                jacobian_probabilities: Mutex::new(None),
             }),
         })
     }

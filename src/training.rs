@@ -267,7 +267,8 @@ impl Tensor {
     }
 }
 
-/// Records the softmax of `x` into a scratch buffer, then the Jacobian blocks from it.
+/// Records the softmax of `x` into the context's probabilities buffer, then the Jacobian blocks
+/// from it.
 fn encode_jacobian(
     gpu: &Gpu,
     encoder: &mut wgpu::CommandEncoder,
@@ -276,13 +277,29 @@ fn encode_jacobian(
     rows: usize,
     cols: usize,
 ) -> Result<()> {
-    // The probabilities live until the encoder's work is done: the bind groups hold them.
-    let probs = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("wgpu-softmax jacobian probabilities"),
-        size: ((rows * cols * 4) as u64).max(4),
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let bytes = matrix_bytes(rows, cols).max(4);
+    let probs = {
+        let mut slot = gpu
+            .jacobian_probabilities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(buffer) if buffer.size() >= bytes => buffer.clone(),
+            _ => {
+                // In a scope of its own, so that a buffer the device refused never takes the
+                // slot. A buffer it replaces lives on while earlier recordings bind it.
+                let buffer = crate::context::capture(&gpu.device, || {
+                    Ok(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("wgpu-softmax jacobian probabilities"),
+                        size: bytes,
+                        usage: wgpu::BufferUsages::STORAGE,
+                        mapped_at_creation: false,
+                    }))
+                })?;
+                slot.insert(buffer).clone()
+            }
+        }
+    };
     let softmax = crate::ops::normalize_call(
         Normalization::Softmax,
         Operand::matrix(x, cols),
@@ -312,8 +329,50 @@ impl Context {
     /// [`Error::JacobianTooWide`] above [`JACOBIAN_MAX_COLS`](crate::cpu::JACOBIAN_MAX_COLS)
     /// classes, shape errors as for [`Context::softmax`], and device errors.
     pub fn softmax_jacobian(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-        validate::jacobian_rows("x", x.len(), cols)?;
-        self.upload(x, cols)?.softmax_jacobian()?.to_vec()
+        pollster::block_on(self.host_jacobian(x, cols, Wait::Block))
+    }
+
+    /// Async form of [`Context::softmax_jacobian`].
+    pub async fn softmax_jacobian_async(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        self.host_jacobian(x, cols, Wait::Background).await
+    }
+
+    /// The host forms of the Jacobian, in row blocks whose output fits the staging size (or one
+    /// binding, for a single row), so that the result may exceed any one GPU buffer.
+    async fn host_jacobian(&self, x: &[f32], cols: usize, wait: Wait) -> Result<Vec<f32>> {
+        let rows = validate::jacobian_rows("x", x.len(), cols)?;
+        let gpu = &self.gpu;
+        gpu.check_alive()?;
+        let out_cols = cols * cols;
+        let mut out = vec![0f32; rows * out_cols];
+        if rows == 0 {
+            return Ok(out);
+        }
+        let blocks = host_blocks(gpu, rows, out_cols)?;
+        // Input, output and readback of the largest output block; the input uses a part.
+        let scratch = self.take_scratch(matrix_bytes(blocks[0].1, out_cols))?;
+        for (first, n) in blocks {
+            let submission = gpu.scoped(|| {
+                let rows_in = &x[first * cols..(first + n) * cols];
+                gpu.queue
+                    .write_buffer(&scratch.input, 0, bytemuck::cast_slice(rows_in));
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                encode_jacobian(gpu, &mut encoder, &scratch.input, &scratch.output, n, cols)?;
+                encoder.copy_buffer_to_buffer(
+                    &scratch.output,
+                    0,
+                    &scratch.readback,
+                    0,
+                    matrix_bytes(n, out_cols),
+                );
+                Ok(gpu.queue.submit([encoder.finish()]))
+            })?;
+            let range = first * out_cols..(first + n) * out_cols;
+            gpu.read_mapped(&scratch.readback, submission, &mut out[range], wait)
+                .await?;
+        }
+        self.give_scratch(scratch);
+        Ok(out)
     }
 
     /// Records `output = softmax_jacobian(input)` for `rows x cols` into the caller's `encoder`:

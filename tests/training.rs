@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_grad_close, logits, strategy_tunings, tuned, with_gpu};
+use common::{assert_grad_close, logits, small_limits_context, strategy_tunings, tuned, with_gpu};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
@@ -145,6 +145,25 @@ fn jacobian_matches_the_reference_and_its_cap() {
             ctx.encode_softmax_jacobian(&mut encoder, input.buffer(), input.buffer(), rows, cols),
             Err(Error::BufferTooSmall { what: "output", .. })
         ));
+        // Calls recorded one after another share the probabilities buffer; a wider one grows it.
+        let (x2, cols2) = (logits(3, 50, 2.0, 7), 50);
+        let input2 = ctx.upload(&x2, cols2).unwrap();
+        let output2 = ctx.empty(3, cols2 * cols2).unwrap();
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        ctx.encode_softmax_jacobian(&mut encoder, input.buffer(), output.buffer(), rows, cols)
+            .unwrap();
+        ctx.encode_softmax_jacobian(&mut encoder, input2.buffer(), output2.buffer(), 3, cols2)
+            .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        assert_eq!(
+            output.to_vec().unwrap(),
+            ctx.softmax_jacobian(&x, cols).unwrap()
+        );
+        let cmp = Tolerance::SOFTMAX.compare(
+            &output2.to_vec().unwrap(),
+            &reference::softmax_jacobian(&x2, cols2).unwrap(),
+        );
+        assert!(cmp.passed(), "second recorded jacobian: {cmp:?}");
         let wide = vec![0.0; 1025];
         assert!(matches!(
             ctx.softmax_jacobian(&wide, 1025),
@@ -630,6 +649,34 @@ fn cross_entropy_misuse_returns_typed_errors() {
                 what: "grad_output",
                 ..
             })
+        ));
+    });
+}
+
+/// The host Jacobian runs in row blocks, so its result may exceed every buffer of the device;
+/// a device tensor of that size is refused.
+#[test]
+fn host_jacobian_exceeds_one_buffer() {
+    with_gpu(|base| {
+        // Bindings of 1 MiB, buffers of 4 MiB: 40 rows of 300 x 300 Jacobians are 14.4 MB.
+        let ctx = small_limits_context(base);
+        let (rows, cols) = (40, 300);
+        let x = logits(rows, cols, 3.0, 21);
+        let got = ctx.softmax_jacobian(&x, cols).unwrap();
+        let cmp = Tolerance::SOFTMAX.compare(&got, &reference::softmax_jacobian(&x, cols).unwrap());
+        assert!(cmp.passed(), "host jacobian over max_buffer_size: {cmp:?}");
+        assert_eq!(
+            pollster::block_on(ctx.softmax_jacobian_async(&x, cols)).unwrap(),
+            got
+        );
+        assert!(matches!(
+            ctx.upload(&x, cols).unwrap().softmax_jacobian(),
+            Err(Error::TensorTooLarge { .. })
+        ));
+        // One row's Jacobian wider than a binding (600 x 600 x 4 bytes) is an error.
+        assert!(matches!(
+            ctx.softmax_jacobian(&logits(1, 600, 1.0, 2), 600),
+            Err(Error::RowTooLong { .. })
         ));
     });
 }
