@@ -269,25 +269,30 @@ pub(crate) fn record(
     dispatches: &[Dispatch],
     timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
 ) -> crate::Result<()> {
-    let mut bind_groups = Vec::with_capacity(dispatches.len());
-    for dispatch in dispatches {
-        let params = parameter_block(device, &dispatch.params)?;
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: params.as_entire_binding(),
-        }];
-        entries.extend(dispatch.windows.iter().enumerate().map(|(i, window)| {
-            wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: window.binding(),
-            }
-        }));
-        bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(family.name),
-            layout: &family.bind_group_layout,
-            entries: &entries,
-        }));
-    }
+    // Everything the pass binds is made first, in a scope of its own, so that a resource the
+    // device refuses is an error before anything reaches the caller's encoder.
+    let bind_groups = crate::context::capture(device, || {
+        let mut bind_groups = Vec::with_capacity(dispatches.len());
+        for dispatch in dispatches {
+            let params = parameter_block(device, &dispatch.params)?;
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: params.as_entire_binding(),
+            }];
+            entries.extend(dispatch.windows.iter().enumerate().map(|(i, window)| {
+                wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: window.binding(),
+                }
+            }));
+            bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(family.name),
+                layout: &family.bind_group_layout,
+                entries: &entries,
+            }));
+        }
+        Ok(bind_groups)
+    })?;
 
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some(family.name),

@@ -471,7 +471,20 @@ impl RowwiseFamily {
         let mut windows: Vec<Window> = call
             .operands
             .iter()
-            .map(|operand| operand.window(first, rows, gpu))
+            .zip(self.desc.operands)
+            .map(|(operand, access)| {
+                let window = operand.window(first, rows, gpu);
+                if window.size > 0 {
+                    return window;
+                }
+                // Only an empty buffer of a call over no rows gives an empty window, and no
+                // binding may be empty: the stand-in of the same access takes its place.
+                let stand_in = match access {
+                    Access::ReadWrite => &gpu.unused_write,
+                    Access::Read | Access::Uniform => &gpu.unused_read,
+                };
+                Window::new(stand_in, 0, 1, gpu.storage_align(), gpu.max_binding())
+            })
             .collect();
         windows.push(Window::new(
             partials,
