@@ -787,7 +787,12 @@ impl Context {
             }
             self.give_scratch(scratch);
         }
-        let total = || row_losses.iter().map(|&v| f64::from(v)).sum::<f64>();
+        // From +0: the sum over no rows is 0, where `Iterator::sum` would give -0.
+        let total = || {
+            row_losses
+                .iter()
+                .fold(0.0, |sum: f64, &l| sum + f64::from(l))
+        };
         let loss = match options.reduction {
             Reduction::None => row_losses,
             Reduction::Sum => vec![total() as f32],

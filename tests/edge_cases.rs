@@ -5,8 +5,11 @@
 mod common;
 
 use common::{assert_grad_close, logits, small_limits_context, with_gpu};
-use wgpu_softmax::cpu::reference;
-use wgpu_softmax::{Context, CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
+use wgpu_softmax::cpu::{self, reference};
+use wgpu_softmax::{
+    Context, CrossEntropyBuffers, CrossEntropyLoss, CrossEntropyOptions, GradDestination,
+    GradOutput, Reduction, TargetEncoding, Targets, Tolerance,
+};
 
 const INF: f32 = f32::INFINITY;
 
@@ -410,21 +413,81 @@ fn empty_batches_give_empty_results() {
             .cross_entropy_with_grad(&[], 7, Targets::Indices(&[]), &none, GradOutput::One)
             .unwrap();
         assert!(out.loss.is_empty() && out.grad.is_empty());
-        // PyTorch: the sum of nothing is 0, the mean of nothing is NaN.
-        let sum = CrossEntropyOptions {
-            reduction: Reduction::Sum,
-            ..Default::default()
-        };
-        assert_eq!(
-            ctx.cross_entropy(&[], 7, Targets::Indices(&[]), &sum)
-                .unwrap(),
-            [0.0]
-        );
-        let mean = ctx
-            .cross_entropy(&[], 7, Targets::Indices(&[]), &Default::default())
-            .unwrap();
-        assert!(mean.len() == 1 && mean[0].is_nan());
+        // PyTorch: the sum of nothing is +0 (not -0), the mean of nothing is NaN; on every
+        // path and in every form.
+        let no_rows = Targets::Indices(&[]);
+        for reduction in [Reduction::Sum, Reduction::Mean] {
+            let options = CrossEntropyOptions {
+                reduction,
+                ..Default::default()
+            };
+            let loss_fn = ctx.cross_entropy_loss(7, &options).unwrap();
+            let x = ctx.upload(&[], 7).unwrap();
+            let targets = loss_fn.upload_targets(no_rows).unwrap();
+            let f64_loss = reference::cross_entropy(&[], 7, no_rows, &options, GradOutput::One)
+                .unwrap()
+                .loss;
+            let fast = cpu::fast::cross_entropy(&[], 7, no_rows, &options, GradOutput::One)
+                .unwrap()
+                .loss;
+            let with_grad = loss_fn
+                .loss_and_grad(&x, &targets, GradOutput::One)
+                .unwrap();
+            assert!(with_grad.grad.is_empty());
+            let found = [
+                ("reference", f64_loss.iter().map(|&l| l as f32).collect()),
+                ("cpu::fast", fast),
+                (
+                    "host",
+                    ctx.cross_entropy(&[], 7, no_rows, &options).unwrap(),
+                ),
+                (
+                    "tensor",
+                    loss_fn.loss(&x, &targets).unwrap().to_vec().unwrap(),
+                ),
+                ("tensor with grad", with_grad.loss.to_vec().unwrap()),
+                ("encode", encode_empty_loss(ctx, &loss_fn)),
+            ];
+            for (form, loss) in found {
+                let ok = match reduction {
+                    Reduction::Sum => loss.len() == 1 && loss[0].to_bits() == 0,
+                    _ => loss.len() == 1 && loss[0].is_nan(),
+                };
+                assert!(ok, "{reduction:?} over no rows, {form}: {loss:?}");
+            }
+        }
     });
+}
+
+/// The reduced loss of no rows through `CrossEntropyLoss::encode`, on buffers of zero bytes
+/// (a caller's natural buffers for an empty batch): the call and its submission raise no error.
+fn encode_empty_loss(ctx: &Context, loss_fn: &CrossEntropyLoss) -> Vec<f32> {
+    use wgpu::BufferUsages as U;
+    let device = ctx.device();
+    let buffer = |size| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: U::STORAGE | U::COPY_DST | U::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    };
+    let (logits, targets, grad, loss) = (buffer(0), buffer(0), buffer(0), ctx.empty(1, 1).unwrap());
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let buffers = CrossEntropyBuffers {
+        logits: &logits,
+        targets: &targets,
+        target_encoding: TargetEncoding::Indices,
+        loss: loss.buffer(),
+        grad: GradDestination::Buffer(&grad),
+        rows: 0,
+    };
+    loss_fn.encode(&mut encoder, buffers, 1.0).unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    let error = pollster::block_on(scope.pop());
+    assert!(error.is_none(), "{error:?}");
+    loss.to_vec().unwrap()
 }
 
 #[test]

@@ -998,10 +998,12 @@ fn cross_entropy_planned(
                 .for_each(|(i, (g, l))| cross_entropy_block(&ctx, i * rows_per_task, g, l));
         }
     }
+    // From +0: the sum over no rows is 0, where `Iterator::sum` would give -0.
+    let total = || losses.iter().fold(0.0, |sum, &l| sum + l);
     match plan.reduction {
         Reduction::None => losses.iter().map(|&l| l as f32).collect(),
-        Reduction::Sum => vec![losses.iter().sum::<f64>() as f32],
-        Reduction::Mean => vec![(losses.iter().sum::<f64>() / plan.mean_denominator) as f32],
+        Reduction::Sum => vec![total() as f32],
+        Reduction::Mean => vec![(total() / plan.mean_denominator) as f32],
     }
 }
 

@@ -270,10 +270,12 @@ pub fn cross_entropy_f64(
         }
     }
 
+    // From +0: the sum over no rows is 0, where `Iterator::sum` would give -0.
+    let total = row_loss.iter().fold(0.0, |sum, &l| sum + l);
     let loss = match plan.reduction {
         Reduction::None => row_loss,
-        Reduction::Sum => vec![row_loss.iter().sum()],
-        Reduction::Mean => vec![row_loss.iter().sum::<f64>() / plan.mean_denominator],
+        Reduction::Sum => vec![total],
+        Reduction::Mean => vec![total / plan.mean_denominator],
     };
     Ok(CrossEntropyOutput { loss, grad })
 }
