@@ -133,10 +133,6 @@ pub enum Error {
         /// The cap.
         max: usize,
     },
-    /// An operation that this kind of context cannot perform (e.g. device buffers on the CPU
-    /// backend).
-    #[error("{0} is not available on this context")]
-    Unsupported(&'static str),
     /// A validation error raised by wgpu while running an operation.
     #[error("GPU validation error: {0}")]
     Validation(String),
