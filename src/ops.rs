@@ -235,6 +235,17 @@ impl Scratch {
 /// The most scratch sets kept for reuse; further concurrent calls allocate and drop their own.
 const SCRATCH_KEPT: usize = 4;
 
+/// The largest scratch set kept for reuse, in bytes of each of its buffers: a block of
+/// [`HOST_CHUNK_BYTES`] plus the per-row staging of a one-column cross-entropy block. A larger
+/// set serves one row longer than a block (up to a whole binding) and is dropped after the call,
+/// rather than holding gigabytes of device memory for the context's lifetime.
+const SCRATCH_KEPT_BYTES: u64 = 2 * HOST_CHUNK_BYTES;
+
+/// Whether a scratch set of `bytes` per buffer goes back to a pool holding `pooled` sets.
+fn keeps_scratch(pooled: usize, bytes: u64) -> bool {
+    pooled < SCRATCH_KEPT && bytes <= SCRATCH_KEPT_BYTES
+}
+
 impl Context {
     /// Softmax of each row of `x`, a row-major batch of rows of `cols` values.
     ///
@@ -496,7 +507,7 @@ impl Context {
 
     pub(crate) fn give_scratch(&self, scratch: Scratch) {
         let mut pool = self.gpu.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < SCRATCH_KEPT {
+        if keeps_scratch(pool.len(), scratch.input.size()) {
             pool.push(scratch);
         }
     }
@@ -575,4 +586,21 @@ pub(crate) fn validate_buffer(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_pool_keeps_a_few_sets_of_bounded_size() {
+        // Every block-sized set is kept, up to the count.
+        assert!(keeps_scratch(0, 256));
+        assert!(keeps_scratch(SCRATCH_KEPT - 1, HOST_CHUNK_BYTES));
+        assert!(!keeps_scratch(SCRATCH_KEPT, 256));
+        // A one-column cross-entropy block: the matrix plus as many row words again.
+        assert!(keeps_scratch(0, 2 * HOST_CHUNK_BYTES));
+        // A set made for one row of 2^25 + 1 floats (about 128 MiB) goes.
+        assert!(!keeps_scratch(0, ((1 << 25) + 1) * 4));
+    }
 }
