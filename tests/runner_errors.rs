@@ -137,6 +137,20 @@ fn fails_with(args: &[String], needle: &str) {
     assert_one_error_line(&output, &format!("{args:?}"), needle);
 }
 
+/// `apply cross-entropy` on the batch of [`batch_dir`], then `extra`.
+fn cross_entropy_args(dir: &Dir, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "apply".to_owned(),
+        "cross-entropy".to_owned(),
+        "--input".to_owned(),
+        dir.arg("x.npy"),
+        "--targets".to_owned(),
+        dir.arg("t.npy"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// Cross-entropy writes two files: when the second cannot be written, the first keeps its old
 /// contents; and the two may not be one file.
 #[test]
@@ -148,22 +162,8 @@ fn cross_entropy_outputs_are_replaced_together_or_not_at_all() {
     let loss = dir.path("loss.npy");
     std::fs::write(&loss, b"old loss").unwrap();
     std::fs::create_dir(dir.path("grad-dir")).unwrap();
-    let xent = |output: &str, grad_output: &str| -> Vec<String> {
-        [
-            "apply",
-            "cross-entropy",
-            "--input",
-            &dir.arg("x.npy"),
-            "--targets",
-            &dir.arg("t.npy"),
-            "--output",
-            output,
-            "--grad-output",
-            grad_output,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let xent = |output: &str, grad_output: &str| {
+        cross_entropy_args(&dir, &["--output", output, "--grad-output", grad_output])
     };
 
     fails_with(
@@ -295,12 +295,7 @@ fn options_of_other_ops_are_refused() {
     if context().is_none() {
         return;
     }
-    let dir = Dir::new("runner-foreign-options");
-    write(
-        &dir.path("x.npy"),
-        &[2, 3],
-        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
-    );
+    let dir = batch_dir("runner-foreign-options");
     let out = dir.arg("out.npy");
     let x = dir.arg("x.npy");
     for (op, extra, flag) in [
@@ -405,29 +400,9 @@ fn negative_numbers_reach_the_range_checks() {
     if context().is_none() {
         return;
     }
-    let dir = Dir::new("runner-negative");
-    write(
-        &dir.path("x.npy"),
-        &[2, 3],
-        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
-    );
-    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
+    let dir = batch_dir("runner-negative");
     let out = dir.arg("out.npy");
-    let args: Vec<String> = [
-        "apply",
-        "cross-entropy",
-        "--input",
-        &dir.arg("x.npy"),
-        "--targets",
-        &dir.arg("t.npy"),
-        "--output",
-        &out,
-        "--label-smoothing",
-        "-0.1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = cross_entropy_args(&dir, &["--output", &out, "--label-smoothing", "-0.1"]);
     fails_with(&args, "--label-smoothing must lie in [0, 1], got -0.1");
     assert!(!Path::new(&out).exists());
 
