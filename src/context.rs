@@ -49,10 +49,10 @@ pub(crate) struct Gpu {
     lost: Arc<Mutex<Option<String>>>,
     /// Host-form staging buffers, reused across calls; one set per concurrent call.
     pub scratch: Mutex<Vec<crate::ops::Scratch>>,
-    /// The softmax the Jacobian kernel reads, made on first use and regrown when a call needs
-    /// more; each Jacobian's softmax pass is followed at once by its Jacobian pass, so calls
-    /// recorded one after another share it.
-    pub jacobian_probabilities: Mutex<Option<wgpu::Buffer>>,
+    /// The softmax the Jacobian kernel reads, regrown when a call needs more; each Jacobian's
+    /// softmax pass is followed at once by its Jacobian pass, so calls recorded one after
+    /// another share it.
+    pub jacobian_probabilities: Mutex<wgpu::Buffer>,
 }
 
 impl std::fmt::Debug for Context {
@@ -228,17 +228,23 @@ impl Context {
         });
         // A device that cannot compile the kernels (missing limits, a driver fault) must be an
         // error here, not a panic in wgpu's default handler on the caller's device.
-        let (kernels, unused_read, unused_write) = capture(&device, || {
-            let unused = || {
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("wgpu-softmax unused binding"),
-                    size: 16,
-                    usage: wgpu::BufferUsages::STORAGE,
-                    mapped_at_creation: false,
-                })
-            };
-            Ok((Kernels::new(&device, &caps), unused(), unused()))
-        })?;
+        let (kernels, unused_read, unused_write, jacobian_probabilities) =
+            capture(&device, || {
+                let storage = |label| {
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size: 16,
+                        usage: wgpu::BufferUsages::STORAGE,
+                        mapped_at_creation: false,
+                    })
+                };
+                Ok((
+                    Kernels::new(&device, &caps),
+                    storage("wgpu-softmax unused binding"),
+                    storage("wgpu-softmax unused binding"),
+                    storage("wgpu-softmax jacobian probabilities"),
+                ))
+            })?;
         Ok(Self {
             gpu: Arc::new(Gpu {
                 device,
@@ -252,7 +258,7 @@ impl Context {
                 unused_write,
                 lost,
                 scratch: Mutex::new(Vec::new()),
-                jacobian_probabilities: Mutex::new(None),
+                jacobian_probabilities: Mutex::new(jacobian_probabilities),
             }),
         })
     }
@@ -502,6 +508,23 @@ impl Gpu {
             Ok(()) => Error::DeviceLost(error.to_string()),
         }
     }
+}
+
+/// The buffer cached in `slot`, first replaced by `make()` when it holds fewer than `needed`
+/// bytes. `make` runs in an error scope of its own, so that a buffer the device refuses never
+/// takes the slot (its size would still say it is big enough, failing every later call). A
+/// replaced buffer lives on while the recordings that bind it do.
+pub(crate) fn cached_buffer(
+    device: &wgpu::Device,
+    slot: &Mutex<wgpu::Buffer>,
+    needed: u64,
+    make: impl FnOnce() -> wgpu::Buffer,
+) -> Result<wgpu::Buffer> {
+    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.size() < needed {
+        *slot = capture(device, || Ok(make()))?;
+    }
+    Ok(slot.clone())
 }
 
 /// Runs `work` inside validation and out-of-memory error scopes of `device` and turns a captured

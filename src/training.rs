@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use crate::context::{Context, Gpu, Wait};
+use crate::context::{cached_buffer, Context, Gpu, Wait};
 use crate::cpu::CrossEntropyOutput;
 use crate::error::{Error, Result};
 use crate::kernels::rowwise::{Operand, RowCall};
@@ -277,29 +277,15 @@ fn encode_jacobian(
     rows: usize,
     cols: usize,
 ) -> Result<()> {
-    let bytes = matrix_bytes(rows, cols).max(4);
-    let probs = {
-        let mut slot = gpu
-            .jacobian_probabilities
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match slot.as_ref() {
-            Some(buffer) if buffer.size() >= bytes => buffer.clone(),
-            _ => {
-                // In a scope of its own, so that a buffer the device refused never takes the
-                // slot. A buffer it replaces lives on while earlier recordings bind it.
-                let buffer = crate::context::capture(&gpu.device, || {
-                    Ok(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("wgpu-softmax jacobian probabilities"),
-                        size: bytes,
-                        usage: wgpu::BufferUsages::STORAGE,
-                        mapped_at_creation: false,
-                    }))
-                })?;
-                slot.insert(buffer).clone()
-            }
-        }
-    };
+    let bytes = matrix_bytes(rows, cols);
+    let probs = cached_buffer(&gpu.device, &gpu.jacobian_probabilities, bytes, || {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-softmax jacobian probabilities"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    })?;
     let softmax = crate::ops::normalize_call(
         Normalization::Softmax,
         Operand::matrix(x, cols),
@@ -1081,23 +1067,18 @@ impl CrossEntropyLoss {
             check_reducible_rows(gpu, job.rows)?;
         }
         let loss_rows = if reduced {
-            let mut slot = self.loss_rows.lock().unwrap_or_else(|p| p.into_inner());
-            let needed = (job.rows as u64 * 4).max(4);
-            if slot.size() < needed {
-                // In a scope of its own: a refused buffer must not take the slot.
-                *slot = crate::context::capture(&gpu.device, || {
-                    Ok(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("wgpu-softmax row losses"),
-                        size: needed
-                            .next_power_of_two()
-                            .min(gpu.limits.max_buffer_size)
-                            .max(needed),
-                        usage: TENSOR_USAGES,
-                        mapped_at_creation: false,
-                    }))
-                })?;
-            }
-            slot.clone()
+            let needed = matrix_bytes(job.rows, 1);
+            cached_buffer(&gpu.device, &self.loss_rows, needed, || {
+                gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgpu-softmax row losses"),
+                    size: needed
+                        .next_power_of_two()
+                        .min(gpu.limits.max_buffer_size)
+                        .max(needed),
+                    usage: TENSOR_USAGES,
+                    mapped_at_creation: false,
+                })
+            })?
         } else {
             job.loss.clone()
         };

@@ -330,17 +330,10 @@ impl RowwiseFamily {
 
         let max_rows = blocks.iter().map(|b| b.1).max().unwrap_or(0);
         let partial_bytes = (max_rows * chunks * desc.partial_words * 4) as u64;
-        let partials = {
-            let mut slot = self.partials.lock().unwrap_or_else(|p| p.into_inner());
-            if chunk != 0 && slot.size() < partial_bytes {
-                // In a scope of its own, so that a buffer the device refused never takes the
-                // slot (its size would still say it is big enough, failing every later call).
-                *slot = crate::context::capture(&gpu.device, || {
-                    Ok(partials_buffer(&gpu.device, partial_bytes))
-                })?;
-            }
-            slot.clone()
-        };
+        let needed = if chunk == 0 { 0 } else { partial_bytes };
+        let partials = crate::context::cached_buffer(&gpu.device, &self.partials, needed, || {
+            partials_buffer(&gpu.device, partial_bytes)
+        })?;
 
         let mut dispatches = Vec::new();
         for &(first, n) in &blocks {
@@ -483,7 +476,8 @@ impl RowwiseFamily {
                     Access::ReadWrite => &gpu.unused_write,
                     Access::Read | Access::Uniform => &gpu.unused_read,
                 };
-                Window::new(stand_in, 0, 1, gpu.storage_align(), gpu.max_binding())
+                // Four words: vec4 kernels declare their bindings as arrays of vec4.
+                Window::new(stand_in, 0, 4, gpu.storage_align(), gpu.max_binding())
             })
             .collect();
         windows.push(Window::new(
