@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::files::{assert_one_error_line, read, runner, write, Dir};
+use common::files::{assert_one_error_line, batch_dir, read, runner, write, Dir};
 use common::{context, logits};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
@@ -352,9 +352,8 @@ fn apply_output_writes_where_the_path_points() {
     if context().is_none() {
         return;
     }
-    let dir = Dir::new("output-kinds");
+    let dir = batch_dir("output-kinds");
     let x = dir.path("x.npy");
-    write(&x, &[2, 3], &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0]);
     let plain = dir.path("plain.npy");
     assert!(softmax_to(&x, &plain).status.success());
     let expected = std::fs::read(&plain).unwrap();
@@ -434,9 +433,8 @@ fn apply_output_keeps_permissions_and_refuses_read_only_files() {
     if context().is_none() {
         return;
     }
-    let dir = Dir::new("output-modes");
+    let dir = batch_dir("output-modes");
     let x = dir.path("x.npy");
-    write(&x, &[2, 3], &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0]);
     let out = dir.path("y.npy");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     let set_mode = |p: &Path, m: u32| {

@@ -7,19 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::context;
-use common::files::{assert_one_error_line, runner, write, Dir};
-
-/// A scratch directory holding a 2x3 batch of logits, `x.npy`, and its targets, `t.npy`.
-fn batch_dir(name: &str) -> Dir {
-    let dir = Dir::new(name);
-    write(
-        &dir.path("x.npy"),
-        &[2, 3],
-        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
-    );
-    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
-    dir
-}
+use common::files::{assert_one_error_line, batch_dir, runner, write, Dir};
 
 #[test]
 fn every_apply_failure_is_one_line_exit_2_and_no_output() {

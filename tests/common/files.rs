@@ -49,6 +49,18 @@ pub fn read(path: &Path) -> (Vec<u64>, Vec<f32>) {
     (shape, npy.into_vec::<f32>().unwrap())
 }
 
+/// A scratch directory holding a 2x3 batch of logits, `x.npy`, and its targets, `t.npy`.
+pub fn batch_dir(name: &str) -> Dir {
+    let dir = Dir::new(name);
+    write(
+        &dir.path("x.npy"),
+        &[2, 3],
+        &[0.5f32, 1.0, 2.0, 0.0, 0.0, 0.0],
+    );
+    write(&dir.path("t.npy"), &[2], &[0i64, 1]);
+    dir
+}
+
 /// A scratch directory, removed when dropped.
 pub struct Dir(PathBuf);
 
