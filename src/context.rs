@@ -1,7 +1,7 @@
 //! Adapter and device selection, or adoption of the caller's device; the state every operation
 //! shares (kernels, limits, scratch buffers); error capture and readback.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::kernels::plan::{Capabilities, Tuning};
@@ -53,6 +53,8 @@ pub(crate) struct Gpu {
     /// softmax pass is followed at once by its Jacobian pass, so calls recorded one after
     /// another share it.
     pub jacobian_probabilities: Mutex<wgpu::Buffer>,
+    /// Polls the device for the async forms' readbacks.
+    poller: Poller,
 }
 
 impl std::fmt::Debug for Context {
@@ -259,6 +261,7 @@ impl Context {
                 lost,
                 scratch: Mutex::new(Vec::new()),
                 jacobian_probabilities: Mutex::new(jacobian_probabilities),
+                poller: Poller::default(),
             }),
         })
     }
@@ -459,24 +462,25 @@ impl Gpu {
         }
         let slice = buffer.slice(..bytes);
         let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-        slice.map_async(wgpu::MapMode::Read, move |result| {
-            // The receiver is only dropped if the caller's future was; nothing to report then.
-            let _ = sender.send(result);
-        });
-        let poll = wgpu::PollType::Wait {
-            submission_index: Some(submission),
-            timeout: None,
-        };
+        // The receiver is only dropped if the caller's future was; nothing to report then.
         match wait {
             Wait::Block => {
+                slice.map_async(wgpu::MapMode::Read, move |result| {
+                    let _ = sender.send(result);
+                });
+                let poll = wgpu::PollType::Wait {
+                    submission_index: Some(submission),
+                    timeout: None,
+                };
                 self.device.poll(poll).map_err(|e| self.poll_error(e))?;
             }
             Wait::Background => {
-                // The mapping callback only fires while the device is polled; a short-lived
-                // thread does that so the caller's executor is never blocked.
-                let device = self.device.clone();
-                std::thread::spawn(move || {
-                    let _ = device.poll(poll);
+                // The mapping callback only fires while the device is polled: the context's
+                // polling thread does that, so the caller's executor is never blocked.
+                let ticket = self.poller.ticket(&self.device)?;
+                slice.map_async(wgpu::MapMode::Read, move |result| {
+                    let _ = sender.send(result);
+                    drop(ticket);
                 });
             }
         }
@@ -564,11 +568,99 @@ pub(crate) fn capture<T>(device: &wgpu::Device, work: impl FnOnce() -> Result<T>
     result
 }
 
+/// One thread per context that polls the device while async readbacks wait for their mapping
+/// callbacks (which wgpu runs only from a poll). It starts at the first async readback, sleeps
+/// while none is waiting, and ends when the context is dropped. A thread per readback would cost
+/// a spawn per call and, with many calls in flight, as many threads.
+#[derive(Default)]
+struct Poller {
+    shared: Arc<PollerShared>,
+    /// Whether the thread runs (it is started on first use).
+    started: Mutex<bool>,
+}
+
+#[derive(Default)]
+struct PollerShared {
+    state: Mutex<PollerState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct PollerState {
+    /// Readbacks whose mapping callback has not run yet.
+    waiting: usize,
+    /// Set when the context is dropped.
+    closed: bool,
+}
+
+/// A readback the polling thread waits for; dropped by its mapping callback.
+pub(crate) struct PollTicket(Arc<PollerShared>);
+
+impl Drop for PollTicket {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
+    }
+}
+
+impl PollerShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PollerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Poller {
+    /// Registers a readback and makes sure the thread polls `device` until its ticket is dropped.
+    fn ticket(&self, device: &wgpu::Device) -> Result<PollTicket> {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        if !*started {
+            let shared = self.shared.clone();
+            let device = device.clone();
+            std::thread::Builder::new()
+                .name("wgpu-softmax poll".into())
+                .spawn(move || Self::run(&shared, &device))
+                .map_err(|e| Error::Internal(format!("cannot start the polling thread: {e}")))?;
+            *started = true;
+        }
+        drop(started);
+        self.shared.lock().waiting += 1;
+        self.shared.wake.notify_one();
+        Ok(PollTicket(self.shared.clone()))
+    }
+
+    fn run(shared: &PollerShared, device: &wgpu::Device) {
+        loop {
+            {
+                let mut state = shared.lock();
+                while state.waiting == 0 && !state.closed {
+                    state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                if state.closed {
+                    return;
+                }
+            }
+            // Waits for everything submitted so far, then runs the callbacks of the mappings
+            // it completed. A mapping requested after this poll began is served by the next
+            // round. A poll that fails (a lost device) has run the callbacks with errors; the
+            // pause only keeps a waiter that is not answered from spinning.
+            if device.poll(wgpu::PollType::wait_indefinitely()).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
 /// Whether a readback may block the calling thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wait {
     /// Poll the device on this thread (the blocking API).
     Block,
-    /// Poll on a helper thread and await (the async API).
+    /// Let the context's polling thread poll, and await (the async API).
     Background,
 }
