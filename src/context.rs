@@ -493,9 +493,14 @@ impl Gpu {
             return Err(Error::Map(error.to_string()));
         }
         {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Map(e.to_string()))?;
+            // A device destroyed while the readback waited destroys the buffer too.
+            let view = match slice.get_mapped_range() {
+                Ok(view) => view,
+                Err(error) => {
+                    self.check_alive()?;
+                    return Err(Error::Map(error.to_string()));
+                }
+            };
             for (offset, out) in parts.iter_mut() {
                 let start = *offset as usize;
                 let end = start + out.len() * 4;

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::future::Future;
+
 use common::{device_on_same_adapter, logits, with_gpu};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{Context, CrossEntropyOptions, Error, GradOutput, Targets, Tolerance};
@@ -111,14 +113,38 @@ fn a_device_destroyed_from_another_thread_mid_batch_ends_calls_cleanly() {
         let results = worker.join().expect("no panic in the worker");
         for result in &results {
             assert!(
-                matches!(
-                    result,
-                    Ok(()) | Err(Error::DeviceLost(_)) | Err(Error::Map(_))
-                ),
+                matches!(result, Ok(()) | Err(Error::DeviceLost(_))),
                 "{result:?}"
             );
         }
         assert!(matches!(ctx.softmax(&x, 2000), Err(Error::DeviceLost(_))));
+    });
+}
+
+/// A device destroyed while an async call waits for its readback: the call ends with
+/// `DeviceLost` (its readback buffer went with the device), or with its result if it finished
+/// first; never a hang or a mapping error.
+#[test]
+fn a_device_destroyed_while_an_async_call_waits_ends_it_as_lost() {
+    with_gpu(|base| {
+        let ctx = fresh_context(base);
+        let x = logits(2048, 4096, 1.0, 3);
+        let mut call = Box::pin(ctx.softmax_async(&x, 4096));
+        // One poll submits the work and requests the readback's mapping.
+        let waker = std::task::Waker::noop();
+        let first = call
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker));
+        assert!(first.is_pending(), "a 2048 x 4096 batch finished at once");
+        ctx.device().destroy();
+        match pollster::block_on(call) {
+            Err(Error::DeviceLost(_)) => {}
+            Ok(y) => assert!(Tolerance::SOFTMAX
+                .compare(&y, &reference::softmax(&x, 4096).unwrap())
+                .passed()),
+            Err(other) => panic!("expected DeviceLost, got {other:?}"),
+        }
+        assert!(matches!(ctx.softmax(&x, 4096), Err(Error::DeviceLost(_))));
     });
 }
 
