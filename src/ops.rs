@@ -267,7 +267,9 @@ impl Context {
         pollster::block_on(self.host_rowwise(Normalization::Softmax, x, cols, Wait::Block))
     }
 
-    /// Async form of [`Context::softmax`].
+    /// Async form of [`Context::softmax`]. Like every async form it never blocks the calling
+    /// thread on the device: the context polls the device on a thread of its own, started at the
+    /// first async call and shared by all calls in flight.
     pub async fn softmax_async(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
         self.host_rowwise(Normalization::Softmax, x, cols, Wait::Background)
             .await
