@@ -1,7 +1,7 @@
 //! Adapter and device selection, or adoption of the caller's device; the state every operation
 //! shares (kernels, limits, scratch buffers); error capture and readback.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use crate::error::{Error, Result};
 use crate::kernels::plan::{Capabilities, Tuning};
@@ -46,7 +46,7 @@ pub(crate) struct Gpu {
     pub unused_read: wgpu::Buffer,
     pub unused_write: wgpu::Buffer,
     /// Why the device was lost, once it has been.
-    lost: Arc<Mutex<Option<String>>>,
+    lost: LostSlot,
     /// Host-form staging buffers, reused across calls; one set per concurrent call.
     pub scratch: Mutex<Vec<crate::ops::Scratch>>,
     /// The softmax the Jacobian kernel reads, regrown when a call needs more; each Jacobian's
@@ -148,8 +148,9 @@ impl Context {
     /// buffers live.
     ///
     /// The context installs the device's lost callback (wgpu keeps one per device), to report
-    /// [`Error::DeviceLost`] from later calls: a callback the caller set before is replaced, and
-    /// of several contexts on one device only the last one created learns of a loss.
+    /// [`Error::DeviceLost`] from later calls. A callback the caller set before is replaced; one
+    /// the caller sets afterwards replaces the contexts'. Several contexts on one device all
+    /// learn of a loss: each one's callback takes over the contexts of the one it replaces.
     ///
     /// # Errors
     /// [`Error::InsufficientLimit`] when the device lacks a limit the kernels need.
@@ -223,11 +224,7 @@ impl Context {
         };
         let tuning = tuning.clamped(&limits, caps.subgroup_size);
         let lost = Arc::new(Mutex::new(None));
-        let lost_flag = lost.clone();
-        device.set_device_lost_callback(move |reason, message| {
-            let mut slot = lost_flag.lock().unwrap_or_else(|p| p.into_inner());
-            slot.get_or_insert_with(|| format!("{reason:?}: {message}"));
-        });
+        watch_for_loss(&device, &lost);
         // A device that cannot compile the kernels (missing limits, a driver fault) must be an
         // error here, not a panic in wgpu's default handler on the caller's device.
         let (kernels, unused_read, unused_write, jacobian_probabilities) =
@@ -390,6 +387,85 @@ async fn select_adapter(
         .ok_or_else(|| Error::NoAdapter {
             backends: format!("{backends:?}"),
         })
+}
+
+/// Why a device was lost, once it has been.
+type LostReason = Mutex<Option<String>>;
+
+/// Where a context learns why its device was lost.
+type LostSlot = Arc<LostReason>;
+
+/// Records `reason` in `slot` unless a reason is there already.
+fn record_loss(slot: &LostReason, reason: &str) {
+    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+    slot.get_or_insert_with(|| reason.to_string());
+}
+
+/// The contexts a device's lost callback reports to.
+///
+/// wgpu keeps one lost callback per device, so a second context on a device replaces the
+/// first's. The replaced callback is dropped inside that `set_device_lost_callback` call, on the
+/// same thread: its `Drop` hands its contexts over to the callback replacing it (through
+/// [`HANDOVER`]), so every context on the device learns of a loss. A callback dropped any other
+/// way (the caller set their own, or the device is gone) hands nothing over.
+struct LossSubscribers(Arc<Mutex<Vec<Weak<LostReason>>>>);
+
+thread_local! {
+    /// The subscribers handed over by a callback replaced on this thread, while a context
+    /// installs its own.
+    static HANDOVER: std::cell::RefCell<Option<Vec<Weak<LostReason>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl LossSubscribers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Weak<LostReason>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells every context still alive why the device was lost.
+    fn notify(&self, reason: &str) {
+        for slot in self.lock().drain(..) {
+            if let Some(slot) = slot.upgrade() {
+                record_loss(&slot, reason);
+            }
+        }
+    }
+}
+
+impl Drop for LossSubscribers {
+    fn drop(&mut self) {
+        let mut subscribers = std::mem::take(&mut *self.lock());
+        // `try_with`: a callback dropped while this thread exits has no one to hand over to.
+        let _ = HANDOVER.try_with(|handover| {
+            if let Some(list) = handover.borrow_mut().as_mut() {
+                list.append(&mut subscribers);
+            }
+        });
+    }
+}
+
+/// Installs the device's lost callback so that it records the loss in `slot`, and in the slots
+/// of the contexts whose callback it replaces.
+fn watch_for_loss(device: &wgpu::Device, slot: &LostSlot) {
+    let subscribers = Arc::new(Mutex::new(vec![Arc::downgrade(slot)]));
+    let callback = LossSubscribers(subscribers.clone());
+    HANDOVER.with(|handover| *handover.borrow_mut() = Some(Vec::new()));
+    device.set_device_lost_callback(move |reason, message| {
+        callback.notify(&format!("{reason:?}: {message}"));
+    });
+    let handed_over = HANDOVER
+        .with(|handover| handover.borrow_mut().take())
+        .unwrap_or_default();
+    let mut list = subscribers.lock().unwrap_or_else(|p| p.into_inner());
+    list.retain(|s| s.strong_count() > 0);
+    list.extend(handed_over.into_iter().filter(|s| s.strong_count() > 0));
+    // A loss reported between installing the callback and the handover reached `slot` alone.
+    let reported = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(reason) = reported {
+        for other in list.iter().filter_map(Weak::upgrade) {
+            record_loss(&other, &reason);
+        }
+    }
 }
 
 impl Gpu {

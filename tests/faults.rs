@@ -208,3 +208,51 @@ fn allocations_beyond_the_device_memory_are_errors() {
         assert!(ctx.softmax(&[0.0, 1.0], 2).is_ok());
     });
 }
+
+/// wgpu keeps one lost callback per device; every context adopted on the device still learns
+/// of its loss, the first as well as the last.
+#[test]
+fn every_context_on_a_destroyed_device_reports_it_lost() {
+    with_gpu(|base| {
+        let (device, queue) = device_on_same_adapter(base, |limits| limits);
+        let first = Context::from_device(device.clone(), queue.clone()).unwrap();
+        let second = Context::from_device(device.clone(), queue.clone()).unwrap();
+        let third = Context::from_device(device.clone(), queue).unwrap();
+        drop(second);
+        let x = logits(4, 10, 1.0, 4);
+        assert!(first.softmax(&x, 10).is_ok());
+        device.destroy();
+        for (name, ctx) in [("first", &first), ("third", &third)] {
+            let lost = |what: &str, result: Result<(), Error>| match result {
+                Err(Error::DeviceLost(reason)) => {
+                    assert!(reason.starts_with("Destroyed"), "{name} {what}: {reason}")
+                }
+                other => panic!("{name} context, {what}: expected DeviceLost, got {other:?}"),
+            };
+            lost("upload", ctx.upload(&x, 10).map(drop));
+            lost("empty", ctx.empty(4, 10).map(drop));
+            lost("softmax", ctx.softmax(&x, 10).map(drop));
+            lost(
+                "cross_entropy_loss",
+                ctx.cross_entropy_loss(10, &Default::default()).map(drop),
+            );
+            let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 160,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
+            let out = device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 160,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
+            let mut encoder = device.create_command_encoder(&Default::default());
+            lost(
+                "encode",
+                ctx.encode_softmax(&mut encoder, &buffer, &out, 4, 10),
+            );
+        }
+    });
+}
