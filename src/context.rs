@@ -457,7 +457,6 @@ fn watch_for_loss(device: &wgpu::Device, slot: &LostSlot) {
         .with(|handover| handover.borrow_mut().take())
         .unwrap_or_default();
     let mut list = subscribers.lock().unwrap_or_else(|p| p.into_inner());
-    list.retain(|s| s.strong_count() > 0);
     list.extend(handed_over.into_iter().filter(|s| s.strong_count() > 0));
     // A loss reported between installing the callback and the handover reached `slot` alone.
     let reported = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
