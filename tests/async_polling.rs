@@ -75,10 +75,9 @@ fn many_async_calls_share_one_polling_thread() {
         {
             let (x, cols) = &inputs[0];
             let mut abandoned: Call<'_> = Box::pin(ctx.softmax_async(x, *cols));
-            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
             let _ = abandoned
                 .as_mut()
-                .poll(&mut std::task::Context::from_waker(&waker));
+                .poll(&mut std::task::Context::from_waker(Waker::noop()));
         }
 
         let calls: Vec<Call<'_>> = inputs
