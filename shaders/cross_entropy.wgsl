@@ -110,13 +110,13 @@ fn mass_term(q: f32, x: f32, m: f32) -> f32 {
     return select(q * (x - m), 0.0, q == 0.0);
 }
 
-// One class's (exp term, mass term, mass, _) to be summed over the row; only the exp term
-// without DENSE mass.
-fn terms(x: f32, q: f32, m: f32) -> vec4<f32> {
+// One class's (exp term, mass term, mass, _) to be summed over the row, from its logit x and
+// e = exp_shifted(x, m); only the exp term without DENSE mass.
+fn terms(e: f32, x: f32, q: f32, m: f32) -> vec4<f32> {
     if (!DENSE) {
-        return vec4<f32>(exp_shifted(x, m), 0.0, 0.0, 0.0);
+        return vec4<f32>(e, 0.0, 0.0, 0.0);
     }
-    return vec4<f32>(exp_shifted(x, m), mass_term(q, x, m), q, 0.0);
+    return vec4<f32>(e, mass_term(q, x, m), q, 0.0);
 }
 
 // Row statistics acc = (S, A, B, _) completed without DENSE mass, where A was not accumulated:
@@ -183,15 +183,24 @@ fn row_loss(m: f32, stats4: vec4<f32>, t: RowTarget) -> f32 {
     return mass_total(stats4.z, t) * log(stats4.x) - stats4.y;
 }
 
-fn grad_value(x: f32, q: f32, m: f32, stats4: vec4<f32>, t: RowTarget, scale: f32) -> f32 {
-    if (t.kind == 1u) {
-        return 0.0;
-    }
-    if (t.kind == 2u || !is_finite(m)) {
-        return quiet_nan();
-    }
-    // B / S is the same for the whole row, so the compiler can hoist it out of the loop.
-    return scale * (exp_shifted(x, m) * (mass_total(stats4.z, t) / stats4.x) - q);
+// A row's gradient, worked out once per row: grad_c = scale (e_c k - q_c) with e_c =
+// exp_shifted(x_c, m) and k = B / S where `plain`; otherwise every class gets `fill`, 0 for an
+// ignored row and NaN for a row without a valid target or with a maximum that is not finite.
+struct GradRow {
+    k: f32,
+    scale: f32,
+    plain: bool,
+    fill: f32,
+}
+
+fn grad_row(row: u32, m: f32, stats4: vec4<f32>, t: RowTarget) -> GradRow {
+    let plain = t.kind == 0u && is_finite(m);
+    let fill = select(quiet_nan(), 0.0, t.kind == 1u);
+    return GradRow(mass_total(stats4.z, t) / stats4.x, row_scale(row), plain, fill);
+}
+
+fn grad_value(e: f32, q: f32, g: GradRow) -> f32 {
+    return select(g.fill, g.scale * (e * g.k - q), g.plain);
 }
 
 @compute @workgroup_size(WG)
@@ -232,7 +241,10 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var k = 0u; k < ITEMS; k++) {
                 let c = team.lane + k * team.size;
                 if (c < p.cols) {
-                    acc += terms(xs[k], target_mass(row, c, t), m);
+                    let e = exp_shifted(xs[k], m);
+                    acc += terms(e, xs[k], target_mass(row, c, t), m);
+                    // The exponential replaces the logit: the gradient needs only it.
+                    xs[k] = e;
                 }
             }
         } else {
@@ -240,7 +252,8 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
                 var part = vec4<f32>(0.0);
                 for (var c = c0; c < stop; c += team.size) {
-                    part += terms(logit(x0 + c), target_mass(row, c, t), m);
+                    let x = logit(x0 + c);
+                    part += terms(exp_shifted(x, m), x, target_mass(row, c, t), m);
                 }
                 acc += part;
             }
@@ -251,19 +264,19 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
     if (GRAD) {
-        let scale = row_scale(row);
+        let g = grad_row(row, m, acc, t);
         let g0 = base(5u) + row * p.cols;
         if (ITEMS > 0u) {
             for (var k = 0u; k < ITEMS; k++) {
                 let c = team.lane + k * team.size;
                 if (c < p.cols) {
-                    grad[g0 + c] = grad_value(xs[k], target_mass(row, c, t), m, acc, t, scale);
+                    grad[g0 + c] = grad_value(xs[k], target_mass(row, c, t), g);
                 }
             }
         } else {
             for (var c = team.lane; c < p.cols; c += team.size) {
-                let x = logit(x0 + c);
-                grad[g0 + c] = grad_value(x, target_mass(row, c, t), m, acc, t, scale);
+                let e = exp_shifted(logit(x0 + c), m);
+                grad[g0 + c] = grad_value(e, target_mass(row, c, t), g);
             }
         }
     }
@@ -322,7 +335,8 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
             var part = vec4<f32>(0.0);
             for (var c = c0; c < stop; c += ch.team.size) {
-                part += terms(logit(x0 + c), target_mass(ch.row, c, t), m);
+                let x = logit(x0 + c);
+                part += terms(exp_shifted(x, m), x, target_mass(ch.row, c, t), m);
             }
             acc += part;
         }
@@ -359,12 +373,12 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let m = st.m;
     let acc = st.acc;
     if (GRAD) {
-        let scale = row_scale(ch.row);
+        let g = grad_row(ch.row, m, acc, t);
         let bounds = chunk_bounds(ch.within);
         let g0 = base(5u) + ch.row * p.cols;
         for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-            let x = logit(x0 + c);
-            grad[g0 + c] = grad_value(x, target_mass(ch.row, c, t), m, acc, t, scale);
+            let e = exp_shifted(logit(x0 + c), m);
+            grad[g0 + c] = grad_value(e, target_mass(ch.row, c, t), g);
         }
     }
 }
@@ -412,23 +426,19 @@ fn target_mass4(row: u32, c4: u32, t: RowTarget) -> vec4<f32> {
     return uniform * w + select(vec4<f32>(0.0), (1.0 - e) * w, hit);
 }
 
-// (exp terms, mass terms, masses) of four classes, each summed, as in `rows`.
-fn terms4(x: vec4<f32>, q: vec4<f32>, m: f32) -> vec4<f32> {
+// (exp terms, mass terms, masses) of four classes, each summed, as in `rows`; e =
+// exp_shifted4(x, m).
+fn terms4(e: vec4<f32>, x: vec4<f32>, q: vec4<f32>, m: f32) -> vec4<f32> {
     if (!DENSE) {
-        return vec4<f32>(sum_of(exp_shifted4(x, m)), 0.0, 0.0, 0.0);
+        return vec4<f32>(sum_of(e), 0.0, 0.0, 0.0);
     }
     let mass = select(q * (x - m), vec4<f32>(0.0), q == vec4<f32>(0.0));
-    return vec4<f32>(sum_of(exp_shifted4(x, m)), sum_of(mass), sum_of(q), 0.0);
+    return vec4<f32>(sum_of(e), sum_of(mass), sum_of(q), 0.0);
 }
 
-fn grad_value4(x: vec4<f32>, q: vec4<f32>, m: f32, stats4: vec4<f32>, t: RowTarget, scale: f32) -> vec4<f32> {
-    if (t.kind == 1u) {
-        return vec4<f32>(0.0);
-    }
-    if (t.kind == 2u || !is_finite(m)) {
-        return vec4<f32>(quiet_nan());
-    }
-    return scale * (exp_shifted4(x, m) * (mass_total(stats4.z, t) / stats4.x) - q);
+// The gradients of four classes, as grad_value.
+fn grad_value4(e: vec4<f32>, q: vec4<f32>, g: GradRow) -> vec4<f32> {
+    return select(vec4<f32>(g.fill), g.scale * (e * g.k - q), g.plain);
 }
 
 // A lane's statistics (m, S, A, B) over the vec4s start + lane, start + lane + size, ... below
@@ -484,6 +494,54 @@ fn team_stats4(st: vec4<f32>, lid: u32) -> RowStats {
     return RowStats(m, team_sum4(mine, lid));
 }
 
+// A row held in registers by rows4, as in softmax.wgsl: up to 2 * MAX_ITEMS vec4s per invocation
+// in two arrays indexed only by loop counters with constant bounds, so that compilers keep them
+// in registers.
+alias Items4 = array<vec4<f32>, MAX_ITEMS>;
+
+// Loads the team's vec4s first .. first + count of the row at vec4 x0 (-inf past its end) into
+// `v`; returns their max keys.
+fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, x0: u32, n4: u32, team: Team) -> vec4<f32> {
+    var mv = vec4<f32>(neg_inf());
+    for (var k = 0u; k < count; k++) {
+        let c = team.lane + (first + k) * team.size;
+        var x = vec4<f32>(neg_inf());
+        if (c < n4) {
+            x = logit4(x0 + c);
+        }
+        (*v)[k] = x;
+        mv = max(mv, max_key4(x));
+    }
+    return mv;
+}
+
+// The items' summed (exp terms, mass terms, masses) relative to m. The exponentials replace the
+// logits in `v`: the gradient needs only them, so each is computed once.
+fn exp_items4(v: ptr<function, Items4>, first: u32, count: u32, row: u32, n4: u32, team: Team, t: RowTarget, m: f32) -> vec4<f32> {
+    var acc = vec4<f32>(0.0);
+    for (var k = 0u; k < count; k++) {
+        let c = team.lane + (first + k) * team.size;
+        if (c < n4) {
+            let x = (*v)[k];
+            let e = exp_shifted4(x, m);
+            acc += terms4(e, x, target_mass4(row, c, t), m);
+            (*v)[k] = e;
+        }
+    }
+    return acc;
+}
+
+// Writes the gradients of the items after exp_items4 (for a row that is not `plain`, the items
+// are not read).
+fn store_grad4(v: ptr<function, Items4>, first: u32, count: u32, g0: u32, n4: u32, team: Team, row: u32, t: RowTarget, g: GradRow) {
+    for (var k = 0u; k < count; k++) {
+        let c = team.lane + (first + k) * team.size;
+        if (c < n4) {
+            grad4[g0 + c] = grad_value4((*v)[k], target_mass4(row, c, t), g);
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let team = team_of(wid, lid);
@@ -496,28 +554,18 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let t = row_target(row);
     // Read before the team's first reduction, as in `rows`.
     let x_t = target_logit4(x0, t);
-    var xs: array<vec4<f32>, MAX_ITEMS>;
+    // Up to MAX_ITEMS vec4s in `lo`, the rest in `hi` (when ITEMS > 0).
+    var lo: Items4;
+    var hi: Items4;
+    let n_lo = min(ITEMS, MAX_ITEMS);
+    let n_hi = ITEMS - n_lo;
     var m = neg_inf();
     var acc = vec4<f32>(0.0);
     if (ITEMS > 0u) {
-        var mv = vec4<f32>(neg_inf());
-        for (var k = 0u; k < ITEMS; k++) {
-            let c = team.lane + k * team.size;
-            var x = vec4<f32>(neg_inf());
-            if (c < n4) {
-                x = logit4(x0 + c);
-            }
-            xs[k] = x;
-            mv = max(mv, max_key4(x));
-        }
+        let mv = max(load_items4(&lo, 0u, n_lo, x0, n4, team), load_items4(&hi, MAX_ITEMS, n_hi, x0, n4, team));
         m = team_max(max_of(mv), lid);
         if (is_finite(m)) {
-            for (var k = 0u; k < ITEMS; k++) {
-                let c = team.lane + k * team.size;
-                if (c < n4) {
-                    acc += terms4(xs[k], target_mass4(row, c, t), m);
-                }
-            }
+            acc = exp_items4(&lo, 0u, n_lo, row, n4, team, t, m) + exp_items4(&hi, MAX_ITEMS, n_hi, row, n4, team, t, m);
         }
         acc = team_sum4(acc, lid);
     } else {
@@ -530,19 +578,15 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         loss_rows[base(4u) + row] = row_loss(m, acc, t);
     }
     if (GRAD) {
-        let scale = row_scale(row);
+        let g = grad_row(row, m, acc, t);
         let g0 = base(5u) / 4u + row * n4;
         if (ITEMS > 0u) {
-            for (var k = 0u; k < ITEMS; k++) {
-                let c = team.lane + k * team.size;
-                if (c < n4) {
-                    grad4[g0 + c] = grad_value4(xs[k], target_mass4(row, c, t), m, acc, t, scale);
-                }
-            }
+            store_grad4(&lo, 0u, n_lo, g0, n4, team, row, t, g);
+            store_grad4(&hi, MAX_ITEMS, n_hi, g0, n4, team, row, t, g);
         } else {
             for (var c = team.lane; c < n4; c += team.size) {
-                let q = target_mass4(row, c, t);
-                grad4[g0 + c] = grad_value4(logit4(x0 + c), q, m, acc, t, scale);
+                let e = exp_shifted4(logit4(x0 + c), m);
+                grad4[g0 + c] = grad_value4(e, target_mass4(row, c, t), g);
             }
         }
     }
@@ -579,12 +623,12 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * n4;
     let st = split_row_stats(ch, t, lid);
     if (GRAD) {
-        let scale = row_scale(ch.row);
+        let g = grad_row(ch.row, st.m, st.acc, t);
         let bounds = chunk_bounds4(ch.within);
         let g0 = base(5u) / 4u + ch.row * n4;
         for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
             let q = target_mass4(ch.row, c, t);
-            grad4[g0 + c] = grad_value4(logit4(x0 + c), q, st.m, st.acc, t, scale);
+            grad4[g0 + c] = grad_value4(exp_shifted4(logit4(x0 + c), st.m), q, g);
         }
     }
 }

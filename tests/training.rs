@@ -236,6 +236,7 @@ fn training_ops_match_the_reference_under_every_strategy() {
                 (5, 8),
                 (70, 128),
                 (33, 2048),
+                (5, 1000),
                 (2, 20_000),
             ] {
                 let what = format!("{name} {rows}x{cols}");

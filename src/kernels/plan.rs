@@ -15,10 +15,11 @@ pub const THREAD_MAX_COLS: u32 = 4096;
 pub const SOFTWARE_LOOP_BUDGET: u64 = 60_000;
 
 /// The most loads whose values an invocation keeps in registers in scalar kernels and in the
-/// backward and cross-entropy kernels (one array in the shaders).
+/// vec4 backward kernels (one array per operand in the shaders).
 pub const MAX_ITEMS: u32 = 16;
 
-/// The same for the vec4 softmax kernel, which holds two such arrays.
+/// The same for the vec4 softmax and cross-entropy kernels, which hold the row in two such
+/// arrays.
 pub const MAX_ITEMS_VEC4: u32 = 2 * MAX_ITEMS;
 
 /// Who works on one row.
@@ -104,9 +105,9 @@ pub struct Tuning {
     /// Workgroup size of the per-row and split kernels.
     pub row_workgroup: u32,
     /// The most loads an invocation keeps in registers (a power of two): vec4s on aligned rows,
-    /// up to 32 (128 elements) in the softmax kernels; scalar kernels and the backward and
-    /// cross-entropy kernels keep at most 16 (the backward kernels hold that many of each of
-    /// their two operands).
+    /// up to 32 (128 elements) in the softmax and cross-entropy kernels; scalar kernels and
+    /// the vec4 backward kernels keep at most 16 (the backward kernels hold that many of each
+    /// of their two operands).
     pub max_items: u32,
     /// Rows of at least this many columns are split across workgroups ...
     pub split_min_cols: u32,

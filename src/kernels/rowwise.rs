@@ -84,7 +84,7 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     split: Some(["split_partials", "split_finish"]),
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_finish4"],
-        max_items: MAX_ITEMS,
+        max_items: MAX_ITEMS_VEC4,
     }),
     partial_words: 4,
 };
