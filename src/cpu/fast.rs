@@ -474,13 +474,17 @@ fn jacobian_rows<M: MulAdd>(x: &[f32], jac: &mut [f32], cols: usize) {
 }
 
 /// Builds `$name`, which runs `$kernel` compiled for the best instruction set the CPU offers,
-/// and `$name_on`, which runs the build for a given (supported) instruction set.
+/// and `$name_on`, which runs the build for a given (supported) instruction set; without
+/// `$name`, only the latter.
 macro_rules! multiversion {
     ($name:ident, $name_on:ident => $kernel:ident ( $($arg:ident : $ty:ty),* $(,)? )) => {
         fn $name($($arg: $ty),*) {
             $name_on(isa(), $($arg),*)
         }
 
+        multiversion!($name_on => $kernel($($arg: $ty),*));
+    };
+    ($name_on:ident => $kernel:ident ( $($arg:ident : $ty:ty),* $(,)? )) => {
         fn $name_on(isa: Isa, $($arg: $ty),*) {
             #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
             {
@@ -839,93 +843,114 @@ fn prob_target_sums(
 }
 
 /// Loss and gradient of the rows `first..first + losses.len()`; ignored rows are written as 0.
+///
+/// When `stream` is set, rows of up to [`SCRATCH_COLS`] columns are built in `scratch` (in
+/// cache) and written out with non-temporal stores, as softmax does; otherwise in place.
 #[inline(always)]
 fn cross_entropy_rows<M: MulAdd>(
     ctx: &CeContext<'_>,
     first: usize,
     grad: &mut [f32],
     losses: &mut [f64],
+    stream: bool,
+    scratch: &mut Vec<f32>,
 ) {
     let cols = ctx.plan.cols;
-    let w = ctx.weight;
-    for (i, (g, loss)) in grad
+    let stream = stream && cols <= SCRATCH_COLS;
+    if stream {
+        scratch.resize(cols, 0.0);
+    }
+    for (i, (out, loss)) in grad
         .chunks_exact_mut(cols)
         .zip(losses.iter_mut())
         .enumerate()
     {
         let r = first + i;
-        let x = &ctx.logits[r * cols..(r + 1) * cols];
-        if ctx.plan.is_ignored(r) {
-            *loss = 0.0;
-            g.fill(0.0);
-            continue;
+        if stream {
+            *loss = cross_entropy_row::<M>(ctx, r, scratch);
+            store_map(out, scratch, scratch, true, |v, _| v);
+        } else {
+            *loss = cross_entropy_row::<M>(ctx, r, out);
         }
-        let s = scan(x);
-        if s.degenerate {
-            *loss = f64::NAN;
-            g.fill(f32::NAN);
-            continue;
+    }
+    store_fence(stream);
+}
+
+/// Row `r`'s loss, its gradient written to `g`.
+#[inline(always)]
+fn cross_entropy_row<M: MulAdd>(ctx: &CeContext<'_>, r: usize, g: &mut [f32]) -> f64 {
+    let cols = ctx.plan.cols;
+    let w = ctx.weight;
+    let x = &ctx.logits[r * cols..(r + 1) * cols];
+    if ctx.plan.is_ignored(r) {
+        g.fill(0.0);
+        return 0.0;
+    }
+    let s = scan(x);
+    if s.degenerate {
+        g.fill(f32::NAN);
+        return f64::NAN;
+    }
+    let max = s.max;
+    // The exponentials go to `g`, which stays in cache, and are reused below rather than
+    // evaluated a second time.
+    let total = exp_store_sum::<M>(x, max, g);
+    let log_sum = total.ln() as f32;
+    let inv = (1.0 / total) as f32;
+    let scale = ctx.plan.grad_scale(r);
+    match &ctx.plan.targets {
+        CrossEntropyTargets::Indices(_) => {
+            let t = ctx.plan.target(r).unwrap_or(0);
+            let w_t = if w.is_empty() { 1.0 } else { w[t] };
+            let q_t = ctx.keep * w_t + ctx.smooth * w_t;
+            let lsm_t = (x[t] - max) - log_sum;
+            let mut loss = if q_t != 0.0 {
+                -f64::from(q_t) * f64::from(lsm_t)
+            } else {
+                0.0
+            };
+            if ctx.smooth != 0.0 {
+                // Class t's share of the smoothing is already in q_t.
+                let others = weighted_lsm_sum(&x[..t], &w[..t], max, log_sum)
+                    + weighted_lsm_sum(&x[t + 1..], &w[t + 1..], max, log_sum);
+                loss -= f64::from(ctx.smooth) * others;
+            }
+            let sum_q =
+                f64::from(ctx.keep) * f64::from(w_t) + f64::from(ctx.smooth) * ctx.weight_sum;
+            let a = (scale * sum_q) as f32 * inv;
+            let b = (scale * f64::from(ctx.smooth)) as f32;
+            let s_t = g[t] * inv;
+            if w.is_empty() {
+                // Unit weights without smoothing: b = 0 and the weight term is -0 for every
+                // class, so this is the loop below, bit for bit.
+                for g in g.iter_mut() {
+                    *g *= a;
+                }
+            } else {
+                for (g, &w) in g.iter_mut().zip(w) {
+                    *g = M::mul_add(a, *g, -b * w);
+                }
+            }
+            g[t] = (scale * (f64::from(s_t) * sum_q - f64::from(q_t))) as f32;
+            loss
         }
-        let max = s.max;
-        // The exponentials go to the gradient row, which stays in cache, and are reused below
-        // rather than evaluated a second time.
-        let total = exp_store_sum::<M>(x, max, g);
-        let log_sum = total.ln() as f32;
-        let inv = (1.0 / total) as f32;
-        let scale = ctx.plan.grad_scale(r);
-        match &ctx.plan.targets {
-            CrossEntropyTargets::Indices(_) => {
-                let t = ctx.plan.target(r).unwrap_or(0);
-                let w_t = if w.is_empty() { 1.0 } else { w[t] };
-                let q_t = ctx.keep * w_t + ctx.smooth * w_t;
-                let lsm_t = (x[t] - max) - log_sum;
-                let mut l = if q_t != 0.0 {
-                    -f64::from(q_t) * f64::from(lsm_t)
-                } else {
-                    0.0
-                };
-                if ctx.smooth != 0.0 {
-                    // Class t's share of the smoothing is already in q_t.
-                    let others = weighted_lsm_sum(&x[..t], &w[..t], max, log_sum)
-                        + weighted_lsm_sum(&x[t + 1..], &w[t + 1..], max, log_sum);
-                    l -= f64::from(ctx.smooth) * others;
-                }
-                *loss = l;
-                let sum_q =
-                    f64::from(ctx.keep) * f64::from(w_t) + f64::from(ctx.smooth) * ctx.weight_sum;
-                let a = (scale * sum_q) as f32 * inv;
-                let b = (scale * f64::from(ctx.smooth)) as f32;
-                let s_t = g[t] * inv;
-                if w.is_empty() {
-                    // Unit weights without smoothing: b = 0 and the weight term is -0 for every
-                    // class, so this is the loop below, bit for bit.
-                    for g in g.iter_mut() {
-                        *g *= a;
-                    }
-                } else {
-                    for (g, &w) in g.iter_mut().zip(w) {
-                        *g = M::mul_add(a, *g, -b * w);
-                    }
-                }
-                g[t] = (scale * (f64::from(s_t) * sum_q - f64::from(q_t))) as f32;
+        CrossEntropyTargets::Probabilities(p) => {
+            let p = &p[r * cols..(r + 1) * cols];
+            let (sum_q, ql) = prob_target_sums(x, p, w, ctx.keep, ctx.smooth, max, log_sum);
+            let a = (scale * sum_q) as f32 * inv;
+            let scale = scale as f32;
+            for ((g, &p), &w) in g.iter_mut().zip(p).zip(w) {
+                let q = w * M::mul_add(ctx.keep, p, ctx.smooth);
+                *g = M::mul_add(a, *g, -scale * q);
             }
-            CrossEntropyTargets::Probabilities(p) => {
-                let p = &p[r * cols..(r + 1) * cols];
-                let (sum_q, ql) = prob_target_sums(x, p, w, ctx.keep, ctx.smooth, max, log_sum);
-                *loss = -ql;
-                let a = (scale * sum_q) as f32 * inv;
-                let scale = scale as f32;
-                for ((g, &p), &w) in g.iter_mut().zip(p).zip(w) {
-                    let q = w * M::mul_add(ctx.keep, p, ctx.smooth);
-                    *g = M::mul_add(a, *g, -scale * q);
-                }
-            }
+            -ql
         }
     }
 }
 
-multiversion!(cross_entropy_block, cross_entropy_block_on => cross_entropy_rows(
-    ctx: &CeContext<'_>, first: usize, grad: &mut [f32], losses: &mut [f64]
+multiversion!(cross_entropy_block_on => cross_entropy_rows(
+    ctx: &CeContext<'_>, first: usize, grad: &mut [f32], losses: &mut [f64], stream: bool,
+    scratch: &mut Vec<f32>
 ));
 
 /// PyTorch's `F.cross_entropy` and `dL/dlogits` (times `grad_output`); the definitions are those
@@ -939,7 +964,8 @@ pub fn cross_entropy(
 ) -> Result<CrossEntropyOutput<f32>> {
     let plan = validate::cross_entropy(logits.len(), cols, targets, options, grad_output)?;
     let mut grad = vec![0.0; logits.len()];
-    let loss = cross_entropy_planned(&plan, logits, &mut grad);
+    let stream = streams(2 * std::mem::size_of_val(&grad[..]));
+    let loss = cross_entropy_planned(&plan, logits, &mut grad, stream, isa());
     Ok(CrossEntropyOutput { loss, grad })
 }
 
@@ -954,13 +980,18 @@ pub fn cross_entropy_into(
 ) -> Result<Vec<f32>> {
     let plan = validate::cross_entropy(logits.len(), cols, targets, options, grad_output)?;
     validate::same_len("grad", logits.len(), grad.len())?;
-    Ok(cross_entropy_planned(&plan, logits, grad))
+    let stream = streams(2 * std::mem::size_of_val(grad));
+    Ok(cross_entropy_planned(&plan, logits, grad, stream, isa()))
 }
 
+/// The losses of a validated call, the gradient written to `grad`, built for `isa`; `stream`:
+/// whether the gradient is written with non-temporal stores.
 fn cross_entropy_planned(
     plan: &CrossEntropyPlan<'_>,
     logits: &[f32],
     grad: &mut [f32],
+    stream: bool,
+    isa: Isa,
 ) -> Vec<f32> {
     let cols = plan.cols;
     let e = plan.label_smoothing;
@@ -988,13 +1019,18 @@ fn cross_entropy_planned(
     if plan.rows > 0 {
         // Every row is read about three times.
         let rows_per_task = (TASK_ELEMS / cols).clamp(1, plan.rows);
+        let block = |first: usize, g: &mut [f32], l: &mut [f64]| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                cross_entropy_block_on(isa, &ctx, first, g, l, stream, scratch);
+            });
+        };
         if plan.rows * cols <= SERIAL_ELEMS {
-            cross_entropy_block(&ctx, 0, grad, &mut losses);
+            block(0, grad, &mut losses);
         } else {
             grad.par_chunks_mut(rows_per_task * cols)
                 .zip(losses.par_chunks_mut(rows_per_task))
                 .enumerate()
-                .for_each(|(i, (g, l))| cross_entropy_block(&ctx, i * rows_per_task, g, l));
+                .for_each(|(i, (g, l))| block(i * rows_per_task, g, l));
         }
     }
     // From +0: the sum over no rows is 0, where `Iterator::sum` would give -0.
@@ -1418,6 +1454,73 @@ mod tests {
                                             .all(|&v| v == 0.0));
                                     }
                                 }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cross-entropy with and without non-temporal stores, on every instruction set, on rows
+    /// that fit the scratch row and one that does not, into an aligned and a misaligned gradient.
+    #[test]
+    fn cross_entropy_build_and_store_paths_match_reference() {
+        let mut rng = Rng::new(16);
+        for &(rows, cols) in &[(9, 5), (6, 1000), (2, SCRATCH_COLS), (2, SCRATCH_COLS + 3)] {
+            let x = logits(&mut rng, rows, cols, 3.0);
+            let idx: Vec<i64> = (0..rows)
+                .map(|r| if r == 1 { -100 } else { rng.below(cols) as i64 })
+                .collect();
+            let mut probs = rng.uniforms(rows * cols);
+            for row in probs.chunks_mut(cols) {
+                let s: f32 = row.iter().sum();
+                row.iter_mut().for_each(|p| *p /= s);
+            }
+            let w: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 3) as f32 * 0.25).collect();
+            let per_row = rng.normals(rows, 1.0);
+            for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                for (weight, label_smoothing) in [(None, 0.0), (Some(&w[..]), 0.1)] {
+                    let o = CrossEntropyOptions {
+                        weight,
+                        label_smoothing,
+                        reduction: Reduction::None,
+                        ..Default::default()
+                    };
+                    let g = GradOutput::PerRow(&per_row);
+                    let want = reference::cross_entropy(&x, cols, targets, &o, g).unwrap();
+                    let plan = validate::cross_entropy(x.len(), cols, targets, &o, g).unwrap();
+                    for stream in [false, true] {
+                        for isa in supported_isas() {
+                            for offset in [0, 1] {
+                                let what = format!(
+                                    "{isa:?} stream {stream} offset {offset} {rows}x{cols} \
+                                     smoothing {label_smoothing} {}",
+                                    if weight.is_some() {
+                                        "weighted"
+                                    } else {
+                                        "unweighted"
+                                    }
+                                );
+                                let mut grad = vec![f32::NAN; x.len() + offset];
+                                let grad = &mut grad[offset..];
+                                let loss = cross_entropy_planned(&plan, &x, grad, stream, isa);
+                                compare(
+                                    &format!("loss {what}"),
+                                    &loss,
+                                    &want.loss,
+                                    1e-5,
+                                    1e-5,
+                                    false,
+                                );
+                                compare(
+                                    &format!("grad {what}"),
+                                    grad,
+                                    &want.grad,
+                                    1e-6,
+                                    1e-5,
+                                    true,
+                                );
                             }
                         }
                     }
