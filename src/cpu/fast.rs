@@ -1142,6 +1142,16 @@ mod tests {
         compare(what, actual, expected, 1e-5, 1e-5, false)
     }
 
+    /// Rows of random probabilities, each summing to 1.
+    fn probability_rows(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+        let mut probs = rng.uniforms(rows * cols);
+        for row in probs.chunks_mut(cols) {
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|p| *p /= s);
+        }
+        probs
+    }
+
     /// Logits with a few degenerate and `-inf`-holding rows mixed in.
     fn logits(rng: &mut Rng, rows: usize, cols: usize, sigma: f64) -> Vec<f32> {
         let mut x = rng.normals(rows * cols, sigma);
@@ -1393,11 +1403,7 @@ mod tests {
                 idx[4] = -100; // the all -inf row is ignored
             }
             let idx32: Vec<i32> = idx.iter().map(|&v| v as i32).collect();
-            let mut probs = rng.uniforms(rows * cols);
-            for row in probs.chunks_mut(cols) {
-                let s: f32 = row.iter().sum();
-                row.iter_mut().for_each(|p| *p /= s);
-            }
+            let probs = probability_rows(&mut rng, rows, cols);
             let w: Vec<f32> = (0..cols)
                 .map(|c| {
                     if c % 7 == 3 {
@@ -1472,11 +1478,7 @@ mod tests {
             let idx: Vec<i64> = (0..rows)
                 .map(|r| if r == 1 { -100 } else { rng.below(cols) as i64 })
                 .collect();
-            let mut probs = rng.uniforms(rows * cols);
-            for row in probs.chunks_mut(cols) {
-                let s: f32 = row.iter().sum();
-                row.iter_mut().for_each(|p| *p /= s);
-            }
+            let probs = probability_rows(&mut rng, rows, cols);
             let w: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 3) as f32 * 0.25).collect();
             let per_row = rng.normals(rows, 1.0);
             for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
