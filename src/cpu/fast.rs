@@ -1142,6 +1142,17 @@ mod tests {
         compare(what, actual, expected, 1e-5, 1e-5, false)
     }
 
+    /// Cross-entropy losses and gradient against the reference's.
+    fn check_cross_entropy(
+        what: &str,
+        loss: &[f32],
+        grad: &[f32],
+        want: &reference::CrossEntropyOutput<f64>,
+    ) {
+        compare(&format!("loss {what}"), loss, &want.loss, 1e-5, 1e-5, false);
+        compare(&format!("grad {what}"), grad, &want.grad, 1e-6, 1e-5, true);
+    }
+
     /// Rows of random probabilities, each summing to 1.
     fn probability_rows(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
         let mut probs = rng.uniforms(rows * cols);
@@ -1436,22 +1447,7 @@ mod tests {
                             let want = reference::cross_entropy(&x, cols, targets, &o, g).unwrap();
                             let what = format!("{rows}x{cols} {o:?} {targets:?}");
                             let what = &what[..what.len().min(200)];
-                            compare(
-                                &format!("loss {what}"),
-                                &got.loss,
-                                &want.loss,
-                                1e-5,
-                                1e-5,
-                                false,
-                            );
-                            compare(
-                                &format!("grad {what}"),
-                                &got.grad,
-                                &want.grad,
-                                1e-6,
-                                1e-5,
-                                true,
-                            );
+                            check_cross_entropy(what, &got.loss, &got.grad, &want);
                             if let Targets::Indices(t) = targets {
                                 for (r, &t) in t.iter().enumerate() {
                                     if t == -100 {
@@ -1507,22 +1503,7 @@ mod tests {
                                 let mut grad = vec![f32::NAN; x.len() + offset];
                                 let grad = &mut grad[offset..];
                                 let loss = cross_entropy_planned(&plan, &x, grad, stream, isa);
-                                compare(
-                                    &format!("loss {what}"),
-                                    &loss,
-                                    &want.loss,
-                                    1e-5,
-                                    1e-5,
-                                    false,
-                                );
-                                compare(
-                                    &format!("grad {what}"),
-                                    grad,
-                                    &want.grad,
-                                    1e-6,
-                                    1e-5,
-                                    true,
-                                );
+                                check_cross_entropy(&what, &loss, grad, &want);
                             }
                         }
                     }
