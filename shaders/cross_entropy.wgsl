@@ -12,9 +12,9 @@
 // Rows: an index target equal to ignore_index gives loss 0 and a zero gradient row; an index
 // outside [0, C) gives NaN for its row; a row holding NaN or +inf, or only -inf, gives NaN.
 //
-// Passes: `denominator` (mean only) writes the sum of target weights over rows not ignored to
-// stats[0]; a row kernel writes loss_rows and the gradient; `reduce_loss` writes the reduced loss
-// to stats[1].
+// Passes: `denominator_partials` and `denominator` (mean only) write the sum of target weights
+// over rows not ignored to stats[0]; a row kernel writes loss_rows and the gradient;
+// `loss_partials` and `reduce_loss` write the reduced loss to stats[1].
 
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 // Class indices (i32 bit patterns, one per row) or probabilities (f32 bits, cols per row).
@@ -633,35 +633,85 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
-// One workgroup: stats[0] = sum of w[target] over rows not ignored (index targets), or the row
-// count (probability targets), the divisor of the mean.
-@compute @workgroup_size(WG)
-fn denominator(@builtin(local_invocation_index) lid: u32) {
-    var d = 0.0;
-    for (var row = lid; row < p.rows; row += WG) {
-        if (PROBS) {
-            d += 1.0;
-        } else {
-            let t = row_target(row);
-            if (t.kind == 0u) {
-                d += class_weight(t.index);
-            }
+// The batch reductions of Mean and Sum. A batch of more than one block of p.chunk rows takes two
+// passes, so that it is summed by the whole device rather than one workgroup: in the first
+// (`*_partials`), each workgroup g sums one block, with TEAM = 0 each invocation writing its own
+// sum to partials[g * WG + lid] (no barrier), otherwise the workgroup's sum going to
+// partials[g]; the second (`denominator`, `reduce_loss`: one workgroup) adds the p.chunks
+// partials. A batch of one block takes the second pass alone, which then sums the rows
+// themselves (p.chunks = 0). The partials are free between passes: the split-row kernels write
+// their own only after `denominator` has read these.
+
+// What row `row` adds: to the mean's divisor (`divisor`), w[target] for a row not ignored with
+// index targets and 1 with probability targets; otherwise its loss.
+fn batch_term(row: u32, divisor: bool) -> f32 {
+    if (!divisor) {
+        return loss_rows[base(4u) + row];
+    }
+    if (PROBS) {
+        return 1.0;
+    }
+    let t = row_target(row);
+    return select(0.0, class_weight(t.index), t.kind == 0u);
+}
+
+fn sum_block(wid: vec3<u32>, lid: u32, divisor: bool) {
+    let g = linear_group(wid);
+    let start = g * p.chunk;
+    let end = min(start + p.chunk, p.rows);
+    var total = 0.0;
+    for (var row = start + lid; row < end; row += WG) {
+        total += batch_term(row, divisor);
+    }
+    if (TEAM == 0u) {
+        partials[g * WG + lid] = vec4<f32>(total, 0.0, 0.0, 0.0);
+        return;
+    }
+    total = workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
+    if (lid == 0u) {
+        partials[g] = vec4<f32>(total, 0.0, 0.0, 0.0);
+    }
+}
+
+// The batch's sum, in one workgroup: of the partials, or of the rows when there are none.
+fn batch_sum(lid: u32, divisor: bool) -> f32 {
+    var total = 0.0;
+    if (p.chunks == 0u) {
+        for (var row = lid; row < p.rows; row += WG) {
+            total += batch_term(row, divisor);
+        }
+    } else {
+        for (var i = lid; i < p.chunks; i += WG) {
+            total += partials[i].x;
         }
     }
-    d = workgroup_sum4(vec4<f32>(d, 0.0, 0.0, 0.0), lid).x;
+    return workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
+}
+
+@compute @workgroup_size(WG)
+fn denominator_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sum_block(wid, lid, true);
+}
+
+// stats[0] = sum of w[target] over rows not ignored (index targets), or the row count
+// (probability targets): the divisor of the mean.
+@compute @workgroup_size(WG)
+fn denominator(@builtin(local_invocation_index) lid: u32) {
+    let d = batch_sum(lid, true);
     if (lid == 0u) {
         stats[base(6u)] = d;
     }
 }
 
-// One workgroup: stats[1] = the reduced loss (sum, or sum / stats[0] for the mean).
+@compute @workgroup_size(WG)
+fn loss_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sum_block(wid, lid, false);
+}
+
+// stats[1] = the reduced loss (sum, or sum / stats[0] for the mean).
 @compute @workgroup_size(WG)
 fn reduce_loss(@builtin(local_invocation_index) lid: u32) {
-    var total = 0.0;
-    for (var row = lid; row < p.rows; row += WG) {
-        total += loss_rows[base(4u) + row];
-    }
-    total = workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
+    let total = batch_sum(lid, false);
     if (lid == 0u) {
         if (REDUCTION == 1u) {
             stats[base(6u) + 1u] = total / stats[base(6u)];

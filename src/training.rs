@@ -683,7 +683,7 @@ impl Context {
         // Every row block runs unreduced with its rows' own gradient factor (g, or g / D for the
         // mean, D resolved from all targets up front); the blocks' losses are then reduced here
         // in f64. So a batch of any size gives the result one pass over it would, and the
-        // single-workgroup reduction passes never see more rows than one binding holds.
+        // device's batch sums never see more rows than one binding holds.
         let per_row = CrossEntropyOptions {
             reduction: Reduction::None,
             ..*options
@@ -1148,11 +1148,15 @@ impl CrossEntropyLoss {
         let family = &gpu.kernels.cross_entropy;
         let mut dispatches = Vec::new();
         if self.reduction == Reduction::Mean {
-            dispatches.push(family.single(gpu, &call, "denominator"));
+            dispatches.extend(family.batch_sum(
+                gpu,
+                &call,
+                ["denominator_partials", "denominator"],
+            )?);
         }
         dispatches.extend(family.plan(gpu, &call)?);
         if reduced {
-            dispatches.push(family.single(gpu, &call, "reduce_loss"));
+            dispatches.extend(family.batch_sum(gpu, &call, ["loss_partials", "reduce_loss"])?);
         }
         family.record(gpu, encoder, &dispatches, timestamps)?;
         if reduced {
@@ -1162,22 +1166,11 @@ impl CrossEntropyLoss {
     }
 }
 
-/// The `denominator` and `reduce_loss` passes of `Mean` and `Sum` are one workgroup reading one
-/// word per row through a single binding: more rows than that binding holds would be summed in
-/// part (the binding is clamped), and on software adapters more rows than the workgroup covers
-/// within the loop budget would be cut short. Both are wrong answers, so they are refused; the
-/// host forms and `Reduction::None` have no such bound.
+/// The batch sums of `Mean` and `Sum` read one word per row through a single binding: more rows
+/// than that binding holds would be summed in part (the binding is clamped), a wrong answer, so
+/// they are refused; the host forms and `Reduction::None` have no such bound.
 fn check_reducible_rows(gpu: &Gpu, rows: usize) -> Result<()> {
-    let by_binding = gpu.max_binding().saturating_sub(gpu.storage_align()) / 4;
-    let workgroup = u64::from(
-        crate::kernels::rowwise::SINGLE_WORKGROUP
-            .min(gpu.limits.max_compute_invocations_per_workgroup),
-    );
-    let by_loop = gpu
-        .caps
-        .loop_budget
-        .map_or(u64::MAX, |budget| budget.saturating_mul(workgroup));
-    let max = by_binding.min(by_loop);
+    let max = gpu.max_binding().saturating_sub(gpu.storage_align()) / 4;
     if rows as u64 > max {
         return Err(Error::ShapeTooLarge {
             what: "rows of a reduced device-resident cross-entropy",

@@ -3,12 +3,15 @@
 
 mod common;
 
-use common::{assert_grad_close, logits, small_limits_context, strategy_tunings, tuned, with_gpu};
+use common::{
+    assert_grad_close, device_on_same_adapter, logits, small_limits_context, strategy_tunings,
+    tuned, with_gpu,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
     Context, CrossEntropyBuffers, CrossEntropyOptions, Error, GradDestination, GradOutput,
-    Reduction, TargetEncoding, Targets, Tolerance,
+    Reduction, TargetEncoding, Targets, Tolerance, Tuning,
 };
 
 /// Cross-entropy losses: f32 accumulation over up to 50 000 classes and 70 000 rows.
@@ -216,6 +219,85 @@ fn cross_entropy_matches_the_reference_for_every_option() {
                             let loss_only = ctx.cross_entropy(&x, cols, targets, &options).unwrap();
                             assert_eq!(loss_only, got.loss, "{what}: loss-only kernel");
                         }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The device-resident forms reduce over the batch on the device: the mean's divisor and the
+/// reduced loss are sums over the rows, in one pass for a batch of one block and in two beyond
+/// (per-block partials by invocation or by workgroup, then their sum), on a 2-D grid where the
+/// blocks outnumber the device's workgroups per dimension.
+#[test]
+fn device_reductions_match_the_reference_on_every_batch_size() {
+    with_gpu(|base| {
+        let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
+            max_compute_workgroups_per_dimension: 40,
+            ..limits
+        });
+        let mut contexts = Vec::new();
+        for batch_team in [0, 2] {
+            let tuning = Tuning {
+                batch_team,
+                ..Tuning::SOFTWARE
+            };
+            contexts.push((format!("batch_team={batch_team}"), tuned(base, tuning)));
+            let narrow = Context::from_device_with_tuning(device.clone(), queue.clone(), tuning)
+                .expect("adopt a device with a narrow grid");
+            contexts.push((format!("batch_team={batch_team}, 40 per dimension"), narrow));
+        }
+        let weight = [0.5, 2.0, 1.25];
+        for (name, ctx) in &contexts {
+            for &(rows, cols) in &[
+                (1, 3),
+                (31, 3),
+                (4096, 3),
+                (4097, 3),
+                (70_000, 3),
+                (300_000, 2),
+            ] {
+                let x = logits(rows, cols, 2.0, rows as u64);
+                let idx = index_targets(rows, cols, 5, 7);
+                let probs = probability_targets(rows, cols, 6);
+                let cases = [
+                    (Targets::Indices(&idx), None),
+                    (Targets::Indices(&idx), Some(&weight[..cols])),
+                    (Targets::Probabilities(&probs), None),
+                ];
+                for (targets, weight) in cases {
+                    for reduction in [Reduction::Mean, Reduction::Sum] {
+                        let options = CrossEntropyOptions {
+                            weight,
+                            reduction,
+                            ..Default::default()
+                        };
+                        let what = format!(
+                            "{name} {rows}x{cols} {reduction:?} probabilities={} weighted={}",
+                            matches!(targets, Targets::Probabilities(_)),
+                            weight.is_some()
+                        );
+                        let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+                        let t = ctx.upload(&x, cols).unwrap();
+                        let targets_t = loss_fn.upload_targets(targets).unwrap();
+                        let out = loss_fn
+                            .loss_and_grad(&t, &targets_t, GradOutput::Scalar(0.5))
+                            .unwrap();
+                        let want = reference::cross_entropy(
+                            &x,
+                            cols,
+                            targets,
+                            &options,
+                            GradOutput::Scalar(0.5),
+                        )
+                        .unwrap();
+                        let loss = out.loss.to_vec().unwrap();
+                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+                        assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                        assert_grad_close(&out.grad.to_vec().unwrap(), &want.grad, &what);
+                        let loss_only = loss_fn.loss(&t, &targets_t).unwrap().to_vec().unwrap();
+                        assert_eq!(loss_only, loss, "{what}: loss-only kernel");
                     }
                 }
             }

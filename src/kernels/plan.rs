@@ -118,6 +118,10 @@ pub struct Tuning {
     pub split_chunk: u32,
     /// Who works on one chunk of a split row: 0 one invocation, otherwise one workgroup.
     pub split_team: u32,
+    /// Who sums one block of rows in the first pass of a sum over the batch (the divisor of a
+    /// mean, a reduced loss): 0 one invocation, each leaving its own partial for the second
+    /// pass (no barrier); otherwise one workgroup, leaving one partial.
+    pub batch_team: u32,
     /// Split rows run in groups of rows spanning at most this many bytes of input (at least one
     /// row per group), each group's partials pass followed at once by its finishing pass, so
     /// that the finishing pass can find the group's input still in cache; 0: all rows at once
@@ -146,6 +150,7 @@ impl Tuning {
         split_max_rows: 512,
         split_chunk: 4096,
         split_team: 2,
+        batch_team: 2,
         split_group_bytes: 0,
         vector: 4,
         subgroups: 1,
@@ -166,6 +171,7 @@ impl Tuning {
         split_max_rows: 128,
         split_chunk: 8192,
         split_team: 0,
+        batch_team: 0,
         split_group_bytes: 0,
         vector: 4,
         subgroups: 1,

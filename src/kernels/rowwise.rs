@@ -99,12 +99,12 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     partial_words: 1,
 };
 
-/// Workgroup size of the single-workgroup passes over the batch: at most ...
-pub(crate) const SINGLE_WORKGROUP: u32 = 256;
+/// Workgroup size of the passes that sum over the batch: at most ...
+const BATCH_MAX_WORKGROUP: u32 = 256;
 /// ... at least ...
-const SINGLE_MIN_WORKGROUP: u32 = 32;
-/// ... and otherwise enough for this many rows per invocation.
-const SINGLE_ROWS_PER_INVOCATION: usize = 64;
+const BATCH_MIN_WORKGROUP: u32 = 32;
+/// ... and otherwise enough for blocks of this many rows per invocation.
+const BATCH_ROWS_PER_INVOCATION: usize = 16;
 
 /// Mirrors `Params` in `shaders/common.wgsl`.
 #[repr(C)]
@@ -386,33 +386,65 @@ impl RowwiseFamily {
         (strategy, vector)
     }
 
-    /// A single-workgroup pass over all `call.rows` rows (e.g. a reduction over the batch).
-    /// Operands it reads must be small enough for one binding; others are clamped.
-    pub(crate) fn single(&self, gpu: &Gpu, call: &RowCall<'_>, entry: &'static str) -> Dispatch {
-        // Wide enough that each invocation loops over at most SINGLE_ROWS_PER_INVOCATION rows
-        // until the widest workgroup is reached (which keeps loops within the software loop
-        // budget up to millions of rows), and no wider: a small batch then pays for a narrow
-        // workgroup's barrier, which on software adapters costs in proportion to its width.
-        let widest = SINGLE_WORKGROUP
+    /// A sum over all `call.rows` rows (a reduction over the batch). A batch of more than one
+    /// block of rows takes two passes: `entries[0]` with one workgroup per block, leaving the
+    /// block's sum in the partials (one per invocation or one per workgroup, as
+    /// [`Tuning::batch_team`] says), then `entries[1]`, one workgroup adding the `chunks`
+    /// partials. A batch of one block takes `entries[1]` alone, over the rows (`chunks` = 0).
+    /// Both get the rows per block as `chunk` and the team as `TEAM`. Operands they read must be
+    /// small enough for one binding; others are clamped.
+    ///
+    /// [`Tuning::batch_team`]: super::plan::Tuning::batch_team
+    pub(crate) fn batch_sum(
+        &self,
+        gpu: &Gpu,
+        call: &RowCall<'_>,
+        [first, finish]: [&'static str; 2],
+    ) -> Result<Vec<Dispatch>> {
+        // As wide as the device allows up to BATCH_MAX_WORKGROUP, and no wider than a block of
+        // BATCH_ROWS_PER_INVOCATION rows per invocation needs: a small batch then pays for a
+        // narrow workgroup's barrier, which on software adapters costs in proportion to its
+        // width.
+        let widest = BATCH_MAX_WORKGROUP
             .min(gpu.limits.max_compute_invocations_per_workgroup)
             .min(gpu.limits.max_compute_workgroup_size_x);
-        let wg = u32::try_from(call.rows.div_ceil(SINGLE_ROWS_PER_INVOCATION))
+        let wg = u32::try_from(call.rows.div_ceil(BATCH_ROWS_PER_INVOCATION))
             .unwrap_or(u32::MAX)
             .next_power_of_two()
-            .clamp(SINGLE_MIN_WORKGROUP.min(widest), widest);
+            .clamp(BATCH_MIN_WORKGROUP.min(widest), widest);
+        let block = wg as usize * BATCH_ROWS_PER_INVOCATION;
+        let groups = call.rows.div_ceil(block);
+        let (team, partial_count) = match (groups, gpu.tuning.batch_team) {
+            (0 | 1, _) => (2, 0),
+            (_, 0) => (0, groups * wg as usize),
+            _ => (2, groups),
+        };
+        let partial_len = partial_count.max(1) * self.desc.partial_words;
+        let partials = crate::context::cached_buffer(
+            &gpu.device,
+            &self.partials,
+            partial_len as u64 * 4,
+            || partials_buffer(&gpu.device, partial_len as u64 * 4),
+        )?;
+        let windows = self.windows(gpu, call, 0, call.rows, &partials, partial_len);
+        let groups = u32::try_from(groups).unwrap_or(u32::MAX);
+        let chunks = u32::try_from(partial_count).unwrap_or(u32::MAX);
+        let params = params(gpu, call, call.rows, &windows, groups, block as u32, chunks);
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
-        let partials = self
-            .partials
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let windows = self.windows(gpu, call, 0, call.rows, &partials, 1);
-        Dispatch {
-            pipeline: self.pipeline(gpu, call, entry, [wg, 0, 2, sg]),
-            params: params(gpu, call, call.rows, &windows, 1, 0, 1),
-            windows,
-            workgroups: 1,
-        }
+        let passes = if partial_count == 0 {
+            vec![(finish, 1)]
+        } else {
+            vec![(first, groups), (finish, 1)]
+        };
+        Ok(passes
+            .into_iter()
+            .map(|(entry, workgroups)| Dispatch {
+                pipeline: self.pipeline(gpu, call, entry, [wg, 0, team, sg]),
+                params: params.clone(),
+                windows: windows.clone(),
+                workgroups,
+            })
+            .collect())
     }
 
     /// Records `dispatches` into `encoder` in one compute pass.

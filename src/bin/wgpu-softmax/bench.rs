@@ -52,9 +52,9 @@ pub struct BenchArgs {
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
     /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup,
     /// subgroup_max_cols, row_workgroup, max_items, split_min_cols, split_max_rows, split_chunk,
-    /// split_team, split_group_bytes, vector, subgroups. Workgroup sizes and split_chunk must be
-    /// at least 1, max_items a power of two up to 32, vector 1 or 4, subgroups 0 or 1; a value
-    /// the device's limits change is reported on stderr.
+    /// split_team, batch_team, split_group_bytes, vector, subgroups. Workgroup sizes and
+    /// split_chunk must be at least 1, max_items a power of two up to 32, vector 1 or 4,
+    /// subgroups 0 or 1; a value the device's limits change is reported on stderr.
     #[arg(long = "tune", value_parser = parse_tune, conflicts_with = "no_gpu")]
     tune: Vec<(&'static str, u32)>,
 }
@@ -69,7 +69,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 14] = [
+const TUNE_FIELDS: [(&str, Accepts); 15] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -81,6 +81,7 @@ const TUNE_FIELDS: [(&str, Accepts); 14] = [
     ("split_max_rows", Accepts::Any),
     ("split_chunk", Accepts::AtLeastOne),
     ("split_team", Accepts::Any),
+    ("batch_team", Accepts::Any),
     ("split_group_bytes", Accepts::Any),
     ("vector", Accepts::OneOf(&[1, 4])),
     ("subgroups", Accepts::OneOf(&[0, 1])),
@@ -103,6 +104,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "split_max_rows" => &mut tuning.split_max_rows,
         "split_chunk" => &mut tuning.split_chunk,
         "split_team" => &mut tuning.split_team,
+        "batch_team" => &mut tuning.batch_team,
         "split_group_bytes" => &mut tuning.split_group_bytes,
         "vector" => &mut tuning.vector,
         "subgroups" => &mut tuning.subgroups,
