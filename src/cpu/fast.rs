@@ -403,14 +403,14 @@ fn short_sum(e: &[f32]) -> f64 {
     e.iter().fold(0.0f64, |s, &v| s + f64::from(v))
 }
 
-/// Softmax of rows of fewer than [`SHORT_COLS`] columns.
+/// Softmax, or log-softmax with `LOG`, of rows of fewer than [`SHORT_COLS`] columns.
 ///
-/// (The short-row kernels spell out their loop over sub-blocks rather than share one that takes
-/// the per-block work as a closure: a closure that large was not inlined, and a closure gets no
-/// target features from the function it is defined in, so its body ran in baseline code, where
-/// `f32::mul_add` is a library call: a quarter of the speed of the spelled-out loop.)
+/// (One kernel with a flag rather than a shared loop over sub-blocks taking the per-row work as a
+/// closure: a closure that large was not inlined, and a closure gets no target features from the
+/// function it is defined in, so its body ran in baseline code, where `f32::mul_add` is a library
+/// call: an eighth to a quarter of the speed of this loop.)
 #[inline(always)]
-fn softmax_short_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
+fn short_rows<M: MulAdd, const LOG: bool>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
     let per_block = (SHORT_BLOCK / cols).max(1) * cols;
     let mut maxes = [0.0f32; SHORT_BLOCK];
     let mut built = [0.0f32; SHORT_BLOCK];
@@ -420,47 +420,29 @@ fn softmax_short_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: 
         } else {
             &mut *yb
         };
-        short_exps::<M>(xb, cols, &mut maxes, out);
-        for (er, &m) in out.chunks_exact_mut(cols).zip(&maxes) {
-            let inv = if m.is_nan() {
-                f32::NAN
-            } else {
-                (1.0 / short_sum(er)) as f32
-            };
-            for v in er.iter_mut() {
-                *v *= inv;
-            }
-        }
-        if stream {
-            let out = &built[..xb.len()];
-            store_map(yb, out, out, true, |v, _| v);
-        }
-    }
-}
-
-/// Log-softmax of rows of fewer than [`SHORT_COLS`] columns.
-#[inline(always)]
-fn log_softmax_short_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
-    let per_block = (SHORT_BLOCK / cols).max(1) * cols;
-    let mut maxes = [0.0f32; SHORT_BLOCK];
-    let mut built = [0.0f32; SHORT_BLOCK];
-    for (xb, yb) in x.chunks(per_block).zip(y.chunks_mut(per_block)) {
-        let out = if stream {
-            &mut built[..xb.len()]
-        } else {
-            &mut *yb
-        };
-        // The exponentials go to `out` first: only their sums are needed.
         short_exps::<M>(xb, cols, &mut maxes, out);
         for ((or, xr), &max) in out
             .chunks_exact_mut(cols)
             .zip(xb.chunks_exact(cols))
             .zip(&maxes)
         {
-            let log_sum = short_sum(or).ln() as f32;
-            // NaN for a degenerate row; a -inf entry stays exactly -inf, as in the row kernel.
-            for (o, &v) in or.iter_mut().zip(xr) {
-                *o = (v - max) - log_sum;
+            let sum = short_sum(or);
+            if LOG {
+                // The exponentials were needed only for their sum. NaN for a degenerate row
+                // (max is NaN); a -inf entry stays exactly -inf, as in the row kernel.
+                let log_sum = sum.ln() as f32;
+                for (o, &v) in or.iter_mut().zip(xr) {
+                    *o = (v - max) - log_sum;
+                }
+            } else {
+                let inv = if max.is_nan() {
+                    f32::NAN
+                } else {
+                    (1.0 / sum) as f32
+                };
+                for v in or.iter_mut() {
+                    *v *= inv;
+                }
             }
         }
         if stream {
@@ -510,7 +492,7 @@ fn softmax_rows<M: MulAdd>(
     scratch: &mut Vec<f32>,
 ) {
     if cols < SHORT_COLS {
-        softmax_short_rows::<M>(x, y, cols, stream);
+        short_rows::<M, false>(x, y, cols, stream);
     } else {
         for (x, y) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
             softmax_row::<M>(x, y, stream, scratch);
@@ -522,7 +504,7 @@ fn softmax_rows<M: MulAdd>(
 #[inline(always)]
 fn log_softmax_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
     if cols < SHORT_COLS {
-        log_softmax_short_rows::<M>(x, y, cols, stream);
+        short_rows::<M, true>(x, y, cols, stream);
     } else {
         for (x, y) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
             let s = scan(x);
