@@ -202,9 +202,25 @@ fn max_key(v: f32) -> f32 {
     }
 }
 
+/// The larger of two values, written as a select so that it vectorises.
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+/// The largest [`max_key`] of a few values, one by one (a row's tail, a short row).
+#[inline(always)]
+fn scalar_max_key(x: &[f32]) -> f32 {
+    x.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| larger(m, max_key(v)))
+}
+
 #[inline(always)]
 fn scan(x: &[f32]) -> Scan {
-    let larger = |a: f32, b: f32| if b > a { b } else { a };
     let mut max = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -215,10 +231,7 @@ fn scan(x: &[f32]) -> Scan {
     }
     // The tail in scalars: indexing the lane array by a variable kept it in memory, for the
     // whole loop above.
-    let tail_max = tail
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| larger(m, max_key(v)));
-    let m = larger(fold_lanes(max, larger), tail_max);
+    let m = larger(fold_lanes(max, larger), scalar_max_key(tail));
     Scan {
         max: m,
         degenerate: m.is_infinite(),
@@ -378,15 +391,12 @@ thread_local! {
 /// row's maximum in `maxes` (NaN for a degenerate row, whose `e` are meaningless).
 #[inline(always)]
 fn short_exps<M: MulAdd>(x: &[f32], cols: usize, maxes: &mut [f32], e: &mut [f32]) {
-    let larger = |a: f32, b: f32| if b > a { b } else { a };
     for ((xr, er), m) in x
         .chunks_exact(cols)
         .zip(e.chunks_exact_mut(cols))
         .zip(maxes.iter_mut())
     {
-        let max = xr
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &v| larger(m, max_key(v)));
+        let max = scalar_max_key(xr);
         *m = if max.is_infinite() { f32::NAN } else { max };
         // The row's maximum beside each element, for the flat pass; 0 keeps a degenerate
         // row's arithmetic quiet.
