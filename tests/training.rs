@@ -317,6 +317,7 @@ fn training_ops_match_the_reference_under_every_strategy() {
                 (33, 2049),
                 (5, 8),
                 (70, 128),
+                (5, 100),
                 (33, 2048),
                 (5, 1000),
                 (2, 20_000),

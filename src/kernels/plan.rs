@@ -243,7 +243,13 @@ impl Tuning {
     }
 
     /// Loads per invocation for a team of `team` on rows of `cols` loaded `vector` elements at a
-    /// time: a power of two when the row fits in registers, else 0 (streamed).
+    /// time when the row fits in registers, else 0 (streamed).
+    ///
+    /// Exactly the loads the row needs, not a power of two above it: a kernel runs all `ITEMS`
+    /// iterations (the ones past the row masked), and on software adapters, where the lanes of
+    /// a SIMD register are invocations, the masked ones cost nearly as much as the others. Rows
+    /// of 10 columns ran 1.2x faster with 10 loads than with 16 on lavapipe. The price is one
+    /// pipeline per distinct count, compiled once and cached.
     fn items(&self, cols: usize, team: u32, vector: u32) -> u32 {
         let per_invocation = u32::try_from(cols.div_ceil(vector as usize))
             .unwrap_or(u32::MAX)
@@ -254,7 +260,7 @@ impl Tuning {
             self.max_items.min(MAX_ITEMS)
         };
         if per_invocation <= max_items {
-            per_invocation.max(1).next_power_of_two()
+            per_invocation.max(1)
         } else {
             0
         }
@@ -419,6 +425,15 @@ mod tests {
         assert_eq!(
             Tuning::SOFTWARE.choose(1, 1, &LAVAPIPE, 1),
             Strategy::RowPerThread { items: 1 }
+        );
+        // Exactly the loads a row needs, not the power of two above.
+        assert_eq!(
+            Tuning::SOFTWARE.choose(1 << 20, 10, &LAVAPIPE, 1),
+            Strategy::RowPerThread { items: 10 }
+        );
+        assert_eq!(
+            Tuning::SOFTWARE.choose(1 << 18, 40, &LAVAPIPE, 4),
+            Strategy::RowPerThread { items: 10 }
         );
     }
 
