@@ -65,6 +65,24 @@ const SHORT_BLOCK: usize = 1024;
 /// this and each build picks the right one.
 trait MulAdd {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
+
+    /// Writes `v` to `dst` with non-temporal stores, in the widest the build has: a whole
+    /// cache line in one store where AVX-512 is there, rather than four 16-byte pieces.
+    ///
+    /// # Safety
+    ///
+    /// `dst` is 64-byte aligned and valid for `LANES` writes, and the build's instruction set
+    /// is present.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn stream_line(dst: *mut f32, v: &[f32; LANES]) {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        for k in (0..LANES).step_by(4) {
+            // SAFETY: `dst[k..k + 4]` is in bounds and 16-byte aligned (the caller's
+            // promise); `v[k..k + 4]` is in bounds; SSE is part of the x86-64 baseline.
+            unsafe { _mm_stream_ps(dst.add(k), _mm_loadu_ps(v.as_ptr().add(k))) };
+        }
+    }
 }
 
 /// A separate multiply and add: the SSE2 baseline.
@@ -86,6 +104,38 @@ impl MulAdd for Fused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn stream_line(dst: *mut f32, v: &[f32; LANES]) {
+        use std::arch::x86_64::{_mm256_loadu_ps, _mm256_stream_ps};
+        for k in (0..LANES).step_by(8) {
+            // SAFETY: `dst[k..k + 8]` is in bounds and 32-byte aligned (the caller's
+            // promise); `v[k..k + 8]` is in bounds; AVX is in the build (the caller's promise).
+            unsafe { _mm256_stream_ps(dst.add(k), _mm256_loadu_ps(v.as_ptr().add(k))) };
+        }
+    }
+}
+
+/// The AVX-512 build: fused multiply-adds as [`Fused`], and whole-line streaming stores.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+struct Fused512;
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+impl MulAdd for Fused512 {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn stream_line(dst: *mut f32, v: &[f32; LANES]) {
+        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+        // SAFETY: `dst` is 64-byte aligned and holds LANES floats, and AVX-512 is in the build
+        // (the caller's promise).
+        unsafe { _mm512_stream_ps(dst, _mm512_loadu_ps(v.as_ptr())) };
     }
 }
 
@@ -352,10 +402,15 @@ fn sum(a: &[f32]) -> f64 {
 /// `dst_j = f(a_j, b_j)`, with non-temporal stores when `stream` is set (on x86-64; elsewhere
 /// ordinary stores). A block that streams must end with [`store_fence`].
 #[inline(always)]
-fn store_map(dst: &mut [f32], a: &[f32], b: &[f32], stream: bool, f: impl Fn(f32, f32) -> f32) {
+fn store_map<M: MulAdd>(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    stream: bool,
+    f: impl Fn(f32, f32) -> f32,
+) {
     #[cfg(target_arch = "x86_64")]
     if stream {
-        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
         // Whole, aligned cache lines let the write-combining buffers flush without a read.
         let head = dst.as_ptr().align_offset(64).min(dst.len());
         let (dst_head, dst_body) = dst.split_at_mut(head);
@@ -372,11 +427,8 @@ fn store_map(dst: &mut [f32], a: &[f32], b: &[f32], stream: bool, f: impl Fn(f32
             for i in 0..LANES {
                 v[i] = f(a[i], b[i]);
             }
-            for k in (0..LANES).step_by(4) {
-                // SAFETY: `d` starts 64-byte aligned and holds LANES floats, so `d[k..k + 4]`
-                // is in bounds and 16-byte aligned; `v[k..k + 4]` is in bounds.
-                unsafe { _mm_stream_ps(d.as_mut_ptr().add(k), _mm_loadu_ps(v.as_ptr().add(k))) };
-            }
+            // SAFETY: `d` starts 64-byte aligned and holds LANES floats; `M` is the build's.
+            unsafe { M::stream_line(d.as_mut_ptr(), &v) };
         }
         for ((d, &a), &b) in dc.into_remainder().iter_mut().zip(a_tail).zip(b_tail) {
             *d = f(a, b);
@@ -503,7 +555,7 @@ fn short_rows<M: MulAdd, const LOG: bool>(x: &[f32], y: &mut [f32], cols: usize,
         }
         if stream {
             let out = &built[..xb.len()];
-            store_map(yb, out, out, true, |v, _| v);
+            store_map::<M>(yb, out, out, true, |v, _| v);
         }
     }
 }
@@ -532,10 +584,10 @@ fn softmax_row<M: MulAdd>(x: &[f32], y: &mut [f32], stream: bool, scratch: &mut 
         scratch.resize(x.len(), 0.0);
         let total = exp_store_sum::<M>(x, max, scratch);
         let inv = (1.0 / total) as f32;
-        store_map(y, scratch, scratch, true, |e, _| e * inv);
+        store_map::<M>(y, scratch, scratch, true, |e, _| e * inv);
     } else {
         let inv = (1.0 / sum_exp::<M>(x, max)) as f32;
-        store_map(y, x, x, true, |v, _| exp_nonpositive::<M>(v - max) * inv);
+        store_map::<M>(y, x, x, true, |v, _| exp_nonpositive::<M>(v - max) * inv);
     }
 }
 
@@ -572,7 +624,7 @@ fn log_softmax_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: bo
             let log_sum = sum_exp::<M>(x, max).ln() as f32;
             // A -inf entry stays exactly -inf: -inf minus finite values is -inf in IEEE
             // arithmetic.
-            store_map(y, x, x, stream, |v, _| (v - max) - log_sum);
+            store_map::<M>(y, x, x, stream, |v, _| (v - max) - log_sum);
         }
     }
     store_fence(stream);
@@ -592,7 +644,7 @@ fn softmax_backward_rows<M: MulAdd>(
         .zip(dx.chunks_exact_mut(cols))
     {
         let d = dot(y, dy) as f32;
-        store_map(dx, y, dy, stream, |y, g| y * (g - d));
+        store_map::<M>(dx, y, dy, stream, |y, g| y * (g - d));
     }
     store_fence(stream);
 }
@@ -611,7 +663,7 @@ fn log_softmax_backward_rows<M: MulAdd>(
         .zip(dx.chunks_exact_mut(cols))
     {
         let total = sum(dy) as f32;
-        store_map(dx, y, dy, stream, |y, g| M::mul_add(-exp::<M>(y), total, g));
+        store_map::<M>(dx, y, dy, stream, |y, g| M::mul_add(-exp::<M>(y), total, g));
     }
     store_fence(stream);
 }
@@ -649,7 +701,7 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 fn avx512($($arg: $ty),*) {
-                    $kernel::<Fused>($($arg),*)
+                    $kernel::<Fused512>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) {
@@ -1033,7 +1085,7 @@ fn cross_entropy_rows<M: MulAdd>(
         let r = first + i;
         if stream {
             *loss = cross_entropy_row::<M>(ctx, r, scratch);
-            store_map(out, scratch, scratch, true, |v, _| v);
+            store_map::<M>(out, scratch, scratch, true, |v, _| v);
         } else {
             *loss = cross_entropy_row::<M>(ctx, r, out);
         }
@@ -1097,7 +1149,7 @@ fn short_cross_entropy_rows<M: MulAdd>(
         }
         if stream {
             let out = &built[..xb.len()];
-            store_map(gb, out, out, true, |v, _| v);
+            store_map::<M>(gb, out, out, true, |v, _| v);
         }
     }
 }
