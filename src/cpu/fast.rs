@@ -60,11 +60,22 @@ const SHORT_BLOCK: usize = 1024;
 // ---------------------------------------------------------------------------------------------
 // Arithmetic flavours and the vectorisable exp.
 
-/// How `a * b + c` is evaluated. Rust never contracts a multiply and an add on its own, and
+/// What differs between the builds of a kernel: how `a * b + c` is evaluated, and how wide a
+/// streaming store is. Rust never contracts a multiply and an add on its own, and
 /// `f32::mul_add` is a slow library call without hardware FMA, so the kernels are generic over
 /// this and each build picks the right one.
 trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+    /// Whether the build has hardware FMA, so that [`MulAdd::mul_add`] is one fused instruction.
+    const FUSED: bool;
+
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        if Self::FUSED {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
 
     /// Writes `v` to `dst` with non-temporal stores, in the widest the build has: a whole
     /// cache line in one store where AVX-512 is there, rather than four 16-byte pieces.
@@ -93,18 +104,12 @@ struct Separate;
 struct Fused;
 
 impl MulAdd for Separate {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
+    const FUSED: bool = false;
 }
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 impl MulAdd for Fused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
+    const FUSED: bool = true;
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -124,10 +129,7 @@ struct Fused512;
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 impl MulAdd for Fused512 {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
+    const FUSED: bool = true;
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
