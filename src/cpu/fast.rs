@@ -505,35 +505,67 @@ fn short_sums<'a>(e: &[f32], cols: usize, sums: &'a mut [f64]) -> &'a mut [f64] 
     sums
 }
 
-/// Softmax, or log-softmax with `LOG`, of rows of fewer than [`SHORT_COLS`] columns.
+/// The per-sub-block work of a short-row kernel, after [`short_exps`].
 ///
-/// (One kernel with a flag rather than a shared loop over sub-blocks taking the per-row work as a
-/// closure: a closure that large was not inlined, and a closure gets no target features from the
-/// function it is defined in, so its body ran in baseline code, where `f32::mul_add` is a library
-/// call: an eighth to a quarter of the speed of this loop.)
+/// (A trait with inlined methods rather than a closure: a closure that large was not inlined,
+/// and a closure gets no target features from the function it is defined in, so its body ran
+/// in baseline code, where `f32::mul_add` is a library call: an eighth to a quarter of the
+/// speed.)
+trait ShortRowWork {
+    /// Turns `e`, the exponentials of the sub-block `x` whose rows start at `first_row` of the
+    /// call, into its output; `maxes` holds each row's maximum (NaN for a degenerate row).
+    fn finish<M: MulAdd>(&mut self, first_row: usize, x: &[f32], e: &mut [f32], maxes: &[f32]);
+}
+
+/// Runs `work` over `x`, rows of fewer than [`SHORT_COLS`] columns, a sub-block of rows at a
+/// time, its output going to `y`.
 #[inline(always)]
-fn short_rows<M: MulAdd, const LOG: bool>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
-    let per_block = (SHORT_BLOCK / cols).max(1) * cols;
+fn short_row_blocks<M: MulAdd, W: ShortRowWork>(
+    x: &[f32],
+    y: &mut [f32],
+    cols: usize,
+    stream: bool,
+    work: &mut W,
+) {
+    let block_rows = (SHORT_BLOCK / cols).max(1);
+    let per_block = block_rows * cols;
     let mut maxes = [0.0f32; SHORT_BLOCK];
     let mut built = [0.0f32; SHORT_BLOCK];
-    let mut log_sums = [0.0f64; SHORT_BLOCK];
-    for (xb, yb) in x.chunks(per_block).zip(y.chunks_mut(per_block)) {
+    for (b, (xb, yb)) in x.chunks(per_block).zip(y.chunks_mut(per_block)).enumerate() {
         let out = if stream {
             &mut built[..xb.len()]
         } else {
             &mut *yb
         };
         short_exps::<M>(xb, cols, &mut maxes, out);
+        work.finish::<M>(b * block_rows, xb, out, &maxes[..xb.len() / cols]);
+        if stream {
+            let out = &built[..xb.len()];
+            store_map::<M>(yb, out, out, true, |v, _| v);
+        }
+    }
+}
+
+/// Softmax, or log-softmax with `LOG`, of short rows.
+struct ShortSoftmax<const LOG: bool> {
+    cols: usize,
+    log_sums: [f64; SHORT_BLOCK],
+}
+
+impl<const LOG: bool> ShortRowWork for ShortSoftmax<LOG> {
+    #[inline(always)]
+    fn finish<M: MulAdd>(&mut self, _: usize, x: &[f32], e: &mut [f32], maxes: &[f32]) {
+        let cols = self.cols;
         if LOG {
             // The logarithms in one loop of `ln_normal` that vectorises.
-            let log_sums = short_sums(out, cols, &mut log_sums);
+            let log_sums = short_sums(e, cols, &mut self.log_sums);
             for l in log_sums.iter_mut() {
                 *l = ln_normal(*l);
             }
-            for (((or, xr), &max), &log_sum) in out
+            for (((or, xr), &max), &log_sum) in e
                 .chunks_exact_mut(cols)
-                .zip(xb.chunks_exact(cols))
-                .zip(&maxes)
+                .zip(x.chunks_exact(cols))
+                .zip(maxes)
                 .zip(log_sums.iter())
             {
                 // The exponentials were needed only for their sum. NaN for a degenerate row
@@ -544,7 +576,7 @@ fn short_rows<M: MulAdd, const LOG: bool>(x: &[f32], y: &mut [f32], cols: usize,
                 }
             }
         } else {
-            for (or, &max) in out.chunks_exact_mut(cols).zip(&maxes) {
+            for (or, &max) in e.chunks_exact_mut(cols).zip(maxes) {
                 let inv = if max.is_nan() {
                     f32::NAN
                 } else {
@@ -555,11 +587,17 @@ fn short_rows<M: MulAdd, const LOG: bool>(x: &[f32], y: &mut [f32], cols: usize,
                 }
             }
         }
-        if stream {
-            let out = &built[..xb.len()];
-            store_map::<M>(yb, out, out, true, |v, _| v);
-        }
     }
+}
+
+/// Softmax, or log-softmax with `LOG`, of rows of fewer than [`SHORT_COLS`] columns.
+#[inline(always)]
+fn short_rows<M: MulAdd, const LOG: bool>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
+    let mut work = ShortSoftmax::<LOG> {
+        cols,
+        log_sums: [0.0; SHORT_BLOCK],
+    };
+    short_row_blocks::<M, _>(x, y, cols, stream, &mut work);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1071,7 +1109,15 @@ fn cross_entropy_rows<M: MulAdd>(
 ) {
     let cols = ctx.plan.cols;
     if cols < SHORT_COLS {
-        short_cross_entropy_rows::<M>(ctx, first, grad, losses, stream);
+        let logits = &ctx.logits[first * cols..first * cols + grad.len()];
+        let mut work = ShortCrossEntropy {
+            ctx,
+            first,
+            losses,
+            sums: [0.0; SHORT_BLOCK],
+            log_sums: [0.0; SHORT_BLOCK],
+        };
+        short_row_blocks::<M, _>(logits, grad, cols, stream, &mut work);
         store_fence(stream);
         return;
     }
@@ -1095,50 +1141,35 @@ fn cross_entropy_rows<M: MulAdd>(
     store_fence(stream);
 }
 
-/// [`cross_entropy_rows`] on rows of fewer than [`SHORT_COLS`] columns: the exponentials of a
-/// sub-block of rows in one flat pass ([`short_exps`]), then each row's loss and gradient from
-/// them, as softmax's [`short_rows`] does.
-#[inline(always)]
-fn short_cross_entropy_rows<M: MulAdd>(
-    ctx: &CeContext<'_>,
+/// Cross-entropy of short rows: each row's loss and gradient from its exponentials.
+struct ShortCrossEntropy<'a, 'c> {
+    ctx: &'a CeContext<'c>,
+    /// The call's first row in the batch.
     first: usize,
-    grad: &mut [f32],
-    losses: &mut [f64],
-    stream: bool,
-) {
-    let cols = ctx.plan.cols;
-    let block_rows = (SHORT_BLOCK / cols).max(1);
-    let per_block = block_rows * cols;
-    let logits = &ctx.logits[first * cols..first * cols + grad.len()];
-    let mut maxes = [0.0f32; SHORT_BLOCK];
-    let mut built = [0.0f32; SHORT_BLOCK];
-    let mut sums = [0.0f64; SHORT_BLOCK];
-    let mut log_sums = [0.0f64; SHORT_BLOCK];
-    for (b, ((xb, gb), lb)) in logits
-        .chunks(per_block)
-        .zip(grad.chunks_mut(per_block))
-        .zip(losses.chunks_mut(block_rows))
-        .enumerate()
-    {
-        let out = if stream {
-            &mut built[..xb.len()]
-        } else {
-            &mut *gb
-        };
-        short_exps::<M>(xb, cols, &mut maxes, out);
-        let sums = short_sums(out, cols, &mut sums);
-        for (l, &s) in log_sums.iter_mut().zip(sums.iter()) {
+    losses: &'a mut [f64],
+    sums: [f64; SHORT_BLOCK],
+    log_sums: [f64; SHORT_BLOCK],
+}
+
+impl ShortRowWork for ShortCrossEntropy<'_, '_> {
+    #[inline(always)]
+    fn finish<M: MulAdd>(&mut self, first_row: usize, x: &[f32], e: &mut [f32], maxes: &[f32]) {
+        let ctx = self.ctx;
+        let cols = ctx.plan.cols;
+        let sums = short_sums(e, cols, &mut self.sums);
+        for (l, &s) in self.log_sums.iter_mut().zip(sums.iter()) {
             *l = ln_normal(s);
         }
-        for (i, ((((g, x), &max), loss), (&sum, &log_sum))) in out
+        let losses = &mut self.losses[first_row..first_row + maxes.len()];
+        for (i, ((((g, x), &max), loss), (&sum, &log_sum))) in e
             .chunks_exact_mut(cols)
-            .zip(xb.chunks_exact(cols))
-            .zip(&maxes)
-            .zip(lb.iter_mut())
-            .zip(sums.iter().zip(&log_sums))
+            .zip(x.chunks_exact(cols))
+            .zip(maxes)
+            .zip(losses.iter_mut())
+            .zip(sums.iter().zip(&self.log_sums))
             .enumerate()
         {
-            let r = first + b * block_rows + i;
+            let r = self.first + first_row + i;
             *loss = if ctx.plan.is_ignored(r) {
                 g.fill(0.0);
                 0.0
@@ -1148,10 +1179,6 @@ fn short_cross_entropy_rows<M: MulAdd>(
             } else {
                 cross_entropy_finish::<M>(ctx, r, x, g, max, sum, log_sum as f32)
             };
-        }
-        if stream {
-            let out = &built[..xb.len()];
-            store_map::<M>(gb, out, out, true, |v, _| v);
         }
     }
 }
