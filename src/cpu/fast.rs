@@ -49,10 +49,12 @@ const SCRATCH_COLS: usize = 1 << 18;
 /// Elements summed in `f32` lanes before the partial sum moves into an `f64` accumulator.
 const SUM_BLOCK: usize = 1024;
 
-/// Softmax and log-softmax rows of fewer columns than this go through the short-row kernels
-/// ([`short_exps`]), which evaluate exp across rows rather than along each one. From 32 columns
-/// (two whole vectors of AVX-512) the row kernels measured faster.
-const SHORT_COLS: usize = 32;
+/// Softmax, log-softmax and cross-entropy rows of fewer columns than this go through the
+/// short-row kernels ([`short_row_blocks`]), a sub-block of rows at a time. From 256 columns the
+/// row kernels measured as fast (cross-entropy, log-softmax) or faster (softmax, 0.8x at 512
+/// columns on the short-row path: it rescales in place and then copies, where the row kernel
+/// rescales as it streams).
+const SHORT_COLS: usize = 256;
 
 /// Elements of the sub-blocks of rows that the short-row kernels work through (in L1).
 const SHORT_BLOCK: usize = 1024;
@@ -462,9 +464,13 @@ thread_local! {
 
 // ---------------------------------------------------------------------------------------------
 // Short rows. A row of a few columns leaves most of a vector's lanes idle in the row kernels
-// below: 10 columns ran at a tenth of memcpy's speed. The short-row kernels take a sub-block of
-// rows at a time instead: each row's maximum (a few scalar compares), then exp over the whole
-// sub-block in one flat pass that vectorises across row boundaries, then per-row sums in f64.
+// below: 10 columns ran at a tenth of memcpy's speed. Rows of a few dozen columns pay for scalar
+// tails and a partial cache line at each end of every row. The short-row kernels take a
+// sub-block of rows at a time instead:
+// - below LANES columns, each row's maximum (a few scalar compares), then exp over the whole
+//   sub-block in one flat pass that vectorises across row boundaries, then per-row sums in f64;
+// - from LANES columns, each row in whole vectors, its last vector overlapping the one before
+//   (masked where overlap matters, as in sums), so that no element goes through scalar code.
 // Streamed output is built in a stack buffer and leaves in one run of whole lines, where row by
 // row it would leave partial lines.
 
@@ -472,6 +478,29 @@ thread_local! {
 /// row's maximum in `maxes` (NaN for a degenerate row, whose `e` are meaningless).
 #[inline(always)]
 fn short_exps<M: MulAdd>(x: &[f32], cols: usize, maxes: &mut [f32], e: &mut [f32]) {
+    if cols >= LANES {
+        // Whole vectors along each row; the last vector of a row overlaps the one before it
+        // where `cols` is not a multiple of LANES, which neither the maximum nor exp minds.
+        for ((xr, er), m) in x
+            .chunks_exact(cols)
+            .zip(e.chunks_exact_mut(cols))
+            .zip(maxes.iter_mut())
+        {
+            let max = row_max_key(xr);
+            *m = if max.is_infinite() { f32::NAN } else { max };
+            let max = if max.is_infinite() { 0.0 } else { max };
+            for (ec, xc) in er.chunks_exact_mut(LANES).zip(xr.chunks_exact(LANES)) {
+                for i in 0..LANES {
+                    ec[i] = exp_nonpositive::<M>(xc[i] - max);
+                }
+            }
+            let (el, xl) = (last_lanes_mut(er), last_lanes(xr));
+            for i in 0..LANES {
+                el[i] = exp_nonpositive::<M>(xl[i] - max);
+            }
+        }
+        return;
+    }
     for ((xr, er), m) in x
         .chunks_exact(cols)
         .zip(e.chunks_exact_mut(cols))
@@ -488,10 +517,98 @@ fn short_exps<M: MulAdd>(x: &[f32], cols: usize, maxes: &mut [f32], e: &mut [f32
     }
 }
 
-/// `sum_j e_j` of one short row, in f64 (its elements are added one by one anyway).
+/// The last LANES elements of a row of at least LANES.
+#[inline(always)]
+fn last_lanes(x: &[f32]) -> &[f32; LANES] {
+    x[x.len() - LANES..].try_into().unwrap()
+}
+
+#[inline(always)]
+fn last_lanes_mut(x: &mut [f32]) -> &mut [f32; LANES] {
+    let n = x.len();
+    (&mut x[n - LANES..]).try_into().unwrap()
+}
+
+/// The largest [`max_key`] of a row of at least LANES elements, in whole vectors.
+#[inline(always)]
+fn row_max_key(x: &[f32]) -> f32 {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    for c in x.chunks_exact(LANES) {
+        for i in 0..LANES {
+            max[i] = larger(max[i], max_key(c[i]));
+        }
+    }
+    let l = last_lanes(x);
+    for i in 0..LANES {
+        max[i] = larger(max[i], max_key(l[i]));
+    }
+    fold_lanes(max, larger)
+}
+
+/// `sum_j e_j` of one short row: in f64 one by one below LANES columns, otherwise in f32
+/// lanes, whole vectors (the last one masked where it overlaps the one before).
 #[inline(always)]
 fn short_sum(e: &[f32]) -> f64 {
-    e.iter().fold(0.0f64, |s, &v| s + f64::from(v))
+    if e.len() < LANES {
+        return e.iter().fold(0.0f64, |s, &v| s + f64::from(v));
+    }
+    let mut acc = [0.0f32; LANES];
+    let chunks = e.chunks_exact(LANES);
+    let fresh = LANES - chunks.remainder().len();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    if fresh < LANES {
+        let l = last_lanes(e);
+        for i in 0..LANES {
+            acc[i] += if i >= fresh { l[i] } else { 0.0 };
+        }
+    }
+    f64::from(lane_sum(acc))
+}
+
+/// `o_j = f(x_j)` over one short row, in whole vectors where it has at least LANES elements
+/// (the last one overlapping the one before).
+#[inline(always)]
+fn short_map(o: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
+    if o.len() < LANES {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f(v);
+        }
+        return;
+    }
+    let whole = o.len() - o.len() % LANES;
+    for (o, &v) in o[..whole].iter_mut().zip(x) {
+        *o = f(v);
+    }
+    let (ol, xl) = (last_lanes_mut(o), last_lanes(x));
+    for i in 0..LANES {
+        ol[i] = f(xl[i]);
+    }
+}
+
+/// `e_j *= k` over one short row, in whole vectors where it has at least LANES elements.
+#[inline(always)]
+fn short_scale(e: &mut [f32], k: f32) {
+    if e.len() < LANES {
+        for v in e.iter_mut() {
+            *v *= k;
+        }
+        return;
+    }
+    let fresh = LANES - e.len() % LANES;
+    // A flat loop: written over whole vectors, LLVM vectorised it across them, with gathers.
+    let whole = e.len() - e.len() % LANES;
+    for v in e[..whole].iter_mut() {
+        *v *= k;
+    }
+    if fresh < LANES {
+        for (i, v) in last_lanes_mut(e).iter_mut().enumerate() {
+            *v = if i >= fresh { *v * k } else { *v };
+        }
+    }
 }
 
 /// The [`short_sum`] of each row of `cols` columns of `e`, in the front of `sums`, which is
@@ -571,9 +688,7 @@ impl<const LOG: bool> ShortRowWork for ShortSoftmax<LOG> {
                 // The exponentials were needed only for their sum. NaN for a degenerate row
                 // (max is NaN); a -inf entry stays exactly -inf, as in the row kernel.
                 let log_sum = log_sum as f32;
-                for (o, &v) in or.iter_mut().zip(xr) {
-                    *o = (v - max) - log_sum;
-                }
+                short_map(or, xr, |v| (v - max) - log_sum);
             }
         } else {
             for (or, &max) in e.chunks_exact_mut(cols).zip(maxes) {
@@ -582,9 +697,7 @@ impl<const LOG: bool> ShortRowWork for ShortSoftmax<LOG> {
                 } else {
                     (1.0 / short_sum(or)) as f32
                 };
-                for v in or.iter_mut() {
-                    *v *= inv;
-                }
+                short_scale(or, inv);
             }
         }
     }
@@ -1244,9 +1357,7 @@ fn cross_entropy_finish<M: MulAdd>(
             if w.is_empty() {
                 // Unit weights without smoothing: b = 0 and the weight term is -0 for every
                 // class, so this is the loop below, bit for bit.
-                for g in g.iter_mut() {
-                    *g *= a;
-                }
+                short_scale(g, a);
             } else {
                 for (g, &w) in g.iter_mut().zip(w) {
                     *g = M::mul_add(a, *g, -b * w);
@@ -1506,6 +1617,8 @@ mod tests {
         (3, 7),
         (6, 16),
         (7, 33),
+        (300, 40),
+        (9, 255),
         (33, 2049),
         (70_000, 10),
         (4, 300_000),
@@ -1608,7 +1721,7 @@ mod tests {
     #[test]
     fn every_build_and_store_path_matches_reference() {
         let mut rng = Rng::new(12);
-        for &(rows, cols) in &[(9, 5), (6, 1000), (6, SCRATCH_COLS + 3)] {
+        for &(rows, cols) in &[(9, 5), (9, 40), (7, 255), (6, 1000), (6, SCRATCH_COLS + 3)] {
             let x = logits(&mut rng, rows, cols, 4.0);
             let want = reference::softmax(&x, cols).unwrap();
             let want_log = reference::log_softmax(&x, cols).unwrap();
@@ -1754,6 +1867,7 @@ mod tests {
             (1, 1),
             (7, 5),
             (64, 100),
+            (2000, 17),
             (70_000, 10),
             (3, 50_000),
             (40, 2049),
@@ -1820,7 +1934,13 @@ mod tests {
     #[test]
     fn cross_entropy_build_and_store_paths_match_reference() {
         let mut rng = Rng::new(16);
-        for &(rows, cols) in &[(9, 5), (6, 1000), (2, SCRATCH_COLS), (2, SCRATCH_COLS + 3)] {
+        for &(rows, cols) in &[
+            (9, 5),
+            (9, 40),
+            (6, 1000),
+            (2, SCRATCH_COLS),
+            (2, SCRATCH_COLS + 3),
+        ] {
             let x = logits(&mut rng, rows, cols, 3.0);
             let idx: Vec<i64> = (0..rows)
                 .map(|r| if r == 1 { -100 } else { rng.below(cols) as i64 })
