@@ -49,8 +49,9 @@ const SCRATCH_COLS: usize = 1 << 18;
 /// Elements summed in `f32` lanes before the partial sum moves into an `f64` accumulator.
 const SUM_BLOCK: usize = 1024;
 
-/// Softmax, log-softmax and cross-entropy rows of fewer columns than this go through the
-/// short-row kernels ([`short_row_blocks`]), a sub-block of rows at a time. From 256 columns the
+/// Softmax, log-softmax, cross-entropy and backward rows of fewer columns than this go through
+/// the short-row kernels ([`short_row_blocks`], [`short_backward_rows`]), a sub-block of rows at
+/// a time. From 256 columns the
 /// row kernels measured as fast (cross-entropy, log-softmax) or faster (softmax, 0.8x at 512
 /// columns on the short-row path: it rescales in place and then copies, where the row kernel
 /// rescales as it streams).
@@ -589,6 +590,46 @@ fn short_map(o: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
     }
 }
 
+/// `o_j = f(a_j, b_j)` over one short row of at least LANES elements, in whole vectors (the
+/// last one overlapping the one before).
+#[inline(always)]
+fn short_map2(o: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+    let whole = o.len() - o.len() % LANES;
+    for ((o, &a), &b) in o[..whole].iter_mut().zip(a).zip(b) {
+        *o = f(a, b);
+    }
+    let (ol, al, bl) = (last_lanes_mut(o), last_lanes(a), last_lanes(b));
+    for i in 0..LANES {
+        ol[i] = f(al[i], bl[i]);
+    }
+}
+
+/// `sum_j a_j b_j` over one short row, as [`short_sum`] adds.
+#[inline(always)]
+fn short_dot(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() < LANES {
+        return a
+            .iter()
+            .zip(b)
+            .fold(0.0f64, |s, (&a, &b)| s + f64::from(a) * f64::from(b));
+    }
+    let mut acc = [0.0f32; LANES];
+    let whole = a.len() - a.len() % LANES;
+    for (ac, bc) in a[..whole].chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ac[i] * bc[i];
+        }
+    }
+    let fresh = LANES - a.len() % LANES;
+    if fresh < LANES {
+        let (al, bl) = (last_lanes(a), last_lanes(b));
+        for i in 0..LANES {
+            acc[i] += if i >= fresh { al[i] * bl[i] } else { 0.0 };
+        }
+    }
+    f64::from(lane_sum(acc))
+}
+
 /// `e_j *= k` over one short row, in whole vectors where it has at least LANES elements.
 #[inline(always)]
 fn short_scale(e: &mut [f32], k: f32) {
@@ -783,6 +824,54 @@ fn log_softmax_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: bo
     store_fence(stream);
 }
 
+/// Backward of rows of fewer than [`SHORT_COLS`] columns, a sub-block of rows at a time: each
+/// row's reduction `r = reduce(y, dy)`, then `dx_j = grad(y_j, dy_j, r)`. Below LANES columns
+/// the reductions are spread beside each element and the gradient runs as one flat pass across
+/// rows; from LANES columns each row runs in whole vectors (see [`short_map2`]). Streamed
+/// output leaves in whole lines, as in [`short_row_blocks`].
+#[inline(always)]
+fn short_backward_rows<M: MulAdd>(
+    y: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    cols: usize,
+    stream: bool,
+    reduce: impl Fn(&[f32], &[f32]) -> f32,
+    grad: impl Fn(f32, f32, f32) -> f32,
+) {
+    let per_block = (SHORT_BLOCK / cols).max(1) * cols;
+    let mut built = [0.0f32; SHORT_BLOCK];
+    for ((yb, gb), db) in y
+        .chunks(per_block)
+        .zip(dy.chunks(per_block))
+        .zip(dx.chunks_mut(per_block))
+    {
+        let out = if stream {
+            &mut built[..yb.len()]
+        } else {
+            &mut *db
+        };
+        let rows = yb.chunks_exact(cols).zip(gb.chunks_exact(cols));
+        if cols < LANES {
+            for ((yr, gr), or) in rows.zip(out.chunks_exact_mut(cols)) {
+                or.fill(reduce(yr, gr));
+            }
+            for ((o, &y), &g) in out.iter_mut().zip(yb).zip(gb) {
+                *o = grad(y, g, *o);
+            }
+        } else {
+            for ((yr, gr), or) in rows.zip(out.chunks_exact_mut(cols)) {
+                let r = reduce(yr, gr);
+                short_map2(or, yr, gr, |y, g| grad(y, g, r));
+            }
+        }
+        if stream {
+            let out = &built[..yb.len()];
+            store_map::<M>(db, out, out, true, |v, _| v);
+        }
+    }
+}
+
 #[inline(always)]
 fn softmax_backward_rows<M: MulAdd>(
     y: &[f32],
@@ -791,13 +880,19 @@ fn softmax_backward_rows<M: MulAdd>(
     cols: usize,
     stream: bool,
 ) {
-    for ((y, dy), dx) in y
-        .chunks_exact(cols)
-        .zip(dy.chunks_exact(cols))
-        .zip(dx.chunks_exact_mut(cols))
-    {
-        let d = dot(y, dy) as f32;
-        store_map::<M>(dx, y, dy, stream, |y, g| y * (g - d));
+    let grad = |y: f32, g: f32, d: f32| y * (g - d);
+    if cols < SHORT_COLS {
+        let reduce = |y: &[f32], dy: &[f32]| short_dot(y, dy) as f32;
+        short_backward_rows::<M>(y, dy, dx, cols, stream, reduce, grad);
+    } else {
+        for ((y, dy), dx) in y
+            .chunks_exact(cols)
+            .zip(dy.chunks_exact(cols))
+            .zip(dx.chunks_exact_mut(cols))
+        {
+            let d = dot(y, dy) as f32;
+            store_map::<M>(dx, y, dy, stream, |y, g| grad(y, g, d));
+        }
     }
     store_fence(stream);
 }
@@ -810,13 +905,19 @@ fn log_softmax_backward_rows<M: MulAdd>(
     cols: usize,
     stream: bool,
 ) {
-    for ((y, dy), dx) in y
-        .chunks_exact(cols)
-        .zip(dy.chunks_exact(cols))
-        .zip(dx.chunks_exact_mut(cols))
-    {
-        let total = sum(dy) as f32;
-        store_map::<M>(dx, y, dy, stream, |y, g| M::mul_add(-exp::<M>(y), total, g));
+    let grad = |y: f32, g: f32, total: f32| M::mul_add(-exp::<M>(y), total, g);
+    if cols < SHORT_COLS {
+        let reduce = |_: &[f32], dy: &[f32]| short_sum(dy) as f32;
+        short_backward_rows::<M>(y, dy, dx, cols, stream, reduce, grad);
+    } else {
+        for ((y, dy), dx) in y
+            .chunks_exact(cols)
+            .zip(dy.chunks_exact(cols))
+            .zip(dx.chunks_exact_mut(cols))
+        {
+            let total = sum(dy) as f32;
+            store_map::<M>(dx, y, dy, stream, |y, g| grad(y, g, total));
+        }
     }
     store_fence(stream);
 }
