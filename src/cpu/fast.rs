@@ -518,6 +518,37 @@ fn short_exps<M: MulAdd>(x: &[f32], cols: usize, maxes: &mut [f32], e: &mut [f32
     }
 }
 
+/// `TAIL_MASKS[r..][..LANES]` is all ones in its last `r` lanes and 0 in the others: the lanes
+/// of a row's last vector that the whole vectors before it did not cover, where the row has `r`
+/// elements beyond them. (A mask loaded from memory: one computed from the lane index was folded
+/// into a branch per lane.)
+static TAIL_MASKS: [u32; 2 * LANES] = {
+    let mut m = [0; 2 * LANES];
+    let mut i = LANES;
+    while i < 2 * LANES {
+        m[i] = u32::MAX;
+        i += 1;
+    }
+    m
+};
+
+/// The mask of the lanes of a row's last vector (of a row of `len` elements, at least LANES)
+/// that the whole vectors before it did not cover: all of them where `len` is a multiple of
+/// LANES.
+#[inline(always)]
+fn tail_mask(len: usize) -> &'static [u32; LANES] {
+    let fresh = len % LANES;
+    let fresh = if fresh == 0 { LANES } else { fresh };
+    TAIL_MASKS[fresh..fresh + LANES].try_into().unwrap()
+}
+
+/// `v` where `mask` is all ones, +0 where it is 0. (Bitwise: a select here became a branch per
+/// lane.)
+#[inline(always)]
+fn masked(v: f32, mask: u32) -> f32 {
+    f32::from_bits(v.to_bits() & mask)
+}
+
 /// The last LANES elements of a row of at least LANES.
 #[inline(always)]
 fn last_lanes(x: &[f32]) -> &[f32; LANES] {
@@ -554,17 +585,16 @@ fn short_sum(e: &[f32]) -> f64 {
         return e.iter().fold(0.0f64, |s, &v| s + f64::from(v));
     }
     let mut acc = [0.0f32; LANES];
-    let chunks = e.chunks_exact(LANES);
-    let fresh = LANES - chunks.remainder().len();
-    for c in chunks {
+    let whole = e.len() - e.len() % LANES;
+    for c in e[..whole].chunks_exact(LANES) {
         for i in 0..LANES {
             acc[i] += c[i];
         }
     }
-    if fresh < LANES {
-        let l = last_lanes(e);
+    if whole < e.len() {
+        let (l, m) = (last_lanes(e), tail_mask(e.len()));
         for i in 0..LANES {
-            acc[i] += if i >= fresh { l[i] } else { 0.0 };
+            acc[i] += masked(l[i], m[i]);
         }
     }
     f64::from(lane_sum(acc))
@@ -620,11 +650,10 @@ fn short_dot(a: &[f32], b: &[f32]) -> f64 {
             acc[i] += ac[i] * bc[i];
         }
     }
-    let fresh = LANES - a.len() % LANES;
-    if fresh < LANES {
-        let (al, bl) = (last_lanes(a), last_lanes(b));
+    if whole < a.len() {
+        let (al, bl, m) = (last_lanes(a), last_lanes(b), tail_mask(a.len()));
         for i in 0..LANES {
-            acc[i] += if i >= fresh { al[i] * bl[i] } else { 0.0 };
+            acc[i] += masked(al[i] * bl[i], m[i]);
         }
     }
     f64::from(lane_sum(acc))
@@ -639,15 +668,16 @@ fn short_scale(e: &mut [f32], k: f32) {
         }
         return;
     }
-    let fresh = LANES - e.len() % LANES;
     // A flat loop: written over whole vectors, LLVM vectorised it across them, with gathers.
     let whole = e.len() - e.len() % LANES;
     for v in e[..whole].iter_mut() {
         *v *= k;
     }
-    if fresh < LANES {
-        for (i, v) in last_lanes_mut(e).iter_mut().enumerate() {
-            *v = if i >= fresh { *v * k } else { *v };
+    if whole < e.len() {
+        let m = tail_mask(e.len());
+        for (v, &m) in last_lanes_mut(e).iter_mut().zip(m) {
+            // k where the mask is set, 1 elsewhere.
+            *v *= f32::from_bits(k.to_bits() & m | 1.0f32.to_bits() & !m);
         }
     }
 }
