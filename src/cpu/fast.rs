@@ -297,8 +297,13 @@ fn larger(a: f32, b: f32) -> f32 {
 /// The largest [`max_key`] of a few values, one by one (a row's tail, a short row).
 #[inline(always)]
 fn scalar_max_key(x: &[f32]) -> f32 {
-    x.iter()
-        .fold(f32::NEG_INFINITY, |m, &v| larger(m, max_key(v)))
+    // Two chains, so that each compare waits on the one two elements back.
+    let pairs = x.chunks_exact(2);
+    let odd = pairs.remainder().first().map_or(f32::NEG_INFINITY, |&v| max_key(v));
+    let (a, b) = pairs.fold((odd, f32::NEG_INFINITY), |(a, b), p| {
+        (larger(a, max_key(p[0])), larger(b, max_key(p[1])))
+    });
+    larger(a, b)
 }
 
 #[inline(always)]
