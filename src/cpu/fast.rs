@@ -623,53 +623,54 @@ fn row_max_key(x: &[f32]) -> f32 {
     fold_lanes(max, larger)
 }
 
-/// `sum_j e_j` of one short row: in f64 one by one below LANES columns, otherwise in f32
-/// lanes, whole vectors (the last one masked where it overlaps the one before).
+/// `sum_j term(a_j, b_j)` over one short row: in f64 one by one below LANES columns, otherwise
+/// in f32 lanes, whole vectors (the last one masked where it overlaps the one before).
 #[inline(always)]
-fn short_sum(e: &[f32]) -> f64 {
-    if e.len() < LANES {
-        return e.iter().fold(0.0f64, |s, &v| s + f64::from(v));
+fn short_fold(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f64 {
+    if a.len() < LANES {
+        return a
+            .iter()
+            .zip(b)
+            .fold(0.0f64, |s, (&a, &b)| s + f64::from(term(a, b)));
     }
     let mut acc = [0.0f32; LANES];
-    let whole = e.len() - e.len() % LANES;
-    for c in e[..whole].chunks_exact(LANES) {
+    let whole = a.len() - a.len() % LANES;
+    for (ac, bc) in a[..whole].chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
         for i in 0..LANES {
-            acc[i] += c[i];
+            acc[i] += term(ac[i], bc[i]);
         }
     }
-    if whole < e.len() {
-        let (l, m) = (last_lanes(e), tail_mask(e.len()));
+    if whole < a.len() {
+        let (al, bl, m) = (last_lanes(a), last_lanes(b), tail_mask(a.len()));
         for i in 0..LANES {
-            acc[i] += masked(l[i], m[i]);
+            acc[i] += masked(term(al[i], bl[i]), m[i]);
         }
     }
     f64::from(lane_sum(acc))
 }
 
-/// `o_j = f(x_j)` over one short row, in whole vectors where it has at least LANES elements
-/// (the last one overlapping the one before).
+/// `sum_j e_j` of one short row.
 #[inline(always)]
-fn short_map(o: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) {
+fn short_sum(e: &[f32]) -> f64 {
+    short_fold(e, e, |v, _| v)
+}
+
+/// `sum_j a_j b_j` of one short row.
+#[inline(always)]
+fn short_dot(a: &[f32], b: &[f32]) -> f64 {
+    short_fold(a, b, |x, y| x * y)
+}
+
+/// `o_j = f(a_j, b_j)` over one short row, in whole vectors where it has at least LANES
+/// elements (the last one overlapping the one before).
+#[inline(always)]
+fn short_map2(o: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     if o.len() < LANES {
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = f(v);
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
         }
         return;
     }
-    let whole = o.len() - o.len() % LANES;
-    for (o, &v) in o[..whole].iter_mut().zip(x) {
-        *o = f(v);
-    }
-    let (ol, xl) = (last_lanes_mut(o), last_lanes(x));
-    for i in 0..LANES {
-        ol[i] = f(xl[i]);
-    }
-}
-
-/// `o_j = f(a_j, b_j)` over one short row of at least LANES elements, in whole vectors (the
-/// last one overlapping the one before).
-#[inline(always)]
-fn short_map2(o: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     let whole = o.len() - o.len() % LANES;
     for ((o, &a), &b) in o[..whole].iter_mut().zip(a).zip(b) {
         *o = f(a, b);
@@ -678,31 +679,6 @@ fn short_map2(o: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) 
     for i in 0..LANES {
         ol[i] = f(al[i], bl[i]);
     }
-}
-
-/// `sum_j a_j b_j` over one short row, as [`short_sum`] adds.
-#[inline(always)]
-fn short_dot(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() < LANES {
-        return a
-            .iter()
-            .zip(b)
-            .fold(0.0f64, |s, (&a, &b)| s + f64::from(a) * f64::from(b));
-    }
-    let mut acc = [0.0f32; LANES];
-    let whole = a.len() - a.len() % LANES;
-    for (ac, bc) in a[..whole].chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ac[i] * bc[i];
-        }
-    }
-    if whole < a.len() {
-        let (al, bl, m) = (last_lanes(a), last_lanes(b), tail_mask(a.len()));
-        for i in 0..LANES {
-            acc[i] += masked(al[i] * bl[i], m[i]);
-        }
-    }
-    f64::from(lane_sum(acc))
 }
 
 /// `e_j *= k` over one short row, in whole vectors where it has at least LANES elements.
@@ -806,7 +782,7 @@ impl<const LOG: bool> ShortRowWork for ShortSoftmax<LOG> {
                 // The exponentials were needed only for their sum. NaN for a degenerate row
                 // (max is NaN); a -inf entry stays exactly -inf, as in the row kernel.
                 let log_sum = log_sum as f32;
-                short_map(or, xr, |v| (v - max) - log_sum);
+                short_map2(or, xr, xr, |v, _| (v - max) - log_sum);
             }
         } else {
             for (or, &max) in e.chunks_exact_mut(cols).zip(maxes) {
