@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use super::JACOBIAN_MAX_COLS;
 use crate::error::Result;
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
-use crate::validate::{self, CrossEntropyPlan, CrossEntropyTargets};
+use crate::validate::{self, CrossEntropyPlan, CrossEntropyTargets, IGNORED_ROW};
 
 pub use super::reference::CrossEntropyOutput;
 
@@ -97,6 +97,17 @@ trait MulAdd {
             unsafe { _mm_stream_ps(dst.add(k), _mm_loadu_ps(v.as_ptr().add(k))) };
         }
     }
+
+    /// `src[lane[i]]` in each lane `i`: a variable permutation, which LLVM does not find in
+    /// the loop below (it loaded the lanes one by one).
+    ///
+    /// # Safety
+    ///
+    /// Every `lane[i]` is below LANES, and the build's instruction set is present.
+    #[inline(always)]
+    unsafe fn permute(src: &[f32; LANES], lane: &[u32; LANES]) -> [f32; LANES] {
+        std::array::from_fn(|i| src[lane[i] as usize % LANES])
+    }
 }
 
 /// A separate multiply and add: the SSE2 baseline.
@@ -124,6 +135,32 @@ impl MulAdd for Fused {
             unsafe { _mm256_stream_ps(dst.add(k), _mm256_loadu_ps(v.as_ptr().add(k))) };
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn permute(src: &[f32; LANES], lane: &[u32; LANES]) -> [f32; LANES] {
+        use std::arch::x86_64::*;
+        let mut out = [0.0; LANES];
+        // SAFETY: every access is within the arrays, and AVX2 is in the build (the caller's
+        // promise).
+        unsafe {
+            let (lo, hi) = (
+                _mm256_loadu_ps(src.as_ptr()),
+                _mm256_loadu_ps(src.as_ptr().add(8)),
+            );
+            for k in (0..LANES).step_by(8) {
+                let idx = _mm256_loadu_si256(lane.as_ptr().add(k).cast());
+                let from_hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+                let v = _mm256_blendv_ps(
+                    _mm256_permutevar8x32_ps(lo, idx),
+                    _mm256_permutevar8x32_ps(hi, idx),
+                    from_hi,
+                );
+                _mm256_storeu_ps(out.as_mut_ptr().add(k), v);
+            }
+        }
+        out
+    }
 }
 
 /// The AVX-512 build: fused multiply-adds as [`Fused`], and whole-line streaming stores.
@@ -141,6 +178,23 @@ impl MulAdd for Fused512 {
         // SAFETY: `dst` is 64-byte aligned and holds LANES floats, and AVX-512 is in the build
         // (the caller's promise).
         unsafe { _mm512_stream_ps(dst, _mm512_loadu_ps(v.as_ptr())) };
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn permute(src: &[f32; LANES], lane: &[u32; LANES]) -> [f32; LANES] {
+        use std::arch::x86_64::*;
+        let mut out = [0.0; LANES];
+        // SAFETY: every access is within the arrays, and AVX-512 is in the build (the caller's
+        // promise).
+        unsafe {
+            let v = _mm512_permutexvar_ps(
+                _mm512_loadu_si512(lane.as_ptr().cast()),
+                _mm512_loadu_ps(src.as_ptr()),
+            );
+            _mm512_storeu_ps(out.as_mut_ptr(), v);
+        }
+        out
     }
 }
 
@@ -476,31 +530,192 @@ thread_local! {
 // below: 10 columns ran at a tenth of memcpy's speed. Rows of a few dozen columns pay for scalar
 // tails and a partial cache line at each end of every row. The short-row kernels take a
 // sub-block of rows at a time instead:
-// - below LANES columns, each row's maximum (from windows over the whole sub-block), then exp
-//   over the whole sub-block in one flat pass that vectorises across row boundaries, then
-//   per-row sums in f64;
+// - below LANES columns, every step is a flat pass over the whole sub-block that vectorises
+//   across row boundaries: each row's maximum and sum come from doubling windows (see
+//   [`doubling_windows`]), and per-row values reach the elements of their row through a table
+//   of each element's row (gathers);
 // - from LANES columns, each row in whole vectors, its last vector overlapping the one before
 //   (masked where overlap matters, as in sums), so that no element goes through scalar code.
 // Streamed output is built in a stack buffer and leaves in one run of whole lines, where row by
 // row it would leave partial lines.
 
-/// For a sub-block `x` of rows of `cols` columns: `e_j = exp(x_j - max of its row)`, with each
-/// row's maximum in `maxes` (NaN for a degenerate row, whose `e` are meaningless).
-#[inline(always)]
-fn short_exps<M: MulAdd>(
-    x: &[f32],
+/// A value per row of a sub-block, padded by LANES so that [`spread`] can read a whole vector
+/// from any row.
+type PerRow = [f32; SHORT_BLOCK + LANES];
+
+/// The per-row values of a sub-block of short rows and the buffers that find them, kept by the
+/// caller across sub-blocks (filling them anew for each one showed up as a tenth of the time,
+/// in `memset`).
+struct ShortBlock {
     cols: usize,
-    maxes: &mut [f32],
-    e: &mut [f32],
-    windows: &mut Windows,
+    /// Each row's maximum; NaN for a degenerate row.
+    maxes: PerRow,
+    /// Each row's sum (of exponentials, or of the terms of a backward reduction), and what the
+    /// kernels make of it.
+    sums: PerRow,
+    /// Below LANES columns: how [`spread`] places per-row values beside their elements.
+    spread: Spread,
+    /// The two buffers of [`doubling_windows`], and the output of [`spread`].
+    windows: [[f32; SHORT_BLOCK]; 2],
+}
+
+impl ShortBlock {
+    fn new(cols: usize) -> Self {
+        Self {
+            cols,
+            maxes: [0.0; SHORT_BLOCK + LANES],
+            sums: [0.0; SHORT_BLOCK + LANES],
+            spread: Spread::new(cols),
+            windows: [[0.0; SHORT_BLOCK]; 2],
+        }
+    }
+}
+
+/// For rows of `cols < LANES` columns: vector `k` of a sub-block (elements `LANES k ..
+/// LANES (k + 1)`) holds elements of the rows `first[k] + lane[k][i]`, at most LANES rows from
+/// `first[k]`, so one permutation of a vector of per-row values places them beside their
+/// elements (a gather per vector cost a sixth of softmax's time on 10 columns).
+struct Spread {
+    first: [u16; SHORT_BLOCK / LANES],
+    lane: [[u32; LANES]; SHORT_BLOCK / LANES],
+}
+
+impl Spread {
+    fn new(cols: usize) -> Self {
+        let mut spread = Self {
+            first: [0; SHORT_BLOCK / LANES],
+            lane: [[0; LANES]; SHORT_BLOCK / LANES],
+        };
+        if cols < LANES {
+            for (k, (first, lane)) in spread.first.iter_mut().zip(&mut spread.lane).enumerate() {
+                *first = (k * LANES / cols) as u16;
+                for (i, l) in lane.iter_mut().enumerate() {
+                    *l = ((k * LANES + i) / cols - usize::from(*first)) as u32;
+                }
+            }
+        }
+        spread
+    }
+}
+
+/// `out[j] = per_row[row of j]` for the first `n` elements of a sub-block (and garbage up to the
+/// next multiple of LANES).
+#[inline(always)]
+fn spread<M: MulAdd>(how: &Spread, per_row: &PerRow, out: &mut [f32; SHORT_BLOCK], n: usize) {
+    let vectors = n.div_ceil(LANES);
+    for ((o, &first), lane) in out
+        .chunks_exact_mut(LANES)
+        .zip(&how.first)
+        .zip(&how.lane)
+        .take(vectors)
+    {
+        let first = usize::from(first);
+        let src: &[f32; LANES] = per_row[first..first + LANES].try_into().unwrap();
+        // SAFETY: `Spread::new` keeps every lane below LANES; the build is `M`'s.
+        let v = unsafe { M::permute(src, lane) };
+        o.copy_from_slice(&v);
+    }
+}
+
+/// Doubling windows over a sub-block `v` of rows of `cols < LANES` columns: calls `level(win,
+/// w)` for `w = 1, 2, 4, ...` up to `cols`, where `win[j]` combines `v[j..j + w]` with
+/// `combine`, from `win = v` itself. Each level is one flat pass over the sub-block that
+/// vectorises; a row's value is then read from a few windows at its start.
+#[inline(always)]
+fn doubling_windows(
+    v: &[f32],
+    cols: usize,
+    windows: &mut [[f32; SHORT_BLOCK]; 2],
+    combine: impl Fn(f32, f32) -> f32,
+    mut level: impl FnMut(&[f32], usize),
 ) {
+    let n = v.len();
+    level(v, 1);
+    let [a, b] = windows;
+    let (mut w, mut src) = (1, 0);
+    while 2 * w <= cols {
+        let len = n + 1 - 2 * w;
+        let (from, to): (&[f32], &mut [f32]) = match src {
+            0 => (v, a),
+            1 => (a, b),
+            _ => (b, a),
+        };
+        for ((d, &p), &q) in to[..len]
+            .iter_mut()
+            .zip(&from[..len])
+            .zip(&from[w..w + len])
+        {
+            *d = combine(p, q);
+        }
+        src = if src == 1 { 2 } else { 1 };
+        w *= 2;
+        level(if src == 1 { &a[..len] } else { &b[..len] }, w);
+    }
+}
+
+/// For a sub-block `x` of rows of `cols < LANES` columns: each row's largest [`max_key`], in
+/// the front of `block.maxes`. A row's maximum is the larger of its first and its last window
+/// of the largest power of two up to `cols`. Against each row's compares one by one: 1.1-1.3x
+/// on 4 columns, within the noise on 10 and 15.
+#[inline(always)]
+fn short_max_keys(x: &[f32], block: &mut ShortBlock) {
+    let cols = block.cols;
+    let maxes = &mut block.maxes[..x.len() / cols];
+    // max_key on every combine: it is idempotent, and it keeps a NaN from being passed over.
+    let combine = |p, q| larger(max_key(p), max_key(q));
+    doubling_windows(x, cols, &mut block.windows, combine, |win, w| {
+        if 2 * w > cols {
+            let last = win[cols - w..].iter().step_by(cols);
+            for ((m, &first), &last) in maxes.iter_mut().zip(win.iter().step_by(cols)).zip(last) {
+                *m = combine(first, last);
+            }
+        }
+    });
+}
+
+/// Each row's sum of a sub-block `v` of rows, in the front of `block.sums`: below LANES columns
+/// in f32 from doubling windows (a row of 10 columns is its window of 2 plus the window of 8
+/// after it; every window a pairwise sum), otherwise [`short_sum`] per row.
+#[inline(always)]
+fn short_sums(v: &[f32], block: &mut ShortBlock) {
+    let cols = block.cols;
+    let sums = &mut block.sums[..v.len() / cols];
+    if cols >= LANES {
+        for (s, row) in sums.iter_mut().zip(v.chunks_exact(cols)) {
+            *s = short_sum(row) as f32;
+        }
+        return;
+    }
+    sums.fill(0.0);
+    let mut at = 0;
+    doubling_windows(
+        v,
+        cols,
+        &mut block.windows,
+        |p, q| p + q,
+        |win, w| {
+            if cols & w != 0 {
+                for (s, &part) in sums.iter_mut().zip(win[at..].iter().step_by(cols)) {
+                    *s += part;
+                }
+                at += w;
+            }
+        },
+    );
+}
+
+/// For a sub-block `x` of rows of `cols` columns: `e_j = exp(x_j - max of its row)`, with each
+/// row's maximum in `block.maxes` (NaN for a degenerate row, whose `e` are meaningless).
+#[inline(always)]
+fn short_exps<M: MulAdd>(x: &[f32], e: &mut [f32], block: &mut ShortBlock) {
+    let cols = block.cols;
     if cols >= LANES {
         // Whole vectors along each row; the last vector of a row overlaps the one before it
         // where `cols` is not a multiple of LANES, which neither the maximum nor exp minds.
         for ((xr, er), m) in x
             .chunks_exact(cols)
             .zip(e.chunks_exact_mut(cols))
-            .zip(maxes.iter_mut())
+            .zip(block.maxes.iter_mut())
         {
             let max = row_max_key(xr);
             *m = if max.is_infinite() { f32::NAN } else { max };
@@ -517,50 +732,18 @@ fn short_exps<M: MulAdd>(
         }
         return;
     }
-    short_max_keys(x, cols, maxes, windows);
-    for (er, m) in e.chunks_exact_mut(cols).zip(maxes.iter_mut()) {
-        let max = *m;
-        *m = if max.is_infinite() { f32::NAN } else { max };
-        // The row's maximum beside each element, for the flat pass; 0 keeps a degenerate
-        // row's arithmetic quiet.
-        er.fill(if max.is_infinite() { 0.0 } else { max });
+    short_max_keys(x, block);
+    let rows = x.len() / cols;
+    // The shift of each row: its maximum, or 0 to keep a degenerate row's arithmetic quiet.
+    for (m, s) in block.maxes[..rows].iter_mut().zip(&mut block.sums[..rows]) {
+        let degenerate = m.is_infinite();
+        *s = if degenerate { 0.0 } else { *m };
+        *m = if degenerate { f32::NAN } else { *m };
     }
-    for (ev, &xv) in e.iter_mut().zip(x) {
-        *ev = exp_nonpositive::<M>(xv - *ev);
-    }
-}
-
-/// The two buffers of [`short_max_keys`], kept by the caller across sub-blocks (filling them
-/// anew for each one showed up as a tenth of the time, in `memset`).
-type Windows = [[f32; SHORT_BLOCK]; 2];
-
-/// The largest [`max_key`] of each row of a sub-block `x` of rows of `cols < LANES` columns, in
-/// the front of `maxes`.
-///
-/// By doubling windows, in flat passes over the sub-block that vectorise: after them `win[j]`
-/// is the largest key of `x[j..j + w]`, `w` the largest power of two up to `cols`, and a row's
-/// maximum is the larger of its first and its last window. Against each row's compares one by
-/// one: 1.1-1.3x on 4 columns, within the noise on 10 and 15.
-#[inline(always)]
-fn short_max_keys(x: &[f32], cols: usize, maxes: &mut [f32], windows: &mut Windows) {
-    let n = x.len();
-    let [a, b] = windows;
-    for (k, &v) in a[..n].iter_mut().zip(x) {
-        *k = max_key(v);
-    }
-    let (mut w, mut in_a) = (1, true);
-    while 2 * w <= cols {
-        let len = n + 1 - 2 * w;
-        let (src, dst) = if in_a { (&*a, &mut *b) } else { (&*b, &mut *a) };
-        for ((d, &p), &q) in dst[..len].iter_mut().zip(&src[..len]).zip(&src[w..w + len]) {
-            *d = larger(p, q);
-        }
-        in_a = !in_a;
-        w *= 2;
-    }
-    let win = if in_a { a } else { b };
-    for (r, m) in maxes[..n / cols].iter_mut().enumerate() {
-        *m = larger(win[r * cols], win[r * cols + cols - w]);
+    let shifts = &mut block.windows[0];
+    spread::<M>(&block.spread, &block.sums, shifts, x.len());
+    for ((ev, &xv), &s) in e.iter_mut().zip(x).zip(shifts.iter()) {
+        *ev = exp_nonpositive::<M>(xv - s);
     }
 }
 
@@ -623,16 +806,10 @@ fn row_max_key(x: &[f32]) -> f32 {
     fold_lanes(max, larger)
 }
 
-/// `sum_j term(a_j, b_j)` over one short row: in f64 one by one below LANES columns, otherwise
-/// in f32 lanes, whole vectors (the last one masked where it overlaps the one before).
+/// `sum_j term(a_j, b_j)` over one row of at least LANES elements, in f32 lanes, whole vectors
+/// (the last one masked where it overlaps the one before).
 #[inline(always)]
 fn short_fold(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f64 {
-    if a.len() < LANES {
-        return a
-            .iter()
-            .zip(b)
-            .fold(0.0f64, |s, (&a, &b)| s + f64::from(term(a, b)));
-    }
     let mut acc = [0.0f32; LANES];
     let whole = a.len() - a.len() % LANES;
     for (ac, bc) in a[..whole].chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
@@ -649,16 +826,10 @@ fn short_fold(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f64 {
     f64::from(lane_sum(acc))
 }
 
-/// `sum_j e_j` of one short row.
+/// `sum_j e_j` of one row of at least LANES elements.
 #[inline(always)]
 fn short_sum(e: &[f32]) -> f64 {
     short_fold(e, e, |v, _| v)
-}
-
-/// `sum_j a_j b_j` of one short row.
-#[inline(always)]
-fn short_dot(a: &[f32], b: &[f32]) -> f64 {
-    short_fold(a, b, |x, y| x * y)
 }
 
 /// `o_j = f(a_j, b_j)` over one short row, in whole vectors where it has at least LANES
@@ -681,15 +852,9 @@ fn short_map2(o: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) 
     }
 }
 
-/// `e_j *= k` over one short row, in whole vectors where it has at least LANES elements.
+/// `e_j *= k` over one row of at least LANES elements, in whole vectors.
 #[inline(always)]
 fn short_scale(e: &mut [f32], k: f32) {
-    if e.len() < LANES {
-        for v in e.iter_mut() {
-            *v *= k;
-        }
-        return;
-    }
     // A flat loop: written over whole vectors, LLVM vectorised it across them, with gathers.
     let whole = e.len() - e.len() % LANES;
     for v in e[..whole].iter_mut() {
@@ -704,17 +869,6 @@ fn short_scale(e: &mut [f32], k: f32) {
     }
 }
 
-/// The [`short_sum`] of each row of `cols` columns of `e`, in the front of `sums`, which is
-/// returned.
-#[inline(always)]
-fn short_sums<'a>(e: &[f32], cols: usize, sums: &'a mut [f64]) -> &'a mut [f64] {
-    let sums = &mut sums[..e.len() / cols];
-    for (s, er) in sums.iter_mut().zip(e.chunks_exact(cols)) {
-        *s = short_sum(er);
-    }
-    sums
-}
-
 /// The per-sub-block work of a short-row kernel, after [`short_exps`].
 ///
 /// (A trait with inlined methods rather than a closure: a closure that large was not inlined,
@@ -723,8 +877,15 @@ fn short_sums<'a>(e: &[f32], cols: usize, sums: &'a mut [f64]) -> &'a mut [f64] 
 /// speed.)
 trait ShortRowWork {
     /// Turns `e`, the exponentials of the sub-block `x` whose rows start at `first_row` of the
-    /// call, into its output; `maxes` holds each row's maximum (NaN for a degenerate row).
-    fn finish<M: MulAdd>(&mut self, first_row: usize, x: &[f32], e: &mut [f32], maxes: &[f32]);
+    /// call, into its output; `block.maxes` holds each row's maximum (NaN for a degenerate
+    /// row).
+    fn finish<M: MulAdd>(
+        &mut self,
+        first_row: usize,
+        x: &[f32],
+        e: &mut [f32],
+        block: &mut ShortBlock,
+    );
 }
 
 /// Runs `work` over `x`, rows of fewer than [`SHORT_COLS`] columns, a sub-block of rows at a
@@ -739,17 +900,16 @@ fn short_row_blocks<M: MulAdd, W: ShortRowWork>(
 ) {
     let block_rows = (SHORT_BLOCK / cols).max(1);
     let per_block = block_rows * cols;
-    let mut maxes = [0.0f32; SHORT_BLOCK];
+    let mut block = ShortBlock::new(cols);
     let mut built = [0.0f32; SHORT_BLOCK];
-    let mut windows = [[0.0f32; SHORT_BLOCK]; 2];
     for (b, (xb, yb)) in x.chunks(per_block).zip(y.chunks_mut(per_block)).enumerate() {
         let out = if stream {
             &mut built[..xb.len()]
         } else {
             &mut *yb
         };
-        short_exps::<M>(xb, cols, &mut maxes, out, &mut windows);
-        work.finish::<M>(b * block_rows, xb, out, &maxes[..xb.len() / cols]);
+        short_exps::<M>(xb, out, &mut block);
+        work.finish::<M>(b * block_rows, xb, out, &mut block);
         if stream {
             let out = &built[..xb.len()];
             store_map::<M>(yb, out, out, true, |v, _| v);
@@ -758,40 +918,53 @@ fn short_row_blocks<M: MulAdd, W: ShortRowWork>(
 }
 
 /// Softmax, or log-softmax with `LOG`, of short rows.
-struct ShortSoftmax<const LOG: bool> {
-    cols: usize,
-    log_sums: [f64; SHORT_BLOCK],
-}
+struct ShortSoftmax<const LOG: bool>;
 
 impl<const LOG: bool> ShortRowWork for ShortSoftmax<LOG> {
     #[inline(always)]
-    fn finish<M: MulAdd>(&mut self, _: usize, x: &[f32], e: &mut [f32], maxes: &[f32]) {
-        let cols = self.cols;
+    fn finish<M: MulAdd>(&mut self, _: usize, x: &[f32], e: &mut [f32], block: &mut ShortBlock) {
+        let cols = block.cols;
+        let rows = x.len() / cols;
+        short_sums(e, block);
+        let (sums, maxes) = (&mut block.sums, &block.maxes);
         if LOG {
             // The logarithms in one loop of `ln_normal` that vectorises.
-            let log_sums = short_sums(e, cols, &mut self.log_sums);
-            for l in log_sums.iter_mut() {
-                *l = ln_normal(*l);
+            for s in sums[..rows].iter_mut() {
+                *s = ln_normal(f64::from(*s)) as f32;
             }
-            for (((or, xr), &max), &log_sum) in e
-                .chunks_exact_mut(cols)
-                .zip(x.chunks_exact(cols))
-                .zip(maxes)
-                .zip(log_sums.iter())
-            {
-                // The exponentials were needed only for their sum. NaN for a degenerate row
-                // (max is NaN); a -inf entry stays exactly -inf, as in the row kernel.
-                let log_sum = log_sum as f32;
-                short_map2(or, xr, xr, |v, _| (v - max) - log_sum);
+            // The exponentials were needed only for their sum. NaN for a degenerate row (max
+            // is NaN); a -inf entry stays exactly -inf, as in the row kernel.
+            if cols < LANES {
+                let [m, l] = &mut block.windows;
+                spread::<M>(&block.spread, maxes, m, x.len());
+                spread::<M>(&block.spread, sums, l, x.len());
+                for (((o, &v), &max), &log_sum) in e.iter_mut().zip(x).zip(m.iter()).zip(l.iter()) {
+                    *o = (v - max) - log_sum;
+                }
+            } else {
+                for (((or, xr), &max), &log_sum) in e
+                    .chunks_exact_mut(cols)
+                    .zip(x.chunks_exact(cols))
+                    .zip(maxes)
+                    .zip(sums.iter())
+                {
+                    short_map2(or, xr, xr, |v, _| (v - max) - log_sum);
+                }
             }
         } else {
-            for (or, &max) in e.chunks_exact_mut(cols).zip(maxes) {
-                let inv = if max.is_nan() {
-                    f32::NAN
-                } else {
-                    (1.0 / short_sum(or)) as f32
-                };
-                short_scale(or, inv);
+            for (s, &max) in sums[..rows].iter_mut().zip(maxes) {
+                *s = if max.is_nan() { f32::NAN } else { 1.0 / *s };
+            }
+            if cols < LANES {
+                let inv = &mut block.windows[0];
+                spread::<M>(&block.spread, sums, inv, x.len());
+                for (o, &inv) in e.iter_mut().zip(inv.iter()) {
+                    *o *= inv;
+                }
+            } else {
+                for (or, &inv) in e.chunks_exact_mut(cols).zip(sums.iter()) {
+                    short_scale(or, inv);
+                }
             }
         }
     }
@@ -800,11 +973,7 @@ impl<const LOG: bool> ShortRowWork for ShortSoftmax<LOG> {
 /// Softmax, or log-softmax with `LOG`, of rows of fewer than [`SHORT_COLS`] columns.
 #[inline(always)]
 fn short_rows<M: MulAdd, const LOG: bool>(x: &[f32], y: &mut [f32], cols: usize, stream: bool) {
-    let mut work = ShortSoftmax::<LOG> {
-        cols,
-        log_sums: [0.0; SHORT_BLOCK],
-    };
-    short_row_blocks::<M, _>(x, y, cols, stream, &mut work);
+    short_row_blocks::<M, _>(x, y, cols, stream, &mut ShortSoftmax::<LOG>);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -878,8 +1047,8 @@ fn log_softmax_rows<M: MulAdd>(x: &[f32], y: &mut [f32], cols: usize, stream: bo
 }
 
 /// Backward of rows of fewer than [`SHORT_COLS`] columns, a sub-block of rows at a time: each
-/// row's reduction `r = reduce(y, dy)`, then `dx_j = grad(y_j, dy_j, r)`. Below LANES columns
-/// the reductions are spread beside each element and the gradient runs as one flat pass across
+/// row's reduction `r = sum_j term(y_j, dy_j)`, then `dx_j = grad(y_j, dy_j, r)`. Below LANES
+/// columns the terms are summed by [`short_sums`] and the gradient runs as one flat pass across
 /// rows; from LANES columns each row runs in whole vectors (see [`short_map2`]). Streamed
 /// output leaves in whole lines, as in [`short_row_blocks`].
 #[inline(always)]
@@ -889,10 +1058,11 @@ fn short_backward_rows<M: MulAdd>(
     dx: &mut [f32],
     cols: usize,
     stream: bool,
-    reduce: impl Fn(&[f32], &[f32]) -> f32,
+    term: impl Fn(f32, f32) -> f32,
     grad: impl Fn(f32, f32, f32) -> f32,
 ) {
     let per_block = (SHORT_BLOCK / cols).max(1) * cols;
+    let mut block = ShortBlock::new(cols);
     let mut built = [0.0f32; SHORT_BLOCK];
     for ((yb, gb), db) in y
         .chunks(per_block)
@@ -904,17 +1074,20 @@ fn short_backward_rows<M: MulAdd>(
         } else {
             &mut *db
         };
-        let rows = yb.chunks_exact(cols).zip(gb.chunks_exact(cols));
         if cols < LANES {
-            for ((yr, gr), or) in rows.zip(out.chunks_exact_mut(cols)) {
-                or.fill(reduce(yr, gr));
-            }
             for ((o, &y), &g) in out.iter_mut().zip(yb).zip(gb) {
-                *o = grad(y, g, *o);
+                *o = term(y, g);
+            }
+            short_sums(out, &mut block);
+            let r = &mut block.windows[0];
+            spread::<M>(&block.spread, &block.sums, r, yb.len());
+            for (((o, &y), &g), &r) in out.iter_mut().zip(yb).zip(gb).zip(r.iter()) {
+                *o = grad(y, g, r);
             }
         } else {
+            let rows = yb.chunks_exact(cols).zip(gb.chunks_exact(cols));
             for ((yr, gr), or) in rows.zip(out.chunks_exact_mut(cols)) {
-                let r = reduce(yr, gr);
+                let r = short_fold(yr, gr, &term) as f32;
                 short_map2(or, yr, gr, |y, g| grad(y, g, r));
             }
         }
@@ -925,8 +1098,8 @@ fn short_backward_rows<M: MulAdd>(
     }
 }
 
-/// The backward kernels: each row's reduction of `(y, dy)` (`short_reduce` on the short-row
-/// path, `reduce` on longer rows), then `dx_j = grad(y_j, dy_j, reduction)`.
+/// The backward kernels: each row's reduction `sum_j term(y_j, dy_j)` (`reduce` computes it on
+/// rows of at least [`SHORT_COLS`]), then `dx_j = grad(y_j, dy_j, reduction)`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_rows<M: MulAdd>(
@@ -935,13 +1108,12 @@ fn backward_rows<M: MulAdd>(
     dx: &mut [f32],
     cols: usize,
     stream: bool,
-    short_reduce: impl Fn(&[f32], &[f32]) -> f64,
+    term: impl Fn(f32, f32) -> f32,
     reduce: impl Fn(&[f32], &[f32]) -> f64,
     grad: impl Fn(f32, f32, f32) -> f32,
 ) {
     if cols < SHORT_COLS {
-        let short_reduce = |y: &[f32], dy: &[f32]| short_reduce(y, dy) as f32;
-        short_backward_rows::<M>(y, dy, dx, cols, stream, short_reduce, grad);
+        short_backward_rows::<M>(y, dy, dx, cols, stream, term, grad);
     } else {
         for ((y, dy), dx) in y
             .chunks_exact(cols)
@@ -964,7 +1136,7 @@ fn softmax_backward_rows<M: MulAdd>(
     stream: bool,
 ) {
     let grad = |y: f32, g: f32, d: f32| y * (g - d);
-    backward_rows::<M>(y, dy, dx, cols, stream, short_dot, dot, grad);
+    backward_rows::<M>(y, dy, dx, cols, stream, |y, g| y * g, dot, grad);
 }
 
 #[inline(always)]
@@ -976,11 +1148,8 @@ fn log_softmax_backward_rows<M: MulAdd>(
     stream: bool,
 ) {
     let grad = |y: f32, g: f32, total: f32| M::mul_add(-exp::<M>(y), total, g);
-    let (short_total, total) = (
-        |_: &[f32], dy: &[f32]| short_sum(dy),
-        |_: &[f32], dy: &[f32]| sum(dy),
-    );
-    backward_rows::<M>(y, dy, dx, cols, stream, short_total, total, grad);
+    let total = |_: &[f32], dy: &[f32]| sum(dy);
+    backward_rows::<M>(y, dy, dx, cols, stream, |_, g| g, total, grad);
 }
 
 #[inline(always)]
@@ -1385,13 +1554,7 @@ fn cross_entropy_rows<M: MulAdd>(
     let cols = ctx.plan.cols;
     if cols < SHORT_COLS {
         let logits = &ctx.logits[first * cols..first * cols + grad.len()];
-        let mut work = ShortCrossEntropy {
-            ctx,
-            first,
-            losses,
-            sums: [0.0; SHORT_BLOCK],
-            log_sums: [0.0; SHORT_BLOCK],
-        };
+        let mut work = ShortCrossEntropy::new(ctx, first, losses);
         short_row_blocks::<M, _>(logits, grad, cols, stream, &mut work);
         store_fence(stream);
         return;
@@ -1422,20 +1585,119 @@ struct ShortCrossEntropy<'a, 'c> {
     /// The call's first row in the batch.
     first: usize,
     losses: &'a mut [f64],
-    sums: [f64; SHORT_BLOCK],
+    /// Each row's `ln sum_j e_j`.
     log_sums: [f64; SHORT_BLOCK],
+    /// Below LANES columns, index targets: each row's gradient is `a e_j - b w_j`, but for its
+    /// target class, whose entry is `g_t`.
+    a: PerRow,
+    b: PerRow,
+    g_t: [f32; SHORT_BLOCK],
+    /// Below LANES columns, with class weights: the weight of each element's class over a
+    /// sub-block.
+    weights: [f32; SHORT_BLOCK],
+}
+
+impl<'a, 'c> ShortCrossEntropy<'a, 'c> {
+    fn new(ctx: &'a CeContext<'c>, first: usize, losses: &'a mut [f64]) -> Self {
+        let mut weights = [0.0; SHORT_BLOCK];
+        let cols = ctx.plan.cols;
+        if cols < LANES && !ctx.weight.is_empty() {
+            for row in weights.chunks_exact_mut(cols) {
+                row.copy_from_slice(ctx.weight);
+            }
+        }
+        Self {
+            ctx,
+            first,
+            losses,
+            log_sums: [0.0; SHORT_BLOCK],
+            a: [0.0; SHORT_BLOCK + LANES],
+            b: [0.0; SHORT_BLOCK + LANES],
+            g_t: [0.0; SHORT_BLOCK],
+            weights,
+        }
+    }
 }
 
 impl ShortRowWork for ShortCrossEntropy<'_, '_> {
     #[inline(always)]
-    fn finish<M: MulAdd>(&mut self, first_row: usize, x: &[f32], e: &mut [f32], maxes: &[f32]) {
+    fn finish<M: MulAdd>(
+        &mut self,
+        first_row: usize,
+        x: &[f32],
+        e: &mut [f32],
+        block: &mut ShortBlock,
+    ) {
         let ctx = self.ctx;
         let cols = ctx.plan.cols;
-        let sums = short_sums(e, cols, &mut self.sums);
-        for (l, &s) in self.log_sums.iter_mut().zip(sums.iter()) {
-            *l = ln_normal(s);
+        let rows = x.len() / cols;
+        short_sums(e, block);
+        let sums = &block.sums[..rows];
+        for (l, &s) in self.log_sums.iter_mut().zip(sums) {
+            *l = ln_normal(f64::from(s));
         }
-        let losses = &mut self.losses[first_row..first_row + maxes.len()];
+        let maxes = &block.maxes[..rows];
+        let losses = &mut self.losses[first_row..first_row + rows];
+        let first = self.first + first_row;
+        if cols < LANES {
+            if let CrossEntropyTargets::Indices(targets) = &ctx.plan.targets {
+                let targets = &targets[first..first + rows];
+                // Each row's scalars; ignored and degenerate rows are written after the flat pass.
+                for (i, (((&t, &max), &sum), &log_sum)) in targets
+                    .iter()
+                    .zip(maxes)
+                    .zip(sums)
+                    .zip(&self.log_sums)
+                    .enumerate()
+                {
+                    if t == IGNORED_ROW || max.is_nan() {
+                        (self.a[i], self.b[i]) = (0.0, 0.0);
+                        continue;
+                    }
+                    let t = t as usize;
+                    let at = i * cols;
+                    let r = index_row(
+                        ctx,
+                        first + i,
+                        t,
+                        &x[at..at + cols],
+                        e[at + t],
+                        max,
+                        f64::from(sum),
+                        log_sum as f32,
+                    );
+                    losses[i] = r.loss;
+                    (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
+                }
+                let [a, b] = &mut block.windows;
+                spread::<M>(&block.spread, &self.a, a, x.len());
+                if ctx.weight.is_empty() {
+                    for (g, &a) in e.iter_mut().zip(a.iter()) {
+                        *g *= a;
+                    }
+                } else {
+                    spread::<M>(&block.spread, &self.b, b, x.len());
+                    for (((g, &w), &a), &b) in
+                        e.iter_mut().zip(&self.weights).zip(a.iter()).zip(b.iter())
+                    {
+                        *g = M::mul_add(a, *g, -b * w);
+                    }
+                }
+                for (i, ((&t, &max), loss)) in targets.iter().zip(maxes).zip(losses).enumerate() {
+                    let g = &mut e[i * cols..(i + 1) * cols];
+                    if t == IGNORED_ROW {
+                        g.fill(0.0);
+                        *loss = 0.0;
+                    } else if max.is_nan() {
+                        g.fill(f32::NAN);
+                        *loss = f64::NAN;
+                    } else {
+                        g[t as usize] = self.g_t[i];
+                    }
+                }
+                return;
+            }
+        }
         for (i, ((((g, x), &max), loss), (&sum, &log_sum))) in e
             .chunks_exact_mut(cols)
             .zip(x.chunks_exact(cols))
@@ -1444,7 +1706,7 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
             .zip(sums.iter().zip(&self.log_sums))
             .enumerate()
         {
-            let r = self.first + first_row + i;
+            let r = first + i;
             *loss = if ctx.plan.is_ignored(r) {
                 g.fill(0.0);
                 0.0
@@ -1452,7 +1714,7 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
                 g.fill(f32::NAN);
                 f64::NAN
             } else {
-                cross_entropy_finish::<M>(ctx, r, x, g, max, sum, log_sum as f32)
+                cross_entropy_finish::<M>(ctx, r, x, g, max, f64::from(sum), log_sum as f32)
             };
         }
     }
@@ -1478,8 +1740,59 @@ fn cross_entropy_row<M: MulAdd>(ctx: &CeContext<'_>, r: usize, g: &mut [f32]) ->
     cross_entropy_finish::<M>(ctx, r, x, g, s.max, total, total.ln() as f32)
 }
 
+/// The scalars of an index-target row's loss and gradient: the gradient is `a e_j - b w_j`
+/// (`b = 0` without weights), but for the target class, whose entry is `g_t`.
+struct IndexRow {
+    loss: f64,
+    a: f32,
+    b: f32,
+    g_t: f32,
+}
+
+/// Row `r`'s [`IndexRow`], with its target `t`, its logits `x`, their maximum `max`, `e_t =
+/// exp(x_t - max)`, the sum `total` of the row's exponentials and its logarithm `log_sum`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn index_row(
+    ctx: &CeContext<'_>,
+    r: usize,
+    t: usize,
+    x: &[f32],
+    e_t: f32,
+    max: f32,
+    total: f64,
+    log_sum: f32,
+) -> IndexRow {
+    let w = ctx.weight;
+    let inv = (1.0 / total) as f32;
+    let scale = ctx.plan.grad_scale(r);
+    let w_t = if w.is_empty() { 1.0 } else { w[t] };
+    let q_t = ctx.keep * w_t + ctx.smooth * w_t;
+    let lsm_t = (x[t] - max) - log_sum;
+    let mut loss = if q_t != 0.0 {
+        -f64::from(q_t) * f64::from(lsm_t)
+    } else {
+        0.0
+    };
+    if ctx.smooth != 0.0 {
+        // Class t's share of the smoothing is already in q_t.
+        let others = weighted_lsm_sum(&x[..t], &w[..t], max, log_sum)
+            + weighted_lsm_sum(&x[t + 1..], &w[t + 1..], max, log_sum);
+        loss -= f64::from(ctx.smooth) * others;
+    }
+    let sum_q = f64::from(ctx.keep) * f64::from(w_t) + f64::from(ctx.smooth) * ctx.weight_sum;
+    let s_t = e_t * inv;
+    IndexRow {
+        loss,
+        a: (scale * sum_q) as f32 * inv,
+        b: (scale * f64::from(ctx.smooth)) as f32,
+        g_t: (scale * (f64::from(s_t) * sum_q - f64::from(q_t))) as f32,
+    }
+}
+
 /// Row `r`'s loss, with its logits `x`, their maximum `max` and `g` holding `exp(x_j - max)`,
-/// whose sum is `total` and its logarithm `log_sum`; turns `g` into the row's gradient.
+/// whose sum is `total` and its logarithm `log_sum`; turns `g` into the row's gradient. Index
+/// targets need at least LANES columns.
 #[inline(always)]
 fn cross_entropy_finish<M: MulAdd>(
     ctx: &CeContext<'_>,
@@ -1492,43 +1805,25 @@ fn cross_entropy_finish<M: MulAdd>(
 ) -> f64 {
     let cols = ctx.plan.cols;
     let w = ctx.weight;
-    let inv = (1.0 / total) as f32;
-    let scale = ctx.plan.grad_scale(r);
     match &ctx.plan.targets {
         CrossEntropyTargets::Indices(_) => {
             let t = ctx.plan.target(r).unwrap_or(0);
-            let w_t = if w.is_empty() { 1.0 } else { w[t] };
-            let q_t = ctx.keep * w_t + ctx.smooth * w_t;
-            let lsm_t = (x[t] - max) - log_sum;
-            let mut loss = if q_t != 0.0 {
-                -f64::from(q_t) * f64::from(lsm_t)
-            } else {
-                0.0
-            };
-            if ctx.smooth != 0.0 {
-                // Class t's share of the smoothing is already in q_t.
-                let others = weighted_lsm_sum(&x[..t], &w[..t], max, log_sum)
-                    + weighted_lsm_sum(&x[t + 1..], &w[t + 1..], max, log_sum);
-                loss -= f64::from(ctx.smooth) * others;
-            }
-            let sum_q =
-                f64::from(ctx.keep) * f64::from(w_t) + f64::from(ctx.smooth) * ctx.weight_sum;
-            let a = (scale * sum_q) as f32 * inv;
-            let b = (scale * f64::from(ctx.smooth)) as f32;
-            let s_t = g[t] * inv;
+            let row = index_row(ctx, r, t, x, g[t], max, total, log_sum);
             if w.is_empty() {
                 // Unit weights without smoothing: b = 0 and the weight term is -0 for every
                 // class, so this is the loop below, bit for bit.
-                short_scale(g, a);
+                short_scale(g, row.a);
             } else {
                 for (g, &w) in g.iter_mut().zip(w) {
-                    *g = M::mul_add(a, *g, -b * w);
+                    *g = M::mul_add(row.a, *g, -row.b * w);
                 }
             }
-            g[t] = (scale * (f64::from(s_t) * sum_q - f64::from(q_t))) as f32;
-            loss
+            g[t] = row.g_t;
+            row.loss
         }
         CrossEntropyTargets::Probabilities(p) => {
+            let inv = (1.0 / total) as f32;
+            let scale = ctx.plan.grad_scale(r);
             let p = &p[r * cols..(r + 1) * cols];
             let (sum_q, ql) = prob_target_sums(x, p, w, ctx.keep, ctx.smooth, max, log_sum);
             let a = (scale * sum_q) as f32 * inv;
@@ -1883,7 +2178,16 @@ mod tests {
     #[test]
     fn every_build_and_store_path_matches_reference() {
         let mut rng = Rng::new(12);
-        for &(rows, cols) in &[(9, 5), (9, 40), (7, 159), (6, 1000), (6, SCRATCH_COLS + 3)] {
+        for &(rows, cols) in &[
+            (37, 1),
+            (9, 5),
+            (230, 7),
+            (75, 15),
+            (9, 40),
+            (7, 159),
+            (6, 1000),
+            (6, SCRATCH_COLS + 3),
+        ] {
             let x = logits(&mut rng, rows, cols, 4.0);
             let want = reference::softmax(&x, cols).unwrap();
             let want_log = reference::log_softmax(&x, cols).unwrap();
@@ -2097,7 +2401,9 @@ mod tests {
     fn cross_entropy_build_and_store_paths_match_reference() {
         let mut rng = Rng::new(16);
         for &(rows, cols) in &[
+            (37, 1),
             (9, 5),
+            (230, 7),
             (9, 40),
             (6, 1000),
             (2, SCRATCH_COLS),
