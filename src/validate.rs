@@ -168,12 +168,16 @@ pub(crate) fn cross_entropy<'a>(
     if let Some(w) = options.weight {
         same_len("weight", cols, w.len())?;
     }
-    let weight_of = |class: usize| options.weight.map_or(1.0, |w| f64::from(w[class]));
 
     let (targets, kept_rows, mean_denominator) = match targets {
         Targets::Indices(t) => {
             same_len("targets", rows, t.len())?;
-            resolve_indices(t.iter().copied(), cols, options.ignore_index, weight_of)?
+            resolve_indices(
+                t.iter().copied(),
+                cols,
+                options.ignore_index,
+                options.weight,
+            )?
         }
         Targets::IndicesI32(t) => {
             same_len("targets", rows, t.len())?;
@@ -181,7 +185,7 @@ pub(crate) fn cross_entropy<'a>(
                 t.iter().map(|&v| i64::from(v)),
                 cols,
                 options.ignore_index,
-                weight_of,
+                options.weight,
             )?
         }
         Targets::Probabilities(p) => {
@@ -233,36 +237,51 @@ pub(crate) fn upstream_grad(
 /// Checks index targets and converts them to `i32` with ignored rows marked; also returns the
 /// number of kept rows and the sum of their target weights.
 fn resolve_indices<'a>(
-    targets: impl Iterator<Item = i64>,
+    targets: impl Iterator<Item = i64> + Clone,
     cols: usize,
     ignore_index: i64,
-    weight_of: impl Fn(usize) -> f64,
+    weight: Option<&[f32]>,
 ) -> Result<(CrossEntropyTargets<'a>, usize, f64)> {
-    let mut resolved = Vec::with_capacity(targets.size_hint().0);
-    let mut kept = 0;
-    let mut denominator = 0.0;
-    for (row, value) in targets.enumerate() {
-        if value == ignore_index {
-            resolved.push(IGNORED_ROW);
-            continue;
-        }
-        // `cols <= i32::MAX`, so every in-range target converts to i32.
-        match i32::try_from(value) {
-            Ok(class) if value >= 0 && (value as u64) < cols as u64 => {
-                resolved.push(class);
-                kept += 1;
-                denominator += weight_of(class as usize);
+    let in_range = |value: i64| value >= 0 && (value as u64) < cols as u64;
+    // One pass without branches, which vectorises (it took a tenth of the CPU path's
+    // cross-entropy on 10 columns); the offending row is looked for only once it is known to
+    // exist. `cols <= i32::MAX`, so every in-range target converts to i32.
+    let mut bad = false;
+    let resolved: Vec<i32> = targets
+        .clone()
+        .map(|value| {
+            let ignored = value == ignore_index;
+            bad |= !ignored & !in_range(value);
+            if ignored {
+                IGNORED_ROW
+            } else {
+                value as i32
             }
-            _ => {
-                return Err(Error::TargetOutOfRange {
-                    row,
-                    value,
-                    classes: cols,
-                    ignore_index,
-                })
-            }
-        }
+        })
+        .collect();
+    if bad {
+        let (row, value) = targets
+            .enumerate()
+            .find(|&(_, value)| value != ignore_index && !in_range(value))
+            .expect("a target out of range was seen");
+        return Err(Error::TargetOutOfRange {
+            row,
+            value,
+            classes: cols,
+            ignore_index,
+        });
     }
+    let kept = resolved
+        .iter()
+        .filter(|&&class| class != IGNORED_ROW)
+        .count();
+    let denominator = match weight {
+        None => kept as f64,
+        Some(w) => resolved
+            .iter()
+            .filter(|&&class| class != IGNORED_ROW)
+            .fold(0.0, |sum, &class| sum + f64::from(w[class as usize])),
+    };
     Ok((CrossEntropyTargets::Indices(resolved), kept, denominator))
 }
 

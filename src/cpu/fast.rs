@@ -17,6 +17,8 @@
 //! Accuracy against the f64 reference is tested in this module: softmax within `1e-6` absolute or
 //! `1e-5` relative, log-softmax within `1e-5` absolute plus `1e-5` relative.
 
+use std::marker::PhantomData;
+
 use rayon::prelude::*;
 
 #[cfg(test)]
@@ -673,16 +675,16 @@ fn spread<M: MulAdd>(how: &Spread, per_row: &PerRow, out: &mut [f32; SHORT_BLOCK
 /// over the sub-block that vectorises; a row's value is then read from a few windows at its
 /// start (see [`strided`]).
 #[inline(always)]
-fn doubling_windows(
+fn doubling_windows<L: WindowLevel>(
     v: &[f32],
     cols: usize,
     windows: &mut [[f32; SHORT_BLOCK]; 2],
     first: impl Fn(f32, f32) -> f32,
     combine: impl Fn(f32, f32) -> f32,
-    mut level: impl FnMut(&[f32], usize),
+    level: &mut L,
 ) {
     let n = v.len();
-    level(v, 1);
+    level.level(v, 1);
     let [a, b] = windows;
     let (mut w, mut src) = (1, 0);
     while 2 * w <= cols {
@@ -694,7 +696,7 @@ fn doubling_windows(
         }
         src = if src == 1 { 2 } else { 1 };
         w *= 2;
-        level(if src == 1 { &a[..len] } else { &b[..len] }, w);
+        level.level(if src == 1 { &a[..len] } else { &b[..len] }, w);
     }
 }
 
@@ -741,6 +743,53 @@ fn strided<M: MulAdd>(
     }
 }
 
+/// What [`doubling_windows`] does with each level of windows. (A trait with inlined methods
+/// rather than a closure: in the cross-entropy kernel LLVM left such a closure out of line, where
+/// it ran without the build's instruction set.)
+trait WindowLevel {
+    /// `win[j]` combines the `w` elements from `j`.
+    fn level(&mut self, win: &[f32], w: usize);
+}
+
+/// Each row's largest key, from its first and last windows of the widest level.
+struct MaxLevel<'a, M> {
+    cols: usize,
+    maxes: &'a mut [f32],
+    build: PhantomData<M>,
+}
+
+impl<M: MulAdd> WindowLevel for MaxLevel<'_, M> {
+    #[inline(always)]
+    fn level(&mut self, win: &[f32], w: usize) {
+        let cols = self.cols;
+        if 2 * w > cols {
+            strided::<M>(win, 0, cols, self.maxes, |_, v| max_key(v));
+            strided::<M>(win, cols - w, cols, self.maxes, |m, v| {
+                larger(m, max_key(v))
+            });
+        }
+    }
+}
+
+/// Each row's sum, from one window of each width in `cols`'s binary digits.
+struct SumLevel<'a, M> {
+    cols: usize,
+    sums: &'a mut [f32],
+    /// Where the next window starts within a row.
+    at: usize,
+    build: PhantomData<M>,
+}
+
+impl<M: MulAdd> WindowLevel for SumLevel<'_, M> {
+    #[inline(always)]
+    fn level(&mut self, win: &[f32], w: usize) {
+        if self.cols & w != 0 {
+            strided::<M>(win, self.at, self.cols, self.sums, |s, part| s + part);
+            self.at += w;
+        }
+    }
+}
+
 /// For a sub-block `x` of rows of `cols < LANES` columns: each row's largest [`max_key`], in
 /// the front of `block.maxes`. A row's maximum is the larger of its first and its last window
 /// of the largest power of two up to `cols`. Against each row's compares one by one: 1.1-1.3x
@@ -751,12 +800,12 @@ fn short_max_keys<M: MulAdd>(x: &[f32], block: &mut ShortBlock) {
     let maxes = &mut block.maxes[..x.len() / cols];
     // Keys from the first pass on (which is all that `x` itself sees, where `cols` is 1).
     let first = |p, q| larger(max_key(p), max_key(q));
-    doubling_windows(x, cols, &mut block.windows, first, larger, |win, w| {
-        if 2 * w > cols {
-            strided::<M>(win, 0, cols, maxes, |_, v| max_key(v));
-            strided::<M>(win, cols - w, cols, maxes, |m, v| larger(m, max_key(v)));
-        }
-    });
+    let mut level = MaxLevel::<M> {
+        cols,
+        maxes,
+        build: PhantomData,
+    };
+    doubling_windows(x, cols, &mut block.windows, first, larger, &mut level);
 }
 
 /// Each row's sum of a sub-block `v` of rows, in the front of `block.sums`: below LANES columns
@@ -773,20 +822,14 @@ fn short_sums<M: MulAdd>(v: &[f32], block: &mut ShortBlock) {
         return;
     }
     sums.fill(0.0);
-    let mut at = 0;
-    doubling_windows(
-        v,
+    let mut level = SumLevel::<M> {
         cols,
-        &mut block.windows,
-        |p, q| p + q,
-        |p, q| p + q,
-        |win, w| {
-            if cols & w != 0 {
-                strided::<M>(win, at, cols, sums, |s, part| s + part);
-                at += w;
-            }
-        },
-    );
+        sums,
+        at: 0,
+        build: PhantomData,
+    };
+    let add = |p, q| p + q;
+    doubling_windows(v, cols, &mut block.windows, add, add, &mut level);
 }
 
 /// For a sub-block `x` of rows of `cols` columns: `e_j = exp(x_j - max of its row)`, with each
