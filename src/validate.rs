@@ -126,6 +126,24 @@ impl CrossEntropyPlan<'_> {
         }
     }
 
+    /// [`Self::grad_scale`] of the rows from `first`, one per element of `out`, in a loop that
+    /// vectorises.
+    pub(crate) fn grad_scales(&self, first: usize, out: &mut [f64]) {
+        let denominator = match self.reduction {
+            Reduction::Mean => self.mean_denominator,
+            Reduction::None | Reduction::Sum => 1.0,
+        };
+        match self.upstream {
+            UpstreamGrad::Uniform(_) => out.fill(self.grad_scale(first)),
+            UpstreamGrad::PerRow(g) => {
+                // Dividing by 1 is exact: the same values as `grad_scale`.
+                for (s, &g) in out.iter_mut().zip(&g[first..]) {
+                    *s = f64::from(g) / denominator;
+                }
+            }
+        }
+    }
+
     /// The target class of `row` for index targets, `None` if the row is ignored or the targets
     /// are probabilities.
     pub(crate) fn target(&self, row: usize) -> Option<usize> {

@@ -1723,6 +1723,12 @@ struct ShortCrossEntropy<'a, 'c> {
     /// Below LANES columns, with class weights: the weight of each element's class over a
     /// sub-block.
     weights: [f32; SHORT_BLOCK],
+    /// Below LANES columns, index targets without smoothing: each row's target logit, its
+    /// exponential, its weight and the row's gradient scale.
+    x_t: [f32; SHORT_BLOCK],
+    e_t: [f32; SHORT_BLOCK],
+    w_t: [f32; SHORT_BLOCK],
+    scales: [f64; SHORT_BLOCK],
 }
 
 impl<'a, 'c> ShortCrossEntropy<'a, 'c> {
@@ -1743,6 +1749,55 @@ impl<'a, 'c> ShortCrossEntropy<'a, 'c> {
             b: [0.0; SHORT_BLOCK + LANES],
             g_t: [0.0; SHORT_BLOCK],
             weights,
+            x_t: [0.0; SHORT_BLOCK],
+            e_t: [0.0; SHORT_BLOCK],
+            w_t: [0.0; SHORT_BLOCK],
+            scales: [0.0; SHORT_BLOCK],
+        }
+    }
+}
+
+impl ShortCrossEntropy<'_, '_> {
+    /// The scalars of the index-target rows of a sub-block without label smoothing (`b = 0`), in
+    /// loops over the rows that vectorise: the target entries are gathered first, then the
+    /// arithmetic of [`index_scalars`] runs across rows. Rows that are ignored or degenerate
+    /// get meaningless values, which the caller overwrites.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn index_rows(
+        &mut self,
+        first_row: usize,
+        targets: &[i32],
+        x: &[f32],
+        e: &[f32],
+        maxes: &[f32],
+        sums: &[f32],
+    ) {
+        let ctx = self.ctx;
+        let (cols, w) = (ctx.plan.cols, ctx.weight);
+        let rows = targets.len();
+        let losses = &mut self.losses[first_row..first_row + rows];
+        for (i, &t) in targets.iter().enumerate() {
+            let t = if t == IGNORED_ROW { 0 } else { t as usize };
+            let at = i * cols + t;
+            (self.x_t[i], self.e_t[i]) = (x[at], e[at]);
+            self.w_t[i] = if w.is_empty() { 1.0 } else { w[t] };
+        }
+        let scales = &mut self.scales[..rows];
+        ctx.plan.grad_scales(self.first + first_row, scales);
+        for (i, loss) in losses.iter_mut().enumerate().take(rows) {
+            let r = index_scalars(
+                ctx,
+                self.w_t[i],
+                self.x_t[i],
+                self.e_t[i],
+                maxes[i],
+                f64::from(sums[i]),
+                self.log_sums[i] as f32,
+                scales[i],
+            );
+            *loss = r.loss;
+            (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
         }
     }
 }
@@ -1771,32 +1826,37 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
             if let CrossEntropyTargets::Indices(targets) = &ctx.plan.targets {
                 let targets = &targets[first..first + rows];
                 // Each row's scalars; ignored and degenerate rows are written after the flat pass.
-                for (i, (((&t, &max), &sum), &log_sum)) in targets
-                    .iter()
-                    .zip(maxes)
-                    .zip(sums)
-                    .zip(&self.log_sums)
-                    .enumerate()
-                {
-                    if t == IGNORED_ROW || max.is_nan() {
-                        (self.a[i], self.b[i]) = (0.0, 0.0);
-                        continue;
+                if ctx.smooth == 0.0 {
+                    self.index_rows(first_row, targets, x, e, maxes, sums);
+                } else {
+                    for (i, (((&t, &max), &sum), &log_sum)) in targets
+                        .iter()
+                        .zip(maxes)
+                        .zip(sums)
+                        .zip(&self.log_sums)
+                        .enumerate()
+                    {
+                        if t == IGNORED_ROW || max.is_nan() {
+                            (self.a[i], self.b[i]) = (0.0, 0.0);
+                            continue;
+                        }
+                        let t = t as usize;
+                        let at = i * cols;
+                        let r = index_row(
+                            ctx,
+                            first + i,
+                            t,
+                            &x[at..at + cols],
+                            e[at + t],
+                            max,
+                            f64::from(sum),
+                            log_sum as f32,
+                        );
+                        losses[i] = r.loss;
+                        (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
                     }
-                    let t = t as usize;
-                    let at = i * cols;
-                    let r = index_row(
-                        ctx,
-                        first + i,
-                        t,
-                        &x[at..at + cols],
-                        e[at + t],
-                        max,
-                        f64::from(sum),
-                        log_sum as f32,
-                    );
-                    losses[i] = r.loss;
-                    (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
                 }
+                let losses = &mut self.losses[first_row..first_row + rows];
                 let [a, b] = &mut block.windows;
                 spread::<M>(&block.spread, &self.a, a, x.len());
                 if ctx.weight.is_empty() {
@@ -1892,22 +1952,40 @@ fn index_row(
     log_sum: f32,
 ) -> IndexRow {
     let w = ctx.weight;
-    let inv = (1.0 / total) as f32;
-    let scale = ctx.plan.grad_scale(r);
     let w_t = if w.is_empty() { 1.0 } else { w[t] };
-    let q_t = ctx.keep * w_t + ctx.smooth * w_t;
-    let lsm_t = (x[t] - max) - log_sum;
-    let mut loss = if q_t != 0.0 {
-        -f64::from(q_t) * f64::from(lsm_t)
-    } else {
-        0.0
-    };
+    let scale = ctx.plan.grad_scale(r);
+    let mut row = index_scalars(ctx, w_t, x[t], e_t, max, total, log_sum, scale);
     if ctx.smooth != 0.0 {
         // Class t's share of the smoothing is already in q_t.
         let others = weighted_lsm_sum(&x[..t], &w[..t], max, log_sum)
             + weighted_lsm_sum(&x[t + 1..], &w[t + 1..], max, log_sum);
-        loss -= f64::from(ctx.smooth) * others;
+        row.loss -= f64::from(ctx.smooth) * others;
     }
+    row
+}
+
+/// An [`IndexRow`] but for the smoothing of the other classes' loss terms, from the target's
+/// weight `w_t`, logit `x_t` and `e_t = exp(x_t - max)`, and the row's gradient `scale`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn index_scalars(
+    ctx: &CeContext<'_>,
+    w_t: f32,
+    x_t: f32,
+    e_t: f32,
+    max: f32,
+    total: f64,
+    log_sum: f32,
+    scale: f64,
+) -> IndexRow {
+    let inv = (1.0 / total) as f32;
+    let q_t = ctx.keep * w_t + ctx.smooth * w_t;
+    let lsm_t = (x_t - max) - log_sum;
+    let loss = if q_t != 0.0 {
+        -f64::from(q_t) * f64::from(lsm_t)
+    } else {
+        0.0
+    };
     let sum_q = f64::from(ctx.keep) * f64::from(w_t) + f64::from(ctx.smooth) * ctx.weight_sum;
     let s_t = e_t * inv;
     IndexRow {
