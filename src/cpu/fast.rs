@@ -2625,7 +2625,9 @@ mod tests {
             let w: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 3) as f32 * 0.25).collect();
             let per_row = rng.normals(rows, 1.0);
             for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
-                for (weight, label_smoothing) in [(None, 0.0), (Some(&w[..]), 0.1)] {
+                for (weight, label_smoothing) in
+                    [(None, 0.0), (Some(&w[..]), 0.0), (Some(&w[..]), 0.1)]
+                {
                     let o = CrossEntropyOptions {
                         weight,
                         label_smoothing,
