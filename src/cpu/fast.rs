@@ -154,46 +154,42 @@ impl MulAdd for Fused {
     #[inline(always)]
     unsafe fn permute(src: &[f32; LANES], lane: &[u32; LANES]) -> [f32; LANES] {
         use std::arch::x86_64::*;
-        let mut out = [0.0; LANES];
-        // SAFETY: every access is within the arrays, and AVX2 is in the build (the caller's
-        // promise).
+        // SAFETY: the loads stay within the arrays, two `__m256` are LANES floats, and AVX2 is
+        // in the build (the caller's promise). Each half picks from both halves of `src` and
+        // blends by whether the lane's index is past 7.
         unsafe {
             let (lo, hi) = (
                 _mm256_loadu_ps(src.as_ptr()),
                 _mm256_loadu_ps(src.as_ptr().add(8)),
             );
-            for k in (0..LANES).step_by(8) {
+            let half = |k: usize| {
                 let idx = _mm256_loadu_si256(lane.as_ptr().add(k).cast());
-                let from_hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
-                let v = _mm256_blendv_ps(
+                let from_hi = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
+                _mm256_blendv_ps(
                     _mm256_permutevar8x32_ps(lo, idx),
                     _mm256_permutevar8x32_ps(hi, idx),
-                    from_hi,
-                );
-                _mm256_storeu_ps(out.as_mut_ptr().add(k), v);
-            }
+                    _mm256_castsi256_ps(from_hi),
+                )
+            };
+            std::mem::transmute::<[__m256; 2], [f32; LANES]>([half(0), half(8)])
         }
-        out
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn gather(src: *const f32, stride: usize) -> [f32; LANES] {
         use std::arch::x86_64::*;
-        let mut out = [0.0; LANES];
-        // SAFETY: the caller's promise: every lane's element is readable, the offsets fit in
-        // i32, and AVX2 is in the build.
+        // SAFETY: every lane's element is readable and the offsets fit in i32 (the caller's
+        // promise, as is AVX2); two `__m256` are LANES floats.
         unsafe {
             let stride = _mm256_set1_epi32(stride as i32);
             let first = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), stride);
             let second = _mm256_add_epi32(first, _mm256_slli_epi32::<3>(stride));
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_i32gather_ps::<4>(src, first));
-            _mm256_storeu_ps(
-                out.as_mut_ptr().add(8),
+            std::mem::transmute::<[__m256; 2], [f32; LANES]>([
+                _mm256_i32gather_ps::<4>(src, first),
                 _mm256_i32gather_ps::<4>(src, second),
-            );
+            ])
         }
-        out
     }
 }
 
@@ -218,35 +214,23 @@ impl MulAdd for Fused512 {
     #[inline(always)]
     unsafe fn permute(src: &[f32; LANES], lane: &[u32; LANES]) -> [f32; LANES] {
         use std::arch::x86_64::*;
-        let mut out = [0.0; LANES];
-        // SAFETY: every access is within the arrays, and AVX-512 is in the build (the caller's
-        // promise).
+        // SAFETY: the loads stay within the arrays, a `__m512` is LANES floats, and AVX-512 is
+        // in the build (the caller's promise).
         unsafe {
-            let v = _mm512_permutexvar_ps(
-                _mm512_loadu_si512(lane.as_ptr().cast()),
-                _mm512_loadu_ps(src.as_ptr()),
-            );
-            _mm512_storeu_ps(out.as_mut_ptr(), v);
+            let idx = _mm512_loadu_si512(lane.as_ptr().cast());
+            std::mem::transmute(_mm512_permutexvar_ps(idx, _mm512_loadu_ps(src.as_ptr())))
         }
-        out
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn gather(src: *const f32, stride: usize) -> [f32; LANES] {
         use std::arch::x86_64::*;
-        let mut out = [0.0; LANES];
-        // SAFETY: the caller's promise: every lane's element is readable, the offsets fit in
-        // i32, and AVX-512 is in the build.
-        unsafe {
-            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            let offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(stride as i32));
-            _mm512_storeu_ps(
-                out.as_mut_ptr(),
-                _mm512_i32gather_ps::<4>(offsets, src.cast()),
-            );
-        }
-        out
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(stride as i32));
+        // SAFETY: every lane's element is readable and the offsets fit in i32 (the caller's
+        // promise, as is AVX-512); a `__m512` is LANES floats.
+        unsafe { std::mem::transmute(_mm512_i32gather_ps::<4>(offsets, src.cast())) }
     }
 }
 
