@@ -117,30 +117,32 @@ impl CrossEntropyPlan<'_> {
     /// It is not defined for ignored rows, whose gradient is exactly zero whatever this says.
     pub(crate) fn grad_scale(&self, row: usize) -> f64 {
         let upstream = match self.upstream {
-            UpstreamGrad::Uniform(g) => f64::from(g),
-            UpstreamGrad::PerRow(g) => f64::from(g[row]),
+            UpstreamGrad::Uniform(g) => g,
+            UpstreamGrad::PerRow(g) => g[row],
         };
-        match self.reduction {
-            Reduction::Mean => upstream / self.mean_denominator,
-            Reduction::None | Reduction::Sum => upstream,
-        }
+        f64::from(upstream) / self.grad_divisor()
     }
 
     /// [`Self::grad_scale`] of the rows from `first`, one per element of `out`, in a loop that
     /// vectorises.
     pub(crate) fn grad_scales(&self, first: usize, out: &mut [f64]) {
-        let denominator = match self.reduction {
-            Reduction::Mean => self.mean_denominator,
-            Reduction::None | Reduction::Sum => 1.0,
-        };
         match self.upstream {
             UpstreamGrad::Uniform(_) => out.fill(self.grad_scale(first)),
             UpstreamGrad::PerRow(g) => {
-                // Dividing by 1 is exact: the same values as `grad_scale`.
+                let divisor = self.grad_divisor();
                 for (s, &g) in out.iter_mut().zip(&g[first..]) {
-                    *s = f64::from(g) / denominator;
+                    *s = f64::from(g) / divisor;
                 }
             }
+        }
+    }
+
+    /// What the upstream gradient is divided by: [`Self::mean_denominator`] for `Mean`, 1 (an
+    /// exact division) otherwise.
+    fn grad_divisor(&self) -> f64 {
+        match self.reduction {
+            Reduction::Mean => self.mean_denominator,
+            Reduction::None | Reduction::Sum => 1.0,
         }
     }
 
