@@ -598,6 +598,8 @@ fn store_fence(stream: bool) {
 thread_local! {
     /// The scratch row of [`softmax_row`], reused across calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The per-row losses of a task of [`cross_entropy_planned`] with a reduction.
+    static LOSSES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2179,16 +2181,25 @@ fn cross_entropy_planned(
             .weight
             .map_or(cols as f64, |w| w.iter().map(|&w| f64::from(w)).sum()),
     };
-    let mut losses = vec![0.0f64; plan.rows];
-    if plan.rows > 0 {
-        // Every row is read about three times.
-        let rows_per_task = (TASK_ELEMS / cols).clamp(1, plan.rows);
-        let block = |first: usize, g: &mut [f32], l: &mut [f64]| {
-            SCRATCH.with_borrow_mut(|scratch| {
-                cross_entropy_block_on(isa, &ctx, first, g, l, stream, scratch);
-            });
+    // Every row is read about three times.
+    let rows_per_task = (TASK_ELEMS / cols).clamp(1, plan.rows.max(1));
+    let serial = plan.rows * cols <= SERIAL_ELEMS;
+    let block = |first: usize, g: &mut [f32], l: &mut [f64]| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            cross_entropy_block_on(isa, &ctx, first, g, l, stream, scratch);
+        });
+    };
+    if plan.rows == 0 {
+        // The sum over no rows is 0; the mean is 0 / 0.
+        return match plan.reduction {
+            Reduction::None => Vec::new(),
+            Reduction::Sum => vec![0.0],
+            Reduction::Mean => vec![(0.0 / plan.mean_denominator) as f32],
         };
-        if plan.rows * cols <= SERIAL_ELEMS {
+    }
+    if plan.reduction == Reduction::None {
+        let mut losses = vec![0.0f64; plan.rows];
+        if serial {
             block(0, grad, &mut losses);
         } else {
             grad.par_chunks_mut(rows_per_task * cols)
@@ -2196,13 +2207,31 @@ fn cross_entropy_planned(
                 .enumerate()
                 .for_each(|(i, (g, l))| block(i * rows_per_task, g, l));
         }
+        return losses.iter().map(|&l| l as f32).collect();
     }
-    // From +0: the sum over no rows is 0, where `Iterator::sum` would give -0.
-    let total = || losses.iter().fold(0.0, |sum, &l| sum + l);
+    // Each task's losses in a buffer of its thread's, added up in the task; the tasks' sums are
+    // added in order, so the total does not depend on the threads. From +0: the sum over no
+    // rows is 0, where `Iterator::sum` would give -0.
+    let task = |i: usize, g: &mut [f32]| {
+        LOSSES.with_borrow_mut(|losses| {
+            losses.resize(g.len() / cols, 0.0);
+            block(i * rows_per_task, g, losses);
+            losses.iter().fold(0.0, |sum, &l| sum + l)
+        })
+    };
+    let total = if serial {
+        task(0, grad)
+    } else {
+        let sums: Vec<f64> = grad
+            .par_chunks_mut(rows_per_task * cols)
+            .enumerate()
+            .map(|(i, g)| task(i, g))
+            .collect();
+        sums.iter().fold(0.0, |sum, &l| sum + l)
+    };
     match plan.reduction {
-        Reduction::None => losses.iter().map(|&l| l as f32).collect(),
-        Reduction::Sum => vec![total() as f32],
-        Reduction::Mean => vec![(total() / plan.mean_denominator) as f32],
+        Reduction::Mean => vec![(total / plan.mean_denominator) as f32],
+        Reduction::Sum | Reduction::None => vec![total as f32],
     }
 }
 
