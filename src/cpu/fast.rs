@@ -1759,22 +1759,22 @@ struct ShortCrossEntropy<'a, 'c> {
     losses: &'a mut [f64],
     /// Each row's `ln sum_j e_j`.
     log_sums: [f32; SHORT_BLOCK],
-    /// Below LANES columns, index targets: each row's gradient is `a e_j - b w_j`, but for its
-    /// target class, whose entry is `g_t`.
+    /// Index targets: each row's gradient is `a e_j - b w_j`, but for its target class, whose
+    /// entry is `g_t`.
     a: PerRow,
     b: PerRow,
     g_t: [f32; SHORT_BLOCK],
     /// Below LANES columns, with class weights: the weight of each element's class over a
     /// sub-block.
     weights: [f32; SHORT_BLOCK],
-    /// Below LANES columns, index targets without smoothing: each row's target logit, its
-    /// exponential, its weight and the row's gradient scale.
+    /// Index targets without smoothing: each row's target logit, its exponential, its weight
+    /// and the row's gradient scale.
     x_t: [f32; SHORT_BLOCK],
     e_t: [f32; SHORT_BLOCK],
     w_t: [f32; SHORT_BLOCK],
     scales: [f64; SHORT_BLOCK],
-    /// Below LANES columns, index targets: where each row's target entry lies in the sub-block
-    /// (the row's first entry for an ignored row), and the target class itself (0 there).
+    /// Index targets: where each row's target entry lies in the sub-block (the row's first
+    /// entry for an ignored row), and the target class itself (0 there).
     at: [u32; SHORT_BLOCK],
     class: [u32; SHORT_BLOCK],
 }
@@ -1873,54 +1873,55 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
         let maxes = &block.maxes[..rows];
         let losses = &mut self.losses[first_row..first_row + rows];
         let first = self.first + first_row;
-        if cols < LANES {
-            if let CrossEntropyTargets::Indices(targets) = &ctx.plan.targets {
-                let targets = &targets[first..first + rows];
-                // Flags rather than an early exit, so that the loop vectorises.
-                let mut special = false;
-                for (i, ((&t, at), class)) in targets
+        if let CrossEntropyTargets::Indices(targets) = &ctx.plan.targets {
+            let targets = &targets[first..first + rows];
+            // Flags rather than an early exit, so that the loop vectorises.
+            let mut special = false;
+            for (i, ((&t, at), class)) in targets
+                .iter()
+                .zip(&mut self.at)
+                .zip(&mut self.class)
+                .enumerate()
+            {
+                special |= t == IGNORED_ROW;
+                *class = if t == IGNORED_ROW { 0 } else { t as u32 };
+                *at = (i * cols) as u32 + *class;
+            }
+            special |= maxes.iter().fold(false, |any, m| any | m.is_nan());
+            // Each row's scalars; ignored and degenerate rows are written after the flat pass.
+            if ctx.smooth == 0.0 {
+                self.index_rows::<M>(first_row, targets, x, e, maxes, sums);
+            } else {
+                for (i, (((&t, &max), &sum), &log_sum)) in targets
                     .iter()
-                    .zip(&mut self.at)
-                    .zip(&mut self.class)
+                    .zip(maxes)
+                    .zip(sums)
+                    .zip(&self.log_sums)
                     .enumerate()
                 {
-                    special |= t == IGNORED_ROW;
-                    *class = if t == IGNORED_ROW { 0 } else { t as u32 };
-                    *at = (i * cols) as u32 + *class;
-                }
-                special |= maxes.iter().fold(false, |any, m| any | m.is_nan());
-                // Each row's scalars; ignored and degenerate rows are written after the flat pass.
-                if ctx.smooth == 0.0 {
-                    self.index_rows::<M>(first_row, targets, x, e, maxes, sums);
-                } else {
-                    for (i, (((&t, &max), &sum), &log_sum)) in targets
-                        .iter()
-                        .zip(maxes)
-                        .zip(sums)
-                        .zip(&self.log_sums)
-                        .enumerate()
-                    {
-                        if t == IGNORED_ROW || max.is_nan() {
-                            (self.a[i], self.b[i]) = (0.0, 0.0);
-                            continue;
-                        }
-                        let t = t as usize;
-                        let at = i * cols;
-                        let r = index_row(
-                            ctx,
-                            first + i,
-                            t,
-                            &x[at..at + cols],
-                            e[at + t],
-                            max,
-                            f64::from(sum),
-                            log_sum,
-                        );
-                        losses[i] = r.loss;
-                        (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
+                    if t == IGNORED_ROW || max.is_nan() {
+                        (self.a[i], self.b[i]) = (0.0, 0.0);
+                        continue;
                     }
+                    let t = t as usize;
+                    let at = i * cols;
+                    let r = index_row(
+                        ctx,
+                        first + i,
+                        t,
+                        &x[at..at + cols],
+                        e[at + t],
+                        max,
+                        f64::from(sum),
+                        log_sum,
+                    );
+                    losses[i] = r.loss;
+                    (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
                 }
-                let losses = &mut self.losses[first_row..first_row + rows];
+            }
+            let losses = &mut self.losses[first_row..first_row + rows];
+            if cols < LANES {
+                // One flat pass across the rows.
                 let [a, b] = &mut block.windows;
                 spread::<M>(&block.spread, &self.a, a, x.len());
                 if ctx.weight.is_empty() {
@@ -1935,26 +1936,37 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
                         *g = M::mul_add(a, *g, -b * w);
                     }
                 }
-                if !special {
-                    for (&at, &g_t) in self.at[..rows].iter().zip(&self.g_t) {
-                        e[at as usize] = g_t;
-                    }
-                    return;
-                }
-                for (i, ((&t, &max), loss)) in targets.iter().zip(maxes).zip(losses).enumerate() {
-                    let g = &mut e[i * cols..(i + 1) * cols];
-                    if t == IGNORED_ROW {
-                        g.fill(0.0);
-                        *loss = 0.0;
-                    } else if max.is_nan() {
-                        g.fill(f32::NAN);
-                        *loss = f64::NAN;
+            } else {
+                for ((g, &a), &b) in e.chunks_exact_mut(cols).zip(&self.a).zip(&self.b) {
+                    if ctx.weight.is_empty() {
+                        // Unit weights without smoothing: b = 0 (see cross_entropy_finish).
+                        short_scale(g, a);
                     } else {
-                        g[t as usize] = self.g_t[i];
+                        for (g, &w) in g.iter_mut().zip(ctx.weight) {
+                            *g = M::mul_add(a, *g, -b * w);
+                        }
                     }
+                }
+            }
+            if !special {
+                for (&at, &g_t) in self.at[..rows].iter().zip(&self.g_t) {
+                    e[at as usize] = g_t;
                 }
                 return;
             }
+            for (i, ((&t, &max), loss)) in targets.iter().zip(maxes).zip(losses).enumerate() {
+                let g = &mut e[i * cols..(i + 1) * cols];
+                if t == IGNORED_ROW {
+                    g.fill(0.0);
+                    *loss = 0.0;
+                } else if max.is_nan() {
+                    g.fill(f32::NAN);
+                    *loss = f64::NAN;
+                } else {
+                    g[t as usize] = self.g_t[i];
+                }
+            }
+            return;
         }
         for (i, ((((g, x), &max), loss), (&sum, &log_sum))) in e
             .chunks_exact_mut(cols)
@@ -2718,6 +2730,9 @@ mod tests {
             (9, 5),
             (230, 7),
             (9, 40),
+            // Sub-blocks without the ignored row.
+            (130, 17),
+            (60, 40),
             (6, 1000),
             (2, SCRATCH_COLS),
             (2, SCRATCH_COLS + 3),
