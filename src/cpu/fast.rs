@@ -46,7 +46,7 @@ const DEFAULT_L3_BYTES: usize = 32 << 20;
 /// When streaming, rows of up to this many elements keep their exponentials in a per-thread
 /// scratch row (which stays in L2) so exp runs once per element; longer rows evaluate exp a
 /// second time instead of spilling the scratch row to memory.
-const SCRATCH_COLS: usize = 1 << 16;
+const SCRATCH_COLS: usize = 1 << 18;
 
 /// Elements summed in `f32` lanes before the partial sum moves into an `f64` accumulator.
 const SUM_BLOCK: usize = 1024;
