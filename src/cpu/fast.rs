@@ -1938,14 +1938,7 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
                 }
             } else {
                 for ((g, &a), &b) in e.chunks_exact_mut(cols).zip(&self.a).zip(&self.b) {
-                    if ctx.weight.is_empty() {
-                        // Unit weights without smoothing: b = 0 (see cross_entropy_finish).
-                        short_scale(g, a);
-                    } else {
-                        for (g, &w) in g.iter_mut().zip(ctx.weight) {
-                            *g = M::mul_add(a, *g, -b * w);
-                        }
-                    }
+                    index_row_grad::<M>(g, ctx.weight, a, b);
                 }
             }
             if !special {
@@ -2079,6 +2072,22 @@ fn index_scalars(
     }
 }
 
+/// Turns `g`, a row's exponentials (at least LANES of them), into `a e_j - b w_j`: the gradient
+/// of an index-target row but for its target entry. `w` is empty without class weights or
+/// smoothing.
+#[inline(always)]
+fn index_row_grad<M: MulAdd>(g: &mut [f32], w: &[f32], a: f32, b: f32) {
+    if w.is_empty() {
+        // Unit weights without smoothing: b = 0 and the weight term is -0 for every class, so
+        // this is the loop below, bit for bit.
+        short_scale(g, a);
+    } else {
+        for (g, &w) in g.iter_mut().zip(w) {
+            *g = M::mul_add(a, *g, -b * w);
+        }
+    }
+}
+
 /// Row `r`'s loss, with its logits `x`, their maximum `max` and `g` holding `exp(x_j - max)`,
 /// whose sum is `total` and its logarithm `log_sum`; turns `g` into the row's gradient. Index
 /// targets need at least LANES columns.
@@ -2098,15 +2107,7 @@ fn cross_entropy_finish<M: MulAdd>(
         CrossEntropyTargets::Indices(_) => {
             let t = ctx.plan.target(r).unwrap_or(0);
             let row = index_row(ctx, r, t, x, g[t], max, total, log_sum);
-            if w.is_empty() {
-                // Unit weights without smoothing: b = 0 and the weight term is -0 for every
-                // class, so this is the loop below, bit for bit.
-                short_scale(g, row.a);
-            } else {
-                for (g, &w) in g.iter_mut().zip(w) {
-                    *g = M::mul_add(row.a, *g, -row.b * w);
-                }
-            }
+            index_row_grad::<M>(g, w, row.a, row.b);
             g[t] = row.g_t;
             row.loss
         }
