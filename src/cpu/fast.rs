@@ -2445,6 +2445,14 @@ mod tests {
     }
 
     #[test]
+    fn streaming_starts_by_three_quarters_of_at_most_48_mib() {
+        // Whatever L3 the CPU reports (a VM reports the host's), a call on 36 MiB of operands
+        // streams; one on a few KiB never does.
+        assert!(streams(MAX_L3_BYTES / 4 * 3));
+        assert!(!streams(64 << 10));
+    }
+
+    #[test]
     fn ln_normal_is_accurate() {
         // Every short row's sum lies in [1, 160); the rest checks the exponent handling.
         let rel = |x: f32| {
