@@ -12,7 +12,9 @@
 //!   with AVX2 and FMA enabled and picked at run time when the CPU has them.
 //! * **Cache-friendly passes.** A row is scanned once for its maximum (the only pass that has to
 //!   come from memory), then revisited while it is still in cache. Rows are handed to rayon in
-//!   blocks of roughly `TASK_ELEMS` elements so that small rows do not drown in scheduling.
+//!   blocks of roughly `TASK_ELEMS` elements so that small rows do not drown in scheduling;
+//!   a few long rows that would leave threads idle are cut into chunks of columns instead (see
+//!   the `split` module).
 //!
 //! Accuracy against the f64 reference is tested in this module: softmax within `1e-6` absolute or
 //! `1e-5` relative, log-softmax within `1e-5` absolute plus `1e-5` relative.
@@ -1458,6 +1460,9 @@ multiversion!(log_softmax_backward_block, log_softmax_backward_block_on => log_s
 ));
 multiversion!(jacobian_block, jacobian_block_on => jacobian_rows(x: &[f32], jac: &mut [f32], cols: usize));
 
+mod split;
+use split::Split;
+
 // ---------------------------------------------------------------------------------------------
 // Parallel driver.
 
@@ -1521,6 +1526,10 @@ pub fn softmax_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
     let rows = validate::batch_rows("x", x.len(), cols)?;
     validate::same_len("out", x.len(), out.len())?;
     let stream = streams(2 * std::mem::size_of_val(out));
+    if let Some(split) = Split::for_batch(rows, cols) {
+        split::softmax(x, out, cols, split, stream, isa());
+        return Ok(());
+    }
     for_row_blocks(out, rows, cols, cols, |r, y| {
         SCRATCH.with_borrow_mut(|scratch| {
             softmax_block(&x[r * cols..r * cols + y.len()], y, cols, stream, scratch);
@@ -1542,6 +1551,10 @@ pub fn log_softmax_into(x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
     let rows = validate::batch_rows("x", x.len(), cols)?;
     validate::same_len("out", x.len(), out.len())?;
     let stream = streams(2 * std::mem::size_of_val(out));
+    if let Some(split) = Split::for_batch(rows, cols) {
+        split::log_softmax(x, out, cols, split, stream, isa());
+        return Ok(());
+    }
     for_row_blocks(out, rows, cols, cols, |r, y| {
         log_softmax_block(&x[r * cols..r * cols + y.len()], y, cols, stream);
     });
@@ -1568,6 +1581,10 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], cols: usize) -> Result<Vec<f32>> 
 pub fn softmax_backward_into(y: &[f32], dy: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
     let rows = check_backward(y, dy, cols, out)?;
     let stream = streams(3 * std::mem::size_of_val(out));
+    if let Some(split) = Split::for_batch(rows, cols) {
+        split::backward(y, dy, out, cols, false, split, stream, isa());
+        return Ok(());
+    }
     for_row_blocks(out, rows, cols, cols, |r, dx| {
         let range = r * cols..r * cols + dx.len();
         softmax_backward_block(&y[range.clone()], &dy[range], dx, cols, stream);
@@ -1593,6 +1610,10 @@ pub fn log_softmax_backward_into(
 ) -> Result<()> {
     let rows = check_backward(y, dy, cols, out)?;
     let stream = streams(3 * std::mem::size_of_val(out));
+    if let Some(split) = Split::for_batch(rows, cols) {
+        split::backward(y, dy, out, cols, true, split, stream, isa());
+        return Ok(());
+    }
     for_row_blocks(out, rows, cols, cols, |r, dx| {
         let range = r * cols..r * cols + dx.len();
         log_softmax_backward_block(&y[range.clone()], &dy[range], dx, cols, stream);
@@ -2155,7 +2176,8 @@ pub fn cross_entropy(
     let plan = validate::cross_entropy(logits.len(), cols, targets, options, grad_output)?;
     let mut grad = vec![0.0; logits.len()];
     let stream = streams(2 * std::mem::size_of_val(&grad[..]));
-    let loss = cross_entropy_planned(&plan, logits, &mut grad, stream, isa());
+    let split = Split::for_batch(plan.rows, cols);
+    let loss = cross_entropy_planned(&plan, logits, &mut grad, stream, split, isa());
     Ok(CrossEntropyOutput { loss, grad })
 }
 
@@ -2171,16 +2193,26 @@ pub fn cross_entropy_into(
     let plan = validate::cross_entropy(logits.len(), cols, targets, options, grad_output)?;
     validate::same_len("grad", logits.len(), grad.len())?;
     let stream = streams(2 * std::mem::size_of_val(grad));
-    Ok(cross_entropy_planned(&plan, logits, grad, stream, isa()))
+    let split = Split::for_batch(plan.rows, cols);
+    Ok(cross_entropy_planned(
+        &plan,
+        logits,
+        grad,
+        stream,
+        split,
+        isa(),
+    ))
 }
 
 /// The losses of a validated call, the gradient written to `grad`, built for `isa`; `stream`:
-/// whether the gradient is written with non-temporal stores.
+/// whether the gradient is written with non-temporal stores (but where rows are split); `split`:
+/// how rows are cut across threads, if they are.
 fn cross_entropy_planned(
     plan: &CrossEntropyPlan<'_>,
     logits: &[f32],
     grad: &mut [f32],
     stream: bool,
+    split: Option<Split>,
     isa: Isa,
 ) -> Vec<f32> {
     let cols = plan.cols;
@@ -2219,6 +2251,16 @@ fn cross_entropy_planned(
             Reduction::None => Vec::new(),
             Reduction::Sum => vec![0.0],
             Reduction::Mean => vec![(0.0 / plan.mean_denominator) as f32],
+        };
+    }
+    if let Some(split) = split {
+        let losses = split::cross_entropy(&ctx, grad, split, isa);
+        return match plan.reduction {
+            Reduction::None => losses.iter().map(|&l| l as f32).collect(),
+            Reduction::Sum => vec![losses.iter().fold(0.0, |sum, &l| sum + l) as f32],
+            Reduction::Mean => {
+                vec![(losses.iter().fold(0.0, |sum, &l| sum + l) / plan.mean_denominator) as f32]
+            }
         };
     }
     if plan.reduction == Reduction::None {
@@ -2409,6 +2451,8 @@ mod tests {
         (4, 300_000),
         (2, 50_000),
         (300, 1000),
+        // Split across threads (where there are several).
+        (1, 800_001),
     ];
 
     #[test]
@@ -2791,7 +2835,8 @@ mod tests {
                                 );
                                 let mut grad = vec![f32::NAN; x.len() + offset];
                                 let grad = &mut grad[offset..];
-                                let loss = cross_entropy_planned(&plan, &x, grad, stream, isa);
+                                let loss =
+                                    cross_entropy_planned(&plan, &x, grad, stream, None, isa);
                                 check_cross_entropy(&what, &loss, grad, &want);
                             }
                         }
@@ -2799,6 +2844,131 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Logits for the split tests: [`logits`]' special rows, and rows whose maximum lies in one
+    /// chunk far above the others, whose chunks are all `-inf` but one, and whose target logit is
+    /// `-inf`.
+    fn split_logits(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+        let mut x = logits(rng, rows, cols, 3.0);
+        x[6 * cols + cols - 3] += 1e4;
+        x[7 * cols..7 * cols + cols / 2].fill(f32::NEG_INFINITY);
+        x[8 * cols + 2] = f32::NEG_INFINITY;
+        x
+    }
+
+    #[test]
+    fn split_rows_match_reference() {
+        let mut rng = Rng::new(21);
+        // Chunks of 48, and of 16 with a 13-column last one; both with stream on and off.
+        for &(rows, cols, chunk) in &[(9, 500, 48), (10, 61, 16)] {
+            let split = Split::with_chunk(cols, chunk).unwrap();
+            let x = split_logits(&mut rng, rows, cols);
+            let want = reference::softmax(&x, cols).unwrap();
+            let want_log = reference::log_softmax(&x, cols).unwrap();
+            let finite = |v: &[f64]| -> Vec<f32> {
+                v.iter()
+                    .map(|&v| if v.is_finite() { v as f32 } else { 0.0 })
+                    .collect()
+            };
+            let (want_f32, want_log_f32) = (finite(&want), finite(&want_log));
+            let dy = rng.normals(rows * cols, 1.0);
+            for stream in [false, true] {
+                for isa in supported_isas() {
+                    let what = format!("{isa:?} stream {stream} {rows}x{cols} chunk {chunk}");
+                    let mut y = vec![f32::NAN; x.len()];
+                    split::softmax(&x, &mut y, cols, split, stream, isa);
+                    check_softmax(&format!("softmax {what}"), &y, &want);
+                    split::log_softmax(&x, &mut y, cols, split, stream, isa);
+                    check_log_softmax(&format!("log_softmax {what}"), &y, &want_log);
+                    split::backward(&want_f32, &dy, &mut y, cols, false, split, stream, isa);
+                    check_backward(
+                        &format!("softmax_backward {what}"),
+                        &y,
+                        &reference::softmax_backward(&want_f32, &dy, cols).unwrap(),
+                        &softmax_backward_scale(&want_f32, &dy, cols),
+                    );
+                    split::backward(&want_log_f32, &dy, &mut y, cols, true, split, stream, isa);
+                    check_backward(
+                        &format!("log_softmax_backward {what}"),
+                        &y,
+                        &reference::log_softmax_backward(&want_log_f32, &dy, cols).unwrap(),
+                        &log_softmax_backward_scale(&want_log_f32, &dy, cols),
+                    );
+                }
+            }
+            // Targets in every chunk, the ignored row 1, and row 8's target at its -inf logit.
+            let idx: Vec<i64> = (0..rows)
+                .map(|r| match r {
+                    1 => -100,
+                    8 => 2,
+                    _ => rng.below(cols) as i64,
+                })
+                .collect();
+            let probs = probability_rows(&mut rng, rows, cols);
+            let w: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 3) as f32 * 0.25).collect();
+            let per_row = rng.normals(rows, 1.0);
+            for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                for (weight, label_smoothing) in [
+                    (None, 0.0),
+                    (None, 0.2),
+                    (Some(&w[..]), 0.0),
+                    (Some(&w[..]), 0.1),
+                ] {
+                    for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+                        let o = CrossEntropyOptions {
+                            weight,
+                            label_smoothing,
+                            reduction,
+                            ..Default::default()
+                        };
+                        let g = GradOutput::PerRow(&per_row);
+                        let g = if reduction == Reduction::None {
+                            g
+                        } else {
+                            GradOutput::Scalar(0.75)
+                        };
+                        let want = reference::cross_entropy(&x, cols, targets, &o, g).unwrap();
+                        let plan = validate::cross_entropy(x.len(), cols, targets, &o, g).unwrap();
+                        for isa in supported_isas() {
+                            let what = format!(
+                                "{isa:?} {rows}x{cols} chunk {chunk} {reduction:?} smoothing \
+                                 {label_smoothing} weighted {}",
+                                weight.is_some()
+                            );
+                            let mut grad = vec![f32::NAN; x.len()];
+                            let loss = cross_entropy_planned(
+                                &plan,
+                                &x,
+                                &mut grad,
+                                false,
+                                Some(split),
+                                isa,
+                            );
+                            check_cross_entropy(&what, &loss, &grad, &want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_split_only_where_whole_rows_leave_threads_idle() {
+        let plan =
+            |rows, cols, threads| Split::plan(rows, cols, threads).map(|s| (s.chunk, s.per_row));
+        // One or three long rows on two threads are cut, into four chunks a thread.
+        assert_eq!(plan(1, 1 << 22, 2), Some((1 << 19, 8)));
+        assert_eq!(plan(3, 1 << 20, 2), Some((349_536, 3)));
+        // Rows that divide among the threads, or four a thread, are not.
+        assert_eq!(plan(2, 1 << 22, 2), None);
+        assert_eq!(plan(5, 1 << 22, 16), Some((322_640, 13)));
+        assert_eq!(plan(64, 1 << 22, 16), None);
+        // Nor are rows that stay in a core's cache, nor anything on one thread.
+        assert_eq!(plan(0, 1 << 22, 2), None);
+        assert_eq!(plan(1, (3 << 18) - 1, 2), None);
+        assert_eq!(plan(1, 3 << 18, 2), Some((98_304, 8)));
+        assert_eq!(plan(1, 1 << 22, 1), None);
     }
 
     #[test]
