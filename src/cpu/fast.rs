@@ -2393,6 +2393,40 @@ mod tests {
         out
     }
 
+    /// `v` with every non-finite value replaced by 0: finite gradients need finite inputs.
+    fn finite(v: &[f64]) -> Vec<f32> {
+        v.iter()
+            .map(|&v| if v.is_finite() { v as f32 } else { 0.0 })
+            .collect()
+    }
+
+    /// Checks `backward(y, log, dx)` against the reference's softmax backward from `probs` and
+    /// its log-softmax backward (`log`) from `log_probs`, with upstream gradient `dy`.
+    fn check_backward_pair(
+        what: &str,
+        probs: &[f32],
+        log_probs: &[f32],
+        dy: &[f32],
+        cols: usize,
+        mut backward: impl FnMut(&[f32], bool, &mut [f32]),
+    ) {
+        let mut dx = vec![f32::NAN; dy.len()];
+        backward(probs, false, &mut dx);
+        check_backward(
+            &format!("softmax_backward {what}"),
+            &dx,
+            &reference::softmax_backward(probs, dy, cols).unwrap(),
+            &softmax_backward_scale(probs, dy, cols),
+        );
+        backward(log_probs, true, &mut dx);
+        check_backward(
+            &format!("log_softmax_backward {what}"),
+            &dx,
+            &reference::log_softmax_backward(log_probs, dy, cols).unwrap(),
+            &log_softmax_backward_scale(log_probs, dy, cols),
+        );
+    }
+
     fn check_softmax(what: &str, actual: &[f32], expected: &[f64]) -> (f64, f64) {
         compare(what, actual, expected, 1e-6, 1e-5, true)
     }
@@ -2579,12 +2613,6 @@ mod tests {
             let x = logits(&mut rng, rows, cols, 4.0);
             let want = reference::softmax(&x, cols).unwrap();
             let want_log = reference::log_softmax(&x, cols).unwrap();
-            // Finite gradients need finite inputs: keep the rows without special values.
-            let finite = |v: &[f64]| -> Vec<f32> {
-                v.iter()
-                    .map(|&v| if v.is_finite() { v as f32 } else { 0.0 })
-                    .collect()
-            };
             let (want_f32, want_log_f32) = (finite(&want), finite(&want_log));
             for stream in [false, true] {
                 for isa in supported_isas() {
@@ -2607,20 +2635,14 @@ mod tests {
                     );
                     check_softmax(&format!("unaligned {what}"), &z[1..=cols], &want[..cols]);
                     let dy = rng.normals(rows * cols, 1.0);
-                    softmax_backward_block_on(isa, &want_f32, &dy, &mut y, cols, stream);
-                    check_backward(
-                        &format!("softmax_backward {what}"),
-                        &y,
-                        &reference::softmax_backward(&want_f32, &dy, cols).unwrap(),
-                        &softmax_backward_scale(&want_f32, &dy, cols),
-                    );
-                    log_softmax_backward_block_on(isa, &want_log_f32, &dy, &mut y, cols, stream);
-                    check_backward(
-                        &format!("log_softmax_backward {what}"),
-                        &y,
-                        &reference::log_softmax_backward(&want_log_f32, &dy, cols).unwrap(),
-                        &log_softmax_backward_scale(&want_log_f32, &dy, cols),
-                    );
+                    let (probs, log_probs) = (&want_f32[..], &want_log_f32[..]);
+                    check_backward_pair(&what, probs, log_probs, &dy, cols, |y, log, dx| {
+                        if log {
+                            log_softmax_backward_block_on(isa, y, &dy, dx, cols, stream);
+                        } else {
+                            softmax_backward_block_on(isa, y, &dy, dx, cols, stream);
+                        }
+                    });
                 }
             }
         }
@@ -2866,11 +2888,6 @@ mod tests {
             let x = split_logits(&mut rng, rows, cols);
             let want = reference::softmax(&x, cols).unwrap();
             let want_log = reference::log_softmax(&x, cols).unwrap();
-            let finite = |v: &[f64]| -> Vec<f32> {
-                v.iter()
-                    .map(|&v| if v.is_finite() { v as f32 } else { 0.0 })
-                    .collect()
-            };
             let (want_f32, want_log_f32) = (finite(&want), finite(&want_log));
             let dy = rng.normals(rows * cols, 1.0);
             for stream in [false, true] {
@@ -2881,20 +2898,10 @@ mod tests {
                     check_softmax(&format!("softmax {what}"), &y, &want);
                     split::log_softmax(&x, &mut y, cols, split, stream, isa);
                     check_log_softmax(&format!("log_softmax {what}"), &y, &want_log);
-                    split::backward(&want_f32, &dy, &mut y, cols, false, split, stream, isa);
-                    check_backward(
-                        &format!("softmax_backward {what}"),
-                        &y,
-                        &reference::softmax_backward(&want_f32, &dy, cols).unwrap(),
-                        &softmax_backward_scale(&want_f32, &dy, cols),
-                    );
-                    split::backward(&want_log_f32, &dy, &mut y, cols, true, split, stream, isa);
-                    check_backward(
-                        &format!("log_softmax_backward {what}"),
-                        &y,
-                        &reference::log_softmax_backward(&want_log_f32, &dy, cols).unwrap(),
-                        &log_softmax_backward_scale(&want_log_f32, &dy, cols),
-                    );
+                    let (probs, log_probs) = (&want_f32[..], &want_log_f32[..]);
+                    check_backward_pair(&what, probs, log_probs, &dy, cols, |y, log, dx| {
+                        split::backward(y, &dy, dx, cols, log, split, stream, isa);
+                    });
                 }
             }
             // Targets in every chunk, the ignored row 1, and row 8's target at its -inf logit.

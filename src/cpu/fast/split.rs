@@ -255,37 +255,58 @@ multiversion!(backward_out_on => backward_out(
 // ---------------------------------------------------------------------------------------------
 // Operations.
 
-/// Softmax of `x` (rows of `cols` columns) into `y`, cut by `split`, built for `isa`.
-pub(super) fn softmax(x: &[f32], y: &mut [f32], cols: usize, split: Split, stream: bool, isa: Isa) {
-    // Without streaming the exponentials wait in `y` for their factor; streamed output is
-    // written once, from exponentials evaluated again.
-    let stored = !stream;
+/// Softmax and log-softmax of `x` (rows of `cols` columns) into `y`, cut by `split`, built for
+/// `isa`: phase 1 by [`exp_part`], storing the exponentials in `y` with `store`; then
+/// `out(x chunk, y chunk, its part, its row)` for each chunk of a row that is not degenerate.
+fn exp_rows(
+    x: &[f32],
+    y: &mut [f32],
+    cols: usize,
+    split: Split,
+    store: bool,
+    isa: Isa,
+    out: impl Fn(&[f32], &mut [f32], Part, Row) + Sync,
+) {
+    let chunk = |r: usize, c: usize, len: usize| &x[r * cols + c..][..len];
     let _ = run(
         split,
         y,
         cols,
         |r, c, y| {
-            let x = &x[r * cols + c..][..y.len()];
             let mut part = Part::default();
-            exp_part_on(isa, x, if stored { y } else { &mut [] }, &mut part);
+            exp_part_on(
+                isa,
+                chunk(r, c, y.len()),
+                if store { y } else { &mut [] },
+                &mut part,
+            );
             part
         },
         |_, parts| Row::combine(parts),
         |r, c, y, part, row| {
             if row.max.is_nan() {
                 y.fill(f32::NAN);
-                return;
-            }
-            let x = &x[r * cols + c..][..y.len()];
-            if stored {
-                let k = (rescale(part.max, row.max) / row.sum) as f32;
-                softmax_out_on(isa, x, y, true, row.max, k, false);
             } else {
-                let k = (1.0 / row.sum) as f32;
-                softmax_out_on(isa, x, y, false, row.max, k, stream);
+                out(chunk(r, c, y.len()), y, part, row);
             }
         },
     );
+}
+
+/// Softmax of `x` (rows of `cols` columns) into `y`, cut by `split`, built for `isa`.
+pub(super) fn softmax(x: &[f32], y: &mut [f32], cols: usize, split: Split, stream: bool, isa: Isa) {
+    // Without streaming the exponentials wait in `y` for their factor; streamed output is
+    // written once, from exponentials evaluated again.
+    let stored = !stream;
+    exp_rows(x, y, cols, split, stored, isa, |x, y, part, row| {
+        if stored {
+            let k = (rescale(part.max, row.max) / row.sum) as f32;
+            softmax_out_on(isa, x, y, true, row.max, k, false);
+        } else {
+            let k = (1.0 / row.sum) as f32;
+            softmax_out_on(isa, x, y, false, row.max, k, stream);
+        }
+    });
 }
 
 /// Log-softmax of `x` into `y`, cut by `split`, built for `isa`.
@@ -297,25 +318,9 @@ pub(super) fn log_softmax(
     stream: bool,
     isa: Isa,
 ) {
-    let _ = run(
-        split,
-        y,
-        cols,
-        |r, c, y| {
-            let mut part = Part::default();
-            exp_part_on(isa, &x[r * cols + c..][..y.len()], &mut [], &mut part);
-            part
-        },
-        |_, parts| Row::combine(parts),
-        |r, c, y, _, row| {
-            if row.max.is_nan() {
-                y.fill(f32::NAN);
-                return;
-            }
-            let x = &x[r * cols + c..][..y.len()];
-            log_softmax_out_on(isa, x, y, row.max, row.sum.ln() as f32, stream);
-        },
-    );
+    exp_rows(x, y, cols, split, false, isa, |x, y, _, row| {
+        log_softmax_out_on(isa, x, y, row.max, row.sum.ln() as f32, stream);
+    });
 }
 
 /// Softmax backward (or log-softmax backward with `log`) into `dx`, cut by `split`, built for
