@@ -1032,9 +1032,15 @@ fn short_map2(o: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) 
     }
 }
 
-/// `e_j *= k` over one row of at least LANES elements, in whole vectors.
+/// `e_j *= k` over one row, in whole vectors where it has at least LANES elements.
 #[inline(always)]
 fn short_scale(e: &mut [f32], k: f32) {
+    if e.len() < LANES {
+        for v in e.iter_mut() {
+            *v *= k;
+        }
+        return;
+    }
     // A flat loop: written over whole vectors, LLVM vectorised it across them, with gathers.
     let whole = e.len() - e.len() % LANES;
     for v in e[..whole].iter_mut() {
@@ -1310,6 +1316,18 @@ fn backward_rows<M: MulAdd>(
     store_fence(stream);
 }
 
+/// Softmax backward's `dx_j` from `y_j`, `dy_j` and the row's `sum_k y_k dy_k`.
+#[inline(always)]
+fn softmax_grad(y: f32, g: f32, dot: f32) -> f32 {
+    y * (g - dot)
+}
+
+/// Log-softmax backward's `dx_j` from `y_j`, `dy_j` and the row's `sum_k dy_k`.
+#[inline(always)]
+fn log_softmax_grad<M: MulAdd>(y: f32, g: f32, total: f32) -> f32 {
+    M::mul_add(-exp::<M>(y), total, g)
+}
+
 #[inline(always)]
 fn softmax_backward_rows<M: MulAdd>(
     y: &[f32],
@@ -1318,8 +1336,7 @@ fn softmax_backward_rows<M: MulAdd>(
     cols: usize,
     stream: bool,
 ) {
-    let grad = |y: f32, g: f32, d: f32| y * (g - d);
-    backward_rows::<M>(y, dy, dx, cols, stream, |y, g| y * g, dot, grad);
+    backward_rows::<M>(y, dy, dx, cols, stream, |y, g| y * g, dot, softmax_grad);
 }
 
 #[inline(always)]
@@ -1330,9 +1347,17 @@ fn log_softmax_backward_rows<M: MulAdd>(
     cols: usize,
     stream: bool,
 ) {
-    let grad = |y: f32, g: f32, total: f32| M::mul_add(-exp::<M>(y), total, g);
     let total = |_: &[f32], dy: &[f32]| sum(dy);
-    backward_rows::<M>(y, dy, dx, cols, stream, |_, g| g, total, grad);
+    backward_rows::<M>(
+        y,
+        dy,
+        dx,
+        cols,
+        stream,
+        |_, g| g,
+        total,
+        log_softmax_grad::<M>,
+    );
 }
 
 #[inline(always)]
@@ -2104,9 +2129,8 @@ fn index_scalars(
     }
 }
 
-/// Turns `g`, a row's exponentials (at least LANES of them), into `a e_j - b w_j`: the gradient
-/// of an index-target row but for its target entry. `w` is empty without class weights or
-/// smoothing.
+/// Turns `g`, a row's exponentials (or a chunk's), into `a e_j - b w_j`: the gradient of an
+/// index-target row but for its target entry. `w` is empty without class weights or smoothing.
 #[inline(always)]
 fn index_row_grad<M: MulAdd>(g: &mut [f32], w: &[f32], a: f32, b: f32) {
     if w.is_empty() {
@@ -2117,6 +2141,24 @@ fn index_row_grad<M: MulAdd>(g: &mut [f32], w: &[f32], a: f32, b: f32) {
         for (g, &w) in g.iter_mut().zip(w) {
             *g = M::mul_add(a, *g, -b * w);
         }
+    }
+}
+
+/// Turns `g`, a row's exponentials (or a chunk's), into `a e_j - b q_j`: the gradient of a
+/// probability-target row, `q_j = w_j (keep p_j + smooth)` the target's share of class `j`.
+#[inline(always)]
+fn prob_target_grad<M: MulAdd>(
+    g: &mut [f32],
+    p: &[f32],
+    w: &[f32],
+    keep: f32,
+    smooth: f32,
+    a: f32,
+    b: f32,
+) {
+    for ((g, &p), &w) in g.iter_mut().zip(p).zip(w) {
+        let q = w * M::mul_add(keep, p, smooth);
+        *g = M::mul_add(a, *g, -b * q);
     }
 }
 
@@ -2149,11 +2191,7 @@ fn cross_entropy_finish<M: MulAdd>(
             let p = &p[r * cols..(r + 1) * cols];
             let (sum_q, ql) = prob_target_sums(x, p, w, ctx.keep, ctx.smooth, max, log_sum);
             let a = (scale * sum_q) as f32 * inv;
-            let scale = scale as f32;
-            for ((g, &p), &w) in g.iter_mut().zip(p).zip(w) {
-                let q = w * M::mul_add(ctx.keep, p, ctx.smooth);
-                *g = M::mul_add(a, *g, -scale * q);
-            }
+            prob_target_grad::<M>(g, p, w, ctx.keep, ctx.smooth, a, scale as f32);
             -ql
         }
     }
@@ -2255,13 +2293,10 @@ fn cross_entropy_planned(
     }
     if let Some(split) = split {
         let losses = split::cross_entropy(&ctx, grad, split, isa);
-        return match plan.reduction {
-            Reduction::None => losses.iter().map(|&l| l as f32).collect(),
-            Reduction::Sum => vec![losses.iter().fold(0.0, |sum, &l| sum + l) as f32],
-            Reduction::Mean => {
-                vec![(losses.iter().fold(0.0, |sum, &l| sum + l) / plan.mean_denominator) as f32]
-            }
-        };
+        if plan.reduction == Reduction::None {
+            return losses.iter().map(|&l| l as f32).collect();
+        }
+        return reduced(plan, losses.iter().fold(0.0, |sum, &l| sum + l));
     }
     if plan.reduction == Reduction::None {
         let mut losses = vec![0.0f64; plan.rows];
@@ -2295,6 +2330,11 @@ fn cross_entropy_planned(
             .collect();
         sums.iter().fold(0.0, |sum, &l| sum + l)
     };
+    reduced(plan, total)
+}
+
+/// The loss of a call with a reduction whose rows' losses add up to `total`.
+fn reduced(plan: &CrossEntropyPlan<'_>, total: f64) -> Vec<f32> {
     match plan.reduction {
         Reduction::Mean => vec![(total / plan.mean_denominator) as f32],
         Reduction::Sum | Reduction::None => vec![total as f32],

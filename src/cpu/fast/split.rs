@@ -13,9 +13,10 @@
 use rayon::prelude::*;
 
 use super::{
-    dot, exp_nonpositive, exp_store_sum, index_scalars, prob_target_sums, scan, store_fence,
-    store_map, sum, sum_exp, weighted_lsm_sum, CeContext, CrossEntropyTargets, Fused, Fused512,
-    Isa, MulAdd, Separate, LANES,
+    dot, exp_nonpositive, exp_store_sum, index_row_grad, index_scalars, larger, log_softmax_grad,
+    prob_target_grad, prob_target_sums, scan, softmax_grad, store_fence, store_map, sum, sum_exp,
+    weighted_lsm_sum, CeContext, CrossEntropyTargets, Fused, Fused512, Isa, MulAdd, Separate,
+    LANES,
 };
 
 /// The fewest columns a split row has (3 MiB). A row that fits in its core's L2 (2 MiB here)
@@ -113,7 +114,7 @@ impl Row {
     fn combine(parts: &[Part]) -> Self {
         let max = parts
             .iter()
-            .fold(f32::NEG_INFINITY, |m, p| if p.max > m { p.max } else { m });
+            .fold(f32::NEG_INFINITY, |m, p| larger(m, p.max));
         if max.is_infinite() {
             return Self {
                 max: f32::NAN,
@@ -231,11 +232,9 @@ fn backward_part<M: MulAdd>(y: &[f32], dy: &[f32], log: bool, part: &mut Part) {
 #[inline(always)]
 fn backward_out<M: MulAdd>(y: &[f32], dy: &[f32], dx: &mut [f32], log: bool, r: f32, stream: bool) {
     if log {
-        store_map::<M>(dx, y, dy, stream, |y, g| {
-            M::mul_add(-super::exp::<M>(y), r, g)
-        });
+        store_map::<M>(dx, y, dy, stream, |y, g| log_softmax_grad::<M>(y, g, r));
     } else {
-        store_map::<M>(dx, y, dy, stream, |y, g| y * (g - r));
+        store_map::<M>(dx, y, dy, stream, |y, g| softmax_grad(y, g, r));
     }
     store_fence(stream);
 }
@@ -395,25 +394,15 @@ fn ce_part<M: MulAdd>(x: &[f32], g: &mut [f32], terms: bool, chunk: &CeChunk<'_>
     };
 }
 
-/// Phase 3 of cross-entropy: `g_j = a e_j - b v_j` from the exponentials `e_j` in `g`, where
-/// `v_j` is the class weight `w_j` (index targets; none where `w` is empty) or the target's
-/// share `w_j (keep p_j + smooth)` (probability targets `p`).
+/// Phase 3 of cross-entropy: the gradient from the exponentials in `g`, by
+/// [`index_row_grad`] (index targets) or [`prob_target_grad`].
 #[inline(always)]
 fn ce_out<M: MulAdd>(g: &mut [f32], chunk: &CeChunk<'_>, a: f32, b: f32) {
     let CeChunk { w, p, keep, smooth } = *chunk;
-    if w.is_empty() {
-        for v in g.iter_mut() {
-            *v *= a;
-        }
-    } else if p.is_empty() {
-        for (g, &w) in g.iter_mut().zip(w) {
-            *g = M::mul_add(a, *g, -b * w);
-        }
+    if p.is_empty() {
+        index_row_grad::<M>(g, w, a, b);
     } else {
-        for ((g, &w), &p) in g.iter_mut().zip(w).zip(p) {
-            let q = w * M::mul_add(keep, p, smooth);
-            *g = M::mul_add(a, *g, -b * q);
-        }
+        prob_target_grad::<M>(g, p, w, keep, smooth, a, b);
     }
 }
 
