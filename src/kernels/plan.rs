@@ -102,7 +102,13 @@ pub struct Tuning {
     pub subgroup_workgroup: u32,
     /// Rows of at most this many columns run one subgroup per row, where subgroups exist.
     pub subgroup_max_cols: u32,
-    /// Workgroup size of the per-row and split kernels.
+    /// Rows loaded as vec4 that are too long for a subgroup to hold in registers (which it
+    /// would stream) run one invocation per row instead, up to this many columns (at most
+    /// [`THREAD_MAX_COLS`]); 0: never. (Scalar loads stay with the subgroup, whose lanes read
+    /// neighbouring elements.)
+    pub streamed_thread_max_cols: u32,
+    /// Workgroup size of the per-row and split kernels, and of one invocation per row where
+    /// the invocation streams its row.
     pub row_workgroup: u32,
     /// The most loads an invocation keeps in registers (a power of two): vec4s on aligned rows,
     /// up to 32 (128 elements) in the softmax and cross-entropy kernels; scalar kernels and
@@ -144,6 +150,7 @@ impl Tuning {
         thread_max_cols_without_subgroups: 8,
         subgroup_workgroup: 256,
         subgroup_max_cols: 1024,
+        streamed_thread_max_cols: 0,
         row_workgroup: 256,
         max_items: 16,
         split_min_cols: 16384,
@@ -165,6 +172,7 @@ impl Tuning {
         thread_max_cols_without_subgroups: THREAD_MAX_COLS,
         subgroup_workgroup: 256,
         subgroup_max_cols: u32::MAX,
+        streamed_thread_max_cols: THREAD_MAX_COLS,
         row_workgroup: 32,
         max_items: 32,
         split_min_cols: 65536,
@@ -209,8 +217,13 @@ impl Tuning {
                 items: self.items(cols, 1, vector),
             }
         } else if let (Some(sg), true) = (caps.subgroup_size, cols32 <= self.subgroup_max_cols) {
-            Strategy::RowPerSubgroup {
-                items: self.items(cols, sg, vector),
+            match self.items(cols, sg, vector) {
+                0 if vector == 4 && cols32 <= self.streamed_thread_max_cols => {
+                    Strategy::RowPerThread {
+                        items: self.items(cols, 1, vector),
+                    }
+                }
+                items => Strategy::RowPerSubgroup { items },
             }
         } else {
             Strategy::RowPerWorkgroup {
@@ -329,6 +342,7 @@ impl Tuning {
         self.thread_max_cols = self.thread_max_cols.min(THREAD_MAX_COLS);
         self.thread_max_cols_without_subgroups =
             self.thread_max_cols_without_subgroups.min(THREAD_MAX_COLS);
+        self.streamed_thread_max_cols = self.streamed_thread_max_cols.min(THREAD_MAX_COLS);
         self.row_workgroup = self.row_workgroup.clamp(1, max);
         let sg = subgroup.unwrap_or(1);
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
@@ -365,9 +379,11 @@ mod tests {
             subgroups: 7,
             vector: 3,
             max_items: 5,
+            streamed_thread_max_cols: u32::MAX,
             ..Tuning::GPU
         }
         .clamped(&wgpu::Limits::default(), Some(32));
+        assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);
         assert_eq!(wild.split_chunk, 1 << 30);
         assert!(wild.split_chunk.checked_next_multiple_of(4).is_some());
         assert_eq!(wild.subgroups, 1);
@@ -458,6 +474,41 @@ mod tests {
         assert_eq!(
             Tuning::GPU.choose(4096, 8192, &NVIDIA, 1),
             Strategy::RowPerWorkgroup { items: 0 }
+        );
+    }
+
+    #[test]
+    fn software_adapters_give_a_row_a_subgroup_would_stream_to_one_invocation() {
+        let sw = Tuning::SOFTWARE;
+        for cols in [1028, 2048, 4096] {
+            assert_eq!(
+                sw.choose(4096, cols, &LAVAPIPE, 4),
+                Strategy::RowPerThread { items: 0 },
+                "{cols} columns"
+            );
+        }
+        // Rows the subgroup holds in registers stay with it, and so do scalar loads and rows
+        // past THREAD_MAX_COLS.
+        assert_eq!(
+            sw.choose(16_384, 1024, &LAVAPIPE, 4),
+            Strategy::RowPerSubgroup { items: 32 }
+        );
+        assert_eq!(
+            sw.choose(4096, 4096, &LAVAPIPE, 1),
+            Strategy::RowPerSubgroup { items: 0 }
+        );
+        assert_eq!(
+            sw.choose(1024, 4100, &LAVAPIPE, 4),
+            Strategy::RowPerSubgroup { items: 0 }
+        );
+        // GPUs keep the subgroup.
+        let gpu = Tuning {
+            subgroup_max_cols: 4096,
+            ..Tuning::GPU
+        };
+        assert_eq!(
+            gpu.choose(4096, 4096, &NVIDIA, 4),
+            Strategy::RowPerSubgroup { items: 0 }
         );
     }
 

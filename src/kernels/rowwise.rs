@@ -267,7 +267,13 @@ impl RowwiseFamily {
             u32,
         ) = match (strategy, &split_entries) {
             (Strategy::RowPerThread { items }, _) => {
-                let wg = tuning.thread_workgroup;
+                // A streamed row is long work for one invocation: smaller workgroups spread a
+                // batch of a few hundred rows over every core of a software adapter.
+                let wg = if items == 0 {
+                    tuning.row_workgroup
+                } else {
+                    tuning.thread_workgroup
+                };
                 (&one[..], wg, items, 0, wg as usize, 0)
             }
             (Strategy::RowPerSubgroup { items }, _) => {

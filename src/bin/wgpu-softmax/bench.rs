@@ -51,7 +51,7 @@ pub struct BenchArgs {
     no_gpu: bool,
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
     /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup,
-    /// subgroup_max_cols, row_workgroup, max_items, split_min_cols, split_max_rows, split_chunk,
+    /// subgroup_max_cols, streamed_thread_max_cols, row_workgroup, max_items, split_min_cols, split_max_rows, split_chunk,
     /// split_team, batch_team, split_group_bytes, vector, subgroups. Workgroup sizes and
     /// split_chunk must be at least 1, max_items a power of two up to 32, vector 1 or 4,
     /// subgroups 0 or 1; a value the device's limits change is reported on stderr.
@@ -69,12 +69,13 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 15] = [
+const TUNE_FIELDS: [(&str, Accepts); 16] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
     ("subgroup_workgroup", Accepts::AtLeastOne),
     ("subgroup_max_cols", Accepts::Any),
+    ("streamed_thread_max_cols", Accepts::Any),
     ("row_workgroup", Accepts::AtLeastOne),
     ("max_items", Accepts::PowerOfTwoUpTo(MAX_ITEMS)),
     ("split_min_cols", Accepts::Any),
@@ -98,6 +99,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "thread_max_cols_without_subgroups" => &mut tuning.thread_max_cols_without_subgroups,
         "subgroup_workgroup" => &mut tuning.subgroup_workgroup,
         "subgroup_max_cols" => &mut tuning.subgroup_max_cols,
+        "streamed_thread_max_cols" => &mut tuning.streamed_thread_max_cols,
         "row_workgroup" => &mut tuning.row_workgroup,
         "max_items" => &mut tuning.max_items,
         "split_min_cols" => &mut tuning.split_min_cols,
