@@ -46,6 +46,7 @@ split_chunk=2048|split_chunk=2048|$long
 split_chunk=8192|split_chunk=8192|$long
 split_chunk=16384|split_chunk=16384|$long
 split_team=0|split_team=0|$long
+workgroup_per_row=0|workgroup_per_row=0|$medium $long
 batch_team=0|batch_team=0|$short
 split_min_cols=65536|split_min_cols=65536|$long
 split_max_rows=64|split_max_rows=64|$long

@@ -122,6 +122,10 @@ pub struct Tuning {
     pub split_max_rows: u32,
     /// Elements per chunk of a split row.
     pub split_chunk: u32,
+    /// 1: rows that neither an invocation nor a subgroup takes run one workgroup per row; 0:
+    /// they are split instead, whatever the row count (where a workgroup's barriers cost more
+    /// than a second pass over the row).
+    pub workgroup_per_row: u32,
     /// Who works on one chunk of a split row: 0 one invocation, otherwise one workgroup.
     pub split_team: u32,
     /// Who sums one block of rows in the first pass of a sum over the batch (the divisor of a
@@ -156,6 +160,7 @@ impl Tuning {
         split_min_cols: 16384,
         split_max_rows: 512,
         split_chunk: 4096,
+        workgroup_per_row: 1,
         split_team: 2,
         batch_team: 2,
         split_group_bytes: 0,
@@ -178,6 +183,7 @@ impl Tuning {
         split_min_cols: 65536,
         split_max_rows: 128,
         split_chunk: 8192,
+        workgroup_per_row: 0,
         split_team: 0,
         batch_team: 0,
         split_group_bytes: 0,
@@ -207,6 +213,9 @@ impl Tuning {
             chunk: self.split_chunk,
             per_invocation: self.split_team == 0,
         };
+        let workgroup = Strategy::RowPerWorkgroup {
+            items: self.items(cols, self.row_workgroup, vector),
+        };
         let wide_and_few = cols32 >= self.split_min_cols && rows < self.split_max_rows as usize;
         let first = if wide_and_few {
             split
@@ -225,22 +234,18 @@ impl Tuning {
                 }
                 items => Strategy::RowPerSubgroup { items },
             }
+        } else if self.workgroup_per_row == 0 {
+            split
         } else {
-            Strategy::RowPerWorkgroup {
-                items: self.items(cols, self.row_workgroup, vector),
-            }
+            workgroup
         };
         let Some(budget) = caps.loop_budget else {
             return first;
         };
-        let wider = [
-            first,
-            Strategy::RowPerWorkgroup {
-                items: self.items(cols, self.row_workgroup, vector),
-            },
-        ];
+        let wider = [first, workgroup];
         wider
             .into_iter()
+            .take(if self.workgroup_per_row == 0 { 1 } else { 2 })
             .find(|&s| self.loop_iterations(s, cols, caps, vector) <= budget)
             .unwrap_or_else(|| self.split_within(cols, budget, caps, vector))
     }
@@ -351,6 +356,7 @@ impl Tuning {
         self.split_chunk = self.split_chunk.clamp(self.row_workgroup, 1 << 30);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
         self.subgroups = self.subgroups.min(1);
+        self.workgroup_per_row = self.workgroup_per_row.min(1);
         self
     }
 }
@@ -380,10 +386,12 @@ mod tests {
             vector: 3,
             max_items: 5,
             streamed_thread_max_cols: u32::MAX,
+            workgroup_per_row: 9,
             ..Tuning::GPU
         }
         .clamped(&wgpu::Limits::default(), Some(32));
         assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);
+        assert_eq!(wild.workgroup_per_row, 1);
         assert_eq!(wild.split_chunk, 1 << 30);
         assert!(wild.split_chunk.checked_next_multiple_of(4).is_some());
         assert_eq!(wild.subgroups, 1);
@@ -509,6 +517,48 @@ mod tests {
         assert_eq!(
             gpu.choose(4096, 4096, &NVIDIA, 4),
             Strategy::RowPerSubgroup { items: 0 }
+        );
+    }
+
+    #[test]
+    fn software_adapters_split_rows_rather_than_give_them_a_workgroup() {
+        let llvmpipe = Capabilities {
+            subgroup_size: None,
+            loop_budget: Some(SOFTWARE_LOOP_BUDGET),
+        };
+        let split = Strategy::SplitRow {
+            chunk: 8192,
+            per_invocation: true,
+        };
+        for (rows, cols) in [(8192, 4104), (1024, 16_384), (512, 65_536), (100_000, 5000)] {
+            for vector in [1, 4] {
+                assert_eq!(
+                    Tuning::SOFTWARE.choose(rows, cols, &llvmpipe, vector),
+                    split,
+                    "{rows}x{cols}, vector {vector}"
+                );
+            }
+        }
+        assert_eq!(
+            Tuning::SOFTWARE.choose(8192, 4096, &llvmpipe, 4),
+            Strategy::RowPerThread { items: 0 }
+        );
+        for cols in [700_000, 1 << 20, 33_000_000] {
+            let s = Tuning::SOFTWARE.choose(1000, cols, &llvmpipe, 1);
+            assert!(matches!(s, Strategy::SplitRow { .. }), "{cols}: {s:?}");
+            assert!(
+                Tuning::SOFTWARE.loop_iterations(s, cols, &llvmpipe, 1) <= SOFTWARE_LOOP_BUDGET,
+                "{cols}: {s:?}"
+            );
+        }
+        // With workgroups allowed, the same rows take one each.
+        let workgroups = Tuning {
+            workgroup_per_row: 1,
+            ..Tuning::SOFTWARE
+        };
+        assert_eq!(
+            workgroups.choose(1024, 16_384, &llvmpipe, 4),
+            Strategy::RowPerWorkgroup { items: 0 }
         );
     }
 

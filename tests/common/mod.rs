@@ -285,6 +285,7 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
                 thread_workgroup: 8,
                 thread_max_cols: 4,
                 thread_max_cols_without_subgroups: 4,
+                workgroup_per_row: 1,
                 ..Tuning::SOFTWARE
             },
         ),
