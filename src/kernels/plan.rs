@@ -169,8 +169,12 @@ impl Tuning {
     };
 
     /// The defaults for a software adapter (lavapipe, llvmpipe, WARP, SwiftShader). Measured
-    /// on lavapipe and llvmpipe (`wgpu-softmax bench --tune`): barrier-free teams in wide
-    /// workgroups (fewer workgroup launches) win; rows too long for one team are split.
+    /// on lavapipe and llvmpipe (`wgpu-softmax bench --tune`): barrier-free teams win. Short
+    /// rows take an invocation or a subgroup each, in wide workgroups (fewer launches); a
+    /// `vec4` row that a subgroup would stream takes an invocation, in narrow workgroups (so a
+    /// few hundred rows reach every core); rows of 64k columns or more in batches of fewer
+    /// than 512 rows, and any row that would otherwise take a workgroup, are split into chunks
+    /// of one invocation each.
     pub const SOFTWARE: Tuning = Tuning {
         thread_workgroup: 256,
         thread_max_cols: 64,
@@ -181,7 +185,7 @@ impl Tuning {
         row_workgroup: 32,
         max_items: 32,
         split_min_cols: 65536,
-        split_max_rows: 128,
+        split_max_rows: 512,
         split_chunk: 8192,
         workgroup_per_row: 0,
         split_team: 0,
