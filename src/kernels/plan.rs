@@ -381,6 +381,10 @@ mod tests {
         subgroup_size: Some(8),
         loop_budget: Some(SOFTWARE_LOOP_BUDGET),
     };
+    const LLVMPIPE: Capabilities = Capabilities {
+        subgroup_size: None,
+        loop_budget: Some(SOFTWARE_LOOP_BUDGET),
+    };
 
     #[test]
     fn clamping_bounds_every_field_a_caller_can_set() {
@@ -489,81 +493,85 @@ mod tests {
         );
     }
 
+    /// A tuning, a shape, a device, a load width and the strategy expected of them.
+    type Case<'a> = (Tuning, (usize, usize), &'a Capabilities, u32, Strategy);
+
+    /// Checks `tuning.choose(rows, cols, caps, vector)` for each case.
+    fn check_choices(cases: &[Case<'_>]) {
+        for &(tuning, (rows, cols), caps, vector, expected) in cases {
+            assert_eq!(
+                tuning.choose(rows, cols, caps, vector),
+                expected,
+                "{rows}x{cols}, vector {vector}, {caps:?}"
+            );
+        }
+    }
+
     #[test]
     fn software_adapters_give_a_row_a_subgroup_would_stream_to_one_invocation() {
         let sw = Tuning::SOFTWARE;
-        for cols in [1028, 2048, 4096] {
-            assert_eq!(
-                sw.choose(4096, cols, &LAVAPIPE, 4),
-                Strategy::RowPerThread { items: 0 },
-                "{cols} columns"
-            );
-        }
-        // Rows the subgroup holds in registers stay with it, and so do scalar loads and rows
-        // past THREAD_MAX_COLS.
-        assert_eq!(
-            sw.choose(16_384, 1024, &LAVAPIPE, 4),
-            Strategy::RowPerSubgroup { items: 32 }
-        );
-        assert_eq!(
-            sw.choose(4096, 4096, &LAVAPIPE, 1),
-            Strategy::RowPerSubgroup { items: 0 }
-        );
-        assert_eq!(
-            sw.choose(1024, 4100, &LAVAPIPE, 4),
-            Strategy::RowPerSubgroup { items: 0 }
-        );
-        // GPUs keep the subgroup.
         let gpu = Tuning {
             subgroup_max_cols: 4096,
             ..Tuning::GPU
         };
-        assert_eq!(
-            gpu.choose(4096, 4096, &NVIDIA, 4),
-            Strategy::RowPerSubgroup { items: 0 }
-        );
+        let thread = Strategy::RowPerThread { items: 0 };
+        let streamed = Strategy::RowPerSubgroup { items: 0 };
+        check_choices(&[
+            (sw, (4096, 1028), &LAVAPIPE, 4, thread),
+            (sw, (4096, 2048), &LAVAPIPE, 4, thread),
+            (sw, (4096, 4096), &LAVAPIPE, 4, thread),
+            // Rows the subgroup holds in registers stay with it, and so do scalar loads and rows
+            // past THREAD_MAX_COLS.
+            (
+                sw,
+                (16_384, 1024),
+                &LAVAPIPE,
+                4,
+                Strategy::RowPerSubgroup { items: 32 },
+            ),
+            (sw, (4096, 4096), &LAVAPIPE, 1, streamed),
+            (sw, (1024, 4100), &LAVAPIPE, 4, streamed),
+            // GPUs keep the subgroup.
+            (gpu, (4096, 4096), &NVIDIA, 4, streamed),
+        ]);
     }
 
     #[test]
     fn software_adapters_split_rows_rather_than_give_them_a_workgroup() {
-        let llvmpipe = Capabilities {
-            subgroup_size: None,
-            loop_budget: Some(SOFTWARE_LOOP_BUDGET),
-        };
+        let sw = Tuning::SOFTWARE;
         let split = Strategy::SplitRow {
             chunk: 8192,
             per_invocation: true,
         };
-        for (rows, cols) in [(8192, 4104), (1024, 16_384), (512, 65_536), (100_000, 5000)] {
-            for vector in [1, 4] {
-                assert_eq!(
-                    Tuning::SOFTWARE.choose(rows, cols, &llvmpipe, vector),
-                    split,
-                    "{rows}x{cols}, vector {vector}"
-                );
-            }
+        let mut cases = vec![(
+            sw,
+            (8192, 4096),
+            &LLVMPIPE,
+            4,
+            Strategy::RowPerThread { items: 0 },
+        )];
+        for shape in [(8192, 4104), (1024, 16_384), (512, 65_536), (100_000, 5000)] {
+            cases.extend([
+                (sw, shape, &LLVMPIPE, 1, split),
+                (sw, shape, &LLVMPIPE, 4, split),
+            ]);
         }
-        assert_eq!(
-            Tuning::SOFTWARE.choose(8192, 4096, &llvmpipe, 4),
-            Strategy::RowPerThread { items: 0 }
-        );
+        // With workgroups allowed, such rows take one each.
+        let workgroups = Tuning {
+            workgroup_per_row: 1,
+            ..sw
+        };
+        let workgroup = Strategy::RowPerWorkgroup { items: 0 };
+        cases.push((workgroups, (1024, 16_384), &LLVMPIPE, 4, workgroup));
+        check_choices(&cases);
         for cols in [700_000, 1 << 20, 33_000_000] {
-            let s = Tuning::SOFTWARE.choose(1000, cols, &llvmpipe, 1);
+            let s = sw.choose(1000, cols, &LLVMPIPE, 1);
             assert!(matches!(s, Strategy::SplitRow { .. }), "{cols}: {s:?}");
             assert!(
-                Tuning::SOFTWARE.loop_iterations(s, cols, &llvmpipe, 1) <= SOFTWARE_LOOP_BUDGET,
+                sw.loop_iterations(s, cols, &LLVMPIPE, 1) <= SOFTWARE_LOOP_BUDGET,
                 "{cols}: {s:?}"
             );
         }
-        // With workgroups allowed, the same rows take one each.
-        let workgroups = Tuning {
-            workgroup_per_row: 1,
-            ..Tuning::SOFTWARE
-        };
-        assert_eq!(
-            workgroups.choose(1024, 16_384, &llvmpipe, 4),
-            Strategy::RowPerWorkgroup { items: 0 }
-        );
     }
 
     #[test]
