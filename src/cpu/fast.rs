@@ -2766,13 +2766,14 @@ mod tests {
         let cols = 10;
         let rows = SHORT_BLOCK / cols;
         let mut rng = Rng::new(21);
-        // Every row within the bound of its first element (0), out to 63.9 either side.
-        let mut x: Vec<f32> = rng
-            .uniforms(rows * cols)
-            .iter()
-            .map(|&u| (u - 0.5) * 127.8)
-            .collect();
-        x.iter_mut().step_by(cols).for_each(|v| *v = 0.0);
+        // Rows whose first element is 0 and whose others lie within `reach` of it.
+        let mut from_zero = |rows: usize, reach: f32| -> Vec<f32> {
+            let mut x = rng.uniforms(rows * cols);
+            x.iter_mut().for_each(|v| *v = (*v - 0.5) * 2.0 * reach);
+            x.iter_mut().step_by(cols).for_each(|v| *v = 0.0);
+            x
+        };
+        let x = from_zero(rows, 63.9);
         let mut block = ShortBlock::new(cols);
         let mut e = vec![0.0; x.len()];
         assert!(first_shift_exps::<Separate>(&x, &mut e, &mut block));
@@ -2798,12 +2799,7 @@ mod tests {
         // Through the op, both ways (a sub-block with an element beyond the bound, the next
         // ones within it), against the reference, on every instruction set.
         let rows = 3 * rows;
-        let mut x: Vec<f32> = rng
-            .uniforms(rows * cols)
-            .iter()
-            .map(|&u| (u - 0.5) * 127.0)
-            .collect();
-        x.iter_mut().step_by(cols).for_each(|v| *v = 0.0);
+        let mut x = from_zero(rows, 63.5);
         x[5] = 100.0;
         let want = reference::softmax(&x, cols).unwrap();
         for isa in supported_isas() {
