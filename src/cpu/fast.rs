@@ -901,7 +901,7 @@ const FIRST_SHIFT_BOUND: f32 = 64.0;
 /// row (in `block.maxes`), where every element of the sub-block lies within
 /// [`FIRST_SHIFT_BOUND`] of it; false, and `e` meaningless, where one does not.
 ///
-/// `e_j / sum e` is as accurate so as with each row's maximum for the shift, and as invariant
+/// `e_j / sum e` is as accurate as with each row's maximum for the shift, and as invariant
 /// under translation (a shift that moves with the row: `x_j - x_0` rounds alike for `x` and `x +
 /// c`); finding such rows' maxima costs a third of softmax's time on 4-15 columns. Not for
 /// log-softmax or cross-entropy: `(x_j - x_0) - ln sum e` loses the accuracy near 0 (a
@@ -1106,7 +1106,7 @@ trait ShortRowWork {
 
     /// Turns `e`, the exponentials of the sub-block `x` whose rows start at `first_row` of the
     /// call, into its output; `block.maxes` holds each row's maximum (NaN for a degenerate
-    /// row).
+    /// row), or its first element where [`first_shift_exps`] shifted by it.
     fn finish<M: MulAdd>(
         &mut self,
         first_row: usize,
@@ -2807,10 +2807,16 @@ mod tests {
             softmax_block_on(isa, &x, &mut y, cols, false, &mut Vec::new());
             check_softmax(&format!("{isa:?} rows of 10 out to 63.5"), &y, &want);
         }
-        // Still invariant under translation, bitwise, where `x + c` is exact.
+        // Still invariant under translation, bitwise, where `x + c` is exact (integers within
+        // 31 of 0, so within the bound of their rows' first elements).
         let x: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 127) as f32 - 63.0)
+            .map(|i| ((i * 7919) % 63) as f32 - 31.0)
             .collect();
+        assert!(first_shift_exps::<Separate>(
+            &x[..e.len()],
+            &mut e,
+            &mut block
+        ));
         let base = softmax(&x, cols).unwrap();
         for c in [1e4f32, 1e7] {
             let shifted: Vec<f32> = x.iter().map(|v| v + c).collect();
