@@ -248,6 +248,79 @@ pub(crate) fn upstream_grad(
     })
 }
 
+/// [`resolve_chunk`] built for the best instruction set the CPU offers.
+fn resolve_chunk_on<T: Copy + Into<i64>>(
+    out: &mut [i32],
+    targets: &[T],
+    cols: usize,
+    ignore_index: i64,
+    weight: Option<&[f32]>,
+) -> Option<(usize, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2")]
+        fn avx512<T: Copy + Into<i64>>(
+            out: &mut [i32],
+            targets: &[T],
+            cols: usize,
+            ignore_index: i64,
+            weight: Option<&[f32]>,
+        ) -> Option<(usize, f64)> {
+            resolve_chunk(out, targets, cols, ignore_index, weight)
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2<T: Copy + Into<i64>>(
+            out: &mut [i32],
+            targets: &[T],
+            cols: usize,
+            ignore_index: i64,
+            weight: Option<&[f32]>,
+        ) -> Option<(usize, f64)> {
+            resolve_chunk(out, targets, cols, ignore_index, weight)
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (and so AVX2).
+            return unsafe { avx512(out, targets, cols, ignore_index, weight) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2(out, targets, cols, ignore_index, weight) };
+        }
+    }
+    resolve_chunk(out, targets, cols, ignore_index, weight)
+}
+
+/// Converts a chunk of index targets into `out` (see [`resolve_indices`]), in one pass without
+/// branches that vectorises: the number of kept rows and the sum of their target weights, or
+/// None where a target is out of range.
+#[inline(always)]
+fn resolve_chunk<T: Copy + Into<i64>>(
+    out: &mut [i32],
+    targets: &[T],
+    cols: usize,
+    ignore_index: i64,
+    weight: Option<&[f32]>,
+) -> Option<(usize, f64)> {
+    let mut bad = false;
+    for (o, &value) in out.iter_mut().zip(targets) {
+        let value = value.into();
+        let ignored = value == ignore_index;
+        // `cols <= i32::MAX`, so every in-range target converts to i32.
+        bad |= !ignored & !(value >= 0 && (value as u64) < cols as u64);
+        *o = if ignored { IGNORED_ROW } else { value as i32 };
+    }
+    if bad {
+        return None;
+    }
+    let kept = out.iter().filter(|&&class| class != IGNORED_ROW).count();
+    let weight_sum = weight.map_or(0.0, |w| {
+        out.iter()
+            .filter(|&&class| class != IGNORED_ROW)
+            .fold(0.0, |sum, &class| sum + f64::from(w[class as usize]))
+    });
+    Some((kept, weight_sum))
+}
+
 /// Checks index targets and converts them to `i32` with ignored rows marked; also returns the
 /// number of kept rows and the sum of their target weights.
 ///
@@ -263,25 +336,8 @@ fn resolve_indices<'a, T: Copy + Into<i64> + Sync>(
 ) -> Result<(CrossEntropyTargets<'a>, usize, f64)> {
     let in_range = |value: i64| value >= 0 && (value as u64) < cols as u64;
     let mut resolved = vec![0i32; targets.len()];
-    // `cols <= i32::MAX`, so every in-range target converts to i32.
     let chunk = |(out, targets): (&mut [i32], &[T])| {
-        let mut bad = false;
-        for (o, &value) in out.iter_mut().zip(targets) {
-            let value = value.into();
-            let ignored = value == ignore_index;
-            bad |= !ignored & !in_range(value);
-            *o = if ignored { IGNORED_ROW } else { value as i32 };
-        }
-        if bad {
-            return None;
-        }
-        let kept = out.iter().filter(|&&class| class != IGNORED_ROW).count();
-        let weight_sum = weight.map_or(0.0, |w| {
-            out.iter()
-                .filter(|&&class| class != IGNORED_ROW)
-                .fold(0.0, |sum, &class| sum + f64::from(w[class as usize]))
-        });
-        Some((kept, weight_sum))
+        resolve_chunk_on(out, targets, cols, ignore_index, weight)
     };
     let parts: Vec<Option<(usize, f64)>> = if targets.len() > RESOLVE_CHUNK {
         resolved
