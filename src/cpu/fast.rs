@@ -608,6 +608,11 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The per-row losses of a task of [`cross_entropy_planned`] with a reduction.
     static LOSSES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The buffers of the short-row kernels, reused across calls.
+    static SHORT_SCRATCH: std::cell::Cell<Option<Box<ShortScratch>>> =
+        const { std::cell::Cell::new(None) };
+    static SHORT_CE_SCRATCH: std::cell::Cell<Option<Box<ShortCeScratch>>> =
+        const { std::cell::Cell::new(None) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -621,27 +626,34 @@ thread_local! {
 //   of each element's row (gathers);
 // - from LANES columns, each row in whole vectors, its last vector overlapping the one before
 //   (masked where overlap matters, as in sums), so that no element goes through scalar code.
-// Streamed output is built in a stack buffer and leaves in one run of whole lines, where row by
-// row it would leave partial lines.
+// Streamed output is built in a buffer in cache and leaves in one run of whole lines, where row
+// by row it would leave partial lines. The buffers are the thread's, kept across calls.
 
 /// A value per row of a sub-block, padded by LANES so that [`spread`] can read a whole vector
 /// from any row.
 type PerRow = [f32; SHORT_BLOCK + LANES];
 
-/// The per-row values of a sub-block of short rows and the buffers that find them, kept by the
-/// caller across sub-blocks (filling them anew for each one showed up as a tenth of the time,
+const _: () =
+    assert!(size_of::<PerRow>().is_multiple_of(64) && (SHORT_BLOCK * 4).is_multiple_of(64));
+
+/// The per-row values of a sub-block of short rows and the buffers that find them, kept across
+/// sub-blocks and calls (filling them anew for each sub-block showed up as a tenth of the time,
 /// in `memset`).
+///
+/// Every buffer is a whole number of cache lines, and in this order starts on one (so that no
+/// vector of it straddles two).
+#[repr(C, align(64))]
 struct ShortBlock {
-    cols: usize,
     /// Each row's maximum; NaN for a degenerate row.
     maxes: PerRow,
     /// Each row's sum (of exponentials, or of the terms of a backward reduction), and what the
     /// kernels make of it.
     sums: PerRow,
-    /// Below LANES columns: how [`spread`] places per-row values beside their elements.
-    spread: Spread,
     /// The two buffers of [`doubling_windows`], and the output of [`spread`].
     windows: [[f32; SHORT_BLOCK]; 2],
+    /// Below LANES columns: how [`spread`] places per-row values beside their elements.
+    spread: Spread,
+    cols: usize,
 }
 
 impl ShortBlock {
@@ -656,10 +668,75 @@ impl ShortBlock {
     }
 }
 
+/// What a short-row kernel works in: a [`ShortBlock`] and a sub-block of output to stream out.
+#[repr(C, align(64))]
+struct ShortScratch {
+    block: ShortBlock,
+    built: [f32; SHORT_BLOCK],
+}
+
+impl ShortScratch {
+    /// This thread's scratch, set up for rows of `cols` columns.
+    fn for_cols(cols: usize) -> Kept<Self> {
+        let mut scratch = Kept::take(&SHORT_SCRATCH, || Self {
+            block: ShortBlock::new(cols),
+            built: [0.0; SHORT_BLOCK],
+        });
+        if scratch.block.cols != cols {
+            scratch.block.spread = Spread::new(cols);
+            scratch.block.cols = cols;
+        }
+        scratch
+    }
+}
+
+/// A value kept by this thread in `key` across calls, taken out for one (a fresh one where the
+/// thread keeps none, as in a nested call) and put back when dropped. Filling a short-row
+/// kernel's buffers anew took three fifths of a cross-entropy call on 32 x 10, in `memset`.
+struct Kept<T: 'static> {
+    key: &'static std::thread::LocalKey<std::cell::Cell<Option<Box<T>>>>,
+    value: Option<Box<T>>,
+}
+
+impl<T: 'static> Kept<T> {
+    fn take(
+        key: &'static std::thread::LocalKey<std::cell::Cell<Option<Box<T>>>>,
+        fresh: impl FnOnce() -> T,
+    ) -> Self {
+        let value = key.try_with(|cell| cell.take()).ok().flatten();
+        Self {
+            key,
+            value: Some(value.unwrap_or_else(|| Box::new(fresh()))),
+        }
+    }
+}
+
+impl<T: 'static> std::ops::Deref for Kept<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.value.as_deref().expect("kept until dropped")
+    }
+}
+
+impl<T: 'static> std::ops::DerefMut for Kept<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_deref_mut().expect("kept until dropped")
+    }
+}
+
+impl<T: 'static> Drop for Kept<T> {
+    fn drop(&mut self) {
+        let value = self.value.take();
+        // During the thread's teardown the value is just dropped.
+        let _ = self.key.try_with(|cell| cell.set(value));
+    }
+}
+
 /// For rows of `cols < LANES` columns: vector `k` of a sub-block (elements `LANES k ..
 /// LANES (k + 1)`) holds elements of the rows `first[k] + lane[k][i]`, at most LANES rows from
 /// `first[k]`, so one permutation of a vector of per-row values places them beside their
 /// elements (a gather per vector cost a sixth of softmax's time on 10 columns).
+#[repr(C)]
 struct Spread {
     first: [u16; SHORT_BLOCK / LANES],
     lane: [[u32; LANES]; SHORT_BLOCK / LANES],
@@ -891,28 +968,28 @@ fn short_sums<M: MulAdd>(v: &[f32], block: &mut ShortBlock) {
     doubling_windows(v, cols, &mut block.windows, add, add, &mut level);
 }
 
-/// How far from its row's first element a short softmax row's elements may lie for the row to
-/// be shifted by that element rather than by its maximum: `e^(x - x_0)` and a row's sum of them
-/// are then normal f32 numbers (from 1.6e-28 to below 1e29).
-const FIRST_SHIFT_BOUND: f32 = 64.0;
+/// How far from its row's shift a short row's elements may lie for the row to be shifted by
+/// something other than its maximum (see [`shifted_exps`]): `e^(x - shift)` and a row's sum of
+/// them are then normal f32 numbers (from 1.6e-28 to below 1e29).
+const SHIFT_BOUND: f32 = 64.0;
 
-/// For a sub-block `x` of rows of fewer than LANES columns, a caller that needs only ratios of
-/// the exponentials (softmax): `e_j = exp(x_j - x_0)`, with `x_0` the first element of `x_j`'s
-/// row (in `block.maxes`), where every element of the sub-block lies within
-/// [`FIRST_SHIFT_BOUND`] of it; false, and `e` meaningless, where one does not.
+/// For a sub-block `x` of rows of fewer than LANES columns, each row's shift in the front of
+/// `block.maxes` (an element of the row): `e_j = exp(x_j - shift of its row)` where every
+/// element of the sub-block lies within [`SHIFT_BOUND`] of its row's shift; false, and `e`
+/// meaningless, where one does not.
 ///
-/// `e_j / sum e` is as accurate as with each row's maximum for the shift, and as invariant
-/// under translation (a shift that moves with the row: `x_j - x_0` rounds alike for `x` and `x +
-/// c`); finding such rows' maxima costs a third of softmax's time on 4-15 columns. Not for
-/// log-softmax or cross-entropy: `(x_j - x_0) - ln sum e` loses the accuracy near 0 (a
-/// confident row's loss) that the maximum keeps.
+/// Finding such rows' maxima costs a third of softmax's time on 4-15 columns. A shift that is
+/// an element of the row moves with the row, so `x_j - shift` rounds alike for `x` and `x + c`:
+/// the result stays invariant under translation. Softmax shifts by each row's first element
+/// (`e_j / sum e` is as accurate as with the maximum); cross-entropy with index targets by the
+/// target's logit (its loss, `ln sum e`, is as accurate near 0 as with the maximum, and where the
+/// target is not the maximum the sum is at least 2). Not for log-softmax: `(x_j - x_0) - ln sum
+/// e` loses the accuracy near 0 that the maximum keeps.
 #[inline(always)]
-fn first_shift_exps<M: MulAdd>(x: &[f32], e: &mut [f32], block: &mut ShortBlock) -> bool {
-    let rows = x.len() / block.cols;
-    strided::<M>(x, 0, block.cols, &mut block.maxes[..rows], |_, v| v);
+fn shifted_exps<M: MulAdd>(x: &[f32], e: &mut [f32], block: &mut ShortBlock) -> bool {
     let shifts = &mut block.windows[0];
     spread::<M>(&block.spread, &block.maxes, shifts, x.len());
-    // The widest `|x_j - x_0|`, on the bits: NaN (whose bits lie above infinity's) counts as
+    // The widest `|x_j - shift|`, on the bits: NaN (whose bits lie above infinity's) counts as
     // out of bounds, and the loop vectorises.
     let mut widest = 0u32;
     for ((ev, &xv), &s) in e.iter_mut().zip(x).zip(shifts.iter()) {
@@ -920,7 +997,14 @@ fn first_shift_exps<M: MulAdd>(x: &[f32], e: &mut [f32], block: &mut ShortBlock)
         widest = widest.max(d.to_bits() & 0x7fff_ffff);
         *ev = exp_nonpositive::<M>(d);
     }
-    widest < FIRST_SHIFT_BOUND.to_bits()
+    widest < SHIFT_BOUND.to_bits()
+}
+
+/// Each row's first element as its shift, in the front of `block.maxes`, for [`shifted_exps`].
+#[inline(always)]
+fn first_element_shifts<M: MulAdd>(x: &[f32], block: &mut ShortBlock) {
+    let rows = x.len() / block.cols;
+    strided::<M>(x, 0, block.cols, &mut block.maxes[..rows], |_, v| v);
 }
 
 /// For a sub-block `x` of rows of `cols` columns: `e_j = exp(x_j - max of its row)`, with each
@@ -1101,12 +1185,15 @@ fn short_scale(e: &mut [f32], k: f32) {
 /// in baseline code, where `f32::mul_add` is a library call: an eighth to a quarter of the
 /// speed.)
 trait ShortRowWork {
-    /// Whether the work needs only ratios of the exponentials (see [`first_shift_exps`]).
-    const FIRST_SHIFT: bool;
+    /// For a sub-block `x` of rows of fewer than LANES columns whose rows start at `first_row`
+    /// of the call: true where the work can do with each row shifted by one of its elements
+    /// rather than its maximum (see [`shifted_exps`]), with the shifts put in the front of
+    /// `block.maxes`; false where it needs the maxima.
+    fn shifts<M: MulAdd>(&mut self, first_row: usize, x: &[f32], block: &mut ShortBlock) -> bool;
 
     /// Turns `e`, the exponentials of the sub-block `x` whose rows start at `first_row` of the
     /// call, into its output; `block.maxes` holds each row's maximum (NaN for a degenerate
-    /// row), or its first element where [`first_shift_exps`] shifted by it.
+    /// row), or its shift where [`shifted_exps`] shifted by it.
     fn finish<M: MulAdd>(
         &mut self,
         first_row: usize,
@@ -1131,18 +1218,22 @@ fn short_row_blocks<M: MulAdd, W: ShortRowWork>(
     let stream = stream && cols < LANES;
     let block_rows = (SHORT_BLOCK / cols).max(1);
     let per_block = block_rows * cols;
-    let mut block = ShortBlock::new(cols);
-    let mut built = [0.0f32; SHORT_BLOCK];
+    let mut scratch = ShortScratch::for_cols(cols);
+    let ShortScratch { block, built } = &mut *scratch;
     for (b, (xb, yb)) in x.chunks(per_block).zip(y.chunks_mut(per_block)).enumerate() {
         let out = if stream {
             &mut built[..xb.len()]
         } else {
             &mut *yb
         };
-        if !(W::FIRST_SHIFT && cols < LANES && first_shift_exps::<M>(xb, out, &mut block)) {
-            short_exps::<M>(xb, out, &mut block);
+        let first_row = b * block_rows;
+        if !(cols < LANES
+            && work.shifts::<M>(first_row, xb, block)
+            && shifted_exps::<M>(xb, out, block))
+        {
+            short_exps::<M>(xb, out, block);
         }
-        work.finish::<M>(b * block_rows, xb, out, &mut block);
+        work.finish::<M>(first_row, xb, out, block);
         if stream {
             let out = &built[..xb.len()];
             store_map::<M>(yb, out, out, true, |v, _| v);
@@ -1154,7 +1245,13 @@ fn short_row_blocks<M: MulAdd, W: ShortRowWork>(
 struct ShortSoftmax<const LOG: bool>;
 
 impl<const LOG: bool> ShortRowWork for ShortSoftmax<LOG> {
-    const FIRST_SHIFT: bool = !LOG;
+    #[inline(always)]
+    fn shifts<M: MulAdd>(&mut self, _: usize, x: &[f32], block: &mut ShortBlock) -> bool {
+        if !LOG {
+            first_element_shifts::<M>(x, block);
+        }
+        !LOG
+    }
 
     #[inline(always)]
     fn finish<M: MulAdd>(&mut self, _: usize, x: &[f32], e: &mut [f32], block: &mut ShortBlock) {
@@ -1297,8 +1394,8 @@ fn short_backward_rows<M: MulAdd>(
     grad: impl Fn(f32, f32, f32) -> f32,
 ) {
     let per_block = (SHORT_BLOCK / cols).max(1) * cols;
-    let mut block = ShortBlock::new(cols);
-    let mut built = [0.0f32; SHORT_BLOCK];
+    let mut scratch = ShortScratch::for_cols(cols);
+    let ShortScratch { block, built } = &mut *scratch;
     for ((yb, gb), db) in y
         .chunks(per_block)
         .zip(dy.chunks(per_block))
@@ -1313,7 +1410,7 @@ fn short_backward_rows<M: MulAdd>(
             for ((o, &y), &g) in out.iter_mut().zip(yb).zip(gb) {
                 *o = term(y, g);
             }
-            short_sums::<M>(out, &mut block);
+            short_sums::<M>(out, block);
             let r = &mut block.windows[0];
             spread::<M>(&block.spread, &block.sums, r, yb.len());
             for (((o, &y), &g), &r) in out.iter_mut().zip(yb).zip(gb).zip(r.iter()) {
@@ -1829,7 +1926,8 @@ fn cross_entropy_rows<M: MulAdd>(
     let cols = ctx.plan.cols;
     if cols < SHORT_COLS {
         let logits = &ctx.logits[first * cols..first * cols + grad.len()];
-        let mut work = ShortCrossEntropy::new(ctx, first, losses);
+        let mut scratch = ShortCeScratch::kept();
+        let mut work = ShortCrossEntropy::new(ctx, first, losses, &mut scratch);
         short_row_blocks::<M, _>(logits, grad, cols, stream, &mut work);
         store_fence(stream);
         return;
@@ -1860,6 +1958,14 @@ struct ShortCrossEntropy<'a, 'c> {
     /// The call's first row in the batch.
     first: usize,
     losses: &'a mut [f64],
+    s: &'a mut ShortCeScratch,
+}
+
+/// The per-row values of [`ShortCrossEntropy`] over a sub-block.
+///
+/// Every buffer is a whole number of cache lines, and in this order starts on one.
+#[repr(C, align(64))]
+struct ShortCeScratch {
     /// Each row's `ln sum_j e_j`.
     log_sums: [f32; SHORT_BLOCK],
     /// Index targets: each row's gradient is `a e_j - b w_j`, but for its target class, whose
@@ -1880,37 +1986,77 @@ struct ShortCrossEntropy<'a, 'c> {
     /// entry for an ignored row), and the target class itself (0 there).
     at: [u32; SHORT_BLOCK],
     class: [u32; SHORT_BLOCK],
+    /// Whether `at` and `class` hold the current sub-block's, and whether one of its rows is
+    /// ignored.
+    located: bool,
+    ignored: bool,
 }
 
-impl<'a, 'c> ShortCrossEntropy<'a, 'c> {
-    fn new(ctx: &'a CeContext<'c>, first: usize, losses: &'a mut [f64]) -> Self {
-        let mut weights = [0.0; SHORT_BLOCK];
-        let cols = ctx.plan.cols;
-        if cols < LANES && !ctx.weight.is_empty() {
-            for row in weights.chunks_exact_mut(cols) {
-                row.copy_from_slice(ctx.weight);
-            }
-        }
-        Self {
-            ctx,
-            first,
-            losses,
+impl ShortCeScratch {
+    /// This thread's scratch.
+    fn kept() -> Kept<Self> {
+        Kept::take(&SHORT_CE_SCRATCH, || Self {
             log_sums: [0.0; SHORT_BLOCK],
             a: [0.0; SHORT_BLOCK + LANES],
             b: [0.0; SHORT_BLOCK + LANES],
             g_t: [0.0; SHORT_BLOCK],
-            weights,
+            weights: [0.0; SHORT_BLOCK],
             x_t: [0.0; SHORT_BLOCK],
             e_t: [0.0; SHORT_BLOCK],
             w_t: [0.0; SHORT_BLOCK],
             scales: [0.0; SHORT_BLOCK],
             at: [0; SHORT_BLOCK],
             class: [0; SHORT_BLOCK],
+            located: false,
+            ignored: false,
+        })
+    }
+}
+
+impl<'a, 'c> ShortCrossEntropy<'a, 'c> {
+    fn new(
+        ctx: &'a CeContext<'c>,
+        first: usize,
+        losses: &'a mut [f64],
+        s: &'a mut ShortCeScratch,
+    ) -> Self {
+        let cols = ctx.plan.cols;
+        if cols < LANES && !ctx.weight.is_empty() {
+            for row in s.weights.chunks_exact_mut(cols) {
+                row.copy_from_slice(ctx.weight);
+            }
+        }
+        s.located = false;
+        Self {
+            ctx,
+            first,
+            losses,
+            s,
         }
     }
 }
 
 impl ShortCrossEntropy<'_, '_> {
+    /// `at` and `class` for the index targets of the sub-block of `rows` rows at `first_row`.
+    #[inline(always)]
+    fn locate(&mut self, targets: &[i32], first_row: usize, rows: usize) {
+        let cols = self.ctx.plan.cols;
+        let first = self.first + first_row;
+        // Flags rather than an early exit, so that the loop vectorises.
+        let mut ignored = false;
+        for (i, ((&t, at), class)) in targets[first..first + rows]
+            .iter()
+            .zip(&mut self.s.at)
+            .zip(&mut self.s.class)
+            .enumerate()
+        {
+            ignored |= t == IGNORED_ROW;
+            *class = if t == IGNORED_ROW { 0 } else { t as u32 };
+            *at = (i * cols) as u32 + *class;
+        }
+        (self.s.located, self.s.ignored) = (true, ignored);
+    }
+
     /// The scalars of the index-target rows of a sub-block without label smoothing (`b = 0`), in
     /// loops over the rows that vectorise: the target entries are gathered first, then the
     /// arithmetic of [`index_scalars`] runs across rows. Rows that are ignored or degenerate
@@ -1930,34 +2076,48 @@ impl ShortCrossEntropy<'_, '_> {
         let w = ctx.weight;
         let rows = targets.len();
         let losses = &mut self.losses[first_row..first_row + rows];
-        gather_rows::<M>(x, &self.at[..rows], &mut self.x_t[..rows]);
-        gather_rows::<M>(e, &self.at[..rows], &mut self.e_t[..rows]);
+        gather_rows::<M>(x, &self.s.at[..rows], &mut self.s.x_t[..rows]);
+        gather_rows::<M>(e, &self.s.at[..rows], &mut self.s.e_t[..rows]);
         if w.is_empty() {
-            self.w_t[..rows].fill(1.0);
+            self.s.w_t[..rows].fill(1.0);
         } else {
-            gather_rows::<M>(w, &self.class[..rows], &mut self.w_t[..rows]);
+            gather_rows::<M>(w, &self.s.class[..rows], &mut self.s.w_t[..rows]);
         }
-        let scales = &mut self.scales[..rows];
+        let scales = &mut self.s.scales[..rows];
         ctx.plan.grad_scales(self.first + first_row, scales);
         for (i, loss) in losses.iter_mut().enumerate().take(rows) {
             let r = index_scalars(
                 ctx,
-                self.w_t[i],
-                self.x_t[i],
-                self.e_t[i],
+                self.s.w_t[i],
+                self.s.x_t[i],
+                self.s.e_t[i],
                 maxes[i],
                 1.0 / sums[i],
-                self.log_sums[i],
+                self.s.log_sums[i],
                 scales[i],
             );
             *loss = r.loss;
-            (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
+            (self.s.a[i], self.s.b[i], self.s.g_t[i]) = (r.a, r.b, r.g_t);
         }
     }
 }
 
 impl ShortRowWork for ShortCrossEntropy<'_, '_> {
-    const FIRST_SHIFT: bool = false;
+    /// With index targets and no label smoothing, each row's target logit.
+    #[inline(always)]
+    fn shifts<M: MulAdd>(&mut self, first_row: usize, x: &[f32], block: &mut ShortBlock) -> bool {
+        let ctx = self.ctx;
+        let CrossEntropyTargets::Indices(targets) = &ctx.plan.targets else {
+            return false;
+        };
+        if ctx.smooth != 0.0 {
+            return false;
+        }
+        let rows = x.len() / ctx.plan.cols;
+        self.locate(targets, first_row, rows);
+        gather_rows::<M>(x, &self.s.at[..rows], &mut block.maxes[..rows]);
+        true
+    }
 
     #[inline(always)]
     fn finish<M: MulAdd>(
@@ -1972,27 +2132,21 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
         let rows = x.len() / cols;
         short_sums::<M>(e, block);
         let sums = &block.sums[..rows];
-        for (l, &s) in self.log_sums.iter_mut().zip(sums) {
+        for (l, &s) in self.s.log_sums.iter_mut().zip(sums) {
             *l = ln_normal(s);
         }
         let maxes = &block.maxes[..rows];
+        if let CrossEntropyTargets::Indices(targets) = &ctx.plan.targets {
+            if !self.s.located {
+                self.locate(targets, first_row, rows);
+            }
+            self.s.located = false;
+        }
         let losses = &mut self.losses[first_row..first_row + rows];
         let first = self.first + first_row;
         if let CrossEntropyTargets::Indices(targets) = &ctx.plan.targets {
             let targets = &targets[first..first + rows];
-            // Flags rather than an early exit, so that the loop vectorises.
-            let mut special = false;
-            for (i, ((&t, at), class)) in targets
-                .iter()
-                .zip(&mut self.at)
-                .zip(&mut self.class)
-                .enumerate()
-            {
-                special |= t == IGNORED_ROW;
-                *class = if t == IGNORED_ROW { 0 } else { t as u32 };
-                *at = (i * cols) as u32 + *class;
-            }
-            special |= maxes.iter().fold(false, |any, m| any | m.is_nan());
+            let special = self.s.ignored | maxes.iter().fold(false, |any, m| any | m.is_nan());
             // Each row's scalars; ignored and degenerate rows are written after the flat pass.
             if ctx.smooth == 0.0 {
                 self.index_rows::<M>(first_row, targets, x, e, maxes, sums);
@@ -2001,11 +2155,11 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
                     .iter()
                     .zip(maxes)
                     .zip(sums)
-                    .zip(&self.log_sums)
+                    .zip(&self.s.log_sums)
                     .enumerate()
                 {
                     if t == IGNORED_ROW || max.is_nan() {
-                        (self.a[i], self.b[i]) = (0.0, 0.0);
+                        (self.s.a[i], self.s.b[i]) = (0.0, 0.0);
                         continue;
                     }
                     let t = t as usize;
@@ -2021,33 +2175,36 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
                         log_sum,
                     );
                     losses[i] = r.loss;
-                    (self.a[i], self.b[i], self.g_t[i]) = (r.a, r.b, r.g_t);
+                    (self.s.a[i], self.s.b[i], self.s.g_t[i]) = (r.a, r.b, r.g_t);
                 }
             }
             let losses = &mut self.losses[first_row..first_row + rows];
             if cols < LANES {
                 // One flat pass across the rows.
                 let [a, b] = &mut block.windows;
-                spread::<M>(&block.spread, &self.a, a, x.len());
+                spread::<M>(&block.spread, &self.s.a, a, x.len());
                 if ctx.weight.is_empty() {
                     for (g, &a) in e.iter_mut().zip(a.iter()) {
                         *g *= a;
                     }
                 } else {
-                    spread::<M>(&block.spread, &self.b, b, x.len());
-                    for (((g, &w), &a), &b) in
-                        e.iter_mut().zip(&self.weights).zip(a.iter()).zip(b.iter())
+                    spread::<M>(&block.spread, &self.s.b, b, x.len());
+                    for (((g, &w), &a), &b) in e
+                        .iter_mut()
+                        .zip(&self.s.weights)
+                        .zip(a.iter())
+                        .zip(b.iter())
                     {
                         *g = M::mul_add(a, *g, -b * w);
                     }
                 }
             } else {
-                for ((g, &a), &b) in e.chunks_exact_mut(cols).zip(&self.a).zip(&self.b) {
+                for ((g, &a), &b) in e.chunks_exact_mut(cols).zip(&self.s.a).zip(&self.s.b) {
                     index_row_grad::<M>(g, ctx.weight, a, b);
                 }
             }
             if !special {
-                for (&at, &g_t) in self.at[..rows].iter().zip(&self.g_t) {
+                for (&at, &g_t) in self.s.at[..rows].iter().zip(&self.s.g_t) {
                     e[at as usize] = g_t;
                 }
                 return;
@@ -2061,7 +2218,7 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
                     g.fill(f32::NAN);
                     *loss = f64::NAN;
                 } else {
-                    g[t as usize] = self.g_t[i];
+                    g[t as usize] = self.s.g_t[i];
                 }
             }
             return;
@@ -2071,7 +2228,7 @@ impl ShortRowWork for ShortCrossEntropy<'_, '_> {
             .zip(x.chunks_exact(cols))
             .zip(maxes)
             .zip(losses.iter_mut())
-            .zip(sums.iter().zip(&self.log_sums))
+            .zip(sums.iter().zip(&self.s.log_sums))
             .enumerate()
         {
             let r = first + i;
@@ -2776,7 +2933,11 @@ mod tests {
         let x = from_zero(rows, 63.9);
         let mut block = ShortBlock::new(cols);
         let mut e = vec![0.0; x.len()];
-        assert!(first_shift_exps::<Separate>(&x, &mut e, &mut block));
+        let first_shift = |x: &[f32], e: &mut [f32], block: &mut ShortBlock| {
+            first_element_shifts::<Separate>(x, block);
+            shifted_exps::<Separate>(x, e, block)
+        };
+        assert!(first_shift(&x, &mut e, &mut block));
         for (&got, &x) in e.iter().zip(&x) {
             let want = f64::from(x).exp();
             assert!(
@@ -2785,15 +2946,10 @@ mod tests {
             );
         }
         // One element at the bound, or NaN or -inf, leaves the sub-block to the rows' maxima.
-        for bad in [
-            FIRST_SHIFT_BOUND,
-            -FIRST_SHIFT_BOUND,
-            f32::NAN,
-            f32::NEG_INFINITY,
-        ] {
+        for bad in [SHIFT_BOUND, -SHIFT_BOUND, f32::NAN, f32::NEG_INFINITY] {
             let mut y = x.clone();
             y[7 * cols + 3] = bad;
-            assert!(!first_shift_exps::<Separate>(&y, &mut e, &mut block));
+            assert!(!first_shift(&y, &mut e, &mut block));
         }
 
         // Through the op, both ways (a sub-block with an element beyond the bound, the next
@@ -2812,11 +2968,7 @@ mod tests {
         let x: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 63) as f32 - 31.0)
             .collect();
-        assert!(first_shift_exps::<Separate>(
-            &x[..e.len()],
-            &mut e,
-            &mut block
-        ));
+        assert!(first_shift(&x[..e.len()], &mut e, &mut block));
         let base = softmax(&x, cols).unwrap();
         for c in [1e4f32, 1e7] {
             let shifted: Vec<f32> = x.iter().map(|v| v + c).collect();
@@ -2834,6 +2986,102 @@ mod tests {
             log_softmax(&x, 40).unwrap(),
             log_softmax(&shifted, 40).unwrap()
         );
+    }
+
+    #[test]
+    fn short_cross_entropy_rows_shift_by_their_target_logit_within_the_bound() {
+        let cols = 10;
+        let rows = 3 * SHORT_BLOCK / cols;
+        let mut rng = Rng::new(22);
+        // Confident rows: the target logit 60 above the row's first element and 8-11 above the
+        // others, so each loss is about 1e-4 to 1e-3, where an f32 loss has about 6e-8 of
+        // absolute error from its sum of exponentials (`ln(1 + s)`, with `1 + s` rounded) but
+        // a shift other than the target's or the maximum's would add the rounding of ~60.
+        let targets: Vec<i64> = (0..rows).map(|_| 1 + rng.below(cols - 1) as i64).collect();
+        let mut x = vec![0.0f32; rows * cols];
+        for (row, &t) in x.chunks_exact_mut(cols).zip(&targets) {
+            for v in &mut row[1..] {
+                // Eighths, so that `x + c` below is exact.
+                *v = 49.0 + rng.below(24) as f32 / 8.0;
+            }
+            row[t as usize] = 60.0;
+        }
+        // One sub-block with a row beyond the bound of its target (the rows' maxima then), the
+        // others within it.
+        x[7 * cols] = -10.0;
+        let options = CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let targets = Targets::Indices(&targets);
+        let want = reference::cross_entropy(&x, cols, targets, &options, GradOutput::One).unwrap();
+        let plan =
+            validate::cross_entropy(x.len(), cols, targets, &options, GradOutput::One).unwrap();
+        for isa in supported_isas() {
+            let mut grad = vec![0.0; x.len()];
+            let got = cross_entropy_planned(&plan, &x, &mut grad, false, None, isa);
+            let what = format!("{isa:?} confident rows of 10");
+            check_cross_entropy(&what, &got, &grad, &want);
+            for (r, (&l, &w)) in got.iter().zip(&want.loss).enumerate() {
+                assert!(
+                    (f64::from(l) - w).abs() <= 2e-7,
+                    "{what}: row {r} loss {l}, want {w}"
+                );
+            }
+        }
+        // Invariant under translation, bitwise, loss and gradient (`x + c` is exact here).
+        let base = cross_entropy(&x, cols, targets, &options, GradOutput::One).unwrap();
+        for c in [1e3f32, 1e5] {
+            let shifted: Vec<f32> = x.iter().map(|v| v + c).collect();
+            let moved = cross_entropy(&shifted, cols, targets, &options, GradOutput::One).unwrap();
+            assert_eq!(moved.loss, base.loss, "loss, offset {c}");
+            assert_eq!(moved.grad, base.grad, "grad, offset {c}");
+        }
+    }
+
+    /// The short-row kernels keep their buffers across calls on a thread: a call after calls of
+    /// other widths and class weights gives what it gave before them.
+    #[test]
+    fn short_row_buffers_kept_across_calls_of_other_shapes() {
+        let mut rng = Rng::new(23);
+        // With and without label smoothing (where the class weights reach every element).
+        fn options(w: &[f32]) -> [CrossEntropyOptions<'_>; 2] {
+            [0.0, 0.1].map(|label_smoothing| CrossEntropyOptions {
+                weight: Some(w),
+                label_smoothing,
+                ..Default::default()
+            })
+        }
+        let run = |x: &[f32], cols: usize, targets: &[i64], w: &[f32]| {
+            let ce = options(w).map(|o| {
+                cross_entropy(x, cols, Targets::Indices(targets), &o, GradOutput::One).unwrap()
+            });
+            (softmax(x, cols).unwrap(), ce)
+        };
+        // Small enough to run on this thread.
+        let cases: Vec<_> = [10, 4, 13, 10]
+            .iter()
+            .map(|&cols| {
+                let rows = 37;
+                let x = rng.normals(rows * cols, 2.0);
+                let t: Vec<i64> = (0..rows).map(|_| rng.below(cols) as i64).collect();
+                let w: Vec<f32> = (0..cols).map(|_| 0.5 + rng.uniform() as f32).collect();
+                (x, cols, t, w)
+            })
+            .collect();
+        let first: Vec<_> = cases.iter().map(|(x, c, t, w)| run(x, *c, t, w)).collect();
+        for (i, (x, cols, t, w)) in cases.iter().enumerate().rev() {
+            let (y, ce) = run(x, *cols, t, w);
+            assert_eq!(y, first[i].0, "softmax, case {i}");
+            for ((ce, before), o) in ce.iter().zip(&first[i].1).zip(options(w)) {
+                let what = format!("case {i} smoothing {}", o.label_smoothing);
+                assert_eq!(ce.loss, before.loss, "cross-entropy loss, {what}");
+                assert_eq!(ce.grad, before.grad, "cross-entropy gradient, {what}");
+                let want =
+                    reference::cross_entropy(x, *cols, Targets::Indices(t), &o, GradOutput::One);
+                check_cross_entropy(&what, &ce.loss, &ce.grad, &want.unwrap());
+            }
+        }
     }
 
     #[test]
