@@ -248,59 +248,55 @@ pub(crate) fn upstream_grad(
     })
 }
 
-/// [`resolve_chunk`] built for the best instruction set the CPU offers.
-fn resolve_chunk_on<T: Copy + Into<i64>>(
-    out: &mut [i32],
-    targets: &[T],
+/// What the index targets of a call are checked against.
+#[derive(Clone, Copy)]
+struct TargetRule<'w> {
     cols: usize,
     ignore_index: i64,
-    weight: Option<&[f32]>,
-) -> Option<(usize, f64)> {
+    weight: Option<&'w [f32]>,
+}
+
+/// A chunk's number of kept rows and sum of their target weights; None where a target is out of
+/// range.
+type Resolved = Option<(usize, f64)>;
+
+/// [`resolve_chunk`] built for the best instruction set the CPU offers.
+fn resolve_chunk_on<T: Copy + Into<i64>>(out: &mut [i32], t: &[T], rule: TargetRule) -> Resolved {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx2")]
-        fn avx512<T: Copy + Into<i64>>(
-            out: &mut [i32],
-            targets: &[T],
-            cols: usize,
-            ignore_index: i64,
-            weight: Option<&[f32]>,
-        ) -> Option<(usize, f64)> {
-            resolve_chunk(out, targets, cols, ignore_index, weight)
+        fn avx512<T: Copy + Into<i64>>(out: &mut [i32], t: &[T], rule: TargetRule) -> Resolved {
+            resolve_chunk(out, t, rule)
         }
         #[target_feature(enable = "avx2")]
-        fn avx2<T: Copy + Into<i64>>(
-            out: &mut [i32],
-            targets: &[T],
-            cols: usize,
-            ignore_index: i64,
-            weight: Option<&[f32]>,
-        ) -> Option<(usize, f64)> {
-            resolve_chunk(out, targets, cols, ignore_index, weight)
+        fn avx2<T: Copy + Into<i64>>(out: &mut [i32], t: &[T], rule: TargetRule) -> Resolved {
+            resolve_chunk(out, t, rule)
         }
         if std::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (and so AVX2).
-            return unsafe { avx512(out, targets, cols, ignore_index, weight) };
+            return unsafe { avx512(out, t, rule) };
         }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
-            return unsafe { avx2(out, targets, cols, ignore_index, weight) };
+            return unsafe { avx2(out, t, rule) };
         }
     }
-    resolve_chunk(out, targets, cols, ignore_index, weight)
+    resolve_chunk(out, t, rule)
 }
 
 /// Converts a chunk of index targets into `out` (see [`resolve_indices`]), in one pass without
-/// branches that vectorises: the number of kept rows and the sum of their target weights, or
-/// None where a target is out of range.
+/// branches that vectorises.
 #[inline(always)]
 fn resolve_chunk<T: Copy + Into<i64>>(
     out: &mut [i32],
     targets: &[T],
-    cols: usize,
-    ignore_index: i64,
-    weight: Option<&[f32]>,
-) -> Option<(usize, f64)> {
+    rule: TargetRule,
+) -> Resolved {
+    let TargetRule {
+        cols,
+        ignore_index,
+        weight,
+    } = rule;
     let mut bad = false;
     for (o, &value) in out.iter_mut().zip(targets) {
         let value = value.into();
@@ -336,10 +332,13 @@ fn resolve_indices<'a, T: Copy + Into<i64> + Sync>(
 ) -> Result<(CrossEntropyTargets<'a>, usize, f64)> {
     let in_range = |value: i64| value >= 0 && (value as u64) < cols as u64;
     let mut resolved = vec![0i32; targets.len()];
-    let chunk = |(out, targets): (&mut [i32], &[T])| {
-        resolve_chunk_on(out, targets, cols, ignore_index, weight)
+    let rule = TargetRule {
+        cols,
+        ignore_index,
+        weight,
     };
-    let parts: Vec<Option<(usize, f64)>> = if targets.len() > RESOLVE_CHUNK {
+    let chunk = |(out, targets): (&mut [i32], &[T])| resolve_chunk_on(out, targets, rule);
+    let parts: Vec<Resolved> = if targets.len() > RESOLVE_CHUNK {
         resolved
             .par_chunks_mut(RESOLVE_CHUNK)
             .zip(targets.par_chunks(RESOLVE_CHUNK))
