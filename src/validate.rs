@@ -260,10 +260,11 @@ struct TargetRule<'w> {
 /// range.
 type Resolved = Option<(usize, f64)>;
 
-/// [`resolve_chunk`] built for the best instruction set the CPU offers.
+/// [`resolve_chunk`] built for the instruction set the CPU path's kernels run with.
 fn resolve_chunk_on<T: Copy + Into<i64>>(out: &mut [i32], t: &[T], rule: TargetRule) -> Resolved {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
+        use crate::cpu::fast::{isa, Isa};
         #[target_feature(enable = "avx512f,avx2")]
         fn avx512<T: Copy + Into<i64>>(out: &mut [i32], t: &[T], rule: TargetRule) -> Resolved {
             resolve_chunk(out, t, rule)
@@ -272,13 +273,12 @@ fn resolve_chunk_on<T: Copy + Into<i64>>(out: &mut [i32], t: &[T], rule: TargetR
         fn avx2<T: Copy + Into<i64>>(out: &mut [i32], t: &[T], rule: TargetRule) -> Resolved {
             resolve_chunk(out, t, rule)
         }
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (and so AVX2).
-            return unsafe { avx512(out, t, rule) };
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { avx2(out, t, rule) };
+        match isa() {
+            // SAFETY: `isa()` found AVX-512F and AVX2 on this CPU.
+            Isa::Avx512 => return unsafe { avx512(out, t, rule) },
+            // SAFETY: `isa()` found AVX2 on this CPU.
+            Isa::Avx2 => return unsafe { avx2(out, t, rule) },
+            Isa::Baseline => {}
         }
     }
     resolve_chunk(out, t, rule)

@@ -1559,7 +1559,7 @@ macro_rules! multiversion {
 
 /// The instruction sets the kernels are built for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
+pub(crate) enum Isa {
     /// The target's baseline (SSE2 on x86-64).
     Baseline,
     /// AVX2 with FMA.
@@ -1571,7 +1571,7 @@ enum Isa {
 }
 
 /// The best instruction set this CPU supports.
-fn isa() -> Isa {
+pub(crate) fn isa() -> Isa {
     // The detection macro caches its answers, so this is a few relaxed loads.
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
