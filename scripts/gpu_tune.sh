@@ -42,6 +42,10 @@ max_items=8|max_items=8|$medium
 max_items=32|max_items=32|$medium
 vector=1|vector=1|$all
 subgroups=0|subgroups=0|$all
+subgroups=0,thread_max_cols_without_subgroups=128|subgroups=0 thread_max_cols_without_subgroups=128|$short
+subgroups=0,thread_max_cols_without_subgroups=1024|subgroups=0 thread_max_cols_without_subgroups=1024|$medium
+subgroups=0,row_workgroup=32|subgroups=0 row_workgroup=32|$medium $long
+subgroups=0,row_workgroup=64|subgroups=0 row_workgroup=64|$medium $long
 split_chunk=2048|split_chunk=2048|$long
 split_chunk=8192|split_chunk=8192|$long
 split_chunk=16384|split_chunk=16384|$long

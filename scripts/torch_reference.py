@@ -11,12 +11,15 @@ bench's JSON fields, with device "torch".
     python3 scripts/torch_reference.py --json > torch.json          # CUDA when present
     python3 scripts/torch_reference.py --device cpu --shape 64x1000  # a quick look anywhere
 
-On CUDA the times come from CUDA events around each call (timing "cuda-events"); on the CPU from
-the wall clock (timing "wall-cpu").
+On CUDA the times come from CUDA events around a batch of calls back to back, after a tenth of
+a second of warm-up, as the bench times a hardware GPU (timing "cuda-events"; `runs_per_sample`
+says how many calls, and the time is per call); on the CPU from the wall clock around each call
+(timing "wall-cpu").
 """
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -74,22 +77,46 @@ def make_op(op, rows, cols, device, generator):
 
 
 class Timer:
+    """Times a callable in batches of runs back to back, as `wgpu-softmax bench` does on a
+    hardware GPU: a tenth of a second of warm-up first (a GPU's clocks fall while it waits on
+    short, lone kernels), then samples of at least 2 ms; each figure is per run."""
+
+    WARM_UP = 0.1
+    SAMPLE = 2e-3
+    MAX_RUNS = 1000
+
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.name = "cuda-events" if self.cuda else "wall-cpu"
 
-    def seconds(self, fn):
+    def seconds(self, fn, runs=1):
+        """Mean seconds of one of `runs` calls of `fn` back to back."""
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(runs):
+                fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return start.elapsed_time(end) / 1e3 / runs
         t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        for _ in range(runs):
+            fn()
+        return (time.perf_counter() - t0) / runs
+
+    def runs(self, one):
+        if not self.cuda:
+            return 1
+        return max(1, min(self.MAX_RUNS, math.ceil(self.SAMPLE / max(one, 1e-9))))
+
+    def calibrate(self, fn):
+        """Warms `fn` up; returns the runs per sample."""
+        t0 = time.perf_counter()
+        runs = self.runs(self.seconds(fn))
+        while self.cuda and time.perf_counter() - t0 < self.WARM_UP:
+            runs = self.runs(self.seconds(fn, runs))
+        return runs
 
 
 def run(args):
@@ -104,11 +131,12 @@ def run(args):
         copy = lambda: dst.copy_(src)  # noqa: E731
         for op in args.ops or OPS:
             fn = make_op(op, rows, cols, device, generator)
-            fn(), copy()  # warm-up
+            op_runs = timer.calibrate(fn)
+            copy_runs = timer.runs(timer.seconds(copy))
             op_times, copy_times = [], []
             for _ in range(args.repeats):
-                copy_times.append(timer.seconds(copy))
-                op_times.append(timer.seconds(fn))
+                copy_times.append(timer.seconds(copy, copy_runs))
+                op_times.append(timer.seconds(fn, op_runs))
             seconds = statistics.median(op_times)
             limit = bytes_moved("copy", rows, cols) / statistics.median(copy_times) / 1e9
             gb_per_s = bytes_moved(op, rows, cols) / seconds / 1e9
@@ -122,6 +150,7 @@ def run(args):
                 "limit_gb_per_s": limit,
                 "pct_of_limit": 100.0 * gb_per_s / limit,
                 "timing": timer.name,
+                "runs_per_sample": op_runs,
                 "adapter": f"{name} (torch {torch.__version__})",
             })
             if not args.json:

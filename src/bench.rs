@@ -90,9 +90,11 @@ impl BenchOp {
 /// How a duration was measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timing {
-    /// GPU timestamps written at the start and end of the op's compute pass.
+    /// GPU timestamps written at the start and end of the op's compute pass (of the first and
+    /// the last of a batch of runs back to back, divided by the runs).
     TimestampQuery,
-    /// Wall clock from submission to completion (the adapter has no timestamp queries).
+    /// Wall clock from submission to completion (the adapter has no timestamp queries), of one
+    /// run or a batch of runs divided by the runs.
     WallSubmitToCompletion,
     /// Wall clock of a host-slice call: upload, kernels and readback.
     WallEndToEnd,
@@ -244,7 +246,19 @@ impl GpuBench {
     /// # Errors
     /// Device errors.
     pub fn run(&self) -> Result<Duration> {
-        self.submit(true)
+        self.run_batch(1)
+    }
+
+    /// Runs the op `runs` times back to back in one submission (at least once) and returns the
+    /// mean duration of one run, timed as [`GpuBench::timing`] says: the timestamps are written
+    /// at the start of the first run's compute pass and the end of the last one's. Batches keep
+    /// the GPU busy between the host's waits, so that the figures hold for a GPU at work rather
+    /// than one whose clocks fall between short, lone dispatches.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn run_batch(&self, runs: u32) -> Result<Duration> {
+        self.submit(true, runs.max(1))
     }
 
     /// Runs the op once on the device-resident inputs and returns the wall time from submission
@@ -253,19 +267,25 @@ impl GpuBench {
     /// # Errors
     /// Device errors.
     pub fn run_wall(&self) -> Result<Duration> {
-        self.submit(false)
+        self.submit(false, 1)
     }
 
-    fn submit(&self, timed: bool) -> Result<Duration> {
+    fn submit(&self, timed: bool, runs: u32) -> Result<Duration> {
         let gpu = &self.ctx.gpu;
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         let timer = self.timer.as_ref().filter(|_| timed);
-        let timestamps = timer.map(|t| wgpu::ComputePassTimestampWrites {
-            query_set: &t.queries,
-            beginning_of_pass_write_index: Some(0),
-            end_of_pass_write_index: Some(1),
-        });
-        gpu.scoped(|| self.encode(&mut encoder, timestamps))?;
+        for run in 0..runs {
+            let (first, last) = (run == 0, run + 1 == runs);
+            let timestamps =
+                timer
+                    .filter(|_| first || last)
+                    .map(|t| wgpu::ComputePassTimestampWrites {
+                        query_set: &t.queries,
+                        beginning_of_pass_write_index: first.then_some(0),
+                        end_of_pass_write_index: last.then_some(1),
+                    });
+            gpu.scoped(|| self.encode(&mut encoder, timestamps))?;
+        }
         if let Some(timer) = timer {
             encoder.resolve_query_set(&timer.queries, 0..2, &timer.resolved, 0);
             encoder.copy_buffer_to_buffer(&timer.resolved, 0, &timer.readback, 0, 16);
@@ -278,11 +298,11 @@ impl GpuBench {
                 timeout: None,
             })
             .map_err(|e| Error::DeviceLost(e.to_string()))?;
-        let wall = start.elapsed();
-        match timer {
-            None => Ok(wall),
-            Some(timer) => timer.read(&self.ctx),
-        }
+        let total = match timer {
+            None => start.elapsed(),
+            Some(timer) => timer.read(&self.ctx)?,
+        };
+        Ok(total / runs)
     }
 
     /// Runs the op's host-slice form once (upload, kernels, readback) and returns its wall time.

@@ -254,6 +254,13 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
             }
             other => panic!("device {other}"),
         }
+        // Batched samples on hardware GPUs only: the CPU path and software adapters time one
+        // run per sample.
+        let runs = field("runs_per_sample").as_u64().unwrap();
+        assert!((1..=1000).contains(&runs), "{record}");
+        if device == "cpu" || !is_hardware_gpu(field("adapter").as_str().unwrap_or_default()) {
+            assert_eq!(runs, 1, "{record}");
+        }
         let gb = field("gb_per_s").as_f64().unwrap();
         assert!(gb.is_finite() && gb > 0.0, "{record}");
         assert!(field("pct_of_limit").as_f64().unwrap() > 0.0, "{record}");
@@ -466,4 +473,10 @@ fn apply_output_keeps_permissions_and_refuses_read_only_files() {
         );
         assert_eq!(std::fs::read(&out).unwrap(), b"old");
     }
+}
+
+/// Whether a bench record's `adapter` (as `Context::describe` writes it) is a hardware GPU rather
+/// than a software adapter (device type `Cpu`).
+fn is_hardware_gpu(adapter: &str) -> bool {
+    !adapter.contains(", Cpu, ")
 }

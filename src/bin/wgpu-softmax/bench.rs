@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -279,6 +279,9 @@ struct Record {
     limit_gb_per_s: f64,
     pct_of_limit: f64,
     timing: &'static str,
+    /// Runs back to back in each timed sample (the time is per run): GPU samples are batched
+    /// on hardware GPUs, see `Pace`.
+    runs_per_sample: u32,
     /// The GPU adapter, when one was used.
     #[serde(skip_serializing_if = "Option::is_none")]
     adapter: Option<String>,
@@ -303,28 +306,95 @@ fn middle(times: &mut [Duration]) -> Duration {
     times[times.len() / 2]
 }
 
-/// Medians of `op` and of each of `limits`, timed in turn within every repetition (after one
-/// warm-up each): the machine's bandwidth drifts over seconds on shared hosts, and interleaving
-/// keeps an op and its limit measured under the same conditions.
-fn interleaved(
-    mut op: impl FnMut() -> Result<Duration>,
-    limits: &mut [&mut dyn FnMut() -> Result<Duration>],
-    repeats: usize,
-) -> Result<(Duration, Vec<Duration>)> {
-    op()?;
-    for limit in limits.iter_mut() {
-        limit()?;
+/// How a case is warmed up and how many runs back to back make one timed sample.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// Warm-up wall time before the first timed sample (at least one run).
+    warm_up: Duration,
+    /// The time a sample aims at: runs are batched until a batch takes about this long.
+    sample: Duration,
+}
+
+impl Pace {
+    /// One warm-up run, one run per sample: the CPU fast path, and software adapters.
+    const SINGLE: Pace = Pace {
+        warm_up: Duration::ZERO,
+        sample: Duration::ZERO,
+    };
+
+    /// A hardware GPU drops its clocks within seconds of running short, lone dispatches (an
+    /// H100 went from 1980 to 345 MHz while the bench waited on 30 us kernels one at a time,
+    /// and the copy limit from 2.7 to 1.2 TB/s). A tenth of a second of back-to-back work
+    /// before each case and samples of 2 ms or more keep it at work, as in a training loop.
+    const BUSY_GPU: Pace = Pace {
+        warm_up: Duration::from_millis(100),
+        sample: Duration::from_millis(2),
+    };
+
+    /// The pace for a GPU context.
+    fn for_gpu(ctx: &Context) -> Pace {
+        if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
+            Pace::SINGLE
+        } else {
+            Pace::BUSY_GPU
+        }
     }
+
+    /// Runs per sample for a run of `one`.
+    fn runs(self, one: Duration) -> u32 {
+        let runs = self.sample.as_secs_f64() / one.as_secs_f64().max(1e-9);
+        runs.ceil().clamp(1.0, f64::from(MAX_RUNS)) as u32
+    }
+
+    /// Warms `batch` up and returns the runs per sample.
+    fn calibrate(self, batch: &mut dyn FnMut(u32) -> Result<Duration>) -> Result<u32> {
+        let start = Instant::now();
+        let mut runs = self.runs(batch(1)?);
+        while start.elapsed() < self.warm_up {
+            runs = self.runs(batch(runs)?);
+        }
+        Ok(runs)
+    }
+}
+
+/// The most runs in one sample.
+const MAX_RUNS: u32 = 1000;
+
+/// A case timed in batches: `batch(runs)` runs it `runs` times back to back and returns the
+/// mean time of one run.
+type Batch<'a> = dyn FnMut(u32) -> Result<Duration> + 'a;
+
+/// Medians of `op` and of each of `limits`, timed in turn within every repetition, after
+/// `op`'s warm-up as `pace` says and one warm-up run of each limit: the machine's bandwidth
+/// drifts over seconds on shared hosts, and interleaving keeps an op and its limit measured
+/// under the same conditions. Also returns the op's runs per sample.
+fn interleaved(
+    pace: Pace,
+    op: &mut Batch<'_>,
+    limits: &mut [&mut Batch<'_>],
+    repeats: usize,
+) -> Result<(Duration, Vec<Duration>, u32)> {
+    let op_runs = pace.calibrate(op)?;
+    let limit_runs = limits
+        .iter_mut()
+        .map(|limit| {
+            let warm = Pace {
+                warm_up: Duration::ZERO,
+                ..pace
+            };
+            warm.calibrate(*limit)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut op_times = Vec::new();
     let mut limit_times = vec![Vec::new(); limits.len()];
     for _ in 0..repeats.max(1) {
-        for (limit, times) in limits.iter_mut().zip(&mut limit_times) {
-            times.push(limit()?);
+        for ((limit, times), &runs) in limits.iter_mut().zip(&mut limit_times).zip(&limit_runs) {
+            times.push(limit(runs)?);
         }
-        op_times.push(op()?);
+        op_times.push(op(op_runs)?);
     }
     let limits = limit_times.iter_mut().map(|t| middle(t)).collect();
-    Ok((middle(&mut op_times), limits))
+    Ok((middle(&mut op_times), limits, op_runs))
 }
 
 impl BenchArgs {
@@ -461,7 +531,7 @@ fn measure_shape(
     for &op in ops {
         bar.set_message(format!("{} {rows}x{cols}", op.name()));
         let bytes = op.bytes(rows, cols) as f64;
-        let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &str| {
+        let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &str, runs| {
             let gb_per_s = gb_per_s(bytes, time);
             Record {
                 op: op.name(),
@@ -473,6 +543,7 @@ fn measure_shape(
                 limit_gb_per_s: limit,
                 pct_of_limit: 100.0 * gb_per_s / limit,
                 timing: timing.name(),
+                runs_per_sample: runs,
                 adapter: adapter.clone(),
                 kernel: kernel.to_string(),
                 tuning: tuning.clone().filter(|_| device == "gpu"),
@@ -480,29 +551,42 @@ fn measure_shape(
         };
         if let Some(ctx) = ctx {
             let gpu = GpuBench::new(ctx, op, rows, cols)?;
-            let mut runs: Vec<_> = gpu_copies.iter().map(|c| move || c.run()).collect();
-            let mut limits: Vec<&mut dyn FnMut() -> Result<Duration>> = runs
-                .iter_mut()
-                .map(|r| r as &mut dyn FnMut() -> Result<Duration>)
+            let mut runs: Vec<_> = gpu_copies
+                .iter()
+                .map(|c| move |runs| c.run_batch(runs))
                 .collect();
-            let (time, copies) = interleaved(|| gpu.run(), &mut limits, args.repeats)?;
+            let mut limits: Vec<&mut Batch<'_>> =
+                runs.iter_mut().map(|r| r as &mut Batch<'_>).collect();
+            let pace = Pace::for_gpu(ctx);
+            let (time, copies, runs) = interleaved(
+                pace,
+                &mut |runs| gpu.run_batch(runs),
+                &mut limits,
+                args.repeats,
+            )?;
             let limit = copies
                 .iter()
                 .map(|&t| gb_per_s(copy_bytes, t))
                 .fold(0.0, f64::max);
             let kernel = gpu.kernel();
-            records.push(record("gpu", time, limit, gpu.timing(), &kernel));
+            records.push(record("gpu", time, limit, gpu.timing(), &kernel, runs));
             if args.end_to_end {
                 let time = median(|| gpu.run_end_to_end(), args.repeats)?;
-                records.push(record("gpu", time, limit, Timing::WallEndToEnd, &kernel));
+                let timing = Timing::WallEndToEnd;
+                records.push(record("gpu", time, limit, timing, &kernel, 1));
             }
         }
         if let Some(cpu_copy) = &mut cpu_copy {
             let mut cpu = CpuBench::new(op, rows, cols);
-            let (time, copies) =
-                interleaved(|| cpu.run(), &mut [&mut || cpu_copy.run()], args.repeats)?;
+            let (time, copies, _) = interleaved(
+                Pace::SINGLE,
+                &mut |_| cpu.run(),
+                &mut [&mut |_| cpu_copy.run()],
+                args.repeats,
+            )?;
             let limit = gb_per_s(copy_bytes, copies[0]);
-            records.push(record("cpu", time, limit, Timing::WallCpu, &cpu.kernel()));
+            let kernel = cpu.kernel();
+            records.push(record("cpu", time, limit, Timing::WallCpu, &kernel, 1));
         }
         bar.inc(1);
     }
@@ -535,4 +619,55 @@ fn print_table(ctx: Option<&Context>, records: &[Record]) {
     println!(
         "GB/s: bytes read + written per second; limit: the faster of two copy kernels of the same bytes on this adapter (gpu), a multi-threaded memcpy (cpu), timed in turn with each op; medians."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_batched_to_the_pace() {
+        let us = Duration::from_micros;
+        assert_eq!(Pace::SINGLE.runs(us(1)), 1);
+        assert_eq!(Pace::SINGLE.runs(Duration::ZERO), 1);
+        // 2 ms samples: 30 us runs 67 to a sample, runs of 2 ms or more one each.
+        assert_eq!(Pace::BUSY_GPU.runs(us(30)), 67);
+        assert_eq!(Pace::BUSY_GPU.runs(us(2000)), 1);
+        assert_eq!(Pace::BUSY_GPU.runs(us(50_000)), 1);
+        // A run too short to measure is capped.
+        assert_eq!(Pace::BUSY_GPU.runs(Duration::ZERO), MAX_RUNS);
+        assert_eq!(Pace::BUSY_GPU.runs(Duration::from_nanos(10)), MAX_RUNS);
+    }
+
+    #[test]
+    fn calibration_warms_up_for_the_pace_and_sizes_the_batches() {
+        // A fake case whose runs take 250 us each, sleeping for each batch.
+        let mut batches = Vec::new();
+        let mut batch = |runs: u32| -> Result<Duration> {
+            batches.push(runs);
+            std::thread::sleep(Duration::from_micros(250) * runs);
+            Ok(Duration::from_micros(250))
+        };
+        let pace = Pace {
+            warm_up: Duration::from_millis(30),
+            sample: Duration::from_millis(2),
+        };
+        let start = Instant::now();
+        assert_eq!(pace.calibrate(&mut batch).unwrap(), 8);
+        assert!(start.elapsed() >= pace.warm_up);
+        // One run first, then batches of 8 until the warm-up has passed.
+        assert_eq!(batches[0], 1);
+        assert!(batches.len() >= 3, "{batches:?}");
+        assert!(batches[1..].iter().all(|&b| b == 8), "{batches:?}");
+
+        // No warm-up: the one run alone.
+        let mut calls = 0;
+        let runs = Pace::SINGLE
+            .calibrate(&mut |_| {
+                calls += 1;
+                Ok(Duration::from_micros(250))
+            })
+            .unwrap();
+        assert_eq!((runs, calls), (1, 1));
+    }
 }
