@@ -229,7 +229,7 @@ fn cross_entropy_matches_the_reference_for_every_option() {
 /// The device-resident forms reduce over the batch on the device: the mean's divisor and the
 /// reduced loss are sums over the rows, in one pass for a batch of one block and in two beyond
 /// (per-block partials by invocation or by workgroup, then their sum), on a 2-D grid where the
-/// blocks outnumber the device's workgroups per dimension.
+/// blocks outnumber the device's workgroups per dimension, and with blocks of other sizes.
 #[test]
 fn device_reductions_match_the_reference_on_every_batch_size() {
     with_gpu(|base| {
@@ -247,6 +247,15 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
             let narrow = Context::from_device_with_tuning(device.clone(), queue.clone(), tuning)
                 .expect("adopt a device with a narrow grid");
             contexts.push((format!("batch_team={batch_team}, 40 per dimension"), narrow));
+        }
+        // Blocks of 3 rows per invocation (a row count no power of two) and of 1 (what GPUs
+        // use: many blocks for the second pass).
+        for batch_rows in [3, 1] {
+            let tuning = Tuning {
+                batch_rows,
+                ..Tuning::SOFTWARE
+            };
+            contexts.push((format!("batch_rows={batch_rows}"), tuned(base, tuning)));
         }
         let weight = [0.5, 2.0, 1.25];
         for (name, ctx) in &contexts {

@@ -101,10 +101,9 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
 
 /// Workgroup size of the passes that sum over the batch: at most ...
 const BATCH_MAX_WORKGROUP: u32 = 256;
-/// ... at least ...
+/// ... at least ... (and otherwise enough for blocks of `Tuning::batch_rows` rows per
+/// invocation).
 const BATCH_MIN_WORKGROUP: u32 = 32;
-/// ... and otherwise enough for blocks of this many rows per invocation.
-const BATCH_ROWS_PER_INVOCATION: usize = 16;
 
 /// Mirrors `Params` in `shaders/common.wgsl`.
 #[repr(C)]
@@ -408,17 +407,17 @@ impl RowwiseFamily {
         [first, finish]: [&'static str; 2],
     ) -> Result<Vec<Dispatch>> {
         // As wide as the device allows up to BATCH_MAX_WORKGROUP, and no wider than a block of
-        // BATCH_ROWS_PER_INVOCATION rows per invocation needs: a small batch then pays for a
-        // narrow workgroup's barrier, which on software adapters costs in proportion to its
-        // width.
+        // `batch_rows` rows per invocation needs: a small batch then pays for a narrow
+        // workgroup's barrier, which on software adapters costs in proportion to its width.
+        let batch_rows = gpu.tuning.batch_rows.max(1) as usize;
         let widest = BATCH_MAX_WORKGROUP
             .min(gpu.limits.max_compute_invocations_per_workgroup)
             .min(gpu.limits.max_compute_workgroup_size_x);
-        let wg = u32::try_from(call.rows.div_ceil(BATCH_ROWS_PER_INVOCATION))
+        let wg = u32::try_from(call.rows.div_ceil(batch_rows))
             .unwrap_or(u32::MAX)
             .next_power_of_two()
             .clamp(BATCH_MIN_WORKGROUP.min(widest), widest);
-        let block = wg as usize * BATCH_ROWS_PER_INVOCATION;
+        let block = wg as usize * batch_rows;
         let groups = call.rows.div_ceil(block);
         let (team, partial_count) = match (groups, gpu.tuning.batch_team) {
             (0 | 1, _) => (2, 0),

@@ -52,8 +52,9 @@ pub struct BenchArgs {
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
     /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup,
     /// subgroup_max_cols, streamed_thread_max_cols, row_workgroup, max_items, split_min_cols,
-    /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, split_group_bytes,
-    /// vector, subgroups. Workgroup sizes and split_chunk must be at least 1, max_items a power
+    /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_rows,
+    /// split_group_bytes, vector, subgroups. Workgroup sizes, split_chunk and batch_rows must be
+    /// at least 1, max_items a power
     /// of two up to 32, vector 1 or 4, subgroups and workgroup_per_row 0 or 1; a value the
     /// device's limits change is reported on stderr.
     #[arg(long = "tune", value_parser = parse_tune, conflicts_with = "no_gpu")]
@@ -70,7 +71,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 17] = [
+const TUNE_FIELDS: [(&str, Accepts); 18] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -85,6 +86,7 @@ const TUNE_FIELDS: [(&str, Accepts); 17] = [
     ("workgroup_per_row", Accepts::OneOf(&[0, 1])),
     ("split_team", Accepts::Any),
     ("batch_team", Accepts::Any),
+    ("batch_rows", Accepts::AtLeastOne),
     ("split_group_bytes", Accepts::Any),
     ("vector", Accepts::OneOf(&[1, 4])),
     ("subgroups", Accepts::OneOf(&[0, 1])),
@@ -110,6 +112,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "workgroup_per_row" => &mut tuning.workgroup_per_row,
         "split_team" => &mut tuning.split_team,
         "batch_team" => &mut tuning.batch_team,
+        "batch_rows" => &mut tuning.batch_rows,
         "split_group_bytes" => &mut tuning.split_group_bytes,
         "vector" => &mut tuning.vector,
         "subgroups" => &mut tuning.subgroups,
