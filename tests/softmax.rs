@@ -465,6 +465,7 @@ fn long_loops_stay_within_the_software_loop_limit() {
             Tuning {
                 thread_max_cols: 0,
                 row_workgroup: 1,
+                row_workgroup_without_subgroups: 1,
                 max_items: 1,
                 split_min_cols: u32::MAX,
                 ..Tuning::GPU

@@ -110,6 +110,9 @@ pub struct Tuning {
     /// Workgroup size of the per-row and split kernels, and of one invocation per row where
     /// the invocation streams its row.
     pub row_workgroup: u32,
+    /// The same on devices without (fixed-size) subgroups or with `subgroups` 0, in place of
+    /// `row_workgroup`: their workgroup reductions take a barrier per halving.
+    pub row_workgroup_without_subgroups: u32,
     /// The most loads an invocation keeps in registers (a power of two): vec4s on aligned rows,
     /// up to 32 (128 elements) in the softmax and cross-entropy kernels; scalar kernels and
     /// the vec4 backward kernels keep at most 16 (the backward kernels hold that many of each
@@ -154,8 +157,10 @@ impl Tuning {
     /// The defaults for a hardware GPU. Measured on an NVIDIA H100 through Vulkan (subgroups of
     /// 32; `scripts/gpu_tune.sh`): no override of the sweep beat these on the bench's shapes.
     /// Without subgroup operations, rows of up to 128 columns take an invocation each (9.7x a
-    /// workgroup per row on 65536x128 softmax), and the batch sums one row per invocation of a
-    /// block (1.09x on 65536x128 cross-entropy, 1.07x on 16384x1024; 1.0x elsewhere).
+    /// workgroup per row on 65536x128 softmax) and the per-row and split kernels run in
+    /// workgroups of 64 (softmax 19% to 93% of the copy on 16384x1024, 59% to 86% on
+    /// 4096x4096). The batch sums take one row per invocation of a block (1.09x on 65536x128
+    /// cross-entropy, 1.07x on 16384x1024; 1.0x elsewhere).
     pub const GPU: Tuning = Tuning {
         thread_workgroup: 64,
         thread_max_cols: 8,
@@ -164,6 +169,7 @@ impl Tuning {
         subgroup_max_cols: 1024,
         streamed_thread_max_cols: 0,
         row_workgroup: 256,
+        row_workgroup_without_subgroups: 64,
         max_items: 16,
         split_min_cols: 16384,
         split_max_rows: 512,
@@ -192,6 +198,7 @@ impl Tuning {
         subgroup_max_cols: u32::MAX,
         streamed_thread_max_cols: THREAD_MAX_COLS,
         row_workgroup: 32,
+        row_workgroup_without_subgroups: 32,
         max_items: 32,
         split_min_cols: 65536,
         split_max_rows: 512,
@@ -228,7 +235,7 @@ impl Tuning {
             per_invocation: self.split_team == 0,
         };
         let workgroup = Strategy::RowPerWorkgroup {
-            items: self.items(cols, self.row_workgroup, vector),
+            items: self.items(cols, self.row_workgroup_on(caps), vector),
         };
         let wide_and_few = cols32 >= self.split_min_cols && rows < self.split_max_rows as usize;
         let first = if wide_and_few {
@@ -262,6 +269,14 @@ impl Tuning {
             .take(if self.workgroup_per_row == 0 { 1 } else { 2 })
             .find(|&s| self.loop_iterations(s, cols, caps, vector) <= budget)
             .unwrap_or_else(|| self.split_within(cols, budget, caps, vector))
+    }
+
+    /// The workgroup size of the per-row and split kernels on a device with `caps`.
+    pub fn row_workgroup_on(&self, caps: &Capabilities) -> u32 {
+        match caps.subgroup_size {
+            Some(_) => self.row_workgroup,
+            None => self.row_workgroup_without_subgroups,
+        }
     }
 
     /// Elements per load for rows of `cols` columns: 4 when the tuning allows it, `cols` is a
@@ -308,7 +323,7 @@ impl Tuning {
         vector: u32,
     ) -> u64 {
         let units = (cols as u64).div_ceil(u64::from(vector.max(1)));
-        let wg = u64::from(self.row_workgroup);
+        let wg = u64::from(self.row_workgroup_on(caps));
         let reductions = 2 * wg;
         // Three streamed passes over `n` loads, plus the outer loop of the blocked sum (blocks of
         // 32 scalars or 8 vec4s in the shaders) and the padding of its last block.
@@ -343,7 +358,7 @@ impl Tuning {
             chunk,
             per_invocation,
         };
-        while chunk > self.row_workgroup.max(4)
+        while chunk > self.row_workgroup_on(caps).max(4)
             && self.loop_iterations(split(chunk), cols, caps, vector) > budget
         {
             chunk /= 2;
@@ -363,11 +378,16 @@ impl Tuning {
             self.thread_max_cols_without_subgroups.min(THREAD_MAX_COLS);
         self.streamed_thread_max_cols = self.streamed_thread_max_cols.min(THREAD_MAX_COLS);
         self.row_workgroup = self.row_workgroup.clamp(1, max);
+        self.row_workgroup_without_subgroups = self.row_workgroup_without_subgroups.clamp(1, max);
         let sg = subgroup.unwrap_or(1);
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
         self.max_items = self.max_items.clamp(1, MAX_ITEMS_VEC4).next_power_of_two();
         // At most 2^30 elements, so rounding a chunk up to whole vec4s cannot overflow.
-        self.split_chunk = self.split_chunk.clamp(self.row_workgroup, 1 << 30);
+        let row_workgroup = match subgroup {
+            Some(_) => self.row_workgroup,
+            None => self.row_workgroup_without_subgroups,
+        };
+        self.split_chunk = self.split_chunk.clamp(row_workgroup, 1 << 30);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
         self.subgroups = self.subgroups.min(1);
         self.workgroup_per_row = self.workgroup_per_row.min(1);
@@ -422,6 +442,55 @@ mod tests {
         }
         .clamped(&wgpu::Limits::default(), Some(32));
         assert_eq!(tiny.split_chunk, Tuning::GPU.row_workgroup);
+        let tiny = Tuning {
+            split_chunk: 0,
+            row_workgroup_without_subgroups: 100_000,
+            ..Tuning::GPU
+        }
+        .clamped(&wgpu::Limits::default(), None);
+        assert_eq!(tiny.row_workgroup_without_subgroups, 256);
+        assert_eq!(tiny.split_chunk, 256);
+    }
+
+    #[test]
+    fn devices_without_subgroups_take_their_own_row_workgroup() {
+        let gpu = Tuning::GPU;
+        assert_eq!(gpu.row_workgroup_on(&NVIDIA), 256);
+        assert_eq!(gpu.row_workgroup_on(&PLAIN), 64);
+        // 4096 scalar columns: 64 loads an invocation in workgroups of 64 (too many to hold),
+        // 16 in workgroups of 256.
+        check_choices(&[
+            (
+                gpu,
+                (4096, 4096),
+                &PLAIN,
+                1,
+                Strategy::RowPerWorkgroup { items: 0 },
+            ),
+            (
+                gpu,
+                (4096, 4096),
+                &PLAIN,
+                4,
+                Strategy::RowPerWorkgroup { items: 16 },
+            ),
+            (
+                gpu,
+                (4096, 4096),
+                &NVIDIA,
+                1,
+                Strategy::RowPerWorkgroup { items: 16 },
+            ),
+            (
+                gpu,
+                (16_384, 1024),
+                &PLAIN,
+                4,
+                Strategy::RowPerWorkgroup { items: 4 },
+            ),
+        ]);
+        let sw = Tuning::SOFTWARE;
+        assert_eq!(sw.row_workgroup_on(&LLVMPIPE), sw.row_workgroup);
     }
 
     #[test]
@@ -494,9 +563,10 @@ mod tests {
             Tuning::GPU.choose(4096, 500, &NVIDIA, 1),
             Strategy::RowPerSubgroup { items: 16 }
         );
+        // Without subgroups, workgroups of 64: 16 loads each.
         assert_eq!(
             Tuning::GPU.choose(4096, 1000, &PLAIN, 1),
-            Strategy::RowPerWorkgroup { items: 4 }
+            Strategy::RowPerWorkgroup { items: 16 }
         );
         assert_eq!(
             Tuning::GPU.choose(4096, 8192, &NVIDIA, 1),

@@ -269,7 +269,7 @@ impl RowwiseFamily {
                 // A streamed row is long work for one invocation: smaller workgroups spread a
                 // batch of a few hundred rows over every core of a software adapter.
                 let wg = if items == 0 {
-                    tuning.row_workgroup
+                    tuning.row_workgroup_on(&gpu.caps)
                 } else {
                     tuning.thread_workgroup
                 };
@@ -280,7 +280,7 @@ impl RowwiseFamily {
                 (&one[..], wg, items, 1, (wg / sg) as usize, 0)
             }
             (Strategy::RowPerWorkgroup { items }, _) => {
-                let wg = tuning.row_workgroup;
+                let wg = tuning.row_workgroup_on(&gpu.caps);
                 (&one[..], wg, items, 2, 1, 0)
             }
             (
@@ -292,7 +292,7 @@ impl RowwiseFamily {
             ) => {
                 // vec4 kernels take chunks of whole vec4s.
                 let chunk = chunk.next_multiple_of(vector);
-                let wg = tuning.row_workgroup;
+                let wg = tuning.row_workgroup_on(&gpu.caps);
                 if per_invocation {
                     (&split[..], wg, 0, 0, wg as usize, chunk)
                 } else {

@@ -229,6 +229,7 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             "workgroups of 12",
             Tuning {
                 row_workgroup: 12,
+                row_workgroup_without_subgroups: 12,
                 thread_max_cols: 0,
                 subgroup_max_cols: 0,
                 split_min_cols: u32::MAX,
@@ -251,6 +252,7 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
                 thread_max_cols: 0,
                 subgroup_max_cols: 0,
                 row_workgroup: 32,
+                row_workgroup_without_subgroups: 32,
                 max_items: 32,
                 split_min_cols: u32::MAX,
                 ..Tuning::GPU
@@ -282,6 +284,7 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             "small workgroups",
             Tuning {
                 row_workgroup: 8,
+                row_workgroup_without_subgroups: 8,
                 thread_workgroup: 8,
                 thread_max_cols: 4,
                 thread_max_cols_without_subgroups: 4,

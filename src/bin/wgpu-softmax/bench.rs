@@ -51,7 +51,8 @@ pub struct BenchArgs {
     no_gpu: bool,
     /// Override the kernel-choice table: `FIELD=VALUE` (repeatable), FIELD one of
     /// thread_workgroup, thread_max_cols, thread_max_cols_without_subgroups, subgroup_workgroup,
-    /// subgroup_max_cols, streamed_thread_max_cols, row_workgroup, max_items, split_min_cols,
+    /// subgroup_max_cols, streamed_thread_max_cols, row_workgroup,
+    /// row_workgroup_without_subgroups, max_items, split_min_cols,
     /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_rows,
     /// split_group_bytes, vector, subgroups. Workgroup sizes, split_chunk and batch_rows must be
     /// at least 1, max_items a power
@@ -71,7 +72,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 18] = [
+const TUNE_FIELDS: [(&str, Accepts); 19] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -79,6 +80,7 @@ const TUNE_FIELDS: [(&str, Accepts); 18] = [
     ("subgroup_max_cols", Accepts::Any),
     ("streamed_thread_max_cols", Accepts::Any),
     ("row_workgroup", Accepts::AtLeastOne),
+    ("row_workgroup_without_subgroups", Accepts::AtLeastOne),
     ("max_items", Accepts::PowerOfTwoUpTo(MAX_ITEMS)),
     ("split_min_cols", Accepts::Any),
     ("split_max_rows", Accepts::Any),
@@ -105,6 +107,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "subgroup_max_cols" => &mut tuning.subgroup_max_cols,
         "streamed_thread_max_cols" => &mut tuning.streamed_thread_max_cols,
         "row_workgroup" => &mut tuning.row_workgroup,
+        "row_workgroup_without_subgroups" => &mut tuning.row_workgroup_without_subgroups,
         "max_items" => &mut tuning.max_items,
         "split_min_cols" => &mut tuning.split_min_cols,
         "split_max_rows" => &mut tuning.split_max_rows,
