@@ -50,6 +50,8 @@ split_chunk=2048|split_chunk=2048|$long
 split_chunk=8192|split_chunk=8192|$long
 split_chunk=16384|split_chunk=16384|$long
 split_team=0|split_team=0|$long
+split_reverse=0|split_reverse=0|$long
+batch_rows=16|batch_rows=16|$medium
 workgroup_per_row=0|workgroup_per_row=0|$medium $long
 batch_team=0|batch_team=0|$short
 split_min_cols=65536|split_min_cols=65536|$long

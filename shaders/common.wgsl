@@ -33,6 +33,8 @@ override TEAM: u32 = 2u;
 // The device's fixed subgroup size (TEAM = 1, and the first step of workgroup reductions); 1
 // where subgroup operations are absent or their size varies.
 override SG: u32 = 1u;
+// Split rows' finishing pass: chunks in reverse order (`Tuning::split_reverse`).
+override REVERSE: bool = false;
 
 const MAX_WG: u32 = 256u;
 // Streamed sums add SUM_BLOCK of a lane's terms at a time into the running total: the f32
@@ -199,7 +201,13 @@ struct Chunk {
 }
 
 fn chunk_of(wid: vec3<u32>, lid: u32) -> Chunk {
-    let team = team_of(wid, lid);
+    var team = team_of(wid, lid);
+    // REVERSE (finishing passes): the last chunk first, so that the chunks the partials pass
+    // read last, the likeliest still in cache, are read again first.
+    let n = p.rows * p.chunks;
+    if (REVERSE && team.row < n) {
+        team.row = n - 1u - team.row;
+    }
     return Chunk(team, team.row, team.row / p.chunks, team.row % p.chunks);
 }
 

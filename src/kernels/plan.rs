@@ -135,6 +135,9 @@ pub struct Tuning {
     /// mean, a reduced loss): 0 one invocation, each leaving its own partial for the second
     /// pass (no barrier); otherwise one workgroup, leaving one partial.
     pub batch_team: u32,
+    /// 1: the finishing pass of split rows takes the chunks last to first, so that its first
+    /// reads find the input the partials pass read last still in cache; 0: in order.
+    pub split_reverse: u32,
     /// Rows each invocation adds in a block of the first pass of a sum over the batch (the
     /// block is the workgroup size times this); a batch of one block takes the second pass
     /// alone. Fewer rows per invocation: shorter loops, more blocks.
@@ -160,7 +163,8 @@ impl Tuning {
     /// workgroup per row on 65536x128 softmax) and the per-row and split kernels run in
     /// workgroups of 64 (softmax 19% to 93% of the copy on 16384x1024, 59% to 86% on
     /// 4096x4096). The batch sums take one row per invocation of a block (1.09x on 65536x128
-    /// cross-entropy, 1.07x on 16384x1024; 1.0x elsewhere).
+    /// cross-entropy, 1.07x on 16384x1024; 1.0x elsewhere), and split rows' finishing pass takes
+    /// the chunks last to first (1.04x to 1.08x on 64x262144, 256x65536 and 16x1048576).
     pub const GPU: Tuning = Tuning {
         thread_workgroup: 64,
         thread_max_cols: 8,
@@ -178,6 +182,7 @@ impl Tuning {
         split_team: 2,
         batch_team: 2,
         batch_rows: 1,
+        split_reverse: 1,
         split_group_bytes: 0,
         vector: 4,
         subgroups: 1,
@@ -207,6 +212,7 @@ impl Tuning {
         split_team: 0,
         batch_team: 0,
         batch_rows: 16,
+        split_reverse: 0,
         split_group_bytes: 0,
         vector: 4,
         subgroups: 1,
@@ -392,6 +398,7 @@ impl Tuning {
         self.subgroups = self.subgroups.min(1);
         self.workgroup_per_row = self.workgroup_per_row.min(1);
         self.batch_rows = self.batch_rows.max(1);
+        self.split_reverse = self.split_reverse.min(1);
         self
     }
 }
@@ -426,9 +433,11 @@ mod tests {
             max_items: 5,
             streamed_thread_max_cols: u32::MAX,
             workgroup_per_row: 9,
+            split_reverse: 7,
             ..Tuning::GPU
         }
         .clamped(&wgpu::Limits::default(), Some(32));
+        assert_eq!(wild.split_reverse, 1);
         assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);
         assert_eq!(wild.workgroup_per_row, 1);
         assert_eq!(wild.split_chunk, 1 << 30);

@@ -330,7 +330,13 @@ impl RowwiseFamily {
         })?;
         let pipelines: Vec<_> = entries
             .iter()
-            .map(|&entry| self.pipeline(gpu, call, entry, [wg, items, team, sg]))
+            .enumerate()
+            .map(|(i, &entry)| {
+                // The second entry of a split is its finishing pass.
+                let reverse = chunk > 0 && i == 1 && tuning.split_reverse != 0;
+                let constants = [("REVERSE", u32::from(reverse))];
+                self.pipeline_with(gpu, call, entry, [wg, items, team, sg], &constants)
+            })
             .collect();
 
         let max_rows = blocks.iter().map(|b| b.1).max().unwrap_or(0);
@@ -483,8 +489,21 @@ impl RowwiseFamily {
         entry: &'static str,
         [wg, items, team, sg]: [u32; 4],
     ) -> std::sync::Arc<wgpu::ComputePipeline> {
+        self.pipeline_with(gpu, call, entry, [wg, items, team, sg], &[])
+    }
+
+    /// [`Self::pipeline`] with `extra` constants.
+    fn pipeline_with(
+        &self,
+        gpu: &Gpu,
+        call: &RowCall<'_>,
+        entry: &'static str,
+        [wg, items, team, sg]: [u32; 4],
+        extra: &[(&'static str, u32)],
+    ) -> std::sync::Arc<wgpu::ComputePipeline> {
         let mut constants = vec![("WG", wg), ("ITEMS", items), ("TEAM", team), ("SG", sg)];
         constants.extend_from_slice(&call.constants);
+        constants.extend_from_slice(extra);
         self.shader
             .pipeline(&gpu.device, &PipelineKey { entry, constants })
     }
