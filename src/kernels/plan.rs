@@ -462,47 +462,6 @@ mod tests {
     }
 
     #[test]
-    fn devices_without_subgroups_take_their_own_row_workgroup() {
-        let gpu = Tuning::GPU;
-        assert_eq!(gpu.row_workgroup_on(&NVIDIA), 256);
-        assert_eq!(gpu.row_workgroup_on(&PLAIN), 64);
-        // 4096 scalar columns: 64 loads an invocation in workgroups of 64 (too many to hold),
-        // 16 in workgroups of 256.
-        check_choices(&[
-            (
-                gpu,
-                (4096, 4096),
-                &PLAIN,
-                1,
-                Strategy::RowPerWorkgroup { items: 0 },
-            ),
-            (
-                gpu,
-                (4096, 4096),
-                &PLAIN,
-                4,
-                Strategy::RowPerWorkgroup { items: 16 },
-            ),
-            (
-                gpu,
-                (4096, 4096),
-                &NVIDIA,
-                1,
-                Strategy::RowPerWorkgroup { items: 16 },
-            ),
-            (
-                gpu,
-                (16_384, 1024),
-                &PLAIN,
-                4,
-                Strategy::RowPerWorkgroup { items: 4 },
-            ),
-        ]);
-        let sw = Tuning::SOFTWARE;
-        assert_eq!(sw.row_workgroup_on(&LLVMPIPE), sw.row_workgroup);
-    }
-
-    #[test]
     fn strategies_say_who_works_on_a_row() {
         let cases = [
             (
@@ -627,21 +586,21 @@ mod tests {
     }
 
     #[test]
-    fn gpus_without_subgroups_give_rows_of_up_to_128_columns_an_invocation() {
+    fn gpus_without_subgroups_give_short_rows_an_invocation_and_others_workgroups_of_64() {
         let gpu = Tuning::GPU;
+        assert_eq!(gpu.row_workgroup_on(&NVIDIA), 256);
+        assert_eq!(gpu.row_workgroup_on(&PLAIN), 64);
+        let sw = Tuning::SOFTWARE;
+        assert_eq!(sw.row_workgroup_on(&LLVMPIPE), sw.row_workgroup);
         let thread = |items| Strategy::RowPerThread { items };
+        let workgroup = |items| Strategy::RowPerWorkgroup { items };
         check_choices(&[
+            // Up to 128 columns, an invocation each.
             (gpu, (65_536, 128), &PLAIN, 4, thread(0)),
             (gpu, (65_536, 128), &PLAIN, 1, thread(0)),
             (gpu, (32, 10), &PLAIN, 1, thread(10)),
             (gpu, (65_536, 64), &PLAIN, 4, thread(16)),
-            (
-                gpu,
-                (4096, 132),
-                &PLAIN,
-                4,
-                Strategy::RowPerWorkgroup { items: 1 },
-            ),
+            (gpu, (4096, 132), &PLAIN, 4, workgroup(1)),
             // With subgroups, a subgroup each.
             (
                 gpu,
@@ -650,6 +609,12 @@ mod tests {
                 4,
                 Strategy::RowPerSubgroup { items: 1 },
             ),
+            // 4096 scalar columns: 64 loads an invocation in workgroups of 64 (too many to
+            // hold), 16 in workgroups of 256.
+            (gpu, (4096, 4096), &PLAIN, 1, workgroup(0)),
+            (gpu, (4096, 4096), &PLAIN, 4, workgroup(16)),
+            (gpu, (4096, 4096), &NVIDIA, 1, workgroup(16)),
+            (gpu, (16_384, 1024), &PLAIN, 4, workgroup(4)),
         ]);
     }
 

@@ -335,7 +335,7 @@ impl RowwiseFamily {
                 // The second entry of a split is its finishing pass.
                 let reverse = chunk > 0 && i == 1 && tuning.split_reverse != 0;
                 let constants = [("REVERSE", u32::from(reverse))];
-                self.pipeline_with(gpu, call, entry, [wg, items, team, sg], &constants)
+                self.pipeline(gpu, call, entry, [wg, items, team, sg], &constants)
             })
             .collect();
 
@@ -450,7 +450,7 @@ impl RowwiseFamily {
         Ok(passes
             .into_iter()
             .map(|(entry, workgroups)| Dispatch {
-                pipeline: self.pipeline(gpu, call, entry, [wg, 0, team, sg]),
+                pipeline: self.pipeline(gpu, call, entry, [wg, 0, team, sg], &[]),
                 params: params.clone(),
                 windows: windows.clone(),
                 workgroups,
@@ -481,19 +481,9 @@ impl RowwiseFamily {
         self.record(gpu, encoder, &dispatches, timestamps)
     }
 
-    /// The pipeline of `entry` specialised with `[WG, ITEMS, TEAM, SG]` and the call's constants.
+    /// The pipeline of `entry` specialised with `[WG, ITEMS, TEAM, SG]`, the call's constants
+    /// and `extra`.
     fn pipeline(
-        &self,
-        gpu: &Gpu,
-        call: &RowCall<'_>,
-        entry: &'static str,
-        [wg, items, team, sg]: [u32; 4],
-    ) -> std::sync::Arc<wgpu::ComputePipeline> {
-        self.pipeline_with(gpu, call, entry, [wg, items, team, sg], &[])
-    }
-
-    /// [`Self::pipeline`] with `extra` constants.
-    fn pipeline_with(
         &self,
         gpu: &Gpu,
         call: &RowCall<'_>,
