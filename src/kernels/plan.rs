@@ -279,7 +279,13 @@ impl Tuning {
 
     /// The workgroup size of the per-row and split kernels on a device with `caps`.
     pub fn row_workgroup_on(&self, caps: &Capabilities) -> u32 {
-        match caps.subgroup_size {
+        self.row_workgroup_for(caps.subgroup_size)
+    }
+
+    /// The same for a device whose fixed subgroup size is `subgroup` (`None`: no subgroup
+    /// operations).
+    fn row_workgroup_for(&self, subgroup: Option<u32>) -> u32 {
+        match subgroup {
             Some(_) => self.row_workgroup,
             None => self.row_workgroup_without_subgroups,
         }
@@ -389,11 +395,9 @@ impl Tuning {
         self.subgroup_workgroup = (self.subgroup_workgroup.clamp(sg, max.max(sg)) / sg) * sg;
         self.max_items = self.max_items.clamp(1, MAX_ITEMS_VEC4).next_power_of_two();
         // At most 2^30 elements, so rounding a chunk up to whole vec4s cannot overflow.
-        let row_workgroup = match subgroup {
-            Some(_) => self.row_workgroup,
-            None => self.row_workgroup_without_subgroups,
-        };
-        self.split_chunk = self.split_chunk.clamp(row_workgroup, 1 << 30);
+        self.split_chunk = self
+            .split_chunk
+            .clamp(self.row_workgroup_for(subgroup), 1 << 30);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
         self.subgroups = self.subgroups.min(1);
         self.workgroup_per_row = self.workgroup_per_row.min(1);

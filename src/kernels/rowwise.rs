@@ -332,10 +332,11 @@ impl RowwiseFamily {
             .iter()
             .enumerate()
             .map(|(i, &entry)| {
-                // The second entry of a split is its finishing pass.
+                // The second entry of a split is its finishing pass; the others keep the
+                // shader's default order (and the same pipeline key as without the field).
                 let reverse = chunk > 0 && i == 1 && tuning.split_reverse != 0;
-                let constants = [("REVERSE", u32::from(reverse))];
-                self.pipeline(gpu, call, entry, [wg, items, team, sg], &constants)
+                let extra: &[_] = if reverse { &[("REVERSE", 1)] } else { &[] };
+                self.pipeline(gpu, call, entry, [wg, items, team, sg], extra)
             })
             .collect();
 
