@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Barrier;
 
-use common::{logits, with_gpu};
+use common::{device_softmax_and_backward, logits, with_gpu};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{Context, CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
 
@@ -51,13 +51,7 @@ fn work(ctx: &Context, t: usize, round: usize) {
         2 => {
             // Device-resident chain: upload, softmax, backward, readback.
             let dy = logits(rows, cols, 1.0, seed + 2);
-            let y = ctx.upload(&x, cols).unwrap().softmax().unwrap();
-            let dx = y
-                .softmax_backward(&ctx.upload(&dy, cols).unwrap())
-                .unwrap()
-                .to_vec()
-                .unwrap();
-            let y = y.to_vec().unwrap();
+            let (y, dx) = device_softmax_and_backward(ctx, &x, &dy, cols);
             check(
                 &y,
                 &reference::softmax(&x, cols).unwrap(),

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{assert_grad_close, logits, small_limits_context, with_gpu};
+use common::{
+    assert_grad_close, device_softmax_and_backward, logits, small_limits_context, with_gpu,
+};
 use wgpu_softmax::cpu::{self, reference};
 use wgpu_softmax::{
     Context, CrossEntropyBuffers, CrossEntropyLoss, CrossEntropyOptions, GradDestination,
@@ -639,13 +641,7 @@ fn device_tensors_over_one_binding(ctx: &Context, rows: usize, cols: usize) {
     let t = ctx.upload(&x, cols).unwrap();
     let idx = targets_for(rows, cols);
     let dy = logits(rows, cols, 1.0, 9);
-    let y = t.softmax().unwrap();
-    let dx = y
-        .softmax_backward(&ctx.upload(&dy, cols).unwrap())
-        .unwrap()
-        .to_vec()
-        .unwrap();
-    let y = y.to_vec().unwrap();
+    let (y, dx) = device_softmax_and_backward(ctx, &x, &dy, cols);
     assert_close(
         &dx,
         &reference::softmax_backward(&y, &dy, cols).unwrap(),

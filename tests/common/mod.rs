@@ -300,3 +300,20 @@ pub fn tuned(base: &Context, tuning: Tuning) -> Context {
     Context::from_device_with_tuning(base.device().clone(), base.queue().clone(), tuning)
         .expect("adopt device")
 }
+
+/// The device-resident chain softmax then backward: `y = softmax(x)` and `dx` for upstream
+/// gradient `dy`, each read back.
+pub fn device_softmax_and_backward(
+    ctx: &Context,
+    x: &[f32],
+    dy: &[f32],
+    cols: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let y = ctx.upload(x, cols).unwrap().softmax().unwrap();
+    let dx = y
+        .softmax_backward(&ctx.upload(dy, cols).unwrap())
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    (y.to_vec().unwrap(), dx)
+}
