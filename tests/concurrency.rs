@@ -51,7 +51,7 @@ fn work(ctx: &Context, t: usize, round: usize) {
         2 => {
             // Device-resident chain: upload, softmax, backward, readback.
             let dy = logits(rows, cols, 1.0, seed + 2);
-            let (y, dx) = device_softmax_and_backward(ctx, &x, &dy, cols);
+            let (y, dx) = device_softmax_and_backward(ctx, &ctx.upload(&x, cols).unwrap(), &dy);
             check(
                 &y,
                 &reference::softmax(&x, cols).unwrap(),

@@ -641,12 +641,12 @@ fn device_tensors_over_one_binding(ctx: &Context, rows: usize, cols: usize) {
     let t = ctx.upload(&x, cols).unwrap();
     let idx = targets_for(rows, cols);
     let dy = logits(rows, cols, 1.0, 9);
-    let (y, dx) = device_softmax_and_backward(ctx, &x, &dy, cols);
+    let (y, dx) = device_softmax_and_backward(ctx, &t, &dy);
     assert_close(
         &dx,
         &reference::softmax_backward(&y, &dy, cols).unwrap(),
         Tolerance::SOFTMAX,
-        "device softmax_backward over one binding",
+        &format!("device {rows}x{cols} softmax_backward over one binding"),
     );
     for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
         let options = CrossEntropyOptions {

@@ -305,13 +305,12 @@ pub fn tuned(base: &Context, tuning: Tuning) -> Context {
 /// gradient `dy`, each read back.
 pub fn device_softmax_and_backward(
     ctx: &Context,
-    x: &[f32],
+    x: &wgpu_softmax::Tensor,
     dy: &[f32],
-    cols: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let y = ctx.upload(x, cols).unwrap().softmax().unwrap();
+    let y = x.softmax().unwrap();
     let dx = y
-        .softmax_backward(&ctx.upload(dy, cols).unwrap())
+        .softmax_backward(&ctx.upload(dy, x.cols()).unwrap())
         .unwrap()
         .to_vec()
         .unwrap();
