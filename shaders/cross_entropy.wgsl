@@ -12,9 +12,10 @@
 // Rows: an index target equal to ignore_index gives loss 0 and a zero gradient row; an index
 // outside [0, C) gives NaN for its row; a row holding NaN or +inf, or only -inf, gives NaN.
 //
-// Passes: `denominator_partials` and `denominator` (mean only) write the sum of target weights
-// over rows not ignored to stats[0]; a row kernel writes loss_rows and the gradient;
-// `loss_partials` and `reduce_loss` write the reduced loss to stats[1].
+// Passes: `denominator_partials` and `denominator`, or `denominator_tally` (mean only), write the
+// sum of target weights over rows not ignored to stats[0]; a row kernel writes loss_rows and the
+// gradient; `loss_partials` and `reduce_loss`, or `reduce_loss_tally`, write the reduced loss to
+// the caller's loss buffer (LOSS_OUT) or to stats[1].
 
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 // Class indices (i32 bit patterns, one per row) or probabilities (f32 bits, cols per row).
@@ -633,14 +634,20 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
-// The batch reductions of Mean and Sum. A batch of more than one block of p.chunk rows takes two
-// passes, so that it is summed by the whole device rather than one workgroup: in the first
-// (`*_partials`), each workgroup g sums one block, with TEAM = 0 each invocation writing its own
-// sum to partials[g * WG + lid] (no barrier), otherwise the workgroup's sum going to
-// partials[g]; the second (`denominator`, `reduce_loss`: one workgroup) adds the p.chunks
-// partials. A batch of one block takes the second pass alone, which then sums the rows
-// themselves (p.chunks = 0). The partials are free between passes: the split-row kernels write
-// their own only after `denominator` has read these.
+// The batch reductions of Mean and Sum. A batch of more than one block of p.chunk rows is summed
+// by the whole device rather than one workgroup, in one of two ways (`Tuning::batch_tally`):
+//
+// - Two passes. In the first (`*_partials`), each workgroup g sums one block, with TEAM = 0 each
+//   invocation writing its own sum to partials[g * WG + lid] (no barrier), otherwise the
+//   workgroup's sum going to partials[g]; the second (`denominator`, `reduce_loss`: one
+//   workgroup) adds the p.chunks partials. The partials are free between passes: the split-row
+//   kernels write their own only after `denominator` has read these.
+// - One pass (`*_tally`): each of the p.chunks workgroups sums its block, stores the sum in its
+//   slot of `tally` and takes a ticket from the tally's counter; the workgroup that takes the
+//   last ticket adds the slots and writes the result (see `tally_blocks`).
+//
+// A batch of one block takes `denominator` or `reduce_loss` alone, which then sums the rows
+// themselves (p.chunks = 0).
 
 // What row `row` adds: to the mean's divisor (`divisor`), w[target] for a row not ignored with
 // index targets and 1 with probability targets; otherwise its loss.
@@ -655,19 +662,25 @@ fn batch_term(row: u32, divisor: bool) -> f32 {
     return select(0.0, class_weight(t.index), t.kind == 0u);
 }
 
-fn sum_block(wid: vec3<u32>, lid: u32, divisor: bool) {
-    let g = linear_group(wid);
+// Invocation lid's share of the sum of block g's rows.
+fn block_share(g: u32, lid: u32, divisor: bool) -> f32 {
     let start = g * p.chunk;
     let end = min(start + p.chunk, p.rows);
     var total = 0.0;
     for (var row = start + lid; row < end; row += WG) {
         total += batch_term(row, divisor);
     }
+    return total;
+}
+
+fn sum_block(wid: vec3<u32>, lid: u32, divisor: bool) {
+    let g = linear_group(wid);
+    let share = block_share(g, lid, divisor);
     if (TEAM == 0u) {
-        partials[g * WG + lid] = vec4<f32>(total, 0.0, 0.0, 0.0);
+        partials[g * WG + lid] = vec4<f32>(share, 0.0, 0.0, 0.0);
         return;
     }
-    total = workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
+    let total = workgroup_sum4(vec4<f32>(share, 0.0, 0.0, 0.0), lid).x;
     if (lid == 0u) {
         partials[g] = vec4<f32>(total, 0.0, 0.0, 0.0);
     }
@@ -688,18 +701,103 @@ fn batch_sum(lid: u32, divisor: bool) -> f32 {
     return workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
 }
 
+// The one-pass sums' words: tally[0] counts the workgroups that have stored their sum,
+// tally[1 + g] is workgroup g's sum. Every word is 0 between dispatches: the last workgroup sets
+// back what the others set.
+@group(0) @binding(8) var<storage, read_write> tally: array<atomic<u32>>;
+
+var<workgroup> tally_last: u32;
+
+// A block's sum as its slot holds it: never 0, the mark of an empty slot (the bits inverted,
+// every NaN first made the one quiet NaN, whose inverse is not 0).
+fn tally_word(v: f32) -> u32 {
+    let bits = bitcast<u32>(v);
+    return ~select(bits, NAN_BITS, (bits & ABS_MASK) > INF_BITS);
+}
+
+// The sum over the p.chunks blocks, in the one workgroup that finishes last (`last`). Its
+// invocations read the slots with atomic loads, each until it holds a value: its writer took its
+// ticket after storing it, so the store is at most not yet visible, and no workgroup waits on
+// one that has not run. Slot i goes to invocation i % WG, so the adding order, and the result,
+// does not depend on which workgroup finishes last. Surplus workgroups of a 2-D grid leave at
+// once.
+struct Tally {
+    last: bool,
+    total: f32,
+}
+
+fn tally_blocks(wid: vec3<u32>, lid: u32, divisor: bool) -> Tally {
+    let g = linear_group(wid);
+    let blocks = p.chunks;
+    if (g >= blocks) {
+        return Tally(false, 0.0);
+    }
+    let share = block_share(g, lid, divisor);
+    let total = workgroup_sum4(vec4<f32>(share, 0.0, 0.0, 0.0), lid).x;
+    if (lid == 0u) {
+        atomicStore(&tally[1u + g], tally_word(total));
+        let ticket = atomicAdd(&tally[0], 1u);
+        tally_last = u32(ticket + 1u == blocks);
+    }
+    if (workgroupUniformLoad(&tally_last) == 0u) {
+        return Tally(false, 0.0);
+    }
+    var mine = 0.0;
+    for (var i = lid; i < blocks; i += WG) {
+        var word = atomicLoad(&tally[1u + i]);
+        while (word == 0u) {
+            word = atomicLoad(&tally[1u + i]);
+        }
+        atomicStore(&tally[1u + i], 0u);
+        mine += bitcast<f32>(~word);
+    }
+    if (lid == 0u) {
+        atomicStore(&tally[0], 0u);
+    }
+    return Tally(true, workgroup_sum4(vec4<f32>(mine, 0.0, 0.0, 0.0), lid).x);
+}
+
+// stats[0] = the divisor of the mean: the sum of w[target] over rows not ignored (index
+// targets), or the row count (probability targets).
+fn write_denominator(d: f32) {
+    stats[base(6u)] = d;
+}
+
+// Whether the reduced loss goes straight to the caller's loss buffer, bound in the gradient's
+// place (the batch passes write no gradient); otherwise to stats[1], copied from there.
+override LOSS_OUT: bool = false;
+
+// The reduced loss: the sum, or the sum / stats[0] for the mean.
+fn write_loss(total: f32) {
+    var loss = total;
+    if (REDUCTION == 1u) {
+        loss = total / stats[base(6u)];
+    }
+    if (LOSS_OUT) {
+        grad[base(5u)] = loss;
+    } else {
+        stats[base(6u) + 1u] = loss;
+    }
+}
+
 @compute @workgroup_size(WG)
 fn denominator_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     sum_block(wid, lid, true);
 }
 
-// stats[0] = sum of w[target] over rows not ignored (index targets), or the row count
-// (probability targets): the divisor of the mean.
 @compute @workgroup_size(WG)
 fn denominator(@builtin(local_invocation_index) lid: u32) {
     let d = batch_sum(lid, true);
     if (lid == 0u) {
-        stats[base(6u)] = d;
+        write_denominator(d);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn denominator_tally(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tally_blocks(wid, lid, true);
+    if (t.last && lid == 0u) {
+        write_denominator(t.total);
     }
 }
 
@@ -708,15 +806,18 @@ fn loss_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     sum_block(wid, lid, false);
 }
 
-// stats[1] = the reduced loss (sum, or sum / stats[0] for the mean).
 @compute @workgroup_size(WG)
 fn reduce_loss(@builtin(local_invocation_index) lid: u32) {
     let total = batch_sum(lid, false);
     if (lid == 0u) {
-        if (REDUCTION == 1u) {
-            stats[base(6u) + 1u] = total / stats[base(6u)];
-        } else {
-            stats[base(6u) + 1u] = total;
-        }
+        write_loss(total);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn reduce_loss_tally(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tally_blocks(wid, lid, false);
+    if (t.last && lid == 0u) {
+        write_loss(t.total);
     }
 }

@@ -456,8 +456,9 @@ pub struct CrossEntropyBuffers<'a> {
     pub targets: &'a wgpu::Buffer,
     /// How `targets` is encoded.
     pub target_encoding: TargetEncoding,
-    /// Receives the loss: one f32 for `Mean` and `Sum`, `rows` for `None` (`STORAGE`, and
-    /// `COPY_DST` for `Mean` and `Sum`).
+    /// Receives the loss: one f32 for `Mean` and `Sum`, `rows` for `None` (`STORAGE`; for `Mean`
+    /// and `Sum`, `STORAGE` to have the loss written into it, or else `COPY_DST` to have it
+    /// copied into it, one more command).
     pub loss: &'a wgpu::Buffer,
     /// Where the gradient goes.
     pub grad: GradDestination<'a>,
@@ -959,9 +960,17 @@ impl CrossEntropyLoss {
             TargetEncoding::Probabilities => (matrix_bytes, true),
         };
         validate_buffer("targets", buffers.targets, target_bytes, storage)?;
-        let (loss_bytes, loss_usage) = match self.reduction {
-            Reduction::None => (vector_bytes, storage),
-            _ => (4, wgpu::BufferUsages::COPY_DST),
+        // A reduced loss is written into a buffer bound for storage, or else copied into it.
+        let loss_usage = if self.reduction == Reduction::None
+            || !buffers.loss.usage().contains(wgpu::BufferUsages::COPY_DST)
+        {
+            storage
+        } else {
+            wgpu::BufferUsages::COPY_DST
+        };
+        let loss_bytes = match self.reduction {
+            Reduction::None => vector_bytes,
+            _ => 4,
         };
         validate_buffer("loss", buffers.loss, loss_bytes, loss_usage)?;
         let mut operands = vec![("logits", buffers.logits), ("targets", buffers.targets)];
@@ -1151,20 +1160,36 @@ impl CrossEntropyLoss {
             dispatches.extend(family.batch_sum(
                 gpu,
                 &call,
-                ["denominator_partials", "denominator"],
+                ["denominator_partials", "denominator", "denominator_tally"],
+                &[],
             )?);
         }
         dispatches.extend(family.plan(gpu, &call)?);
+        // The reduced loss goes straight into a loss buffer that can be bound for storage, in
+        // the gradient's place; into `stats` and copied from there otherwise.
+        let direct = job.loss.usage().contains(wgpu::BufferUsages::STORAGE);
         if reduced {
-            dispatches.extend(family.batch_sum(gpu, &call, ["loss_partials", "reduce_loss"])?);
+            let mut sum = call.clone();
+            if direct {
+                sum.operands[GRAD_OPERAND] = Operand::shared(job.loss, 1);
+            }
+            dispatches.extend(family.batch_sum(
+                gpu,
+                &sum,
+                ["loss_partials", "reduce_loss", "reduce_loss_tally"],
+                &[("LOSS_OUT", u32::from(direct))],
+            )?);
         }
         family.record(gpu, encoder, &dispatches, timestamps)?;
-        if reduced {
+        if reduced && !direct {
             encoder.copy_buffer_to_buffer(&self.stats, 4, job.loss, 0, 4);
         }
         Ok(())
     }
 }
+
+/// The gradient's place among the cross-entropy family's operands.
+const GRAD_OPERAND: usize = 5;
 
 /// The batch sums of `Mean` and `Sum` read one word per row through a single binding: more rows
 /// than that binding holds would be summed in part (the binding is clamped), a wrong answer, so

@@ -358,22 +358,23 @@ fn callers_buffers_are_checked_for_size_and_usage() {
                 Err(Error::BufferTooSmall { .. })
             ));
         }
-        // A reduced loss is copied into the caller's buffer, which must allow that.
+        // A reduced loss is written into the caller's buffer (`STORAGE`) or copied into it
+        // (`COPY_DST`): one of the two it must allow.
         let loss_fn = ctx
             .cross_entropy_loss(10, &CrossEntropyOptions::default())
             .unwrap();
-        let storage_only = buffer(ctx, 4, storage);
+        let readable_only = buffer(ctx, 4, wgpu::BufferUsages::COPY_SRC);
         let buffers = CrossEntropyBuffers {
             logits: &good,
             targets: &other,
             target_encoding: TargetEncoding::Indices,
-            loss: &storage_only,
+            loss: &readable_only,
             grad: GradDestination::None,
             rows: 10,
         };
         assert!(matches!(
             loss_fn.encode(e, buffers, 1.0),
-            Err(Error::MissingUsage { what: "loss", missing }) if missing == wgpu::BufferUsages::COPY_DST
+            Err(Error::MissingUsage { what: "loss", missing }) if missing == storage
         ));
         // Nothing above recorded anything; the encoder is still valid.
         ctx.queue().submit([encoder.finish()]);

@@ -227,9 +227,11 @@ fn cross_entropy_matches_the_reference_for_every_option() {
 }
 
 /// The device-resident forms reduce over the batch on the device: the mean's divisor and the
-/// reduced loss are sums over the rows, in one pass for a batch of one block and in two beyond
-/// (per-block partials by invocation or by workgroup, then their sum), on a 2-D grid where the
-/// blocks outnumber the device's workgroups per dimension, and with blocks of other sizes.
+/// reduced loss are sums over the rows, in one pass for a batch of one block and beyond in two
+/// (per-block partials by invocation or by workgroup, then their sum) or in one (the blocks'
+/// sums tallied, the last workgroup adding them), on a 2-D grid where the blocks outnumber the
+/// device's workgroups per dimension, and with blocks of other sizes. Every context runs each
+/// case twice in a row: a tally left dirty by one call would spoil the next.
 #[test]
 fn device_reductions_match_the_reference_on_every_batch_size() {
     with_gpu(|base| {
@@ -238,24 +240,30 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
             ..limits
         });
         let mut contexts = Vec::new();
-        for batch_team in [0, 2] {
+        for (batch_team, batch_tally) in [(0, 0), (2, 0), (0, 1)] {
             let tuning = Tuning {
                 batch_team,
+                batch_tally,
                 ..Tuning::SOFTWARE
             };
-            contexts.push((format!("batch_team={batch_team}"), tuned(base, tuning)));
+            let name = format!("batch_team={batch_team} batch_tally={batch_tally}");
+            contexts.push((name.clone(), tuned(base, tuning)));
             let narrow = Context::from_device_with_tuning(device.clone(), queue.clone(), tuning)
                 .expect("adopt a device with a narrow grid");
-            contexts.push((format!("batch_team={batch_team}, 40 per dimension"), narrow));
+            contexts.push((format!("{name}, 40 per dimension"), narrow));
         }
         // Blocks of 3 rows per invocation (a row count no power of two) and of 1 (what GPUs
-        // use: many blocks for the second pass).
+        // use: many blocks for the second pass, or many slots for the tally).
         for batch_rows in [3, 1] {
-            let tuning = Tuning {
-                batch_rows,
-                ..Tuning::SOFTWARE
-            };
-            contexts.push((format!("batch_rows={batch_rows}"), tuned(base, tuning)));
+            for batch_tally in [0, 1] {
+                let tuning = Tuning {
+                    batch_rows,
+                    batch_tally,
+                    ..Tuning::SOFTWARE
+                };
+                let name = format!("batch_rows={batch_rows} batch_tally={batch_tally}");
+                contexts.push((name, tuned(base, tuning)));
+            }
         }
         let weight = [0.5, 2.0, 1.25];
         for (name, ctx) in &contexts {
@@ -305,8 +313,10 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
                         let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
                         assert!(cmp.passed(), "{what}: loss {cmp:?}");
                         assert_grad_close(&out.grad.to_vec().unwrap(), &want.grad, &what);
-                        let loss_only = loss_fn.loss(&t, &targets_t).unwrap().to_vec().unwrap();
-                        assert_eq!(loss_only, loss, "{what}: loss-only kernel");
+                        for again in 0..2 {
+                            let loss_only = loss_fn.loss(&t, &targets_t).unwrap().to_vec().unwrap();
+                            assert_eq!(loss_only, loss, "{what}: loss-only kernel, {again}");
+                        }
                     }
                 }
             }
@@ -587,6 +597,44 @@ fn encode_form_writes_the_callers_buffers() {
             .compare(&loss.to_vec().unwrap(), &want.loss)
             .passed());
         assert_grad_close(&grad.to_vec().unwrap(), &want.grad, "encode");
+        // A reduced loss is written into a loss buffer bound for storage, and copied into one
+        // that only allows copies; both get the loss, for the sum and the mean.
+        use wgpu::BufferUsages as U;
+        for reduction in [Reduction::Sum, Reduction::Mean] {
+            let options = CrossEntropyOptions {
+                reduction,
+                ..options
+            };
+            let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+            let want = reference::cross_entropy(
+                &x,
+                cols,
+                Targets::IndicesI32(&idx),
+                &options,
+                GradOutput::One,
+            )
+            .unwrap();
+            for usage in [U::STORAGE | U::COPY_SRC, U::COPY_DST | U::COPY_SRC] {
+                let loss = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 4,
+                    usage,
+                    mapped_at_creation: false,
+                });
+                let seen = ctx.empty(1, 1).unwrap();
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                let buffers = CrossEntropyBuffers {
+                    loss: &loss,
+                    grad: GradDestination::None,
+                    ..buffers
+                };
+                loss_fn.encode(&mut encoder, buffers, 1.0).unwrap();
+                encoder.copy_buffer_to_buffer(&loss, 0, seen.buffer(), 0, 4);
+                ctx.queue().submit([encoder.finish()]);
+                let cmp = LOSS_TOLERANCE.compare(&seen.to_vec().unwrap(), &want.loss);
+                assert!(cmp.passed(), "{reduction:?} into a {usage:?} loss: {cmp:?}");
+            }
+        }
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         let aliased = CrossEntropyBuffers {
             grad: GradDestination::Buffer(logits_t.buffer()),

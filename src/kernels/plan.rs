@@ -135,6 +135,11 @@ pub struct Tuning {
     /// mean, a reduced loss): 0 one invocation, each leaving its own partial for the second
     /// pass (no barrier); otherwise one workgroup, leaving one partial.
     pub batch_team: u32,
+    /// 1: a sum over a batch of more than one block takes one pass, whose workgroups each leave
+    /// their block's sum in a slot and take a ticket, the last one to finish adding the slots
+    /// (no second dispatch; the blocks are summed by workgroups, whatever `batch_team` says); 0:
+    /// two passes, as `batch_team` says.
+    pub batch_tally: u32,
     /// 1: the finishing pass of split rows takes the chunks last to first, so that its first
     /// reads find the input the partials pass read last still in cache; 0: in order.
     pub split_reverse: u32,
@@ -181,6 +186,7 @@ impl Tuning {
         workgroup_per_row: 1,
         split_team: 2,
         batch_team: 2,
+        batch_tally: 0,
         batch_rows: 1,
         split_reverse: 1,
         split_group_bytes: 0,
@@ -211,6 +217,7 @@ impl Tuning {
         workgroup_per_row: 0,
         split_team: 0,
         batch_team: 0,
+        batch_tally: 0,
         batch_rows: 16,
         split_reverse: 0,
         split_group_bytes: 0,
@@ -403,6 +410,7 @@ impl Tuning {
         self.workgroup_per_row = self.workgroup_per_row.min(1);
         self.batch_rows = self.batch_rows.max(1);
         self.split_reverse = self.split_reverse.min(1);
+        self.batch_tally = self.batch_tally.min(1);
         self
     }
 }
@@ -438,10 +446,12 @@ mod tests {
             streamed_thread_max_cols: u32::MAX,
             workgroup_per_row: 9,
             split_reverse: 7,
+            batch_tally: 5,
             ..Tuning::GPU
         }
         .clamped(&wgpu::Limits::default(), Some(32));
         assert_eq!(wild.split_reverse, 1);
+        assert_eq!(wild.batch_tally, 1);
         assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);
         assert_eq!(wild.workgroup_per_row, 1);
         assert_eq!(wild.split_chunk, 1 << 30);

@@ -187,6 +187,7 @@ impl<'a> Operand<'a> {
 }
 
 /// One call of a row-wise family.
+#[derive(Clone)]
 pub(crate) struct RowCall<'a> {
     pub rows: usize,
     pub cols: usize,
@@ -206,6 +207,10 @@ pub(crate) struct RowwiseFamily {
     /// safe because wgpu orders the dispatches that touch it and the queue runs each call's
     /// passes back to back.
     partials: Mutex<wgpu::Buffer>,
+    /// The counter and slots of one-pass batch sums ([`RowwiseFamily::batch_sum`]); all 0
+    /// between dispatches (each leaves it as it found it), and grown on demand (a new buffer
+    /// is zeroed).
+    tally: Mutex<wgpu::Buffer>,
 }
 
 impl RowwiseFamily {
@@ -222,6 +227,7 @@ impl RowwiseFamily {
             shader: ShaderFamily::new(device, desc.name, &source, &bindings),
             desc,
             partials: Mutex::new(partials_buffer(device, 64)),
+            tally: Mutex::new(tally_buffer(device, 64)),
         }
     }
 
@@ -398,20 +404,26 @@ impl RowwiseFamily {
         (strategy, vector)
     }
 
-    /// A sum over all `call.rows` rows (a reduction over the batch). A batch of more than one
-    /// block of rows takes two passes: `entries[0]` with one workgroup per block, leaving the
-    /// block's sum in the partials (one per invocation or one per workgroup, as
-    /// [`Tuning::batch_team`] says), then `entries[1]`, one workgroup adding the `chunks`
-    /// partials. A batch of one block takes `entries[1]` alone, over the rows (`chunks` = 0).
-    /// Both get the rows per block as `chunk` and the team as `TEAM`. Operands they read must be
-    /// small enough for one binding; others are clamped.
+    /// A sum over all `call.rows` rows (a reduction over the batch). A batch of one block takes
+    /// `entries[1]` alone, one workgroup over the rows (`chunks` = 0). A batch of more than one
+    /// block takes, as [`Tuning::batch_tally`] says:
+    /// - two passes: `entries[0]` with one workgroup per block, leaving the block's sum in the
+    ///   partials (one per invocation or one per workgroup, as [`Tuning::batch_team`] says),
+    ///   then `entries[1]`, one workgroup adding the `chunks` partials;
+    /// - or one: `entries[2]`, one workgroup per block (`chunks` of them), over a tally buffer
+    ///   of a counter and a slot per block, all 0 between dispatches.
+    ///
+    /// Every pass gets the rows per block as `chunk`, the team as `TEAM`, and the constants
+    /// `extra`. Operands they read must be small enough for one binding; others are clamped.
     ///
     /// [`Tuning::batch_team`]: super::plan::Tuning::batch_team
+    /// [`Tuning::batch_tally`]: super::plan::Tuning::batch_tally
     pub(crate) fn batch_sum(
         &self,
         gpu: &Gpu,
         call: &RowCall<'_>,
-        [first, finish]: [&'static str; 2],
+        [first, finish, tally]: [&'static str; 3],
+        extra: &[(&'static str, u32)],
     ) -> Result<Vec<Dispatch>> {
         // As wide as the device allows up to BATCH_MAX_WORKGROUP, and no wider than a block of
         // `batch_rows` rows per invocation needs: a small batch then pays for a narrow
@@ -426,24 +438,37 @@ impl RowwiseFamily {
             .clamp(BATCH_MIN_WORKGROUP.min(widest), widest);
         let block = wg as usize * batch_rows;
         let groups = call.rows.div_ceil(block);
+        let tallied = groups > 1 && gpu.tuning.batch_tally != 0;
         let (team, partial_count) = match (groups, gpu.tuning.batch_team) {
             (0 | 1, _) => (2, 0),
+            _ if tallied => (2, groups),
             (_, 0) => (0, groups * wg as usize),
             _ => (2, groups),
         };
-        let partial_len = partial_count.max(1) * self.desc.partial_words;
-        let partials = crate::context::cached_buffer(
-            &gpu.device,
-            &self.partials,
-            partial_len as u64 * 4,
-            || partials_buffer(&gpu.device, partial_len as u64 * 4),
-        )?;
-        let windows = self.windows(gpu, call, 0, call.rows, &partials, partial_len);
+        // Binding 8: the tally (a counter, then a slot per block), or the partials.
+        let (buffer, words) = if tallied {
+            let words = groups + 1;
+            let bytes = words as u64 * 4;
+            let buffer = crate::context::cached_buffer(&gpu.device, &self.tally, bytes, || {
+                tally_buffer(&gpu.device, bytes.next_power_of_two())
+            })?;
+            (buffer, words)
+        } else {
+            let words = partial_count.max(1) * self.desc.partial_words;
+            let bytes = words as u64 * 4;
+            let buffer = crate::context::cached_buffer(&gpu.device, &self.partials, bytes, || {
+                partials_buffer(&gpu.device, bytes)
+            })?;
+            (buffer, words)
+        };
+        let windows = self.windows(gpu, call, 0, call.rows, &buffer, words);
         let groups = u32::try_from(groups).unwrap_or(u32::MAX);
         let chunks = u32::try_from(partial_count).unwrap_or(u32::MAX);
         let params = params(gpu, call, call.rows, &windows, groups, block as u32, chunks);
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
-        let passes = if partial_count == 0 {
+        let passes = if tallied {
+            vec![(tally, groups)]
+        } else if partial_count == 0 {
             vec![(finish, 1)]
         } else {
             vec![(first, groups), (finish, 1)]
@@ -451,7 +476,7 @@ impl RowwiseFamily {
         Ok(passes
             .into_iter()
             .map(|(entry, workgroups)| Dispatch {
-                pipeline: self.pipeline(gpu, call, entry, [wg, 0, team, sg], &[]),
+                pipeline: self.pipeline(gpu, call, entry, [wg, 0, team, sg], extra),
                 params: params.clone(),
                 windows: windows.clone(),
                 workgroups,
@@ -565,8 +590,16 @@ fn params(
 }
 
 fn partials_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
+    storage_buffer(device, "wgpu-softmax partials", bytes)
+}
+
+fn tally_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
+    storage_buffer(device, "wgpu-softmax batch tally", bytes)
+}
+
+fn storage_buffer(device: &wgpu::Device, label: &str, bytes: u64) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("wgpu-softmax split partials"),
+        label: Some(label),
         size: bytes.max(64),
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
