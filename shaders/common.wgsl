@@ -16,7 +16,7 @@ struct Params {
     chunk: u32,  // split kernels: elements per chunk
     chunks: u32, // split kernels: chunks per row
     _pad0: u32,
-    _pad1: u32,
+    extra: u32, // one more op-specific word
     _pad2: u32,
     base: array<vec4<u32>, 2>,
     words: vec4<u32>, // op-specific scalars (bit patterns)

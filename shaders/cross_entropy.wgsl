@@ -12,8 +12,9 @@
 // Rows: an index target equal to ignore_index gives loss 0 and a zero gradient row; an index
 // outside [0, C) gives NaN for its row; a row holding NaN or +inf, or only -inf, gives NaN.
 //
-// Passes: `denominator_partials` and `denominator`, or `denominator_tally` (mean only), write the
-// sum of target weights over rows not ignored to stats[0]; a row kernel writes loss_rows and the
+// Passes: `denominator_partials` and `denominator`, or `denominator_tally` (mean only, unless
+// the host knows the divisor: DIVISOR_GIVEN), write the sum of target weights over rows not
+// ignored to stats[0]; a row kernel writes loss_rows and the
 // gradient; `loss_partials` and `reduce_loss`, or `reduce_loss_tally`, write the reduced loss to
 // the caller's loss buffer (LOSS_OUT) or to stats[1].
 
@@ -43,6 +44,17 @@ override GRAD_PER_ROW: bool = false; // grad_output holds one multiplier per row
 // Without (index targets, no smoothing), B is w_t and A is w_t (x_t - M), taken from the target
 // logit once per row: the per-element work is that of softmax.
 override DENSE: bool = true;
+
+// The divisor of the mean came from the host, in p.extra (f32 bits), and no `denominator` pass
+// ran: rows not ignored, or the weighted sum, found when the targets were uploaded.
+override DIVISOR_GIVEN: bool = false;
+
+fn mean_divisor() -> f32 {
+    if (DIVISOR_GIVEN) {
+        return bitcast<f32>(p.extra);
+    }
+    return stats[base(6u)];
+}
 
 // words: x = ignore_index (i32 bits), y = label smoothing (f32 bits), z = scalar grad_output,
 // w = the sum of the class weights (C when unweighted).
@@ -158,7 +170,7 @@ fn row_scale(row: u32) -> f32 {
         g = grad_output[base(3u) + row];
     }
     if (REDUCTION == 1u) {
-        g = g / stats[base(6u)];
+        g = g / mean_divisor();
     }
     return g;
 }
@@ -767,11 +779,11 @@ fn write_denominator(d: f32) {
 // place (the batch passes write no gradient); otherwise to stats[1], copied from there.
 override LOSS_OUT: bool = false;
 
-// The reduced loss: the sum, or the sum / stats[0] for the mean.
+// The reduced loss: the sum, or the sum / the divisor for the mean.
 fn write_loss(total: f32) {
     var loss = total;
     if (REDUCTION == 1u) {
-        loss = total / stats[base(6u)];
+        loss = total / mean_divisor();
     }
     if (LOSS_OUT) {
         grad[base(5u)] = loss;

@@ -529,6 +529,7 @@ pub(crate) fn normalize_call<'a>(
         operands: vec![src, dst],
         constants: vec![op.constant()],
         words: [0; 4],
+        extra: 0,
     }
 }
 

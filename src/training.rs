@@ -200,6 +200,7 @@ pub(crate) fn backward_call<'a>(
         ],
         constants: vec![op.constant()],
         words: [0; 4],
+        extra: 0,
     }
 }
 
@@ -303,6 +304,7 @@ fn encode_jacobian(
         ],
         constants: Vec::new(),
         words: [0; 4],
+        extra: 0,
     };
     gpu.kernels.jacobian.encode(gpu, encoder, &call, None)
 }
@@ -402,12 +404,25 @@ fn submit(gpu: &Gpu, body: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>)
 // Cross-entropy
 
 /// Cross-entropy targets resident on the GPU, checked when they were uploaded: class indices
-/// (one `i32` per row, ignored rows marked) or probabilities (`rows x cols` f32).
+/// (one `i32` per row, ignored rows marked) or probabilities (`rows x cols` f32). They carry the
+/// divisor of a `Mean`, found on the host at upload, so that the loss that uploaded them (or any
+/// unweighted loss) takes no pass over them to find it.
 pub struct TargetTensor {
     buffer: wgpu::Buffer,
     rows: usize,
     cols: usize,
     probabilities: bool,
+    /// The divisor of a `Mean` over these targets, found on the host when they were uploaded.
+    divisor: MeanDivisor,
+}
+
+/// The divisor of a `Mean` as far as the host knows it: the rows not ignored (the divisor of
+/// every unweighted loss), and the weighted sum for the weights of the loss that uploaded them.
+#[derive(Debug, Clone, Copy)]
+struct MeanDivisor {
+    kept_rows: usize,
+    /// ([`CrossEntropyLoss::id`], the sum of its `w[target]` over rows not ignored).
+    weighted: Option<(u64, f64)>,
 }
 
 impl std::fmt::Debug for TargetTensor {
@@ -499,6 +514,10 @@ pub struct CrossEntropyLoss {
     weight_total: f32,
     /// `[mean denominator, reduced loss]`, reused by every call (calls are ordered on the queue).
     stats: wgpu::Buffer,
+    /// The class weights as given, to find the divisor of a `Mean` when targets are uploaded.
+    host_weight: Option<Vec<f32>>,
+    /// Tells this loss's weights apart from any other loss's (process-wide).
+    id: u64,
     /// Per-row losses of `Mean` and `Sum`, grown on demand.
     loss_rows: Mutex<wgpu::Buffer>,
 }
@@ -568,6 +587,8 @@ impl Context {
                     .map_or(cols as f64, |w| w.iter().map(|&v| f64::from(v)).sum())
                     as f32,
                 stats: storage("wgpu-softmax loss stats", 16, TENSOR_USAGES),
+                host_weight: options.weight.map(<[f32]>::to_vec),
+                id: NEXT_LOSS_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 loss_rows: Mutex::new(storage("wgpu-softmax row losses", 256, TENSOR_USAGES)),
             })
         })
@@ -743,6 +764,7 @@ impl Context {
                         logits: x_buf,
                         targets: t_buf,
                         probabilities,
+                        divisor: None,
                         loss: loss_buf,
                         grad: if want_grad {
                             GradTarget::Buffer(grad_buf)
@@ -808,6 +830,7 @@ impl CrossEntropyLoss {
     pub fn upload_targets(&self, targets: Targets<'_>) -> Result<TargetTensor> {
         let options = CrossEntropyOptions {
             ignore_index: self.ignore_index,
+            weight: self.host_weight.as_deref(),
             ..Default::default()
         };
         let shaped = |rows: usize| {
@@ -826,13 +849,21 @@ impl CrossEntropyLoss {
             }
         };
         let plan = validate::cross_entropy(len, self.cols, targets, &options, GradOutput::One)?;
-        self.upload_resolved(&plan.targets, plan.rows)
+        let divisor = MeanDivisor {
+            kept_rows: plan.kept_rows,
+            weighted: self
+                .host_weight
+                .is_some()
+                .then_some((self.id, plan.mean_denominator)),
+        };
+        self.upload_resolved(&plan.targets, plan.rows, divisor)
     }
 
     fn upload_resolved(
         &self,
         targets: &CrossEntropyTargets<'_>,
         rows: usize,
+        divisor: MeanDivisor,
     ) -> Result<TargetTensor> {
         let (bytes, probabilities): (&[u8], bool) = match targets {
             CrossEntropyTargets::Indices(t) => (bytemuck::cast_slice(t), false),
@@ -854,6 +885,7 @@ impl CrossEntropyLoss {
             rows,
             cols: self.cols,
             probabilities,
+            divisor,
         })
     }
 
@@ -1006,6 +1038,8 @@ impl CrossEntropyLoss {
             logits: buffers.logits,
             targets: buffers.targets,
             probabilities,
+            // Probability targets: the row count, whatever they hold.
+            divisor: probabilities.then_some(rows as f64),
             loss: buffers.loss,
             grad,
             upstream: Upstream::Scalar(grad_output),
@@ -1019,6 +1053,20 @@ impl CrossEntropyLoss {
         validate::same_len("logits cols", self.cols, logits.cols)?;
         validate::same_len("target rows", logits.rows, targets.rows)?;
         validate::same_len("target cols", self.cols, targets.cols)
+    }
+
+    /// The divisor of a `Mean` over `targets`, where the host knows it: the rows not ignored
+    /// for an unweighted loss or probability targets (every row), the weighted sum found at
+    /// upload when this loss uploaded them.
+    fn divisor_of(&self, targets: &TargetTensor) -> Option<f64> {
+        let divisor = targets.divisor;
+        if self.host_weight.is_none() || targets.probabilities {
+            return Some(divisor.kept_rows as f64);
+        }
+        match divisor.weighted {
+            Some((id, sum)) if id == self.id => Some(sum),
+            _ => None,
+        }
     }
 
     fn loss_tensor(&self, rows: usize) -> Result<Tensor> {
@@ -1048,6 +1096,7 @@ impl CrossEntropyLoss {
                 logits: &logits.buffer,
                 targets: &targets.buffer,
                 probabilities: targets.probabilities,
+                divisor: self.divisor_of(targets),
                 loss: &loss.buffer,
                 grad,
                 upstream: match (&per_row, upstream) {
@@ -1072,6 +1121,11 @@ impl CrossEntropyLoss {
     ) -> Result<()> {
         let cols = self.cols;
         let reduced = self.reduction != Reduction::None;
+        // The mean's divisor, when the host knows it (rounded once from f64).
+        let given = job
+            .divisor
+            .filter(|_| self.reduction == Reduction::Mean)
+            .map(|d| d as f32);
         if reduced {
             check_reducible_rows(gpu, job.rows)?;
         }
@@ -1141,6 +1195,7 @@ impl CrossEntropyLoss {
                 ("GRAD", u32::from(want_grad)),
                 ("IN_PLACE", u32::from(in_place)),
                 ("GRAD_PER_ROW", u32::from(per_row)),
+                ("DIVISOR_GIVEN", u32::from(given.is_some())),
                 // Mass on classes other than the target: probabilities or label smoothing.
                 (
                     "DENSE",
@@ -1153,10 +1208,11 @@ impl CrossEntropyLoss {
                 scalar.to_bits(),
                 self.weight_total.to_bits(),
             ],
+            extra: given.map_or(0, f32::to_bits),
         };
         let family = &gpu.kernels.cross_entropy;
         let mut dispatches = Vec::new();
-        if self.reduction == Reduction::Mean {
+        if self.reduction == Reduction::Mean && given.is_none() {
             dispatches.extend(family.batch_sum(
                 gpu,
                 &call,
@@ -1187,6 +1243,9 @@ impl CrossEntropyLoss {
         Ok(())
     }
 }
+
+/// Numbers every [`CrossEntropyLoss`] made in this process, to tell their weights apart.
+static NEXT_LOSS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The gradient's place among the cross-entropy family's operands.
 const GRAD_OPERAND: usize = 5;
@@ -1226,6 +1285,8 @@ struct Job<'a> {
     logits: &'a wgpu::Buffer,
     targets: &'a wgpu::Buffer,
     probabilities: bool,
+    /// The divisor of a `Mean`, where the host knows it: no pass then finds it on the device.
+    divisor: Option<f64>,
     loss: &'a wgpu::Buffer,
     grad: GradTarget<'a>,
     upstream: Upstream<'a>,

@@ -231,7 +231,8 @@ fn cross_entropy_matches_the_reference_for_every_option() {
 /// (per-block partials by invocation or by workgroup, then their sum) or in one (the blocks'
 /// sums tallied, the last workgroup adding them), on a 2-D grid where the blocks outnumber the
 /// device's workgroups per dimension, and with blocks of other sizes. Every context runs each
-/// case twice in a row: a tally left dirty by one call would spoil the next.
+/// case twice in a row: a tally left dirty by one call would spoil the next. The mean's divisor
+/// is found on the host for uploaded targets and on the device otherwise: both are checked.
 #[test]
 fn device_reductions_match_the_reference_on_every_batch_size() {
     with_gpu(|base| {
@@ -317,11 +318,84 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
                             let loss_only = loss_fn.loss(&t, &targets_t).unwrap().to_vec().unwrap();
                             assert_eq!(loss_only, loss, "{what}: loss-only kernel, {again}");
                         }
+                        // The mean's divisor: above, found on the host at upload; here, on the
+                        // device, over the caller's own targets, and over targets another loss
+                        // (with weights of its own: reversed) uploaded.
+                        let (raw, encoding) = match targets {
+                            Targets::Indices(t) => {
+                                let t: Vec<i32> = t.iter().map(|&v| v as i32).collect();
+                                (
+                                    ctx.upload(bytemuck::cast_slice(&t), 1),
+                                    TargetEncoding::Indices,
+                                )
+                            }
+                            Targets::Probabilities(p) => {
+                                (ctx.upload(p, cols), TargetEncoding::Probabilities)
+                            }
+                            _ => unreachable!(),
+                        };
+                        let (loss, grad) =
+                            encode_loss_and_grad(ctx, &loss_fn, &t, &raw.unwrap(), encoding, 0.5);
+                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+                        assert!(cmp.passed(), "{what}, caller's buffers: loss {cmp:?}");
+                        assert_grad_close(&grad, &want.grad, &format!("{what}, caller's buffers"));
+                        let other_weight: Vec<f32> = options
+                            .weight
+                            .map_or(Vec::new(), |w| w.iter().rev().copied().collect());
+                        let other_options = CrossEntropyOptions {
+                            weight: options.weight.map(|_| &other_weight[..]),
+                            ..options
+                        };
+                        let want = reference::cross_entropy(
+                            &x,
+                            cols,
+                            targets,
+                            &other_options,
+                            GradOutput::Scalar(0.5),
+                        )
+                        .unwrap();
+                        let other = ctx.cross_entropy_loss(cols, &other_options).unwrap();
+                        let out = other
+                            .loss_and_grad(&t, &targets_t, GradOutput::Scalar(0.5))
+                            .unwrap();
+                        let cmp = LOSS_TOLERANCE.compare(&out.loss.to_vec().unwrap(), &want.loss);
+                        assert!(cmp.passed(), "{what}, another loss's targets: loss {cmp:?}");
+                        assert_grad_close(
+                            &out.grad.to_vec().unwrap(),
+                            &want.grad,
+                            &format!("{what}, another loss's targets"),
+                        );
                     }
                 }
             }
         }
     });
+}
+
+/// The loss and gradient of `loss_fn` through [`wgpu_softmax::CrossEntropyLoss::encode`], on the
+/// caller's targets buffer.
+fn encode_loss_and_grad(
+    ctx: &Context,
+    loss_fn: &wgpu_softmax::CrossEntropyLoss,
+    logits: &wgpu_softmax::Tensor,
+    targets: &wgpu_softmax::Tensor,
+    target_encoding: TargetEncoding,
+    grad_output: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let loss = ctx.empty(1, 1).unwrap();
+    let grad = ctx.empty(logits.rows(), logits.cols()).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let buffers = CrossEntropyBuffers {
+        logits: logits.buffer(),
+        targets: targets.buffer(),
+        target_encoding,
+        loss: loss.buffer(),
+        grad: GradDestination::Buffer(grad.buffer()),
+        rows: logits.rows(),
+    };
+    loss_fn.encode(&mut encoder, buffers, grad_output).unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    (loss.to_vec().unwrap(), grad.to_vec().unwrap())
 }
 
 /// Backward and cross-entropy under every kernel strategy, on unaligned rows (scalar kernels) and

@@ -114,7 +114,9 @@ struct Params {
     grid_x: u32,
     chunk: u32,
     chunks: u32,
-    _pad: [u32; 3],
+    _pad0: u32,
+    extra: u32,
+    _pad2: u32,
     base: [u32; 8],
     words: [u32; 4],
 }
@@ -197,6 +199,8 @@ pub(crate) struct RowCall<'a> {
     pub constants: Vec<(&'static str, u32)>,
     /// Op-specific uniform words.
     pub words: [u32; 4],
+    /// One more op-specific word (cross-entropy: the mean's divisor, where the host knows it).
+    pub extra: u32,
 }
 
 /// A compiled kernel family whose kernels run over rows.
@@ -582,7 +586,9 @@ fn params(
         grid_x: super::grid(groups, gpu.limits.max_compute_workgroups_per_dimension).0,
         chunk,
         chunks,
-        _pad: [0; 3],
+        _pad0: 0,
+        extra: call.extra,
+        _pad2: 0,
         base,
         words: call.words,
     };
