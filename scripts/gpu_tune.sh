@@ -56,6 +56,8 @@ workgroup_per_row=0|workgroup_per_row=0|$medium $long
 batch_team=0|batch_team=0|$short
 batch_tally=1|batch_tally=1|$medium
 batch_tally=1,batch_rows=16|batch_tally=1 batch_rows=16|$medium
+loss_tally=1|loss_tally=1|$medium 32x10
+loss_tally=1,batch_tally=1|loss_tally=1 batch_tally=1|$medium 32x10
 split_min_cols=65536|split_min_cols=65536|$long
 split_max_rows=64|split_max_rows=64|$long
 split_group_bytes=8MiB|split_group_bytes=8388608|$long

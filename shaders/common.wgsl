@@ -16,8 +16,8 @@ struct Params {
     chunk: u32,  // split kernels: elements per chunk
     chunks: u32, // split kernels: chunks per row
     _pad0: u32,
-    extra: u32, // one more op-specific word
-    _pad2: u32,
+    extra: u32,  // one more op-specific word
+    groups: u32, // workgroups of the dispatch (a 2-D grid may run more)
     base: array<vec4<u32>, 2>,
     words: vec4<u32>, // op-specific scalars (bit patterns)
 }

@@ -216,12 +216,39 @@ fn grad_value(e: f32, q: f32, g: GradRow) -> f32 {
     return select(g.fill, g.scale * (e * g.k - q), g.plain);
 }
 
+// Whether the row kernels add up the reduced loss themselves (`Tuning::loss_tally`), through the
+// tally (`tally_rows`), instead of storing each row's loss in loss_rows for a batch sum; the
+// total goes to loss_rows[0], bound to the caller's loss buffer. Only for calls of one block of
+// rows, none of them split.
+override ROW_TALLY: bool = false;
+
+// A row's loss, as its team's first lane has it: stored in loss_rows, or (ROW_TALLY) returned
+// for the tally, 0 in every other lane.
+fn keep_loss(team: Team, row: u32, loss: f32) -> f32 {
+    if (team.lane != 0u) {
+        return 0.0;
+    }
+    if (ROW_TALLY) {
+        return loss;
+    }
+    loss_rows[base(4u) + row] = loss;
+    return 0.0;
+}
+
 @compute @workgroup_size(WG)
 fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let loss = row_pass(wid, lid);
+    if (ROW_TALLY) {
+        tally_rows(wid, lid, loss);
+    }
+}
+
+// `rows` but for the tally: writes the gradient and returns what `keep_loss` does.
+fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
     let team = team_of(wid, lid);
     // A whole team leaves together, so its reductions stay uniform.
     if (team.row >= p.rows) {
-        return;
+        return 0.0;
     }
     let row = team.row;
     let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
@@ -273,9 +300,7 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     acc = complete_stats(team_sum4(acc, lid), m, x_t, t);
-    if (team.lane == 0u) {
-        loss_rows[base(4u) + row] = row_loss(m, acc, t);
-    }
+    let loss = keep_loss(team, row, row_loss(m, acc, t));
     if (GRAD) {
         let g = grad_row(row, m, acc, t);
         let g0 = base(5u) + row * p.cols;
@@ -293,6 +318,7 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
+    return loss;
 }
 
 // A row's statistics: max m and acc = (S, A, B, _).
@@ -557,9 +583,17 @@ fn store_grad4(v: ptr<function, Items4>, first: u32, count: u32, g0: u32, n4: u3
 
 @compute @workgroup_size(WG)
 fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let loss = row_pass4(wid, lid);
+    if (ROW_TALLY) {
+        tally_rows(wid, lid, loss);
+    }
+}
+
+// `rows4` but for the tally, as `row_pass`.
+fn row_pass4(wid: vec3<u32>, lid: u32) -> f32 {
     let team = team_of(wid, lid);
     if (team.row >= p.rows) {
-        return;
+        return 0.0;
     }
     let row = team.row;
     let n4 = p.cols / 4u;
@@ -587,9 +621,7 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         acc = st.acc;
     }
     acc = complete_stats(acc, m, x_t, t);
-    if (team.lane == 0u) {
-        loss_rows[base(4u) + row] = row_loss(m, acc, t);
-    }
+    let loss = keep_loss(team, row, row_loss(m, acc, t));
     if (GRAD) {
         let g = grad_row(row, m, acc, t);
         let g0 = base(5u) / 4u + row * n4;
@@ -603,6 +635,7 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
             }
         }
     }
+    return loss;
 }
 
 @compute @workgroup_size(WG)
@@ -740,12 +773,16 @@ struct Tally {
 
 fn tally_blocks(wid: vec3<u32>, lid: u32, divisor: bool) -> Tally {
     let g = linear_group(wid);
-    let blocks = p.chunks;
-    if (g >= blocks) {
+    if (g >= p.chunks) {
         return Tally(false, 0.0);
     }
     let share = block_share(g, lid, divisor);
-    let total = workgroup_sum4(vec4<f32>(share, 0.0, 0.0, 0.0), lid).x;
+    return tally_add(g, p.chunks, workgroup_sum4(vec4<f32>(share, 0.0, 0.0, 0.0), lid).x, lid);
+}
+
+// Adds `total` (workgroup g's sum, needed in invocation 0) over `blocks` workgroups, as
+// `tally_blocks` says. Every invocation of the workgroup calls it, in uniform control flow.
+fn tally_add(g: u32, blocks: u32, total: f32, lid: u32) -> Tally {
     if (lid == 0u) {
         atomicStore(&tally[1u + g], tally_word(total));
         let ticket = atomicAdd(&tally[0], 1u);
@@ -779,16 +816,38 @@ fn write_denominator(d: f32) {
 // place (the batch passes write no gradient); otherwise to stats[1], copied from there.
 override LOSS_OUT: bool = false;
 
-// The reduced loss: the sum, or the sum / the divisor for the mean.
-fn write_loss(total: f32) {
-    var loss = total;
+// The reduced loss of the batch's `total`: itself, or divided by the divisor for the mean.
+fn reduced_loss(total: f32) -> f32 {
     if (REDUCTION == 1u) {
-        loss = total / mean_divisor();
+        return total / mean_divisor();
     }
+    return total;
+}
+
+fn write_loss(total: f32) {
+    let loss = reduced_loss(total);
     if (LOSS_OUT) {
         grad[base(5u)] = loss;
     } else {
         stats[base(6u) + 1u] = loss;
+    }
+}
+
+// The row kernels' ending with ROW_TALLY: `loss` (a row's loss in its team's first lane, 0
+// elsewhere) is added over the workgroup, then over the p.groups workgroups through the tally;
+// the last one writes the reduced loss to loss_rows[0].
+fn tally_rows(wid: vec3<u32>, lid: u32, loss: f32) {
+    let g = linear_group(wid);
+    if (g >= p.groups) {
+        return;
+    }
+    var total = loss;
+    if (TEAM != 2u) {
+        total = workgroup_sum4(vec4<f32>(loss, 0.0, 0.0, 0.0), lid).x;
+    }
+    let t = tally_add(g, p.groups, total, lid);
+    if (t.last && lid == 0u) {
+        loss_rows[base(4u)] = reduced_loss(t.total);
     }
 }
 

@@ -530,6 +530,7 @@ pub(crate) fn normalize_call<'a>(
         constants: vec![op.constant()],
         words: [0; 4],
         extra: 0,
+        tally: false,
     }
 }
 

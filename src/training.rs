@@ -201,6 +201,7 @@ pub(crate) fn backward_call<'a>(
         constants: vec![op.constant()],
         words: [0; 4],
         extra: 0,
+        tally: false,
     }
 }
 
@@ -305,6 +306,7 @@ fn encode_jacobian(
         constants: Vec::new(),
         words: [0; 4],
         extra: 0,
+        tally: false,
     };
     gpu.kernels.jacobian.encode(gpu, encoder, &call, None)
 }
@@ -1209,8 +1211,21 @@ impl CrossEntropyLoss {
                 self.weight_total.to_bits(),
             ],
             extra: given.map_or(0, f32::to_bits),
+            tally: false,
         };
         let family = &gpu.kernels.cross_entropy;
+        // The reduced loss goes straight into a loss buffer that can be bound for storage; into
+        // `stats` and copied from there otherwise. It is added up by the row kernel itself
+        // (`Tuning::loss_tally`) where one dispatch of it covers the call, and by a batch sum
+        // over the rows' stored losses otherwise.
+        let direct = job.loss.usage().contains(wgpu::BufferUsages::STORAGE);
+        let row_tally =
+            reduced && direct && gpu.tuning.loss_tally != 0 && family.one_pass(gpu, &call)?;
+        let mut call = call;
+        if row_tally {
+            call.operands[LOSS_ROWS_OPERAND] = Operand::shared(job.loss, 1);
+            call.tally = true;
+        }
         let mut dispatches = Vec::new();
         if self.reduction == Reduction::Mean && given.is_none() {
             dispatches.extend(family.batch_sum(
@@ -1221,10 +1236,8 @@ impl CrossEntropyLoss {
             )?);
         }
         dispatches.extend(family.plan(gpu, &call)?);
-        // The reduced loss goes straight into a loss buffer that can be bound for storage, in
-        // the gradient's place; into `stats` and copied from there otherwise.
-        let direct = job.loss.usage().contains(wgpu::BufferUsages::STORAGE);
-        if reduced {
+        // A batch sum writes the loss in the gradient's place (it writes no gradient).
+        if reduced && !row_tally {
             let mut sum = call.clone();
             if direct {
                 sum.operands[GRAD_OPERAND] = Operand::shared(job.loss, 1);
@@ -1246,6 +1259,9 @@ impl CrossEntropyLoss {
 
 /// Numbers every [`CrossEntropyLoss`] made in this process, to tell their weights apart.
 static NEXT_LOSS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The row losses' place among the cross-entropy family's operands.
+const LOSS_ROWS_OPERAND: usize = 4;
 
 /// The gradient's place among the cross-entropy family's operands.
 const GRAD_OPERAND: usize = 5;

@@ -229,8 +229,9 @@ fn cross_entropy_matches_the_reference_for_every_option() {
 /// The device-resident forms reduce over the batch on the device: the mean's divisor and the
 /// reduced loss are sums over the rows, in one pass for a batch of one block and beyond in two
 /// (per-block partials by invocation or by workgroup, then their sum) or in one (the blocks'
-/// sums tallied, the last workgroup adding them), on a 2-D grid where the blocks outnumber the
-/// device's workgroups per dimension, and with blocks of other sizes. Every context runs each
+/// sums tallied, the last workgroup adding them), the loss also in the row pass itself (its
+/// workgroups' sums tallied), on a 2-D grid where the workgroups outnumber the device's
+/// workgroups per dimension, and with blocks of other sizes. Every context runs each
 /// case twice in a row: a tally left dirty by one call would spoil the next. The mean's divisor
 /// is found on the host for uploaded targets and on the device otherwise: both are checked.
 #[test]
@@ -241,13 +242,16 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
             ..limits
         });
         let mut contexts = Vec::new();
-        for (batch_team, batch_tally) in [(0, 0), (2, 0), (0, 1)] {
+        for (batch_team, batch_tally, loss_tally) in [(0, 0, 0), (2, 0, 0), (0, 1, 0), (0, 1, 1)] {
             let tuning = Tuning {
                 batch_team,
                 batch_tally,
+                loss_tally,
                 ..Tuning::SOFTWARE
             };
-            let name = format!("batch_team={batch_team} batch_tally={batch_tally}");
+            let name = format!(
+                "batch_team={batch_team} batch_tally={batch_tally} loss_tally={loss_tally}"
+            );
             contexts.push((name.clone(), tuned(base, tuning)));
             let narrow = Context::from_device_with_tuning(device.clone(), queue.clone(), tuning)
                 .expect("adopt a device with a narrow grid");
@@ -365,6 +369,77 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
                             &want.grad,
                             &format!("{what}, another loss's targets"),
                         );
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The reduced loss added up in the row pass (`loss_tally`) under every kernel strategy: an
+/// invocation, a subgroup or a workgroup per row, rows in registers or streamed, scalar and vec4
+/// (split rows keep the batch sum). Each call runs twice: the tally must be left clean.
+#[test]
+fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
+    with_gpu(|base| {
+        let weight: Vec<f32> = (0..2049).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+        for (name, tuning) in strategy_tunings() {
+            let ctx = tuned(
+                base,
+                Tuning {
+                    loss_tally: 1,
+                    ..tuning
+                },
+            );
+            for &(rows, cols) in &[(1, 5), (33, 7), (300, 8), (70, 128), (9, 2049), (5, 2048)] {
+                let x = logits(rows, cols, 2.0, (rows * cols) as u64);
+                let idx = index_targets(rows, cols, 3, 4);
+                let probs = probability_targets(rows, cols, 8);
+                for (targets, w, reduction) in [
+                    (Targets::Indices(&idx), None, Reduction::Mean),
+                    (
+                        Targets::Indices(&idx),
+                        Some(&weight[..cols]),
+                        Reduction::Mean,
+                    ),
+                    (
+                        Targets::Indices(&idx),
+                        Some(&weight[..cols]),
+                        Reduction::Sum,
+                    ),
+                    (Targets::Probabilities(&probs), None, Reduction::Mean),
+                ] {
+                    let options = CrossEntropyOptions {
+                        weight: w,
+                        reduction,
+                        label_smoothing: if w.is_some() { 0.1 } else { 0.0 },
+                        ..Default::default()
+                    };
+                    let what = format!(
+                        "{name} {rows}x{cols} {reduction:?} probabilities={} weighted={}",
+                        matches!(targets, Targets::Probabilities(_)),
+                        w.is_some()
+                    );
+                    let want = reference::cross_entropy(
+                        &x,
+                        cols,
+                        targets,
+                        &options,
+                        GradOutput::Scalar(2.0),
+                    )
+                    .unwrap();
+                    let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+                    let targets_t = loss_fn.upload_targets(targets).unwrap();
+                    for again in 0..2 {
+                        let mut t = ctx.upload(&x, cols).unwrap();
+                        let loss = loss_fn
+                            .loss_and_grad_in_place(&mut t, &targets_t, GradOutput::Scalar(2.0))
+                            .unwrap()
+                            .to_vec()
+                            .unwrap();
+                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+                        assert!(cmp.passed(), "{what} #{again}: loss {cmp:?}");
+                        assert_grad_close(&t.to_vec().unwrap(), &want.grad, &what);
                     }
                 }
             }

@@ -140,6 +140,11 @@ pub struct Tuning {
     /// (no second dispatch; the blocks are summed by workgroups, whatever `batch_team` says); 0:
     /// two passes, as `batch_team` says.
     pub batch_tally: u32,
+    /// 1: the row kernels of a reduced cross-entropy add up the loss themselves, through a
+    /// tally as `batch_tally` describes (a workgroup sum, then the workgroups' sums), where the
+    /// call is one dispatch of them (one block of rows, not split); no per-row losses are
+    /// stored and no batch sum follows. 0: rows' losses are stored, then summed over the batch.
+    pub loss_tally: u32,
     /// 1: the finishing pass of split rows takes the chunks last to first, so that its first
     /// reads find the input the partials pass read last still in cache; 0: in order.
     pub split_reverse: u32,
@@ -187,6 +192,7 @@ impl Tuning {
         split_team: 2,
         batch_team: 2,
         batch_tally: 0,
+        loss_tally: 0,
         batch_rows: 1,
         split_reverse: 1,
         split_group_bytes: 0,
@@ -218,6 +224,7 @@ impl Tuning {
         split_team: 0,
         batch_team: 0,
         batch_tally: 0,
+        loss_tally: 0,
         batch_rows: 16,
         split_reverse: 0,
         split_group_bytes: 0,
@@ -411,6 +418,7 @@ impl Tuning {
         self.batch_rows = self.batch_rows.max(1);
         self.split_reverse = self.split_reverse.min(1);
         self.batch_tally = self.batch_tally.min(1);
+        self.loss_tally = self.loss_tally.min(1);
         self
     }
 }
@@ -447,11 +455,13 @@ mod tests {
             workgroup_per_row: 9,
             split_reverse: 7,
             batch_tally: 5,
+            loss_tally: 3,
             ..Tuning::GPU
         }
         .clamped(&wgpu::Limits::default(), Some(32));
         assert_eq!(wild.split_reverse, 1);
         assert_eq!(wild.batch_tally, 1);
+        assert_eq!(wild.loss_tally, 1);
         assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);
         assert_eq!(wild.workgroup_per_row, 1);
         assert_eq!(wild.split_chunk, 1 << 30);

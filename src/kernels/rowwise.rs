@@ -116,7 +116,7 @@ struct Params {
     chunks: u32,
     _pad0: u32,
     extra: u32,
-    _pad2: u32,
+    groups: u32,
     base: [u32; 8],
     words: [u32; 4],
 }
@@ -188,6 +188,20 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// How a call runs ([`RowwiseFamily::layout`]): its entry points (one, or a split's two),
+/// workgroup size, `ITEMS`, `TEAM`, rows or chunks per workgroup, elements per chunk (0: rows
+/// are not split), chunks per row, and row blocks (first row, rows).
+struct Layout {
+    entries: Vec<&'static str>,
+    wg: u32,
+    items: u32,
+    team: u32,
+    per_group: usize,
+    chunk: u32,
+    chunks: usize,
+    blocks: Vec<(usize, usize)>,
+}
+
 /// One call of a row-wise family.
 #[derive(Clone)]
 pub(crate) struct RowCall<'a> {
@@ -201,6 +215,10 @@ pub(crate) struct RowCall<'a> {
     pub words: [u32; 4],
     /// One more op-specific word (cross-entropy: the mean's divisor, where the host knows it).
     pub extra: u32,
+    /// The row kernel adds one word per row over the dispatch through the family's tally
+    /// (`ROW_TALLY`, the tally at binding 8): only for a call [`RowwiseFamily::one_pass`]
+    /// accepts.
+    pub tally: bool,
 }
 
 /// A compiled kernel family whose kernels run over rows.
@@ -235,9 +253,15 @@ impl RowwiseFamily {
         }
     }
 
-    /// The dispatches computing `call` over all its rows, in row blocks that fit one binding.
-    /// Shapes and buffers have been validated by the caller.
-    pub(crate) fn plan(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Vec<Dispatch>> {
+    /// Whether `call` runs as one dispatch of the row kernel: one block of rows (at least one),
+    /// none of them split. Only such a call may ask for [`RowCall::tally`].
+    pub(crate) fn one_pass(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<bool> {
+        let layout = self.layout(gpu, call)?;
+        Ok(call.rows > 0 && layout.chunk == 0 && layout.blocks.len() == 1)
+    }
+
+    /// How `call` runs: the kernels, their shape, and the row blocks.
+    fn layout(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Layout> {
         let tuning = &gpu.tuning;
         let (rows, cols) = (call.rows, call.cols);
         let row_bytes = call
@@ -266,9 +290,8 @@ impl RowwiseFamily {
         };
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
         // (entry points, workgroup size, items, team, rows or chunks per workgroup, chunk)
-        let one = [rows_entry];
         let (entries, wg, items, team, per_group, chunk): (
-            &[&'static str],
+            Vec<&'static str>,
             u32,
             u32,
             u32,
@@ -283,15 +306,15 @@ impl RowwiseFamily {
                 } else {
                     tuning.thread_workgroup
                 };
-                (&one[..], wg, items, 0, wg as usize, 0)
+                (vec![rows_entry], wg, items, 0, wg as usize, 0)
             }
             (Strategy::RowPerSubgroup { items }, _) => {
                 let wg = tuning.subgroup_workgroup;
-                (&one[..], wg, items, 1, (wg / sg) as usize, 0)
+                (vec![rows_entry], wg, items, 1, (wg / sg) as usize, 0)
             }
             (Strategy::RowPerWorkgroup { items }, _) => {
                 let wg = tuning.row_workgroup_on(&gpu.caps);
-                (&one[..], wg, items, 2, 1, 0)
+                (vec![rows_entry], wg, items, 2, 1, 0)
             }
             (
                 Strategy::SplitRow {
@@ -304,9 +327,9 @@ impl RowwiseFamily {
                 let chunk = chunk.next_multiple_of(vector);
                 let wg = tuning.row_workgroup_on(&gpu.caps);
                 if per_invocation {
-                    (&split[..], wg, 0, 0, wg as usize, chunk)
+                    (split.to_vec(), wg, 0, 0, wg as usize, chunk)
                 } else {
-                    (&split[..], wg, 0, 2, 1, chunk)
+                    (split.to_vec(), wg, 0, 2, 1, chunk)
                 }
             }
             (Strategy::SplitRow { .. }, None) => unreachable!("replaced above"),
@@ -338,6 +361,39 @@ impl RowwiseFamily {
             },
             other => other,
         })?;
+        Ok(Layout {
+            entries,
+            wg,
+            items,
+            team,
+            per_group,
+            chunk,
+            chunks,
+            blocks,
+        })
+    }
+
+    /// The dispatches computing `call` over all its rows, in row blocks that fit one binding.
+    /// Shapes and buffers have been validated by the caller.
+    pub(crate) fn plan(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Vec<Dispatch>> {
+        let Layout {
+            entries,
+            wg,
+            items,
+            team,
+            per_group,
+            chunk,
+            chunks,
+            blocks,
+        } = self.layout(gpu, call)?;
+        let tuning = &gpu.tuning;
+        let desc = self.desc;
+        let sg = gpu.caps.subgroup_size.unwrap_or(1);
+        let tally = call.tally && chunk == 0 && blocks.len() == 1;
+        debug_assert_eq!(
+            tally, call.tally,
+            "a tally asked of a call of more than one pass"
+        );
         let pipelines: Vec<_> = entries
             .iter()
             .enumerate()
@@ -345,27 +401,43 @@ impl RowwiseFamily {
                 // The second entry of a split is its finishing pass; the others keep the
                 // shader's default order (and the same pipeline key as without the field).
                 let reverse = chunk > 0 && i == 1 && tuning.split_reverse != 0;
-                let extra: &[_] = if reverse { &[("REVERSE", 1)] } else { &[] };
+                let extra: &[_] = match (reverse, tally) {
+                    (true, _) => &[("REVERSE", 1)],
+                    (_, true) => &[("ROW_TALLY", 1)],
+                    _ => &[],
+                };
                 self.pipeline(gpu, call, entry, [wg, items, team, sg], extra)
             })
             .collect();
 
         let max_rows = blocks.iter().map(|b| b.1).max().unwrap_or(0);
         let partial_bytes = (max_rows * chunks * desc.partial_words * 4) as u64;
-        let needed = if chunk == 0 { 0 } else { partial_bytes };
-        let partials = crate::context::cached_buffer(&gpu.device, &self.partials, needed, || {
-            partials_buffer(&gpu.device, partial_bytes)
-        })?;
+        let (binding8, binding8_len) = if tally {
+            // A counter and a slot per workgroup.
+            let words = blocks[0].1.div_ceil(per_group) + 1;
+            let bytes = words as u64 * 4;
+            let buffer = crate::context::cached_buffer(&gpu.device, &self.tally, bytes, || {
+                tally_buffer(&gpu.device, bytes.next_power_of_two())
+            })?;
+            (buffer, Some(words))
+        } else {
+            let needed = if chunk == 0 { 0 } else { partial_bytes };
+            let buffer =
+                crate::context::cached_buffer(&gpu.device, &self.partials, needed, || {
+                    partials_buffer(&gpu.device, partial_bytes)
+                })?;
+            (buffer, None)
+        };
 
         let mut dispatches = Vec::new();
         for &(first, n) in &blocks {
             let groups = if chunk == 0 { n } else { n * chunks }.div_ceil(per_group) as u32;
-            let partial_len = if chunk == 0 {
-                1
-            } else {
-                n * chunks * desc.partial_words
+            let partial_len = match binding8_len {
+                Some(words) => words,
+                None if chunk == 0 => 1,
+                None => n * chunks * desc.partial_words,
             };
-            let windows = self.windows(gpu, call, first, n, &partials, partial_len);
+            let windows = self.windows(gpu, call, first, n, &binding8, partial_len);
             let params = params(gpu, call, n, &windows, groups, chunk, chunks as u32);
             for pipeline in &pipelines {
                 dispatches.push(Dispatch {
@@ -588,7 +660,7 @@ fn params(
         chunks,
         _pad0: 0,
         extra: call.extra,
-        _pad2: 0,
+        groups,
         base,
         words: call.words,
     };

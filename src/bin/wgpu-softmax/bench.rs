@@ -54,10 +54,10 @@ pub struct BenchArgs {
     /// subgroup_max_cols, streamed_thread_max_cols, row_workgroup,
     /// row_workgroup_without_subgroups, max_items, split_min_cols,
     /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_tally,
-    /// batch_rows, split_reverse, split_group_bytes, vector, subgroups. Workgroup sizes,
-    /// split_chunk and batch_rows must be at least 1, max_items a power of two up to 32, vector
-    /// 1 or 4, subgroups, workgroup_per_row, batch_tally and split_reverse 0 or 1; a value the
-    /// device's limits change is reported on stderr.
+    /// loss_tally, batch_rows, split_reverse, split_group_bytes, vector, subgroups. Workgroup
+    /// sizes, split_chunk and batch_rows must be at least 1, max_items a power of two up to 32,
+    /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally, loss_tally and split_reverse 0
+    /// or 1; a value the device's limits change is reported on stderr.
     #[arg(long = "tune", value_parser = parse_tune, conflicts_with = "no_gpu")]
     tune: Vec<(&'static str, u32)>,
 }
@@ -72,7 +72,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 21] = [
+const TUNE_FIELDS: [(&str, Accepts); 22] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -89,6 +89,7 @@ const TUNE_FIELDS: [(&str, Accepts); 21] = [
     ("split_team", Accepts::Any),
     ("batch_team", Accepts::Any),
     ("batch_tally", Accepts::OneOf(&[0, 1])),
+    ("loss_tally", Accepts::OneOf(&[0, 1])),
     ("batch_rows", Accepts::AtLeastOne),
     ("split_reverse", Accepts::OneOf(&[0, 1])),
     ("split_group_bytes", Accepts::Any),
@@ -118,6 +119,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "split_team" => &mut tuning.split_team,
         "batch_team" => &mut tuning.batch_team,
         "batch_tally" => &mut tuning.batch_tally,
+        "loss_tally" => &mut tuning.loss_tally,
         "batch_rows" => &mut tuning.batch_rows,
         "split_reverse" => &mut tuning.split_reverse,
         "split_group_bytes" => &mut tuning.split_group_bytes,
