@@ -14,8 +14,8 @@ use crate::kernels::rowwise::Operand;
 use crate::kernels::{Dispatch, Normalization, PipelineKey, Window};
 use crate::ops::{normalize_call, Tensor};
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
-use crate::training::{backward_call, CrossEntropyBuffers, CrossEntropyLoss, GradDestination};
-use crate::{TargetEncoding, TargetTensor};
+use crate::training::{backward_call, CrossEntropyLoss, GradDestination};
+use crate::TargetTensor;
 
 /// The shapes of the benchmark table: square, many medium rows, many short rows, few long rows,
 /// very few very long rows, and a latency-bound tiny batch.
@@ -39,7 +39,8 @@ pub enum BenchOp {
     SoftmaxBackward,
     /// Log-softmax backward.
     LogSoftmaxBackward,
-    /// Cross-entropy loss and gradient, fused (mean reduction, index targets).
+    /// Cross-entropy loss and gradient, fused (mean reduction, index targets uploaded with
+    /// `upload_targets`, recorded with `encode_tensors`).
     CrossEntropy,
     /// A plain copy of the logits: the bandwidth limit.
     Copy,
@@ -209,8 +210,9 @@ impl GpuBench {
     }
 
     /// What runs the op on this shape, e.g. `workgroup per row, 4 loads in registers, vec4`: the
-    /// kernel of its row-wise pass (cross-entropy adds one-workgroup passes over the batch for the
-    /// reduction), or the access pattern of [`BenchOp::Copy`].
+    /// kernel of its row-wise pass (cross-entropy adds passes over the batch for the reduction
+    /// unless the row kernel adds up the loss itself), or the access pattern of
+    /// [`BenchOp::Copy`].
     pub fn kernel(&self) -> String {
         let gpu = &self.ctx.gpu;
         let kernels = &gpu.kernels;
@@ -367,17 +369,15 @@ impl GpuBench {
                 let call = backward_call(op, buffers, rows, cols);
                 gpu.kernels.backward.encode(gpu, encoder, &call, timestamps)
             }
-            BenchOp::CrossEntropy => {
-                let buffers = CrossEntropyBuffers {
-                    logits: &self.x.buffer,
-                    targets: self.targets.buffer(),
-                    target_encoding: TargetEncoding::Indices,
-                    loss: &self.loss.buffer,
-                    grad: GradDestination::Buffer(&self.out.buffer),
-                    rows,
-                };
-                self.loss_fn.encode_timed(encoder, buffers, 1.0, timestamps)
-            }
+            BenchOp::CrossEntropy => self.loss_fn.encode_tensors_timed(
+                encoder,
+                &self.x,
+                &self.targets,
+                &self.loss,
+                GradDestination::Buffer(&self.out.buffer),
+                1.0,
+                timestamps,
+            ),
             BenchOp::Copy => {
                 let len4 = (rows * cols / 4) as u32;
                 let per = self.copy_run.max(1);

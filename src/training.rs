@@ -968,16 +968,78 @@ impl CrossEntropyLoss {
         buffers: CrossEntropyBuffers<'_>,
         grad_output: f32,
     ) -> Result<()> {
-        self.encode_timed(encoder, buffers, grad_output, None)
+        self.encode_buffers(encoder, buffers, grad_output, None, None)
     }
 
-    /// [`CrossEntropyLoss::encode`] with timestamps written at the start and end of its pass.
-    pub(crate) fn encode_timed(
+    /// Records the loss (and gradient) of device-resident logits and uploaded targets into the
+    /// caller's `encoder`, the loss into `loss` (one value for `Mean` and `Sum`, `rows` for
+    /// `None`). As [`CrossEntropyLoss::loss_and_grad`], with no buffer made: the targets'
+    /// ignored rows are recognised as uploaded, and a `Mean` takes the divisor found at upload
+    /// (see [`TargetTensor`]), where [`CrossEntropyLoss::encode`] over the targets' buffer
+    /// would look for `ignore_index` in it and find the divisor on the device.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when logits, targets or loss disagree in shape, and as
+    /// [`CrossEntropyLoss::encode`] for the gradient buffer.
+    pub fn encode_tensors(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        loss: &Tensor,
+        grad: GradDestination<'_>,
+        grad_output: f32,
+    ) -> Result<()> {
+        self.encode_tensors_timed(encoder, logits, targets, loss, grad, grad_output, None)
+    }
+
+    /// [`CrossEntropyLoss::encode_tensors`] with timestamps written at the start and end of its
+    /// pass.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode_tensors_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        loss: &Tensor,
+        grad: GradDestination<'_>,
+        grad_output: f32,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        self.check_shapes(logits, targets)?;
+        let loss_rows = match self.reduction {
+            Reduction::None => logits.rows,
+            Reduction::Mean | Reduction::Sum => 1,
+        };
+        validate::same_len("loss", loss_rows, loss.rows * loss.cols)?;
+        let buffers = CrossEntropyBuffers {
+            logits: &logits.buffer,
+            targets: &targets.buffer,
+            target_encoding: if targets.probabilities {
+                TargetEncoding::Probabilities
+            } else {
+                TargetEncoding::Indices
+            },
+            loss: &loss.buffer,
+            grad,
+            rows: logits.rows,
+        };
+        let resolved = Resolved {
+            ignore: IGNORED_ROW,
+            divisor: self.divisor_of(targets),
+        };
+        self.encode_buffers(encoder, buffers, grad_output, timestamps, Some(resolved))
+    }
+
+    /// Checks `buffers` and records the call; `resolved`: targets uploaded by
+    /// [`CrossEntropyLoss::upload_targets`] (`None`: the caller's own).
+    fn encode_buffers(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         buffers: CrossEntropyBuffers<'_>,
         grad_output: f32,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        resolved: Option<Resolved>,
     ) -> Result<()> {
         let rows = buffers.rows;
         let vector_bytes = matrix_bytes(rows, 1);
@@ -1026,22 +1088,25 @@ impl CrossEntropyLoss {
                 GradTarget::Buffer(grad)
             }
         };
-        let ignore = if probabilities {
-            0
-        } else {
-            i32::try_from(self.ignore_index).map_err(|_| Error::ShapeTooLarge {
-                what: "ignore_index",
-                value: self.ignore_index.unsigned_abs() as usize,
-                max: i32::MAX as usize,
-            })?
+        let (ignore, divisor) = match resolved {
+            Some(resolved) => (resolved.ignore, resolved.divisor),
+            // Probability targets: the row count, whatever they hold.
+            None if probabilities => (0, Some(rows as f64)),
+            None => (
+                i32::try_from(self.ignore_index).map_err(|_| Error::ShapeTooLarge {
+                    what: "ignore_index",
+                    value: self.ignore_index.unsigned_abs() as usize,
+                    max: i32::MAX as usize,
+                })?,
+                None,
+            ),
         };
         let job = Job {
             rows,
             logits: buffers.logits,
             targets: buffers.targets,
             probabilities,
-            // Probability targets: the row count, whatever they hold.
-            divisor: probabilities.then_some(rows as f64),
+            divisor,
             loss: buffers.loss,
             grad,
             upstream: Upstream::Scalar(grad_output),
@@ -1293,6 +1358,14 @@ enum GradTarget<'a> {
 enum Upstream<'a> {
     Scalar(f32),
     PerRow(&'a wgpu::Buffer),
+}
+
+/// What uploaded targets bring to a call: how their ignored rows are marked, and the mean's
+/// divisor where the host knows it.
+#[derive(Clone, Copy)]
+struct Resolved {
+    ignore: i32,
+    divisor: Option<f64>,
 }
 
 /// Everything one recorded cross-entropy call needs, whoever owns the buffers.

@@ -322,6 +322,12 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
                             let loss_only = loss_fn.loss(&t, &targets_t).unwrap().to_vec().unwrap();
                             assert_eq!(loss_only, loss, "{what}: loss-only kernel, {again}");
                         }
+                        // Recorded into an encoder, as the device-resident form.
+                        let (loss2, grad2) =
+                            encode_tensors_loss_and_grad(ctx, &loss_fn, &t, &targets_t, 0.5);
+                        let cmp = LOSS_TOLERANCE.compare(&loss2, &want.loss);
+                        assert!(cmp.passed(), "{what}, encode_tensors: loss {cmp:?}");
+                        assert_grad_close(&grad2, &want.grad, &format!("{what}, encode_tensors"));
                         // The mean's divisor: above, found on the host at upload; here, on the
                         // device, over the caller's own targets, and over targets another loss
                         // (with weights of its own: reversed) uploaded.
@@ -469,6 +475,33 @@ fn encode_loss_and_grad(
         rows: logits.rows(),
     };
     loss_fn.encode(&mut encoder, buffers, grad_output).unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    (loss.to_vec().unwrap(), grad.to_vec().unwrap())
+}
+
+/// The loss and gradient of `loss_fn` through
+/// [`wgpu_softmax::CrossEntropyLoss::encode_tensors`], on uploaded targets.
+fn encode_tensors_loss_and_grad(
+    ctx: &Context,
+    loss_fn: &wgpu_softmax::CrossEntropyLoss,
+    logits: &wgpu_softmax::Tensor,
+    targets: &wgpu_softmax::TargetTensor,
+    grad_output: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let loss = ctx.empty(1, 1).unwrap();
+    let grad = ctx.empty(logits.rows(), logits.cols()).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let destination = GradDestination::Buffer(grad.buffer());
+    loss_fn
+        .encode_tensors(
+            &mut encoder,
+            logits,
+            targets,
+            &loss,
+            destination,
+            grad_output,
+        )
+        .unwrap();
     ctx.queue().submit([encoder.finish()]);
     (loss.to_vec().unwrap(), grad.to_vec().unwrap())
 }
@@ -800,6 +833,26 @@ fn encode_form_writes_the_callers_buffers() {
         };
         assert!(matches!(
             loss_fn.encode(&mut encoder, bad, 1.0),
+            Err(Error::BufferTooSmall { what: "grad", .. })
+        ));
+        // The tensor form checks the shapes of its tensors, and the gradient buffer as above.
+        let uploaded = loss_fn.upload_targets(Targets::IndicesI32(&idx)).unwrap();
+        let per_row_loss = ctx.empty(rows, 1).unwrap();
+        let none = GradDestination::None;
+        assert!(matches!(
+            loss_fn.encode_tensors(&mut encoder, &logits_t, &uploaded, &per_row_loss, none, 1.0),
+            Err(Error::LengthMismatch { what: "loss", .. })
+        ));
+        let short = loss_fn
+            .upload_targets(Targets::IndicesI32(&idx[1..]))
+            .unwrap();
+        assert!(matches!(
+            loss_fn.encode_tensors(&mut encoder, &logits_t, &short, &loss, none, 1.0),
+            Err(Error::LengthMismatch { .. })
+        ));
+        let small_grad = GradDestination::Buffer(small.buffer());
+        assert!(matches!(
+            loss_fn.encode_tensors(&mut encoder, &logits_t, &uploaded, &loss, small_grad, 1.0),
             Err(Error::BufferTooSmall { what: "grad", .. })
         ));
     });
