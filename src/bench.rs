@@ -371,9 +371,7 @@ impl GpuBench {
             }
             BenchOp::CrossEntropy => self.loss_fn.encode_tensors_timed(
                 encoder,
-                &self.x,
-                &self.targets,
-                &self.loss,
+                (&self.x, &self.targets, &self.loss),
                 GradDestination::Buffer(&self.out.buffer),
                 1.0,
                 timestamps,

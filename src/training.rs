@@ -990,18 +990,16 @@ impl CrossEntropyLoss {
         grad: GradDestination<'_>,
         grad_output: f32,
     ) -> Result<()> {
-        self.encode_tensors_timed(encoder, logits, targets, loss, grad, grad_output, None)
+        let tensors = (logits, targets, loss);
+        self.encode_tensors_timed(encoder, tensors, grad, grad_output, None)
     }
 
-    /// [`CrossEntropyLoss::encode_tensors`] with timestamps written at the start and end of its
-    /// pass.
-    #[allow(clippy::too_many_arguments)]
+    /// [`CrossEntropyLoss::encode_tensors`] (logits, targets and loss in `tensors`) with
+    /// timestamps written at the start and end of its pass.
     pub(crate) fn encode_tensors_timed(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        logits: &Tensor,
-        targets: &TargetTensor,
-        loss: &Tensor,
+        (logits, targets, loss): (&Tensor, &TargetTensor, &Tensor),
         grad: GradDestination<'_>,
         grad_output: f32,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,

@@ -376,16 +376,15 @@ impl RowwiseFamily {
     /// The dispatches computing `call` over all its rows, in row blocks that fit one binding.
     /// Shapes and buffers have been validated by the caller.
     pub(crate) fn plan(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Vec<Dispatch>> {
-        let Layout {
-            entries,
-            wg,
-            items,
-            team,
-            per_group,
-            chunk,
-            chunks,
-            blocks,
-        } = self.layout(gpu, call)?;
+        let layout = self.layout(gpu, call)?;
+        let (wg, items, team, chunk, chunks) = (
+            layout.wg,
+            layout.items,
+            layout.team,
+            layout.chunk,
+            layout.chunks,
+        );
+        let (per_group, blocks) = (layout.per_group, &layout.blocks);
         let tuning = &gpu.tuning;
         let desc = self.desc;
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
@@ -394,7 +393,8 @@ impl RowwiseFamily {
             tally, call.tally,
             "a tally asked of a call of more than one pass"
         );
-        let pipelines: Vec<_> = entries
+        let pipelines: Vec<_> = layout
+            .entries
             .iter()
             .enumerate()
             .map(|(i, &entry)| {
@@ -415,11 +415,7 @@ impl RowwiseFamily {
         let (binding8, binding8_len) = if tally {
             // A counter and a slot per workgroup.
             let words = blocks[0].1.div_ceil(per_group) + 1;
-            let bytes = words as u64 * 4;
-            let buffer = crate::context::cached_buffer(&gpu.device, &self.tally, bytes, || {
-                tally_buffer(&gpu.device, bytes.next_power_of_two())
-            })?;
-            (buffer, Some(words))
+            (self.tally(gpu, words)?, Some(words))
         } else {
             let needed = if chunk == 0 { 0 } else { partial_bytes };
             let buffer =
@@ -430,7 +426,7 @@ impl RowwiseFamily {
         };
 
         let mut dispatches = Vec::new();
-        for &(first, n) in &blocks {
+        for &(first, n) in blocks {
             let groups = if chunk == 0 { n } else { n * chunks }.div_ceil(per_group) as u32;
             let partial_len = match binding8_len {
                 Some(words) => words,
@@ -524,11 +520,7 @@ impl RowwiseFamily {
         // Binding 8: the tally (a counter, then a slot per block), or the partials.
         let (buffer, words) = if tallied {
             let words = groups + 1;
-            let bytes = words as u64 * 4;
-            let buffer = crate::context::cached_buffer(&gpu.device, &self.tally, bytes, || {
-                tally_buffer(&gpu.device, bytes.next_power_of_two())
-            })?;
-            (buffer, words)
+            (self.tally(gpu, words)?, words)
         } else {
             let words = partial_count.max(1) * self.desc.partial_words;
             let bytes = words as u64 * 4;
@@ -558,6 +550,14 @@ impl RowwiseFamily {
                 workgroups,
             })
             .collect())
+    }
+
+    /// The tally buffer, at least `words` long.
+    fn tally(&self, gpu: &Gpu, words: usize) -> Result<wgpu::Buffer> {
+        let bytes = words as u64 * 4;
+        crate::context::cached_buffer(&gpu.device, &self.tally, bytes, || {
+            tally_buffer(&gpu.device, bytes.next_power_of_two())
+        })
     }
 
     /// Records `dispatches` into `encoder` in one compute pass.
