@@ -8,7 +8,7 @@ use common::{
     tuned, with_gpu,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use wgpu_softmax::cpu::reference;
+use wgpu_softmax::cpu::{reference, CrossEntropyOutput};
 use wgpu_softmax::{
     Context, CrossEntropyBuffers, CrossEntropyOptions, Error, GradDestination, GradOutput,
     Reduction, TargetEncoding, Targets, Tolerance, Tuning,
@@ -231,9 +231,9 @@ fn cross_entropy_matches_the_reference_for_every_option() {
 /// (per-block partials by invocation or by workgroup, then their sum) or in one (the blocks'
 /// sums tallied, the last workgroup adding them), the loss also in the row pass itself (its
 /// workgroups' sums tallied), on a 2-D grid where the workgroups outnumber the device's
-/// workgroups per dimension, and with blocks of other sizes. Every context runs each
-/// case twice in a row: a tally left dirty by one call would spoil the next. The mean's divisor
-/// is found on the host for uploaded targets and on the device otherwise: both are checked.
+/// workgroups per dimension, and with blocks of other sizes. Each context runs the cases one
+/// after another, so a tally left dirty by one call would spoil the next. The mean's divisor is
+/// found on the host for uploaded targets and on the device otherwise: both are checked.
 #[test]
 fn device_reductions_match_the_reference_on_every_batch_size() {
     with_gpu(|base| {
@@ -259,122 +259,103 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
         }
         // Blocks of 3 rows per invocation (a row count no power of two) and of 1 (what GPUs
         // use: many blocks for the second pass, or many slots for the tally).
-        for batch_rows in [3, 1] {
-            for batch_tally in [0, 1] {
-                let tuning = Tuning {
-                    batch_rows,
-                    batch_tally,
-                    ..Tuning::SOFTWARE
-                };
-                let name = format!("batch_rows={batch_rows} batch_tally={batch_tally}");
-                contexts.push((name, tuned(base, tuning)));
-            }
+        for (batch_rows, batch_tally) in [(3, 0), (1, 0), (1, 1)] {
+            let tuning = Tuning {
+                batch_rows,
+                batch_tally,
+                ..Tuning::SOFTWARE
+            };
+            let name = format!("batch_rows={batch_rows} batch_tally={batch_tally}");
+            contexts.push((name, tuned(base, tuning)));
         }
         let weight = [0.5, 2.0, 1.25];
-        for (name, ctx) in &contexts {
-            for &(rows, cols) in &[
-                (1, 3),
-                (31, 3),
-                (4096, 3),
-                (4097, 3),
-                (70_000, 3),
-                (300_000, 2),
-            ] {
-                let x = logits(rows, cols, 2.0, rows as u64);
-                let idx = index_targets(rows, cols, 5, 7);
-                let probs = probability_targets(rows, cols, 6);
-                let cases = [
-                    (Targets::Indices(&idx), None),
-                    (Targets::Indices(&idx), Some(&weight[..cols])),
-                    (Targets::Probabilities(&probs), None),
-                ];
-                for (targets, weight) in cases {
-                    for reduction in [Reduction::Mean, Reduction::Sum] {
-                        let options = CrossEntropyOptions {
-                            weight,
-                            reduction,
-                            ..Default::default()
-                        };
+        let reversed = [1.25, 2.0, 0.5];
+        for &(rows, cols) in &[(1, 3), (31, 3), (4096, 3), (4097, 3), (300_000, 2)] {
+            let x = logits(rows, cols, 2.0, rows as u64);
+            let idx = index_targets(rows, cols, 5, 7);
+            let idx32: Vec<i32> = idx.iter().map(|&v| v as i32).collect();
+            let probs = probability_targets(rows, cols, 6);
+            let cases = [
+                (Targets::Indices(&idx), None),
+                (Targets::Indices(&idx), Some(&weight[..cols])),
+                (Targets::Probabilities(&probs), None),
+            ];
+            for (targets, weight) in cases {
+                let probabilities = matches!(targets, Targets::Probabilities(_));
+                for reduction in [Reduction::Mean, Reduction::Sum] {
+                    let options = CrossEntropyOptions {
+                        weight,
+                        reduction,
+                        ..Default::default()
+                    };
+                    // Another loss's weights (reversed) over the same uploaded targets.
+                    let other_options = CrossEntropyOptions {
+                        weight: weight.map(|_| &reversed[reversed.len() - cols..]),
+                        ..options
+                    };
+                    let reference = |options| {
+                        reference::cross_entropy(
+                            &x,
+                            cols,
+                            targets,
+                            options,
+                            GradOutput::Scalar(0.5),
+                        )
+                        .unwrap()
+                    };
+                    let (want, other_want) = (reference(&options), reference(&other_options));
+                    for (i, (name, ctx)) in contexts.iter().enumerate() {
+                        // Probability targets reduce as index targets do: the first context
+                        // covers them.
+                        if probabilities && i > 0 {
+                            continue;
+                        }
                         let what = format!(
-                            "{name} {rows}x{cols} {reduction:?} probabilities={} weighted={}",
-                            matches!(targets, Targets::Probabilities(_)),
+                            "{name} {rows}x{cols} {reduction:?} probabilities={probabilities} \
+                             weighted={}",
                             weight.is_some()
                         );
+                        let check = |(loss, grad): (Vec<f32>, Vec<f32>),
+                                     want: &CrossEntropyOutput<f64>,
+                                     path: &str| {
+                            let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+                            assert!(cmp.passed(), "{what}, {path}: loss {cmp:?}");
+                            assert_grad_close(&grad, &want.grad, &format!("{what}, {path}"));
+                        };
                         let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
                         let t = ctx.upload(&x, cols).unwrap();
                         let targets_t = loss_fn.upload_targets(targets).unwrap();
+                        // The mean's divisor found on the host at upload.
                         let out = loss_fn
                             .loss_and_grad(&t, &targets_t, GradOutput::Scalar(0.5))
                             .unwrap();
-                        let want = reference::cross_entropy(
-                            &x,
-                            cols,
-                            targets,
-                            &options,
-                            GradOutput::Scalar(0.5),
-                        )
-                        .unwrap();
                         let loss = out.loss.to_vec().unwrap();
-                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
-                        assert!(cmp.passed(), "{what}: loss {cmp:?}");
-                        assert_grad_close(&out.grad.to_vec().unwrap(), &want.grad, &what);
-                        for again in 0..2 {
-                            let loss_only = loss_fn.loss(&t, &targets_t).unwrap().to_vec().unwrap();
-                            assert_eq!(loss_only, loss, "{what}: loss-only kernel, {again}");
+                        check((loss.clone(), out.grad.to_vec().unwrap()), &want, "tensors");
+                        let loss_only = loss_fn.loss(&t, &targets_t).unwrap().to_vec().unwrap();
+                        assert_eq!(loss_only, loss, "{what}: loss-only kernel");
+                        // Found on the device, over the caller's own targets.
+                        let (raw, encoding) = if probabilities {
+                            (ctx.upload(&probs, cols), TargetEncoding::Probabilities)
+                        } else {
+                            let words = bytemuck::cast_slice(&idx32);
+                            (ctx.upload(words, 1), TargetEncoding::Indices)
+                        };
+                        let raw = raw.unwrap();
+                        let got = encode_loss_and_grad(ctx, &loss_fn, &t, &raw, encoding, 0.5);
+                        check(got, &want, "caller's buffers");
+                        if i > 0 {
+                            continue;
                         }
                         // Recorded into an encoder, as the device-resident form.
-                        let (loss2, grad2) =
-                            encode_tensors_loss_and_grad(ctx, &loss_fn, &t, &targets_t, 0.5);
-                        let cmp = LOSS_TOLERANCE.compare(&loss2, &want.loss);
-                        assert!(cmp.passed(), "{what}, encode_tensors: loss {cmp:?}");
-                        assert_grad_close(&grad2, &want.grad, &format!("{what}, encode_tensors"));
-                        // The mean's divisor: above, found on the host at upload; here, on the
-                        // device, over the caller's own targets, and over targets another loss
-                        // (with weights of its own: reversed) uploaded.
-                        let (raw, encoding) = match targets {
-                            Targets::Indices(t) => {
-                                let t: Vec<i32> = t.iter().map(|&v| v as i32).collect();
-                                (
-                                    ctx.upload(bytemuck::cast_slice(&t), 1),
-                                    TargetEncoding::Indices,
-                                )
-                            }
-                            Targets::Probabilities(p) => {
-                                (ctx.upload(p, cols), TargetEncoding::Probabilities)
-                            }
-                            _ => unreachable!(),
-                        };
-                        let (loss, grad) =
-                            encode_loss_and_grad(ctx, &loss_fn, &t, &raw.unwrap(), encoding, 0.5);
-                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
-                        assert!(cmp.passed(), "{what}, caller's buffers: loss {cmp:?}");
-                        assert_grad_close(&grad, &want.grad, &format!("{what}, caller's buffers"));
-                        let other_weight: Vec<f32> = options
-                            .weight
-                            .map_or(Vec::new(), |w| w.iter().rev().copied().collect());
-                        let other_options = CrossEntropyOptions {
-                            weight: options.weight.map(|_| &other_weight[..]),
-                            ..options
-                        };
-                        let want = reference::cross_entropy(
-                            &x,
-                            cols,
-                            targets,
-                            &other_options,
-                            GradOutput::Scalar(0.5),
-                        )
-                        .unwrap();
+                        let got = encode_tensors_loss_and_grad(ctx, &loss_fn, &t, &targets_t, 0.5);
+                        check(got, &want, "encode_tensors");
+                        // Found on the device, over targets another loss uploaded.
                         let other = ctx.cross_entropy_loss(cols, &other_options).unwrap();
                         let out = other
                             .loss_and_grad(&t, &targets_t, GradOutput::Scalar(0.5))
                             .unwrap();
-                        let cmp = LOSS_TOLERANCE.compare(&out.loss.to_vec().unwrap(), &want.loss);
-                        assert!(cmp.passed(), "{what}, another loss's targets: loss {cmp:?}");
-                        assert_grad_close(
-                            &out.grad.to_vec().unwrap(),
-                            &want.grad,
-                            &format!("{what}, another loss's targets"),
-                        );
+                        let got = (out.loss.to_vec().unwrap(), out.grad.to_vec().unwrap());
+                        check(got, &other_want, "another loss's targets");
                     }
                 }
             }
@@ -384,7 +365,8 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
 
 /// The reduced loss added up in the row pass (`loss_tally`) under every kernel strategy: an
 /// invocation, a subgroup or a workgroup per row, rows in registers or streamed, scalar and vec4
-/// (split rows keep the batch sum). Each call runs twice: the tally must be left clean.
+/// (split rows keep the batch sum). The calls run one after another: each must leave the tally
+/// clean for the next.
 #[test]
 fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
     with_gpu(|base| {
@@ -436,17 +418,15 @@ fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
                     .unwrap();
                     let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
                     let targets_t = loss_fn.upload_targets(targets).unwrap();
-                    for again in 0..2 {
-                        let mut t = ctx.upload(&x, cols).unwrap();
-                        let loss = loss_fn
-                            .loss_and_grad_in_place(&mut t, &targets_t, GradOutput::Scalar(2.0))
-                            .unwrap()
-                            .to_vec()
-                            .unwrap();
-                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
-                        assert!(cmp.passed(), "{what} #{again}: loss {cmp:?}");
-                        assert_grad_close(&t.to_vec().unwrap(), &want.grad, &what);
-                    }
+                    let mut t = ctx.upload(&x, cols).unwrap();
+                    let loss = loss_fn
+                        .loss_and_grad_in_place(&mut t, &targets_t, GradOutput::Scalar(2.0))
+                        .unwrap()
+                        .to_vec()
+                        .unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                    assert_grad_close(&t.to_vec().unwrap(), &want.grad, &what);
                 }
             }
         }
