@@ -135,15 +135,15 @@ pub struct Tuning {
     /// mean, a reduced loss): 0 one invocation, each leaving its own partial for the second
     /// pass (no barrier); otherwise one workgroup, leaving one partial.
     pub batch_team: u32,
-    /// 1: a sum over a batch of more than one block takes one pass, whose workgroups each leave
-    /// their block's sum in a slot and take a ticket, the last one to finish adding the slots
-    /// (no second dispatch; the blocks are summed by workgroups, whatever `batch_team` says); 0:
-    /// two passes, as `batch_team` says.
+    /// 1: a sum over a batch of more than one block (and at most 65536 blocks) takes one pass,
+    /// whose workgroups each leave their block's sum in a slot and take a ticket, the last one
+    /// to finish adding the slots (no second dispatch; the blocks are summed by workgroups,
+    /// whatever `batch_team` says); 0: two passes, as `batch_team` says.
     pub batch_tally: u32,
     /// 1: the row kernels of a reduced cross-entropy add up the loss themselves, through a
     /// tally as `batch_tally` describes (a workgroup sum, then the workgroups' sums), where the
-    /// call is one dispatch of them (one block of rows, not split); no per-row losses are
-    /// stored and no batch sum follows. 0: rows' losses are stored, then summed over the batch.
+    /// call is one dispatch of them (one block of rows, not split) of at most 65536 workgroups;
+    /// no per-row losses are stored and no batch sum follows. 0: rows' losses are stored, then summed over the batch.
     pub loss_tally: u32,
     /// 1: the finishing pass of split rows takes the chunks last to first, so that its first
     /// reads find the input the partials pass read last still in cache; 0: in order.

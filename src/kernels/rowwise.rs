@@ -99,6 +99,10 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     partial_words: 1,
 };
 
+/// The most slots a tally has: the workgroup that finishes last reads them all, so a dispatch of
+/// more workgroups sums the other way (stored partials, then their sum).
+const TALLY_MAX_SLOTS: usize = 1 << 16;
+
 /// Workgroup size of the passes that sum over the batch: at most ...
 const BATCH_MAX_WORKGROUP: u32 = 256;
 /// ... at least ... (and otherwise enough for blocks of `Tuning::batch_rows` rows per
@@ -216,7 +220,7 @@ pub(crate) struct RowCall<'a> {
     /// One more op-specific word (cross-entropy: the mean's divisor, where the host knows it).
     pub extra: u32,
     /// The row kernel adds one word per row over the dispatch through the family's tally
-    /// (`ROW_TALLY`, the tally at binding 8): only for a call [`RowwiseFamily::one_pass`]
+    /// (`ROW_TALLY`, the tally at binding 8): only for a call [`RowwiseFamily::can_tally`]
     /// accepts.
     pub tally: bool,
 }
@@ -253,11 +257,17 @@ impl RowwiseFamily {
         }
     }
 
-    /// Whether `call` runs as one dispatch of the row kernel: one block of rows (at least one),
-    /// none of them split. Only such a call may ask for [`RowCall::tally`].
-    pub(crate) fn one_pass(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<bool> {
+    /// Whether the row kernel can add up one word per row of `call` through the tally: the call
+    /// runs as one dispatch of it (one block of rows, at least one, none of them split) of at
+    /// most [`TALLY_MAX_SLOTS`] workgroups. Only such a call may ask for [`RowCall::tally`].
+    pub(crate) fn can_tally(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<bool> {
         let layout = self.layout(gpu, call)?;
-        Ok(call.rows > 0 && layout.chunk == 0 && layout.blocks.len() == 1)
+        Ok(match layout.blocks[..] {
+            [(_, rows)] if rows > 0 && layout.chunk == 0 => {
+                rows.div_ceil(layout.per_group) <= TALLY_MAX_SLOTS
+            }
+            _ => false,
+        })
     }
 
     /// How `call` runs: the kernels, their shape, and the row blocks.
@@ -388,10 +398,10 @@ impl RowwiseFamily {
         let tuning = &gpu.tuning;
         let desc = self.desc;
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
-        let tally = call.tally && chunk == 0 && blocks.len() == 1;
-        debug_assert_eq!(
-            tally, call.tally,
-            "a tally asked of a call of more than one pass"
+        let tally = call.tally;
+        debug_assert!(
+            !tally || self.can_tally(gpu, call).unwrap_or(false),
+            "a tally asked of a call that cannot have one"
         );
         let pipelines: Vec<_> = layout
             .entries
@@ -510,7 +520,7 @@ impl RowwiseFamily {
             .clamp(BATCH_MIN_WORKGROUP.min(widest), widest);
         let block = wg as usize * batch_rows;
         let groups = call.rows.div_ceil(block);
-        let tallied = groups > 1 && gpu.tuning.batch_tally != 0;
+        let tallied = groups > 1 && groups <= TALLY_MAX_SLOTS && gpu.tuning.batch_tally != 0;
         let (team, partial_count) = match (groups, gpu.tuning.batch_team) {
             (0 | 1, _) => (2, 0),
             _ if tallied => (2, groups),
