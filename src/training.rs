@@ -1022,22 +1022,21 @@ impl CrossEntropyLoss {
             grad,
             rows: logits.rows,
         };
-        let resolved = Resolved {
-            ignore: IGNORED_ROW,
+        let uploaded = Uploaded {
             divisor: self.divisor_of(targets),
         };
-        self.encode_buffers(encoder, buffers, grad_output, timestamps, Some(resolved))
+        self.encode_buffers(encoder, buffers, grad_output, timestamps, Some(uploaded))
     }
 
-    /// Checks `buffers` and records the call; `resolved`: targets uploaded by
-    /// [`CrossEntropyLoss::upload_targets`] (`None`: the caller's own).
+    /// Checks `buffers` and records the call; `uploaded`: the targets are a [`TargetTensor`]'s
+    /// (`None`: the caller's own).
     fn encode_buffers(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         buffers: CrossEntropyBuffers<'_>,
         grad_output: f32,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
-        resolved: Option<Resolved>,
+        uploaded: Option<Uploaded>,
     ) -> Result<()> {
         let rows = buffers.rows;
         let vector_bytes = matrix_bytes(rows, 1);
@@ -1086,8 +1085,8 @@ impl CrossEntropyLoss {
                 GradTarget::Buffer(grad)
             }
         };
-        let (ignore, divisor) = match resolved {
-            Some(resolved) => (resolved.ignore, resolved.divisor),
+        let (ignore, divisor) = match uploaded {
+            Some(uploaded) => (IGNORED_ROW, uploaded.divisor),
             // Probability targets: the row count, whatever they hold.
             None if probabilities => (0, Some(rows as f64)),
             None => (
@@ -1359,11 +1358,10 @@ enum Upstream<'a> {
     PerRow(&'a wgpu::Buffer),
 }
 
-/// What uploaded targets bring to a call: how their ignored rows are marked, and the mean's
-/// divisor where the host knows it.
+/// What targets uploaded by [`CrossEntropyLoss::upload_targets`] bring to a call besides their
+/// buffer (whose ignored rows are [`IGNORED_ROW`]): the mean's divisor where the host knows it.
 #[derive(Clone, Copy)]
-struct Resolved {
-    ignore: i32,
+struct Uploaded {
     divisor: Option<f64>,
 }
 

@@ -233,9 +233,9 @@ pub(crate) struct RowwiseFamily {
     /// safe because wgpu orders the dispatches that touch it and the queue runs each call's
     /// passes back to back.
     partials: Mutex<wgpu::Buffer>,
-    /// The counter and slots of one-pass batch sums ([`RowwiseFamily::batch_sum`]); all 0
-    /// between dispatches (each leaves it as it found it), and grown on demand (a new buffer
-    /// is zeroed).
+    /// The counter and slots of the tallies (one-pass batch sums, [`RowwiseFamily::batch_sum`],
+    /// and row kernels with [`RowCall::tally`]); all 0 between dispatches (each leaves it as it
+    /// found it), and grown on demand (a new buffer is zeroed).
     tally: Mutex<wgpu::Buffer>,
 }
 
