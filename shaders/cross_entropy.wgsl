@@ -12,10 +12,9 @@
 // Rows: an index target equal to ignore_index gives loss 0 and a zero gradient row; an index
 // outside [0, C) gives NaN for its row; a row holding NaN or +inf, or only -inf, gives NaN.
 //
-// Passes: `denominator_partials` and `denominator`, or `denominator_tally` (mean only, unless
-// the host knows the divisor: DIVISOR_GIVEN), write the sum of target weights over rows not
-// ignored to stats[0]; a row kernel writes loss_rows and the
-// gradient; `loss_partials` and `reduce_loss`, or `reduce_loss_tally`, write the reduced loss to
+// Passes: the batch passes with DIVISOR (mean only, unless the host knows the divisor:
+// DIVISOR_GIVEN) write the sum of target weights over rows not ignored to stats[0]; a row kernel
+// writes loss_rows and the gradient; the batch passes without DIVISOR write the reduced loss to
 // the caller's loss buffer (LOSS_OUT) or to stats[1].
 
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
@@ -45,7 +44,7 @@ override GRAD_PER_ROW: bool = false; // grad_output holds one multiplier per row
 // logit once per row: the per-element work is that of softmax.
 override DENSE: bool = true;
 
-// The divisor of the mean came from the host, in p.extra (f32 bits), and no `denominator` pass
+// The divisor of the mean came from the host, in p.extra (f32 bits), and no divisor pass
 // ran: rows not ignored, or the weighted sum, found when the targets were uploaded.
 override DIVISOR_GIVEN: bool = false;
 
@@ -682,17 +681,17 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 // The batch reductions of Mean and Sum. A batch of more than one block of p.chunk rows is summed
 // by the whole device rather than one workgroup, in one of two ways (`Tuning::batch_tally`):
 //
-// - Two passes. In the first (`*_partials`), each workgroup g sums one block, with TEAM = 0 each
-//   invocation writing its own sum to partials[g * WG + lid] (no barrier), otherwise the
-//   workgroup's sum going to partials[g]; the second (`denominator`, `reduce_loss`: one
-//   workgroup) adds the p.chunks partials. The partials are free between passes: the split-row
-//   kernels write their own only after `denominator` has read these.
-// - One pass (`*_tally`): each of the p.chunks workgroups sums its block, stores the sum in its
-//   slot of `tally` and takes a ticket from the tally's counter; the workgroup that takes the
-//   last ticket adds the slots and writes the result (see `tally_blocks`).
+// - Two passes. In the first (`batch_partials`), each workgroup g sums one block, with TEAM = 0
+//   each invocation writing its own sum to partials[g * WG + lid] (no barrier), otherwise the
+//   workgroup's sum going to partials[g]; the second (`batch_finish`: one workgroup) adds the
+//   p.chunks partials. The partials are free between passes: the split-row kernels write their
+//   own only after the divisor's `batch_finish` has read these.
+// - One pass (`batch_tally`): each of the p.chunks workgroups sums its block, stores the sum in
+//   its slot of `tally` and takes a ticket from the tally's counter; the workgroup that takes
+//   the last ticket adds the slots and writes the result (see `tally_blocks`).
 //
-// A batch of one block takes `denominator` or `reduce_loss` alone, which then sums the rows
-// themselves (p.chunks = 0).
+// A batch of one block takes `batch_finish` alone, which then sums the rows themselves
+// (p.chunks = 0). DIVISOR says which sum it is.
 
 // What row `row` adds: to the mean's divisor (`divisor`), w[target] for a row not ignored with
 // index targets and 1 with probability targets; otherwise its loss.
@@ -851,44 +850,35 @@ fn tally_rows(wid: vec3<u32>, lid: u32, loss: f32) {
     }
 }
 
-@compute @workgroup_size(WG)
-fn denominator_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sum_block(wid, lid, true);
-}
+// The batch passes sum the mean's divisor (`write_denominator`); otherwise the rows' losses
+// (`write_loss`).
+override DIVISOR: bool = false;
 
-@compute @workgroup_size(WG)
-fn denominator(@builtin(local_invocation_index) lid: u32) {
-    let d = batch_sum(lid, true);
-    if (lid == 0u) {
-        write_denominator(d);
-    }
-}
-
-@compute @workgroup_size(WG)
-fn denominator_tally(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tally_blocks(wid, lid, true);
-    if (t.last && lid == 0u) {
-        write_denominator(t.total);
-    }
-}
-
-@compute @workgroup_size(WG)
-fn loss_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sum_block(wid, lid, false);
-}
-
-@compute @workgroup_size(WG)
-fn reduce_loss(@builtin(local_invocation_index) lid: u32) {
-    let total = batch_sum(lid, false);
-    if (lid == 0u) {
+fn write_batch(total: f32) {
+    if (DIVISOR) {
+        write_denominator(total);
+    } else {
         write_loss(total);
     }
 }
 
 @compute @workgroup_size(WG)
-fn reduce_loss_tally(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tally_blocks(wid, lid, false);
+fn batch_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sum_block(wid, lid, DIVISOR);
+}
+
+@compute @workgroup_size(WG)
+fn batch_finish(@builtin(local_invocation_index) lid: u32) {
+    let total = batch_sum(lid, DIVISOR);
+    if (lid == 0u) {
+        write_batch(total);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn batch_tally(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tally_blocks(wid, lid, DIVISOR);
     if (t.last && lid == 0u) {
-        write_loss(t.total);
+        write_batch(t.total);
     }
 }

@@ -1291,12 +1291,7 @@ impl CrossEntropyLoss {
         }
         let mut dispatches = Vec::new();
         if self.reduction == Reduction::Mean && given.is_none() {
-            dispatches.extend(family.batch_sum(
-                gpu,
-                &call,
-                ["denominator_partials", "denominator", "denominator_tally"],
-                &[],
-            )?);
+            dispatches.extend(family.batch_sum(gpu, &call, BATCH_ENTRIES, &[("DIVISOR", 1)])?);
         }
         dispatches.extend(family.plan(gpu, &call)?);
         // A batch sum writes the loss in the gradient's place (it writes no gradient).
@@ -1308,7 +1303,7 @@ impl CrossEntropyLoss {
             dispatches.extend(family.batch_sum(
                 gpu,
                 &sum,
-                ["loss_partials", "reduce_loss", "reduce_loss_tally"],
+                BATCH_ENTRIES,
                 &[("LOSS_OUT", u32::from(direct))],
             )?);
         }
@@ -1322,6 +1317,10 @@ impl CrossEntropyLoss {
 
 /// Numbers every [`CrossEntropyLoss`] made in this process, to tell their weights apart.
 static NEXT_LOSS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The cross-entropy family's batch passes (`DIVISOR` picks the mean's divisor or the loss): a
+/// block's sum, the sum of those (or of one block's rows), and the one-pass tally.
+const BATCH_ENTRIES: [&str; 3] = ["batch_partials", "batch_finish", "batch_tally"];
 
 /// The row losses' place among the cross-entropy family's operands.
 const LOSS_ROWS_OPERAND: usize = 4;

@@ -341,13 +341,28 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
                             (ctx.upload(words, 1), TargetEncoding::Indices)
                         };
                         let raw = raw.unwrap();
-                        let got = encode_loss_and_grad(ctx, &loss_fn, &t, &raw, encoding, 0.5);
+                        let got = recorded_loss_and_grad(ctx, &t, |encoder, loss, grad| {
+                            let buffers = CrossEntropyBuffers {
+                                logits: t.buffer(),
+                                targets: raw.buffer(),
+                                target_encoding: encoding,
+                                loss: loss.buffer(),
+                                grad: GradDestination::Buffer(grad.buffer()),
+                                rows,
+                            };
+                            loss_fn.encode(encoder, buffers, 0.5).unwrap();
+                        });
                         check(got, &want, "caller's buffers");
                         if i > 0 {
                             continue;
                         }
                         // Recorded into an encoder, as the device-resident form.
-                        let got = encode_tensors_loss_and_grad(ctx, &loss_fn, &t, &targets_t, 0.5);
+                        let got = recorded_loss_and_grad(ctx, &t, |encoder, loss, grad| {
+                            let grad = GradDestination::Buffer(grad.buffer());
+                            loss_fn
+                                .encode_tensors(encoder, &t, &targets_t, loss, grad, 0.5)
+                                .unwrap();
+                        });
                         check(got, &want, "encode_tensors");
                         // Found on the device, over targets another loss uploaded.
                         let other = ctx.cross_entropy_loss(cols, &other_options).unwrap();
@@ -433,55 +448,17 @@ fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
     });
 }
 
-/// The loss and gradient of `loss_fn` through [`wgpu_softmax::CrossEntropyLoss::encode`], on the
-/// caller's targets buffer.
-fn encode_loss_and_grad(
+/// The loss and gradient that `record` writes, given an encoder, a one-value loss tensor and a
+/// gradient tensor shaped like `logits`, once submitted.
+fn recorded_loss_and_grad(
     ctx: &Context,
-    loss_fn: &wgpu_softmax::CrossEntropyLoss,
     logits: &wgpu_softmax::Tensor,
-    targets: &wgpu_softmax::Tensor,
-    target_encoding: TargetEncoding,
-    grad_output: f32,
+    record: impl FnOnce(&mut wgpu::CommandEncoder, &wgpu_softmax::Tensor, &wgpu_softmax::Tensor),
 ) -> (Vec<f32>, Vec<f32>) {
     let loss = ctx.empty(1, 1).unwrap();
     let grad = ctx.empty(logits.rows(), logits.cols()).unwrap();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    let buffers = CrossEntropyBuffers {
-        logits: logits.buffer(),
-        targets: targets.buffer(),
-        target_encoding,
-        loss: loss.buffer(),
-        grad: GradDestination::Buffer(grad.buffer()),
-        rows: logits.rows(),
-    };
-    loss_fn.encode(&mut encoder, buffers, grad_output).unwrap();
-    ctx.queue().submit([encoder.finish()]);
-    (loss.to_vec().unwrap(), grad.to_vec().unwrap())
-}
-
-/// The loss and gradient of `loss_fn` through
-/// [`wgpu_softmax::CrossEntropyLoss::encode_tensors`], on uploaded targets.
-fn encode_tensors_loss_and_grad(
-    ctx: &Context,
-    loss_fn: &wgpu_softmax::CrossEntropyLoss,
-    logits: &wgpu_softmax::Tensor,
-    targets: &wgpu_softmax::TargetTensor,
-    grad_output: f32,
-) -> (Vec<f32>, Vec<f32>) {
-    let loss = ctx.empty(1, 1).unwrap();
-    let grad = ctx.empty(logits.rows(), logits.cols()).unwrap();
-    let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    let destination = GradDestination::Buffer(grad.buffer());
-    loss_fn
-        .encode_tensors(
-            &mut encoder,
-            logits,
-            targets,
-            &loss,
-            destination,
-            grad_output,
-        )
-        .unwrap();
+    record(&mut encoder, &loss, &grad);
     ctx.queue().submit([encoder.finish()]);
     (loss.to_vec().unwrap(), grad.to_vec().unwrap())
 }
