@@ -1279,11 +1279,13 @@ impl CrossEntropyLoss {
         // The reduced loss goes straight into a loss buffer that can be bound for storage; into
         // `stats` and copied from there otherwise. It is added up by the row kernel itself
         // (`Tuning::loss_tally`) where one dispatch of it covers the call and its workgroups are
-        // few enough for one to read all their sums, and by a batch sum over the rows' stored
-        // losses otherwise.
+        // few enough (`loss_tally` at most) for one to read all their sums, and by a batch sum
+        // over the rows' stored losses otherwise.
         let direct = job.loss.usage().contains(wgpu::BufferUsages::STORAGE);
-        let row_tally =
-            reduced && direct && gpu.tuning.loss_tally != 0 && family.can_tally(gpu, &call)?;
+        let row_tally = reduced
+            && direct
+            && gpu.tuning.loss_tally != 0
+            && family.can_tally(gpu, &call, gpu.tuning.loss_tally)?;
         let mut call = call;
         if row_tally {
             call.operands[LOSS_ROWS_OPERAND] = Operand::shared(job.loss, 1);

@@ -22,6 +22,11 @@ pub const MAX_ITEMS: u32 = 16;
 /// arrays.
 pub const MAX_ITEMS_VEC4: u32 = 2 * MAX_ITEMS;
 
+/// The most slots a tally has ([`Tuning::loss_tally`], [`Tuning::batch_tally`]): the workgroup
+/// that finishes last reads them all, so a dispatch of more workgroups sums the other way (stored
+/// partials, then their sum).
+pub const TALLY_MAX_SLOTS: u32 = 1 << 16;
+
 /// Who works on one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -140,10 +145,11 @@ pub struct Tuning {
     /// to finish adding the slots (no second dispatch; the blocks are summed by workgroups,
     /// whatever `batch_team` says); 0: two passes, as `batch_team` says.
     pub batch_tally: u32,
-    /// 1: the row kernels of a reduced cross-entropy add up the loss themselves, through a
-    /// tally as `batch_tally` describes (a workgroup sum, then the workgroups' sums), where the
-    /// call is one dispatch of them (one block of rows, not split) of at most 65536 workgroups;
-    /// no per-row losses are stored and no batch sum follows. 0: rows' losses are stored, then summed over the batch.
+    /// The row kernels of a reduced cross-entropy add up the loss themselves, through a tally
+    /// as `batch_tally` describes (a workgroup sum, then the workgroups' sums), where the call
+    /// is one dispatch of them (one block of rows, not split) of at most this many workgroups
+    /// (and at most 65536): no per-row losses are stored and no batch sum follows. Otherwise,
+    /// and always with 0, the rows' losses are stored, then summed over the batch.
     pub loss_tally: u32,
     /// 1: the finishing pass of split rows takes the chunks last to first, so that its first
     /// reads find the input the partials pass read last still in cache; 0: in order.
@@ -175,6 +181,10 @@ impl Tuning {
     /// 4096x4096). The batch sums take one row per invocation of a block (1.09x on 65536x128
     /// cross-entropy, 1.07x on 16384x1024; 1.0x elsewhere), and split rows' finishing pass takes
     /// the chunks last to first (1.04x to 1.08x on 64x262144, 256x65536 and 16x1048576).
+    /// Cross-entropy sums the batch in one pass (`batch_tally`: 1.03x on 4096x4096 and
+    /// 16384x1024, 1.06x on 65536x128), and the row pass adds up a reduced loss itself when it
+    /// has at most 4096 workgroups (`loss_tally`: 1.28x on 32x10, 1.00x to 1.02x up to 4096
+    /// workgroups, 0.89x on 65536x128's 8192).
     pub const GPU: Tuning = Tuning {
         thread_workgroup: 64,
         thread_max_cols: 8,
@@ -191,8 +201,8 @@ impl Tuning {
         workgroup_per_row: 1,
         split_team: 2,
         batch_team: 2,
-        batch_tally: 0,
-        loss_tally: 0,
+        batch_tally: 1,
+        loss_tally: 4096,
         batch_rows: 1,
         split_reverse: 1,
         split_group_bytes: 0,
@@ -418,7 +428,7 @@ impl Tuning {
         self.batch_rows = self.batch_rows.max(1);
         self.split_reverse = self.split_reverse.min(1);
         self.batch_tally = self.batch_tally.min(1);
-        self.loss_tally = self.loss_tally.min(1);
+        self.loss_tally = self.loss_tally.min(TALLY_MAX_SLOTS);
         self
     }
 }
@@ -455,13 +465,13 @@ mod tests {
             workgroup_per_row: 9,
             split_reverse: 7,
             batch_tally: 5,
-            loss_tally: 3,
+            loss_tally: u32::MAX,
             ..Tuning::GPU
         }
         .clamped(&wgpu::Limits::default(), Some(32));
         assert_eq!(wild.split_reverse, 1);
         assert_eq!(wild.batch_tally, 1);
-        assert_eq!(wild.loss_tally, 1);
+        assert_eq!(wild.loss_tally, TALLY_MAX_SLOTS);
         assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);
         assert_eq!(wild.workgroup_per_row, 1);
         assert_eq!(wild.split_chunk, 1 << 30);

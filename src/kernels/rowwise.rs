@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use super::plan::{Strategy, MAX_ITEMS, MAX_ITEMS_VEC4};
+use super::plan::{Strategy, MAX_ITEMS, MAX_ITEMS_VEC4, TALLY_MAX_SLOTS};
 use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
 use crate::context::Gpu;
 use crate::error::{Error, Result};
@@ -98,10 +98,6 @@ pub(crate) const JACOBIAN: FamilyDesc = FamilyDesc {
     vec4: None,
     partial_words: 1,
 };
-
-/// The most slots a tally has: the workgroup that finishes last reads them all, so a dispatch of
-/// more workgroups sums the other way (stored partials, then their sum).
-const TALLY_MAX_SLOTS: usize = 1 << 16;
 
 /// Workgroup size of the passes that sum over the batch: at most ...
 const BATCH_MAX_WORKGROUP: u32 = 256;
@@ -259,12 +255,14 @@ impl RowwiseFamily {
 
     /// Whether the row kernel can add up one word per row of `call` through the tally: the call
     /// runs as one dispatch of it (one block of rows, at least one, none of them split) of at
-    /// most [`TALLY_MAX_SLOTS`] workgroups. Only such a call may ask for [`RowCall::tally`].
-    pub(crate) fn can_tally(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<bool> {
+    /// most `max_groups` workgroups (and at most [`TALLY_MAX_SLOTS`]). Only such a call may ask
+    /// for [`RowCall::tally`].
+    pub(crate) fn can_tally(&self, gpu: &Gpu, call: &RowCall<'_>, max_groups: u32) -> Result<bool> {
         let layout = self.layout(gpu, call)?;
+        let max_groups = max_groups.min(TALLY_MAX_SLOTS) as usize;
         Ok(match layout.blocks[..] {
             [(_, rows)] if rows > 0 && layout.chunk == 0 => {
-                rows.div_ceil(layout.per_group) <= TALLY_MAX_SLOTS
+                rows.div_ceil(layout.per_group) <= max_groups
             }
             _ => false,
         })
@@ -400,7 +398,7 @@ impl RowwiseFamily {
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
         let tally = call.tally;
         debug_assert!(
-            !tally || self.can_tally(gpu, call).unwrap_or(false),
+            !tally || self.can_tally(gpu, call, TALLY_MAX_SLOTS).unwrap_or(false),
             "a tally asked of a call that cannot have one"
         );
         let pipelines: Vec<_> = layout
@@ -520,7 +518,8 @@ impl RowwiseFamily {
             .clamp(BATCH_MIN_WORKGROUP.min(widest), widest);
         let block = wg as usize * batch_rows;
         let groups = call.rows.div_ceil(block);
-        let tallied = groups > 1 && groups <= TALLY_MAX_SLOTS && gpu.tuning.batch_tally != 0;
+        let tallied =
+            groups > 1 && groups <= TALLY_MAX_SLOTS as usize && gpu.tuning.batch_tally != 0;
         let (team, partial_count) = match (groups, gpu.tuning.batch_team) {
             (0 | 1, _) => (2, 0),
             _ if tallied => (2, groups),

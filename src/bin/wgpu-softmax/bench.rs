@@ -56,8 +56,8 @@ pub struct BenchArgs {
     /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_tally,
     /// loss_tally, batch_rows, split_reverse, split_group_bytes, vector, subgroups. Workgroup
     /// sizes, split_chunk and batch_rows must be at least 1, max_items a power of two up to 32,
-    /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally, loss_tally and split_reverse 0
-    /// or 1; a value the device's limits change is reported on stderr.
+    /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally and split_reverse 0 or 1
+    /// (loss_tally is a workgroup count, 0 for never); a value the device's limits change is reported on stderr.
     #[arg(long = "tune", value_parser = parse_tune, conflicts_with = "no_gpu")]
     tune: Vec<(&'static str, u32)>,
 }
@@ -89,7 +89,7 @@ const TUNE_FIELDS: [(&str, Accepts); 22] = [
     ("split_team", Accepts::Any),
     ("batch_team", Accepts::Any),
     ("batch_tally", Accepts::OneOf(&[0, 1])),
-    ("loss_tally", Accepts::OneOf(&[0, 1])),
+    ("loss_tally", Accepts::Any),
     ("batch_rows", Accepts::AtLeastOne),
     ("split_reverse", Accepts::OneOf(&[0, 1])),
     ("split_group_bytes", Accepts::Any),
