@@ -63,6 +63,12 @@ split_max_rows=64|split_max_rows=64|$long
 split_group_bytes=8MiB|split_group_bytes=8388608|$long
 split_group_bytes=16MiB|split_group_bytes=16777216|$long
 split_group_bytes=32MiB|split_group_bytes=33554432|$long
+split_wait=256|split_wait=256|$long
+split_wait=4096|split_wait=4096|$long
+split_wait=65536|split_wait=65536|$long
+split_wait=4096,split_chunk=2048|split_wait=4096 split_chunk=2048|$long
+split_wait=4096,split_chunk=8192|split_wait=4096 split_chunk=8192|$long
+split_wait=4096,split_chunk=16384|split_wait=4096 split_chunk=16384|$long
 "
 
 mkdir -p "$out"

@@ -230,7 +230,10 @@ impl GpuBench {
         // The bench's tensors start at offset 0, so rows of a multiple of 4 columns are aligned.
         let (strategy, vector) = family.choose(gpu, self.rows, self.cols, self.cols, true);
         let loads = if vector == 4 { "vec4" } else { "scalar" };
-        format!("{strategy}, {loads}")
+        match family.one_pass(gpu, strategy, vector) {
+            Some(_) => format!("{strategy}, {loads}, one pass where the chunks meet"),
+            None => format!("{strategy}, {loads}"),
+        }
     }
 
     /// How [`GpuBench::run`] times.

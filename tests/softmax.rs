@@ -70,6 +70,93 @@ fn every_strategy_matches_the_reference() {
     });
 }
 
+/// Split rows taken in one pass (`split_wait`): a chunk writes its output when its row's other
+/// chunks have shared their statistics within the wait, and the finishing pass writes the rest.
+/// On any adapter some chunks take each path (a row of one chunk never waits; a short wait
+/// leaves most to the finishing pass), and the outputs must match the reference and be the same
+/// bits whichever pass wrote them. Each context runs two inputs of every shape in turn, so a
+/// call that left its sync words behind would hand stale statistics to the next.
+#[test]
+fn split_rows_in_one_pass_match_whichever_pass_writes_them() {
+    with_gpu(|base| {
+        let one_pass = |split_wait, split_chunk, split_group_bytes| {
+            let tuning = Tuning {
+                thread_max_cols: 0,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk,
+                split_group_bytes,
+                split_wait,
+                ..Tuning::GPU
+            };
+            tuned(base, tuning)
+        };
+        let contexts = [
+            ("wait 1", one_pass(1, 300, 0)),
+            ("wait 2000", one_pass(2000, 300, 0)),
+            ("wait 2000, 1 KiB row groups", one_pass(2000, 300, 1024)),
+            ("wait 2000, chunks of 4096", one_pass(2000, 4096, 0)),
+        ];
+        let inf = f32::INFINITY;
+        for &(rows, cols) in &[
+            (1, 4),
+            (5, 300),
+            (3, 1200),
+            (65, 4096),
+            (2, 20_000),
+            (3, 1201),
+        ] {
+            for seed in [1, 2] {
+                let mut x = logits(rows, cols, 3.0, (seed * cols) as u64);
+                if rows > 1 && cols > 300 {
+                    // A whole chunk of -inf in a row that has finite entries: probability 0.
+                    x[cols..cols + 300].fill(-inf);
+                }
+                let want = reference::softmax(&x, cols).unwrap();
+                let want_log = reference::log_softmax(&x, cols).unwrap();
+                let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+                for (name, ctx) in &contexts {
+                    let what = format!("{name} {rows}x{cols} seed {seed}");
+                    let (sm, lsm) = (
+                        ctx.softmax(&x, cols).unwrap(),
+                        ctx.log_softmax(&x, cols).unwrap(),
+                    );
+                    let cmp = Tolerance::SOFTMAX.compare(&sm, &want);
+                    assert!(cmp.passed(), "softmax {what}: {cmp:?}");
+                    let cmp = Tolerance::LOG_SOFTMAX.compare(&lsm, &want_log);
+                    assert!(cmp.passed(), "log_softmax {what}: {cmp:?}");
+                    if rows > 1 && cols > 300 {
+                        assert!(sm[cols..cols + 300].iter().all(|&v| v == 0.0), "{what}");
+                        assert!(lsm[cols..cols + 300].iter().all(|&v| v == -inf), "{what}");
+                    }
+                    // The same chunking gives the same bits, whichever pass wrote a chunk.
+                    if name.contains("chunks of 4096") {
+                        continue;
+                    }
+                    match &first {
+                        None => first = Some((sm, lsm)),
+                        Some((a, b)) => {
+                            assert!(
+                                a.iter().zip(&sm).all(|(p, q)| p.to_bits() == q.to_bits()),
+                                "{what}"
+                            );
+                            assert!(
+                                b.iter().zip(&lsm).all(|(p, q)| p.to_bits() == q.to_bits()),
+                                "{what}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for (name, ctx) in &contexts {
+            for cols in [8, 1200, 4096] {
+                check_special_values(ctx, cols, &format!("{name} cols {cols}"));
+            }
+        }
+    });
+}
+
 #[test]
 fn dominant_logit_takes_all_the_probability() {
     with_gpu(|ctx| {

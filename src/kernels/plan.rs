@@ -163,6 +163,13 @@ pub struct Tuning {
     /// that the finishing pass can find the group's input still in cache; 0: all rows at once
     /// (two dispatches in all).
     pub split_group_bytes: u32,
+    /// Split rows whose chunks fit in registers (vec4, a workgroup per chunk) take one pass
+    /// over the input where the device runs a row's chunks at the same time: each workgroup
+    /// keeps its chunk, shares its (max, sum) and waits for the row's other chunks', making at
+    /// most this many further loads of each; a chunk whose row has not all come by then is
+    /// left to a second pass, which reads it again. 0: two passes over the input, always.
+    /// Softmax and log-softmax.
+    pub split_wait: u32,
     /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
     /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
     pub vector: u32,
@@ -184,7 +191,9 @@ impl Tuning {
     /// Cross-entropy sums the batch in one pass (`batch_tally`: 1.03x on 4096x4096 and
     /// 16384x1024, 1.06x on 65536x128), and the row pass adds up a reduced loss itself when it
     /// has at most 4096 workgroups (`loss_tally`: 1.28x on 32x10, 1.00x to 1.02x up to 4096
-    /// workgroups, 0.89x on 65536x128's 8192).
+    /// workgroups, 0.89x on 65536x128's 8192). Split softmax rows take one pass over the input
+    /// (`split_wait`: softmax 1.25x on 64x262144, 1.24x on 256x65536, 1.41x on 16x1048576,
+    /// 1.05x on 4x524288; a wait of 256 or 65536 loads measured the same).
     pub const GPU: Tuning = Tuning {
         thread_workgroup: 64,
         thread_max_cols: 8,
@@ -206,6 +215,7 @@ impl Tuning {
         batch_rows: 1,
         split_reverse: 1,
         split_group_bytes: 0,
+        split_wait: 4096,
         vector: 4,
         subgroups: 1,
     };
@@ -238,6 +248,7 @@ impl Tuning {
         batch_rows: 16,
         split_reverse: 0,
         split_group_bytes: 0,
+        split_wait: 0,
         vector: 4,
         subgroups: 1,
     };

@@ -30,12 +30,23 @@ pub(crate) struct FamilyDesc {
 }
 
 /// A family's vec4 entry points: `rows`, then the split pair, and the most `ITEMS` (vec4s per
-/// invocation) its `rows` holds in registers (the scalar `rows` holds at most [`MAX_ITEMS`]).
+/// invocation) its `rows` holds in registers (the scalar `rows` holds at most [`MAX_ITEMS`]);
+/// and the pair of a split row taken in one pass over the input ([`Tuning::split_wait`]: the
+/// one pass, then the pass that finishes the chunks it left and clears the sync words, one
+/// workgroup per row), with
+/// `ITEMS` vec4s of the chunk per invocation and the spin bound `SPIN`.
+///
+/// [`Tuning::split_wait`]: super::plan::Tuning::split_wait
 #[derive(Clone, Copy)]
 pub(crate) struct Vec4Kernels {
     pub entries: [&'static str; 3],
     pub max_items: u32,
+    pub one_pass: Option<[&'static str; 2]>,
 }
+
+/// Words of the sync buffer per chunk of a split row taken in one pass, and per row besides
+/// (`sync_row` in `shaders/softmax.wgsl`).
+const SYNC_WORDS: [usize; 2] = [3, 1];
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const SUBGROUP: &str = include_str!("../../shaders/subgroup.wgsl");
@@ -50,6 +61,7 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_normalize4"],
         max_items: MAX_ITEMS_VEC4,
+        one_pass: Some(["split_fused4", "split_rest4"]),
     }),
     partial_words: 2,
 };
@@ -63,6 +75,7 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_finish4"],
         max_items: MAX_ITEMS,
+        one_pass: None,
     }),
     partial_words: 1,
 };
@@ -85,6 +98,7 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_finish4"],
         max_items: MAX_ITEMS_VEC4,
+        one_pass: None,
     }),
     partial_words: 4,
 };
@@ -200,6 +214,8 @@ struct Layout {
     chunk: u32,
     chunks: usize,
     blocks: Vec<(usize, usize)>,
+    /// A split row in one pass: the spin bound of its first entry ([`RowwiseFamily::one_pass`]).
+    spin: Option<u32>,
 }
 
 /// One call of a row-wise family.
@@ -230,8 +246,9 @@ pub(crate) struct RowwiseFamily {
     /// passes back to back.
     partials: Mutex<wgpu::Buffer>,
     /// The counter and slots of the tallies (one-pass batch sums, [`RowwiseFamily::batch_sum`],
-    /// and row kernels with [`RowCall::tally`]); all 0 between dispatches (each leaves it as it
-    /// found it), and grown on demand (a new buffer is zeroed).
+    /// and row kernels with [`RowCall::tally`]), and the sync words of split rows taken in one
+    /// pass ([`RowwiseFamily::one_pass`]); all 0 between calls (each call's last pass leaves it
+    /// as its first found it), and grown on demand (a new buffer is zeroed).
     tally: Mutex<wgpu::Buffer>,
 }
 
@@ -297,6 +314,7 @@ impl RowwiseFamily {
             (None, split) => (desc.rows, split),
         };
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
+        let mut spin = None;
         // (entry points, workgroup size, items, team, rows or chunks per workgroup, chunk)
         let (entries, wg, items, team, per_group, chunk): (
             Vec<&'static str>,
@@ -334,7 +352,10 @@ impl RowwiseFamily {
                 // vec4 kernels take chunks of whole vec4s.
                 let chunk = chunk.next_multiple_of(vector);
                 let wg = tuning.row_workgroup_on(&gpu.caps);
-                if per_invocation {
+                if let Some((entries, items)) = self.one_pass(gpu, strategy, vector) {
+                    spin = Some(self.spin(gpu));
+                    (entries.to_vec(), wg, items, 2, 1, chunk)
+                } else if per_invocation {
                     (split.to_vec(), wg, 0, 0, wg as usize, chunk)
                 } else {
                     (split.to_vec(), wg, 0, 2, 1, chunk)
@@ -378,7 +399,45 @@ impl RowwiseFamily {
             chunk,
             chunks,
             blocks,
+            spin,
         })
+    }
+
+    /// The entry points of a split row taken in one pass and the vec4s each invocation holds,
+    /// where `strategy` (loading `vector` elements at a time) can be: [`Tuning::split_wait`] is
+    /// not 0, the family has such kernels, a workgroup takes each chunk, and the chunk fits in
+    /// its registers.
+    ///
+    /// [`Tuning::split_wait`]: super::plan::Tuning::split_wait
+    pub(crate) fn one_pass(
+        &self,
+        gpu: &Gpu,
+        strategy: Strategy,
+        vector: u32,
+    ) -> Option<([&'static str; 2], u32)> {
+        let Strategy::SplitRow {
+            chunk,
+            per_invocation: false,
+        } = strategy
+        else {
+            return None;
+        };
+        let entries = self.desc.vec4?.one_pass?;
+        if vector != 4 || gpu.tuning.split_wait == 0 {
+            return None;
+        }
+        let wg = gpu.tuning.row_workgroup_on(&gpu.caps);
+        let items = chunk.div_ceil(4).div_ceil(wg);
+        (items <= MAX_ITEMS_VEC4).then_some((entries, items))
+    }
+
+    /// The spin bound of a one-pass split: [`Tuning::split_wait`], kept to a quarter of the loop
+    /// iterations a software adapter lets an invocation run.
+    ///
+    /// [`Tuning::split_wait`]: super::plan::Tuning::split_wait
+    fn spin(&self, gpu: &Gpu) -> u32 {
+        let budget = gpu.caps.loop_budget.map_or(u64::MAX, |b| b / 4);
+        u32::try_from(u64::from(gpu.tuning.split_wait).min(budget)).unwrap_or(u32::MAX)
     }
 
     /// The dispatches computing `call` over all its rows, in row blocks that fit one binding.
@@ -408,10 +467,16 @@ impl RowwiseFamily {
             .map(|(i, &entry)| {
                 // The second entry of a split is its finishing pass; the others keep the
                 // shader's default order (and the same pipeline key as without the field).
-                let reverse = chunk > 0 && i == 1 && tuning.split_reverse != 0;
-                let extra: &[_] = match (reverse, tally) {
-                    (true, _) => &[("REVERSE", 1)],
-                    (_, true) => &[("ROW_TALLY", 1)],
+                let reverse =
+                    chunk > 0 && i == 1 && tuning.split_reverse != 0 && layout.spin.is_none();
+                let spin;
+                let extra: &[_] = match (reverse, tally, layout.spin) {
+                    (true, _, _) => &[("REVERSE", 1)],
+                    (_, true, _) => &[("ROW_TALLY", 1)],
+                    (_, _, Some(bound)) if i == 0 => {
+                        spin = [("SPIN", bound)];
+                        &spin
+                    }
                     _ => &[],
                 };
                 self.pipeline(gpu, call, entry, [wg, items, team, sg], extra)
@@ -423,6 +488,11 @@ impl RowwiseFamily {
         let (binding8, binding8_len) = if tally {
             // A counter and a slot per workgroup.
             let words = blocks[0].1.div_ceil(per_group) + 1;
+            (self.tally(gpu, words)?, Some(words))
+        } else if layout.spin.is_some() {
+            // The sync words of the largest block, in the tally buffer (0 at rest as well).
+            let [per_chunk, per_row] = SYNC_WORDS;
+            let words = max_rows * (chunks * per_chunk + per_row);
             (self.tally(gpu, words)?, Some(words))
         } else {
             let needed = if chunk == 0 { 0 } else { partial_bytes };
@@ -442,11 +512,15 @@ impl RowwiseFamily {
                 None => n * chunks * desc.partial_words,
             };
             let windows = self.windows(gpu, call, first, n, &binding8, partial_len);
-            let params = params(gpu, call, n, &windows, groups, chunk, chunks as u32);
-            for pipeline in &pipelines {
+            for (i, pipeline) in pipelines.iter().enumerate() {
+                // A one-pass split finishes with a workgroup per row.
+                let groups = match layout.spin {
+                    Some(_) if i == 1 => n as u32,
+                    _ => groups,
+                };
                 dispatches.push(Dispatch {
                     pipeline: pipeline.clone(),
-                    params: params.clone(),
+                    params: params(gpu, call, n, &windows, groups, chunk, chunks as u32),
                     windows: windows.clone(),
                     workgroups: groups,
                 });
