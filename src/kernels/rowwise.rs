@@ -512,15 +512,18 @@ impl RowwiseFamily {
                 None => n * chunks * desc.partial_words,
             };
             let windows = self.windows(gpu, call, first, n, &binding8, partial_len);
+            let block_params =
+                |groups| params(gpu, call, n, &windows, groups, chunk, chunks as u32);
+            let params_all = block_params(groups);
             for (i, pipeline) in pipelines.iter().enumerate() {
                 // A one-pass split finishes with a workgroup per row.
-                let groups = match layout.spin {
-                    Some(_) if i == 1 => n as u32,
-                    _ => groups,
+                let (params, groups) = match layout.spin {
+                    Some(_) if i == 1 => (block_params(n as u32), n as u32),
+                    _ => (params_all.clone(), groups),
                 };
                 dispatches.push(Dispatch {
                     pipeline: pipeline.clone(),
-                    params: params(gpu, call, n, &windows, groups, chunk, chunks as u32),
+                    params,
                     windows: windows.clone(),
                     workgroups: groups,
                 });
