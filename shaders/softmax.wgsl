@@ -357,9 +357,9 @@ fn split_normalize4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 // every one) and, when it has, combines the row's pairs and writes its chunk from registers.
 // Waiting is bounded because nothing promises that a row's workgroups run at once: a chunk that
 // gives up leaves its output to split_rest4, one workgroup per row, which reads the input of
-// those chunks again (and only theirs) and sets the words back to 0. Both passes combine a row's pairs in the same order
-// and scale a chunk's exponentials the same way, so the output does not depend on which pass
-// wrote it.
+// those chunks again (and only theirs) and sets the words back to 0. Both passes combine a row's
+// pairs in the same order and scale a chunk's exponentials the same way, so the output does not
+// depend on which pass wrote it.
 @group(0) @binding(3) var<storage, read_write> sync: array<atomic<u32>>;
 
 override SPIN: u32 = 0u;
@@ -381,30 +381,30 @@ fn sync_value(word: u32) -> f32 {
     return bitcast<f32>(~word);
 }
 
-// A row's (max, sum) from its chunks' words, all of which have been stored (a word not yet
-// visible is loaded again). Called in uniform control flow by the whole workgroup; chunk i goes
+// The statistic in word `at`, which its writer has stored: a store not yet visible is loaded
+// again.
+fn stored_value(at: u32) -> f32 {
+    var word = atomicLoad(&sync[at]);
+    while (word == 0u) {
+        word = atomicLoad(&sync[at]);
+    }
+    return sync_value(word);
+}
+
+// A row's (max, sum) from its chunks' words, all of which have been stored. Called in uniform control flow by the whole workgroup; chunk i goes
 // to invocation i % WG in both passes.
 fn synced_row_stats(row: u32, lid: u32) -> vec2<f32> {
     let first = sync_row(row);
     var m = neg_inf();
     for (var i = lid; i < p.chunks; i += WG) {
-        let at = first + SYNC_WORDS * i;
-        var word = atomicLoad(&sync[at]);
-        while (word == 0u) {
-            word = atomicLoad(&sync[at]);
-        }
-        m = max(m, sync_value(word));
+        m = max(m, stored_value(first + SYNC_WORDS * i));
     }
     m = workgroup_max(m, lid);
     var sum = 0.0;
     if (is_finite(m)) {
         for (var i = lid; i < p.chunks; i += WG) {
             let at = first + SYNC_WORDS * i;
-            var word = atomicLoad(&sync[at + 1u]);
-            while (word == 0u) {
-                word = atomicLoad(&sync[at + 1u]);
-            }
-            sum += sync_value(word) * rescale(sync_value(atomicLoad(&sync[at])), m);
+            sum += stored_value(at + 1u) * rescale(stored_value(at), m);
         }
     }
     return vec2<f32>(m, workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x);

@@ -32,9 +32,8 @@ pub(crate) struct FamilyDesc {
 /// A family's vec4 entry points: `rows`, then the split pair, and the most `ITEMS` (vec4s per
 /// invocation) its `rows` holds in registers (the scalar `rows` holds at most [`MAX_ITEMS`]);
 /// and the pair of a split row taken in one pass over the input ([`Tuning::split_wait`]: the
-/// one pass, then the pass that finishes the chunks it left and clears the sync words, one
-/// workgroup per row), with
-/// `ITEMS` vec4s of the chunk per invocation and the spin bound `SPIN`.
+/// one pass, with `ITEMS` vec4s of the chunk per invocation and the spin bound `SPIN`, then a
+/// workgroup per row finishing the chunks it left and clearing the sync words).
 ///
 /// [`Tuning::split_wait`]: super::plan::Tuning::split_wait
 #[derive(Clone, Copy)]
@@ -249,7 +248,7 @@ pub(crate) struct RowwiseFamily {
     /// and row kernels with [`RowCall::tally`]), and the sync words of split rows taken in one
     /// pass ([`RowwiseFamily::one_pass`]); all 0 between calls (each call's last pass leaves it
     /// as its first found it), and grown on demand (a new buffer is zeroed).
-    tally: Mutex<wgpu::Buffer>,
+    zeroed: Mutex<wgpu::Buffer>,
 }
 
 impl RowwiseFamily {
@@ -266,7 +265,7 @@ impl RowwiseFamily {
             shader: ShaderFamily::new(device, desc.name, &source, &bindings),
             desc,
             partials: Mutex::new(partials_buffer(device, 64)),
-            tally: Mutex::new(tally_buffer(device, 64)),
+            zeroed: Mutex::new(zeroed_buffer(device, 64)),
         }
     }
 
@@ -488,12 +487,12 @@ impl RowwiseFamily {
         let (binding8, binding8_len) = if tally {
             // A counter and a slot per workgroup.
             let words = blocks[0].1.div_ceil(per_group) + 1;
-            (self.tally(gpu, words)?, Some(words))
+            (self.zeroed(gpu, words)?, Some(words))
         } else if layout.spin.is_some() {
-            // The sync words of the largest block, in the tally buffer (0 at rest as well).
+            // The sync words of the largest block (0 at rest, as the tallies' words).
             let [per_chunk, per_row] = SYNC_WORDS;
             let words = max_rows * (chunks * per_chunk + per_row);
-            (self.tally(gpu, words)?, Some(words))
+            (self.zeroed(gpu, words)?, Some(words))
         } else {
             let needed = if chunk == 0 { 0 } else { partial_bytes };
             let buffer =
@@ -606,7 +605,7 @@ impl RowwiseFamily {
         // Binding 8: the tally (a counter, then a slot per block), or the partials.
         let (buffer, words) = if tallied {
             let words = groups + 1;
-            (self.tally(gpu, words)?, words)
+            (self.zeroed(gpu, words)?, words)
         } else {
             let words = partial_count.max(1) * self.desc.partial_words;
             let bytes = words as u64 * 4;
@@ -638,11 +637,12 @@ impl RowwiseFamily {
             .collect())
     }
 
-    /// The tally buffer, at least `words` long.
-    fn tally(&self, gpu: &Gpu, words: usize) -> Result<wgpu::Buffer> {
+    /// The buffer of words that are 0 between calls (tallies, sync words), at least `words`
+    /// long.
+    fn zeroed(&self, gpu: &Gpu, words: usize) -> Result<wgpu::Buffer> {
         let bytes = words as u64 * 4;
-        crate::context::cached_buffer(&gpu.device, &self.tally, bytes, || {
-            tally_buffer(&gpu.device, bytes.next_power_of_two())
+        crate::context::cached_buffer(&gpu.device, &self.zeroed, bytes, || {
+            zeroed_buffer(&gpu.device, bytes.next_power_of_two())
         })
     }
 
@@ -757,8 +757,8 @@ fn partials_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
     storage_buffer(device, "wgpu-softmax partials", bytes)
 }
 
-fn tally_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
-    storage_buffer(device, "wgpu-softmax batch tally", bytes)
+fn zeroed_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
+    storage_buffer(device, "wgpu-softmax tallies and sync words", bytes)
 }
 
 fn storage_buffer(device: &wgpu::Device, label: &str, bytes: u64) -> wgpu::Buffer {
