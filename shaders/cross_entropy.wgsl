@@ -326,6 +326,14 @@ struct RowStats {
     acc: vec4<f32>,
 }
 
+// What a chunk's partial (m_i, s_i, a_i, b_i) adds to its row's (S, A, B, _) for the row's max m:
+// S = sum_i s_i exp(m_i - M), A = sum_i a_i + (m_i - M) b_i (a chunk without mass adds nothing
+// to A), B = sum_i b_i.
+fn combined_partial(part: vec4<f32>, m: f32) -> vec4<f32> {
+    let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
+    return vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
+}
+
 // A split row's statistics combined over the team from its chunks' partials (m_i, s_i, a_i, b_i);
 // the team of the row's first chunk also writes the row's loss. Without DENSE mass, the chunk
 // holding the target gave its (a_i, b_i) (`target_partial`): the finishing pass cannot read the
@@ -340,10 +348,7 @@ fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
         for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
-            let part = partials[first + i];
-            // A(x - M) = sum_i a_i + (m_i - M) b_i; a chunk without mass adds nothing.
-            let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
-            acc += vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
+            acc += combined_partial(partials[first + i], m);
         }
     }
     acc = team_sum4(acc, lid);
@@ -553,29 +558,30 @@ fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, x0: u32, n4: u3
     return mv;
 }
 
-// The items' summed (exp terms, mass terms, masses) relative to m. The exponentials replace the
-// logits in `v`: the gradient needs only them, so each is computed once.
-fn exp_items4(v: ptr<function, Items4>, first: u32, count: u32, row: u32, n4: u32, team: Team, t: RowTarget, m: f32) -> vec4<f32> {
+// The items' summed (exp terms, mass terms, masses) relative to m, for items of a span of n4
+// vec4s starting at the row's vec4 c0. The exponentials replace the logits in `v`: the gradient
+// needs only them, so each is computed once.
+fn exp_items4(v: ptr<function, Items4>, first: u32, count: u32, row: u32, c0: u32, n4: u32, team: Team, t: RowTarget, m: f32) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
     for (var k = 0u; k < count; k++) {
         let c = team.lane + (first + k) * team.size;
         if (c < n4) {
             let x = (*v)[k];
             let e = exp_shifted4(x, m);
-            acc += terms4(e, x, target_mass4(row, c, t), m);
+            acc += terms4(e, x, target_mass4(row, c0 + c, t), m);
             (*v)[k] = e;
         }
     }
     return acc;
 }
 
-// Writes the gradients of the items after exp_items4 (for a row that is not `plain`, the items
-// are not read).
-fn store_grad4(v: ptr<function, Items4>, first: u32, count: u32, g0: u32, n4: u32, team: Team, row: u32, t: RowTarget, g: GradRow) {
+// Writes the gradients of the items after exp_items4, the span's first at vec4 g0 of the
+// gradient (for a row that is not `plain`, the items are not read).
+fn store_grad4(v: ptr<function, Items4>, first: u32, count: u32, g0: u32, c0: u32, n4: u32, team: Team, row: u32, t: RowTarget, g: GradRow) {
     for (var k = 0u; k < count; k++) {
         let c = team.lane + (first + k) * team.size;
         if (c < n4) {
-            grad4[g0 + c] = grad_value4((*v)[k], target_mass4(row, c, t), g);
+            grad4[g0 + c] = grad_value4((*v)[k], target_mass4(row, c0 + c, t), g);
         }
     }
 }
@@ -611,7 +617,7 @@ fn row_pass4(wid: vec3<u32>, lid: u32) -> f32 {
         let mv = max(load_items4(&lo, 0u, n_lo, x0, n4, team), load_items4(&hi, MAX_ITEMS, n_hi, x0, n4, team));
         m = team_max(max_of(mv), lid);
         if (is_finite(m)) {
-            acc = exp_items4(&lo, 0u, n_lo, row, n4, team, t, m) + exp_items4(&hi, MAX_ITEMS, n_hi, row, n4, team, t, m);
+            acc = exp_items4(&lo, 0u, n_lo, row, 0u, n4, team, t, m) + exp_items4(&hi, MAX_ITEMS, n_hi, row, 0u, n4, team, t, m);
         }
         acc = team_sum4(acc, lid);
     } else {
@@ -625,8 +631,8 @@ fn row_pass4(wid: vec3<u32>, lid: u32) -> f32 {
         let g = grad_row(row, m, acc, t);
         let g0 = base(5u) / 4u + row * n4;
         if (ITEMS > 0u) {
-            store_grad4(&lo, 0u, n_lo, g0, n4, team, row, t, g);
-            store_grad4(&hi, MAX_ITEMS, n_hi, g0, n4, team, row, t, g);
+            store_grad4(&lo, 0u, n_lo, g0, 0u, n4, team, row, t, g);
+            store_grad4(&hi, MAX_ITEMS, n_hi, g0, 0u, n4, team, row, t, g);
         } else {
             for (var c = team.lane; c < n4; c += team.size) {
                 let e = exp_shifted4(logit4(x0 + c), m);
@@ -678,6 +684,168 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
+// Split rows in one pass over the logits (`Tuning::loss_split_wait`), as softmax.wgsl's
+// split_fused4 and split_rest4: the words of `zeroed`, all 0 between calls, hold per row: per
+// chunk its partial (m_i, s_i, a_i, b_i) (`tally_word`s: never 0, the mark of a word not yet
+// written) and whether it is done, then how many chunks have stored their partial.
+//
+// split_fused4 keeps its chunk in registers, stores the chunk's partial, counts itself in, then
+// waits, at most SPIN loads, for the count to reach the row's chunks (one invocation polls) and,
+// when it has, combines the row's partials and writes its chunk's gradient from registers (the
+// row's first chunk also writes the row's loss). A chunk that gives up leaves all of that to
+// split_rest4, one workgroup per row, which reads the logits of those chunks again (and only
+// theirs: in place, only done chunks have overwritten theirs) and sets the words back to 0.
+// Both passes work out a chunk, and combine a row's partials, the same way, so the results do
+// not depend on which pass wrote them.
+override SPIN: u32 = 0u;
+const SYNC_WORDS: u32 = 5u;
+
+var<workgroup> sync_flag: u32;
+
+// The first sync word of `row`; the count follows the chunks' words.
+fn sync_row(row: u32) -> u32 {
+    return row * (SYNC_WORDS * p.chunks + 1u);
+}
+
+// The statistic in word `at`, which its writer has stored: a store not yet visible is loaded
+// again.
+fn stored_value(at: u32) -> f32 {
+    var word = atomicLoad(&zeroed[at]);
+    while (word == 0u) {
+        word = atomicLoad(&zeroed[at]);
+    }
+    return bitcast<f32>(~word);
+}
+
+// A row's statistics from its chunks' words, all of which have been stored. Called in uniform
+// control flow by the whole workgroup; chunk i goes to invocation i % WG in both passes.
+fn synced_row_stats(row: u32, lid: u32) -> RowStats {
+    let first = sync_row(row);
+    var m = neg_inf();
+    for (var i = lid; i < p.chunks; i += WG) {
+        m = max(m, stored_value(first + SYNC_WORDS * i));
+    }
+    m = workgroup_max(m, lid);
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m)) {
+        for (var i = lid; i < p.chunks; i += WG) {
+            let at = first + SYNC_WORDS * i;
+            let part = vec4<f32>(stored_value(at), stored_value(at + 1u), stored_value(at + 2u), stored_value(at + 3u));
+            acc += combined_partial(part, m);
+        }
+    }
+    return RowStats(m, workgroup_sum4(acc, lid));
+}
+
+// One chunk of a split row, held in registers (ITEMS vec4s per invocation). The one pass
+// (`publish`) stores its partial, counts itself in and waits at most `spin` loads for the row's
+// other chunks; the finishing pass finds them all. Writes the chunk's gradient (and, for the
+// row's first chunk, the row's loss) and returns true if the row's partials are all there.
+fn fused_chunk(ch: Chunk, t: RowTarget, lid: u32, spin: u32, publish: bool) -> bool {
+    let bounds = chunk_bounds4(ch.within);
+    let n4 = bounds.y - bounds.x;
+    let row4 = ch.row * (p.cols / 4u);
+    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row4;
+    // The target logit, where this chunk holds it, is read before anything is written.
+    let has_target = holds_target(t, bounds * 4u);
+    var x_t = 0.0;
+    if (has_target) {
+        x_t = target_logit4(x0, t);
+    }
+    var lo: Items4;
+    var hi: Items4;
+    let n_lo = min(ITEMS, MAX_ITEMS);
+    let n_hi = ITEMS - n_lo;
+    let mv = max(load_items4(&lo, 0u, n_lo, x0 + bounds.x, n4, ch.team), load_items4(&hi, MAX_ITEMS, n_hi, x0 + bounds.x, n4, ch.team));
+    let m = team_max(max_of(mv), lid);
+    var acc = vec4<f32>(0.0);
+    if (is_finite(m) || is_neg_inf(m)) {
+        // A chunk of -inf only takes its terms relative to 0: exponentials 0, as its gradient's
+        // softmax part, and a mass term of -inf for every class with mass (m_i stays -inf).
+        let shift = select(m, 0.0, is_neg_inf(m));
+        acc = exp_items4(&lo, 0u, n_lo, ch.row, bounds.x, n4, ch.team, t, shift) + exp_items4(&hi, MAX_ITEMS, n_hi, ch.row, bounds.x, n4, ch.team, t, shift);
+    }
+    acc = team_sum4(acc, lid);
+    if (has_target) {
+        acc = target_partial(acc, m, x_t, t);
+    }
+    if (publish) {
+        if (lid == 0u) {
+            let at = sync_row(ch.row) + SYNC_WORDS * ch.within;
+            atomicStore(&zeroed[at], tally_word(m));
+            atomicStore(&zeroed[at + 1u], tally_word(acc.x));
+            atomicStore(&zeroed[at + 2u], tally_word(acc.y));
+            atomicStore(&zeroed[at + 3u], tally_word(acc.z));
+            let count = sync_row(ch.row) + SYNC_WORDS * p.chunks;
+            var seen = atomicAdd(&zeroed[count], 1u) + 1u;
+            for (var i = 0u; i < spin && seen < p.chunks; i++) {
+                seen = atomicLoad(&zeroed[count]);
+            }
+            sync_flag = seen;
+        }
+        if (workgroupUniformLoad(&sync_flag) < p.chunks) {
+            return false;
+        }
+    }
+    let row = synced_row_stats(ch.row, lid);
+    if (ch.within == 0u && lid == 0u) {
+        loss_rows[base(4u) + ch.row] = row_loss(row.m, row.acc, t);
+    }
+    if (GRAD) {
+        // The items hold exp(x - m_i): exp(x - M) / S is that times exp(m_i - M) / S.
+        var g = grad_row(ch.row, row.m, row.acc, t);
+        g.k *= rescale(m, row.m);
+        let g0 = base(5u) / 4u + row4 + bounds.x;
+        store_grad4(&lo, 0u, n_lo, g0, bounds.x, n4, ch.team, ch.row, t, g);
+        store_grad4(&hi, MAX_ITEMS, n_hi, g0, bounds.x, n4, ch.team, ch.row, t, g);
+    }
+    return true;
+}
+
+@compute @workgroup_size(WG)
+fn split_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
+        return;
+    }
+    if (fused_chunk(ch, row_target(ch.row), lid, SPIN, true) && lid == 0u) {
+        atomicStore(&zeroed[sync_row(ch.row) + SYNC_WORDS * ch.within + 4u], 1u);
+    }
+}
+
+// One workgroup per row: works out the chunks the one pass left (one after another; none where
+// the row's chunks ran at once) and sets the row's words back to 0.
+@compute @workgroup_size(WG)
+fn split_rest4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = linear_group(wid);
+    if (row >= p.rows) {
+        return;
+    }
+    let first = sync_row(row);
+    let t = row_target(row);
+    var left = 0.0;
+    for (var i = lid; i < p.chunks; i += WG) {
+        left = max(left, select(1.0, 0.0, atomicLoad(&zeroed[first + SYNC_WORDS * i + 4u]) != 0u));
+    }
+    if (workgroup_max(left, lid) > 0.0) {
+        // Every partial is there: the one pass has run to its end.
+        for (var k = 0u; k < p.chunks; k++) {
+            workgroupBarrier();
+            if (lid == 0u) {
+                sync_flag = atomicLoad(&zeroed[first + SYNC_WORDS * k + 4u]);
+            }
+            if (workgroupUniformLoad(&sync_flag) == 0u) {
+                let index = row * p.chunks + k;
+                _ = fused_chunk(Chunk(Team(index, lid, WG), index, row, k), t, lid, 0u, false);
+            }
+        }
+    }
+    workgroupBarrier();
+    for (var i = lid; i < SYNC_WORDS * p.chunks + 1u; i += WG) {
+        atomicStore(&zeroed[first + i], 0u);
+    }
+}
+
 // The batch reductions of Mean and Sum. A batch of more than one block of p.chunk rows is summed
 // by the whole device rather than one workgroup, in one of two ways (`Tuning::batch_tally`):
 //
@@ -687,7 +855,7 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 //   p.chunks partials. The partials are free between passes: the split-row kernels write their
 //   own only after the divisor's `batch_finish` has read these.
 // - One pass (`batch_tally`): each of the p.chunks workgroups sums its block, stores the sum in
-//   its slot of `tally` and takes a ticket from the tally's counter; the workgroup that takes
+//   its slot of the tally (`zeroed`) and takes a ticket from the tally's counter; the workgroup that takes
 //   the last ticket adds the slots and writes the result (see `tally_blocks`).
 //
 // A batch of one block takes `batch_finish` alone, which then sums the rows themselves
@@ -745,10 +913,10 @@ fn batch_sum(lid: u32, divisor: bool) -> f32 {
     return workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
 }
 
-// The one-pass sums' words: tally[0] counts the workgroups that have stored their sum,
-// tally[1 + g] is workgroup g's sum. Every word is 0 between dispatches: the last workgroup sets
-// back what the others set.
-@group(0) @binding(8) var<storage, read_write> tally: array<atomic<u32>>;
+// The words kept 0 between dispatches: a one-pass split's sync words (`split_fused4`), or the
+// one-pass sums' words, where zeroed[0] counts the workgroups that have stored their sum and
+// zeroed[1 + g] is workgroup g's sum; the last workgroup sets back what the others set.
+@group(0) @binding(8) var<storage, read_write> zeroed: array<atomic<u32>>;
 
 var<workgroup> tally_last: u32;
 
@@ -783,8 +951,8 @@ fn tally_blocks(wid: vec3<u32>, lid: u32, divisor: bool) -> Tally {
 // `tally_blocks` says. Every invocation of the workgroup calls it, in uniform control flow.
 fn tally_add(g: u32, blocks: u32, total: f32, lid: u32) -> Tally {
     if (lid == 0u) {
-        atomicStore(&tally[1u + g], tally_word(total));
-        let ticket = atomicAdd(&tally[0], 1u);
+        atomicStore(&zeroed[1u + g], tally_word(total));
+        let ticket = atomicAdd(&zeroed[0], 1u);
         tally_last = u32(ticket + 1u == blocks);
     }
     if (workgroupUniformLoad(&tally_last) == 0u) {
@@ -792,15 +960,15 @@ fn tally_add(g: u32, blocks: u32, total: f32, lid: u32) -> Tally {
     }
     var mine = 0.0;
     for (var i = lid; i < blocks; i += WG) {
-        var word = atomicLoad(&tally[1u + i]);
+        var word = atomicLoad(&zeroed[1u + i]);
         while (word == 0u) {
-            word = atomicLoad(&tally[1u + i]);
+            word = atomicLoad(&zeroed[1u + i]);
         }
-        atomicStore(&tally[1u + i], 0u);
+        atomicStore(&zeroed[1u + i], 0u);
         mine += bitcast<f32>(~word);
     }
     if (lid == 0u) {
-        atomicStore(&tally[0], 0u);
+        atomicStore(&zeroed[0], 0u);
     }
     return Tally(true, workgroup_sum4(vec4<f32>(mine, 0.0, 0.0, 0.0), lid).x);
 }

@@ -452,6 +452,149 @@ fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
     });
 }
 
+/// Cross-entropy's split rows taken in one pass (`loss_split_wait`): a chunk writes its gradient
+/// (and the first chunk its row's loss) when its row's other chunks have shared their
+/// statistics within the wait, and the finishing pass does the rest. On any adapter some chunks
+/// take each path (a row of one chunk never waits; a short wait leaves most to the finishing
+/// pass), and the results must match the reference and be the same bits whichever pass wrote
+/// them, out of place and in place (where the finishing pass must read logits no chunk has
+/// overwritten yet). Row 1 of the wider shapes starts with a whole chunk of -inf: with its index
+/// target there (a loss of +inf, from the chunk's target terms), with label smoothing (mass on
+/// every class, so +inf too) and with probability targets that give the chunk no mass (a
+/// finite loss). Each context runs every case in turn, so a call that left its sync words
+/// behind would hand stale statistics to the next.
+#[test]
+fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
+    with_gpu(|base| {
+        let one_pass = |loss_split_wait, split_chunk, split_group_bytes| {
+            let tuning = Tuning {
+                thread_max_cols: 0,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk,
+                split_group_bytes,
+                loss_split_wait,
+                ..Tuning::GPU
+            };
+            tuned(base, tuning)
+        };
+        let contexts = [
+            ("wait 1", one_pass(1, 300, 0)),
+            ("wait 2000", one_pass(2000, 300, 0)),
+            ("wait 2000, 1 KiB row groups", one_pass(2000, 300, 1024)),
+            ("wait 2000, chunks of 4096", one_pass(2000, 4096, 0)),
+        ];
+        for &(rows, cols) in &[
+            (1, 4),
+            (5, 300),
+            (3, 1200),
+            (9, 4096),
+            (2, 20_000),
+            (3, 1201),
+        ] {
+            let mut x = logits(rows, cols, 3.0, cols as u64);
+            let mut idx = index_targets(rows, cols, 5, 0);
+            let mut probs = probability_targets(rows, cols, 6);
+            let wide = rows > 1 && cols > 300;
+            if wide {
+                x[cols..cols + 300].fill(f32::NEG_INFINITY);
+                probs[cols..cols + 300].fill(0.0);
+                idx[1] = 5;
+            }
+            if rows > 2 {
+                idx[2] = -100;
+            }
+            let weight: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+            let per_row: Vec<f32> = (0..rows).map(|r| 1.0 + (r % 3) as f32).collect();
+            let cases = [
+                (
+                    "weighted indices",
+                    Targets::Indices(&idx),
+                    Some(&weight[..]),
+                    0.0,
+                    Reduction::None,
+                    GradOutput::PerRow(&per_row),
+                ),
+                (
+                    "smoothed indices",
+                    Targets::Indices(&idx),
+                    None,
+                    0.1,
+                    Reduction::None,
+                    GradOutput::PerRow(&per_row),
+                ),
+                (
+                    "weighted probabilities",
+                    Targets::Probabilities(&probs),
+                    Some(&weight[..]),
+                    0.0,
+                    Reduction::Mean,
+                    GradOutput::Scalar(0.5),
+                ),
+            ];
+            for (case, targets, weight, label_smoothing, reduction, grad_output) in cases {
+                let options = CrossEntropyOptions {
+                    weight,
+                    label_smoothing,
+                    reduction,
+                    ..Default::default()
+                };
+                let want =
+                    reference::cross_entropy(&x, cols, targets, &options, grad_output).unwrap();
+                if wide && reduction == Reduction::None {
+                    assert_eq!(want.loss[1], f64::INFINITY, "{case} {rows}x{cols}");
+                }
+                let mut first: Option<CrossEntropyOutput<f32>> = None;
+                for (name, ctx) in &contexts {
+                    let what = format!("{name} {case} {rows}x{cols}");
+                    let got = ctx
+                        .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
+                        .unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                    assert_grad_close(&got.grad, &want.grad, &what);
+                    let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+                    let targets_t = loss_fn.upload_targets(targets).unwrap();
+                    let mut t = ctx.upload(&x, cols).unwrap();
+                    let loss = loss_fn
+                        .loss_and_grad_in_place(&mut t, &targets_t, grad_output)
+                        .unwrap()
+                        .to_vec()
+                        .unwrap();
+                    // The row kernels give the same bits in place; a reduced loss may be summed
+                    // in another order by the device form.
+                    if reduction == Reduction::None {
+                        assert_eq!(bits(&loss), bits(&got.loss), "{what}: in place");
+                    } else {
+                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+                        assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
+                    }
+                    assert_eq!(
+                        bits(&t.to_vec().unwrap()),
+                        bits(&got.grad),
+                        "{what}: in place"
+                    );
+                    // The same chunking gives the same bits, whichever pass wrote a chunk.
+                    if name.contains("chunks of 4096") {
+                        continue;
+                    }
+                    match &first {
+                        None => first = Some(got),
+                        Some(a) => {
+                            assert_eq!(bits(&a.loss), bits(&got.loss), "{what}");
+                            assert_eq!(bits(&a.grad), bits(&got.grad), "{what}");
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// The loss and gradient that `record` writes, given an encoder, a one-value loss tensor and a
 /// gradient tensor shaped like `logits`, once submitted.
 fn recorded_loss_and_grad(

@@ -170,6 +170,11 @@ pub struct Tuning {
     /// left to a second pass, which reads it again. 0: two passes over the input, always.
     /// Softmax and log-softmax.
     pub split_wait: u32,
+    /// The same for cross-entropy's loss and gradient, whose chunks share (max, exp sum, target
+    /// terms). 0 in both default tables: it has been checked on software adapters (where the
+    /// defaults split rows an invocation per chunk, which one pass does not serve) but not yet
+    /// timed on a GPU.
+    pub loss_split_wait: u32,
     /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
     /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
     pub vector: u32,
@@ -216,6 +221,7 @@ impl Tuning {
         split_reverse: 1,
         split_group_bytes: 0,
         split_wait: 4096,
+        loss_split_wait: 0,
         vector: 4,
         subgroups: 1,
     };
@@ -249,6 +255,7 @@ impl Tuning {
         split_reverse: 0,
         split_group_bytes: 0,
         split_wait: 0,
+        loss_split_wait: 0,
         vector: 4,
         subgroups: 1,
     };

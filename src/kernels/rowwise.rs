@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use super::plan::{Strategy, MAX_ITEMS, MAX_ITEMS_VEC4, TALLY_MAX_SLOTS};
+use super::plan::{Strategy, Tuning, MAX_ITEMS, MAX_ITEMS_VEC4, TALLY_MAX_SLOTS};
 use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
 use crate::context::Gpu;
 use crate::error::{Error, Result};
@@ -31,21 +31,24 @@ pub(crate) struct FamilyDesc {
 
 /// A family's vec4 entry points: `rows`, then the split pair, and the most `ITEMS` (vec4s per
 /// invocation) its `rows` holds in registers (the scalar `rows` holds at most [`MAX_ITEMS`]);
-/// and the pair of a split row taken in one pass over the input ([`Tuning::split_wait`]: the
-/// one pass, with `ITEMS` vec4s of the chunk per invocation and the spin bound `SPIN`, then a
-/// workgroup per row finishing the chunks it left and clearing the sync words).
-///
-/// [`Tuning::split_wait`]: super::plan::Tuning::split_wait
+/// and the kernels of a split row taken in one pass over the input, where the family has them.
 #[derive(Clone, Copy)]
 pub(crate) struct Vec4Kernels {
     pub entries: [&'static str; 3],
     pub max_items: u32,
-    pub one_pass: Option<[&'static str; 2]>,
+    pub one_pass: Option<OnePass>,
 }
 
-/// Words of the sync buffer per chunk of a split row taken in one pass, and per row besides
-/// (`sync_row` in `shaders/softmax.wgsl`).
-const SYNC_WORDS: [usize; 2] = [3, 1];
+/// A split row taken in one pass over the input: the one pass, with `ITEMS` vec4s of the chunk
+/// per invocation and the spin bound `SPIN`, then a workgroup per row finishing the chunks it
+/// left and clearing the sync words; `wait`, the field of [`Tuning`] that bounds the spin (0:
+/// two passes instead). The sync words are a chunk's partial and a done flag per chunk, and a
+/// count per row.
+#[derive(Clone, Copy)]
+pub(crate) struct OnePass {
+    pub entries: [&'static str; 2],
+    pub wait: fn(&Tuning) -> u32,
+}
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const SUBGROUP: &str = include_str!("../../shaders/subgroup.wgsl");
@@ -60,7 +63,10 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_normalize4"],
         max_items: MAX_ITEMS_VEC4,
-        one_pass: Some(["split_fused4", "split_rest4"]),
+        one_pass: Some(OnePass {
+            entries: ["split_fused4", "split_rest4"],
+            wait: |tuning| tuning.split_wait,
+        }),
     }),
     partial_words: 2,
 };
@@ -97,7 +103,10 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_finish4"],
         max_items: MAX_ITEMS_VEC4,
-        one_pass: None,
+        one_pass: Some(OnePass {
+            entries: ["split_fused4", "split_rest4"],
+            wait: |tuning| tuning.loss_split_wait,
+        }),
     }),
     partial_words: 4,
 };
@@ -246,7 +255,7 @@ pub(crate) struct RowwiseFamily {
     partials: Mutex<wgpu::Buffer>,
     /// The counter and slots of the tallies (one-pass batch sums, [`RowwiseFamily::batch_sum`],
     /// and row kernels with [`RowCall::tally`]), and the sync words of split rows taken in one
-    /// pass ([`RowwiseFamily::one_pass`]); all 0 between calls (each call's last pass leaves it
+    /// pass ([`OnePass`]); all 0 between calls (each call's last pass leaves it
     /// as its first found it), and grown on demand (a new buffer is zeroed).
     zeroed: Mutex<wgpu::Buffer>,
 }
@@ -351,9 +360,9 @@ impl RowwiseFamily {
                 // vec4 kernels take chunks of whole vec4s.
                 let chunk = chunk.next_multiple_of(vector);
                 let wg = tuning.row_workgroup_on(&gpu.caps);
-                if let Some((entries, items)) = self.one_pass(gpu, strategy, vector) {
-                    spin = Some(self.spin(gpu));
-                    (entries.to_vec(), wg, items, 2, 1, chunk)
+                if let Some((one_pass, items)) = self.one_pass(gpu, strategy, vector) {
+                    spin = Some(self.spin(gpu, one_pass));
+                    (one_pass.entries.to_vec(), wg, items, 2, 1, chunk)
                 } else if per_invocation {
                     (split.to_vec(), wg, 0, 0, wg as usize, chunk)
                 } else {
@@ -402,18 +411,16 @@ impl RowwiseFamily {
         })
     }
 
-    /// The entry points of a split row taken in one pass and the vec4s each invocation holds,
-    /// where `strategy` (loading `vector` elements at a time) can be: [`Tuning::split_wait`] is
-    /// not 0, the family has such kernels, a workgroup takes each chunk, and the chunk fits in
-    /// its registers.
-    ///
-    /// [`Tuning::split_wait`]: super::plan::Tuning::split_wait
+    /// The kernels of a split row taken in one pass and the vec4s each invocation holds, where
+    /// `strategy` (loading `vector` elements at a time) can be: the family has such kernels,
+    /// their wait ([`OnePass::wait`]) is not 0, a workgroup takes each chunk, and the chunk fits
+    /// in its registers.
     pub(crate) fn one_pass(
         &self,
         gpu: &Gpu,
         strategy: Strategy,
         vector: u32,
-    ) -> Option<([&'static str; 2], u32)> {
+    ) -> Option<(OnePass, u32)> {
         let Strategy::SplitRow {
             chunk,
             per_invocation: false,
@@ -421,22 +428,21 @@ impl RowwiseFamily {
         else {
             return None;
         };
-        let entries = self.desc.vec4?.one_pass?;
-        if vector != 4 || gpu.tuning.split_wait == 0 {
+        let one_pass = self.desc.vec4?.one_pass?;
+        if vector != 4 || (one_pass.wait)(&gpu.tuning) == 0 {
             return None;
         }
         let wg = gpu.tuning.row_workgroup_on(&gpu.caps);
         let items = chunk.div_ceil(4).div_ceil(wg);
-        (items <= MAX_ITEMS_VEC4).then_some((entries, items))
+        (items <= MAX_ITEMS_VEC4).then_some((one_pass, items))
     }
 
-    /// The spin bound of a one-pass split: [`Tuning::split_wait`], kept to a quarter of the loop
-    /// iterations a software adapter lets an invocation run.
-    ///
-    /// [`Tuning::split_wait`]: super::plan::Tuning::split_wait
-    fn spin(&self, gpu: &Gpu) -> u32 {
+    /// The spin bound of a one-pass split: its wait, kept to a quarter of the loop iterations a
+    /// software adapter lets an invocation run.
+    fn spin(&self, gpu: &Gpu, one_pass: OnePass) -> u32 {
         let budget = gpu.caps.loop_budget.map_or(u64::MAX, |b| b / 4);
-        u32::try_from(u64::from(gpu.tuning.split_wait).min(budget)).unwrap_or(u32::MAX)
+        let wait = (one_pass.wait)(&gpu.tuning);
+        u32::try_from(u64::from(wait).min(budget)).unwrap_or(u32::MAX)
     }
 
     /// The dispatches computing `call` over all its rows, in row blocks that fit one binding.
@@ -489,9 +495,9 @@ impl RowwiseFamily {
             let words = blocks[0].1.div_ceil(per_group) + 1;
             (self.zeroed(gpu, words)?, Some(words))
         } else if layout.spin.is_some() {
-            // The sync words of the largest block (0 at rest, as the tallies' words).
-            let [per_chunk, per_row] = SYNC_WORDS;
-            let words = max_rows * (chunks * per_chunk + per_row);
+            // The sync words of the largest block (0 at rest, as the tallies' words): per chunk
+            // its partial and a done flag, per row a count.
+            let words = max_rows * (chunks * (desc.partial_words + 1) + 1);
             (self.zeroed(gpu, words)?, Some(words))
         } else {
             let needed = if chunk == 0 { 0 } else { partial_bytes };

@@ -163,12 +163,14 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             },
         ),
         (
+            // Softmax and cross-entropy take one pass where a row's chunks meet.
             "split",
             Tuning {
                 thread_max_cols: 0,
                 split_min_cols: 1,
                 split_max_rows: u32::MAX,
                 split_chunk: 300,
+                loss_split_wait: 4096,
                 ..Tuning::GPU
             },
         ),
