@@ -69,6 +69,10 @@ split_wait=65536|split_wait=65536|$long
 split_wait=4096,split_chunk=2048|split_wait=4096 split_chunk=2048|$long
 split_wait=4096,split_chunk=8192|split_wait=4096 split_chunk=8192|$long
 split_wait=4096,split_chunk=16384|split_wait=4096 split_chunk=16384|$long
+loss_split_wait=256|loss_split_wait=256|$long
+loss_split_wait=4096|loss_split_wait=4096|$long
+loss_split_wait=65536|loss_split_wait=65536|$long
+loss_split_wait=4096,split_chunk=8192|loss_split_wait=4096 split_chunk=8192|$long
 "
 
 mkdir -p "$out"
