@@ -242,3 +242,15 @@ fn team_sum(v: f32, lid: u32) -> f32 {
 fn rescale(m_i: f32, m: f32) -> f32 {
     return select(exp(m_i - m), 0.0, is_neg_inf(m_i));
 }
+
+// A value as a word of a buffer kept 0 between calls (tallies, sync words): never 0, the mark of
+// a word not yet written (the bits inverted, every NaN first made the one quiet NaN, whose
+// inverse is not 0).
+fn word_of(v: f32) -> u32 {
+    let bits = bitcast<u32>(v);
+    return ~select(bits, NAN_BITS, (bits & ABS_MASK) > INF_BITS);
+}
+
+fn value_of(word: u32) -> f32 {
+    return bitcast<f32>(~word);
+}

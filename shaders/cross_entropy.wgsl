@@ -686,7 +686,7 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 
 // Split rows in one pass over the logits (`Tuning::loss_split_wait`), as softmax.wgsl's
 // split_fused4 and split_rest4: the words of `zeroed`, all 0 between calls, hold per row: per
-// chunk its partial (m_i, s_i, a_i, b_i) (`tally_word`s: never 0, the mark of a word not yet
+// chunk its partial (m_i, s_i, a_i, b_i) (`word_of`: never 0, the mark of a word not yet
 // written) and whether it is done, then how many chunks have stored their partial.
 //
 // split_fused4 keeps its chunk in registers, stores the chunk's partial, counts itself in, then
@@ -714,7 +714,7 @@ fn stored_value(at: u32) -> f32 {
     while (word == 0u) {
         word = atomicLoad(&zeroed[at]);
     }
-    return bitcast<f32>(~word);
+    return value_of(word);
 }
 
 // A row's statistics from its chunks' words, all of which have been stored. Called in uniform
@@ -772,10 +772,10 @@ fn fused_chunk(ch: Chunk, t: RowTarget, lid: u32, spin: u32, publish: bool) -> b
     if (publish) {
         if (lid == 0u) {
             let at = sync_row(ch.row) + SYNC_WORDS * ch.within;
-            atomicStore(&zeroed[at], tally_word(m));
-            atomicStore(&zeroed[at + 1u], tally_word(acc.x));
-            atomicStore(&zeroed[at + 2u], tally_word(acc.y));
-            atomicStore(&zeroed[at + 3u], tally_word(acc.z));
+            atomicStore(&zeroed[at], word_of(m));
+            atomicStore(&zeroed[at + 1u], word_of(acc.x));
+            atomicStore(&zeroed[at + 2u], word_of(acc.y));
+            atomicStore(&zeroed[at + 3u], word_of(acc.z));
             let count = sync_row(ch.row) + SYNC_WORDS * p.chunks;
             var seen = atomicAdd(&zeroed[count], 1u) + 1u;
             for (var i = 0u; i < spin && seen < p.chunks; i++) {
@@ -920,13 +920,6 @@ fn batch_sum(lid: u32, divisor: bool) -> f32 {
 
 var<workgroup> tally_last: u32;
 
-// A block's sum as its slot holds it: never 0, the mark of an empty slot (the bits inverted,
-// every NaN first made the one quiet NaN, whose inverse is not 0).
-fn tally_word(v: f32) -> u32 {
-    let bits = bitcast<u32>(v);
-    return ~select(bits, NAN_BITS, (bits & ABS_MASK) > INF_BITS);
-}
-
 // The sum over the p.chunks blocks, in the one workgroup that finishes last (`last`). Its
 // invocations read the slots with atomic loads, each until it holds a value: its writer took its
 // ticket after storing it, so the store is at most not yet visible, and no workgroup waits on
@@ -951,7 +944,7 @@ fn tally_blocks(wid: vec3<u32>, lid: u32, divisor: bool) -> Tally {
 // `tally_blocks` says. Every invocation of the workgroup calls it, in uniform control flow.
 fn tally_add(g: u32, blocks: u32, total: f32, lid: u32) -> Tally {
     if (lid == 0u) {
-        atomicStore(&zeroed[1u + g], tally_word(total));
+        atomicStore(&zeroed[1u + g], word_of(total));
         let ticket = atomicAdd(&zeroed[0], 1u);
         tally_last = u32(ticket + 1u == blocks);
     }
@@ -965,7 +958,7 @@ fn tally_add(g: u32, blocks: u32, total: f32, lid: u32) -> Tally {
             word = atomicLoad(&zeroed[1u + i]);
         }
         atomicStore(&zeroed[1u + i], 0u);
-        mine += bitcast<f32>(~word);
+        mine += value_of(word);
     }
     if (lid == 0u) {
         atomicStore(&zeroed[0], 0u);

@@ -349,7 +349,7 @@ fn split_normalize4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 
 // Split rows in one pass over the input, where the device runs a row's chunks at the same time
 // (`Tuning::split_wait`). The words of `sync`, all 0 between calls, hold per row: per chunk its
-// max and its sum (bits inverted, so never 0, the mark of a word not yet written) and whether it
+// max and its sum (`word_of`: never 0, the mark of a word not yet written) and whether it
 // is done, then how many chunks have stored their pair.
 //
 // split_fused4 keeps its chunk in registers, stores the chunk's (max, sum), counts itself in, then
@@ -372,15 +372,6 @@ fn sync_row(row: u32) -> u32 {
     return row * (SYNC_WORDS * p.chunks + 1u);
 }
 
-// A statistic as its word holds it: never 0, since a chunk's (max, sum) is never NaN.
-fn sync_word(v: f32) -> u32 {
-    return ~bitcast<u32>(v);
-}
-
-fn sync_value(word: u32) -> f32 {
-    return bitcast<f32>(~word);
-}
-
 // The statistic in word `at`, which its writer has stored: a store not yet visible is loaded
 // again.
 fn stored_value(at: u32) -> f32 {
@@ -388,7 +379,7 @@ fn stored_value(at: u32) -> f32 {
     while (word == 0u) {
         word = atomicLoad(&sync[at]);
     }
-    return sync_value(word);
+    return value_of(word);
 }
 
 // A row's (max, sum) from its chunks' words, all of which have been stored. Called in uniform control flow by the whole workgroup; chunk i goes
@@ -434,8 +425,8 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
     if (publish) {
         if (lid == 0u) {
             let at = sync_row(ch.row) + SYNC_WORDS * ch.within;
-            atomicStore(&sync[at], sync_word(m));
-            atomicStore(&sync[at + 1u], sync_word(sum));
+            atomicStore(&sync[at], word_of(m));
+            atomicStore(&sync[at + 1u], word_of(sum));
             let count = sync_row(ch.row) + SYNC_WORDS * p.chunks;
             var seen = atomicAdd(&sync[count], 1u) + 1u;
             for (var t = 0u; t < spin && seen < p.chunks; t++) {

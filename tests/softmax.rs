@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{logits, small_limits_context, strategy_tunings, tuned, with_gpu, SHAPES};
+use common::{
+    bits, logits, one_pass_contexts, small_limits_context, strategy_tunings, tuned, with_gpu,
+    ONE_PASS_OTHER_CHUNKS, SHAPES,
+};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{Context, ContextOptions, Error, Strategy, Tolerance, Tuning};
 
@@ -79,24 +82,7 @@ fn every_strategy_matches_the_reference() {
 #[test]
 fn split_rows_in_one_pass_match_whichever_pass_writes_them() {
     with_gpu(|base| {
-        let one_pass = |split_wait, split_chunk, split_group_bytes| {
-            let tuning = Tuning {
-                thread_max_cols: 0,
-                split_min_cols: 1,
-                split_max_rows: u32::MAX,
-                split_chunk,
-                split_group_bytes,
-                split_wait,
-                ..Tuning::GPU
-            };
-            tuned(base, tuning)
-        };
-        let contexts = [
-            ("wait 1", one_pass(1, 300, 0)),
-            ("wait 2000", one_pass(2000, 300, 0)),
-            ("wait 2000, 1 KiB row groups", one_pass(2000, 300, 1024)),
-            ("wait 2000, chunks of 4096", one_pass(2000, 4096, 0)),
-        ];
+        let contexts = one_pass_contexts(base, |t, wait| t.split_wait = wait);
         let inf = f32::INFINITY;
         for &(rows, cols) in &[
             (1, 4),
@@ -130,20 +116,14 @@ fn split_rows_in_one_pass_match_whichever_pass_writes_them() {
                         assert!(lsm[cols..cols + 300].iter().all(|&v| v == -inf), "{what}");
                     }
                     // The same chunking gives the same bits, whichever pass wrote a chunk.
-                    if name.contains("chunks of 4096") {
+                    if *name == ONE_PASS_OTHER_CHUNKS {
                         continue;
                     }
                     match &first {
                         None => first = Some((sm, lsm)),
                         Some((a, b)) => {
-                            assert!(
-                                a.iter().zip(&sm).all(|(p, q)| p.to_bits() == q.to_bits()),
-                                "{what}"
-                            );
-                            assert!(
-                                b.iter().zip(&lsm).all(|(p, q)| p.to_bits() == q.to_bits()),
-                                "{what}"
-                            );
+                            assert_eq!(bits(a), bits(&sm), "{what}");
+                            assert_eq!(bits(b), bits(&lsm), "{what}");
                         }
                     }
                 }

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    assert_grad_close, device_on_same_adapter, logits, small_limits_context, strategy_tunings,
-    tuned, with_gpu,
+    assert_grad_close, bits, device_on_same_adapter, logits, one_pass_contexts,
+    small_limits_context, strategy_tunings, tuned, with_gpu, ONE_PASS_OTHER_CHUNKS,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::{reference, CrossEntropyOutput};
@@ -68,6 +68,62 @@ fn backward_matches_the_reference_on_every_shape() {
             let want = reference::log_softmax_backward(&ly, &dy, cols).unwrap();
             let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
             assert!(cmp.passed(), "log_softmax_backward {rows}x{cols}: {cmp:?}");
+        }
+    });
+}
+
+/// The backward ops' split rows taken in one pass (`backward_split_wait`), as cross-entropy's
+/// below: against the reference, and the same bits whichever pass wrote a chunk. Row 1 of the
+/// wider shapes has a NaN in dy and row 2 a chunk of y = 0 (softmax) or -inf (log-softmax):
+/// NaN reaches every element of its row only, and the chunk's shares are 0.
+#[test]
+fn backward_split_rows_in_one_pass_match_whichever_pass_writes_them() {
+    with_gpu(|base| {
+        let contexts = one_pass_contexts(base, |t, wait| t.backward_split_wait = wait);
+        for &(rows, cols) in &[
+            (1, 4),
+            (5, 300),
+            (3, 1200),
+            (9, 4096),
+            (2, 20_000),
+            (3, 1201),
+        ] {
+            let mut x = logits(rows, cols, 2.0, cols as u64);
+            let mut dy = logits(rows, cols, 1.0, 1 + cols as u64);
+            let wide = rows > 2 && cols > 300;
+            if wide {
+                dy[cols + 7] = f32::NAN;
+                x[2 * cols..2 * cols + 300].fill(f32::NEG_INFINITY);
+            }
+            let as_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+            let y = as_f32(reference::softmax(&x, cols).unwrap());
+            let ly = as_f32(reference::log_softmax(&x, cols).unwrap());
+            let want = reference::softmax_backward(&y, &dy, cols).unwrap();
+            let want_log = reference::log_softmax_backward(&ly, &dy, cols).unwrap();
+            if wide {
+                assert!(want[cols..2 * cols].iter().all(|v| v.is_nan()));
+                assert!(want[2 * cols..].iter().all(|v| v.is_finite()));
+            }
+            let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+            for (name, ctx) in &contexts {
+                let what = format!("{name} {rows}x{cols}");
+                let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
+                let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+                assert!(cmp.passed(), "softmax_backward {what}: {cmp:?}");
+                let got_log = ctx.log_softmax_backward(&ly, &dy, cols).unwrap();
+                let cmp = Tolerance::LOG_SOFTMAX.compare(&got_log, &want_log);
+                assert!(cmp.passed(), "log_softmax_backward {what}: {cmp:?}");
+                if *name == ONE_PASS_OTHER_CHUNKS {
+                    continue;
+                }
+                match &first {
+                    None => first = Some((got, got_log)),
+                    Some((a, b)) => {
+                        assert_eq!(bits(a), bits(&got), "softmax_backward {what}");
+                        assert_eq!(bits(b), bits(&got_log), "log_softmax_backward {what}");
+                    }
+                }
+            }
         }
     });
 }
@@ -466,24 +522,7 @@ fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
 #[test]
 fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
     with_gpu(|base| {
-        let one_pass = |loss_split_wait, split_chunk, split_group_bytes| {
-            let tuning = Tuning {
-                thread_max_cols: 0,
-                split_min_cols: 1,
-                split_max_rows: u32::MAX,
-                split_chunk,
-                split_group_bytes,
-                loss_split_wait,
-                ..Tuning::GPU
-            };
-            tuned(base, tuning)
-        };
-        let contexts = [
-            ("wait 1", one_pass(1, 300, 0)),
-            ("wait 2000", one_pass(2000, 300, 0)),
-            ("wait 2000, 1 KiB row groups", one_pass(2000, 300, 1024)),
-            ("wait 2000, chunks of 4096", one_pass(2000, 4096, 0)),
-        ];
+        let contexts = one_pass_contexts(base, |t, wait| t.loss_split_wait = wait);
         for &(rows, cols) in &[
             (1, 4),
             (5, 300),
@@ -575,7 +614,7 @@ fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
                         "{what}: in place"
                     );
                     // The same chunking gives the same bits, whichever pass wrote a chunk.
-                    if name.contains("chunks of 4096") {
+                    if *name == ONE_PASS_OTHER_CHUNKS {
                         continue;
                     }
                     match &first {
@@ -589,10 +628,6 @@ fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
             }
         }
     });
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The loss and gradient that `record` writes, given an encoder, a one-value loss tensor and a

@@ -175,6 +175,10 @@ pub struct Tuning {
     /// defaults split rows an invocation per chunk, which one pass does not serve) but not yet
     /// timed on a GPU.
     pub loss_split_wait: u32,
+    /// The same for the backward of softmax and log-softmax, whose chunks share their part of
+    /// the row's sum (and keep both operands in registers). 0 in both default tables, as
+    /// `loss_split_wait`, for the same reason.
+    pub backward_split_wait: u32,
     /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
     /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
     pub vector: u32,
@@ -222,6 +226,7 @@ impl Tuning {
         split_group_bytes: 0,
         split_wait: 4096,
         loss_split_wait: 0,
+        backward_split_wait: 0,
         vector: 4,
         subgroups: 1,
     };
@@ -256,6 +261,7 @@ impl Tuning {
         split_group_bytes: 0,
         split_wait: 0,
         loss_split_wait: 0,
+        backward_split_wait: 0,
         vector: 4,
         subgroups: 1,
     };

@@ -80,7 +80,10 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_finish4"],
         max_items: MAX_ITEMS,
-        one_pass: None,
+        one_pass: Some(OnePass {
+            entries: ["split_fused4", "split_rest4"],
+            wait: |tuning| tuning.backward_split_wait,
+        }),
     }),
     partial_words: 1,
 };
@@ -414,7 +417,7 @@ impl RowwiseFamily {
     /// The kernels of a split row taken in one pass and the vec4s each invocation holds, where
     /// `strategy` (loading `vector` elements at a time) can be: the family has such kernels,
     /// their wait ([`OnePass::wait`]) is not 0, a workgroup takes each chunk, and the chunk fits
-    /// in its registers.
+    /// in its registers ([`Vec4Kernels::max_items`] vec4s per invocation).
     pub(crate) fn one_pass(
         &self,
         gpu: &Gpu,
@@ -428,13 +431,14 @@ impl RowwiseFamily {
         else {
             return None;
         };
-        let one_pass = self.desc.vec4?.one_pass?;
+        let vec4 = self.desc.vec4?;
+        let one_pass = vec4.one_pass?;
         if vector != 4 || (one_pass.wait)(&gpu.tuning) == 0 {
             return None;
         }
         let wg = gpu.tuning.row_workgroup_on(&gpu.caps);
         let items = chunk.div_ceil(4).div_ceil(wg);
-        (items <= MAX_ITEMS_VEC4).then_some((one_pass, items))
+        (items <= vec4.max_items).then_some((one_pass, items))
     }
 
     /// The spin bound of a one-pass split: its wait, kept to a quarter of the loop iterations a
