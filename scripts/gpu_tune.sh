@@ -73,6 +73,9 @@ loss_split_wait=256|loss_split_wait=256|$long
 loss_split_wait=4096|loss_split_wait=4096|$long
 loss_split_wait=65536|loss_split_wait=65536|$long
 loss_split_wait=4096,split_chunk=8192|loss_split_wait=4096 split_chunk=8192|$long
+backward_split_wait=256|backward_split_wait=256|$long
+backward_split_wait=4096|backward_split_wait=4096|$long
+backward_split_wait=65536|backward_split_wait=65536|$long
 "
 
 mkdir -p "$out"
