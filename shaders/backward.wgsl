@@ -229,34 +229,11 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
-// Split rows in one pass over y and dy (`Tuning::backward_split_wait`), as softmax.wgsl's
-// split_fused4 and split_rest4: the words of `sync`, all 0 between calls, hold per row: per
-// chunk its share of r (`word_of`: never 0, the mark of a word not yet written; NaN stays NaN)
-// and whether it is done, then how many chunks have stored their share. A chunk keeps its y and
-// dy in registers, stores its share, counts itself in and waits, at most SPIN loads, for the
-// row's other chunks; one that gives up leaves its output to split_rest4, a workgroup per row,
-// which reads those chunks again and sets the words back to 0. Both passes add a row's shares in
-// the same order, so the output does not depend on which pass wrote it.
-@group(0) @binding(4) var<storage, read_write> sync: array<atomic<u32>>;
+// Split rows in one pass over y and dy (`Tuning::backward_split_wait`; one_pass.wgsl has the
+// scheme): a chunk's partial is its share of r (NaN stays NaN).
+@group(0) @binding(4) var<storage, read_write> zeroed: array<atomic<u32>>;
 
-override SPIN: u32 = 0u;
 const SYNC_WORDS: u32 = 2u;
-
-var<workgroup> sync_flag: u32;
-
-// The first sync word of `row`; the count follows the chunks' words.
-fn sync_row(row: u32) -> u32 {
-    return row * (SYNC_WORDS * p.chunks + 1u);
-}
-
-// The share in word `at`, which its writer has stored: a store not yet visible is loaded again.
-fn stored_value(at: u32) -> f32 {
-    var word = atomicLoad(&sync[at]);
-    while (word == 0u) {
-        word = atomicLoad(&sync[at]);
-    }
-    return value_of(word);
-}
 
 // r of a row from its chunks' words, all of which have been stored. Called in uniform control
 // flow by the whole workgroup; chunk i goes to invocation i % WG in both passes.
@@ -291,20 +268,8 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
         }
     }
     let share = team_sum(sum_of(part), lid);
-    if (publish) {
-        if (lid == 0u) {
-            let at = sync_row(ch.row) + SYNC_WORDS * ch.within;
-            atomicStore(&sync[at], word_of(share));
-            let count = sync_row(ch.row) + SYNC_WORDS * p.chunks;
-            var seen = atomicAdd(&sync[count], 1u) + 1u;
-            for (var i = 0u; i < spin && seen < p.chunks; i++) {
-                seen = atomicLoad(&sync[count]);
-            }
-            sync_flag = seen;
-        }
-        if (workgroupUniformLoad(&sync_flag) < p.chunks) {
-            return false;
-        }
+    if (publish && !arrive(ch, lid, spin, vec4<f32>(share, 0.0, 0.0, 0.0))) {
+        return false;
     }
     let r = synced_total(ch.row, lid);
     let d0 = base(2u) / 4u + row4;
@@ -315,47 +280,4 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
         }
     }
     return true;
-}
-
-@compute @workgroup_size(WG)
-fn split_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
-    if (ch.index >= p.rows * p.chunks) {
-        return;
-    }
-    if (fused_chunk(ch, lid, SPIN, true) && lid == 0u) {
-        atomicStore(&sync[sync_row(ch.row) + SYNC_WORDS * ch.within + 1u], 1u);
-    }
-}
-
-// One workgroup per row: writes the chunks the one pass left (one after another; none where the
-// row's chunks ran at once) and sets the row's words back to 0.
-@compute @workgroup_size(WG)
-fn split_rest4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid);
-    if (row >= p.rows) {
-        return;
-    }
-    let first = sync_row(row);
-    var left = 0.0;
-    for (var i = lid; i < p.chunks; i += WG) {
-        left = max(left, select(1.0, 0.0, atomicLoad(&sync[first + SYNC_WORDS * i + 1u]) != 0u));
-    }
-    if (workgroup_max(left, lid) > 0.0) {
-        // Every share is there: the one pass has run to its end.
-        for (var k = 0u; k < p.chunks; k++) {
-            workgroupBarrier();
-            if (lid == 0u) {
-                sync_flag = atomicLoad(&sync[first + SYNC_WORDS * k + 1u]);
-            }
-            if (workgroupUniformLoad(&sync_flag) == 0u) {
-                let index = row * p.chunks + k;
-                _ = fused_chunk(Chunk(Team(index, lid, WG), index, row, k), lid, 0u, false);
-            }
-        }
-    }
-    workgroupBarrier();
-    for (var i = lid; i < SYNC_WORDS * p.chunks + 1u; i += WG) {
-        atomicStore(&sync[first + i], 0u);
-    }
 }

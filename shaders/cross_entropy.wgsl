@@ -684,38 +684,11 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     }
 }
 
-// Split rows in one pass over the logits (`Tuning::loss_split_wait`), as softmax.wgsl's
-// split_fused4 and split_rest4: the words of `zeroed`, all 0 between calls, hold per row: per
-// chunk its partial (m_i, s_i, a_i, b_i) (`word_of`: never 0, the mark of a word not yet
-// written) and whether it is done, then how many chunks have stored their partial.
-//
-// split_fused4 keeps its chunk in registers, stores the chunk's partial, counts itself in, then
-// waits, at most SPIN loads, for the count to reach the row's chunks (one invocation polls) and,
-// when it has, combines the row's partials and writes its chunk's gradient from registers (the
-// row's first chunk also writes the row's loss). A chunk that gives up leaves all of that to
-// split_rest4, one workgroup per row, which reads the logits of those chunks again (and only
-// theirs: in place, only done chunks have overwritten theirs) and sets the words back to 0.
-// Both passes work out a chunk, and combine a row's partials, the same way, so the results do
-// not depend on which pass wrote them.
-override SPIN: u32 = 0u;
+// Split rows in one pass over the logits (`Tuning::loss_split_wait`; one_pass.wgsl has the
+// scheme): a chunk's partial is its (m_i, s_i, a_i, b_i), and the row's first chunk also writes
+// the row's loss. In place, the finishing pass reads the logits of the chunks it works out, which
+// no chunk has overwritten: only done chunks have written their gradient.
 const SYNC_WORDS: u32 = 5u;
-
-var<workgroup> sync_flag: u32;
-
-// The first sync word of `row`; the count follows the chunks' words.
-fn sync_row(row: u32) -> u32 {
-    return row * (SYNC_WORDS * p.chunks + 1u);
-}
-
-// The statistic in word `at`, which its writer has stored: a store not yet visible is loaded
-// again.
-fn stored_value(at: u32) -> f32 {
-    var word = atomicLoad(&zeroed[at]);
-    while (word == 0u) {
-        word = atomicLoad(&zeroed[at]);
-    }
-    return value_of(word);
-}
 
 // A row's statistics from its chunks' words, all of which have been stored. Called in uniform
 // control flow by the whole workgroup; chunk i goes to invocation i % WG in both passes.
@@ -741,7 +714,8 @@ fn synced_row_stats(row: u32, lid: u32) -> RowStats {
 // (`publish`) stores its partial, counts itself in and waits at most `spin` loads for the row's
 // other chunks; the finishing pass finds them all. Writes the chunk's gradient (and, for the
 // row's first chunk, the row's loss) and returns true if the row's partials are all there.
-fn fused_chunk(ch: Chunk, t: RowTarget, lid: u32, spin: u32, publish: bool) -> bool {
+fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
+    let t = row_target(ch.row);
     let bounds = chunk_bounds4(ch.within);
     let n4 = bounds.y - bounds.x;
     let row4 = ch.row * (p.cols / 4u);
@@ -769,23 +743,8 @@ fn fused_chunk(ch: Chunk, t: RowTarget, lid: u32, spin: u32, publish: bool) -> b
     if (has_target) {
         acc = target_partial(acc, m, x_t, t);
     }
-    if (publish) {
-        if (lid == 0u) {
-            let at = sync_row(ch.row) + SYNC_WORDS * ch.within;
-            atomicStore(&zeroed[at], word_of(m));
-            atomicStore(&zeroed[at + 1u], word_of(acc.x));
-            atomicStore(&zeroed[at + 2u], word_of(acc.y));
-            atomicStore(&zeroed[at + 3u], word_of(acc.z));
-            let count = sync_row(ch.row) + SYNC_WORDS * p.chunks;
-            var seen = atomicAdd(&zeroed[count], 1u) + 1u;
-            for (var i = 0u; i < spin && seen < p.chunks; i++) {
-                seen = atomicLoad(&zeroed[count]);
-            }
-            sync_flag = seen;
-        }
-        if (workgroupUniformLoad(&sync_flag) < p.chunks) {
-            return false;
-        }
+    if (publish && !arrive(ch, lid, spin, vec4<f32>(m, acc.x, acc.y, acc.z))) {
+        return false;
     }
     let row = synced_row_stats(ch.row, lid);
     if (ch.within == 0u && lid == 0u) {
@@ -800,50 +759,6 @@ fn fused_chunk(ch: Chunk, t: RowTarget, lid: u32, spin: u32, publish: bool) -> b
         store_grad4(&hi, MAX_ITEMS, n_hi, g0, bounds.x, n4, ch.team, ch.row, t, g);
     }
     return true;
-}
-
-@compute @workgroup_size(WG)
-fn split_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
-    if (ch.index >= p.rows * p.chunks) {
-        return;
-    }
-    if (fused_chunk(ch, row_target(ch.row), lid, SPIN, true) && lid == 0u) {
-        atomicStore(&zeroed[sync_row(ch.row) + SYNC_WORDS * ch.within + 4u], 1u);
-    }
-}
-
-// One workgroup per row: works out the chunks the one pass left (one after another; none where
-// the row's chunks ran at once) and sets the row's words back to 0.
-@compute @workgroup_size(WG)
-fn split_rest4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid);
-    if (row >= p.rows) {
-        return;
-    }
-    let first = sync_row(row);
-    let t = row_target(row);
-    var left = 0.0;
-    for (var i = lid; i < p.chunks; i += WG) {
-        left = max(left, select(1.0, 0.0, atomicLoad(&zeroed[first + SYNC_WORDS * i + 4u]) != 0u));
-    }
-    if (workgroup_max(left, lid) > 0.0) {
-        // Every partial is there: the one pass has run to its end.
-        for (var k = 0u; k < p.chunks; k++) {
-            workgroupBarrier();
-            if (lid == 0u) {
-                sync_flag = atomicLoad(&zeroed[first + SYNC_WORDS * k + 4u]);
-            }
-            if (workgroupUniformLoad(&sync_flag) == 0u) {
-                let index = row * p.chunks + k;
-                _ = fused_chunk(Chunk(Team(index, lid, WG), index, row, k), t, lid, 0u, false);
-            }
-        }
-    }
-    workgroupBarrier();
-    for (var i = lid; i < SYNC_WORDS * p.chunks + 1u; i += WG) {
-        atomicStore(&zeroed[first + i], 0u);
-    }
 }
 
 // The batch reductions of Mean and Sum. A batch of more than one block of p.chunk rows is summed
@@ -913,7 +828,7 @@ fn batch_sum(lid: u32, divisor: bool) -> f32 {
     return workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;
 }
 
-// The words kept 0 between dispatches: a one-pass split's sync words (`split_fused4`), or the
+// The words kept 0 between dispatches: a one-pass split's sync words (one_pass.wgsl), or the
 // one-pass sums' words, where zeroed[0] counts the workgroups that have stored their sum and
 // zeroed[1 + g] is workgroup g's sum; the last workgroup sets back what the others set.
 @group(0) @binding(8) var<storage, read_write> zeroed: array<atomic<u32>>;

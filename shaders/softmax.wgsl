@@ -8,8 +8,8 @@
 //               chunk, split_normalize combines a row's pairs with the online-normalizer rule and
 //               writes its chunk. Keeps the GPU busy on 4 rows.
 //   split_fused4, split_rest4
-//               split rows in one pass over the input where a row's chunks run at once (see
-//               below), the second pass finishing what the first left.
+//               split rows in one pass over the input where a row's chunks run at once
+//               (one_pass.wgsl), the second pass finishing what the first left.
 //   *4          the same over vec4: rows of a multiple of 4 columns whose operands start at a
 //               multiple of 16 bytes are read and written four elements at a time. A streamed row
 //               is read twice, not three times: (max, sum) is accumulated online, block by block.
@@ -347,43 +347,14 @@ fn split_normalize4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     }
 }
 
-// Split rows in one pass over the input, where the device runs a row's chunks at the same time
-// (`Tuning::split_wait`). The words of `sync`, all 0 between calls, hold per row: per chunk its
-// max and its sum (`word_of`: never 0, the mark of a word not yet written) and whether it
-// is done, then how many chunks have stored their pair.
-//
-// split_fused4 keeps its chunk in registers, stores the chunk's (max, sum), counts itself in, then
-// waits, at most SPIN loads, for the count to reach the row's chunks (one invocation polls, not
-// every one) and, when it has, combines the row's pairs and writes its chunk from registers.
-// Waiting is bounded because nothing promises that a row's workgroups run at once: a chunk that
-// gives up leaves its output to split_rest4, one workgroup per row, which reads the input of
-// those chunks again (and only theirs) and sets the words back to 0. Both passes combine a row's
-// pairs in the same order and scale a chunk's exponentials the same way, so the output does not
-// depend on which pass wrote it.
-@group(0) @binding(3) var<storage, read_write> sync: array<atomic<u32>>;
+// Split rows in one pass over the input (`Tuning::split_wait`; one_pass.wgsl has the scheme):
+// a chunk's partial is its (max, sum).
+@group(0) @binding(3) var<storage, read_write> zeroed: array<atomic<u32>>;
 
-override SPIN: u32 = 0u;
 const SYNC_WORDS: u32 = 3u;
 
-var<workgroup> sync_flag: u32;
-
-// The first sync word of `row`; the count follows the chunks' words.
-fn sync_row(row: u32) -> u32 {
-    return row * (SYNC_WORDS * p.chunks + 1u);
-}
-
-// The statistic in word `at`, which its writer has stored: a store not yet visible is loaded
-// again.
-fn stored_value(at: u32) -> f32 {
-    var word = atomicLoad(&sync[at]);
-    while (word == 0u) {
-        word = atomicLoad(&sync[at]);
-    }
-    return value_of(word);
-}
-
-// A row's (max, sum) from its chunks' words, all of which have been stored. Called in uniform control flow by the whole workgroup; chunk i goes
-// to invocation i % WG in both passes.
+// A row's (max, sum) from its chunks' words, all of which have been stored. Called in uniform
+// control flow by the whole workgroup.
 fn synced_row_stats(row: u32, lid: u32) -> vec2<f32> {
     let first = sync_row(row);
     var m = neg_inf();
@@ -422,21 +393,8 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
         acc = exp_items4(&lo, n_lo, m) + exp_items4(&hi, n_hi, m);
     }
     let sum = team_sum(sum_of(acc), lid);
-    if (publish) {
-        if (lid == 0u) {
-            let at = sync_row(ch.row) + SYNC_WORDS * ch.within;
-            atomicStore(&sync[at], word_of(m));
-            atomicStore(&sync[at + 1u], word_of(sum));
-            let count = sync_row(ch.row) + SYNC_WORDS * p.chunks;
-            var seen = atomicAdd(&sync[count], 1u) + 1u;
-            for (var t = 0u; t < spin && seen < p.chunks; t++) {
-                seen = atomicLoad(&sync[count]);
-            }
-            sync_flag = seen;
-        }
-        if (workgroupUniformLoad(&sync_flag) < p.chunks) {
-            return false;
-        }
+    if (publish && !arrive(ch, lid, spin, vec4<f32>(m, sum, 0.0, 0.0))) {
+        return false;
     }
     let row = synced_row_stats(ch.row, lid);
     // Softmax scales the chunk's exp(x - m) by exp(m - M) / S; log-softmax takes x - M - ln S.
@@ -448,47 +406,4 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
     store_items4(&lo, 0u, n_lo, d0, n4, ch.team, row.x, scale);
     store_items4(&hi, MAX_ITEMS, n_hi, d0, n4, ch.team, row.x, scale);
     return true;
-}
-
-@compute @workgroup_size(WG)
-fn split_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
-    if (ch.index >= p.rows * p.chunks) {
-        return;
-    }
-    if (fused_chunk(ch, lid, SPIN, true) && lid == 0u) {
-        atomicStore(&sync[sync_row(ch.row) + SYNC_WORDS * ch.within + 2u], 1u);
-    }
-}
-
-// One workgroup per row: writes the chunks the one pass left (one after another; none where the
-// row's chunks ran at once) and sets the row's words back to 0.
-@compute @workgroup_size(WG)
-fn split_rest4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = linear_group(wid);
-    if (row >= p.rows) {
-        return;
-    }
-    let first = sync_row(row);
-    var left = 0.0;
-    for (var i = lid; i < p.chunks; i += WG) {
-        left = max(left, select(1.0, 0.0, atomicLoad(&sync[first + SYNC_WORDS * i + 2u]) != 0u));
-    }
-    if (workgroup_max(left, lid) > 0.0) {
-        // Every pair is there: the one pass has run to its end.
-        for (var k = 0u; k < p.chunks; k++) {
-            workgroupBarrier();
-            if (lid == 0u) {
-                sync_flag = atomicLoad(&sync[first + SYNC_WORDS * k + 2u]);
-            }
-            if (workgroupUniformLoad(&sync_flag) == 0u) {
-                let index = row * p.chunks + k;
-                _ = fused_chunk(Chunk(Team(index, lid, WG), index, row, k), lid, 0u, false);
-            }
-        }
-    }
-    workgroupBarrier();
-    for (var i = lid; i < SYNC_WORDS * p.chunks + 1u; i += WG) {
-        atomicStore(&sync[first + i], 0u);
-    }
 }

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    bits, logits, one_pass_contexts, small_limits_context, strategy_tunings, tuned, with_gpu,
-    ONE_PASS_OTHER_CHUNKS, SHAPES,
+    assert_same_bits, logits, one_pass_contexts, small_limits_context, strategy_tunings, tuned,
+    with_gpu, ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES, SHAPES,
 };
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{Context, ContextOptions, Error, Strategy, Tolerance, Tuning};
@@ -84,14 +84,7 @@ fn split_rows_in_one_pass_match_whichever_pass_writes_them() {
     with_gpu(|base| {
         let contexts = one_pass_contexts(base, |t, wait| t.split_wait = wait);
         let inf = f32::INFINITY;
-        for &(rows, cols) in &[
-            (1, 4),
-            (5, 300),
-            (3, 1200),
-            (65, 4096),
-            (2, 20_000),
-            (3, 1201),
-        ] {
+        for (rows, cols) in ONE_PASS_SHAPES {
             for seed in [1, 2] {
                 let mut x = logits(rows, cols, 3.0, (seed * cols) as u64);
                 if rows > 1 && cols > 300 {
@@ -100,7 +93,7 @@ fn split_rows_in_one_pass_match_whichever_pass_writes_them() {
                 }
                 let want = reference::softmax(&x, cols).unwrap();
                 let want_log = reference::log_softmax(&x, cols).unwrap();
-                let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+                let mut first = None;
                 for (name, ctx) in &contexts {
                     let what = format!("{name} {rows}x{cols} seed {seed}");
                     let (sm, lsm) = (
@@ -119,13 +112,7 @@ fn split_rows_in_one_pass_match_whichever_pass_writes_them() {
                     if *name == ONE_PASS_OTHER_CHUNKS {
                         continue;
                     }
-                    match &first {
-                        None => first = Some((sm, lsm)),
-                        Some((a, b)) => {
-                            assert_eq!(bits(a), bits(&sm), "{what}");
-                            assert_eq!(bits(b), bits(&lsm), "{what}");
-                        }
-                    }
+                    assert_same_bits(&mut first, vec![sm, lsm], &what);
                 }
             }
         }

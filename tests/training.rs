@@ -4,8 +4,9 @@
 mod common;
 
 use common::{
-    assert_grad_close, bits, device_on_same_adapter, logits, one_pass_contexts,
+    assert_grad_close, assert_same_bits, bits, device_on_same_adapter, logits, one_pass_contexts,
     small_limits_context, strategy_tunings, tuned, with_gpu, ONE_PASS_OTHER_CHUNKS,
+    ONE_PASS_SHAPES,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::{reference, CrossEntropyOutput};
@@ -80,14 +81,7 @@ fn backward_matches_the_reference_on_every_shape() {
 fn backward_split_rows_in_one_pass_match_whichever_pass_writes_them() {
     with_gpu(|base| {
         let contexts = one_pass_contexts(base, |t, wait| t.backward_split_wait = wait);
-        for &(rows, cols) in &[
-            (1, 4),
-            (5, 300),
-            (3, 1200),
-            (9, 4096),
-            (2, 20_000),
-            (3, 1201),
-        ] {
+        for (rows, cols) in ONE_PASS_SHAPES {
             let mut x = logits(rows, cols, 2.0, cols as u64);
             let mut dy = logits(rows, cols, 1.0, 1 + cols as u64);
             let wide = rows > 2 && cols > 300;
@@ -104,7 +98,7 @@ fn backward_split_rows_in_one_pass_match_whichever_pass_writes_them() {
                 assert!(want[cols..2 * cols].iter().all(|v| v.is_nan()));
                 assert!(want[2 * cols..].iter().all(|v| v.is_finite()));
             }
-            let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+            let mut first = None;
             for (name, ctx) in &contexts {
                 let what = format!("{name} {rows}x{cols}");
                 let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
@@ -116,13 +110,7 @@ fn backward_split_rows_in_one_pass_match_whichever_pass_writes_them() {
                 if *name == ONE_PASS_OTHER_CHUNKS {
                     continue;
                 }
-                match &first {
-                    None => first = Some((got, got_log)),
-                    Some((a, b)) => {
-                        assert_eq!(bits(a), bits(&got), "softmax_backward {what}");
-                        assert_eq!(bits(b), bits(&got_log), "log_softmax_backward {what}");
-                    }
-                }
+                assert_same_bits(&mut first, vec![got, got_log], &what);
             }
         }
     });
@@ -523,14 +511,7 @@ fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
 fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
     with_gpu(|base| {
         let contexts = one_pass_contexts(base, |t, wait| t.loss_split_wait = wait);
-        for &(rows, cols) in &[
-            (1, 4),
-            (5, 300),
-            (3, 1200),
-            (9, 4096),
-            (2, 20_000),
-            (3, 1201),
-        ] {
+        for (rows, cols) in ONE_PASS_SHAPES {
             let mut x = logits(rows, cols, 3.0, cols as u64);
             let mut idx = index_targets(rows, cols, 5, 0);
             let mut probs = probability_targets(rows, cols, 6);
@@ -583,7 +564,7 @@ fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
                 if wide && reduction == Reduction::None {
                     assert_eq!(want.loss[1], f64::INFINITY, "{case} {rows}x{cols}");
                 }
-                let mut first: Option<CrossEntropyOutput<f32>> = None;
+                let mut first = None;
                 for (name, ctx) in &contexts {
                     let what = format!("{name} {case} {rows}x{cols}");
                     let got = ctx
@@ -617,13 +598,7 @@ fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
                     if *name == ONE_PASS_OTHER_CHUNKS {
                         continue;
                     }
-                    match &first {
-                        None => first = Some(got),
-                        Some(a) => {
-                            assert_eq!(bits(&a.loss), bits(&got.loss), "{what}");
-                            assert_eq!(bits(&a.grad), bits(&got.grad), "{what}");
-                        }
-                    }
+                    assert_same_bits(&mut first, vec![got.loss, got.grad], &what);
                 }
             }
         }

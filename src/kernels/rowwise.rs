@@ -12,7 +12,8 @@ use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
 use crate::context::Gpu;
 use crate::error::{Error, Result};
 
-/// A kernel family: shader source (`common.wgsl` and the subgroup functions are prepended),
+/// A kernel family: shader source (`common.wgsl`, the subgroup functions and, for a family with
+/// [`OnePass`] kernels, `one_pass.wgsl` are prepended),
 /// operand bindings (1.., before the partials binding), the entry points, and the 32-bit words of
 /// split-row statistics per chunk.
 pub(crate) struct FamilyDesc {
@@ -53,6 +54,7 @@ pub(crate) struct OnePass {
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const SUBGROUP: &str = include_str!("../../shaders/subgroup.wgsl");
 const SUBGROUP_ABSENT: &str = include_str!("../../shaders/subgroup_absent.wgsl");
+const ONE_PASS: &str = include_str!("../../shaders/one_pass.wgsl");
 
 pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     name: "softmax",
@@ -272,7 +274,11 @@ impl RowwiseFamily {
         bindings.extend_from_slice(desc.operands);
         bindings.push(Access::ReadWrite);
         let subgroup = if subgroups { SUBGROUP } else { SUBGROUP_ABSENT };
-        let source = format!("{COMMON}\n{subgroup}\n{}", desc.source);
+        let one_pass = match desc.vec4.and_then(|v| v.one_pass) {
+            Some(_) => ONE_PASS,
+            None => "",
+        };
+        let source = format!("{COMMON}\n{subgroup}\n{one_pass}\n{}", desc.source);
         Self {
             shader: ShaderFamily::new(device, desc.name, &source, &bindings),
             desc,

@@ -335,6 +335,30 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// Shapes for [`one_pass_contexts`]: one chunk (never waits), several, a row group's worth,
+/// many rows of many chunks, long rows, and unaligned rows (scalar kernels, two passes).
+pub const ONE_PASS_SHAPES: [(usize, usize); 6] = [
+    (1, 4),
+    (5, 300),
+    (3, 1200),
+    (65, 4096),
+    (2, 20_000),
+    (3, 1201),
+];
+
+/// Outputs that must be the same bits in every context: the first context's are kept in
+/// `first`, and every later context's are compared with them.
+pub fn assert_same_bits(first: &mut Option<Vec<Vec<f32>>>, outputs: Vec<Vec<f32>>, what: &str) {
+    match first {
+        None => *first = Some(outputs),
+        Some(kept) => {
+            for (i, (a, b)) in kept.iter().zip(&outputs).enumerate() {
+                assert_eq!(bits(a), bits(b), "{what}: output {i}");
+            }
+        }
+    }
+}
+
 /// A context on `base`'s device with `tuning`.
 pub fn tuned(base: &Context, tuning: Tuning) -> Context {
     Context::from_device_with_tuning(base.device().clone(), base.queue().clone(), tuning)
