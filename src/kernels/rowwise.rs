@@ -40,16 +40,18 @@ pub(crate) struct Vec4Kernels {
     pub one_pass: Option<OnePass>,
 }
 
-/// A split row taken in one pass over the input: the one pass, with `ITEMS` vec4s of the chunk
-/// per invocation and the spin bound `SPIN`, then a workgroup per row finishing the chunks it
-/// left and clearing the sync words; `wait`, the field of [`Tuning`] that bounds the spin (0:
-/// two passes instead). The sync words are a chunk's partial and a done flag per chunk, and a
-/// count per row.
+/// A split row taken in one pass over the input (`shaders/one_pass.wgsl`): the one pass, with
+/// `ITEMS` vec4s of the chunk per invocation and the spin bound `SPIN`, then a workgroup per row
+/// finishing the chunks it left and clearing the sync words; `wait`, the field of [`Tuning`]
+/// that bounds the spin (0: two passes instead). The sync words are a chunk's partial and a
+/// done flag per chunk, and a count per row.
 #[derive(Clone, Copy)]
 pub(crate) struct OnePass {
-    pub entries: [&'static str; 2],
     pub wait: fn(&Tuning) -> u32,
 }
+
+/// The entry points of [`OnePass`] kernels, the same in every family that has them.
+const ONE_PASS_ENTRIES: [&str; 2] = ["split_fused4", "split_rest4"];
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const SUBGROUP: &str = include_str!("../../shaders/subgroup.wgsl");
@@ -66,7 +68,6 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
         entries: ["rows4", "split_partials4", "split_normalize4"],
         max_items: MAX_ITEMS_VEC4,
         one_pass: Some(OnePass {
-            entries: ["split_fused4", "split_rest4"],
             wait: |tuning| tuning.split_wait,
         }),
     }),
@@ -83,7 +84,6 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
         entries: ["rows4", "split_partials4", "split_finish4"],
         max_items: MAX_ITEMS,
         one_pass: Some(OnePass {
-            entries: ["split_fused4", "split_rest4"],
             wait: |tuning| tuning.backward_split_wait,
         }),
     }),
@@ -109,7 +109,6 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
         entries: ["rows4", "split_partials4", "split_finish4"],
         max_items: MAX_ITEMS_VEC4,
         one_pass: Some(OnePass {
-            entries: ["split_fused4", "split_rest4"],
             wait: |tuning| tuning.loss_split_wait,
         }),
     }),
@@ -371,7 +370,7 @@ impl RowwiseFamily {
                 let wg = tuning.row_workgroup_on(&gpu.caps);
                 if let Some((one_pass, items)) = self.one_pass(gpu, strategy, vector) {
                     spin = Some(self.spin(gpu, one_pass));
-                    (one_pass.entries.to_vec(), wg, items, 2, 1, chunk)
+                    (ONE_PASS_ENTRIES.to_vec(), wg, items, 2, 1, chunk)
                 } else if per_invocation {
                     (split.to_vec(), wg, 0, 0, wg as usize, chunk)
                 } else {
