@@ -236,12 +236,11 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 const SYNC_WORDS: u32 = 2u;
 
 // r of a row from its chunks' words, all of which have been stored. Called in uniform control
-// flow by the whole workgroup; chunk i goes to invocation i % WG in both passes.
+// flow by the whole workgroup.
 fn synced_total(row: u32, lid: u32) -> f32 {
-    let first = sync_row(row);
     var r = 0.0;
     for (var i = lid; i < p.chunks; i += WG) {
-        r += stored_value(first + SYNC_WORDS * i);
+        r += stored_partial(row, i).x;
     }
     return workgroup_sum4(vec4<f32>(r, 0.0, 0.0, 0.0), lid).x;
 }

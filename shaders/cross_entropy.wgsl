@@ -691,20 +691,13 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 const SYNC_WORDS: u32 = 5u;
 
 // A row's statistics from its chunks' words, all of which have been stored. Called in uniform
-// control flow by the whole workgroup; chunk i goes to invocation i % WG in both passes.
+// control flow by the whole workgroup.
 fn synced_row_stats(row: u32, lid: u32) -> RowStats {
-    let first = sync_row(row);
-    var m = neg_inf();
-    for (var i = lid; i < p.chunks; i += WG) {
-        m = max(m, stored_value(first + SYNC_WORDS * i));
-    }
-    m = workgroup_max(m, lid);
+    let m = synced_max(row, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
         for (var i = lid; i < p.chunks; i += WG) {
-            let at = first + SYNC_WORDS * i;
-            let part = vec4<f32>(stored_value(at), stored_value(at + 1u), stored_value(at + 2u), stored_value(at + 3u));
-            acc += combined_partial(part, m);
+            acc += combined_partial(stored_partial(row, i), m);
         }
     }
     return RowStats(m, workgroup_sum4(acc, lid));
@@ -836,9 +829,9 @@ fn batch_sum(lid: u32, divisor: bool) -> f32 {
 var<workgroup> tally_last: u32;
 
 // The sum over the p.chunks blocks, in the one workgroup that finishes last (`last`). Its
-// invocations read the slots with atomic loads, each until it holds a value: its writer took its
-// ticket after storing it, so the store is at most not yet visible, and no workgroup waits on
-// one that has not run. Slot i goes to invocation i % WG, so the adding order, and the result,
+// invocations read the slots with atomic loads, each until it holds a value (`stored_value`):
+// its writer took its ticket after storing it, so the store is at most not yet visible, and no
+// workgroup waits on one that has not run. Slot i goes to invocation i % WG, so the adding order, and the result,
 // does not depend on which workgroup finishes last. Surplus workgroups of a 2-D grid leave at
 // once.
 struct Tally {
@@ -868,12 +861,8 @@ fn tally_add(g: u32, blocks: u32, total: f32, lid: u32) -> Tally {
     }
     var mine = 0.0;
     for (var i = lid; i < blocks; i += WG) {
-        var word = atomicLoad(&zeroed[1u + i]);
-        while (word == 0u) {
-            word = atomicLoad(&zeroed[1u + i]);
-        }
+        mine += stored_value(1u + i);
         atomicStore(&zeroed[1u + i], 0u);
-        mine += value_of(word);
     }
     if (lid == 0u) {
         atomicStore(&zeroed[0], 0u);

@@ -36,6 +36,27 @@ fn stored_value(at: u32) -> f32 {
     return value_of(word);
 }
 
+// The partial of chunk i of `row` (its first SYNC_WORDS - 1 components; the rest 0), all of whose
+// words have been stored.
+fn stored_partial(row: u32, i: u32) -> vec4<f32> {
+    let at = sync_row(row) + SYNC_WORDS * i;
+    var part = vec4<f32>(0.0);
+    for (var k = 0u; k + 1u < SYNC_WORDS; k++) {
+        part[k] = stored_value(at + k);
+    }
+    return part;
+}
+
+// The largest first component of `row`'s partials (its max, where the partial starts with one),
+// over the workgroup, in uniform control flow; chunk i goes to invocation i % WG.
+fn synced_max(row: u32, lid: u32) -> f32 {
+    var m = neg_inf();
+    for (var i = lid; i < p.chunks; i += WG) {
+        m = max(m, stored_value(sync_row(row) + SYNC_WORDS * i));
+    }
+    return workgroup_max(m, lid);
+}
+
 // Stores chunk `ch`'s partial (its first SYNC_WORDS - 1 components), counts the chunk in, then
 // waits, at most `spin` loads, for the count to reach the row's chunks (one invocation polls).
 // Returns whether it has. Called by the whole workgroup in uniform control flow.

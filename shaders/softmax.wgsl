@@ -356,17 +356,12 @@ const SYNC_WORDS: u32 = 3u;
 // A row's (max, sum) from its chunks' words, all of which have been stored. Called in uniform
 // control flow by the whole workgroup.
 fn synced_row_stats(row: u32, lid: u32) -> vec2<f32> {
-    let first = sync_row(row);
-    var m = neg_inf();
-    for (var i = lid; i < p.chunks; i += WG) {
-        m = max(m, stored_value(first + SYNC_WORDS * i));
-    }
-    m = workgroup_max(m, lid);
+    let m = synced_max(row, lid);
     var sum = 0.0;
     if (is_finite(m)) {
         for (var i = lid; i < p.chunks; i += WG) {
-            let at = first + SYNC_WORDS * i;
-            sum += stored_value(at + 1u) * rescale(stored_value(at), m);
+            let part = stored_partial(row, i);
+            sum += part.y * rescale(part.x, m);
         }
     }
     return vec2<f32>(m, workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x);

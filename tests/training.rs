@@ -505,12 +505,28 @@ fn losses_tallied_in_the_row_pass_match_under_every_strategy() {
 /// overwritten yet). Row 1 of the wider shapes starts with a whole chunk of -inf: with its index
 /// target there (a loss of +inf, from the chunk's target terms), with label smoothing (mass on
 /// every class, so +inf too) and with probability targets that give the chunk no mass (a
-/// finite loss). Each context runs every case in turn, so a call that left its sync words
-/// behind would hand stale statistics to the next.
+/// finite loss). Each context runs every case in turn, each after a mean whose batch sum is
+/// tallied, so a call that left its sync words or tally slots behind would hand stale
+/// statistics to the next.
 #[test]
 fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
     with_gpu(|base| {
         let contexts = one_pass_contexts(base, |t, wait| t.loss_split_wait = wait);
+        // A mean over 2000 short rows: its sum over the batch (8 blocks) is tallied in the same buffer as the
+        // sync words, and a slot left set would read as a stored statistic in the next split.
+        let (tally_rows, tally_cols) = (2000, 8);
+        let tally_x = logits(tally_rows, tally_cols, 2.0, 77);
+        let tally_idx = index_targets(tally_rows, tally_cols, 78, 0);
+        let tally_targets = Targets::Indices(&tally_idx);
+        let tally_options = CrossEntropyOptions::default();
+        let tally_want = reference::cross_entropy(
+            &tally_x,
+            tally_cols,
+            tally_targets,
+            &tally_options,
+            GradOutput::One,
+        )
+        .unwrap();
         for (rows, cols) in ONE_PASS_SHAPES {
             let mut x = logits(rows, cols, 3.0, cols as u64);
             let mut idx = index_targets(rows, cols, 5, 0);
@@ -567,6 +583,19 @@ fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
                 let mut first = None;
                 for (name, ctx) in &contexts {
                     let what = format!("{name} {case} {rows}x{cols}");
+                    let tally_fn = ctx.cross_entropy_loss(tally_cols, &tally_options).unwrap();
+                    let mut t = ctx.upload(&tally_x, tally_cols).unwrap();
+                    let tallied = tally_fn
+                        .loss_and_grad_in_place(
+                            &mut t,
+                            &tally_fn.upload_targets(tally_targets).unwrap(),
+                            GradOutput::One,
+                        )
+                        .unwrap()
+                        .to_vec()
+                        .unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&tallied, &tally_want.loss);
+                    assert!(cmp.passed(), "{what}: tallied mean {cmp:?}");
                     let got = ctx
                         .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
                         .unwrap();
