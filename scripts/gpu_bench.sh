@@ -2,7 +2,8 @@
 # The GPU comparison in one go, on a machine with a GPU, its Vulkan driver and PyTorch:
 # `wgpu-softmax info` and `check` through Vulkan, then ROUNDS rounds each of `wgpu-softmax bench
 # --json` and `scripts/torch_reference.py --json` (CUDA), and the README table built from them by
-# `scripts/bench_table.py`. Everything lands in OUT.
+# `scripts/bench_table.py`, and the time of each dispatch of the split-row shapes
+# (`bench --dispatches`). Everything lands in OUT.
 #
 #   cargo build --release && scripts/gpu_bench.sh
 #
@@ -25,6 +26,8 @@ for i in $(seq 1 "$rounds"); do
   "$bin" bench --no-cpu --json >"$out/bench_$i.json" 2>"$out/bench_$i.err"
   "$python" scripts/torch_reference.py --json >"$out/torch_$i.json" 2>"$out/torch_$i.err"
 done
+"$bin" bench --no-cpu --dispatches --shape 64x262144 --shape 4x524288 >"$out/dispatches.txt" 2>&1 ||
+  echo "bench --dispatches failed: see $out/dispatches.txt"
 "$python" scripts/bench_table.py "$out"/bench_*.json "$out"/torch_*.json \
   >"$out/table.md" 2>"$out/limits.txt"
 cat "$out/machine.txt" "$out/table.md" "$out/limits.txt"

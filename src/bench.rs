@@ -11,7 +11,7 @@ use crate::context::Context;
 use crate::cpu::fast;
 use crate::error::{Error, Result};
 use crate::kernels::rowwise::Operand;
-use crate::kernels::{Dispatch, Normalization, PipelineKey, Window};
+use crate::kernels::{Dispatch, DispatchTimes, Normalization, PipelineKey, Timestamps, Window};
 use crate::ops::{normalize_call, Tensor};
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 use crate::training::{backward_call, CrossEntropyLoss, GradDestination};
@@ -156,8 +156,26 @@ pub struct GpuBench {
     loss_fn: CrossEntropyLoss,
     targets: TargetTensor,
     timer: Option<Timer>,
+    /// Timestamps of each dispatch for [`GpuBench::run_dispatches`], made at its first call.
+    dispatch_timer: std::sync::OnceLock<DispatchTimer>,
     /// [`BenchOp::Copy`]: vec4s per invocation (0: one).
     copy_run: u32,
+}
+
+/// One dispatch's share of a run, from [`GpuBench::run_dispatches`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DispatchTime {
+    /// The kernel's entry point in its WGSL source.
+    pub entry: &'static str,
+    /// The dispatch's mean duration per run, its own compute pass timed by timestamp queries.
+    pub time: Duration,
+}
+
+/// Timestamp queries around each dispatch, and the buffers that read them back.
+struct DispatchTimer {
+    times: DispatchTimes,
+    resolved: wgpu::Buffer,
+    readback: wgpu::Buffer,
 }
 
 /// Timestamp queries around one compute pass.
@@ -198,6 +216,7 @@ impl GpuBench {
             loss_fn,
             targets,
             timer,
+            dispatch_timer: std::sync::OnceLock::new(),
             copy_run: 0,
         })
     }
@@ -275,6 +294,73 @@ impl GpuBench {
         self.submit(false, 1)
     }
 
+    /// The most dispatches [`GpuBench::run_dispatches`] times in one call, over all its runs.
+    pub const MAX_TIMED_DISPATCHES: u32 = 1024;
+
+    /// Runs the op `runs` times back to back in one submission (at least once), each of its
+    /// dispatches in a compute pass of its own with timestamp queries at its start and end, and
+    /// returns each dispatch of one run with its mean duration per run, in order. A pass of its
+    /// own puts a full barrier where the op's one pass has a dependency between dispatches, and
+    /// leaves out the gaps between passes: the times tell where a run's time goes, and their
+    /// sum can differ from [`GpuBench::run_batch`]'s.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when the adapter has no timestamp queries or the runs would record
+    /// more than [`GpuBench::MAX_TIMED_DISPATCHES`] dispatches; device errors.
+    pub fn run_dispatches(&self, runs: u32) -> Result<Vec<DispatchTime>> {
+        if self.timer.is_none() {
+            return Err(Error::Internal(
+                "timing each dispatch needs timestamp queries, which the adapter lacks".into(),
+            ));
+        }
+        let gpu = &self.ctx.gpu;
+        let timer = self
+            .dispatch_timer
+            .get_or_init(|| DispatchTimer::new(&gpu.device, Self::MAX_TIMED_DISPATCHES));
+        let runs = runs.max(1);
+        timer.times.clear();
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        for _ in 0..runs {
+            gpu.scoped(|| self.encode(&mut encoder, Some(Timestamps::EachDispatch(&timer.times))))?;
+        }
+        let entries = timer.times.entries();
+        let queries = 2 * entries.len() as u32;
+        if queries > 0 {
+            encoder.resolve_query_set(&timer.times.queries, 0..queries, &timer.resolved, 0);
+            encoder.copy_buffer_to_buffer(
+                &timer.resolved,
+                0,
+                &timer.readback,
+                0,
+                u64::from(queries) * 8,
+            );
+        }
+        let submission = gpu.queue.submit([encoder.finish()]);
+        gpu.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        let ticks = read_ticks(&self.ctx, &timer.readback, queries as usize)?;
+        let per_run = entries.len() / runs as usize;
+        let period = f64::from(gpu.queue.get_timestamp_period());
+        Ok((0..per_run)
+            .map(|k| {
+                let total: u64 = (0..runs as usize)
+                    .map(|run| {
+                        let i = run * per_run + k;
+                        ticks[2 * i + 1].saturating_sub(ticks[2 * i])
+                    })
+                    .sum();
+                DispatchTime {
+                    entry: entries[k],
+                    time: Duration::from_nanos((total as f64 * period / f64::from(runs)) as u64),
+                }
+            })
+            .collect())
+    }
+
     fn submit(&self, timed: bool, runs: u32) -> Result<Duration> {
         let gpu = &self.ctx.gpu;
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
@@ -289,7 +375,7 @@ impl GpuBench {
                         beginning_of_pass_write_index: first.then_some(0),
                         end_of_pass_write_index: last.then_some(1),
                     });
-            gpu.scoped(|| self.encode(&mut encoder, timestamps))?;
+            gpu.scoped(|| self.encode(&mut encoder, timestamps.map(Timestamps::Pass)))?;
         }
         if let Some(timer) = timer {
             encoder.resolve_query_set(&timer.queries, 0..2, &timer.resolved, 0);
@@ -342,7 +428,7 @@ impl GpuBench {
     fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        timestamps: Option<Timestamps<'_>>,
     ) -> Result<()> {
         let gpu = &self.ctx.gpu;
         let (rows, cols) = (self.rows, self.cols);
@@ -404,6 +490,7 @@ impl GpuBench {
                     constants: Vec::new(),
                 };
                 let dispatch = Dispatch {
+                    entry: key.entry,
                     pipeline: family.pipeline(&gpu.device, &key),
                     params: bytemuck::cast_slice(&params).to_vec(),
                     windows: vec![window(&self.x), window(&self.out)],
@@ -437,22 +524,49 @@ impl Timer {
     }
 
     fn read(&self, ctx: &Context) -> Result<Duration> {
-        let slice = self.readback.slice(..);
-        slice.map_async(wgpu::MapMode::Read, |_| {});
-        ctx.device()
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::DeviceLost(e.to_string()))?;
-        let ticks: [u64; 2] = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Map(e.to_string()))?;
-            bytemuck::pod_read_unaligned(&view[..16])
-        };
-        self.readback.unmap();
+        let ticks = read_ticks(ctx, &self.readback, 2)?;
         let period = f64::from(ctx.queue().get_timestamp_period());
         let nanos = ticks[1].saturating_sub(ticks[0]) as f64 * period;
         Ok(Duration::from_nanos(nanos as u64))
     }
+}
+
+impl DispatchTimer {
+    fn new(device: &wgpu::Device, capacity: u32) -> Self {
+        let buffer = |usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-softmax dispatch timestamps"),
+                size: u64::from(capacity) * 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Self {
+            times: DispatchTimes::new(device, capacity),
+            resolved: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+        }
+    }
+}
+
+/// The first `count` timestamps resolved into `readback`.
+fn read_ticks(ctx: &Context, readback: &wgpu::Buffer, count: usize) -> Result<Vec<u64>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let slice = readback.slice(..count as u64 * 8);
+    slice.map_async(wgpu::MapMode::Read, |_| {});
+    ctx.device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::DeviceLost(e.to_string()))?;
+    let ticks = {
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Map(e.to_string()))?;
+        bytemuck::pod_collect_to_vec(&view[..])
+    };
+    readback.unmap();
+    Ok(ticks)
 }
 
 /// One op and shape set up for the CPU fast path.

@@ -1002,7 +1002,7 @@ impl CrossEntropyLoss {
         (logits, targets, loss): (&Tensor, &TargetTensor, &Tensor),
         grad: GradDestination<'_>,
         grad_output: f32,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        timestamps: Option<crate::kernels::Timestamps<'_>>,
     ) -> Result<()> {
         self.check_shapes(logits, targets)?;
         let loss_rows = match self.reduction {
@@ -1035,7 +1035,7 @@ impl CrossEntropyLoss {
         encoder: &mut wgpu::CommandEncoder,
         buffers: CrossEntropyBuffers<'_>,
         grad_output: f32,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        timestamps: Option<crate::kernels::Timestamps<'_>>,
         uploaded: Option<Uploaded>,
     ) -> Result<()> {
         let rows = buffers.rows;
@@ -1181,7 +1181,7 @@ impl CrossEntropyLoss {
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
         job: &Job<'_>,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        timestamps: Option<crate::kernels::Timestamps<'_>>,
     ) -> Result<()> {
         let cols = self.cols;
         let reduced = self.reduction != Reduction::None;

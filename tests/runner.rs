@@ -1,13 +1,15 @@
-//! The runner binary end to end: `apply` on `.npy` files, its errors and exit codes; `bench`.
+//! The runner binary end to end: `apply` on `.npy` files, its errors and exit codes; `bench`,
+//! and the per-dispatch timing it is built on.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::files::{assert_one_error_line, batch_dir, read, runner, write, Dir};
-use common::{context, logits};
+use common::{context, logits, tuned};
+use wgpu_softmax::bench::{BenchOp, GpuBench};
 use wgpu_softmax::cpu::reference;
-use wgpu_softmax::{CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
+use wgpu_softmax::{CrossEntropyOptions, Error, GradOutput, Reduction, Targets, Tolerance, Tuning};
 
 #[test]
 fn apply_softmax_over_the_last_axis_of_any_rank() {
@@ -473,6 +475,177 @@ fn apply_output_keeps_permissions_and_refuses_read_only_files() {
         );
         assert_eq!(std::fs::read(&out).unwrap(), b"old");
     }
+}
+
+/// Tunings that split rows of 1024 columns into chunks of 256: `(two passes, one pass)`; the
+/// one pass takes a workgroup of 64 per chunk, one vec4 per invocation.
+fn split_tunings() -> (Tuning, Tuning) {
+    let two = Tuning {
+        split_min_cols: 64,
+        split_max_rows: 512,
+        split_chunk: 256,
+        ..Tuning::SOFTWARE
+    };
+    let one = Tuning {
+        split_team: 2,
+        row_workgroup: 64,
+        split_wait: 1000,
+        loss_split_wait: 1000,
+        ..two
+    };
+    (two, one)
+}
+
+/// `bench --dispatches` times each dispatch of a run in a pass of its own: the two passes of a
+/// split row, or the one pass and the pass finishing what it left, then cross-entropy's passes
+/// over the batch.
+#[test]
+fn bench_times_each_dispatch_in_a_pass_of_its_own() {
+    let Some(ctx) = context() else {
+        return;
+    };
+    let (two, one) = split_tunings();
+    for (tuning, softmax, loss) in [
+        (
+            two,
+            ["split_partials4", "split_normalize4"],
+            ["split_partials4", "split_finish4"],
+        ),
+        (
+            one,
+            ["split_fused4", "split_rest4"],
+            ["split_fused4", "split_rest4"],
+        ),
+    ] {
+        let mut args: Vec<String> = [
+            "bench",
+            "--op",
+            "softmax",
+            "--op",
+            "cross-entropy",
+            "--shape",
+            "4x1024",
+            "--repeats",
+            "2",
+            "--no-cpu",
+            "--json",
+            "--dispatches",
+        ]
+        .map(String::from)
+        .to_vec();
+        for (field, value) in [
+            ("split_min_cols", tuning.split_min_cols),
+            ("split_chunk", tuning.split_chunk),
+            ("split_team", tuning.split_team),
+            ("row_workgroup", tuning.row_workgroup),
+            ("split_wait", tuning.split_wait),
+            ("loss_split_wait", tuning.loss_split_wait),
+        ] {
+            args.extend(["--tune".to_string(), format!("{field}={value}")]);
+        }
+        let output = runner().args(&args).output().unwrap();
+        if !ctx
+            .device()
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            assert_one_error_line(&output, "--dispatches", "needs timestamp queries");
+            return;
+        }
+        assert!(output.status.success(), "{output:?}");
+        let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(records.len(), 2, "{records:?}");
+        for record in &records {
+            let dispatches = record["dispatches"].as_array().expect("dispatches");
+            let entries: Vec<&str> = dispatches
+                .iter()
+                .map(|d| d["entry"].as_str().unwrap())
+                .collect();
+            let mut total = 0.0;
+            for d in dispatches {
+                let (seconds, pct) = (d["seconds"].as_f64().unwrap(), d["pct_of_op"].as_f64());
+                assert!(seconds.is_finite() && seconds >= 0.0, "{record}");
+                assert!(pct.is_some_and(|p| p.is_finite() && p >= 0.0), "{record}");
+                total += seconds;
+            }
+            assert!(total > 0.0, "{record}");
+            match record["op"].as_str().unwrap() {
+                "softmax" => assert_eq!(entries, softmax, "{record}"),
+                _ => {
+                    // The loss's mean is added up over the batch after the row passes.
+                    assert_eq!(entries[..2], loss, "{record}");
+                    assert!(
+                        entries[2..].iter().all(|e| e.starts_with("batch_")),
+                        "{record}"
+                    );
+                }
+            }
+        }
+    }
+    // Without --dispatches, no record has them.
+    let output = runner()
+        .args([
+            "bench",
+            "--op",
+            "softmax",
+            "--shape",
+            "4x8",
+            "--repeats",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        records.iter().all(|r| r.get("dispatches").is_none()),
+        "{records:?}"
+    );
+}
+
+/// `GpuBench::run_dispatches`: the plan's dispatches of one run, however many runs are timed;
+/// more than it has room for is an error that leaves it usable.
+#[test]
+fn dispatch_times_follow_the_plan_of_one_run() {
+    let Some(base) = context() else {
+        return;
+    };
+    if !base
+        .device()
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY)
+    {
+        let bench = GpuBench::new(base, BenchOp::Softmax, 4, 8).unwrap();
+        assert!(matches!(bench.run_dispatches(1), Err(Error::Internal(_))));
+        return;
+    }
+    let (two, one) = split_tunings();
+    for (tuning, entries) in [
+        (two, ["split_partials4", "split_normalize4"]),
+        (one, ["split_fused4", "split_rest4"]),
+    ] {
+        let ctx = tuned(base, tuning);
+        let bench = GpuBench::new(&ctx, BenchOp::LogSoftmax, 4, 1024).unwrap();
+        for runs in [1, 5] {
+            let times = bench.run_dispatches(runs).unwrap();
+            let got: Vec<&str> = times.iter().map(|t| t.entry).collect();
+            assert_eq!(got, entries, "{tuning:?}, {runs} runs");
+        }
+    }
+    let bench = GpuBench::new(base, BenchOp::Copy, 4, 8).unwrap();
+    assert_eq!(bench.run_dispatches(1).unwrap().len(), 1);
+    let error = bench
+        .run_dispatches(GpuBench::MAX_TIMED_DISPATCHES + 1)
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::Internal(ref m) if m.contains("room")),
+        "{error:?}"
+    );
+    let times = bench
+        .run_dispatches(GpuBench::MAX_TIMED_DISPATCHES)
+        .unwrap();
+    assert_eq!(times.iter().map(|t| t.entry).collect::<Vec<_>>(), ["copy"]);
 }
 
 /// Whether a bench record's `adapter` (as `Context::describe` writes it) is a hardware GPU rather

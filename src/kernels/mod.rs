@@ -239,6 +239,8 @@ impl Window {
 /// One dispatch, ready to record: the pipeline, its uniform parameters and its storage windows
 /// (bindings 1.. in order), and the number of workgroups.
 pub(crate) struct Dispatch {
+    /// The pipeline's entry point, named by [`Timestamps::EachDispatch`].
+    pub entry: &'static str,
     pub pipeline: Arc<wgpu::ComputePipeline>,
     pub params: Vec<u8>,
     pub windows: Vec<Window>,
@@ -255,19 +257,70 @@ pub(crate) fn grid(workgroups: u32, max_dim: u32) -> (u32, u32) {
     }
 }
 
-/// Records `dispatches` into `encoder`, in order, in one compute pass. The uniform parameter
-/// blocks are created per recording: the encoder may be submitted much later, and a shared
-/// parameter buffer rewritten by the queue would be seen by every earlier recorded dispatch.
+/// How a recording is timed by timestamp queries.
+pub(crate) enum Timestamps<'a> {
+    /// Written at the start and end of the recording's one compute pass (either may be absent).
+    Pass(wgpu::ComputePassTimestampWrites<'a>),
+    /// Each dispatch recorded in a compute pass of its own, timed at its start and end.
+    EachDispatch(&'a DispatchTimes),
+}
+
+/// Timestamp queries for [`Timestamps::EachDispatch`]: dispatch `i` of the recordings into it,
+/// counted from the last [`DispatchTimes::clear`], writes queries `2i` and `2i + 1`.
+pub(crate) struct DispatchTimes {
+    pub queries: wgpu::QuerySet,
+    /// Pairs of queries in `queries`.
+    pub capacity: u32,
+    /// The entry point of each dispatch recorded so far, in order.
+    entries: Mutex<Vec<&'static str>>,
+}
+
+impl DispatchTimes {
+    /// Room for `capacity` dispatches.
+    pub(crate) fn new(device: &wgpu::Device, capacity: u32) -> Self {
+        Self {
+            queries: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("wgpu-softmax dispatch timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * capacity,
+            }),
+            capacity,
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The entry points recorded so far.
+    pub(crate) fn entries(&self) -> Vec<&'static str> {
+        self.lock().clone()
+    }
+
+    /// Forgets the dispatches recorded so far: the next one writes queries 0 and 1.
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<&'static str>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Records `dispatches` into `encoder`, in order, in one compute pass (or, timed by
+/// [`Timestamps::EachDispatch`], one pass each). The uniform parameter blocks are created per
+/// recording: the encoder may be submitted much later, and a shared parameter buffer rewritten
+/// by the queue would be seen by every earlier recorded dispatch.
 ///
 /// # Errors
 /// [`Error::DeviceLost`](crate::Error::DeviceLost) when a parameter block cannot be written
-/// (the device went away while recording).
+/// (the device went away while recording); [`Error::Internal`](crate::Error::Internal) when
+/// [`DispatchTimes`] has no room left for the dispatches, before anything is recorded.
 pub(crate) fn record(
     device: &wgpu::Device,
     family: &ShaderFamily,
     encoder: &mut wgpu::CommandEncoder,
     dispatches: &[Dispatch],
-    timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    timestamps: Option<Timestamps<'_>>,
 ) -> crate::Result<()> {
     // Everything the pass binds is made first, in a scope of its own, so that a resource the
     // device refuses is an error before anything reaches the caller's encoder.
@@ -294,21 +347,54 @@ pub(crate) fn record(
         Ok(bind_groups)
     })?;
 
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some(family.name),
-        timestamp_writes: timestamps,
-    });
-    for (dispatch, bind_group) in dispatches.iter().zip(&bind_groups) {
-        if dispatch.workgroups == 0 {
-            continue;
-        }
-        let (x, y) = grid(
-            dispatch.workgroups,
-            device.limits().max_compute_workgroups_per_dimension,
-        );
+    let max_dim = device.limits().max_compute_workgroups_per_dimension;
+    let run = |pass: &mut wgpu::ComputePass<'_>, dispatch: &Dispatch, bind_group| {
+        let (x, y) = grid(dispatch.workgroups, max_dim);
         pass.set_pipeline(&dispatch.pipeline);
         pass.set_bind_group(0, bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);
+    };
+    let recorded = dispatches
+        .iter()
+        .zip(&bind_groups)
+        .filter(|(d, _)| d.workgroups > 0);
+    match timestamps {
+        Some(Timestamps::EachDispatch(times)) => {
+            let mut entries = times.lock();
+            let count = dispatches.iter().filter(|d| d.workgroups > 0).count();
+            if entries.len() + count > times.capacity as usize {
+                return Err(crate::Error::Internal(format!(
+                    "room for the timestamps of {} dispatches, {} asked for",
+                    times.capacity,
+                    entries.len() + count
+                )));
+            }
+            for (dispatch, bind_group) in recorded {
+                let first = 2 * entries.len() as u32;
+                entries.push(dispatch.entry);
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(dispatch.entry),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &times.queries,
+                        beginning_of_pass_write_index: Some(first),
+                        end_of_pass_write_index: Some(first + 1),
+                    }),
+                });
+                run(&mut pass, dispatch, bind_group);
+            }
+        }
+        timestamps => {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(family.name),
+                timestamp_writes: match timestamps {
+                    Some(Timestamps::Pass(writes)) => Some(writes),
+                    _ => None,
+                },
+            });
+            for (dispatch, bind_group) in recorded {
+                run(&mut pass, dispatch, bind_group);
+            }
+        }
     }
     Ok(())
 }

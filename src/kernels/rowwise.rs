@@ -493,7 +493,10 @@ impl RowwiseFamily {
                     }
                     _ => &[],
                 };
-                self.pipeline(gpu, call, entry, [wg, items, team, sg], extra)
+                (
+                    entry,
+                    self.pipeline(gpu, call, entry, [wg, items, team, sg], extra),
+                )
             })
             .collect();
 
@@ -529,13 +532,14 @@ impl RowwiseFamily {
             let block_params =
                 |groups| params(gpu, call, n, &windows, groups, chunk, chunks as u32);
             let params_all = block_params(groups);
-            for (i, pipeline) in pipelines.iter().enumerate() {
+            for (i, (entry, pipeline)) in pipelines.iter().enumerate() {
                 // A one-pass split finishes with a workgroup per row.
                 let (params, groups) = match layout.spin {
                     Some(_) if i == 1 => (block_params(n as u32), n as u32),
                     _ => (params_all.clone(), groups),
                 };
                 dispatches.push(Dispatch {
+                    entry,
                     pipeline: pipeline.clone(),
                     params,
                     windows: windows.clone(),
@@ -644,6 +648,7 @@ impl RowwiseFamily {
         Ok(passes
             .into_iter()
             .map(|(entry, workgroups)| Dispatch {
+                entry,
                 pipeline: self.pipeline(gpu, call, entry, [wg, 0, team, sg], extra),
                 params: params.clone(),
                 windows: windows.clone(),
@@ -667,7 +672,7 @@ impl RowwiseFamily {
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
         dispatches: &[Dispatch],
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        timestamps: Option<super::Timestamps<'_>>,
     ) -> Result<()> {
         super::record(&gpu.device, &self.shader, encoder, dispatches, timestamps)
     }
@@ -678,7 +683,7 @@ impl RowwiseFamily {
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
         call: &RowCall<'_>,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        timestamps: Option<super::Timestamps<'_>>,
     ) -> Result<()> {
         let dispatches = self.plan(gpu, call)?;
         self.record(gpu, encoder, &dispatches, timestamps)

@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use thiserror::Error;
-use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, Timing, SHAPES};
+use wgpu_softmax::bench::{BenchOp, CpuBench, DispatchTime, GpuBench, Timing, SHAPES};
 use wgpu_softmax::{Context, Result, Tuning};
 
 use crate::apply::one_line;
@@ -46,6 +46,11 @@ pub struct BenchArgs {
     /// Skip the CPU fast path.
     #[arg(long, conflicts_with = "no_gpu")]
     no_cpu: bool,
+    /// Also time each dispatch of a GPU op in a compute pass of its own, with timestamp
+    /// queries (an adapter without them is an error): where a run's time goes, such as the
+    /// two passes of a split row.
+    #[arg(long, conflicts_with = "no_gpu")]
+    dispatches: bool,
     /// Skip the GPU.
     #[arg(long)]
     no_gpu: bool,
@@ -310,6 +315,41 @@ struct Record {
     /// limits applied).
     #[serde(skip_serializing_if = "Option::is_none")]
     tuning: Option<BTreeMap<&'static str, u32>>,
+    /// With `--dispatches`, GPU kernel records: each dispatch of a run, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dispatches: Option<Vec<DispatchRecord>>,
+}
+
+/// One dispatch of a run, timed in a compute pass of its own (`--dispatches`).
+#[derive(Debug, Serialize)]
+struct DispatchRecord {
+    /// The kernel's entry point.
+    entry: &'static str,
+    /// Median seconds per run, over the repetitions.
+    seconds: f64,
+    /// The share of the op's median time (`seconds` of its record).
+    pct_of_op: f64,
+}
+
+/// The median time of each dispatch over `samples`, each a run's dispatches in order, as records
+/// against the op's time `op`.
+fn dispatch_records(samples: &[Vec<DispatchTime>], op: Duration) -> Vec<DispatchRecord> {
+    let Some(first) = samples.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(k, dispatch)| {
+            let mut times: Vec<Duration> = samples.iter().map(|s| s[k].time).collect();
+            let time = middle(&mut times);
+            DispatchRecord {
+                entry: dispatch.entry,
+                seconds: time.as_secs_f64(),
+                pct_of_op: 100.0 * time.as_secs_f64() / op.as_secs_f64().max(1e-12),
+            }
+        })
+        .collect()
 }
 
 fn median(mut run: impl FnMut() -> Result<Duration>, repeats: usize) -> Result<Duration> {
@@ -433,6 +473,19 @@ pub fn run(ctx: Option<&Context>, args: &BenchArgs) -> ExitCode {
         }
     };
     let ctx = tuned.as_ref();
+    if let (true, Some(ctx)) = (args.dispatches, ctx) {
+        if !ctx
+            .device()
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            eprintln!(
+                "wgpu-softmax bench: --dispatches needs timestamp queries, which {} lacks",
+                ctx.describe()
+            );
+            return ExitCode::from(2);
+        }
+    }
     let ops = if args.ops.is_empty() {
         BenchOp::OPS.to_vec()
     } else {
@@ -566,6 +619,7 @@ fn measure_shape(
                 adapter: adapter.clone(),
                 kernel: kernel.to_string(),
                 tuning: tuning.clone().filter(|_| device == "gpu"),
+                dispatches: None,
             }
         };
         if let Some(ctx) = ctx {
@@ -588,7 +642,17 @@ fn measure_shape(
                 .map(|&t| gb_per_s(copy_bytes, t))
                 .fold(0.0, f64::max);
             let kernel = gpu.kernel();
-            records.push(record("gpu", time, limit, gpu.timing(), &kernel, runs));
+            let mut kernel_record = record("gpu", time, limit, gpu.timing(), &kernel, runs);
+            if args.dispatches {
+                // As many runs per sample as the op's own samples, as far as the queries allow.
+                let per_run = gpu.run_dispatches(1)?.len().max(1) as u32;
+                let runs = runs.min(GpuBench::MAX_TIMED_DISPATCHES / per_run).max(1);
+                let samples = (0..args.repeats.max(1))
+                    .map(|_| gpu.run_dispatches(runs))
+                    .collect::<Result<Vec<_>>>()?;
+                kernel_record.dispatches = Some(dispatch_records(&samples, time));
+            }
+            records.push(kernel_record);
             if args.end_to_end {
                 let time = median(|| gpu.run_end_to_end(), args.repeats)?;
                 let timing = Timing::WallEndToEnd;
@@ -634,6 +698,15 @@ fn print_table(ctx: Option<&Context>, records: &[Record]) {
             r.timing,
             r.kernel
         );
+        for d in r.dispatches.iter().flatten() {
+            println!(
+                "  {:<40} {:>11.3} {:>17} {:>6.1}%  of the op, in a pass of its own",
+                d.entry,
+                d.seconds * 1e3,
+                "",
+                d.pct_of_op
+            );
+        }
     }
     println!(
         "GB/s: bytes read + written per second; limit: the faster of two copy kernels of the same bytes on this adapter (gpu), a multi-threaded memcpy (cpu), timed in turn with each op; medians."
