@@ -335,13 +335,7 @@ impl GpuBench {
                 u64::from(queries) * 8,
             );
         }
-        let submission = gpu.queue.submit([encoder.finish()]);
-        gpu.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(submission),
-                timeout: None,
-            })
-            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        submit_and_wait(&self.ctx, encoder)?;
         let ticks = read_ticks(&self.ctx, &timer.readback, queries as usize)?;
         let per_run = entries.len() / runs as usize;
         let period = f64::from(gpu.queue.get_timestamp_period());
@@ -382,13 +376,7 @@ impl GpuBench {
             encoder.copy_buffer_to_buffer(&timer.resolved, 0, &timer.readback, 0, 16);
         }
         let start = Instant::now();
-        let submission = gpu.queue.submit([encoder.finish()]);
-        gpu.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(submission),
-                timeout: None,
-            })
-            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        submit_and_wait(&self.ctx, encoder)?;
         let total = match timer {
             None => start.elapsed(),
             Some(timer) => timer.read(&self.ctx)?,
@@ -547,6 +535,18 @@ impl DispatchTimer {
             readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
         }
     }
+}
+
+/// Submits `encoder` and waits for it to complete.
+fn submit_and_wait(ctx: &Context, encoder: wgpu::CommandEncoder) -> Result<()> {
+    let submission = ctx.queue().submit([encoder.finish()]);
+    ctx.device()
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(submission),
+            timeout: None,
+        })
+        .map_err(|e| Error::DeviceLost(e.to_string()))?;
+    Ok(())
 }
 
 /// The first `count` timestamps resolved into `readback`.

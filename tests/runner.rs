@@ -222,8 +222,7 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
         ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let records = json_records(&output);
     assert_eq!(records.len(), 2 * 2 * 2, "{records:?}");
     for record in &records {
         let field = |name: &str| {
@@ -517,22 +516,12 @@ fn bench_times_each_dispatch_in_a_pass_of_its_own() {
             ["split_fused4", "split_rest4"],
         ),
     ] {
-        let mut args: Vec<String> = [
-            "bench",
-            "--op",
-            "softmax",
-            "--op",
-            "cross-entropy",
-            "--shape",
-            "4x1024",
-            "--repeats",
-            "2",
-            "--no-cpu",
-            "--json",
-            "--dispatches",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args: Vec<String> =
+            "bench --op softmax --op cross-entropy --shape 4x1024 --repeats 2 --no-cpu --json \
+             --dispatches"
+                .split_whitespace()
+                .map(String::from)
+                .collect();
         for (field, value) in [
             ("split_min_cols", tuning.split_min_cols),
             ("split_chunk", tuning.split_chunk),
@@ -552,8 +541,7 @@ fn bench_times_each_dispatch_in_a_pass_of_its_own() {
             assert_one_error_line(&output, "--dispatches", "needs timestamp queries");
             return;
         }
-        assert!(output.status.success(), "{output:?}");
-        let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+        let records = json_records(&output);
         assert_eq!(records.len(), 2, "{records:?}");
         for record in &records {
             let dispatches = record["dispatches"].as_array().expect("dispatches");
@@ -583,21 +571,17 @@ fn bench_times_each_dispatch_in_a_pass_of_its_own() {
         }
     }
     // Without --dispatches, no record has them.
-    let output = runner()
-        .args([
-            "bench",
-            "--op",
-            "softmax",
-            "--shape",
-            "4x8",
-            "--repeats",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let args = [
+        "bench",
+        "--op",
+        "softmax",
+        "--shape",
+        "4x8",
+        "--repeats",
+        "1",
+        "--json",
+    ];
+    let records = json_records(&runner().args(args).output().unwrap());
     assert!(
         records.iter().all(|r| r.get("dispatches").is_none()),
         "{records:?}"
@@ -646,6 +630,12 @@ fn dispatch_times_follow_the_plan_of_one_run() {
         .run_dispatches(GpuBench::MAX_TIMED_DISPATCHES)
         .unwrap();
     assert_eq!(times.iter().map(|t| t.entry).collect::<Vec<_>>(), ["copy"]);
+}
+
+/// The records of a `bench --json` that succeeded.
+fn json_records(output: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("a JSON array of records")
 }
 
 /// Whether a bench record's `adapter` (as `Context::describe` writes it) is a hardware GPU rather
