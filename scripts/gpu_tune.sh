@@ -76,6 +76,9 @@ loss_split_wait=4096,split_chunk=8192|loss_split_wait=4096 split_chunk=8192|$lon
 backward_split_wait=256|backward_split_wait=256|$long
 backward_split_wait=4096|backward_split_wait=4096|$long
 backward_split_wait=65536|backward_split_wait=65536|$long
+split_alone=1|split_alone=1|$long
+split_alone=1,all_waits=4096|split_alone=1 loss_split_wait=4096 backward_split_wait=4096|$long
+all_waits=4096|loss_split_wait=4096 backward_split_wait=4096|$long
 "
 
 mkdir -p "$out"

@@ -16,14 +16,36 @@
 // works out the chunks left (reading their input again, and only theirs) and sets the row's words
 // back to 0. Both passes work out a chunk and combine a row's partials the same way (chunk i
 // goes to invocation i % WG), so the output does not depend on which pass wrote it.
+//
+// With ALONE (`Tuning::split_alone`) there is no second pass. A chunk's done word is then its
+// state: a chunk that saw its row complete sets WROTE and writes itself unless the row's last
+// chunk has TAKEN it first; one that stopped waiting sets GAVE_UP. The chunk that completed the
+// row's count waits (at most SPIN loads an invocation) until every chunk has set its state, takes
+// the chunks that did not write themselves, marks them OWNED, and works them out one after
+// another, as split_rest4 does. Whichever of WROTE and TAKEN reaches a state word first wins, so
+// each chunk is written once. Every workgroup then counts itself out of the row's words (a second
+// count), and the last out sets them back to 0.
 
 override SPIN: u32 = 0u;
+override ALONE: bool = false;
+
+const WROTE: u32 = 1u;
+const GAVE_UP: u32 = 2u;
+const TAKEN: u32 = 4u;
+const OWNED: u32 = 8u;
 
 var<workgroup> sync_flag: u32;
+// ALONE: whether this workgroup's chunk completed its row's count.
+var<workgroup> sync_last: u32;
 
-// The first sync word of `row`; the count follows the chunks' words.
+// The sync words of a row: SYNC_WORDS per chunk, the count, and the count out (ALONE).
+fn row_words() -> u32 {
+    return SYNC_WORDS * p.chunks + 2u;
+}
+
+// The first sync word of `row`.
 fn sync_row(row: u32) -> u32 {
-    return row * (SYNC_WORDS * p.chunks + 1u);
+    return row * row_words();
 }
 
 // The statistic in word `at`, which its writer has stored: a store not yet visible is loaded
@@ -67,9 +89,22 @@ fn arrive(ch: Chunk, lid: u32, spin: u32, partial: vec4<f32>) -> bool {
             atomicStore(&zeroed[at + k], word_of(partial[k]));
         }
         let count = sync_row(ch.row) + SYNC_WORDS * p.chunks;
-        var seen = atomicAdd(&zeroed[count], 1u) + 1u;
+        let arrived = atomicAdd(&zeroed[count], 1u) + 1u;
+        var seen = arrived;
         for (var i = 0u; i < spin && seen < p.chunks; i++) {
             seen = atomicLoad(&zeroed[count]);
+        }
+        if (ALONE) {
+            // The chunk is this workgroup's to write unless the row's last chunk took it.
+            let state = done_word(ch.row, ch.within);
+            var mine = false;
+            if (seen >= p.chunks) {
+                mine = (atomicOr(&zeroed[state], WROTE) & TAKEN) == 0u;
+            } else {
+                atomicOr(&zeroed[state], GAVE_UP);
+            }
+            seen = select(0u, p.chunks, mine);
+            sync_last = u32(arrived == p.chunks);
         }
         sync_flag = seen;
     }
@@ -87,8 +122,72 @@ fn split_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    if (fused_chunk(ch, lid, SPIN, true) && lid == 0u) {
-        atomicStore(&zeroed[done_word(ch.row, ch.within)], 1u);
+    let wrote = fused_chunk(ch, lid, SPIN, true);
+    if (!ALONE) {
+        if (wrote && lid == 0u) {
+            atomicStore(&zeroed[done_word(ch.row, ch.within)], 1u);
+        }
+        return;
+    }
+    if (workgroupUniformLoad(&sync_last) != 0u) {
+        finish_row(ch.row, lid);
+    }
+    leave_row(ch.row, lid);
+}
+
+// ALONE, by the workgroup whose chunk completed `row`'s count: waits for every chunk's state,
+// takes those that did not write themselves and works them out.
+fn finish_row(row: u32, lid: u32) {
+    var budget = SPIN;
+    var taken = 0.0;
+    for (var i = lid; i < p.chunks; i += WG) {
+        let state = done_word(row, i);
+        var word = atomicLoad(&zeroed[state]);
+        while (word == 0u && budget > 0u) {
+            budget -= 1u;
+            word = atomicLoad(&zeroed[state]);
+        }
+        if ((atomicOr(&zeroed[state], TAKEN) & WROTE) == 0u) {
+            atomicOr(&zeroed[state], OWNED);
+            taken = 1.0;
+        }
+    }
+    if (workgroup_max(taken, lid) > 0.0) {
+        work_out_chunks(row, lid, OWNED, OWNED);
+    }
+}
+
+// Works out, one after another, the chunks of `row` whose state word has `mask` equal to `want`.
+fn work_out_chunks(row: u32, lid: u32, mask: u32, want: u32) {
+    for (var k = 0u; k < p.chunks; k++) {
+        workgroupBarrier();
+        if (lid == 0u) {
+            sync_flag = atomicLoad(&zeroed[done_word(row, k)]);
+        }
+        if ((workgroupUniformLoad(&sync_flag) & mask) == want) {
+            let index = row * p.chunks + k;
+            _ = fused_chunk(Chunk(Team(index, lid, WG), index, row, k), lid, 0u, false);
+        }
+    }
+}
+
+// ALONE: counts the workgroup out of `row`'s words; the last out sets them back to 0.
+fn leave_row(row: u32, lid: u32) {
+    let first = sync_row(row);
+    workgroupBarrier();
+    if (lid == 0u) {
+        sync_flag = atomicAdd(&zeroed[first + row_words() - 1u], 1u) + 1u;
+    }
+    if (workgroupUniformLoad(&sync_flag) == p.chunks) {
+        clear_row(row, lid);
+    }
+}
+
+// Sets `row`'s sync words back to 0.
+fn clear_row(row: u32, lid: u32) {
+    let first = sync_row(row);
+    for (var i = lid; i < row_words(); i += WG) {
+        atomicStore(&zeroed[first + i], 0u);
     }
 }
 
@@ -106,20 +205,8 @@ fn split_rest4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
     if (workgroup_max(left, lid) > 0.0) {
         // Every partial is there: the one pass has run to its end.
-        for (var k = 0u; k < p.chunks; k++) {
-            workgroupBarrier();
-            if (lid == 0u) {
-                sync_flag = atomicLoad(&zeroed[done_word(row, k)]);
-            }
-            if (workgroupUniformLoad(&sync_flag) == 0u) {
-                let index = row * p.chunks + k;
-                _ = fused_chunk(Chunk(Team(index, lid, WG), index, row, k), lid, 0u, false);
-            }
-        }
+        work_out_chunks(row, lid, WROTE, 0u);
     }
     workgroupBarrier();
-    let first = sync_row(row);
-    for (var i = lid; i < SYNC_WORDS * p.chunks + 1u; i += WG) {
-        atomicStore(&zeroed[first + i], 0u);
-    }
+    clear_row(row, lid);
 }

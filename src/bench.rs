@@ -250,6 +250,9 @@ impl GpuBench {
         let (strategy, vector) = family.choose(gpu, self.rows, self.cols, self.cols, true);
         let loads = if vector == 4 { "vec4" } else { "scalar" };
         match family.one_pass(gpu, strategy, vector) {
+            Some(_) if gpu.tuning.split_alone != 0 => format!(
+                "{strategy}, {loads}, one pass where the chunks meet, the last finishing the row"
+            ),
             Some(_) => format!("{strategy}, {loads}, one pass where the chunks meet"),
             None => format!("{strategy}, {loads}"),
         }

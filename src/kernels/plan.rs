@@ -179,6 +179,13 @@ pub struct Tuning {
     /// the row's sum (and keep both operands in registers). 0 in both default tables, as
     /// `loss_split_wait`, for the same reason.
     pub backward_split_wait: u32,
+    /// 1: a split row taken in one pass (any of the three waits above) needs no second pass.
+    /// The chunk that completes its row's count waits for the others to say whether they wrote
+    /// themselves, then works out those that did not (reading them again), in the same
+    /// dispatch; the row's words go back to 0 with the last workgroup done with them. 0: a
+    /// second pass, a workgroup per row, works out the chunks left. 0 in both default tables
+    /// until it is timed on a GPU.
+    pub split_alone: u32,
     /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
     /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
     pub vector: u32,
@@ -227,6 +234,7 @@ impl Tuning {
         split_wait: 4096,
         loss_split_wait: 0,
         backward_split_wait: 0,
+        split_alone: 0,
         vector: 4,
         subgroups: 1,
     };
@@ -262,6 +270,7 @@ impl Tuning {
         split_wait: 0,
         loss_split_wait: 0,
         backward_split_wait: 0,
+        split_alone: 0,
         vector: 4,
         subgroups: 1,
     };
@@ -451,6 +460,7 @@ impl Tuning {
         self.workgroup_per_row = self.workgroup_per_row.min(1);
         self.batch_rows = self.batch_rows.max(1);
         self.split_reverse = self.split_reverse.min(1);
+        self.split_alone = self.split_alone.min(1);
         self.batch_tally = self.batch_tally.min(1);
         self.loss_tally = self.loss_tally.min(TALLY_MAX_SLOTS);
         self
@@ -488,12 +498,14 @@ mod tests {
             streamed_thread_max_cols: u32::MAX,
             workgroup_per_row: 9,
             split_reverse: 7,
+            split_alone: 3,
             batch_tally: 5,
             loss_tally: u32::MAX,
             ..Tuning::GPU
         }
         .clamped(&wgpu::Limits::default(), Some(32));
         assert_eq!(wild.split_reverse, 1);
+        assert_eq!(wild.split_alone, 1);
         assert_eq!(wild.batch_tally, 1);
         assert_eq!(wild.loss_tally, TALLY_MAX_SLOTS);
         assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);

@@ -42,9 +42,10 @@ pub(crate) struct Vec4Kernels {
 
 /// A split row taken in one pass over the input (`shaders/one_pass.wgsl`): the one pass, with
 /// `ITEMS` vec4s of the chunk per invocation and the spin bound `SPIN`, then a workgroup per row
-/// finishing the chunks it left and clearing the sync words; `wait`, the field of [`Tuning`]
-/// that bounds the spin (0: two passes instead). The sync words are a chunk's partial and a
-/// done flag per chunk, and a count per row.
+/// finishing the chunks it left and clearing the sync words (or, with [`Tuning::split_alone`],
+/// the one pass alone, `ALONE`, its rows finished by their last chunk); `wait`, the field of
+/// [`Tuning`] that bounds the spin (0: two passes instead). The sync words are a chunk's partial
+/// and a done flag (a state, `ALONE`) per chunk, and two counts per row.
 #[derive(Clone, Copy)]
 pub(crate) struct OnePass {
     pub wait: fn(&Tuning) -> u32,
@@ -370,7 +371,8 @@ impl RowwiseFamily {
                 let wg = tuning.row_workgroup_on(&gpu.caps);
                 if let Some((one_pass, items)) = self.one_pass(gpu, strategy, vector) {
                     spin = Some(self.spin(gpu, one_pass));
-                    (ONE_PASS_ENTRIES.to_vec(), wg, items, 2, 1, chunk)
+                    let passes = if tuning.split_alone != 0 { 1 } else { 2 };
+                    (ONE_PASS_ENTRIES[..passes].to_vec(), wg, items, 2, 1, chunk)
                 } else if per_invocation {
                     (split.to_vec(), wg, 0, 0, wg as usize, chunk)
                 } else {
@@ -487,8 +489,12 @@ impl RowwiseFamily {
                 let extra: &[_] = match (reverse, tally, layout.spin) {
                     (true, _, _) => &[("REVERSE", 1)],
                     (_, true, _) => &[("ROW_TALLY", 1)],
+                    (_, _, Some(bound)) if i == 0 && layout.entries.len() == 1 => {
+                        spin = vec![("SPIN", bound), ("ALONE", 1)];
+                        &spin
+                    }
                     (_, _, Some(bound)) if i == 0 => {
-                        spin = [("SPIN", bound)];
+                        spin = vec![("SPIN", bound)];
                         &spin
                     }
                     _ => &[],
@@ -508,8 +514,8 @@ impl RowwiseFamily {
             (self.zeroed(gpu, words)?, Some(words))
         } else if layout.spin.is_some() {
             // The sync words of the largest block (0 at rest, as the tallies' words): per chunk
-            // its partial and a done flag, per row a count.
-            let words = max_rows * (chunks * (desc.partial_words + 1) + 1);
+            // its partial and a done flag, per row two counts (in and out).
+            let words = max_rows * (chunks * (desc.partial_words + 1) + 2);
             (self.zeroed(gpu, words)?, Some(words))
         } else {
             let needed = if chunk == 0 { 0 } else { partial_bytes };

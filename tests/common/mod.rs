@@ -301,29 +301,40 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
 /// Contexts whose split rows take one pass where a family's wait (set by `wait`) allows: a wait
 /// of 1 load (most chunks left to the finishing pass), of 2000, of 2000 with rows in groups of
 /// 1 KiB (several blocks, each of which must leave the sync words clean), all in chunks of 300
-/// columns, and of 2000 in chunks of 4096. The first three chunk rows alike, so their results
-/// must be the same bits: [`ONE_PASS_OTHER_CHUNKS`] names the fourth.
+/// columns, and of 2000 in chunks of 4096; then the first and third again with no finishing
+/// pass (`split_alone`: a row's last chunk works out the chunks left). All but the fourth
+/// chunk rows alike, so their results must be the same bits: [`ONE_PASS_OTHER_CHUNKS`] names
+/// the fourth.
 pub fn one_pass_contexts(
     base: &Context,
     wait: fn(&mut Tuning, u32),
 ) -> Vec<(&'static str, Context)> {
-    let one_pass = |name, bound, split_chunk, split_group_bytes| {
+    let one_pass = |name, bound, split_chunk, split_group_bytes, split_alone| {
         let mut tuning = Tuning {
             thread_max_cols: 0,
             split_min_cols: 1,
             split_max_rows: u32::MAX,
             split_chunk,
             split_group_bytes,
+            split_alone,
             ..Tuning::GPU
         };
         wait(&mut tuning, bound);
         (name, tuned(base, tuning))
     };
     vec![
-        one_pass("wait 1", 1, 300, 0),
-        one_pass("wait 2000", 2000, 300, 0),
-        one_pass("wait 2000, 1 KiB row groups", 2000, 300, 1024),
-        one_pass(ONE_PASS_OTHER_CHUNKS, 2000, 4096, 0),
+        one_pass("wait 1", 1, 300, 0, 0),
+        one_pass("wait 2000", 2000, 300, 0, 0),
+        one_pass("wait 2000, 1 KiB row groups", 2000, 300, 1024, 0),
+        one_pass(ONE_PASS_OTHER_CHUNKS, 2000, 4096, 0, 0),
+        one_pass("wait 1, no finishing pass", 1, 300, 0, 1),
+        one_pass(
+            "wait 2000, 1 KiB row groups, no finishing pass",
+            2000,
+            300,
+            1024,
+            1,
+        ),
     ]
 }
 

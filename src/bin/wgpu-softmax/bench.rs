@@ -60,9 +60,10 @@ pub struct BenchArgs {
     /// row_workgroup_without_subgroups, max_items, split_min_cols,
     /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_tally,
     /// loss_tally, batch_rows, split_reverse, split_group_bytes, split_wait, loss_split_wait,
-    /// backward_split_wait, vector, subgroups. Workgroup
+    /// backward_split_wait, split_alone, vector, subgroups. Workgroup
     /// sizes, split_chunk and batch_rows must be at least 1, max_items a power of two up to 32,
-    /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally and split_reverse 0 or 1
+    /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally, split_reverse and split_alone
+    /// 0 or 1
     /// (loss_tally is a workgroup count, 0 for never); a value the device's limits change is reported on stderr.
     #[arg(long = "tune", value_parser = parse_tune, conflicts_with = "no_gpu")]
     tune: Vec<(&'static str, u32)>,
@@ -78,7 +79,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 25] = [
+const TUNE_FIELDS: [(&str, Accepts); 26] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -102,6 +103,7 @@ const TUNE_FIELDS: [(&str, Accepts); 25] = [
     ("split_wait", Accepts::Any),
     ("loss_split_wait", Accepts::Any),
     ("backward_split_wait", Accepts::Any),
+    ("split_alone", Accepts::OneOf(&[0, 1])),
     ("vector", Accepts::OneOf(&[1, 4])),
     ("subgroups", Accepts::OneOf(&[0, 1])),
 ];
@@ -135,6 +137,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "split_wait" => &mut tuning.split_wait,
         "loss_split_wait" => &mut tuning.loss_split_wait,
         "backward_split_wait" => &mut tuning.backward_split_wait,
+        "split_alone" => &mut tuning.split_alone,
         "vector" => &mut tuning.vector,
         "subgroups" => &mut tuning.subgroups,
         _ => return None,
