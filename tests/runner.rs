@@ -605,9 +605,14 @@ fn dispatch_times_follow_the_plan_of_one_run() {
         return;
     }
     let (two, one) = split_tunings();
+    let alone = Tuning {
+        split_alone: 1,
+        ..one
+    };
     for (tuning, entries) in [
-        (two, ["split_partials4", "split_normalize4"]),
-        (one, ["split_fused4", "split_rest4"]),
+        (two, &["split_partials4", "split_normalize4"][..]),
+        (one, &["split_fused4", "split_rest4"]),
+        (alone, &["split_fused4"]),
     ] {
         let ctx = tuned(base, tuning);
         let bench = GpuBench::new(&ctx, BenchOp::LogSoftmax, 4, 1024).unwrap();
