@@ -361,7 +361,7 @@ pub(crate) fn record(
     match timestamps {
         Some(Timestamps::EachDispatch(times)) => {
             let mut entries = times.lock();
-            let count = dispatches.iter().filter(|d| d.workgroups > 0).count();
+            let count = recorded.clone().count();
             if entries.len() + count > times.capacity as usize {
                 return Err(crate::Error::Internal(format!(
                     "room for the timestamps of {} dispatches, {} asked for",
