@@ -15,7 +15,7 @@ struct Params {
     grid_x: u32,
     chunk: u32,  // split kernels: elements per chunk
     chunks: u32, // split kernels: chunks per row
-    _pad0: u32,
+    spin: u32,   // split rows in one pass: the most loads a chunk waits for its row
     extra: u32,  // one more op-specific word
     groups: u32, // workgroups of the dispatch (a 2-D grid may run more)
     base: array<vec4<u32>, 2>,
@@ -54,7 +54,7 @@ fn base(i: u32) -> u32 {
 // Non-finite constants are built from a uniform so that no compiler folds them into literals
 // that some shading languages cannot express.
 fn from_bits(bits: u32) -> f32 {
-    return bitcast<f32>(bits | (p._pad0 & 0u));
+    return bitcast<f32>(bits | (p.spin & 0u));
 }
 
 fn pos_inf() -> f32 {

@@ -20,13 +20,12 @@
 // With ALONE (`Tuning::split_alone`) there is no second pass. A chunk's done word is then its
 // state: a chunk that saw its row complete sets WROTE and writes itself unless the row's last
 // chunk has TAKEN it first; one that stopped waiting sets GAVE_UP. The chunk that completed the
-// row's count waits (at most SPIN loads an invocation) until every chunk has set its state, takes
+// row's count waits (at most p.spin loads an invocation) until every chunk has set its state, takes
 // the chunks that did not write themselves, marks them OWNED, and works them out one after
 // another, as split_rest4 does. Whichever of WROTE and TAKEN reaches a state word first wins, so
 // each chunk is written once. Every workgroup then counts itself out of the row's words (a second
 // count), and the last out sets them back to 0.
 
-override SPIN: u32 = 0u;
 override ALONE: bool = false;
 
 const WROTE: u32 = 1u;
@@ -122,7 +121,7 @@ fn split_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let wrote = fused_chunk(ch, lid, SPIN, true);
+    let wrote = fused_chunk(ch, lid, p.spin, true);
     if (!ALONE) {
         if (wrote && lid == 0u) {
             atomicStore(&zeroed[done_word(ch.row, ch.within)], 1u);
@@ -138,7 +137,7 @@ fn split_fused4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 // ALONE, by the workgroup whose chunk completed `row`'s count: waits for every chunk's state,
 // takes those that did not write themselves and works them out.
 fn finish_row(row: u32, lid: u32) {
-    var budget = SPIN;
+    var budget = p.spin;
     var taken = 0.0;
     for (var i = lid; i < p.chunks; i += WG) {
         let state = done_word(row, i);

@@ -41,7 +41,7 @@ pub(crate) struct Vec4Kernels {
 }
 
 /// A split row taken in one pass over the input (`shaders/one_pass.wgsl`): the one pass, with
-/// `ITEMS` vec4s of the chunk per invocation and the spin bound `SPIN`, then a workgroup per row
+/// `ITEMS` vec4s of the chunk per invocation and the spin bound `p.spin`, then a workgroup per row
 /// finishing the chunks it left and clearing the sync words (or, with [`Tuning::split_alone`],
 /// the one pass alone, `ALONE`, its rows finished by their last chunk); `wait`, the field of
 /// [`Tuning`] that bounds the spin (0: two passes instead). The sync words are a chunk's partial
@@ -141,7 +141,7 @@ struct Params {
     grid_x: u32,
     chunk: u32,
     chunks: u32,
-    _pad0: u32,
+    spin: u32,
     extra: u32,
     groups: u32,
     base: [u32; 8],
@@ -485,18 +485,10 @@ impl RowwiseFamily {
                 // shader's default order (and the same pipeline key as without the field).
                 let reverse =
                     chunk > 0 && i == 1 && tuning.split_reverse != 0 && layout.spin.is_none();
-                let spin;
                 let extra: &[_] = match (reverse, tally, layout.spin) {
                     (true, _, _) => &[("REVERSE", 1)],
                     (_, true, _) => &[("ROW_TALLY", 1)],
-                    (_, _, Some(bound)) if i == 0 && layout.entries.len() == 1 => {
-                        spin = vec![("SPIN", bound), ("ALONE", 1)];
-                        &spin
-                    }
-                    (_, _, Some(bound)) if i == 0 => {
-                        spin = vec![("SPIN", bound)];
-                        &spin
-                    }
+                    (_, _, Some(_)) if i == 0 && layout.entries.len() == 1 => &[("ALONE", 1)],
                     _ => &[],
                 };
                 (
@@ -535,8 +527,8 @@ impl RowwiseFamily {
                 None => n * chunks * desc.partial_words,
             };
             let windows = self.windows(gpu, call, first, n, &binding8, partial_len);
-            let block_params =
-                |groups| params(gpu, call, n, &windows, groups, chunk, chunks as u32);
+            let split = [chunk, chunks as u32, layout.spin.unwrap_or(0)];
+            let block_params = |groups| params(gpu, call, n, &windows, groups, split);
             let params_all = block_params(groups);
             for (i, (entry, pipeline)) in pipelines.iter().enumerate() {
                 // A one-pass split finishes with a workgroup per row.
@@ -642,7 +634,8 @@ impl RowwiseFamily {
         let windows = self.windows(gpu, call, 0, call.rows, &buffer, words);
         let groups = u32::try_from(groups).unwrap_or(u32::MAX);
         let chunks = u32::try_from(partial_count).unwrap_or(u32::MAX);
-        let params = params(gpu, call, call.rows, &windows, groups, block as u32, chunks);
+        let split = [block as u32, chunks, 0];
+        let params = params(gpu, call, call.rows, &windows, groups, split);
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
         let passes = if tallied {
             vec![(tally, groups)]
@@ -757,8 +750,7 @@ fn params(
     rows: usize,
     windows: &[Window],
     groups: u32,
-    chunk: u32,
-    chunks: u32,
+    [chunk, chunks, spin]: [u32; 3],
 ) -> Vec<u8> {
     let mut base = [0u32; 8];
     for (slot, window) in base.iter_mut().zip(windows) {
@@ -770,7 +762,7 @@ fn params(
         grid_x: super::grid(groups, gpu.limits.max_compute_workgroups_per_dimension).0,
         chunk,
         chunks,
-        _pad0: 0,
+        spin,
         extra: call.extra,
         groups,
         base,
