@@ -174,15 +174,19 @@ pub struct DispatchTime {
 /// Timestamp queries around each dispatch, and the buffers that read them back.
 struct DispatchTimer {
     times: DispatchTimes,
-    resolved: wgpu::Buffer,
-    readback: wgpu::Buffer,
+    readback: Readback,
 }
 
 /// Timestamp queries around one compute pass.
 struct Timer {
     queries: wgpu::QuerySet,
+    readback: Readback,
+}
+
+/// The buffers that timestamp queries are resolved into and read back from.
+struct Readback {
     resolved: wgpu::Buffer,
-    readback: wgpu::Buffer,
+    mapped: wgpu::Buffer,
 }
 
 impl GpuBench {
@@ -328,20 +332,12 @@ impl GpuBench {
         }
         let entries = timer.times.entries();
         let queries = 2 * entries.len() as u32;
-        if queries > 0 {
-            encoder.resolve_query_set(&timer.times.queries, 0..queries, &timer.resolved, 0);
-            encoder.copy_buffer_to_buffer(
-                &timer.resolved,
-                0,
-                &timer.readback,
-                0,
-                u64::from(queries) * 8,
-            );
-        }
+        timer
+            .readback
+            .resolve(&mut encoder, &timer.times.queries, queries);
         submit_and_wait(&self.ctx, encoder)?;
-        let ticks = read_ticks(&self.ctx, &timer.readback, queries as usize)?;
+        let ticks = timer.readback.ticks(&self.ctx, queries)?;
         let per_run = entries.len() / runs as usize;
-        let period = f64::from(gpu.queue.get_timestamp_period());
         Ok((0..per_run)
             .map(|k| {
                 let total: u64 = (0..runs as usize)
@@ -352,7 +348,7 @@ impl GpuBench {
                     .sum();
                 DispatchTime {
                     entry: entries[k],
-                    time: Duration::from_nanos((total as f64 * period / f64::from(runs)) as u64),
+                    time: ticks_to_time(&self.ctx, total as f64 / f64::from(runs)),
                 }
             })
             .collect())
@@ -375,8 +371,7 @@ impl GpuBench {
             gpu.scoped(|| self.encode(&mut encoder, timestamps.map(Timestamps::Pass)))?;
         }
         if let Some(timer) = timer {
-            encoder.resolve_query_set(&timer.queries, 0..2, &timer.resolved, 0);
-            encoder.copy_buffer_to_buffer(&timer.resolved, 0, &timer.readback, 0, 16);
+            timer.readback.resolve(&mut encoder, &timer.queries, 2);
         }
         let start = Instant::now();
         submit_and_wait(&self.ctx, encoder)?;
@@ -495,49 +490,83 @@ impl GpuBench {
 
 impl Timer {
     fn new(device: &wgpu::Device) -> Self {
-        let buffer = |usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wgpu-softmax timestamps"),
-                size: 16,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
         Self {
             queries: device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("wgpu-softmax timestamps"),
                 ty: wgpu::QueryType::Timestamp,
                 count: 2,
             }),
-            resolved: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
-            readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            readback: Readback::new(device, 2),
         }
     }
 
     fn read(&self, ctx: &Context) -> Result<Duration> {
-        let ticks = read_ticks(ctx, &self.readback, 2)?;
-        let period = f64::from(ctx.queue().get_timestamp_period());
-        let nanos = ticks[1].saturating_sub(ticks[0]) as f64 * period;
-        Ok(Duration::from_nanos(nanos as u64))
+        let ticks = self.readback.ticks(ctx, 2)?;
+        Ok(ticks_to_time(ctx, ticks[1].saturating_sub(ticks[0]) as f64))
     }
 }
 
 impl DispatchTimer {
     fn new(device: &wgpu::Device, capacity: u32) -> Self {
+        Self {
+            times: DispatchTimes::new(device, capacity),
+            readback: Readback::new(device, 2 * capacity),
+        }
+    }
+}
+
+impl Readback {
+    /// Room for `queries` timestamps.
+    fn new(device: &wgpu::Device, queries: u32) -> Self {
         let buffer = |usage| {
             device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wgpu-softmax dispatch timestamps"),
-                size: u64::from(capacity) * 16,
+                label: Some("wgpu-softmax timestamps"),
+                size: u64::from(queries) * 8,
                 usage,
                 mapped_at_creation: false,
             })
         };
         Self {
-            times: DispatchTimes::new(device, capacity),
             resolved: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
-            readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            mapped: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
         }
     }
+
+    /// Records the resolution of the first `count` queries of `queries` and their copy to the
+    /// mapped buffer.
+    fn resolve(&self, encoder: &mut wgpu::CommandEncoder, queries: &wgpu::QuerySet, count: u32) {
+        if count == 0 {
+            return;
+        }
+        encoder.resolve_query_set(queries, 0..count, &self.resolved, 0);
+        encoder.copy_buffer_to_buffer(&self.resolved, 0, &self.mapped, 0, u64::from(count) * 8);
+    }
+
+    /// The first `count` timestamps, once the submission that resolved them has completed.
+    fn ticks(&self, ctx: &Context, count: u32) -> Result<Vec<u64>> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let slice = self.mapped.slice(..u64::from(count) * 8);
+        slice.map_async(wgpu::MapMode::Read, |_| {});
+        ctx.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        let ticks = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Map(e.to_string()))?;
+            bytemuck::pod_collect_to_vec(&view[..])
+        };
+        self.mapped.unmap();
+        Ok(ticks)
+    }
+}
+
+/// A span of `ticks` timestamp ticks as a duration.
+fn ticks_to_time(ctx: &Context, ticks: f64) -> Duration {
+    let period = f64::from(ctx.queue().get_timestamp_period());
+    Duration::from_nanos((ticks * period) as u64)
 }
 
 /// Submits `encoder` and waits for it to complete.
@@ -550,26 +579,6 @@ fn submit_and_wait(ctx: &Context, encoder: wgpu::CommandEncoder) -> Result<()> {
         })
         .map_err(|e| Error::DeviceLost(e.to_string()))?;
     Ok(())
-}
-
-/// The first `count` timestamps resolved into `readback`.
-fn read_ticks(ctx: &Context, readback: &wgpu::Buffer, count: usize) -> Result<Vec<u64>> {
-    if count == 0 {
-        return Ok(Vec::new());
-    }
-    let slice = readback.slice(..count as u64 * 8);
-    slice.map_async(wgpu::MapMode::Read, |_| {});
-    ctx.device()
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::DeviceLost(e.to_string()))?;
-    let ticks = {
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| Error::Map(e.to_string()))?;
-        bytemuck::pod_collect_to_vec(&view[..])
-    };
-    readback.unmap();
-    Ok(ticks)
 }
 
 /// One op and shape set up for the CPU fast path.
