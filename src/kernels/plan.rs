@@ -109,7 +109,7 @@ pub struct Tuning {
     pub subgroup_max_cols: u32,
     /// Rows loaded as vec4 that are too long for a subgroup to hold in registers (which it
     /// would stream) run one invocation per row instead, up to this many columns (at most
-    /// [`THREAD_MAX_COLS`]); 0: never. (Scalar loads stay with the subgroup, whose lanes read
+    /// 4096); 0: never. (Scalar loads stay with the subgroup, whose lanes read
     /// neighbouring elements.)
     pub streamed_thread_max_cols: u32,
     /// Workgroup size of the per-row and split kernels, and of one invocation per row where
