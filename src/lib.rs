@@ -4,6 +4,7 @@
 pub mod bench;
 mod context;
 pub mod cpu;
+mod engine;
 mod error;
 mod kernels;
 mod ops;
@@ -13,6 +14,7 @@ mod training;
 mod validate;
 
 pub use context::{enumerate_adapters, Context, ContextOptions};
+pub use engine::Engine;
 pub use error::{Error, Result};
 pub use kernels::plan::{Capabilities, Strategy, Tuning};
 pub use ops::{Tensor, TENSOR_USAGES};

@@ -648,3 +648,71 @@ fn json_records(output: &std::process::Output) -> Vec<serde_json::Value> {
 fn is_hardware_gpu(adapter: &str) -> bool {
     !adapter.contains(", Cpu, ")
 }
+
+/// Where no adapter exists (`WGPU_BACKEND=noop` finds none on any machine), `check` checks the
+/// CPU path against the reference and `apply` runs on it, each saying so on stderr; an adapter
+/// name that matches nothing stays an error, since it says a GPU was meant.
+#[test]
+fn without_an_adapter_check_and_apply_run_on_the_cpu() {
+    let no_adapter = || {
+        let mut command = runner();
+        command
+            .env("WGPU_BACKEND", "noop")
+            .env_remove("WGPU_ADAPTER_NAME");
+        command
+    };
+    let output = no_adapter().arg("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("no GPU adapter; running on the CPU f32 path"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.starts_with("adapter: none; checking the CPU f32 path"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("all 39 cases passed"), "{stdout}");
+    let softmax_line = stdout
+        .lines()
+        .find(|line| line.starts_with("softmax ") && line.contains("4096x1000"))
+        .unwrap_or_else(|| panic!("no softmax 4096x1000 line: {stdout}"));
+    assert_eq!(
+        softmax_line.split_whitespace().nth(4),
+        Some("-"),
+        "no GPU time without a GPU: {softmax_line}"
+    );
+
+    let dir = Dir::new("no-adapter");
+    let x = logits(4 * 3, 11, 2.0, 9);
+    write(&dir.path("x.npy"), &[4, 3, 11], &x);
+    let output = no_adapter()
+        .args(["apply", "log-softmax", "--input"])
+        .arg(dir.path("x.npy"))
+        .arg("--output")
+        .arg(dir.path("y.npy"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let (shape, got) = read(&dir.path("y.npy"));
+    assert_eq!(shape, [4, 3, 11]);
+    let want = reference::log_softmax(&x, 11).unwrap();
+    let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
+    assert!(cmp.passed(), "{cmp:?}");
+
+    let output = no_adapter()
+        .env("WGPU_ADAPTER_NAME", "zzz-no-such-adapter")
+        .args(["apply", "softmax", "--input"])
+        .arg(dir.path("x.npy"))
+        .arg("--output")
+        .arg(dir.path("z.npy"))
+        .output()
+        .unwrap();
+    assert_one_error_line(
+        &output,
+        "a name that matches nothing",
+        "zzz-no-such-adapter",
+    );
+    assert!(!dir.path("z.npy").exists());
+}

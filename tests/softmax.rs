@@ -8,7 +8,10 @@ use common::{
     with_gpu, ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES, SHAPES,
 };
 use wgpu_softmax::cpu::reference;
-use wgpu_softmax::{Context, ContextOptions, Error, Strategy, Tolerance, Tuning};
+use wgpu_softmax::{
+    Context, ContextOptions, CrossEntropyOptions, Engine, Error, GradOutput, Strategy, Targets,
+    Tolerance, Tuning,
+};
 
 fn check_softmax(ctx: &Context, x: &[f32], cols: usize, what: &str) {
     let got = ctx.softmax(x, cols).expect("softmax");
@@ -537,5 +540,68 @@ fn long_loops_stay_within_the_software_loop_limit() {
                 check_softmax(&ctx, &x, cols, &format!("{tuning:?} {cols}"));
             }
         }
+    });
+}
+
+/// Where an adapter exists, `Engine` picks it, and each of its operations is the context's own
+/// (bit for bit, errors included): every op, forward and training, on a short and a long row.
+#[test]
+fn engine_runs_the_context_where_there_is_one() {
+    with_gpu(|ctx| {
+        let picked = Engine::new_blocking().expect("an engine");
+        assert!(
+            picked.context().is_some(),
+            "an adapter exists, yet the engine is {}",
+            picked.describe()
+        );
+        let engine = Engine::from(ctx.clone());
+        assert_eq!(engine.describe(), ctx.describe());
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (rows, cols) in [(9, 37), (3, 5000)] {
+            let x = logits(rows, cols, 3.0, cols as u64);
+            let dy = logits(rows, cols, 1.0, 1 + cols as u64);
+            let y = ctx.softmax(&x, cols).unwrap();
+            assert_eq!(bits(engine.softmax(&x, cols).unwrap()), bits(y.clone()));
+            assert_eq!(
+                bits(engine.log_softmax(&x, cols).unwrap()),
+                bits(ctx.log_softmax(&x, cols).unwrap())
+            );
+            assert_eq!(
+                bits(engine.softmax_backward(&y, &dy, cols).unwrap()),
+                bits(ctx.softmax_backward(&y, &dy, cols).unwrap())
+            );
+            assert_eq!(
+                bits(engine.log_softmax_backward(&y, &dy, cols).unwrap()),
+                bits(ctx.log_softmax_backward(&y, &dy, cols).unwrap())
+            );
+            if cols <= 1024 {
+                assert_eq!(
+                    bits(engine.softmax_jacobian(&x, cols).unwrap()),
+                    bits(ctx.softmax_jacobian(&x, cols).unwrap())
+                );
+            }
+            let targets: Vec<i64> = (0..rows as i64).map(|r| r * 7 % cols as i64).collect();
+            let targets = Targets::Indices(&targets);
+            let options = CrossEntropyOptions {
+                label_smoothing: 0.1,
+                ..Default::default()
+            };
+            assert_eq!(
+                bits(engine.cross_entropy(&x, cols, targets, &options).unwrap()),
+                bits(ctx.cross_entropy(&x, cols, targets, &options).unwrap())
+            );
+            let got = engine
+                .cross_entropy_with_grad(&x, cols, targets, &options, GradOutput::Scalar(0.5))
+                .unwrap();
+            let want = ctx
+                .cross_entropy_with_grad(&x, cols, targets, &options, GradOutput::Scalar(0.5))
+                .unwrap();
+            assert_eq!(bits(got.loss), bits(want.loss));
+            assert_eq!(bits(got.grad), bits(want.grad));
+        }
+        assert!(matches!(
+            engine.softmax(&[1.0; 4], 3),
+            Err(Error::LengthNotMultiple { .. })
+        ));
     });
 }

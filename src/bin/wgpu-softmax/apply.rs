@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use wgpu_softmax::{Context, CrossEntropyOptions, GradOutput, Reduction, Targets};
+use wgpu_softmax::{CrossEntropyOptions, Engine, GradOutput, Reduction, Targets};
 
 use crate::npy::{self, NpyData};
 
@@ -66,8 +66,8 @@ pub struct ApplyArgs {
     grad_output: Option<PathBuf>,
 }
 
-pub fn run(ctx: &Context, args: &ApplyArgs) -> ExitCode {
-    match apply(ctx, args) {
+pub fn run(engine: &Engine, args: &ApplyArgs) -> ExitCode {
+    match apply(engine, args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("wgpu-softmax apply: {}", one_line(&message));
@@ -100,7 +100,7 @@ fn required<'a>(path: &'a Option<PathBuf>, flag: &str, op: &str) -> Result<&'a P
         .ok_or_else(|| format!("{op} needs --{flag}"))
 }
 
-fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
+fn apply(engine: &Engine, args: &ApplyArgs) -> Result<(), String> {
     let name = args
         .op
         .to_possible_value()
@@ -118,9 +118,9 @@ fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
             let out = if input.data.is_empty() {
                 Vec::new()
             } else if args.op == ApplyOp::Softmax {
-                ctx.softmax(&input.data, cols).map_err(located)?
+                engine.softmax(&input.data, cols).map_err(located)?
             } else {
-                ctx.log_softmax(&input.data, cols).map_err(located)?
+                engine.log_softmax(&input.data, cols).map_err(located)?
             };
             npy::write_f32(&args.output, &input.shape, &out).map_err(|e| e.to_string())
         }
@@ -139,15 +139,17 @@ fn apply(ctx: &Context, args: &ApplyArgs) -> Result<(), String> {
             let out = if input.data.is_empty() {
                 Vec::new()
             } else if args.op == ApplyOp::SoftmaxBackward {
-                ctx.softmax_backward(&input.data, &grad.data, cols)
+                engine
+                    .softmax_backward(&input.data, &grad.data, cols)
                     .map_err(located)?
             } else {
-                ctx.log_softmax_backward(&input.data, &grad.data, cols)
+                engine
+                    .log_softmax_backward(&input.data, &grad.data, cols)
                     .map_err(located)?
             };
             npy::write_f32(&args.output, &input.shape, &out).map_err(|e| e.to_string())
         }
-        ApplyOp::CrossEntropy => cross_entropy(ctx, args, input),
+        ApplyOp::CrossEntropy => cross_entropy(engine, args, input),
     }
 }
 
@@ -316,7 +318,7 @@ impl ClassLayout {
     }
 }
 
-fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), String> {
+fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(), String> {
     let targets_path = required(&args.targets, "targets", "cross-entropy")?;
     let layout = ClassLayout::of(&logits.shape, &args.input)?;
     let targets = npy::read_as(targets_path, npy::Expected::TARGETS).map_err(|e| e.to_string())?;
@@ -386,12 +388,12 @@ fn cross_entropy(ctx: &Context, args: &ApplyArgs, logits: Array) -> Result<(), S
         )
     };
     let (loss, grad) = if args.grad_output.is_some() {
-        let out = ctx
+        let out = engine
             .cross_entropy_with_grad(&rows, classes, target_rows, &options, GradOutput::One)
             .map_err(located)?;
         (out.loss, Some(layout.rows_to_layout(&out.grad)))
     } else {
-        let loss = ctx
+        let loss = engine
             .cross_entropy(&rows, classes, target_rows, &options)
             .map_err(located)?;
         (loss, None)

@@ -7,7 +7,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::{fast, reference};
 use wgpu_softmax::{
-    Comparison, Context, CrossEntropyOptions, GradOutput, Reduction, Result, Targets, Tolerance,
+    Comparison, Context, CrossEntropyOptions, Engine, GradOutput, Reduction, Result, Targets,
+    Tolerance,
 };
 
 /// The shapes of the default check: tiny, odd, wide, many rows past the dispatch limit, and a few
@@ -227,8 +228,14 @@ fn median_time<T>(mut run: impl FnMut() -> Result<T>) -> Result<(T, Duration)> {
     Ok((last.expect("REPEATS > 0"), times[REPEATS / 2]))
 }
 
-pub fn run(ctx: &Context) -> ExitCode {
-    println!("adapter: {}", ctx.describe());
+/// Checks the GPU's results, or where the engine is the CPU (no adapter exists) the CPU path's,
+/// which is then what callers of [`Engine`] get.
+pub fn run(engine: &Engine) -> ExitCode {
+    let gpu = engine.context();
+    match gpu {
+        Some(ctx) => println!("adapter: {}", ctx.describe()),
+        None => println!("adapter: none; checking the {} instead", engine.describe()),
+    }
     let ops = ops();
     let cases: usize = SHAPES
         .iter()
@@ -252,8 +259,8 @@ pub fn run(ctx: &Context) -> ExitCode {
         };
         for op in ops.iter().filter(|op| cols <= op.max_cols) {
             bar.set_message(format!("{} {rows}x{cols}", op.name));
-            let line = match check_case(ctx, op, &inputs) {
-                Ok((cmp, gpu, cpu)) => {
+            let line = match check_case(gpu, op, &inputs) {
+                Ok((cmp, gpu_ms, cpu)) => {
                     let verdict = if cmp.passed() {
                         "pass".to_string()
                     } else {
@@ -264,12 +271,12 @@ pub fn run(ctx: &Context) -> ExitCode {
                         )
                     };
                     format!(
-                        "{:<16} {:>12} {:>11.2e} {:>11.2e} {:>12.3} {:>12.3}  {verdict}",
+                        "{:<16} {:>12} {:>11.2e} {:>11.2e} {:>12} {:>12.3}  {verdict}",
                         op.name,
                         format!("{rows}x{cols}"),
                         cmp.max_abs,
                         cmp.max_rel,
-                        gpu.as_secs_f64() * 1e3,
+                        gpu_ms.map_or("-".into(), |t| format!("{:.3}", t.as_secs_f64() * 1e3)),
                         cpu.as_secs_f64() * 1e3,
                     )
                 }
@@ -287,9 +294,15 @@ pub fn run(ctx: &Context) -> ExitCode {
         }
     }
     bar.finish_and_clear();
-    println!(
-        "GPU ms e2e: wall clock of the host-slice call, upload and readback included (median of {REPEATS}, after a warm-up); CPU ms: the f32 fast path (median of {REPEATS})."
-    );
+    if gpu.is_some() {
+        println!(
+            "GPU ms e2e: wall clock of the host-slice call, upload and readback included (median of {REPEATS}, after a warm-up); CPU ms: the f32 fast path (median of {REPEATS})."
+        );
+    } else {
+        println!(
+            "No GPU adapter: max abs and max rel are the f32 CPU path's errors; CPU ms: its time (median of {REPEATS})."
+        );
+    }
     println!(
         "xent_loss: mean, class weights, label smoothing 0.1, every 7th row ignored; xent_grad: the same with sum (tolerance relative to O(1) values)."
     );
@@ -302,15 +315,23 @@ pub fn run(ctx: &Context) -> ExitCode {
     }
 }
 
+/// The comparison of the GPU's result (the CPU path's without a GPU) with the reference, and the
+/// median times of the GPU (if any) and of the CPU path.
 fn check_case(
-    ctx: &Context,
+    gpu: Option<&Context>,
     op: &OpCase,
     inputs: &Inputs,
-) -> Result<(Comparison, Duration, Duration)> {
-    // The first call compiles the pipeline; it is not what a steady-state caller sees.
-    (op.gpu)(ctx, inputs)?;
-    let (got, gpu_time) = median_time(|| (op.gpu)(ctx, inputs))?;
-    let (_, cpu_time) = median_time(|| (op.cpu)(inputs))?;
+) -> Result<(Comparison, Option<Duration>, Duration)> {
+    let (cpu_out, cpu_time) = median_time(|| (op.cpu)(inputs))?;
+    let (got, gpu_time) = match gpu {
+        Some(ctx) => {
+            // The first call compiles the pipeline; it is not what a steady-state caller sees.
+            (op.gpu)(ctx, inputs)?;
+            let (got, time) = median_time(|| (op.gpu)(ctx, inputs))?;
+            (got, Some(time))
+        }
+        None => (cpu_out, None),
+    };
     let want = (op.reference)(inputs)?;
     Ok((op.tolerance.compare(&got, &want), gpu_time, cpu_time))
 }

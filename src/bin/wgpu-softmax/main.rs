@@ -9,7 +9,7 @@ mod npy;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use wgpu_softmax::Context;
+use wgpu_softmax::{Context, Engine};
 
 #[derive(Parser)]
 #[command(
@@ -42,9 +42,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Check) {
-        Command::Check => with_context(check::run),
+        Command::Check => with_engine(check::run),
         Command::Info { short } => info(short),
-        Command::Apply(args) => with_context(|ctx| apply::run(ctx, &args)),
+        Command::Apply(args) => with_engine(|engine| apply::run(engine, &args)),
         Command::Bench(args) if !args.needs_gpu() => bench::run(None, &args),
         Command::Bench(args) => with_context(|ctx| bench::run(Some(ctx), &args)),
     }
@@ -99,6 +99,28 @@ fn with_context(body: impl FnOnce(&Context) -> ExitCode) -> ExitCode {
     match new_context() {
         Ok(ctx) => body(&ctx),
         Err(code) => code,
+    }
+}
+
+/// Runs `body` on the GPU, or on the CPU path where no adapter exists (said on stderr); any
+/// other failure to create the context is explained in one line (exit code 2).
+fn with_engine(body: impl FnOnce(&Engine) -> ExitCode) -> ExitCode {
+    let created = check_backend_variable()
+        .and_then(|()| Engine::new_blocking().map_err(|error| error.to_string()));
+    match created {
+        Ok(engine) => {
+            if engine.context().is_none() {
+                eprintln!(
+                    "wgpu-softmax: no GPU adapter; running on the {}",
+                    engine.describe()
+                );
+            }
+            body(&engine)
+        }
+        Err(error) => {
+            eprintln!("wgpu-softmax: {error}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -1,0 +1,338 @@
+//! One handle for the host-slice operations that runs them on the GPU where there is one and on
+//! the CPU's f32 path where there is none.
+
+use crate::context::{Context, ContextOptions};
+use crate::cpu::{fast, CrossEntropyOutput};
+use crate::error::{Error, Result};
+use crate::options::{CrossEntropyOptions, GradOutput, Targets};
+
+/// Where the host-slice operations run: a GPU [`Context`], or the multi-threaded f32 CPU path
+/// ([`cpu::fast`](mod@crate::cpu::fast)).
+///
+/// [`Engine::new`] falls back to the CPU only when no adapter exists at all
+/// ([`Error::NoAdapter`]); an adapter name that matches nothing, a failed device request or a
+/// device below the kernels' limits stay errors, since they say that a GPU was meant. Each
+/// operation has the signature, argument checks, errors and special-value policy of the
+/// [`Context`] method of the same name, and results within the same accuracy table (the two
+/// paths round differently, so not bit for bit).
+///
+/// ```no_run
+/// use wgpu_softmax::Engine;
+/// let engine = Engine::new_blocking()?; // a GPU if there is one, else the CPU
+/// println!("running on {}", engine.describe());
+/// let probs = engine.softmax(&[1.0, 2.0, 3.0, 1.0, 1.0, 1.0], 3)?;
+/// # Ok::<(), wgpu_softmax::Error>(())
+/// ```
+///
+/// Only the blocking host-slice forms are here: device-resident tensors, the `encode_*` forms
+/// and the async forms need a [`Context`], which [`Engine::context`] gives where there is one.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// A GPU context; the operations are its host-slice forms.
+    Gpu(Context),
+    /// The CPU's f32 path, multi-threaded with rayon.
+    Cpu,
+}
+
+impl Engine {
+    /// A [`Context`] as [`Context::new`] picks it (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`), or the
+    /// CPU when no adapter exists.
+    ///
+    /// # Errors
+    /// As [`Context::new`], except [`Error::NoAdapter`], which gives [`Engine::Cpu`].
+    pub async fn new() -> Result<Self> {
+        Self::with_options(ContextOptions::default()).await
+    }
+
+    /// Blocking form of [`Engine::new`].
+    pub fn new_blocking() -> Result<Self> {
+        pollster::block_on(Self::new())
+    }
+
+    /// Like [`Engine::new`], with explicit options.
+    pub async fn with_options(options: ContextOptions) -> Result<Self> {
+        Self::or_cpu(Context::with_options(options).await)
+    }
+
+    /// The engine of a context request's outcome: the context, the CPU where no adapter exists,
+    /// the error otherwise.
+    fn or_cpu(context: Result<Context>) -> Result<Self> {
+        match context {
+            Ok(ctx) => Ok(Self::Gpu(ctx)),
+            Err(Error::NoAdapter { .. }) => Ok(Self::Cpu),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The GPU context, if the operations run on a GPU.
+    pub fn context(&self) -> Option<&Context> {
+        match self {
+            Self::Gpu(ctx) => Some(ctx),
+            Self::Cpu => None,
+        }
+    }
+
+    /// The adapter ([`Context::describe`]), or the CPU path's instruction set and threads.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Gpu(ctx) => ctx.describe(),
+            Self::Cpu => format!(
+                "CPU f32 path ({}, {} threads)",
+                fast::instruction_set(),
+                rayon::current_num_threads()
+            ),
+        }
+    }
+
+    /// Row-wise softmax; see [`Context::softmax`].
+    ///
+    /// # Errors
+    /// As [`Context::softmax`].
+    pub fn softmax(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.softmax(x, cols),
+            Self::Cpu => fast::softmax(x, cols),
+        }
+    }
+
+    /// Row-wise log-softmax; see [`Context::log_softmax`].
+    ///
+    /// # Errors
+    /// As [`Context::log_softmax`].
+    pub fn log_softmax(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.log_softmax(x, cols),
+            Self::Cpu => fast::log_softmax(x, cols),
+        }
+    }
+
+    /// The gradient through softmax; see [`Context::softmax_backward`].
+    ///
+    /// # Errors
+    /// As [`Context::softmax_backward`].
+    pub fn softmax_backward(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.softmax_backward(y, grad_output, cols),
+            Self::Cpu => fast::softmax_backward(y, grad_output, cols),
+        }
+    }
+
+    /// The gradient through log-softmax; see [`Context::log_softmax_backward`].
+    ///
+    /// # Errors
+    /// As [`Context::log_softmax_backward`].
+    pub fn log_softmax_backward(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.log_softmax_backward(y, grad_output, cols),
+            Self::Cpu => fast::log_softmax_backward(y, grad_output, cols),
+        }
+    }
+
+    /// Per row, the `cols x cols` softmax Jacobian; see [`Context::softmax_jacobian`].
+    ///
+    /// # Errors
+    /// As [`Context::softmax_jacobian`].
+    pub fn softmax_jacobian(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.softmax_jacobian(x, cols),
+            Self::Cpu => fast::softmax_jacobian(x, cols),
+        }
+    }
+
+    /// The cross-entropy loss; see [`Context::cross_entropy`]. On the CPU the gradient is
+    /// computed alongside and dropped.
+    ///
+    /// # Errors
+    /// As [`Context::cross_entropy`].
+    pub fn cross_entropy(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.cross_entropy(logits, cols, targets, options),
+            Self::Cpu => {
+                fast::cross_entropy(logits, cols, targets, options, GradOutput::One).map(|o| o.loss)
+            }
+        }
+    }
+
+    /// The loss and its fused gradient; see [`Context::cross_entropy_with_grad`].
+    ///
+    /// # Errors
+    /// As [`Context::cross_entropy_with_grad`].
+    pub fn cross_entropy_with_grad(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        match self {
+            Self::Gpu(ctx) => {
+                ctx.cross_entropy_with_grad(logits, cols, targets, options, grad_output)
+            }
+            Self::Cpu => fast::cross_entropy(logits, cols, targets, options, grad_output),
+        }
+    }
+}
+
+impl From<Context> for Engine {
+    fn from(ctx: Context) -> Self {
+        Self::Gpu(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::reference;
+    use crate::options::Reduction;
+    use crate::tolerance::Tolerance;
+
+    fn no_backends() -> ContextOptions {
+        ContextOptions {
+            backends: Some(wgpu::Backends::empty()),
+            // An empty name searches by type, whatever WGPU_ADAPTER_NAME says.
+            adapter_name: Some(String::new()),
+            tuning: None,
+        }
+    }
+
+    #[test]
+    fn no_adapter_gives_the_cpu() {
+        let engine = pollster::block_on(Engine::with_options(no_backends())).unwrap();
+        assert!(matches!(engine, Engine::Cpu), "{engine:?}");
+        assert!(engine.context().is_none());
+        assert!(
+            engine.describe().starts_with("CPU f32 path ("),
+            "{}",
+            engine.describe()
+        );
+    }
+
+    #[test]
+    fn other_context_errors_stay_errors() {
+        let named = ContextOptions {
+            adapter_name: Some("no adapter is called this".into()),
+            ..no_backends()
+        };
+        let error = pollster::block_on(Engine::with_options(named)).unwrap_err();
+        assert!(matches!(error, Error::AdapterNotFound { .. }), "{error:?}");
+        let limit = Error::InsufficientLimit {
+            limit: "max_storage_buffers_per_shader_stage",
+            needed: 8,
+            actual: 4,
+        };
+        assert!(matches!(
+            Engine::or_cpu(Err(limit)),
+            Err(Error::InsufficientLimit { .. })
+        ));
+    }
+
+    /// Every operation on the CPU engine is the CPU path's, bit for bit, errors included.
+    #[test]
+    fn cpu_engine_runs_the_cpu_path() {
+        let engine = Engine::Cpu;
+        let cols = 37;
+        let x: Vec<f32> = (0..5 * cols)
+            .map(|i| ((i * 7919) % 97) as f32 / 9.0 - 5.0)
+            .collect();
+        let dy: Vec<f32> = (0..5 * cols)
+            .map(|i| ((i * 104_729) % 89) as f32 / 30.0 - 1.5)
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&engine.softmax(&x, cols).unwrap()),
+            bits(&fast::softmax(&x, cols).unwrap())
+        );
+        assert_eq!(
+            bits(&engine.log_softmax(&x, cols).unwrap()),
+            bits(&fast::log_softmax(&x, cols).unwrap())
+        );
+        let y = fast::softmax(&x, cols).unwrap();
+        assert_eq!(
+            bits(&engine.softmax_backward(&y, &dy, cols).unwrap()),
+            bits(&fast::softmax_backward(&y, &dy, cols).unwrap())
+        );
+        assert_eq!(
+            bits(&engine.log_softmax_backward(&y, &dy, cols).unwrap()),
+            bits(&fast::log_softmax_backward(&y, &dy, cols).unwrap())
+        );
+        assert_eq!(
+            bits(&engine.softmax_jacobian(&x, cols).unwrap()),
+            bits(&fast::softmax_jacobian(&x, cols).unwrap())
+        );
+        let targets = [3i64, -100, 36, 0, 5];
+        for reduction in [Reduction::None, Reduction::Mean, Reduction::Sum] {
+            let options = CrossEntropyOptions {
+                reduction,
+                label_smoothing: 0.1,
+                ..Default::default()
+            };
+            let loss = engine
+                .cross_entropy(&x, cols, Targets::Indices(&targets), &options)
+                .unwrap();
+            let want = reference::cross_entropy(
+                &x,
+                cols,
+                Targets::Indices(&targets),
+                &options,
+                GradOutput::One,
+            )
+            .unwrap();
+            // The accuracy table's bound for the loss.
+            let tolerance = Tolerance {
+                abs: 1e-5,
+                rel: 2e-5,
+            };
+            let cmp = tolerance.compare(&loss, &want.loss);
+            assert!(cmp.passed(), "{reduction:?}: {cmp:?}");
+            let grad_output = match reduction {
+                Reduction::None => GradOutput::PerRow(&[1.0, 2.0, 0.5, -1.0, 3.0]),
+                _ => GradOutput::Scalar(0.25),
+            };
+            let got = engine
+                .cross_entropy_with_grad(
+                    &x,
+                    cols,
+                    Targets::Indices(&targets),
+                    &options,
+                    grad_output,
+                )
+                .unwrap();
+            let fast =
+                fast::cross_entropy(&x, cols, Targets::Indices(&targets), &options, grad_output)
+                    .unwrap();
+            assert_eq!(bits(&got.loss), bits(&fast.loss), "{reduction:?}");
+            assert_eq!(bits(&got.grad), bits(&fast.grad), "{reduction:?}");
+        }
+        assert!(matches!(engine.softmax(&x, 0), Err(Error::ZeroCols)));
+        assert!(matches!(
+            engine.softmax_backward(&y, &dy[1..], cols),
+            Err(Error::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            engine.cross_entropy(
+                &x,
+                cols,
+                Targets::Indices(&[0, 1, 2, 3, 37]),
+                &Default::default()
+            ),
+            Err(Error::TargetOutOfRange { row: 4, .. })
+        ));
+    }
+}
