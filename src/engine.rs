@@ -149,8 +149,8 @@ impl Engine {
         }
     }
 
-    /// The cross-entropy loss; see [`Context::cross_entropy`]. On the CPU the gradient is
-    /// computed alongside and dropped.
+    /// The cross-entropy loss; see [`Context::cross_entropy`]. On the CPU,
+    /// [`fast::cross_entropy_loss`].
     ///
     /// # Errors
     /// As [`Context::cross_entropy`].
@@ -163,9 +163,7 @@ impl Engine {
     ) -> Result<Vec<f32>> {
         match self {
             Self::Gpu(ctx) => ctx.cross_entropy(logits, cols, targets, options),
-            Self::Cpu => {
-                fast::cross_entropy(logits, cols, targets, options, GradOutput::One).map(|o| o.loss)
-            }
+            Self::Cpu => fast::cross_entropy_loss(logits, cols, targets, options),
         }
     }
 

@@ -608,6 +608,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The per-row losses of a task of [`cross_entropy_planned`] with a reduction.
     static LOSSES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The gradient of a task of [`cross_entropy_planned`] whose gradient is dropped.
+    static DROPPED_GRAD: std::cell::RefCell<Vec<f32>> =
+        const { std::cell::RefCell::new(Vec::new()) };
     /// The buffers of the short-row kernels, reused across calls.
     static SHORT_SCRATCH: std::cell::Cell<Option<Box<ShortScratch>>> =
         const { std::cell::Cell::new(None) };
@@ -2420,7 +2423,14 @@ pub fn cross_entropy(
     let mut grad = vec![0.0; logits.len()];
     let stream = streams(2 * std::mem::size_of_val(&grad[..]));
     let split = Split::for_batch(plan.rows, cols);
-    let loss = cross_entropy_planned(&plan, logits, &mut grad, stream, split, isa());
+    let loss = cross_entropy_planned(
+        &plan,
+        logits,
+        GradOut::Into(&mut grad),
+        stream,
+        split,
+        isa(),
+    );
     Ok(CrossEntropyOutput { loss, grad })
 }
 
@@ -2440,20 +2450,88 @@ pub fn cross_entropy_into(
     Ok(cross_entropy_planned(
         &plan,
         logits,
-        grad,
+        GradOut::Into(grad),
         stream,
         split,
         isa(),
     ))
 }
 
-/// The losses of a validated call, the gradient written to `grad`, built for `isa`; `stream`:
-/// whether the gradient is written with non-temporal stores (but where rows are split); `split`:
-/// how rows are cut across threads, if they are.
+/// The loss of [`cross_entropy`] alone. The kernels work out each row's loss and gradient
+/// together; here each task's gradient goes to a buffer of its thread's that stays in cache, so
+/// the call allocates and writes nothing the size of the logits (but where a few very long rows
+/// are split across threads).
+pub fn cross_entropy_loss(
+    logits: &[f32],
+    cols: usize,
+    targets: Targets<'_>,
+    options: &CrossEntropyOptions<'_>,
+) -> Result<Vec<f32>> {
+    let plan = validate::cross_entropy(logits.len(), cols, targets, options, GradOutput::One)?;
+    let split = Split::for_batch(plan.rows, cols);
+    Ok(cross_entropy_planned(
+        &plan,
+        logits,
+        GradOut::Dropped,
+        false,
+        split,
+        isa(),
+    ))
+}
+
+/// Where [`cross_entropy_planned`] puts the gradient.
+enum GradOut<'g> {
+    /// Into the caller's buffer, as long as the logits.
+    Into(&'g mut [f32]),
+    /// Nowhere: each task's rows go to a buffer of its thread's.
+    Dropped,
+}
+
+/// Runs `task` on each block of `rows_per_task` rows (the last one shorter) with the block's
+/// gradient: its part of `grad`'s buffer, or a buffer of the thread's when the gradient is
+/// dropped; in parallel unless `serial`. Returns the tasks' results in order.
+fn for_grad_blocks<T: Send>(
+    grad: GradOut<'_>,
+    rows: usize,
+    cols: usize,
+    rows_per_task: usize,
+    serial: bool,
+    task: impl Fn(usize, &mut [f32]) -> T + Sync,
+) -> Vec<T> {
+    match grad {
+        GradOut::Into(grad) if serial => vec![task(0, grad)],
+        GradOut::Into(grad) => grad
+            .par_chunks_mut(rows_per_task * cols)
+            .enumerate()
+            .map(|(i, g)| task(i, g))
+            .collect(),
+        GradOut::Dropped => {
+            let dropped = |i: usize, len: usize| {
+                DROPPED_GRAD.with_borrow_mut(|g| {
+                    if g.len() < len {
+                        g.resize(len, 0.0);
+                    }
+                    task(i, &mut g[..len])
+                })
+            };
+            if serial {
+                return vec![dropped(0, rows * cols)];
+            }
+            (0..rows.div_ceil(rows_per_task))
+                .into_par_iter()
+                .map(|i| dropped(i, (rows - i * rows_per_task).min(rows_per_task) * cols))
+                .collect()
+        }
+    }
+}
+
+/// The losses of a validated call, the gradient written where `grad` says, built for `isa`;
+/// `stream`: whether the gradient is written with non-temporal stores (but where rows are
+/// split); `split`: how rows are cut across threads, if they are.
 fn cross_entropy_planned(
     plan: &CrossEntropyPlan<'_>,
     logits: &[f32],
-    grad: &mut [f32],
+    grad: GradOut<'_>,
     stream: bool,
     split: Option<Split>,
     isa: Isa,
@@ -2497,44 +2575,38 @@ fn cross_entropy_planned(
         };
     }
     if let Some(split) = split {
+        let mut whole = Vec::new();
+        let grad = match grad {
+            GradOut::Into(grad) => grad,
+            GradOut::Dropped => {
+                whole.resize(logits.len(), 0.0);
+                &mut whole[..]
+            }
+        };
         let losses = split::cross_entropy(&ctx, grad, split, isa);
         if plan.reduction == Reduction::None {
             return losses.iter().map(|&l| l as f32).collect();
         }
         return reduced(plan, losses.iter().fold(0.0, |sum, &l| sum + l));
     }
-    if plan.reduction == Reduction::None {
-        let mut losses = vec![0.0f64; plan.rows];
-        if serial {
-            block(0, grad, &mut losses);
-        } else {
-            grad.par_chunks_mut(rows_per_task * cols)
-                .zip(losses.par_chunks_mut(rows_per_task))
-                .enumerate()
-                .for_each(|(i, (g, l))| block(i * rows_per_task, g, l));
-        }
-        return losses.iter().map(|&l| l as f32).collect();
-    }
-    // Each task's losses in a buffer of its thread's, added up in the task; the tasks' sums are
-    // added in order, so the total does not depend on the threads.
+    // Each task's losses in a buffer of its thread's: converted to f32 for `None`, added up in
+    // the task otherwise; the tasks' results are put together in order, so nothing depends on
+    // the threads.
     let task = |i: usize, g: &mut [f32]| {
         LOSSES.with_borrow_mut(|losses| {
             losses.resize(g.len() / cols, 0.0);
             block(i * rows_per_task, g, losses);
-            task_sum(losses)
+            match plan.reduction {
+                Reduction::None => (losses.iter().map(|&l| l as f32).collect(), 0.0),
+                Reduction::Mean | Reduction::Sum => (Vec::new(), task_sum(losses)),
+            }
         })
     };
-    let total = if serial {
-        task(0, grad)
-    } else {
-        let sums: Vec<f64> = grad
-            .par_chunks_mut(rows_per_task * cols)
-            .enumerate()
-            .map(|(i, g)| task(i, g))
-            .collect();
-        sums.iter().fold(0.0, |sum, &l| sum + l)
-    };
-    reduced(plan, total)
+    let tasks = for_grad_blocks(grad, plan.rows, cols, rows_per_task, serial, task);
+    if plan.reduction == Reduction::None {
+        return tasks.into_iter().flat_map(|(losses, _)| losses).collect();
+    }
+    reduced(plan, tasks.iter().fold(0.0, |sum, &(_, total)| sum + total))
 }
 
 /// The sum of a task's row losses, in eight interleaved partial sums (one chain of dependent
@@ -3033,7 +3105,7 @@ mod tests {
             validate::cross_entropy(x.len(), cols, targets, &options, GradOutput::One).unwrap();
         for isa in supported_isas() {
             let mut grad = vec![0.0; x.len()];
-            let got = cross_entropy_planned(&plan, &x, &mut grad, false, None, isa);
+            let got = cross_entropy_planned(&plan, &x, GradOut::Into(&mut grad), false, None, isa);
             let what = format!("{isa:?} confident rows of 10");
             check_cross_entropy(&what, &got, &grad, &want);
             for (r, (&l, &w)) in got.iter().zip(&want.loss).enumerate() {
@@ -3254,6 +3326,94 @@ mod tests {
         }
     }
 
+    /// The loss alone is the fused call's loss, bit for bit: one task and many, short rows and
+    /// long ones, rows split across threads, every reduction and kind of target; and the same
+    /// errors.
+    #[test]
+    fn loss_alone_is_the_loss_of_the_fused_call() {
+        let mut rng = Rng::new(23);
+        for &(rows, cols) in &[
+            (0, 3),
+            (1, 1),
+            (9, 5),
+            (5000, 10),
+            (700, 40),
+            (300, 1000),
+            (3, 5000),
+            (1, 800_000),
+        ] {
+            let x = logits(&mut rng, rows, cols, 3.0);
+            let idx: Vec<i64> = (0..rows)
+                .map(|r| {
+                    if r % 7 == 1 {
+                        -100
+                    } else {
+                        rng.below(cols) as i64
+                    }
+                })
+                .collect();
+            let probs = probability_rows(&mut rng, rows, cols);
+            let w: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 3) as f32 * 0.25).collect();
+            for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                for (weight, label_smoothing) in [(None, 0.0), (Some(&w[..]), 0.1)] {
+                    for reduction in [Reduction::None, Reduction::Mean, Reduction::Sum] {
+                        let o = CrossEntropyOptions {
+                            weight,
+                            label_smoothing,
+                            reduction,
+                            ..Default::default()
+                        };
+                        let fused = cross_entropy(&x, cols, targets, &o, GradOutput::One)
+                            .unwrap()
+                            .loss;
+                        let alone = cross_entropy_loss(&x, cols, targets, &o).unwrap();
+                        let bits = |v: &[f32]| v.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+                        let what =
+                            format!("{rows}x{cols} {reduction:?} smoothing {label_smoothing}");
+                        assert_eq!(bits(&alone), bits(&fused), "{what}");
+                        // Rows split across threads whatever the machine's thread count.
+                        let plan =
+                            validate::cross_entropy(x.len(), cols, targets, &o, GradOutput::One)
+                                .unwrap();
+                        if let Some(split) = split::Split::with_chunk(cols, 1024) {
+                            let mut grad = vec![0.0; x.len()];
+                            let fused = cross_entropy_planned(
+                                &plan,
+                                &x,
+                                GradOut::Into(&mut grad),
+                                false,
+                                Some(split),
+                                isa(),
+                            );
+                            let alone = cross_entropy_planned(
+                                &plan,
+                                &x,
+                                GradOut::Dropped,
+                                false,
+                                Some(split),
+                                isa(),
+                            );
+                            assert_eq!(bits(&alone), bits(&fused), "{what}, split");
+                        }
+                    }
+                }
+            }
+        }
+        let error =
+            cross_entropy_loss(&[0.0; 6], 3, Targets::Indices(&[0, 3]), &Default::default());
+        assert!(
+            matches!(
+                error,
+                Err(Error::TargetOutOfRange {
+                    row: 1,
+                    value: 3,
+                    ..
+                })
+            ),
+            "{error:?}"
+        );
+    }
+
     /// Cross-entropy with and without non-temporal stores, on every instruction set, on rows
     /// that fit the scratch row and one that does not, into an aligned and a misaligned gradient.
     #[test]
@@ -3306,8 +3466,14 @@ mod tests {
                                 );
                                 let mut grad = vec![f32::NAN; x.len() + offset];
                                 let grad = &mut grad[offset..];
-                                let loss =
-                                    cross_entropy_planned(&plan, &x, grad, stream, None, isa);
+                                let loss = cross_entropy_planned(
+                                    &plan,
+                                    &x,
+                                    GradOut::Into(grad),
+                                    stream,
+                                    None,
+                                    isa,
+                                );
                                 check_cross_entropy(&what, &loss, grad, &want);
                             }
                         }
@@ -3396,7 +3562,7 @@ mod tests {
                             let loss = cross_entropy_planned(
                                 &plan,
                                 &x,
-                                &mut grad,
+                                GradOut::Into(&mut grad),
                                 false,
                                 Some(split),
                                 isa,
