@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch's side of the GPU comparison.
 
-Times torch.softmax, torch.log_softmax, their backward kernels and F.cross_entropy (forward and
-backward, the gradient with respect to the logits) on the shapes of `wgpu-softmax bench`, each
+Times torch.softmax, torch.log_softmax and their backward kernels (each into an output allocated
+once, as the bench's buffers are) and F.cross_entropy (forward and backward, the gradient with
+respect to the logits) on the shapes of `wgpu-softmax bench`, each
 repetition timed in turn with a device-to-device copy of the same bytes, which is the limit. Bytes
 are counted as the bench counts them (read plus written: 2 matrices for softmax and log-softmax, 3
 for the backward ops, 2 plus 8 bytes a row plus 4 for cross-entropy), and the records have the
@@ -48,21 +49,32 @@ def shape(text):
 
 
 def make_op(op, rows, cols, device, generator):
-    """A zero-argument callable running `op` once on fresh inputs of the shape."""
+    """A zero-argument callable running `op` once on fresh inputs of the shape.
+
+    Softmax, log-softmax and their backward kernels write into an output allocated once (ATen's
+    `out=` forms of the kernels `torch.softmax` and the others call), as `wgpu-softmax bench`
+    writes into buffers it allocated once: a fresh output per call would time the allocator too,
+    which on a CPU means a page fault per page of the output. Cross-entropy is the autograd step
+    a training loop runs, which allocates its gradient."""
     x = torch.randn(rows, cols, device=device, generator=generator)
+    out = torch.empty_like(x)
     if op == "softmax":
-        return lambda: torch.softmax(x, dim=-1)
+        return lambda: torch.ops.aten._softmax.out(x, -1, False, out=out)
     if op == "log-softmax":
-        return lambda: torch.log_softmax(x, dim=-1)
+        return lambda: torch.ops.aten._log_softmax.out(x, -1, False, out=out)
     if op in ("softmax-backward", "log-softmax-backward"):
         # The backward kernels themselves, on an output and an upstream gradient: what
         # `wgpu-softmax`'s backward ops compute.
         dy = torch.randn(rows, cols, device=device, generator=generator)
         if op == "softmax-backward":
             y = torch.softmax(x, dim=-1)
-            return lambda: torch._softmax_backward_data(dy, y, -1, torch.float32)
+            return lambda: torch.ops.aten._softmax_backward_data.out(
+                dy, y, -1, torch.float32, grad_input=out
+            )
         y = torch.log_softmax(x, dim=-1)
-        return lambda: torch._log_softmax_backward_data(dy, y, -1, torch.float32)
+        return lambda: torch.ops.aten._log_softmax_backward_data.out(
+            dy, y, -1, torch.float32, out=out
+        )
     if op == "cross-entropy":
         logits = x.clone().requires_grad_(True)
         targets = torch.randint(0, cols, (rows,), device=device, generator=generator)
