@@ -12,9 +12,10 @@ use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 /// [`Engine::new`] falls back to the CPU only when no adapter exists at all
 /// ([`Error::NoAdapter`]); an adapter name that matches nothing, a failed device request or a
 /// device below the kernels' limits stay errors, since they say that a GPU was meant. Each
-/// operation has the signature, argument checks, errors and special-value policy of the
-/// [`Context`] method of the same name, and results within the same accuracy table (the two
-/// paths round differently, so not bit for bit).
+/// operation has the signature, error variants and special-value policy of the [`Context`]
+/// method of the same name, and results within the same accuracy table (the two paths round
+/// differently, so not bit for bit). The `_into` forms write into the caller's buffer, which a
+/// loop over batches can reuse.
 ///
 /// ```no_run
 /// use wgpu_softmax::Engine;
@@ -95,6 +96,17 @@ impl Engine {
         }
     }
 
+    /// [`Engine::softmax`] into `out`; see [`Context::softmax_into`].
+    ///
+    /// # Errors
+    /// As [`Context::softmax_into`].
+    pub fn softmax_into(&self, x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.softmax_into(x, cols, out),
+            Self::Cpu => fast::softmax_into(x, cols, out),
+        }
+    }
+
     /// Row-wise log-softmax; see [`Context::log_softmax`].
     ///
     /// # Errors
@@ -103,6 +115,17 @@ impl Engine {
         match self {
             Self::Gpu(ctx) => ctx.log_softmax(x, cols),
             Self::Cpu => fast::log_softmax(x, cols),
+        }
+    }
+
+    /// [`Engine::log_softmax`] into `out`; see [`Context::log_softmax_into`].
+    ///
+    /// # Errors
+    /// As [`Context::log_softmax_into`].
+    pub fn log_softmax_into(&self, x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.log_softmax_into(x, cols, out),
+            Self::Cpu => fast::log_softmax_into(x, cols, out),
         }
     }
 
@@ -122,6 +145,23 @@ impl Engine {
         }
     }
 
+    /// [`Engine::softmax_backward`] into `out`; see [`Context::softmax_backward_into`].
+    ///
+    /// # Errors
+    /// As [`Context::softmax_backward_into`].
+    pub fn softmax_backward_into(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.softmax_backward_into(y, grad_output, cols, out),
+            Self::Cpu => fast::softmax_backward_into(y, grad_output, cols, out),
+        }
+    }
+
     /// The gradient through log-softmax; see [`Context::log_softmax_backward`].
     ///
     /// # Errors
@@ -138,6 +178,23 @@ impl Engine {
         }
     }
 
+    /// [`Engine::log_softmax_backward`] into `out`; see [`Context::log_softmax_backward_into`].
+    ///
+    /// # Errors
+    /// As [`Context::log_softmax_backward_into`].
+    pub fn log_softmax_backward_into(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.log_softmax_backward_into(y, grad_output, cols, out),
+            Self::Cpu => fast::log_softmax_backward_into(y, grad_output, cols, out),
+        }
+    }
+
     /// Per row, the `cols x cols` softmax Jacobian; see [`Context::softmax_jacobian`].
     ///
     /// # Errors
@@ -146,6 +203,17 @@ impl Engine {
         match self {
             Self::Gpu(ctx) => ctx.softmax_jacobian(x, cols),
             Self::Cpu => fast::softmax_jacobian(x, cols),
+        }
+    }
+
+    /// [`Engine::softmax_jacobian`] into `out`; see [`Context::softmax_jacobian_into`].
+    ///
+    /// # Errors
+    /// As [`Context::softmax_jacobian_into`].
+    pub fn softmax_jacobian_into(&self, x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.softmax_jacobian_into(x, cols, out),
+            Self::Cpu => fast::softmax_jacobian_into(x, cols, out),
         }
     }
 
@@ -184,6 +252,30 @@ impl Engine {
                 ctx.cross_entropy_with_grad(logits, cols, targets, options, grad_output)
             }
             Self::Cpu => fast::cross_entropy(logits, cols, targets, options, grad_output),
+        }
+    }
+
+    /// [`Engine::cross_entropy_with_grad`] writing the gradient into `grad`; returns the loss.
+    /// See [`Context::cross_entropy_into`].
+    ///
+    /// # Errors
+    /// As [`Context::cross_entropy_into`].
+    pub fn cross_entropy_into(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+        grad: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => {
+                ctx.cross_entropy_into(logits, cols, targets, options, grad_output, grad)
+            }
+            Self::Cpu => {
+                fast::cross_entropy_into(logits, cols, targets, options, grad_output, grad)
+            }
         }
     }
 }
@@ -318,6 +410,37 @@ mod tests {
             assert_eq!(bits(&got.loss), bits(&fast.loss), "{reduction:?}");
             assert_eq!(bits(&got.grad), bits(&fast.grad), "{reduction:?}");
         }
+        // The `_into` forms are the CPU path's too.
+        let mut out = vec![f32::NAN; x.len()];
+        engine.softmax_into(&x, cols, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&fast::softmax(&x, cols).unwrap()));
+        engine.log_softmax_into(&x, cols, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&fast::log_softmax(&x, cols).unwrap()));
+        engine
+            .softmax_backward_into(&y, &dy, cols, &mut out)
+            .unwrap();
+        let want = fast::softmax_backward(&y, &dy, cols).unwrap();
+        assert_eq!(bits(&out), bits(&want));
+        engine
+            .log_softmax_backward_into(&y, &dy, cols, &mut out)
+            .unwrap();
+        let want = fast::log_softmax_backward(&y, &dy, cols).unwrap();
+        assert_eq!(bits(&out), bits(&want));
+        let mut jac = vec![f32::NAN; 5 * cols * cols];
+        engine.softmax_jacobian_into(&x, cols, &mut jac).unwrap();
+        assert_eq!(bits(&jac), bits(&fast::softmax_jacobian(&x, cols).unwrap()));
+        let options = CrossEntropyOptions::default();
+        let indices = Targets::Indices(&targets);
+        let loss = engine
+            .cross_entropy_into(&x, cols, indices, &options, GradOutput::One, &mut out)
+            .unwrap();
+        let want = fast::cross_entropy(&x, cols, indices, &options, GradOutput::One).unwrap();
+        assert_eq!(bits(&loss), bits(&want.loss));
+        assert_eq!(bits(&out), bits(&want.grad));
+        assert!(matches!(
+            engine.softmax_into(&x, cols, &mut out[1..]),
+            Err(Error::LengthMismatch { what: "out", .. })
+        ));
         assert!(matches!(engine.softmax(&x, 0), Err(Error::ZeroCols)));
         assert!(matches!(
             engine.softmax_backward(&y, &dy[1..], cols),

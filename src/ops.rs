@@ -264,15 +264,33 @@ impl Context {
     /// # Ok::<(), wgpu_softmax::Error>(())
     /// ```
     pub fn softmax(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-        pollster::block_on(self.host_rowwise(Normalization::Softmax, x, cols, Wait::Block))
+        let mut out = vec![0f32; x.len()];
+        let op = Normalization::Softmax;
+        pollster::block_on(self.host_rowwise(op, x, cols, &mut out, Wait::Block))?;
+        Ok(out)
+    }
+
+    /// [`Context::softmax`] into `out`, which must be as long as `x`: a loop over batches that
+    /// reuses its output spares the allocation and the operating system's first touch of a
+    /// fresh one.
+    ///
+    /// # Errors
+    /// As [`Context::softmax`], and [`Error::LengthMismatch`] naming `out`; `out` is untouched
+    /// when the arguments are refused.
+    pub fn softmax_into(&self, x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+        let op = Normalization::Softmax;
+        pollster::block_on(self.host_rowwise(op, x, cols, out, Wait::Block))
     }
 
     /// Async form of [`Context::softmax`]. Like every async form it never blocks the calling
     /// thread on the device: the context polls the device on a thread of its own, started at the
     /// first async call and shared by all calls in flight.
     pub async fn softmax_async(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-        self.host_rowwise(Normalization::Softmax, x, cols, Wait::Background)
-            .await
+        let mut out = vec![0f32; x.len()];
+        let op = Normalization::Softmax;
+        self.host_rowwise(op, x, cols, &mut out, Wait::Background)
+            .await?;
+        Ok(out)
     }
 
     /// Log-softmax of each row: `x_j - max(x) - ln(sum_k exp(x_k - max(x)))`, computed in that
@@ -282,13 +300,28 @@ impl Context {
     /// # Errors
     /// As [`Context::softmax`].
     pub fn log_softmax(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-        pollster::block_on(self.host_rowwise(Normalization::LogSoftmax, x, cols, Wait::Block))
+        let mut out = vec![0f32; x.len()];
+        let op = Normalization::LogSoftmax;
+        pollster::block_on(self.host_rowwise(op, x, cols, &mut out, Wait::Block))?;
+        Ok(out)
+    }
+
+    /// [`Context::log_softmax`] into `out`, which must be as long as `x`.
+    ///
+    /// # Errors
+    /// As [`Context::softmax_into`].
+    pub fn log_softmax_into(&self, x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+        let op = Normalization::LogSoftmax;
+        pollster::block_on(self.host_rowwise(op, x, cols, out, Wait::Block))
     }
 
     /// Async form of [`Context::log_softmax`].
     pub async fn log_softmax_async(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-        self.host_rowwise(Normalization::LogSoftmax, x, cols, Wait::Background)
-            .await
+        let mut out = vec![0f32; x.len()];
+        let op = Normalization::LogSoftmax;
+        self.host_rowwise(op, x, cols, &mut out, Wait::Background)
+            .await?;
+        Ok(out)
     }
 
     /// Uploads a row-major batch of rows of `cols` values into a new [`Tensor`].
@@ -420,14 +453,15 @@ impl Context {
         op: Normalization,
         x: &[f32],
         cols: usize,
+        out: &mut [f32],
         wait: Wait,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<()> {
         let rows = validate::batch_rows("input", x.len(), cols)?;
+        validate::same_len("out", x.len(), out.len())?;
         let gpu = &self.gpu;
         gpu.check_alive()?;
-        let mut out = vec![0f32; x.len()];
         if rows == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let blocks = host_blocks(gpu, rows, cols)?;
         let chunk_bytes = (blocks[0].1 * cols * 4) as u64;
@@ -455,7 +489,7 @@ impl Context {
                 .await?;
         }
         self.give_scratch(scratch);
-        Ok(out)
+        Ok(())
     }
 
     /// Copies `out.len()` f32 from `buffer` at byte `offset` to the host, in bounded pieces.

@@ -31,8 +31,26 @@ impl Context {
         grad_output: &[f32],
         cols: usize,
     ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; y.len()];
         let op = Normalization::Softmax;
-        pollster::block_on(self.host_backward(op, y, grad_output, cols, Wait::Block))
+        pollster::block_on(self.host_backward(op, y, grad_output, cols, &mut out, Wait::Block))?;
+        Ok(out)
+    }
+
+    /// [`Context::softmax_backward`] into `out`, which must be as long as `y`.
+    ///
+    /// # Errors
+    /// As [`Context::softmax_backward`], and [`Error::LengthMismatch`] naming `out`; `out` is
+    /// untouched when the arguments are refused.
+    pub fn softmax_backward_into(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let op = Normalization::Softmax;
+        pollster::block_on(self.host_backward(op, y, grad_output, cols, out, Wait::Block))
     }
 
     /// Async form of [`Context::softmax_backward`].
@@ -42,9 +60,11 @@ impl Context {
         grad_output: &[f32],
         cols: usize,
     ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; y.len()];
         let op = Normalization::Softmax;
-        self.host_backward(op, y, grad_output, cols, Wait::Background)
-            .await
+        self.host_backward(op, y, grad_output, cols, &mut out, Wait::Background)
+            .await?;
+        Ok(out)
     }
 
     /// Backward of log-softmax: from `y = log_softmax(x)` and `grad_output = dL/dy`, returns
@@ -58,8 +78,25 @@ impl Context {
         grad_output: &[f32],
         cols: usize,
     ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; y.len()];
         let op = Normalization::LogSoftmax;
-        pollster::block_on(self.host_backward(op, y, grad_output, cols, Wait::Block))
+        pollster::block_on(self.host_backward(op, y, grad_output, cols, &mut out, Wait::Block))?;
+        Ok(out)
+    }
+
+    /// [`Context::log_softmax_backward`] into `out`, which must be as long as `y`.
+    ///
+    /// # Errors
+    /// As [`Context::softmax_backward_into`].
+    pub fn log_softmax_backward_into(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let op = Normalization::LogSoftmax;
+        pollster::block_on(self.host_backward(op, y, grad_output, cols, out, Wait::Block))
     }
 
     /// Async form of [`Context::log_softmax_backward`].
@@ -69,9 +106,11 @@ impl Context {
         grad_output: &[f32],
         cols: usize,
     ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; y.len()];
         let op = Normalization::LogSoftmax;
-        self.host_backward(op, y, grad_output, cols, Wait::Background)
-            .await
+        self.host_backward(op, y, grad_output, cols, &mut out, Wait::Background)
+            .await?;
+        Ok(out)
     }
 
     async fn host_backward(
@@ -80,15 +119,16 @@ impl Context {
         y: &[f32],
         grad_output: &[f32],
         cols: usize,
+        out: &mut [f32],
         wait: Wait,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<()> {
         let rows = validate::batch_rows("y", y.len(), cols)?;
         validate::same_len("grad_output", y.len(), grad_output.len())?;
+        validate::same_len("out", y.len(), out.len())?;
         let gpu = &self.gpu;
         gpu.check_alive()?;
-        let mut out = vec![0f32; y.len()];
         if rows == 0 {
-            return Ok(out);
+            return Ok(());
         }
         // Row blocks, like the forward host forms, so a batch larger than one binding or one
         // buffer still runs.
@@ -120,7 +160,7 @@ impl Context {
                 .await?;
         }
         self.give_scratch(scratch);
-        Ok(out)
+        Ok(())
     }
 
     /// Records `grad_input = softmax_backward(y, grad_output)` for `rows x cols` into the caller's
@@ -311,6 +351,12 @@ fn encode_jacobian(
     gpu.kernels.jacobian.encode(gpu, encoder, &call, None)
 }
 
+/// The length of the Jacobians of a batch of `len` values in rows of `cols`, once the batch has
+/// been checked (its errors are the host forms').
+fn jacobian_len(len: usize, cols: usize) -> Result<usize> {
+    Ok(validate::jacobian_rows("x", len, cols)? * cols * cols)
+}
+
 impl Context {
     /// The softmax Jacobian of every row of `x`: `rows * cols * cols` values, row `r`'s `C x C`
     /// matrix `J_ij = s_i (delta_ij - s_j)` row-major. For small class counts only.
@@ -319,24 +365,44 @@ impl Context {
     /// [`Error::JacobianTooWide`] above [`JACOBIAN_MAX_COLS`](crate::cpu::JACOBIAN_MAX_COLS)
     /// classes, shape errors as for [`Context::softmax`], and device errors.
     pub fn softmax_jacobian(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-        pollster::block_on(self.host_jacobian(x, cols, Wait::Block))
+        let mut out = vec![0f32; jacobian_len(x.len(), cols)?];
+        pollster::block_on(self.host_jacobian(x, cols, &mut out, Wait::Block))?;
+        Ok(out)
+    }
+
+    /// [`Context::softmax_jacobian`] into `out`, which must hold `rows * cols * cols` values.
+    ///
+    /// # Errors
+    /// As [`Context::softmax_jacobian`], and [`Error::LengthMismatch`] naming `out`; `out` is
+    /// untouched when the arguments are refused.
+    pub fn softmax_jacobian_into(&self, x: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+        pollster::block_on(self.host_jacobian(x, cols, out, Wait::Block))
     }
 
     /// Async form of [`Context::softmax_jacobian`].
     pub async fn softmax_jacobian_async(&self, x: &[f32], cols: usize) -> Result<Vec<f32>> {
-        self.host_jacobian(x, cols, Wait::Background).await
+        let mut out = vec![0f32; jacobian_len(x.len(), cols)?];
+        self.host_jacobian(x, cols, &mut out, Wait::Background)
+            .await?;
+        Ok(out)
     }
 
     /// The host forms of the Jacobian, in row blocks whose output fits the staging size (or one
     /// binding, for a single row), so that the result may exceed any one GPU buffer.
-    async fn host_jacobian(&self, x: &[f32], cols: usize, wait: Wait) -> Result<Vec<f32>> {
+    async fn host_jacobian(
+        &self,
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+        wait: Wait,
+    ) -> Result<()> {
         let rows = validate::jacobian_rows("x", x.len(), cols)?;
+        let out_cols = cols * cols;
+        validate::same_len("out", rows * out_cols, out.len())?;
         let gpu = &self.gpu;
         gpu.check_alive()?;
-        let out_cols = cols * cols;
-        let mut out = vec![0f32; rows * out_cols];
         if rows == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let blocks = host_blocks(gpu, rows, out_cols)?;
         // Input, output and readback of the largest output block; the input uses a part.
@@ -362,7 +428,7 @@ impl Context {
                 .await?;
         }
         self.give_scratch(scratch);
-        Ok(out)
+        Ok(())
     }
 
     /// Records `output = softmax_jacobian(input)` for `rows x cols` into the caller's `encoder`:
@@ -619,15 +685,14 @@ impl Context {
         targets: Targets<'_>,
         options: &CrossEntropyOptions<'_>,
     ) -> Result<Vec<f32>> {
-        let out = pollster::block_on(self.host_cross_entropy(
+        pollster::block_on(self.host_cross_entropy(
             logits,
             cols,
             targets,
             options,
             None,
             Wait::Block,
-        ))?;
-        Ok(out.loss)
+        ))
     }
 
     /// Async form of [`Context::cross_entropy`].
@@ -638,10 +703,8 @@ impl Context {
         targets: Targets<'_>,
         options: &CrossEntropyOptions<'_>,
     ) -> Result<Vec<f32>> {
-        let out = self
-            .host_cross_entropy(logits, cols, targets, options, None, Wait::Background)
-            .await?;
-        Ok(out.loss)
+        self.host_cross_entropy(logits, cols, targets, options, None, Wait::Background)
+            .await
     }
 
     /// The loss and, in the same kernel, `dLoss/dLogits * grad_output` (one fused pass over the
@@ -658,12 +721,39 @@ impl Context {
         options: &CrossEntropyOptions<'_>,
         grad_output: GradOutput<'_>,
     ) -> Result<CrossEntropyOutput<f32>> {
+        let mut grad = vec![0f32; logits.len()];
+        let loss = pollster::block_on(self.host_cross_entropy(
+            logits,
+            cols,
+            targets,
+            options,
+            Some((grad_output, &mut grad)),
+            Wait::Block,
+        ))?;
+        Ok(CrossEntropyOutput { loss, grad })
+    }
+
+    /// [`Context::cross_entropy_with_grad`] writing the gradient into `grad` (as long as
+    /// `logits`); returns the loss.
+    ///
+    /// # Errors
+    /// As [`Context::cross_entropy_with_grad`], and [`Error::LengthMismatch`] naming `grad`;
+    /// `grad` is untouched when the arguments are refused.
+    pub fn cross_entropy_into(
+        &self,
+        logits: &[f32],
+        cols: usize,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+        grad: &mut [f32],
+    ) -> Result<Vec<f32>> {
         pollster::block_on(self.host_cross_entropy(
             logits,
             cols,
             targets,
             options,
-            Some(grad_output),
+            Some((grad_output, grad)),
             Wait::Block,
         ))
     }
@@ -677,15 +767,18 @@ impl Context {
         options: &CrossEntropyOptions<'_>,
         grad_output: GradOutput<'_>,
     ) -> Result<CrossEntropyOutput<f32>> {
-        self.host_cross_entropy(
-            logits,
-            cols,
-            targets,
-            options,
-            Some(grad_output),
-            Wait::Background,
-        )
-        .await
+        let mut grad = vec![0f32; logits.len()];
+        let loss = self
+            .host_cross_entropy(
+                logits,
+                cols,
+                targets,
+                options,
+                Some((grad_output, &mut grad)),
+                Wait::Background,
+            )
+            .await?;
+        Ok(CrossEntropyOutput { loss, grad })
     }
 
     async fn host_cross_entropy(
@@ -694,9 +787,10 @@ impl Context {
         cols: usize,
         targets: Targets<'_>,
         options: &CrossEntropyOptions<'_>,
-        grad_output: Option<GradOutput<'_>>,
+        mut grad: Option<(GradOutput<'_>, &mut [f32])>,
         wait: Wait,
-    ) -> Result<CrossEntropyOutput<f32>> {
+    ) -> Result<Vec<f32>> {
+        let grad_output = grad.as_ref().map(|&(g, _)| g);
         let plan = validate::cross_entropy(
             logits.len(),
             cols,
@@ -704,6 +798,9 @@ impl Context {
             options,
             grad_output.unwrap_or_default(),
         )?;
+        if let Some((_, g)) = &grad {
+            validate::same_len("grad", logits.len(), g.len())?;
+        }
         // Every row block runs unreduced with its rows' own gradient factor (g, or g / D for the
         // mean, D resolved from all targets up front); the blocks' losses are then reduced here
         // in f64. So a batch of any size gives the result one pass over it would, and the
@@ -715,13 +812,8 @@ impl Context {
         let loss_fn = self.cross_entropy_loss(cols, &per_row)?;
         let gpu = &self.gpu;
         gpu.check_alive()?;
-        let (rows, want_grad) = (plan.rows, grad_output.is_some());
+        let (rows, want_grad) = (plan.rows, grad.is_some());
         let mut row_losses = vec![0f32; rows];
-        let mut grad = if want_grad {
-            vec![0f32; logits.len()]
-        } else {
-            Vec::new()
-        };
         if rows > 0 {
             let blocks = host_blocks(gpu, rows, cols)?;
             let most = blocks[0].1;
@@ -791,7 +883,10 @@ impl Context {
                     Ok(gpu.queue.submit([encoder.finish()]))
                 })?;
                 let n_bytes = matrix_bytes(n, 1);
-                let grad_part: &mut [f32] = if want_grad { &mut grad[range] } else { &mut [] };
+                let grad_part: &mut [f32] = match &mut grad {
+                    Some((_, g)) => &mut g[range],
+                    None => &mut [],
+                };
                 let mut parts = [(0, &mut row_losses[row_range]), (n_bytes, grad_part)];
                 gpu.read_mapped_parts(readback, submission, &mut parts, wait)
                     .await?;
@@ -804,12 +899,11 @@ impl Context {
                 .iter()
                 .fold(0.0, |sum: f64, &l| sum + f64::from(l))
         };
-        let loss = match options.reduction {
+        Ok(match options.reduction {
             Reduction::None => row_losses,
             Reduction::Sum => vec![total() as f32],
             Reduction::Mean => vec![(total() / plan.mean_denominator) as f32],
-        };
-        Ok(CrossEntropyOutput { loss, grad })
+        })
     }
 }
 

@@ -605,3 +605,99 @@ fn engine_runs_the_context_where_there_is_one() {
         ));
     });
 }
+
+/// The `_into` host forms write what the allocating ones return, into a buffer the caller
+/// reuses (filled with NaN first, so an element left unwritten shows), through `Engine` too; a
+/// buffer of the wrong length is refused by name and left untouched.
+#[test]
+fn into_forms_write_what_the_allocating_forms_return() {
+    with_gpu(|ctx| {
+        let engine = Engine::from(ctx.clone());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (rows, cols) in [(9, 37), (3, 5000), (0, 4)] {
+            let x = logits(rows, cols, 3.0, 7 + cols as u64);
+            let dy = logits(rows, cols, 1.0, 8 + cols as u64);
+            let y = ctx.softmax(&x, cols).unwrap();
+            let targets: Vec<i64> = (0..rows as i64).map(|r| r * 5 % cols as i64).collect();
+            let targets = Targets::Indices(&targets);
+            let options = CrossEntropyOptions::default();
+            let g = GradOutput::Scalar(2.0);
+            let want_loss = ctx
+                .cross_entropy_with_grad(&x, cols, targets, &options, g)
+                .unwrap();
+            let want: [Vec<f32>; 4] = [
+                y.clone(),
+                ctx.log_softmax(&x, cols).unwrap(),
+                ctx.softmax_backward(&y, &dy, cols).unwrap(),
+                ctx.log_softmax_backward(&y, &dy, cols).unwrap(),
+            ];
+            for via_engine in [false, true] {
+                let what = format!("{rows}x{cols}, through the engine: {via_engine}");
+                let mut out = vec![f32::NAN; x.len()];
+                for (op, want) in want.iter().enumerate() {
+                    out.fill(f32::NAN);
+                    match (op, via_engine) {
+                        (0, false) => ctx.softmax_into(&x, cols, &mut out),
+                        (0, true) => engine.softmax_into(&x, cols, &mut out),
+                        (1, false) => ctx.log_softmax_into(&x, cols, &mut out),
+                        (1, true) => engine.log_softmax_into(&x, cols, &mut out),
+                        (2, false) => ctx.softmax_backward_into(&y, &dy, cols, &mut out),
+                        (2, true) => engine.softmax_backward_into(&y, &dy, cols, &mut out),
+                        (_, false) => ctx.log_softmax_backward_into(&y, &dy, cols, &mut out),
+                        (_, true) => engine.log_softmax_backward_into(&y, &dy, cols, &mut out),
+                    }
+                    .unwrap();
+                    assert_eq!(bits(&out), bits(want), "op {op}, {what}");
+                }
+                if cols <= 1024 {
+                    let mut jac = vec![f32::NAN; rows * cols * cols];
+                    if via_engine {
+                        engine.softmax_jacobian_into(&x, cols, &mut jac).unwrap();
+                    } else {
+                        ctx.softmax_jacobian_into(&x, cols, &mut jac).unwrap();
+                    }
+                    let want = ctx.softmax_jacobian(&x, cols).unwrap();
+                    assert_eq!(bits(&jac), bits(&want), "jacobian, {what}");
+                }
+                out.fill(f32::NAN);
+                let loss = if via_engine {
+                    engine.cross_entropy_into(&x, cols, targets, &options, g, &mut out)
+                } else {
+                    ctx.cross_entropy_into(&x, cols, targets, &options, g, &mut out)
+                }
+                .unwrap();
+                assert_eq!(bits(&loss), bits(&want_loss.loss), "loss, {what}");
+                assert_eq!(bits(&out), bits(&want_loss.grad), "gradient, {what}");
+            }
+        }
+        let x = logits(2, 8, 1.0, 1);
+        let mut short = vec![f32::NAN; 15];
+        for error in [
+            ctx.softmax_into(&x, 8, &mut short),
+            ctx.log_softmax_backward_into(&x, &x, 8, &mut short),
+            ctx.softmax_jacobian_into(&x, 8, &mut short),
+            engine.softmax_backward_into(&x, &x, 8, &mut short),
+        ] {
+            assert!(
+                matches!(error, Err(Error::LengthMismatch { what: "out", .. })),
+                "{error:?}"
+            );
+        }
+        let error = ctx.cross_entropy_into(
+            &x,
+            8,
+            Targets::Indices(&[0, 1]),
+            &CrossEntropyOptions::default(),
+            GradOutput::One,
+            &mut short,
+        );
+        assert!(
+            matches!(error, Err(Error::LengthMismatch { what: "grad", .. })),
+            "{error:?}"
+        );
+        assert!(
+            short.iter().all(|v| v.is_nan()),
+            "a refused call wrote {short:?}"
+        );
+    });
+}
