@@ -84,14 +84,19 @@ fn check_backend_variable() -> Result<(), String> {
     ))
 }
 
-/// Creates the context or explains, in one line, why there is none (exit code 2).
-fn new_context() -> Result<Context, ExitCode> {
-    let created = check_backend_variable()
-        .and_then(|()| Context::new_blocking().map_err(|error| error.to_string()));
+/// Checks `WGPU_BACKEND`, then runs `make`; a failure of either is explained in one line (exit
+/// code 2).
+fn create<T>(make: impl FnOnce() -> wgpu_softmax::Result<T>) -> Result<T, ExitCode> {
+    let created = check_backend_variable().and_then(|()| make().map_err(|e| e.to_string()));
     created.map_err(|error| {
         eprintln!("wgpu-softmax: {error}");
         ExitCode::from(2)
     })
+}
+
+/// Creates the context or explains, in one line, why there is none (exit code 2).
+fn new_context() -> Result<Context, ExitCode> {
+    create(Context::new_blocking)
 }
 
 /// Runs `body` with a new context, or explains, in one line, why there is none (exit code 2).
@@ -105,23 +110,17 @@ fn with_context(body: impl FnOnce(&Context) -> ExitCode) -> ExitCode {
 /// Runs `body` on the GPU, or on the CPU path where no adapter exists (said on stderr); any
 /// other failure to create the context is explained in one line (exit code 2).
 fn with_engine(body: impl FnOnce(&Engine) -> ExitCode) -> ExitCode {
-    let created = check_backend_variable()
-        .and_then(|()| Engine::new_blocking().map_err(|error| error.to_string()));
-    match created {
-        Ok(engine) => {
-            if engine.context().is_none() {
-                eprintln!(
-                    "wgpu-softmax: no GPU adapter; running on the {}",
-                    engine.describe()
-                );
-            }
-            body(&engine)
-        }
-        Err(error) => {
-            eprintln!("wgpu-softmax: {error}");
-            ExitCode::from(2)
-        }
+    let engine = match create(Engine::new_blocking) {
+        Ok(engine) => engine,
+        Err(code) => return code,
+    };
+    if engine.context().is_none() {
+        eprintln!(
+            "wgpu-softmax: no GPU adapter; running on the {}",
+            engine.describe()
+        );
     }
+    body(&engine)
 }
 
 fn info(short: bool) -> ExitCode {
