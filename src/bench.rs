@@ -440,14 +440,14 @@ impl GpuBench {
                 } else {
                     Normalization::LogSoftmax
                 };
-                let buffers = [&self.x.buffer, &self.dy.buffer, &self.out.buffer];
+                let buffers = [&self.x, &self.dy, &self.out].map(Into::into);
                 let call = backward_call(op, buffers, rows, cols);
                 gpu.kernels.backward.encode(gpu, encoder, &call, timestamps)
             }
             BenchOp::CrossEntropy => self.loss_fn.encode_tensors_timed(
                 encoder,
                 (&self.x, &self.targets, &self.loss),
-                GradDestination::Buffer(&self.out.buffer),
+                GradDestination::Buffer((&self.out).into()),
                 1.0,
                 timestamps,
             ),

@@ -56,12 +56,12 @@ pub enum Error {
         /// The length it has.
         actual: usize,
     },
-    /// A buffer smaller than the shape it is used with.
+    /// A buffer (or a region of one) smaller than the shape it is used with.
     #[error("buffer {what} holds {size} bytes, but {needed} are needed")]
     BufferTooSmall {
         /// Which argument.
         what: &'static str,
-        /// Its size in bytes.
+        /// Its size in bytes (the region's, for a [`BufferRegion`](crate::BufferRegion)).
         size: u64,
         /// The bytes the operation touches.
         needed: u64,
@@ -74,13 +74,24 @@ pub enum Error {
         /// The flags it lacks.
         missing: wgpu::BufferUsages,
     },
-    /// Two arguments that must be distinct buffers are the same buffer.
+    /// Two arguments that must be distinct buffers are the same buffer (for regions: lie in the
+    /// same buffer, whatever their ranges).
     #[error("{first} and {second} must be different buffers")]
     Aliased {
         /// The first argument.
         first: &'static str,
         /// The second argument.
         second: &'static str,
+    },
+    /// A region of a caller's buffer that does not start on an element boundary.
+    #[error("{what} starts at byte {offset} of its buffer, which is not a multiple of {align}")]
+    Misaligned {
+        /// Which argument.
+        what: &'static str,
+        /// The region's offset in bytes.
+        offset: u64,
+        /// The alignment it needs in bytes.
+        align: u64,
     },
     /// A single row does not fit in one storage binding of the device.
     #[error("a row of {cols} columns ({bytes} bytes) exceeds the device's storage binding limit of {max_binding} bytes")]

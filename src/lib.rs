@@ -9,6 +9,7 @@ mod error;
 mod kernels;
 mod ops;
 mod options;
+mod region;
 mod tolerance;
 mod training;
 mod validate;
@@ -19,6 +20,7 @@ pub use error::{Error, Result};
 pub use kernels::plan::{Capabilities, Strategy, Tuning};
 pub use ops::{Tensor, TENSOR_USAGES};
 pub use options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
+pub use region::BufferRegion;
 pub use tolerance::{Comparison, Tolerance};
 pub use training::{
     CrossEntropyBuffers, CrossEntropyLoss, GradDestination, LossAndGrad, TargetEncoding,

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::kernels::rowwise::Operand;
 use crate::kernels::rowwise::RowCall;
 use crate::kernels::Normalization;
+use crate::region::{validate_encode, BufferRegion};
 use crate::validate;
 
 /// The host forms move data in pieces of at most this many bytes, so staging memory stays bounded
@@ -382,20 +383,24 @@ impl Context {
     }
 
     /// Records `output = softmax(input)` for `rows x cols` f32 into the caller's `encoder`.
-    /// Nothing is submitted; the buffers must stay alive until the caller submits.
+    /// Nothing is submitted; the buffers must stay alive until the caller submits. `input` and
+    /// `output` are whole buffers (`&buffer`) or regions of them (`buffer.slice(offset..)`, see
+    /// [`BufferRegion`]).
     ///
     /// # Errors
     /// [`Error::MissingUsage`] unless both buffers have `STORAGE`, [`Error::BufferTooSmall`],
+    /// [`Error::Misaligned`] for a region that does not start on a multiple of 4 bytes,
     /// [`Error::Aliased`] when they are the same buffer, [`Error::ZeroCols`],
     /// [`Error::RowTooLong`].
-    pub fn encode_softmax(
+    pub fn encode_softmax<'a>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        input: &wgpu::Buffer,
-        output: &wgpu::Buffer,
+        input: impl Into<BufferRegion<'a>>,
+        output: impl Into<BufferRegion<'a>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
+        let (input, output) = (input.into(), output.into());
         self.encode_rowwise(Normalization::Softmax, encoder, input, output, rows, cols)
     }
 
@@ -403,30 +408,25 @@ impl Context {
     ///
     /// # Errors
     /// As [`Context::encode_softmax`].
-    pub fn encode_log_softmax(
+    pub fn encode_log_softmax<'a>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        input: &wgpu::Buffer,
-        output: &wgpu::Buffer,
+        input: impl Into<BufferRegion<'a>>,
+        output: impl Into<BufferRegion<'a>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.encode_rowwise(
-            Normalization::LogSoftmax,
-            encoder,
-            input,
-            output,
-            rows,
-            cols,
-        )
+        let (input, output) = (input.into(), output.into());
+        let op = Normalization::LogSoftmax;
+        self.encode_rowwise(op, encoder, input, output, rows, cols)
     }
 
     fn encode_rowwise(
         &self,
         op: Normalization,
         encoder: &mut wgpu::CommandEncoder,
-        input: &wgpu::Buffer,
-        output: &wgpu::Buffer,
+        input: BufferRegion<'_>,
+        output: BufferRegion<'_>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
@@ -437,13 +437,7 @@ impl Context {
         validate_encode(&[("input", input, bytes)], ("output", output, bytes))?;
         let gpu = &self.gpu;
         gpu.scoped(|| {
-            let call = normalize_call(
-                op,
-                Operand::matrix(input, cols),
-                Operand::matrix(output, cols),
-                rows,
-                cols,
-            );
+            let call = normalize_call(op, input.rows(cols), output.rows(cols), rows, cols);
             gpu.kernels.softmax.encode(gpu, encoder, &call, None)
         })
     }
@@ -572,58 +566,6 @@ pub(crate) fn normalize_call<'a>(
 /// the buffer-size check instead of overflowing.
 pub(crate) fn matrix_bytes(rows: usize, cols: usize) -> u64 {
     (rows as u64).saturating_mul((cols as u64).saturating_mul(4))
-}
-
-/// Checks that a caller's buffer holds `needed` bytes and has `usage`.
-/// Checks the caller's buffers of an encode form: each `(name, buffer, bytes)` needs `STORAGE`
-/// and `bytes`, and the `written` one must not also be one of the `read` ones.
-pub(crate) fn validate_encode(
-    read: &[(&'static str, &wgpu::Buffer, u64)],
-    written: (&'static str, &wgpu::Buffer, u64),
-) -> Result<()> {
-    let storage = wgpu::BufferUsages::STORAGE;
-    for &(what, buffer, bytes) in read.iter().chain([&written]) {
-        validate_buffer(what, buffer, bytes, storage)?;
-    }
-    let others: Vec<_> = read
-        .iter()
-        .map(|&(what, buffer, _)| (what, buffer))
-        .collect();
-    check_not_aliased(&others, (written.0, written.1))
-}
-
-/// [`Error::Aliased`] when the `written` buffer is one of the `others`.
-pub(crate) fn check_not_aliased(
-    others: &[(&'static str, &wgpu::Buffer)],
-    written: (&'static str, &wgpu::Buffer),
-) -> Result<()> {
-    match others.iter().find(|(_, buffer)| *buffer == written.1) {
-        Some(&(first, _)) => Err(Error::Aliased {
-            first,
-            second: written.0,
-        }),
-        None => Ok(()),
-    }
-}
-
-pub(crate) fn validate_buffer(
-    what: &'static str,
-    buffer: &wgpu::Buffer,
-    needed: u64,
-    usage: wgpu::BufferUsages,
-) -> Result<()> {
-    let missing = usage - buffer.usage();
-    if !missing.is_empty() {
-        return Err(Error::MissingUsage { what, missing });
-    }
-    if buffer.size() < needed {
-        return Err(Error::BufferTooSmall {
-            what,
-            size: buffer.size(),
-            needed,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

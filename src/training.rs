@@ -8,11 +8,9 @@ use crate::cpu::CrossEntropyOutput;
 use crate::error::{Error, Result};
 use crate::kernels::rowwise::{Operand, RowCall};
 use crate::kernels::Normalization;
-use crate::ops::{
-    check_not_aliased, host_blocks, matrix_bytes, validate_buffer, validate_encode, Tensor,
-    TENSOR_USAGES,
-};
+use crate::ops::{host_blocks, matrix_bytes, Tensor, TENSOR_USAGES};
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
+use crate::region::{check_not_aliased, validate_encode, validate_region, BufferRegion};
 use crate::validate::{self, CrossEntropyTargets, UpstreamGrad, IGNORED_ROW};
 
 // ------------------------------------------------------------------------------------------------
@@ -148,7 +146,7 @@ impl Context {
                     0,
                     bytemuck::cast_slice(&grad_output[range.clone()]),
                 );
-                let call = backward_call(op, [y_buf, &dy_buf, dx_buf], n, cols);
+                let call = backward_call(op, [y_buf, &dy_buf, dx_buf].map(Into::into), n, cols);
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 gpu.kernels
                     .backward
@@ -165,21 +163,23 @@ impl Context {
 
     /// Records `grad_input = softmax_backward(y, grad_output)` for `rows x cols` into the caller's
     /// `encoder`. All three buffers need `STORAGE`; `grad_input` must differ from the others.
+    /// Each is a whole buffer or a region of one ([`BufferRegion`]); `y` and `grad_output` may
+    /// be regions of one buffer.
     ///
     /// # Errors
-    /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Aliased`],
-    /// [`Error::ZeroCols`], [`Error::RowTooLong`].
-    pub fn encode_softmax_backward(
+    /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Misaligned`],
+    /// [`Error::Aliased`], [`Error::ZeroCols`], [`Error::RowTooLong`].
+    pub fn encode_softmax_backward<'a>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        y: &wgpu::Buffer,
-        grad_output: &wgpu::Buffer,
-        grad_input: &wgpu::Buffer,
+        y: impl Into<BufferRegion<'a>>,
+        grad_output: impl Into<BufferRegion<'a>>,
+        grad_input: impl Into<BufferRegion<'a>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        let op = Normalization::Softmax;
-        self.encode_backward(op, encoder, [y, grad_output, grad_input], rows, cols)
+        let regions = [y.into(), grad_output.into(), grad_input.into()];
+        self.encode_backward(Normalization::Softmax, encoder, regions, rows, cols)
     }
 
     /// Records `grad_input = log_softmax_backward(y, grad_output)`; see
@@ -187,24 +187,24 @@ impl Context {
     ///
     /// # Errors
     /// As [`Context::encode_softmax_backward`].
-    pub fn encode_log_softmax_backward(
+    pub fn encode_log_softmax_backward<'a>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        y: &wgpu::Buffer,
-        grad_output: &wgpu::Buffer,
-        grad_input: &wgpu::Buffer,
+        y: impl Into<BufferRegion<'a>>,
+        grad_output: impl Into<BufferRegion<'a>>,
+        grad_input: impl Into<BufferRegion<'a>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        let op = Normalization::LogSoftmax;
-        self.encode_backward(op, encoder, [y, grad_output, grad_input], rows, cols)
+        let regions = [y.into(), grad_output.into(), grad_input.into()];
+        self.encode_backward(Normalization::LogSoftmax, encoder, regions, rows, cols)
     }
 
     fn encode_backward(
         &self,
         op: Normalization,
         encoder: &mut wgpu::CommandEncoder,
-        [y, dy, dx]: [&wgpu::Buffer; 3],
+        [y, dy, dx]: [BufferRegion<'_>; 3],
         rows: usize,
         cols: usize,
     ) -> Result<()> {
@@ -226,18 +226,14 @@ impl Context {
 
 pub(crate) fn backward_call<'a>(
     op: Normalization,
-    [y, dy, dx]: [&'a wgpu::Buffer; 3],
+    [y, dy, dx]: [BufferRegion<'a>; 3],
     rows: usize,
     cols: usize,
 ) -> RowCall<'a> {
     RowCall {
         rows,
         cols,
-        operands: vec![
-            Operand::matrix(y, cols),
-            Operand::matrix(dy, cols),
-            Operand::matrix(dx, cols),
-        ],
+        operands: vec![y.rows(cols), dy.rows(cols), dx.rows(cols)],
         constants: vec![op.constant()],
         words: [0; 4],
         extra: 0,
@@ -269,12 +265,8 @@ impl Tensor {
         let out = ctx.empty(self.rows, self.cols)?;
         let gpu = &ctx.gpu;
         gpu.scoped(|| {
-            let call = backward_call(
-                op,
-                [&self.buffer, &grad_output.buffer, &out.buffer],
-                self.rows,
-                self.cols,
-            );
+            let tensors = [self, grad_output, &out].map(Into::into);
+            let call = backward_call(op, tensors, self.rows, self.cols);
             submit(gpu, |encoder| {
                 gpu.kernels.backward.encode(gpu, encoder, &call, None)
             })
@@ -295,14 +287,8 @@ impl Tensor {
         let gpu = &ctx.gpu;
         gpu.scoped(|| {
             submit(gpu, |encoder| {
-                encode_jacobian(
-                    gpu,
-                    encoder,
-                    &self.buffer,
-                    &out.buffer,
-                    self.rows,
-                    self.cols,
-                )
+                let (x, out) = (self.into(), (&out).into());
+                encode_jacobian(gpu, encoder, x, out, self.rows, self.cols)
             })
         })?;
         Ok(out)
@@ -314,8 +300,8 @@ impl Tensor {
 fn encode_jacobian(
     gpu: &Gpu,
     encoder: &mut wgpu::CommandEncoder,
-    x: &wgpu::Buffer,
-    out: &wgpu::Buffer,
+    x: BufferRegion<'_>,
+    out: BufferRegion<'_>,
     rows: usize,
     cols: usize,
 ) -> Result<()> {
@@ -330,7 +316,7 @@ fn encode_jacobian(
     })?;
     let softmax = crate::ops::normalize_call(
         Normalization::Softmax,
-        Operand::matrix(x, cols),
+        x.rows(cols),
         Operand::matrix(&probs, cols),
         rows,
         cols,
@@ -339,10 +325,7 @@ fn encode_jacobian(
     let call = RowCall {
         rows,
         cols,
-        operands: vec![
-            Operand::matrix(&probs, cols),
-            Operand::matrix(out, cols * cols),
-        ],
+        operands: vec![Operand::matrix(&probs, cols), out.rows(cols * cols)],
         constants: Vec::new(),
         words: [0; 4],
         extra: 0,
@@ -413,7 +396,8 @@ impl Context {
                 gpu.queue
                     .write_buffer(&scratch.input, 0, bytemuck::cast_slice(rows_in));
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                encode_jacobian(gpu, &mut encoder, &scratch.input, &scratch.output, n, cols)?;
+                let (x, out) = ((&scratch.input).into(), (&scratch.output).into());
+                encode_jacobian(gpu, &mut encoder, x, out, n, cols)?;
                 encoder.copy_buffer_to_buffer(
                     &scratch.output,
                     0,
@@ -432,19 +416,21 @@ impl Context {
     }
 
     /// Records `output = softmax_jacobian(input)` for `rows x cols` into the caller's `encoder`:
-    /// `output` holds `rows * cols * cols` f32. Both buffers need `STORAGE`.
+    /// `output` holds `rows * cols * cols` f32. Both buffers need `STORAGE`; each is a whole
+    /// buffer or a region of one ([`BufferRegion`]).
     ///
     /// # Errors
     /// [`Error::JacobianTooWide`], [`Error::MissingUsage`], [`Error::BufferTooSmall`],
-    /// [`Error::Aliased`], [`Error::ZeroCols`].
-    pub fn encode_softmax_jacobian(
+    /// [`Error::Misaligned`], [`Error::Aliased`], [`Error::ZeroCols`].
+    pub fn encode_softmax_jacobian<'a>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        input: &wgpu::Buffer,
-        output: &wgpu::Buffer,
+        input: impl Into<BufferRegion<'a>>,
+        output: impl Into<BufferRegion<'a>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
+        let (input, output) = (input.into(), output.into());
         let len = rows.checked_mul(cols).ok_or(Error::ShapeTooLarge {
             what: "rows",
             value: rows,
@@ -530,19 +516,21 @@ pub enum TargetEncoding {
     Probabilities,
 }
 
-/// The buffers of one [`CrossEntropyLoss::encode`] call, all of the caller's.
+/// The buffers of one [`CrossEntropyLoss::encode`] call, all of the caller's: each a whole
+/// buffer (`(&buffer).into()`) or a region of one (`buffer.slice(offset..).into()`, see
+/// [`BufferRegion`]).
 #[derive(Debug, Clone, Copy)]
 pub struct CrossEntropyBuffers<'a> {
     /// `rows x cols` f32 logits (`STORAGE`).
-    pub logits: &'a wgpu::Buffer,
+    pub logits: BufferRegion<'a>,
     /// The targets (`STORAGE`), encoded as `target_encoding` says.
-    pub targets: &'a wgpu::Buffer,
+    pub targets: BufferRegion<'a>,
     /// How `targets` is encoded.
     pub target_encoding: TargetEncoding,
     /// Receives the loss: one f32 for `Mean` and `Sum`, `rows` for `None` (`STORAGE`; for `Mean`
     /// and `Sum`, `STORAGE` to have the loss written into it, or else `COPY_DST` to have it
     /// copied into it, one more command).
-    pub loss: &'a wgpu::Buffer,
+    pub loss: BufferRegion<'a>,
     /// Where the gradient goes.
     pub grad: GradDestination<'a>,
     /// Rows of the batch.
@@ -554,8 +542,8 @@ pub struct CrossEntropyBuffers<'a> {
 pub enum GradDestination<'a> {
     /// No gradient: the loss alone.
     None,
-    /// Into this `rows x cols` buffer (`STORAGE`).
-    Buffer(&'a wgpu::Buffer),
+    /// Into this `rows x cols` buffer or region (`STORAGE`).
+    Buffer(BufferRegion<'a>),
     /// Over the logits.
     InPlace,
 }
@@ -855,13 +843,13 @@ impl Context {
                     }
                     let job = Job {
                         rows: n,
-                        logits: x_buf,
-                        targets: t_buf,
+                        logits: x_buf.into(),
+                        targets: t_buf.into(),
                         probabilities,
                         divisor: None,
-                        loss: loss_buf,
+                        loss: loss_buf.into(),
                         grad: if want_grad {
-                            GradTarget::Buffer(grad_buf)
+                            GradTarget::Buffer(grad_buf.into())
                         } else {
                             GradTarget::None
                         },
@@ -1023,7 +1011,7 @@ impl CrossEntropyLoss {
             logits,
             targets,
             &loss,
-            GradTarget::Buffer(&grad.buffer),
+            GradTarget::Buffer((&grad).into()),
             upstream,
         )?;
         Ok(LossAndGrad { loss, grad })
@@ -1052,8 +1040,9 @@ impl CrossEntropyLoss {
     /// per row). The loss's `ignore_index` must fit in `i32` for index targets.
     ///
     /// # Errors
-    /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Aliased`] for a gradient
-    /// buffer that is also an input or a loss buffer that is any other operand,
+    /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Misaligned`],
+    /// [`Error::Aliased`] for a gradient buffer that is also an input's or a loss buffer that
+    /// is any other operand's (regions of one buffer count as the same buffer),
     /// [`Error::ShapeTooLarge`] for an `ignore_index` outside
     /// `i32`, [`Error::RowTooLong`].
     pub fn encode(
@@ -1105,14 +1094,14 @@ impl CrossEntropyLoss {
         };
         validate::same_len("loss", loss_rows, loss.rows * loss.cols)?;
         let buffers = CrossEntropyBuffers {
-            logits: &logits.buffer,
-            targets: &targets.buffer,
+            logits: logits.into(),
+            targets: (&targets.buffer).into(),
             target_encoding: if targets.probabilities {
                 TargetEncoding::Probabilities
             } else {
                 TargetEncoding::Indices
             },
-            loss: &loss.buffer,
+            loss: loss.into(),
             grad,
             rows: logits.rows,
         };
@@ -1141,15 +1130,19 @@ impl CrossEntropyLoss {
         } else {
             wgpu::BufferUsages::empty()
         };
-        validate_buffer("logits", buffers.logits, matrix_bytes, storage | grad_usage)?;
+        validate_region("logits", buffers.logits, matrix_bytes, storage | grad_usage)?;
         let (target_bytes, probabilities) = match buffers.target_encoding {
             TargetEncoding::Indices => (vector_bytes, false),
             TargetEncoding::Probabilities => (matrix_bytes, true),
         };
-        validate_buffer("targets", buffers.targets, target_bytes, storage)?;
+        validate_region("targets", buffers.targets, target_bytes, storage)?;
         // A reduced loss is written into a buffer bound for storage, or else copied into it.
         let loss_usage = if self.reduction == Reduction::None
-            || !buffers.loss.usage().contains(wgpu::BufferUsages::COPY_DST)
+            || !buffers
+                .loss
+                .buffer()
+                .usage()
+                .contains(wgpu::BufferUsages::COPY_DST)
         {
             storage
         } else {
@@ -1159,7 +1152,7 @@ impl CrossEntropyLoss {
             Reduction::None => vector_bytes,
             _ => 4,
         };
-        validate_buffer("loss", buffers.loss, loss_bytes, loss_usage)?;
+        validate_region("loss", buffers.loss, loss_bytes, loss_usage)?;
         let mut operands = vec![("logits", buffers.logits), ("targets", buffers.targets)];
         if let GradDestination::Buffer(grad) = buffers.grad {
             operands.push(("grad", grad));
@@ -1251,11 +1244,11 @@ impl CrossEntropyLoss {
             };
             let job = Job {
                 rows: logits.rows,
-                logits: &logits.buffer,
-                targets: &targets.buffer,
+                logits: logits.into(),
+                targets: (&targets.buffer).into(),
                 probabilities: targets.probabilities,
                 divisor: self.divisor_of(targets),
-                loss: &loss.buffer,
+                loss: loss.into(),
                 grad,
                 upstream: match (&per_row, upstream) {
                     (Some(buffer), _) => Upstream::PerRow(buffer),
@@ -1287,9 +1280,11 @@ impl CrossEntropyLoss {
         if reduced {
             check_reducible_rows(gpu, job.rows)?;
         }
+        // A reduced loss's per-row losses go into a buffer of the loss's own.
+        let cached_rows;
         let loss_rows = if reduced {
             let needed = matrix_bytes(job.rows, 1);
-            cached_buffer(&gpu.device, &self.loss_rows, needed, || {
+            cached_rows = cached_buffer(&gpu.device, &self.loss_rows, needed, || {
                 gpu.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("wgpu-softmax row losses"),
                     size: needed
@@ -1299,26 +1294,22 @@ impl CrossEntropyLoss {
                     usage: TENSOR_USAGES,
                     mapped_at_creation: false,
                 })
-            })?
+            })?;
+            (&cached_rows).into()
         } else {
-            job.loss.clone()
+            job.loss
         };
         // Four words: vec4 kernels declare the logits and gradient bindings as vec4 arrays.
         let unused_read = || Operand::shared(&gpu.unused_read, 4);
         let (logits, grad, in_place, want_grad) = match job.grad {
             GradTarget::None => (
-                Operand::matrix(job.logits, cols),
+                job.logits.rows(cols),
                 Operand::shared(&gpu.unused_write, 4),
                 false,
                 false,
             ),
-            GradTarget::Buffer(grad) => (
-                Operand::matrix(job.logits, cols),
-                Operand::matrix(grad, cols),
-                false,
-                true,
-            ),
-            GradTarget::InPlace => (unused_read(), Operand::matrix(job.logits, cols), true, true),
+            GradTarget::Buffer(grad) => (job.logits.rows(cols), grad.rows(cols), false, true),
+            GradTarget::InPlace => (unused_read(), job.logits.rows(cols), true, true),
         };
         let (grad_output, per_row, scalar) = match &job.upstream {
             Upstream::Scalar(g) => (unused_read(), false, *g),
@@ -1329,13 +1320,13 @@ impl CrossEntropyLoss {
             cols,
             operands: vec![
                 logits,
-                Operand::matrix(job.targets, if job.probabilities { cols } else { 1 }),
+                job.targets.rows(if job.probabilities { cols } else { 1 }),
                 match &self.weight {
                     Some(w) => Operand::shared(w, cols),
                     None => unused_read(),
                 },
                 grad_output,
-                Operand::matrix(&loss_rows, 1),
+                loss_rows.rows(1),
                 grad,
                 Operand::shared(&self.stats, 2),
             ],
@@ -1375,14 +1366,18 @@ impl CrossEntropyLoss {
         // (`Tuning::loss_tally`) where one dispatch of it covers the call and its workgroups are
         // few enough (`loss_tally` at most) for one to read all their sums, and by a batch sum
         // over the rows' stored losses otherwise.
-        let direct = job.loss.usage().contains(wgpu::BufferUsages::STORAGE);
+        let direct = job
+            .loss
+            .buffer()
+            .usage()
+            .contains(wgpu::BufferUsages::STORAGE);
         let row_tally = reduced
             && direct
             && gpu.tuning.loss_tally != 0
             && family.can_tally(gpu, &call, gpu.tuning.loss_tally)?;
         let mut call = call;
         if row_tally {
-            call.operands[LOSS_ROWS_OPERAND] = Operand::shared(job.loss, 1);
+            call.operands[LOSS_ROWS_OPERAND] = job.loss.shared(1);
             call.tally = true;
         }
         let mut dispatches = Vec::new();
@@ -1394,7 +1389,7 @@ impl CrossEntropyLoss {
         if reduced && !row_tally {
             let mut sum = call.clone();
             if direct {
-                sum.operands[GRAD_OPERAND] = Operand::shared(job.loss, 1);
+                sum.operands[GRAD_OPERAND] = job.loss.shared(1);
             }
             dispatches.extend(family.batch_sum(
                 gpu,
@@ -1405,7 +1400,8 @@ impl CrossEntropyLoss {
         }
         family.record(gpu, encoder, &dispatches, timestamps)?;
         if reduced && !direct {
-            encoder.copy_buffer_to_buffer(&self.stats, 4, job.loss, 0, 4);
+            let loss = job.loss;
+            encoder.copy_buffer_to_buffer(&self.stats, 4, loss.buffer(), loss.offset(), 4);
         }
         Ok(())
     }
@@ -1443,7 +1439,7 @@ fn check_reducible_rows(gpu: &Gpu, rows: usize) -> Result<()> {
 #[derive(Clone, Copy)]
 enum GradTarget<'a> {
     None,
-    Buffer(&'a wgpu::Buffer),
+    Buffer(BufferRegion<'a>),
     InPlace,
 }
 
@@ -1463,12 +1459,12 @@ struct Uploaded {
 /// Everything one recorded cross-entropy call needs, whoever owns the buffers.
 struct Job<'a> {
     rows: usize,
-    logits: &'a wgpu::Buffer,
-    targets: &'a wgpu::Buffer,
+    logits: BufferRegion<'a>,
+    targets: BufferRegion<'a>,
     probabilities: bool,
     /// The divisor of a `Mean`, where the host knows it: no pass then finds it on the device.
     divisor: Option<f64>,
-    loss: &'a wgpu::Buffer,
+    loss: BufferRegion<'a>,
     grad: GradTarget<'a>,
     upstream: Upstream<'a>,
     /// Index targets equal to this are ignored.

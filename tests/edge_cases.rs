@@ -478,11 +478,11 @@ fn encode_empty_loss(ctx: &Context, loss_fn: &CrossEntropyLoss) -> Vec<f32> {
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let mut encoder = device.create_command_encoder(&Default::default());
     let buffers = CrossEntropyBuffers {
-        logits: &logits,
-        targets: &targets,
+        logits: (&logits).into(),
+        targets: (&targets).into(),
         target_encoding: TargetEncoding::Indices,
-        loss: loss.buffer(),
-        grad: GradDestination::Buffer(&grad),
+        loss: loss.buffer().into(),
+        grad: GradDestination::Buffer((&grad).into()),
         rows: 0,
     };
     loss_fn.encode(&mut encoder, buffers, 1.0).unwrap();

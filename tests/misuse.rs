@@ -288,15 +288,15 @@ fn callers_buffers_are_checked_for_size_and_usage() {
             let loss_fn = ctx.cross_entropy_loss(10, &options).unwrap();
             let loss = buffer(ctx, 40, storage | wgpu::BufferUsages::COPY_DST);
             let buffers = CrossEntropyBuffers {
-                logits: &good,
-                targets: &other,
+                logits: (&good).into(),
+                targets: (&other).into(),
                 target_encoding: TargetEncoding::Indices,
-                loss: &loss,
-                grad: GradDestination::Buffer(&out),
+                loss: (&loss).into(),
+                grad: GradDestination::Buffer((&out).into()),
                 rows: 10,
             };
             let no_usage = CrossEntropyBuffers {
-                logits: &copy_only,
+                logits: (&copy_only).into(),
                 ..buffers
             };
             assert!(matches!(
@@ -305,7 +305,7 @@ fn callers_buffers_are_checked_for_size_and_usage() {
             ));
             let short_probabilities = CrossEntropyBuffers {
                 target_encoding: TargetEncoding::Probabilities,
-                targets: &small,
+                targets: (&small).into(),
                 ..buffers
             };
             assert!(matches!(
@@ -316,7 +316,7 @@ fn callers_buffers_are_checked_for_size_and_usage() {
                 })
             ));
             let in_place_read_only = CrossEntropyBuffers {
-                logits: &copy_only,
+                logits: (&copy_only).into(),
                 grad: GradDestination::InPlace,
                 ..buffers
             };
@@ -327,7 +327,7 @@ fn callers_buffers_are_checked_for_size_and_usage() {
             if reduction == Reduction::None {
                 // The per-row loss written over the logits or into the gradient's buffer.
                 let over_logits = CrossEntropyBuffers {
-                    loss: &good,
+                    loss: (&good).into(),
                     ..buffers
                 };
                 assert!(matches!(
@@ -338,7 +338,7 @@ fn callers_buffers_are_checked_for_size_and_usage() {
                     })
                 ));
                 let over_grad = CrossEntropyBuffers {
-                    loss: &out,
+                    loss: (&out).into(),
                     ..buffers
                 };
                 assert!(matches!(
@@ -365,10 +365,10 @@ fn callers_buffers_are_checked_for_size_and_usage() {
             .unwrap();
         let readable_only = buffer(ctx, 4, wgpu::BufferUsages::COPY_SRC);
         let buffers = CrossEntropyBuffers {
-            logits: &good,
-            targets: &other,
+            logits: (&good).into(),
+            targets: (&other).into(),
             target_encoding: TargetEncoding::Indices,
-            loss: &readable_only,
+            loss: (&readable_only).into(),
             grad: GradDestination::None,
             rows: 10,
         };

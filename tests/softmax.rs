@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    assert_same_bits, logits, one_pass_contexts, small_limits_context, strategy_tunings, tuned,
-    with_gpu, ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES, SHAPES,
+    assert_same_bits, logits, one_pass_contexts, read_buffer, small_limits_context,
+    strategy_tunings, tuned, with_gpu, ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES, SHAPES,
 };
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
@@ -369,27 +369,6 @@ fn encode_form_records_into_the_callers_encoder() {
             .compare(&read(&lsm), &reference::log_softmax(&x, cols).unwrap())
             .passed());
     });
-}
-
-fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
-    let device = ctx.device();
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: (len * 4) as u64,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, (len * 4) as u64);
-    ctx.queue().submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .expect("poll");
-    let view = staging.slice(..).get_mapped_range().expect("mapped");
-    bytemuck::cast_slice(&view).to_vec()
 }
 
 #[test]

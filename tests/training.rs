@@ -391,11 +391,11 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
                         let raw = raw.unwrap();
                         let got = recorded_loss_and_grad(ctx, &t, |encoder, loss, grad| {
                             let buffers = CrossEntropyBuffers {
-                                logits: t.buffer(),
-                                targets: raw.buffer(),
+                                logits: t.buffer().into(),
+                                targets: raw.buffer().into(),
                                 target_encoding: encoding,
-                                loss: loss.buffer(),
-                                grad: GradDestination::Buffer(grad.buffer()),
+                                loss: loss.buffer().into(),
+                                grad: GradDestination::Buffer(grad.buffer().into()),
                                 rows,
                             };
                             loss_fn.encode(encoder, buffers, 0.5).unwrap();
@@ -406,7 +406,7 @@ fn device_reductions_match_the_reference_on_every_batch_size() {
                         }
                         // Recorded into an encoder, as the device-resident form.
                         let got = recorded_loss_and_grad(ctx, &t, |encoder, loss, grad| {
-                            let grad = GradDestination::Buffer(grad.buffer());
+                            let grad = GradDestination::Buffer(grad.buffer().into());
                             loss_fn
                                 .encode_tensors(encoder, &t, &targets_t, loss, grad, 0.5)
                                 .unwrap();
@@ -901,11 +901,11 @@ fn encode_form_writes_the_callers_buffers() {
         let grad = ctx.empty(rows, cols).unwrap();
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         let buffers = CrossEntropyBuffers {
-            logits: logits_t.buffer(),
-            targets: targets.buffer(),
+            logits: logits_t.buffer().into(),
+            targets: targets.buffer().into(),
             target_encoding: TargetEncoding::Indices,
-            loss: loss.buffer(),
-            grad: GradDestination::Buffer(grad.buffer()),
+            loss: loss.buffer().into(),
+            grad: GradDestination::Buffer(grad.buffer().into()),
             rows,
         };
         loss_fn.encode(&mut encoder, buffers, 2.0).unwrap();
@@ -949,7 +949,7 @@ fn encode_form_writes_the_callers_buffers() {
                 let seen = ctx.empty(1, 1).unwrap();
                 let mut encoder = ctx.device().create_command_encoder(&Default::default());
                 let buffers = CrossEntropyBuffers {
-                    loss: &loss,
+                    loss: (&loss).into(),
                     grad: GradDestination::None,
                     ..buffers
                 };
@@ -962,7 +962,7 @@ fn encode_form_writes_the_callers_buffers() {
         }
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         let aliased = CrossEntropyBuffers {
-            grad: GradDestination::Buffer(logits_t.buffer()),
+            grad: GradDestination::Buffer(logits_t.buffer().into()),
             ..buffers
         };
         assert!(matches!(
@@ -971,7 +971,7 @@ fn encode_form_writes_the_callers_buffers() {
         ));
         let small = ctx.empty(1, 1).unwrap();
         let bad = CrossEntropyBuffers {
-            grad: GradDestination::Buffer(small.buffer()),
+            grad: GradDestination::Buffer(small.buffer().into()),
             ..buffers
         };
         assert!(matches!(
@@ -993,7 +993,7 @@ fn encode_form_writes_the_callers_buffers() {
             loss_fn.encode_tensors(&mut encoder, &logits_t, &short, &loss, none, 1.0),
             Err(Error::LengthMismatch { .. })
         ));
-        let small_grad = GradDestination::Buffer(small.buffer());
+        let small_grad = GradDestination::Buffer(small.buffer().into());
         assert!(matches!(
             loss_fn.encode_tensors(&mut encoder, &logits_t, &uploaded, &loss, small_grad, 1.0),
             Err(Error::BufferTooSmall { what: "grad", .. })

@@ -368,10 +368,10 @@ impl GpuModel {
 
     fn loss_buffers<'a>(&'a self, grad: GradDestination<'a>) -> CrossEntropyBuffers<'a> {
         CrossEntropyBuffers {
-            logits: &self.logits,
-            targets: &self.labels,
+            logits: (&self.logits).into(),
+            targets: (&self.labels).into(),
             target_encoding: TargetEncoding::Indices,
-            loss: &self.loss,
+            loss: (&self.loss).into(),
             grad,
             rows: self.rows,
         }

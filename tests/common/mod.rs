@@ -391,3 +391,25 @@ pub fn device_softmax_and_backward(
         .unwrap();
     (y.to_vec().unwrap(), dx)
 }
+
+/// The first `len` f32 of `buffer` (which needs `COPY_SRC`), after everything submitted.
+pub fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
+    let device = ctx.device();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: (len * 4) as u64,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, (len * 4) as u64);
+    ctx.queue().submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    let view = staging.slice(..).get_mapped_range().expect("mapped");
+    bytemuck::cast_slice(&view).to_vec()
+}

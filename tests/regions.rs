@@ -1,0 +1,485 @@
+//! The encode forms on regions of the caller's buffers (`buffer.slice(offset..)`): every op reads
+//! its operands from their regions and writes its results into theirs and nowhere else, at word
+//! offsets that are and are not 16-byte (vec4) or storage-offset aligned, and refuses regions
+//! that are misaligned, too small, or in the buffer of another operand it writes.
+
+mod common;
+
+use std::ops::Range;
+
+use common::{logits, read_buffer, with_gpu};
+use wgpu::util::DeviceExt;
+use wgpu_softmax::{
+    BufferRegion, Context, CrossEntropyBuffers, CrossEntropyOptions, Error, GradDestination,
+    GradOutput, Reduction, Strategy, TargetEncoding, Targets, Tolerance,
+};
+
+/// What every word of an arena holds before an op runs, outside the operands.
+const GUARD: u32 = 0xDEAD_BEEF;
+
+/// Shapes over the kernel layouts: short rows, vec4 rows, scalar rows, and split rows.
+const SHAPES: [(usize, usize); 4] = [(3, 5), (9, 256), (33, 130), (2, 70_000)];
+
+/// One buffer of the caller's holding operands at given word offsets, [`GUARD`] elsewhere.
+struct Arena {
+    buffer: wgpu::Buffer,
+    words: Vec<u32>,
+}
+
+impl Arena {
+    /// An arena of `len` words with each `(offset, data)` placed at its word offset.
+    fn new(
+        ctx: &Context,
+        len: usize,
+        parts: &[(usize, &[u32])],
+        usage: wgpu::BufferUsages,
+    ) -> Self {
+        let mut words = vec![GUARD; len];
+        for &(offset, data) in parts {
+            words[offset..offset + data.len()].copy_from_slice(data);
+        }
+        let buffer = ctx
+            .device()
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("arena"),
+                contents: bytemuck::cast_slice(&words),
+                usage: usage | wgpu::BufferUsages::COPY_SRC,
+            });
+        Self { buffer, words }
+    }
+
+    /// The region of `len` words at word `offset`.
+    fn region(&self, offset: usize, len: usize) -> BufferRegion<'_> {
+        self.buffer
+            .slice((offset * 4) as u64..((offset + len) * 4) as u64)
+            .into()
+    }
+
+    /// The region of bytes `range`, which need not start on a word.
+    fn bytes(&self, range: Range<u64>) -> BufferRegion<'_> {
+        self.buffer.slice(range).into()
+    }
+
+    /// Reads the arena back, asserts that no word outside `written` (word offset, length)
+    /// changed, and returns the words of each of `written` as f32.
+    fn written(&self, ctx: &Context, written: &[(usize, usize)], what: &str) -> Vec<Vec<f32>> {
+        let written: Vec<Range<usize>> = written.iter().map(|&(at, len)| at..at + len).collect();
+        let now: Vec<u32> = read_buffer(ctx, &self.buffer, self.words.len())
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        for (i, (&before, &after)) in self.words.iter().zip(&now).enumerate() {
+            if !written.iter().any(|range| range.contains(&i)) {
+                assert_eq!(
+                    before, after,
+                    "{what}: word {i} outside the regions changed"
+                );
+            }
+        }
+        written
+            .iter()
+            .map(|range| {
+                now[range.clone()]
+                    .iter()
+                    .map(|&w| f32::from_bits(w))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Word offsets for an input and an output: unaligned, 16-byte aligned, and around the device's
+/// storage-offset alignment.
+fn offset_pairs(ctx: &Context) -> Vec<(usize, usize)> {
+    let align = ctx.device().limits().min_storage_buffer_offset_alignment as usize / 4;
+    vec![
+        (1, 3),
+        (4, 8),
+        (align, align + 5),
+        (align + 3, 2 * align + 4),
+    ]
+}
+
+fn usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST
+}
+
+/// Asserts `got` is within `tolerance` of `want` (a whole-buffer result), and bitwise equal to
+/// it where every operand starts on 16 bytes, since the kernels are then the same.
+fn check(got: &[f32], want: &[f32], tolerance: Tolerance, same_kernel: bool, what: &str) {
+    let want64: Vec<f64> = want.iter().map(|&v| f64::from(v)).collect();
+    let cmp = tolerance.compare(got, &want64);
+    assert!(cmp.passed(), "{what}: {cmp:?}");
+    if same_kernel {
+        assert_eq!(
+            bits(got),
+            bits(want),
+            "{what}: bits differ from the whole-buffer form"
+        );
+    }
+}
+
+#[test]
+fn the_split_shape_splits() {
+    with_gpu(|ctx| {
+        let (rows, cols) = SHAPES[3];
+        assert!(
+            matches!(ctx.strategy(rows, cols), Strategy::SplitRow { .. }),
+            "{rows}x{cols} should take split rows here, not {}",
+            ctx.strategy(rows, cols)
+        );
+    });
+}
+
+#[test]
+fn forward_ops_read_and_write_only_their_regions() {
+    with_gpu(|ctx| {
+        for (rows, cols) in SHAPES {
+            let n = rows * cols;
+            let x = logits(rows, cols, 3.0, (rows * cols) as u64);
+            let want_sm = ctx.softmax(&x, cols).unwrap();
+            let want_lsm = ctx.log_softmax(&x, cols).unwrap();
+            for (a, b) in offset_pairs(ctx) {
+                let what = format!("{rows}x{cols} at words {a} -> {b}");
+                let input = Arena::new(ctx, a + n + 7, &[(a, &bits(&x))], usage());
+                let output = Arena::new(ctx, b + 2 * n + 9, &[], usage());
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                let (x_region, sm, lsm) = (
+                    input.region(a, n),
+                    output.region(b, n),
+                    output.region(b + n, n),
+                );
+                ctx.encode_softmax(&mut encoder, x_region, sm, rows, cols)
+                    .unwrap();
+                // The log-softmax right after the softmax, in the same output buffer.
+                let mut second = ctx.device().create_command_encoder(&Default::default());
+                ctx.encode_log_softmax(&mut second, x_region, lsm, rows, cols)
+                    .unwrap();
+                ctx.queue().submit([encoder.finish(), second.finish()]);
+                let _ = input.written(ctx, &[], &what);
+                let got = output.written(ctx, &[(b, n), (b + n, n)], &what);
+                let aligned = a % 4 == 0 && b % 4 == 0 && n % 4 == 0;
+                check(&got[0], &want_sm, Tolerance::SOFTMAX, aligned, &what);
+                check(&got[1], &want_lsm, Tolerance::LOG_SOFTMAX, aligned, &what);
+            }
+        }
+    });
+}
+
+#[test]
+fn backward_ops_and_the_jacobian_read_and_write_only_their_regions() {
+    with_gpu(|ctx| {
+        for (rows, cols) in SHAPES {
+            let n = rows * cols;
+            let y = ctx.softmax(&logits(rows, cols, 2.0, 5), cols).unwrap();
+            let dy = logits(rows, cols, 1.0, 6);
+            let want = ctx.softmax_backward(&y, &dy, cols).unwrap();
+            let log_y = ctx.log_softmax(&logits(rows, cols, 2.0, 7), cols).unwrap();
+            let want_log = ctx.log_softmax_backward(&log_y, &dy, cols).unwrap();
+            let jacobian = (cols <= 256).then(|| ctx.softmax_jacobian(&y, cols).unwrap());
+            for (a, b) in offset_pairs(ctx) {
+                let what = format!("{rows}x{cols} at words {a} -> {b}");
+                // y and dy are two regions of one buffer: reading both is allowed.
+                let (y_at, dy_at, log_y_at) = (a, a + n + 1, a + 2 * n + 2);
+                let inputs = Arena::new(
+                    ctx,
+                    a + 3 * n + 5,
+                    &[
+                        (y_at, &bits(&y)),
+                        (dy_at, &bits(&dy)),
+                        (log_y_at, &bits(&log_y)),
+                    ],
+                    usage(),
+                );
+                let jac_len = jacobian.as_ref().map_or(0, Vec::len);
+                let output = Arena::new(ctx, b + 2 * n + jac_len + 3, &[], usage());
+                let (dx_at, ldx_at, jac_at) = (b, b + n, b + 2 * n);
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                ctx.encode_softmax_backward(
+                    &mut encoder,
+                    inputs.region(y_at, n),
+                    inputs.region(dy_at, n),
+                    output.region(dx_at, n),
+                    rows,
+                    cols,
+                )
+                .unwrap();
+                ctx.queue().submit([encoder.finish()]);
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                ctx.encode_log_softmax_backward(
+                    &mut encoder,
+                    inputs.region(log_y_at, n),
+                    inputs.region(dy_at, n),
+                    output.region(ldx_at, n),
+                    rows,
+                    cols,
+                )
+                .unwrap();
+                if jacobian.is_some() {
+                    ctx.encode_softmax_jacobian(
+                        &mut encoder,
+                        inputs.region(y_at, n),
+                        output.region(jac_at, jac_len),
+                        rows,
+                        cols,
+                    )
+                    .unwrap();
+                }
+                ctx.queue().submit([encoder.finish()]);
+                let _ = inputs.written(ctx, &[], &what);
+                let ranges = [(dx_at, n), (ldx_at, n), (jac_at, jac_len)];
+                let got = output.written(ctx, &ranges, &what);
+                let aligned = [y_at, dy_at, log_y_at, b, b + n].iter().all(|o| o % 4 == 0);
+                check(&got[0], &want, Tolerance::SOFTMAX, aligned, &what);
+                check(&got[1], &want_log, Tolerance::LOG_SOFTMAX, aligned, &what);
+                if let Some(want_jac) = &jacobian {
+                    // The Jacobian's softmax pass goes through a buffer of the context's own.
+                    let same = aligned && (b + 2 * n) % 4 == 0;
+                    check(&got[2], want_jac, Tolerance::SOFTMAX, same, &what);
+                }
+            }
+        }
+    });
+}
+
+/// The loss and gradient of the host form, which the encode form must match.
+fn host_cross_entropy(
+    ctx: &Context,
+    x: &[f32],
+    cols: usize,
+    targets: &[i64],
+    options: &CrossEntropyOptions<'_>,
+) -> (Vec<f32>, Vec<f32>) {
+    let out = ctx
+        .cross_entropy_with_grad(x, cols, Targets::Indices(targets), options, GradOutput::One)
+        .unwrap();
+    (out.loss, out.grad)
+}
+
+#[test]
+fn cross_entropy_reads_and_writes_only_its_regions() {
+    with_gpu(|ctx| {
+        let reductions = [Reduction::None, Reduction::Mean, Reduction::Sum];
+        for (shape, (rows, cols)) in SHAPES.into_iter().enumerate() {
+            let n = rows * cols;
+            let x = logits(rows, cols, 3.0, 11);
+            // Every third row ignored, to exercise the mean's divisor found on the device.
+            let targets: Vec<i64> = (0..rows)
+                .map(|r| {
+                    if r % 3 == 2 {
+                        -100
+                    } else {
+                        ((r * 7) % cols) as i64
+                    }
+                })
+                .collect();
+            let target_words: Vec<u32> = targets.iter().map(|&t| t as i32 as u32).collect();
+            let (a, b) = offset_pairs(ctx)[shape % 4];
+            for reduction in reductions {
+                let options = CrossEntropyOptions {
+                    reduction,
+                    ..Default::default()
+                };
+                let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+                let (want_loss, want_grad) = host_cross_entropy(ctx, &x, cols, &targets, &options);
+                let loss_len = want_loss.len();
+                // A reduced loss either written into a storage region or copied into a region of
+                // a buffer that only allows copies.
+                for loss_usage in [usage(), wgpu::BufferUsages::COPY_DST] {
+                    if loss_usage == wgpu::BufferUsages::COPY_DST && reduction == Reduction::None {
+                        continue;
+                    }
+                    let what = format!("{rows}x{cols} {reduction:?} {loss_usage:?} at {a} -> {b}");
+                    let (x_at, t_at) = (a, a + n + 2);
+                    let inputs = Arena::new(
+                        ctx,
+                        t_at + rows + 3,
+                        &[(x_at, &bits(&x)), (t_at, &target_words)],
+                        usage(),
+                    );
+                    let grads = Arena::new(ctx, b + n + 4, &[], usage());
+                    let losses = Arena::new(ctx, b + loss_len + 6, &[], loss_usage);
+                    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                    let buffers = CrossEntropyBuffers {
+                        logits: inputs.region(x_at, n),
+                        targets: inputs.region(t_at, rows),
+                        target_encoding: TargetEncoding::Indices,
+                        loss: losses.region(b + 1, loss_len),
+                        grad: GradDestination::Buffer(grads.region(b, n)),
+                        rows,
+                    };
+                    loss_fn.encode(&mut encoder, buffers, 1.0).unwrap();
+                    ctx.queue().submit([encoder.finish()]);
+                    let _ = inputs.written(ctx, &[], &what);
+                    let grad = grads.written(ctx, &[(b, n)], &what);
+                    let loss = losses.written(ctx, &[(b + 1, loss_len)], &what);
+                    check(&grad[0], &want_grad, Tolerance::SOFTMAX, false, &what);
+                    check(&loss[0], &want_loss, Tolerance::LOG_SOFTMAX, false, &what);
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn cross_entropy_in_place_and_probability_targets_in_regions() {
+    with_gpu(|ctx| {
+        for (shape, (rows, cols)) in SHAPES.into_iter().enumerate() {
+            let n = rows * cols;
+            let x = logits(rows, cols, 2.0, 12);
+            let probs = ctx.softmax(&logits(rows, cols, 1.0, 13), cols).unwrap();
+            let options = CrossEntropyOptions {
+                reduction: Reduction::Mean,
+                label_smoothing: 0.1,
+                ..Default::default()
+            };
+            let want = ctx
+                .cross_entropy_with_grad(
+                    &x,
+                    cols,
+                    Targets::Probabilities(&probs),
+                    &options,
+                    GradOutput::One,
+                )
+                .unwrap();
+            let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+            let (a, b) = offset_pairs(ctx)[(shape + 1) % 4];
+            let what = format!("{rows}x{cols} in place at {a}, targets at {b}");
+            // The logits are overwritten by their gradient, in a region of their buffer.
+            let logits_arena = Arena::new(ctx, a + n + 3, &[(a, &bits(&x))], usage());
+            let targets_arena = Arena::new(ctx, b + n + 2, &[(b, &bits(&probs))], usage());
+            let losses = Arena::new(ctx, 8, &[], usage());
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            let buffers = CrossEntropyBuffers {
+                logits: logits_arena.region(a, n),
+                targets: targets_arena.region(b, n),
+                target_encoding: TargetEncoding::Probabilities,
+                loss: losses.region(5, 1),
+                grad: GradDestination::InPlace,
+                rows,
+            };
+            loss_fn.encode(&mut encoder, buffers, 1.0).unwrap();
+            ctx.queue().submit([encoder.finish()]);
+            let _ = targets_arena.written(ctx, &[], &what);
+            let grad = logits_arena.written(ctx, &[(a, n)], &what);
+            let loss = losses.written(ctx, &[(5, 1)], &what);
+            check(&grad[0], &want.grad, Tolerance::SOFTMAX, false, &what);
+            check(&loss[0], &want.loss, Tolerance::LOG_SOFTMAX, false, &what);
+        }
+    });
+}
+
+#[test]
+fn bad_regions_are_typed_errors() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (4, 10);
+        let n = rows * cols;
+        let arena = Arena::new(ctx, 4 * n, &[], usage());
+        let other = Arena::new(ctx, 4 * n, &[], usage());
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let e = &mut encoder;
+        // A region that does not start on a word.
+        assert!(matches!(
+            ctx.encode_softmax(
+                e,
+                arena.bytes(2..2 + 4 * n as u64),
+                other.region(0, n),
+                rows,
+                cols
+            ),
+            Err(Error::Misaligned {
+                what: "input",
+                offset: 2,
+                align: 4
+            })
+        ));
+        // A region one word short: its own size is reported, not the buffer's.
+        assert!(matches!(
+            ctx.encode_log_softmax(e, arena.region(1, n), other.region(3, n - 1), rows, cols),
+            Err(Error::BufferTooSmall { what: "output", size, needed })
+                if size == 4 * (n as u64 - 1) && needed == 4 * n as u64
+        ));
+        // Disjoint regions of one buffer, one of them written: wgpu tracks the buffer whole.
+        assert!(matches!(
+            ctx.encode_softmax(e, arena.region(0, n), arena.region(n, n), rows, cols),
+            Err(Error::Aliased {
+                first: "input",
+                second: "output"
+            })
+        ));
+        assert!(matches!(
+            ctx.encode_softmax_backward(
+                e,
+                arena.region(0, n),
+                other.region(0, n),
+                other.region(n, n),
+                rows,
+                cols
+            ),
+            Err(Error::Aliased {
+                first: "grad_output",
+                second: "grad_input"
+            })
+        ));
+        assert!(matches!(
+            ctx.encode_softmax_jacobian(e, arena.region(0, n), other.bytes(6..640), rows, cols),
+            Err(Error::Misaligned {
+                what: "output",
+                offset: 6,
+                ..
+            })
+        ));
+        let loss_fn = ctx
+            .cross_entropy_loss(cols, &CrossEntropyOptions::default())
+            .unwrap();
+        let buffers = CrossEntropyBuffers {
+            logits: arena.region(0, n),
+            targets: other.region(0, rows),
+            target_encoding: TargetEncoding::Indices,
+            loss: other.region(2 * n, 1),
+            grad: GradDestination::None,
+            rows,
+        };
+        assert!(matches!(
+            loss_fn.encode(e, buffers, 1.0),
+            Err(Error::Aliased {
+                first: "targets",
+                second: "loss"
+            })
+        ));
+        let third = Arena::new(ctx, 8, &[], usage());
+        let short_targets = CrossEntropyBuffers {
+            targets: other.region(1, rows - 1),
+            loss: third.region(0, 1),
+            ..buffers
+        };
+        assert!(matches!(
+            loss_fn.encode(e, short_targets, 1.0),
+            Err(Error::BufferTooSmall {
+                what: "targets",
+                ..
+            })
+        ));
+        let misaligned_loss = CrossEntropyBuffers {
+            loss: third.bytes(1..5),
+            ..buffers
+        };
+        assert!(matches!(
+            loss_fn.encode(e, misaligned_loss, 1.0),
+            Err(Error::Misaligned {
+                what: "loss",
+                offset: 1,
+                align: 4
+            })
+        ));
+        // Nothing above recorded anything; the encoder is still valid.
+        ctx.queue().submit([encoder.finish()]);
+        let _ = arena.written(ctx, &[], "after refused calls");
+        let _ = other.written(ctx, &[], "after refused calls");
+        let _ = third.written(ctx, &[], "after refused calls");
+    });
+}
