@@ -208,8 +208,6 @@ fn backward_ops_and_the_jacobian_read_and_write_only_their_regions() {
                     cols,
                 )
                 .unwrap();
-                ctx.queue().submit([encoder.finish()]);
-                let mut encoder = ctx.device().create_command_encoder(&Default::default());
                 ctx.encode_log_softmax_backward(
                     &mut encoder,
                     inputs.region(log_y_at, n),
