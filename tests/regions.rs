@@ -481,3 +481,59 @@ fn bad_regions_are_typed_errors() {
         let _ = third.written(ctx, &[], "after refused calls");
     });
 }
+
+#[test]
+fn empty_batches_in_empty_regions_at_a_buffers_end() {
+    with_gpu(|ctx| {
+        let cols = 10;
+        let input = Arena::new(ctx, 12, &[], usage());
+        let output = Arena::new(ctx, 12, &[], usage());
+        let losses = Arena::new(ctx, 4, &[], usage());
+        let (empty_in, empty_out) = (input.bytes(48..48), output.bytes(48..48));
+        let device = ctx.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let e = &mut encoder;
+        ctx.encode_softmax(e, empty_in, empty_out, 0, cols).unwrap();
+        ctx.encode_log_softmax(e, empty_in, empty_out, 0, cols)
+            .unwrap();
+        ctx.encode_softmax_backward(e, empty_in, empty_in, empty_out, 0, cols)
+            .unwrap();
+        ctx.encode_log_softmax_backward(e, empty_in, empty_in, empty_out, 0, cols)
+            .unwrap();
+        ctx.encode_softmax_jacobian(e, empty_in, empty_out, 0, cols)
+            .unwrap();
+        for (slot, reduction) in [Reduction::None, Reduction::Mean, Reduction::Sum]
+            .into_iter()
+            .enumerate()
+        {
+            let options = CrossEntropyOptions {
+                reduction,
+                ..Default::default()
+            };
+            let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+            let loss = match reduction {
+                Reduction::None => losses.bytes(16..16),
+                _ => losses.region(slot, 1),
+            };
+            let buffers = CrossEntropyBuffers {
+                logits: empty_in,
+                targets: input.bytes(4..4),
+                target_encoding: TargetEncoding::Indices,
+                loss,
+                grad: GradDestination::Buffer(empty_out),
+                rows: 0,
+            };
+            loss_fn.encode(e, buffers, 1.0).unwrap();
+        }
+        ctx.queue().submit([encoder.finish()]);
+        let error = pollster::block_on(scope.pop());
+        assert!(error.is_none(), "{error:?}");
+        let _ = input.written(ctx, &[], "empty batches");
+        let _ = output.written(ctx, &[], "empty batches");
+        // Mean over no rows is NaN, Sum is 0 (slot 0, Reduction::None, writes nothing).
+        let loss = losses.written(ctx, &[(1, 1), (2, 1)], "empty batches");
+        assert!(loss[0][0].is_nan(), "{loss:?}");
+        assert_eq!(loss[1][0].to_bits(), 0, "{loss:?}");
+    });
+}
