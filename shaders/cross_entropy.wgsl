@@ -38,7 +38,7 @@ override WEIGHTED: bool = false;    // per-class weights in `weight`
 override REDUCTION: u32 = 1u;       // 0 none, 1 mean, 2 sum
 override GRAD: bool = true;         // write the gradient (false: the loss alone)
 override IN_PLACE: bool = false;    // logits live in `grad`
-override GRAD_PER_ROW: bool = false; // grad_output holds one multiplier per row
+override GRAD_PER_ROW: bool = false; // grad_output holds the multiplier (one per row for None)
 // Whether classes other than the target can have mass (probability targets, label smoothing).
 // Without (index targets, no smoothing), B is w_t and A is w_t (x_t - M), taken from the target
 // logit once per row: the per-element work is that of softmax.
@@ -166,7 +166,8 @@ fn target_logit(x0: u32, t: RowTarget) -> f32 {
 fn row_scale(row: u32) -> f32 {
     var g = bitcast<f32>(p.words.z);
     if (GRAD_PER_ROW) {
-        g = grad_output[base(3u) + row];
+        // A reduced loss has one upstream gradient, whatever the row.
+        g = grad_output[base(3u) + select(row, 0u, REDUCTION != 0u)];
     }
     if (REDUCTION == 1u) {
         g = g / mean_divisor();

@@ -448,7 +448,7 @@ impl GpuBench {
                 encoder,
                 (&self.x, &self.targets, &self.loss),
                 GradDestination::Buffer((&self.out).into()),
-                1.0,
+                1.0.into(),
                 timestamps,
             ),
             BenchOp::Copy => {

@@ -23,7 +23,7 @@ pub use options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 pub use region::BufferRegion;
 pub use tolerance::{Comparison, Tolerance};
 pub use training::{
-    CrossEntropyBuffers, CrossEntropyLoss, GradDestination, LossAndGrad, TargetEncoding,
-    TargetTensor,
+    CrossEntropyBuffers, CrossEntropyLoss, DeviceGradOutput, GradDestination, LossAndGrad,
+    TargetEncoding, TargetTensor,
 };
 pub use wgpu;

@@ -548,6 +548,24 @@ pub enum GradDestination<'a> {
     InPlace,
 }
 
+/// The upstream gradient of [`CrossEntropyLoss::encode`] and
+/// [`CrossEntropyLoss::encode_tensors`]: `dOut/dLoss` for whatever the caller computes from the
+/// loss. A plain `f32` converts into [`DeviceGradOutput::Scalar`].
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceGradOutput<'a> {
+    /// One multiplier, known when the call is recorded.
+    Scalar(f32),
+    /// Multipliers in a buffer (`STORAGE`), read when the commands run: one f32 per row for
+    /// `Reduction::None`, one for all rows for `Mean` and `Sum` (a loss scale kept on the GPU).
+    Region(BufferRegion<'a>),
+}
+
+impl From<f32> for DeviceGradOutput<'_> {
+    fn from(g: f32) -> Self {
+        DeviceGradOutput::Scalar(g)
+    }
+}
+
 /// A configured cross-entropy loss, with PyTorch's `F.cross_entropy` semantics, whose class
 /// weights live on the GPU. Made by [`Context::cross_entropy_loss`]; reuse it every step.
 ///
@@ -854,7 +872,7 @@ impl Context {
                             GradTarget::None
                         },
                         upstream: if want_grad {
-                            Upstream::PerRow(g_buf)
+                            Upstream::Region(g_buf.into())
                         } else {
                             Upstream::Scalar(1.0)
                         },
@@ -1036,22 +1054,23 @@ impl CrossEntropyLoss {
     }
 
     /// Records the loss (and gradient) of the caller's buffers into the caller's `encoder`.
-    /// The upstream gradient is `grad_output` (a scalar; use the device-resident forms for one
-    /// per row). The loss's `ignore_index` must fit in `i32` for index targets.
+    /// The upstream gradient is `grad_output`: a scalar (`1.0`), or f32 on the device that the
+    /// commands read when they run ([`DeviceGradOutput::Region`]). The loss's `ignore_index`
+    /// must fit in `i32` for index targets.
     ///
     /// # Errors
     /// [`Error::MissingUsage`], [`Error::BufferTooSmall`], [`Error::Misaligned`],
-    /// [`Error::Aliased`] for a gradient buffer that is also an input's or a loss buffer that
-    /// is any other operand's (regions of one buffer count as the same buffer),
-    /// [`Error::ShapeTooLarge`] for an `ignore_index` outside
-    /// `i32`, [`Error::RowTooLong`].
-    pub fn encode(
+    /// [`Error::Aliased`] for an operand the call writes (the gradient, the loss, the logits
+    /// when in place) in the buffer of any other operand (regions of one buffer count as the
+    /// same buffer), [`Error::ShapeTooLarge`] for an `ignore_index` outside `i32`,
+    /// [`Error::RowTooLong`].
+    pub fn encode<'a>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        buffers: CrossEntropyBuffers<'_>,
-        grad_output: f32,
+        buffers: CrossEntropyBuffers<'a>,
+        grad_output: impl Into<DeviceGradOutput<'a>>,
     ) -> Result<()> {
-        self.encode_buffers(encoder, buffers, grad_output, None, None)
+        self.encode_buffers(encoder, buffers, grad_output.into(), None, None)
     }
 
     /// Records the loss (and gradient) of device-resident logits and uploaded targets into the
@@ -1064,17 +1083,17 @@ impl CrossEntropyLoss {
     /// # Errors
     /// [`Error::LengthMismatch`] when logits, targets or loss disagree in shape, and as
     /// [`CrossEntropyLoss::encode`] for the gradient buffer.
-    pub fn encode_tensors(
+    pub fn encode_tensors<'a>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         logits: &Tensor,
         targets: &TargetTensor,
         loss: &Tensor,
-        grad: GradDestination<'_>,
-        grad_output: f32,
+        grad: GradDestination<'a>,
+        grad_output: impl Into<DeviceGradOutput<'a>>,
     ) -> Result<()> {
         let tensors = (logits, targets, loss);
-        self.encode_tensors_timed(encoder, tensors, grad, grad_output, None)
+        self.encode_tensors_timed(encoder, tensors, grad, grad_output.into(), None)
     }
 
     /// [`CrossEntropyLoss::encode_tensors`] (logits, targets and loss in `tensors`) with
@@ -1084,7 +1103,7 @@ impl CrossEntropyLoss {
         encoder: &mut wgpu::CommandEncoder,
         (logits, targets, loss): (&Tensor, &TargetTensor, &Tensor),
         grad: GradDestination<'_>,
-        grad_output: f32,
+        grad_output: DeviceGradOutput<'_>,
         timestamps: Option<crate::kernels::Timestamps<'_>>,
     ) -> Result<()> {
         self.check_shapes(logits, targets)?;
@@ -1117,7 +1136,7 @@ impl CrossEntropyLoss {
         &self,
         encoder: &mut wgpu::CommandEncoder,
         buffers: CrossEntropyBuffers<'_>,
-        grad_output: f32,
+        grad_output: DeviceGradOutput<'_>,
         timestamps: Option<crate::kernels::Timestamps<'_>>,
         uploaded: Option<Uploaded>,
     ) -> Result<()> {
@@ -1153,22 +1172,43 @@ impl CrossEntropyLoss {
             _ => 4,
         };
         validate_region("loss", buffers.loss, loss_bytes, loss_usage)?;
-        let mut operands = vec![("logits", buffers.logits), ("targets", buffers.targets)];
+        let upstream = match grad_output {
+            DeviceGradOutput::Scalar(g) => Upstream::Scalar(g),
+            DeviceGradOutput::Region(region) => {
+                let words = if self.reduction == Reduction::None {
+                    rows
+                } else {
+                    1
+                };
+                validate_region(
+                    "grad_output",
+                    region,
+                    (words as u64).saturating_mul(4),
+                    storage,
+                )?;
+                Upstream::Region(region)
+            }
+        };
+        // What the call reads besides the logits; the logits are written too when in place.
+        let mut read = vec![("targets", buffers.targets)];
+        if let Upstream::Region(region) = upstream {
+            read.push(("grad_output", region));
+        }
+        let mut operands = vec![("logits", buffers.logits)];
+        operands.extend_from_slice(&read);
         if let GradDestination::Buffer(grad) = buffers.grad {
             operands.push(("grad", grad));
         }
         check_not_aliased(&operands, ("loss", buffers.loss))?;
         let grad = match buffers.grad {
             GradDestination::None => GradTarget::None,
-            GradDestination::InPlace => GradTarget::InPlace,
+            GradDestination::InPlace => {
+                check_not_aliased(&read, ("logits", buffers.logits))?;
+                GradTarget::InPlace
+            }
             GradDestination::Buffer(grad) => {
-                validate_encode(
-                    &[
-                        ("logits", buffers.logits, matrix_bytes),
-                        ("targets", buffers.targets, target_bytes),
-                    ],
-                    ("grad", grad, matrix_bytes),
-                )?;
+                validate_region("grad", grad, matrix_bytes, storage)?;
+                check_not_aliased(&operands[..operands.len() - 1], ("grad", grad))?;
                 GradTarget::Buffer(grad)
             }
         };
@@ -1193,7 +1233,7 @@ impl CrossEntropyLoss {
             divisor,
             loss: buffers.loss,
             grad,
-            upstream: Upstream::Scalar(grad_output),
+            upstream,
             ignore,
         };
         let gpu = &self.ctx.gpu;
@@ -1251,7 +1291,7 @@ impl CrossEntropyLoss {
                 loss: loss.into(),
                 grad,
                 upstream: match (&per_row, upstream) {
-                    (Some(buffer), _) => Upstream::PerRow(buffer),
+                    (Some(buffer), _) => Upstream::Region(buffer.into()),
                     (None, UpstreamGrad::Uniform(g)) => Upstream::Scalar(g),
                     (None, UpstreamGrad::PerRow(_)) => unreachable!("uploaded above"),
                 },
@@ -1313,7 +1353,7 @@ impl CrossEntropyLoss {
         };
         let (grad_output, per_row, scalar) = match &job.upstream {
             Upstream::Scalar(g) => (unused_read(), false, *g),
-            Upstream::PerRow(buffer) => (Operand::matrix(buffer, 1), true, 1.0),
+            Upstream::Region(region) => (region.rows(1), true, 1.0),
         };
         let call = RowCall {
             rows: job.rows,
@@ -1443,10 +1483,12 @@ enum GradTarget<'a> {
     InPlace,
 }
 
-/// The upstream gradient as the kernel receives it.
+/// The upstream gradient as the kernel receives it: a uniform word, or words in a buffer (one
+/// per row for `Reduction::None`, one for all rows otherwise).
+#[derive(Clone, Copy)]
 enum Upstream<'a> {
     Scalar(f32),
-    PerRow(&'a wgpu::Buffer),
+    Region(BufferRegion<'a>),
 }
 
 /// What targets uploaded by [`CrossEntropyLoss::upload_targets`] bring to a call besides their

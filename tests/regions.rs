@@ -10,8 +10,8 @@ use std::ops::Range;
 use common::{logits, read_buffer, with_gpu};
 use wgpu::util::DeviceExt;
 use wgpu_softmax::{
-    BufferRegion, Context, CrossEntropyBuffers, CrossEntropyOptions, Error, GradDestination,
-    GradOutput, Reduction, Strategy, TargetEncoding, Targets, Tolerance,
+    BufferRegion, Context, CrossEntropyBuffers, CrossEntropyOptions, DeviceGradOutput, Error,
+    GradDestination, GradOutput, Reduction, Strategy, TargetEncoding, Targets, Tolerance,
 };
 
 /// What every word of an arena holds before an op runs, outside the operands.
@@ -535,5 +535,188 @@ fn empty_batches_in_empty_regions_at_a_buffers_end() {
         let loss = losses.written(ctx, &[(1, 1), (2, 1)], "empty batches");
         assert!(loss[0][0].is_nan(), "{loss:?}");
         assert_eq!(loss[1][0].to_bits(), 0, "{loss:?}");
+    });
+}
+
+#[test]
+fn cross_entropy_reads_its_upstream_gradient_from_a_region() {
+    with_gpu(|ctx| {
+        for (rows, cols) in SHAPES {
+            let n = rows * cols;
+            let x = logits(rows, cols, 2.0, 21);
+            let targets: Vec<i64> = (0..rows).map(|r| ((r * 5) % cols) as i64).collect();
+            let target_words: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
+            let g: Vec<f32> = (0..rows).map(|r| 0.5 - r as f32 * 0.25).collect();
+            for reduction in [Reduction::None, Reduction::Mean, Reduction::Sum] {
+                let options = CrossEntropyOptions {
+                    reduction,
+                    ..Default::default()
+                };
+                // One multiplier per row for None, one for the batch otherwise.
+                let (upstream, host_upstream) = match reduction {
+                    Reduction::None => (&g[..], GradOutput::PerRow(&g)),
+                    _ => (&g[..1], GradOutput::Scalar(g[0])),
+                };
+                let want = ctx
+                    .cross_entropy_with_grad(
+                        &x,
+                        cols,
+                        Targets::Indices(&targets),
+                        &options,
+                        host_upstream,
+                    )
+                    .unwrap();
+                let what = format!("{rows}x{cols} {reduction:?}");
+                let (x_at, t_at, g_at) = (3, 3 + n + 1, 3 + n + 1 + rows + 2);
+                let inputs = Arena::new(
+                    ctx,
+                    g_at + rows + 1,
+                    &[
+                        (x_at, &bits(&x)),
+                        (t_at, &target_words),
+                        (g_at, &bits(upstream)),
+                    ],
+                    usage(),
+                );
+                let (grads, losses) = (
+                    Arena::new(ctx, n + 3, &[], usage()),
+                    Arena::new(ctx, rows + 8, &[], usage()),
+                );
+                let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+                let loss_len = want.loss.len();
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                let buffers = CrossEntropyBuffers {
+                    logits: inputs.region(x_at, n),
+                    targets: inputs.region(t_at, rows),
+                    target_encoding: TargetEncoding::Indices,
+                    loss: losses.region(5, loss_len),
+                    grad: GradDestination::Buffer(grads.region(1, n)),
+                    rows,
+                };
+                let region = DeviceGradOutput::Region(inputs.region(g_at, upstream.len()));
+                loss_fn.encode(&mut encoder, buffers, region).unwrap();
+                ctx.queue().submit([encoder.finish()]);
+                let grad = grads.written(ctx, &[(1, n)], &what);
+                let loss = losses.written(ctx, &[(5, loss_len)], &what);
+                let _ = inputs.written(ctx, &[], &what);
+                check(&grad[0], &want.grad, Tolerance::SOFTMAX, false, &what);
+                check(&loss[0], &want.loss, Tolerance::LOG_SOFTMAX, false, &what);
+
+                // The same through the tensor form, the multipliers in a tensor.
+                let x_t = ctx.upload(&x, cols).unwrap();
+                let t_t = loss_fn.upload_targets(Targets::Indices(&targets)).unwrap();
+                let g_t = ctx.upload(upstream, 1).unwrap();
+                let loss_t = ctx.empty(loss_len, 1).unwrap();
+                let grad_t = ctx.empty(rows, cols).unwrap();
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                loss_fn
+                    .encode_tensors(
+                        &mut encoder,
+                        &x_t,
+                        &t_t,
+                        &loss_t,
+                        GradDestination::Buffer((&grad_t).into()),
+                        DeviceGradOutput::Region((&g_t).into()),
+                    )
+                    .unwrap();
+                ctx.queue().submit([encoder.finish()]);
+                let what = format!("{what}, tensors");
+                check(
+                    &grad_t.to_vec().unwrap(),
+                    &want.grad,
+                    Tolerance::SOFTMAX,
+                    false,
+                    &what,
+                );
+                check(
+                    &loss_t.to_vec().unwrap(),
+                    &want.loss,
+                    Tolerance::LOG_SOFTMAX,
+                    false,
+                    &what,
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn upstream_regions_and_in_place_calls_refuse_what_they_would_overwrite() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (4, 10);
+        let n = rows * cols;
+        let options = CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+        let [logits, targets, grad, loss] = [0; 4].map(|_| Arena::new(ctx, 2 * n, &[], usage()));
+        let buffers = CrossEntropyBuffers {
+            logits: logits.region(0, n),
+            targets: targets.region(0, rows),
+            target_encoding: TargetEncoding::Indices,
+            loss: loss.region(0, rows),
+            grad: GradDestination::Buffer(grad.region(0, n)),
+            rows,
+        };
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let e = &mut encoder;
+        let upstream = |region| DeviceGradOutput::Region(region);
+        assert!(matches!(
+            loss_fn.encode(e, buffers, upstream(targets.region(rows, rows - 1))),
+            Err(Error::BufferTooSmall {
+                what: "grad_output",
+                ..
+            })
+        ));
+        assert!(matches!(
+            loss_fn.encode(e, buffers, upstream(targets.bytes(2..42))),
+            Err(Error::Misaligned {
+                what: "grad_output",
+                ..
+            })
+        ));
+        assert!(matches!(
+            loss_fn.encode(e, buffers, upstream(grad.region(n, rows))),
+            Err(Error::Aliased {
+                first: "grad_output",
+                second: "grad"
+            })
+        ));
+        assert!(matches!(
+            loss_fn.encode(e, buffers, upstream(loss.region(rows, rows))),
+            Err(Error::Aliased {
+                first: "grad_output",
+                second: "loss"
+            })
+        ));
+        let in_place = CrossEntropyBuffers {
+            grad: GradDestination::InPlace,
+            ..buffers
+        };
+        assert!(matches!(
+            loss_fn.encode(e, in_place, upstream(logits.region(n, rows))),
+            Err(Error::Aliased {
+                first: "grad_output",
+                second: "logits"
+            })
+        ));
+        let targets_beside_logits = CrossEntropyBuffers {
+            targets: logits.region(n, rows),
+            ..in_place
+        };
+        assert!(matches!(
+            loss_fn.encode(e, targets_beside_logits, 1.0),
+            Err(Error::Aliased {
+                first: "targets",
+                second: "logits"
+            })
+        ));
+        // A region beside the others in a buffer of its own is taken.
+        loss_fn
+            .encode(e, buffers, upstream(targets.region(rows, rows)))
+            .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        let _ = loss.written(ctx, &[(0, rows)], "after one call");
     });
 }
