@@ -728,14 +728,8 @@ impl Context {
         grad_output: GradOutput<'_>,
     ) -> Result<CrossEntropyOutput<f32>> {
         let mut grad = vec![0f32; logits.len()];
-        let loss = pollster::block_on(self.host_cross_entropy(
-            logits,
-            cols,
-            targets,
-            options,
-            Some((grad_output, &mut grad)),
-            Wait::Block,
-        ))?;
+        let loss =
+            self.cross_entropy_into(logits, cols, targets, options, grad_output, &mut grad)?;
         Ok(CrossEntropyOutput { loss, grad })
     }
 
@@ -1142,17 +1136,17 @@ impl CrossEntropyLoss {
     ) -> Result<()> {
         let rows = buffers.rows;
         let vector_bytes = matrix_bytes(rows, 1);
-        let matrix_bytes = matrix_bytes(rows, self.cols);
+        let logits_bytes = matrix_bytes(rows, self.cols);
         let storage = wgpu::BufferUsages::STORAGE;
         let grad_usage = if matches!(buffers.grad, GradDestination::InPlace) {
             storage
         } else {
             wgpu::BufferUsages::empty()
         };
-        validate_region("logits", buffers.logits, matrix_bytes, storage | grad_usage)?;
+        validate_region("logits", buffers.logits, logits_bytes, storage | grad_usage)?;
         let (target_bytes, probabilities) = match buffers.target_encoding {
             TargetEncoding::Indices => (vector_bytes, false),
-            TargetEncoding::Probabilities => (matrix_bytes, true),
+            TargetEncoding::Probabilities => (logits_bytes, true),
         };
         validate_region("targets", buffers.targets, target_bytes, storage)?;
         // A reduced loss is written into a buffer bound for storage, or else copied into it.
@@ -1175,43 +1169,35 @@ impl CrossEntropyLoss {
         let upstream = match grad_output {
             DeviceGradOutput::Scalar(g) => Upstream::Scalar(g),
             DeviceGradOutput::Region(region) => {
-                let words = if self.reduction == Reduction::None {
-                    rows
-                } else {
-                    1
+                let words = match self.reduction {
+                    Reduction::None => rows,
+                    Reduction::Mean | Reduction::Sum => 1,
                 };
-                validate_region(
-                    "grad_output",
-                    region,
-                    (words as u64).saturating_mul(4),
-                    storage,
-                )?;
+                validate_region("grad_output", region, matrix_bytes(words, 1), storage)?;
                 Upstream::Region(region)
             }
         };
-        // What the call reads besides the logits; the logits are written too when in place.
-        let mut read = vec![("targets", buffers.targets)];
+        // Each operand the call writes (the logits in place, the gradient, the loss) must lie in
+        // a buffer no other operand uses: `others` grows by each one checked.
+        let mut others = vec![("targets", buffers.targets)];
         if let Upstream::Region(region) = upstream {
-            read.push(("grad_output", region));
+            others.push(("grad_output", region));
         }
-        let mut operands = vec![("logits", buffers.logits)];
-        operands.extend_from_slice(&read);
-        if let GradDestination::Buffer(grad) = buffers.grad {
-            operands.push(("grad", grad));
+        if matches!(buffers.grad, GradDestination::InPlace) {
+            check_not_aliased(&others, ("logits", buffers.logits))?;
         }
-        check_not_aliased(&operands, ("loss", buffers.loss))?;
+        others.insert(0, ("logits", buffers.logits));
         let grad = match buffers.grad {
             GradDestination::None => GradTarget::None,
-            GradDestination::InPlace => {
-                check_not_aliased(&read, ("logits", buffers.logits))?;
-                GradTarget::InPlace
-            }
+            GradDestination::InPlace => GradTarget::InPlace,
             GradDestination::Buffer(grad) => {
-                validate_region("grad", grad, matrix_bytes, storage)?;
-                check_not_aliased(&operands[..operands.len() - 1], ("grad", grad))?;
+                validate_region("grad", grad, logits_bytes, storage)?;
+                check_not_aliased(&others, ("grad", grad))?;
+                others.push(("grad", grad));
                 GradTarget::Buffer(grad)
             }
         };
+        check_not_aliased(&others, ("loss", buffers.loss))?;
         let (ignore, divisor) = match uploaded {
             Some(uploaded) => (IGNORED_ROW, uploaded.divisor),
             // Probability targets: the row count, whatever they hold.

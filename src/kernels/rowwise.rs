@@ -11,6 +11,7 @@ use super::plan::{Strategy, Tuning, MAX_ITEMS, MAX_ITEMS_VEC4, TALLY_MAX_SLOTS};
 use super::{Access, Dispatch, PipelineKey, ShaderFamily, Window};
 use crate::context::Gpu;
 use crate::error::{Error, Result};
+use crate::region::BufferRegion;
 
 /// A kernel family: shader source (`common.wgsl`, the subgroup functions and, for a family with
 /// [`OnePass`] kernels, `one_pass.wgsl` are prepended),
@@ -169,20 +170,12 @@ pub(crate) enum Operand<'a> {
 impl<'a> Operand<'a> {
     /// A `[rows x cols]` matrix at the start of `buffer`.
     pub(crate) fn matrix(buffer: &'a wgpu::Buffer, cols: usize) -> Self {
-        Operand::Rows {
-            buffer,
-            offset: 0,
-            width: cols,
-        }
+        BufferRegion::from(buffer).rows(cols)
     }
 
     /// `len` words at the start of `buffer`, the same for every row.
     pub(crate) fn shared(buffer: &'a wgpu::Buffer, len: usize) -> Self {
-        Operand::Shared {
-            buffer,
-            offset: 0,
-            len,
-        }
+        BufferRegion::from(buffer).shared(len)
     }
 
     fn row_bytes(&self) -> u64 {
