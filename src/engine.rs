@@ -4,6 +4,7 @@
 use crate::context::{Context, ContextOptions};
 use crate::cpu::{fast, CrossEntropyOutput};
 use crate::error::{Error, Result};
+use crate::layout::{map_rows, AxisLayout};
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 
 /// Where the host-slice operations run: a GPU [`Context`], or the multi-threaded f32 CPU path
@@ -126,6 +127,73 @@ impl Engine {
         match self {
             Self::Gpu(ctx) => ctx.log_softmax_into(x, cols, out),
             Self::Cpu => fast::log_softmax_into(x, cols, out),
+        }
+    }
+
+    /// Softmax along any axis; see [`Along::softmax`](crate::Along::softmax). The CPU path
+    /// moves the axis last, runs [`fast::softmax`] and moves the result back.
+    ///
+    /// # Errors
+    /// As [`Along::softmax`](crate::Along::softmax).
+    pub fn softmax_along(&self, x: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).softmax(x),
+            Self::Cpu => map_rows(layout, [("input", x)], |[x], cols| fast::softmax(x, cols)),
+        }
+    }
+
+    /// Log-softmax along any axis; see [`Along::log_softmax`](crate::Along::log_softmax).
+    ///
+    /// # Errors
+    /// As [`Along::log_softmax`](crate::Along::log_softmax).
+    pub fn log_softmax_along(&self, x: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).log_softmax(x),
+            Self::Cpu => map_rows(layout, [("input", x)], |[x], cols| {
+                fast::log_softmax(x, cols)
+            }),
+        }
+    }
+
+    /// Softmax backward along any axis; see
+    /// [`Along::softmax_backward`](crate::Along::softmax_backward).
+    ///
+    /// # Errors
+    /// As [`Along::softmax_backward`](crate::Along::softmax_backward).
+    pub fn softmax_backward_along(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        layout: AxisLayout,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).softmax_backward(y, grad_output),
+            Self::Cpu => map_rows(
+                layout,
+                [("y", y), ("grad_output", grad_output)],
+                |[y, dy], cols| fast::softmax_backward(y, dy, cols),
+            ),
+        }
+    }
+
+    /// Log-softmax backward along any axis; see
+    /// [`Along::log_softmax_backward`](crate::Along::log_softmax_backward).
+    ///
+    /// # Errors
+    /// As [`Along::log_softmax_backward`](crate::Along::log_softmax_backward).
+    pub fn log_softmax_backward_along(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        layout: AxisLayout,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).log_softmax_backward(y, grad_output),
+            Self::Cpu => map_rows(
+                layout,
+                [("y", y), ("grad_output", grad_output)],
+                |[y, dy], cols| fast::log_softmax_backward(y, dy, cols),
+            ),
         }
     }
 

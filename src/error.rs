@@ -33,9 +33,17 @@ pub enum Error {
         /// What the device offers.
         actual: u64,
     },
-    /// `cols` was zero.
-    #[error("cols must be at least 1")]
+    /// `cols` (the softmax axis' length) was zero.
+    #[error("cols (the softmax axis' length) must be at least 1")]
     ZeroCols,
+    /// An axis the tensor's shape does not have ([`AxisLayout::new`](crate::AxisLayout::new)).
+    #[error("axis {axis} is out of range for a tensor of rank {rank}")]
+    AxisOutOfRange {
+        /// The axis asked for (negative counts from the end).
+        axis: isize,
+        /// The tensor's rank.
+        rank: usize,
+    },
     /// A flat batch whose length is not a multiple of `cols`.
     #[error("{what} has {len} elements, which is not a multiple of cols = {cols}")]
     LengthNotMultiple {
@@ -101,6 +109,20 @@ pub enum Error {
         /// The row's size in bytes.
         bytes: u64,
         /// The device's `max_storage_buffer_binding_size`.
+        max_binding: u64,
+    },
+    /// One outer slab (`len x inner` elements) of an [`AxisLayout`](crate::AxisLayout) whose axis
+    /// is not the last does not fit in one storage binding: the kernels bind every line of a
+    /// slab at once.
+    #[error("a slab of {len} x {inner} elements ({bytes} bytes) around the softmax axis exceeds the device's storage binding limit of {max_binding} bytes")]
+    SlabTooLarge {
+        /// The axis' length.
+        len: usize,
+        /// The product of the dimensions after the axis.
+        inner: usize,
+        /// The slab's size in bytes.
+        bytes: u64,
+        /// The largest storage binding the kernels use.
         max_binding: u64,
     },
     /// A device-resident tensor larger than one buffer may be.

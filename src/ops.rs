@@ -3,9 +3,11 @@
 
 use crate::context::{Context, Gpu, Wait};
 use crate::error::{Error, Result};
+use crate::kernels::axis::{AxisCall, AxisOp};
 use crate::kernels::rowwise::Operand;
 use crate::kernels::rowwise::RowCall;
 use crate::kernels::Normalization;
+use crate::layout::AxisLayout;
 use crate::region::{validate_encode, BufferRegion};
 use crate::validate;
 
@@ -21,6 +23,53 @@ pub(crate) fn host_blocks(gpu: &Gpu, rows: usize, cols: usize) -> Result<Vec<(us
         .max_binding()
         .min(HOST_CHUNK_BYTES.max(row_bytes.saturating_add(gpu.storage_align())));
     crate::kernels::row_blocks(rows, cols, limit, gpu.storage_align(), usize::MAX)
+}
+
+/// The blocks of outer slabs a host form moves through the GPU one at a time, as
+/// [`host_blocks`] moves rows; a slab too large for one binding is [`Error::SlabTooLarge`]
+/// where the axis is not the last.
+pub(crate) fn host_slab_blocks(gpu: &Gpu, layout: AxisLayout) -> Result<Vec<(usize, usize)>> {
+    let blocks = host_blocks(gpu, layout.outer(), layout.slab());
+    match blocks {
+        Err(Error::RowTooLong {
+            bytes, max_binding, ..
+        }) if layout.inner() > 1 => Err(Error::SlabTooLarge {
+            len: layout.len(),
+            inner: layout.inner(),
+            bytes,
+            max_binding,
+        }),
+        other => other,
+    }
+}
+
+/// The bytes of `layout`'s elements, saturating as [`matrix_bytes`].
+pub(crate) fn layout_bytes(layout: AxisLayout) -> u64 {
+    (layout.numel() as u64).saturating_mul(4)
+}
+
+/// Records `dst = op(src)` over `layout` on validated regions: the row-wise kernels where the
+/// axis is the last, the kernels along an axis otherwise.
+pub(crate) fn record_normalize(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    op: Normalization,
+    [src, dst]: [BufferRegion<'_>; 2],
+    layout: AxisLayout,
+) -> Result<()> {
+    if layout.inner() == 1 {
+        let (rows, cols) = (layout.outer(), layout.len());
+        let call = normalize_call(op, src.rows(cols), dst.rows(cols), rows, cols);
+        return gpu.kernels.softmax.encode(gpu, encoder, &call, None);
+    }
+    let call = AxisCall {
+        op: AxisOp::Normalize(op),
+        layout,
+        input: src,
+        grad: None,
+        output: dst,
+    };
+    gpu.kernels.axis.encode(gpu, encoder, &call, None)
 }
 
 /// A `[rows x cols]` f32 matrix resident on the GPU, row-major in one buffer.
@@ -435,11 +484,24 @@ impl Context {
         }
         let bytes = matrix_bytes(rows, cols);
         validate_encode(&[("input", input, bytes)], ("output", output, bytes))?;
+        // The regions hold the shape's bytes, so its element count fits.
+        let layout = AxisLayout::rows(rows, cols)?;
         let gpu = &self.gpu;
-        gpu.scoped(|| {
-            let call = normalize_call(op, input.rows(cols), output.rows(cols), rows, cols);
-            gpu.kernels.softmax.encode(gpu, encoder, &call, None)
-        })
+        gpu.scoped(|| record_normalize(gpu, encoder, op, [input, output], layout))
+    }
+
+    /// [`Context::encode_softmax`] and the log form along any axis.
+    pub(crate) fn encode_normalize_along(
+        &self,
+        op: Normalization,
+        encoder: &mut wgpu::CommandEncoder,
+        [input, output]: [BufferRegion<'_>; 2],
+        layout: AxisLayout,
+    ) -> Result<()> {
+        let bytes = layout_bytes(layout);
+        validate_encode(&[("input", input, bytes)], ("output", output, bytes))?;
+        let gpu = &self.gpu;
+        gpu.scoped(|| record_normalize(gpu, encoder, op, [input, output], layout))
     }
 
     async fn host_rowwise(
@@ -451,25 +513,39 @@ impl Context {
         wait: Wait,
     ) -> Result<()> {
         let rows = validate::batch_rows("input", x.len(), cols)?;
+        let layout = AxisLayout::rows(rows, cols)?;
+        self.host_normalize(op, x, layout, out, wait).await
+    }
+
+    /// The host forms of softmax and log-softmax over `layout`, whose element count `x` has
+    /// been checked to hold.
+    pub(crate) async fn host_normalize(
+        &self,
+        op: Normalization,
+        x: &[f32],
+        layout: AxisLayout,
+        out: &mut [f32],
+        wait: Wait,
+    ) -> Result<()> {
         validate::same_len("out", x.len(), out.len())?;
         let gpu = &self.gpu;
         gpu.check_alive()?;
-        if rows == 0 {
+        if layout.is_empty() {
             return Ok(());
         }
-        let blocks = host_blocks(gpu, rows, cols)?;
-        let chunk_bytes = (blocks[0].1 * cols * 4) as u64;
+        let slab = layout.slab();
+        let blocks = host_slab_blocks(gpu, layout)?;
+        let chunk_bytes = (blocks[0].1 * slab * 4) as u64;
         let scratch = self.take_scratch(chunk_bytes)?;
         for (first, n) in blocks {
-            let range = first * cols..(first + n) * cols;
+            let range = first * slab..(first + n) * slab;
+            let block = AxisLayout::from_parts(n, layout.len(), layout.inner())?;
             let submission = gpu.scoped(|| {
                 gpu.queue
                     .write_buffer(&scratch.input, 0, bytemuck::cast_slice(&x[range.clone()]));
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                let matrix = |buffer| Operand::matrix(buffer, cols);
-                let call =
-                    normalize_call(op, matrix(&scratch.input), matrix(&scratch.output), n, cols);
-                gpu.kernels.softmax.encode(gpu, &mut encoder, &call, None)?;
+                let regions = [(&scratch.input).into(), (&scratch.output).into()];
+                record_normalize(gpu, &mut encoder, op, regions, block)?;
                 encoder.copy_buffer_to_buffer(
                     &scratch.output,
                     0,

@@ -6,9 +6,13 @@ use std::sync::Mutex;
 use crate::context::{cached_buffer, Context, Gpu, Wait};
 use crate::cpu::CrossEntropyOutput;
 use crate::error::{Error, Result};
+use crate::kernels::axis::{AxisCall, AxisOp};
 use crate::kernels::rowwise::{Operand, RowCall};
 use crate::kernels::Normalization;
-use crate::ops::{host_blocks, matrix_bytes, Tensor, TENSOR_USAGES};
+use crate::layout::AxisLayout;
+use crate::ops::{
+    host_blocks, host_slab_blocks, layout_bytes, matrix_bytes, Tensor, TENSOR_USAGES,
+};
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 use crate::region::{check_not_aliased, validate_encode, validate_region, BufferRegion};
 use crate::validate::{self, CrossEntropyTargets, UpstreamGrad, IGNORED_ROW};
@@ -121,23 +125,40 @@ impl Context {
         wait: Wait,
     ) -> Result<()> {
         let rows = validate::batch_rows("y", y.len(), cols)?;
+        let layout = AxisLayout::rows(rows, cols)?;
+        self.host_backward_along(op, [y, grad_output], layout, out, wait)
+            .await
+    }
+
+    /// The host forms of the backward ops over `layout`, whose element count `y` has been
+    /// checked to hold.
+    pub(crate) async fn host_backward_along(
+        &self,
+        op: Normalization,
+        [y, grad_output]: [&[f32]; 2],
+        layout: AxisLayout,
+        out: &mut [f32],
+        wait: Wait,
+    ) -> Result<()> {
         validate::same_len("grad_output", y.len(), grad_output.len())?;
         validate::same_len("out", y.len(), out.len())?;
         let gpu = &self.gpu;
         gpu.check_alive()?;
-        if rows == 0 {
+        if layout.is_empty() {
             return Ok(());
         }
-        // Row blocks, like the forward host forms, so a batch larger than one binding or one
-        // buffer still runs.
-        let blocks = host_blocks(gpu, rows, cols)?;
-        let bytes = matrix_bytes(blocks[0].1, cols);
+        // Blocks of rows (or outer slabs), like the forward host forms, so a batch larger than
+        // one binding or one buffer still runs.
+        let slab = layout.slab();
+        let blocks = host_slab_blocks(gpu, layout)?;
+        let bytes = (blocks[0].1 * slab * 4) as u64;
         // Pooled staging buffers, shared with the forward host forms.
         let mut scratch = self.take_scratch(bytes)?;
         let dy_buf = gpu.scoped(|| Ok(scratch.second_input(&gpu.device)))?;
         let (y_buf, dx_buf, readback) = (&scratch.input, &scratch.output, &scratch.readback);
         for (first, n) in blocks {
-            let range = first * cols..(first + n) * cols;
+            let range = first * slab..(first + n) * slab;
+            let block = AxisLayout::from_parts(n, layout.len(), layout.inner())?;
             let submission = gpu.scoped(|| {
                 gpu.queue
                     .write_buffer(y_buf, 0, bytemuck::cast_slice(&y[range.clone()]));
@@ -146,12 +167,10 @@ impl Context {
                     0,
                     bytemuck::cast_slice(&grad_output[range.clone()]),
                 );
-                let call = backward_call(op, [y_buf, &dy_buf, dx_buf].map(Into::into), n, cols);
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                gpu.kernels
-                    .backward
-                    .encode(gpu, &mut encoder, &call, None)?;
-                encoder.copy_buffer_to_buffer(dx_buf, 0, readback, 0, matrix_bytes(n, cols));
+                let regions = [y_buf, &dy_buf, dx_buf].map(Into::into);
+                record_backward(gpu, &mut encoder, op, regions, block)?;
+                encoder.copy_buffer_to_buffer(dx_buf, 0, readback, 0, (range.len() * 4) as u64);
                 Ok(gpu.queue.submit([encoder.finish()]))
             })?;
             gpu.read_mapped(readback, submission, &mut out[range], wait)
@@ -216,12 +235,51 @@ impl Context {
             &[("y", y, bytes), ("grad_output", dy, bytes)],
             ("grad_input", dx, bytes),
         )?;
+        // The regions hold the shape's bytes, so its element count fits.
+        let layout = AxisLayout::rows(rows, cols)?;
         let gpu = &self.gpu;
-        gpu.scoped(|| {
-            let call = backward_call(op, [y, dy, dx], rows, cols);
-            gpu.kernels.backward.encode(gpu, encoder, &call, None)
-        })
+        gpu.scoped(|| record_backward(gpu, encoder, op, [y, dy, dx], layout))
     }
+
+    /// [`Context::encode_softmax_backward`] and the log form along any axis.
+    pub(crate) fn encode_backward_along(
+        &self,
+        op: Normalization,
+        encoder: &mut wgpu::CommandEncoder,
+        [y, dy, dx]: [BufferRegion<'_>; 3],
+        layout: AxisLayout,
+    ) -> Result<()> {
+        let bytes = layout_bytes(layout);
+        validate_encode(
+            &[("y", y, bytes), ("grad_output", dy, bytes)],
+            ("grad_input", dx, bytes),
+        )?;
+        let gpu = &self.gpu;
+        gpu.scoped(|| record_backward(gpu, encoder, op, [y, dy, dx], layout))
+    }
+}
+
+/// Records `dx = backward(y, dy)` over `layout` on validated regions: the row-wise kernels where
+/// the axis is the last, the kernels along an axis otherwise.
+fn record_backward(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    op: Normalization,
+    [y, dy, dx]: [BufferRegion<'_>; 3],
+    layout: AxisLayout,
+) -> Result<()> {
+    if layout.inner() == 1 {
+        let call = backward_call(op, [y, dy, dx], layout.outer(), layout.len());
+        return gpu.kernels.backward.encode(gpu, encoder, &call, None);
+    }
+    let call = AxisCall {
+        op: AxisOp::Backward(op),
+        layout,
+        input: y,
+        grad: Some(dy),
+        output: dx,
+    };
+    gpu.kernels.axis.encode(gpu, encoder, &call, None)
 }
 
 pub(crate) fn backward_call<'a>(

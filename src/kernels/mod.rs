@@ -5,6 +5,7 @@
 //! Each kernel family (one shader file) lives in its own module and only describes *what* to
 //! dispatch; recording is done here, once, for all of them.
 
+pub(crate) mod axis;
 pub(crate) mod plan;
 pub(crate) mod rowwise;
 
@@ -80,6 +81,8 @@ pub(crate) struct Kernels {
     pub backward: rowwise::RowwiseFamily,
     pub cross_entropy: rowwise::RowwiseFamily,
     pub jacobian: rowwise::RowwiseFamily,
+    /// Softmax and its backward along an axis that is not the last.
+    pub axis: axis::AxisFamily,
     /// A plain copy, the bandwidth reference of the benchmarks.
     pub copy: ShaderFamily,
 }
@@ -93,6 +96,7 @@ impl Kernels {
             backward: family(&rowwise::BACKWARD),
             cross_entropy: family(&rowwise::CROSS_ENTROPY),
             jacobian: family(&rowwise::JACOBIAN),
+            axis: axis::AxisFamily::new(device),
             copy: ShaderFamily::new(
                 device,
                 "copy",

@@ -193,6 +193,16 @@ pub struct Tuning {
     /// subgroup per row, and the first step of workgroup reductions); 0: never, as on a device
     /// without them.
     pub subgroups: u32,
+    /// Workgroup size of the kernels along an axis that is not the last (the `*_along` forms
+    /// with `inner > 1`), which give each line (or chunk of a line) an invocation.
+    pub axis_workgroup: u32,
+    /// Lines along such an axis are split into chunks until the call has this many
+    /// invocations (or chunks reach `axis_min_chunk` elements), so that a few long lines still
+    /// fill the device.
+    pub axis_lines: u32,
+    /// The fewest elements a chunk of a line along such an axis is given for the sake of
+    /// `axis_lines` (a software adapter's loop budget may split lines further).
+    pub axis_min_chunk: u32,
 }
 
 impl Tuning {
@@ -237,6 +247,9 @@ impl Tuning {
         split_alone: 0,
         vector: 4,
         subgroups: 1,
+        axis_workgroup: 128,
+        axis_lines: 65536,
+        axis_min_chunk: 1024,
     };
 
     /// The defaults for a software adapter (lavapipe, llvmpipe, WARP, SwiftShader). Measured
@@ -273,6 +286,9 @@ impl Tuning {
         split_alone: 0,
         vector: 4,
         subgroups: 1,
+        axis_workgroup: 64,
+        axis_lines: 256,
+        axis_min_chunk: 4096,
     };
 
     /// The defaults for an adapter of this type.
@@ -337,6 +353,20 @@ impl Tuning {
     /// The workgroup size of the per-row and split kernels on a device with `caps`.
     pub fn row_workgroup_on(&self, caps: &Capabilities) -> u32 {
         self.row_workgroup_for(caps.subgroup_size)
+    }
+
+    /// Chunks per line of a call along an axis that is not the last, over `lines` lines of
+    /// `len` elements: enough for `axis_lines` invocations, as long as chunks keep
+    /// `axis_min_chunk` elements, and where `caps` has a loop budget, enough that no
+    /// invocation's loops exceed it (a chunk is looped over about three times: its maximum and
+    /// sum, then its output).
+    pub fn axis_chunks(&self, lines: usize, len: usize, caps: &Capabilities) -> usize {
+        let by_budget = caps
+            .loop_budget
+            .map_or(1, |budget| len.div_ceil((budget / 4).max(1) as usize));
+        let wanted = (self.axis_lines as usize).div_ceil(lines.max(1));
+        let by_occupancy = wanted.min(len.div_ceil(self.axis_min_chunk.max(1) as usize));
+        by_budget.max(by_occupancy).max(1)
     }
 
     /// The same for a device whose fixed subgroup size is `subgroup` (`None`: no subgroup
@@ -457,6 +487,8 @@ impl Tuning {
             .clamp(self.row_workgroup_for(subgroup), 1 << 30);
         self.vector = if self.vector >= 4 { 4 } else { 1 };
         self.subgroups = self.subgroups.min(1);
+        self.axis_workgroup = self.axis_workgroup.clamp(1, max);
+        self.axis_min_chunk = self.axis_min_chunk.max(1);
         self.workgroup_per_row = self.workgroup_per_row.min(1);
         self.batch_rows = self.batch_rows.max(1);
         self.split_reverse = self.split_reverse.min(1);
@@ -739,6 +771,36 @@ mod tests {
             Tuning::GPU.choose(100_000, 300_000, &NVIDIA, 1),
             Strategy::RowPerWorkgroup { items: 0 }
         );
+    }
+
+    #[test]
+    fn axis_lines_split_for_occupancy_and_the_loop_budget() {
+        let gpu = Tuning::GPU;
+        // Many lines: one chunk each, however long.
+        assert_eq!(gpu.axis_chunks(1 << 20, 21, &NVIDIA), 1);
+        assert_eq!(gpu.axis_chunks(65536, 1 << 20, &NVIDIA), 1);
+        // Few long lines: chunks of at least axis_min_chunk until axis_lines invocations.
+        assert_eq!(gpu.axis_chunks(64, 1 << 20, &NVIDIA), 1024);
+        assert_eq!(gpu.axis_chunks(4, 4096, &NVIDIA), 4);
+        assert_eq!(gpu.axis_chunks(4, 100, &NVIDIA), 1);
+        // Software adapters: every chunk within a quarter of the loop budget, whatever the
+        // line count.
+        let sw = Tuning::SOFTWARE;
+        let budget = SOFTWARE_LOOP_BUDGET as usize / 4;
+        for (lines, len) in [
+            (1 << 20, 70_000),
+            (2, 70_000),
+            (1, 1 << 20),
+            (1000, budget + 1),
+        ] {
+            let chunks = sw.axis_chunks(lines, len, &LAVAPIPE);
+            assert!(
+                len.div_ceil(chunks) <= budget,
+                "{lines} x {len}: {chunks} chunks"
+            );
+        }
+        assert_eq!(sw.axis_chunks(1 << 20, 1000, &LLVMPIPE), 1);
+        assert_eq!(sw.axis_chunks(2, 16384, &LLVMPIPE), 4);
     }
 
     #[test]

@@ -55,9 +55,9 @@ pub(crate) struct OnePass {
 /// The entry points of [`OnePass`] kernels, the same in every family that has them.
 const ONE_PASS_ENTRIES: [&str; 2] = ["split_fused4", "split_rest4"];
 
-const COMMON: &str = include_str!("../../shaders/common.wgsl");
+pub(crate) const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const SUBGROUP: &str = include_str!("../../shaders/subgroup.wgsl");
-const SUBGROUP_ABSENT: &str = include_str!("../../shaders/subgroup_absent.wgsl");
+pub(crate) const SUBGROUP_ABSENT: &str = include_str!("../../shaders/subgroup_absent.wgsl");
 const ONE_PASS: &str = include_str!("../../shaders/one_pass.wgsl");
 
 pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
@@ -136,17 +136,17 @@ const BATCH_MIN_WORKGROUP: u32 = 32;
 /// Mirrors `Params` in `shaders/common.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    grid_x: u32,
-    chunk: u32,
-    chunks: u32,
-    spin: u32,
-    extra: u32,
-    groups: u32,
-    base: [u32; 8],
-    words: [u32; 4],
+pub(crate) struct Params {
+    pub rows: u32,
+    pub cols: u32,
+    pub grid_x: u32,
+    pub chunk: u32,
+    pub chunks: u32,
+    pub spin: u32,
+    pub extra: u32,
+    pub groups: u32,
+    pub base: [u32; 8],
+    pub words: [u32; 4],
 }
 
 /// Where an operand of a row-wise call lives.
@@ -764,7 +764,7 @@ fn params(
     bytemuck::bytes_of(&params).to_vec()
 }
 
-fn partials_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
+pub(crate) fn partials_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
     storage_buffer(device, "wgpu-softmax partials", bytes)
 }
 

@@ -60,8 +60,9 @@ pub struct BenchArgs {
     /// row_workgroup_without_subgroups, max_items, split_min_cols,
     /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_tally,
     /// loss_tally, batch_rows, split_reverse, split_group_bytes, split_wait, loss_split_wait,
-    /// backward_split_wait, split_alone, vector, subgroups. Workgroup
-    /// sizes, split_chunk and batch_rows must be at least 1, max_items a power of two up to 32,
+    /// backward_split_wait, split_alone, vector, subgroups, axis_workgroup, axis_lines,
+    /// axis_min_chunk. Workgroup
+    /// sizes, split_chunk, batch_rows and axis_min_chunk must be at least 1, max_items a power of two up to 32,
     /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally, split_reverse and split_alone
     /// 0 or 1
     /// (loss_tally is a workgroup count, 0 for never); a value the device's limits change is reported on stderr.
@@ -79,7 +80,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 26] = [
+const TUNE_FIELDS: [(&str, Accepts); 29] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -106,6 +107,9 @@ const TUNE_FIELDS: [(&str, Accepts); 26] = [
     ("split_alone", Accepts::OneOf(&[0, 1])),
     ("vector", Accepts::OneOf(&[1, 4])),
     ("subgroups", Accepts::OneOf(&[0, 1])),
+    ("axis_workgroup", Accepts::AtLeastOne),
+    ("axis_lines", Accepts::Any),
+    ("axis_min_chunk", Accepts::AtLeastOne),
 ];
 
 /// The most loads an invocation keeps in registers (`Tuning::max_items`).
@@ -140,6 +144,9 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "split_alone" => &mut tuning.split_alone,
         "vector" => &mut tuning.vector,
         "subgroups" => &mut tuning.subgroups,
+        "axis_workgroup" => &mut tuning.axis_workgroup,
+        "axis_lines" => &mut tuning.axis_lines,
+        "axis_min_chunk" => &mut tuning.axis_min_chunk,
         _ => return None,
     })
 }

@@ -1,0 +1,304 @@
+// Softmax, log-softmax and their backward along an axis that is not the last one: dim 1 of
+// [N, C, H, W], say (common.wgsl is prepended, for its parameters and special-value tests).
+//
+// The tensor is seen as [outer, len, inner], row-major, with inner > 1 (inner = 1 is a row, which
+// the row-wise families take): element k of line (o, i) lies at o * len * inner + k * inner + i.
+// In `Params`, `rows` counts the dispatch's outer slabs, `cols` is `len` and `extra` is `inner`.
+//
+// One invocation takes one chunk of one line, and neighbouring invocations take neighbouring
+// lines (i, i + 1), so every load of a workgroup reads one contiguous run of memory: the lines
+// of a [N, C, H, W] softmax over C are read as coalesced as rows are. A line of one chunk
+// (`chunks` = 1) is finished by its invocation alone; a line is split into chunks where it is
+// longer than a software adapter lets an invocation loop, or where there are too few lines to
+// fill the device. Then `stats` (`dot` for the backward) leaves each chunk's partial in
+// `partials`, and `normalize` (`backward`) combines the line's partials, in the same order for
+// every chunk of the line, before writing its chunk.
+//
+// No barrier and no subgroup operation is used: an invocation that has no chunk simply leaves.
+
+@group(0) @binding(1) var<storage, read> src: array<f32>; // x, or y for the backward
+@group(0) @binding(2) var<storage, read> grad: array<f32>; // dy (backward only)
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+
+override LOG: bool = false;
+
+// The chunk of a line an invocation takes.
+struct Piece {
+    valid: bool,
+    // The element offset of the line's element 0 from each operand's base.
+    first: u32,
+    // Its chunk along the axis: [start, end).
+    start: u32,
+    end: u32,
+    // The partial slot of the line's chunk 0; chunk c's is `slot0 + c * inner`, and this
+    // invocation's is its own index over the dispatch.
+    slot0: u32,
+    slot: u32,
+}
+
+fn piece_of(wid: vec3<u32>, lid: u32) -> Piece {
+    let t = linear_group(wid) * WG + lid;
+    let inner = p.extra;
+    let i = t % inner;
+    let q = t / inner;
+    let c = q % p.chunks;
+    let slab = q / p.chunks;
+    let bounds = chunk_bounds(c);
+    return Piece(
+        slab < p.rows,
+        slab * p.cols * inner + i,
+        bounds.x,
+        bounds.y,
+        slab * p.chunks * inner + i,
+        t,
+    );
+}
+
+fn at(piece: Piece, k: u32) -> u32 {
+    return piece.first + k * p.extra;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+
+// Folds `n` <= SUM_BLOCK elements of a line, from element k, into its running (max, sum of
+// exp(x - max)): one rescale per block, and the block's exponentials summed apart before they
+// join the running sum (as the row kernels' streamed sums). A NaN or +inf makes the max +inf.
+fn fold_block(stats: vec2<f32>, piece: Piece, k: u32, n: u32) -> vec2<f32> {
+    var v: array<f32, SUM_BLOCK>;
+    var block_max = neg_inf();
+    for (var j = 0u; j < n; j++) {
+        let x = src[base(0u) + at(piece, k + j)];
+        v[j] = x;
+        block_max = max(block_max, max_key(x));
+    }
+    let m = max(stats.x, block_max);
+    var s = stats.y;
+    // Until the line's max is finite the sum stays 0 (only -inf so far) or no longer matters.
+    if (is_finite(m)) {
+        var block_sum = 0.0;
+        for (var j = 0u; j < n; j++) {
+            block_sum += exp_shifted(v[j], m);
+        }
+        s = s * rescale(stats.x, m) + block_sum;
+    }
+    return vec2<f32>(m, s);
+}
+
+// Two statistics (max, sum of exp(x - max)) of parts of a line as one, by the
+// online-normalizer rule.
+fn combine(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    if (!is_finite(m)) {
+        return vec2<f32>(m, 0.0);
+    }
+    return vec2<f32>(m, a.y * rescale(a.x, m) + b.y * rescale(b.x, m));
+}
+
+// Elements a line's statistics gather in blocks before they join its running statistics: with
+// blocks of SUM_BLOCK, the f32 rounding of a sum grows with about 2 SUM_BLOCK + n / GROUP terms
+// rather than n (lines of 70 000 elements, summed by one invocation, stay within the 1e-5
+// bounds).
+const GROUP: u32 = SUM_BLOCK * SUM_BLOCK;
+
+// (max, sum of exp(x - max)) over the piece's chunk.
+fn chunk_stats(piece: Piece) -> vec2<f32> {
+    var stats = vec2<f32>(neg_inf(), 0.0);
+    for (var g = piece.start; g < piece.end; g += GROUP) {
+        let group_end = min(g + GROUP, piece.end);
+        var group = vec2<f32>(neg_inf(), 0.0);
+        var k = g;
+        for (; k + SUM_BLOCK <= group_end; k += SUM_BLOCK) {
+            group = fold_block(group, piece, k, SUM_BLOCK);
+        }
+        if (k < group_end) {
+            group = fold_block(group, piece, k, group_end - k);
+        }
+        stats = combine(stats, group);
+    }
+    return stats;
+}
+
+// The line's (max, sum) from its chunks' partials, combined by the online-normalizer rule.
+fn line_stats(piece: Piece) -> vec2<f32> {
+    let b = base(3u);
+    var m = neg_inf();
+    for (var c = 0u; c < p.chunks; c++) {
+        m = max(m, partials[b + 2u * (piece.slot0 + c * p.extra)]);
+    }
+    var s = 0.0;
+    if (is_finite(m)) {
+        for (var c = 0u; c < p.chunks; c++) {
+            let slot = b + 2u * (piece.slot0 + c * p.extra);
+            s += partials[slot + 1u] * rescale(partials[slot], m);
+        }
+    }
+    return vec2<f32>(m, s);
+}
+
+// The output of element x of a line whose stats are (m, s); `scale` is 1 / s for softmax and
+// ln(s) for log-softmax. A line whose max is not finite (NaN, +inf, or -inf only) is NaN.
+fn normalized(x: f32, m: f32, scale: f32) -> f32 {
+    if (!is_finite(m)) {
+        return quiet_nan();
+    }
+    if (LOG) {
+        return select((x - m) - scale, neg_inf(), is_neg_inf(x));
+    }
+    return exp_shifted(x, m) * scale;
+}
+
+fn scale_of(s: f32) -> f32 {
+    if (LOG) {
+        return log(s);
+    }
+    return 1.0 / s;
+}
+
+// Partials pass of split lines: each chunk's (max, sum).
+@compute @workgroup_size(WG)
+fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = piece_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    let st = chunk_stats(piece);
+    let slot = base(3u) + 2u * piece.slot;
+    partials[slot] = st.x;
+    partials[slot + 1u] = st.y;
+}
+
+// Writes the piece's chunk. A line of one chunk with ITEMS > 0 (ITEMS = len <= SUM_BLOCK) is
+// read once into registers and `exp` runs once per element; otherwise the chunk is read again
+// after its line's stats.
+@compute @workgroup_size(WG)
+fn normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = piece_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    if (ITEMS > 0u) {
+        var v: array<f32, SUM_BLOCK>;
+        var m = neg_inf();
+        for (var j = 0u; j < ITEMS; j++) {
+            v[j] = src[base(0u) + at(piece, j)];
+            m = max(m, max_key(v[j]));
+        }
+        var s = 0.0;
+        for (var j = 0u; j < ITEMS; j++) {
+            let e = exp_shifted(v[j], m);
+            s += e;
+            if (!LOG) {
+                v[j] = e;
+            }
+        }
+        let scale = scale_of(s);
+        for (var j = 0u; j < ITEMS; j++) {
+            var y: f32;
+            if (!is_finite(m)) {
+                y = quiet_nan();
+            } else if (LOG) {
+                y = select((v[j] - m) - scale, neg_inf(), is_neg_inf(v[j]));
+            } else {
+                y = v[j] * scale;
+            }
+            dst[base(2u) + at(piece, j)] = y;
+        }
+        return;
+    }
+    var st: vec2<f32>;
+    if (p.chunks == 1u) {
+        st = chunk_stats(piece);
+    } else {
+        st = line_stats(piece);
+    }
+    let scale = scale_of(st.y);
+    for (var k = piece.start; k < piece.end; k++) {
+        let i = at(piece, k);
+        dst[base(2u) + i] = normalized(src[base(0u) + i], st.x, scale);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward, as backward.wgsl: softmax dx = y (dy - r), r = sum dy y; log-softmax
+// dx = dy - exp(y) r, r = sum dy. Values are not special-cased beyond exp(-inf) = 0.
+
+fn term(y: f32, g: f32) -> f32 {
+    if (LOG) {
+        return g;
+    }
+    return g * y;
+}
+
+fn grad_of(y: f32, g: f32, r: f32) -> f32 {
+    if (LOG) {
+        return g - select(exp(y), 0.0, is_neg_inf(y)) * r;
+    }
+    return y * (g - r);
+}
+
+// The piece's chunk's part of r, its terms summed in blocks and groups as `chunk_stats` sums.
+fn chunk_dot(piece: Piece) -> f32 {
+    var r = 0.0;
+    for (var g = piece.start; g < piece.end; g += GROUP) {
+        let group_end = min(g + GROUP, piece.end);
+        var group = 0.0;
+        for (var k = g; k < group_end; k += SUM_BLOCK) {
+            let stop = min(k + SUM_BLOCK, group_end);
+            var block = 0.0;
+            for (var j = k; j < stop; j++) {
+                let i = at(piece, j);
+                block += term(src[base(0u) + i], grad[base(1u) + i]);
+            }
+            group += block;
+        }
+        r += group;
+    }
+    return r;
+}
+
+// Partials pass of split lines: each chunk's part of r.
+@compute @workgroup_size(WG)
+fn dot(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = piece_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    partials[base(3u) + piece.slot] = chunk_dot(piece);
+}
+
+@compute @workgroup_size(WG)
+fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = piece_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    if (ITEMS > 0u) {
+        var ys: array<f32, SUM_BLOCK>;
+        var gs: array<f32, SUM_BLOCK>;
+        var r = 0.0;
+        for (var j = 0u; j < ITEMS; j++) {
+            let i = at(piece, j);
+            ys[j] = src[base(0u) + i];
+            gs[j] = grad[base(1u) + i];
+            r += term(ys[j], gs[j]);
+        }
+        for (var j = 0u; j < ITEMS; j++) {
+            dst[base(2u) + at(piece, j)] = grad_of(ys[j], gs[j], r);
+        }
+        return;
+    }
+    var r = 0.0;
+    if (p.chunks == 1u) {
+        r = chunk_dot(piece);
+    } else {
+        for (var c = 0u; c < p.chunks; c++) {
+            r += partials[base(3u) + piece.slot0 + c * p.extra];
+        }
+    }
+    for (var k = piece.start; k < piece.end; k++) {
+        let i = at(piece, k);
+        dst[base(2u) + i] = grad_of(src[base(0u) + i], grad[base(1u) + i], r);
+    }
+}

@@ -1,0 +1,447 @@
+//! Softmax, log-softmax and their backward along an axis that is not the last
+//! ([`Context::along`]), against the f64 reference run on the same lines moved last.
+
+mod common;
+
+use common::{bits, logits, read_buffer, small_limits_context, tuned, with_gpu};
+use wgpu_softmax::cpu::reference;
+use wgpu_softmax::{AxisLayout, Context, Engine, Error, Tolerance, Tuning, TENSOR_USAGES};
+
+/// (shape, axis): lines held in registers (5 and 21 long), streamed lines with a partial block
+/// (33) and many blocks (1000), lines split into chunks for the loop budget of software
+/// adapters (70 000) and for occupancy (16 384 over 2 lines), the first axis, the last axis
+/// (the row kernels), and empty tensors.
+const LAYOUTS: &[(&[usize], isize)] = &[
+    (&[2, 5, 3], 1),
+    (&[3, 21, 8, 8], 1),
+    (&[3, 33, 17], 1),
+    (&[2, 1000, 5], -2),
+    (&[1, 70_000, 3], 1),
+    (&[1, 16_384, 2], 1),
+    (&[5, 7], 0),
+    (&[3, 4, 5], -1),
+    (&[0, 4, 5], 1),
+    (&[2, 3, 0], 1),
+];
+
+/// The f64 reference of a row op (on rows of `cols`) applied along `layout`.
+fn along_reference(
+    layout: AxisLayout,
+    inputs: &[&[f32]],
+    op: impl Fn(&[Vec<f32>], usize) -> Vec<f64>,
+) -> Vec<f64> {
+    let rows: Vec<Vec<f32>> = inputs.iter().map(|x| layout.to_rows(x).unwrap()).collect();
+    layout.from_rows(&op(&rows, layout.len())).unwrap()
+}
+
+fn softmax_ref(layout: AxisLayout, x: &[f32]) -> Vec<f64> {
+    along_reference(layout, &[x], |r, c| reference::softmax(&r[0], c).unwrap())
+}
+
+fn log_softmax_ref(layout: AxisLayout, x: &[f32]) -> Vec<f64> {
+    along_reference(layout, &[x], |r, c| {
+        reference::log_softmax(&r[0], c).unwrap()
+    })
+}
+
+fn backward_ref(layout: AxisLayout, y: &[f32], dy: &[f32], log: bool) -> Vec<f64> {
+    along_reference(layout, &[y, dy], |r, c| {
+        if log {
+            reference::log_softmax_backward(&r[0], &r[1], c).unwrap()
+        } else {
+            reference::softmax_backward(&r[0], &r[1], c).unwrap()
+        }
+    })
+}
+
+fn assert_close(tolerance: Tolerance, got: &[f32], want: &[f64], what: &str) {
+    let cmp = tolerance.compare(got, want);
+    assert!(cmp.passed(), "{what}: {cmp:?}");
+}
+
+/// Every op along `layout` on the GPU (and on the CPU engine) against the reference.
+fn check_layout(ctx: &Context, layout: AxisLayout, x: &[f32], dy: &[f32], what: &str) {
+    let along = ctx.along(layout);
+    let y = along.softmax(x).unwrap();
+    assert_close(
+        Tolerance::SOFTMAX,
+        &y,
+        &softmax_ref(layout, x),
+        &format!("softmax {what}"),
+    );
+    let ly = along.log_softmax(x).unwrap();
+    let want = log_softmax_ref(layout, x);
+    assert_close(
+        Tolerance::LOG_SOFTMAX,
+        &ly,
+        &want,
+        &format!("log_softmax {what}"),
+    );
+    let dx = along.softmax_backward(&y, dy).unwrap();
+    let want = backward_ref(layout, &y, dy, false);
+    assert_close(
+        Tolerance::SOFTMAX,
+        &dx,
+        &want,
+        &format!("softmax_backward {what}"),
+    );
+    let dx = along.log_softmax_backward(&ly, dy).unwrap();
+    let want = backward_ref(layout, &ly, dy, true);
+    assert_close(
+        Tolerance::LOG_SOFTMAX,
+        &dx,
+        &want,
+        &format!("log_softmax_backward {what}"),
+    );
+}
+
+#[test]
+fn along_matches_the_reference_on_every_layout() {
+    with_gpu(|ctx| {
+        for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
+            let layout = AxisLayout::new(shape, axis).unwrap();
+            let x = logits(layout.numel(), 1, 3.0, i as u64);
+            let dy = logits(layout.numel(), 1, 1.0, 100 + i as u64);
+            check_layout(ctx, layout, &x, &dy, &format!("{shape:?} axis {axis}"));
+        }
+    });
+}
+
+/// The CPU engine moves the axis last around `cpu::fast`: the same reference, the same errors.
+#[test]
+fn the_cpu_engine_runs_along_any_axis() {
+    let engine = Engine::Cpu;
+    for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
+        let layout = AxisLayout::new(shape, axis).unwrap();
+        let x = logits(layout.numel(), 1, 3.0, i as u64);
+        let dy = logits(layout.numel(), 1, 1.0, 100 + i as u64);
+        let what = format!("{shape:?} axis {axis}");
+        let y = engine.softmax_along(&x, layout).unwrap();
+        assert_close(Tolerance::SOFTMAX, &y, &softmax_ref(layout, &x), &what);
+        let ly = engine.log_softmax_along(&x, layout).unwrap();
+        assert_close(
+            Tolerance::LOG_SOFTMAX,
+            &ly,
+            &log_softmax_ref(layout, &x),
+            &what,
+        );
+        let dx = engine.softmax_backward_along(&y, &dy, layout).unwrap();
+        assert_close(
+            Tolerance::SOFTMAX,
+            &dx,
+            &backward_ref(layout, &y, &dy, false),
+            &what,
+        );
+        let dx = engine.log_softmax_backward_along(&ly, &dy, layout).unwrap();
+        assert_close(
+            Tolerance::LOG_SOFTMAX,
+            &dx,
+            &backward_ref(layout, &ly, &dy, true),
+            &what,
+        );
+    }
+    let layout = AxisLayout::new(&[2, 3, 4], 1).unwrap();
+    assert!(matches!(
+        engine.softmax_along(&[0.0; 23], layout),
+        Err(Error::LengthMismatch {
+            what: "input",
+            expected: 24,
+            actual: 23
+        })
+    ));
+    assert!(matches!(
+        engine.softmax_backward_along(&[0.0; 24], &[0.0; 25], layout),
+        Err(Error::LengthMismatch {
+            what: "grad_output",
+            expected: 24,
+            actual: 25
+        })
+    ));
+}
+
+/// Contexts whose lines are held in registers (short lines, the default), streamed in one
+/// chunk, and split into chunks of 2 elements (two passes, partials combined).
+fn line_contexts(base: &Context) -> Vec<(&'static str, Context)> {
+    let t = base.tuning();
+    vec![
+        ("default", base.clone()),
+        (
+            "split",
+            tuned(
+                base,
+                Tuning {
+                    axis_lines: 1 << 20,
+                    axis_min_chunk: 2,
+                    ..t
+                },
+            ),
+        ),
+    ]
+}
+
+/// The row policy, line by line: a -inf entry gets 0, a line of only -inf, or with NaN or
+/// +inf, is NaN, and the other lines are untouched; `[1000, 0, ...]` is exact; softmax is
+/// invariant under translation. On lines in registers and on split lines alike.
+#[test]
+fn along_special_values_follow_the_row_policy() {
+    with_gpu(|base| {
+        // [2, 6, 5] over axis 1: line (o, i) holds x[o][k][i] for k in 0..6.
+        let layout = AxisLayout::new(&[2, 6, 5], 1).unwrap();
+        let at = |o: usize, k: usize, i: usize| o * 30 + k * 5 + i;
+        let mut x = logits(60, 1, 2.0, 7);
+        x[at(0, 2, 0)] = f32::NEG_INFINITY;
+        for k in 0..6 {
+            x[at(0, k, 1)] = f32::NEG_INFINITY;
+            x[at(1, k, 0)] = if k == 0 { 1000.0 } else { 0.0 };
+        }
+        x[at(0, 4, 2)] = f32::NAN;
+        x[at(0, 5, 3)] = f32::INFINITY;
+        let dy = logits(60, 1, 1.0, 8);
+        for (name, ctx) in line_contexts(base) {
+            let along = ctx.along(layout);
+            check_layout(&ctx, layout, &x, &dy, name);
+            let y = along.softmax(&x).unwrap();
+            let ly = along.log_softmax(&x).unwrap();
+            assert_eq!(y[at(0, 2, 0)], 0.0, "{name}");
+            assert_eq!(ly[at(0, 2, 0)], f32::NEG_INFINITY, "{name}");
+            for k in 0..6 {
+                for i in 1..4 {
+                    assert!(y[at(0, k, i)].is_nan(), "{name}: line (0, {i})");
+                }
+                assert!(y[at(0, k, 4)].is_finite(), "{name}: line (0, 4)");
+                let (want, want_log) = if k == 0 { (1.0, 0.0) } else { (0.0, -1000.0) };
+                assert_eq!(y[at(1, k, 0)], want, "{name}");
+                assert_eq!(ly[at(1, k, 0)], want_log, "{name}");
+            }
+            // Translation by an exactly representable shift leaves the bits unchanged.
+            let small: Vec<f32> = (0..60).map(|j| (j % 7) as f32 * 0.5).collect();
+            let shifted: Vec<f32> = small.iter().map(|v| v + 1024.0).collect();
+            assert_eq!(
+                bits(&along.softmax(&small).unwrap()),
+                bits(&along.softmax(&shifted).unwrap()),
+                "{name}"
+            );
+        }
+    });
+}
+
+/// The last axis is the row layout, and runs the row kernels: the same bits as the row ops.
+#[test]
+fn the_last_axis_is_the_row_ops() {
+    with_gpu(|ctx| {
+        let x = logits(37 * 130, 1, 2.0, 3);
+        let dy = logits(37 * 130, 1, 1.0, 4);
+        let along = ctx.along(AxisLayout::new(&[37, 130], -1).unwrap());
+        let y = ctx.softmax(&x, 130).unwrap();
+        assert_eq!(bits(&along.softmax(&x).unwrap()), bits(&y));
+        assert_eq!(
+            bits(&along.log_softmax(&x).unwrap()),
+            bits(&ctx.log_softmax(&x, 130).unwrap())
+        );
+        assert_eq!(
+            bits(&along.softmax_backward(&y, &dy).unwrap()),
+            bits(&ctx.softmax_backward(&y, &dy, 130).unwrap())
+        );
+    });
+}
+
+/// A context with invocation-sized workgroups: 70 000 lines need more workgroups than one
+/// dispatch dimension holds, so the grid is 2-D.
+#[test]
+fn more_lines_than_one_grid_dimension() {
+    with_gpu(|base| {
+        let ctx = tuned(
+            base,
+            Tuning {
+                axis_workgroup: 1,
+                ..base.tuning()
+            },
+        );
+        let layout = AxisLayout::new(&[2, 3, 35_000], 1).unwrap();
+        let x = logits(layout.numel(), 1, 2.0, 11);
+        let dy = logits(layout.numel(), 1, 1.0, 12);
+        check_layout(&ctx, layout, &x, &dy, "2x3x35000, workgroups of 1");
+    });
+}
+
+/// On a device whose storage bindings hold 1 MiB, a batch of several slabs runs in blocks of
+/// slabs, and a slab larger than a binding is a typed error, never a wrong result.
+#[test]
+fn slabs_larger_than_a_binding_run_in_blocks_or_are_refused() {
+    with_gpu(|base| {
+        let ctx = small_limits_context(base);
+        // Slabs of 300 x 300 f32 (360 KB): two per binding, six in all (2.2 MB).
+        let layout = AxisLayout::new(&[6, 300, 300], 1).unwrap();
+        let x = logits(layout.numel(), 1, 2.0, 21);
+        let dy = logits(layout.numel(), 1, 1.0, 22);
+        check_layout(&ctx, layout, &x, &dy, "6x300x300 on 1 MiB bindings");
+        let too_large = AxisLayout::new(&[1, 1000, 300], 1).unwrap();
+        let x = vec![0.0; too_large.numel()];
+        assert!(matches!(
+            ctx.along(too_large).softmax(&x),
+            Err(Error::SlabTooLarge {
+                len: 1000,
+                inner: 300,
+                bytes: 1_200_000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            ctx.along(too_large).log_softmax_backward(&x, &x),
+            Err(Error::SlabTooLarge { .. })
+        ));
+    });
+}
+
+/// The `_into` and async forms write what the allocating form returns; wrong lengths are
+/// typed errors that leave `out` untouched.
+#[test]
+fn into_and_async_forms_agree_and_refuse_wrong_lengths() {
+    with_gpu(|ctx| {
+        let layout = AxisLayout::new(&[3, 40, 7], 1).unwrap();
+        let along = ctx.along(layout);
+        let x = logits(layout.numel(), 1, 2.0, 31);
+        let dy = logits(layout.numel(), 1, 1.0, 32);
+        let y = along.softmax(&x).unwrap();
+        let mut out = vec![f32::NAN; x.len()];
+        along.softmax_into(&x, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&y));
+        let ly = pollster::block_on(along.log_softmax_async(&x)).unwrap();
+        along.log_softmax_into(&x, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&ly));
+        let dx = pollster::block_on(along.softmax_backward_async(&y, &dy)).unwrap();
+        along.softmax_backward_into(&y, &dy, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&dx));
+        let dx = pollster::block_on(along.log_softmax_backward_async(&ly, &dy)).unwrap();
+        along.log_softmax_backward_into(&ly, &dy, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&dx));
+
+        let n = layout.numel();
+        let mut short = vec![7.0; n - 1];
+        assert!(matches!(
+            along.softmax(&x[1..]),
+            Err(Error::LengthMismatch { what: "input", .. })
+        ));
+        assert!(matches!(
+            along.softmax_into(&x, &mut short),
+            Err(Error::LengthMismatch { what: "out", .. })
+        ));
+        assert!(short.iter().all(|&v| v == 7.0));
+        assert!(matches!(
+            along.softmax_backward(&y[1..], &dy),
+            Err(Error::LengthMismatch { what: "y", .. })
+        ));
+        assert!(matches!(
+            along.log_softmax_backward(&y, &dy[1..]),
+            Err(Error::LengthMismatch {
+                what: "grad_output",
+                ..
+            })
+        ));
+    });
+}
+
+fn region(buffer: &wgpu::Buffer, at: usize) -> wgpu::BufferSlice<'_> {
+    buffer.slice((at * 4) as u64..)
+}
+
+fn storage_buffer(ctx: &Context, words: usize, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: (words * 4) as u64,
+        usage,
+        mapped_at_creation: false,
+    })
+}
+
+/// The encode forms read and write regions of the caller's buffers at any word offset and no
+/// other word; the checks of the row encode forms apply.
+#[test]
+fn encode_forms_work_on_regions_of_the_callers_buffers() {
+    with_gpu(|ctx| {
+        let layout = AxisLayout::new(&[2, 9, 13], 1).unwrap();
+        let along = ctx.along(layout);
+        let n = layout.numel();
+        let (x_at, y_at) = (3, 5);
+        let guard = f32::from_bits(0xDEAD_BEEF);
+        let x = logits(n, 1, 2.0, 41);
+        let dy = logits(n, 1, 1.0, 42);
+        let mut input = vec![guard; n + 2 * x_at];
+        input[x_at..x_at + n].copy_from_slice(&x);
+        let input_buf = storage_buffer(ctx, input.len(), TENSOR_USAGES);
+        ctx.queue()
+            .write_buffer(&input_buf, 0, bytemuck::cast_slice(&input));
+        let mut grad = vec![guard; n + 2 * x_at];
+        grad[x_at..x_at + n].copy_from_slice(&dy);
+        let grad_buf = storage_buffer(ctx, grad.len(), TENSOR_USAGES);
+        ctx.queue()
+            .write_buffer(&grad_buf, 0, bytemuck::cast_slice(&grad));
+        let out_buf = storage_buffer(ctx, n + 2 * y_at, TENSOR_USAGES);
+        ctx.queue().write_buffer(
+            &out_buf,
+            0,
+            bytemuck::cast_slice(&vec![guard; n + 2 * y_at]),
+        );
+        let run = |record: &dyn Fn(&mut wgpu::CommandEncoder) -> Result<(), Error>| {
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            record(&mut encoder).unwrap();
+            ctx.queue().submit([encoder.finish()]);
+            let all = read_buffer(ctx, &out_buf, n + 2 * y_at);
+            assert!(all[..y_at]
+                .iter()
+                .chain(&all[y_at + n..])
+                .all(|v| v.to_bits() == 0xDEAD_BEEF));
+            all[y_at..y_at + n].to_vec()
+        };
+        let y = run(&|e| along.encode_softmax(e, region(&input_buf, x_at), region(&out_buf, y_at)));
+        assert_eq!(bits(&y), bits(&along.softmax(&x).unwrap()));
+        let ly =
+            run(&|e| along.encode_log_softmax(e, region(&input_buf, x_at), region(&out_buf, y_at)));
+        assert_eq!(bits(&ly), bits(&along.log_softmax(&x).unwrap()));
+        let dx = run(&|e| {
+            along.encode_softmax_backward(
+                e,
+                region(&input_buf, x_at),
+                region(&grad_buf, x_at),
+                region(&out_buf, y_at),
+            )
+        });
+        assert_eq!(bits(&dx), bits(&along.softmax_backward(&x, &dy).unwrap()));
+        let dx = run(&|e| {
+            along.encode_log_softmax_backward(
+                e,
+                region(&input_buf, x_at),
+                region(&grad_buf, x_at),
+                region(&out_buf, y_at),
+            )
+        });
+        assert_eq!(
+            bits(&dx),
+            bits(&along.log_softmax_backward(&x, &dy).unwrap())
+        );
+
+        // The row forms' checks: size, usage, alignment, aliasing.
+        let e = &mut ctx.device().create_command_encoder(&Default::default());
+        let needed = (n * 4) as u64;
+        assert!(matches!(
+            along.encode_softmax(e, region(&input_buf, 2 * x_at + 1), &out_buf),
+            Err(Error::BufferTooSmall { what: "input", needed: nd, .. }) if nd == needed
+        ));
+        let copy_only = storage_buffer(ctx, n, wgpu::BufferUsages::COPY_DST);
+        assert!(matches!(
+            along.encode_softmax(e, &input_buf, &copy_only),
+            Err(Error::MissingUsage { what: "output", .. })
+        ));
+        assert!(matches!(
+            along.encode_log_softmax(e, input_buf.slice(2..), &out_buf),
+            Err(Error::Misaligned { what: "input", .. })
+        ));
+        assert!(matches!(
+            along.encode_softmax_backward(e, &input_buf, &grad_buf, region(&grad_buf, 1)),
+            Err(Error::Aliased {
+                first: "grad_output",
+                second: "grad_input"
+            })
+        ));
+    });
+}
