@@ -5,8 +5,8 @@
 //! Throughput counts the bytes an op must read plus write.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, SHAPES};
-use wgpu_softmax::Context;
+use wgpu_softmax::bench::{BenchOp, CpuBench, GpuBench, AXIS_SHAPES, SHAPES};
+use wgpu_softmax::{AxisLayout, Context};
 
 fn ops(c: &mut Criterion) {
     let ctx = match Context::new_blocking() {
@@ -29,6 +29,26 @@ fn ops(c: &mut Criterion) {
                 });
             }
             let mut cpu = CpuBench::new(op, rows, cols);
+            group.bench_function(BenchmarkId::new("cpu", &shape), |b| {
+                b.iter(|| cpu.run().expect("CPU run"))
+            });
+        }
+        // Along axis 1 of [N, C, S]: N * S lines of C elements, S apart.
+        for (n, c, s) in AXIS_SHAPES.into_iter().filter(|_| op.runs_along_any_axis()) {
+            let shape = format!("{n}x{c}x{s}");
+            let layout = AxisLayout::new(&[n, c, s], 1).expect("a valid layout");
+            group.throughput(Throughput::Bytes(op.bytes(n * s, c)));
+            if let Some(ctx) = &ctx {
+                let gpu = GpuBench::new(ctx, op, n * s, c)
+                    .and_then(|g| g.along(layout))
+                    .expect("GPU inputs");
+                group.bench_function(BenchmarkId::new("gpu", &shape), |b| {
+                    b.iter(|| gpu.run_wall().expect("GPU run"))
+                });
+            }
+            let mut cpu = CpuBench::new(op, n * s, c)
+                .along(layout)
+                .expect("CPU inputs");
             group.bench_function(BenchmarkId::new("cpu", &shape), |b| {
                 b.iter(|| cpu.run().expect("CPU run"))
             });

@@ -57,7 +57,9 @@ def main(paths):
             for r in json.load(f):
                 label, kind = column(r)
                 columns.setdefault(label, kind)
-                shape = (r["rows"], r["cols"])
+                # Lines along the softmax axis, their length, and the distance between a
+                # line's elements (1: rows; records without it, torch's, are rows).
+                shape = (r["rows"], r["cols"], r.get("inner", 1))
                 if shape not in shapes:
                     shapes.append(shape)
                 cells[(r["op"], shape, label)].append((r["gb_per_s"], r["pct_of_limit"]))
@@ -78,19 +80,21 @@ def main(paths):
     print("|" + "---|" * len(header))
     median = statistics.median
     for op in OPS:
-        for rows, cols in shapes:
-            if not any(cells.get((op, (rows, cols), c)) for c in order):
+        for shape in shapes:
+            if not any(cells.get((op, shape, c)) for c in order):
                 continue
-            row = [NAMES.get(op, op), f"{rows}x{cols}"]
+            rows, cols, inner = shape
+            label = f"{rows}x{cols}" if inner == 1 else f"{rows // inner}x{cols}x{inner}"
+            row = [NAMES.get(op, op), label]
             for c in order:
-                v = cells.get((op, (rows, cols), c))
+                v = cells.get((op, shape, c))
                 if not v:
                     row.append("-")
                 else:
                     g, p = median(x[0] for x in v), median(x[1] for x in v)
                     row.append(("%.2f" if g < 10 else "%.1f") % g + " (%.0f%%)" % p)
                 if rival_of(c):
-                    t = cells.get((op, (rows, cols), rival_of(c)))
+                    t = cells.get((op, shape, rival_of(c)))
                     if v and t:
                         ratio = median(x[0] for x in v) / median(x[0] for x in t)
                         row.append("%.2f" % ratio)

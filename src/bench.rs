@@ -10,11 +10,12 @@ use rayon::prelude::*;
 use crate::context::Context;
 use crate::cpu::fast;
 use crate::error::{Error, Result};
-use crate::kernels::rowwise::Operand;
+use crate::kernels::axis::AxisFamily;
 use crate::kernels::{Dispatch, DispatchTimes, Normalization, PipelineKey, Timestamps, Window};
-use crate::ops::{normalize_call, Tensor};
+use crate::layout::{map_rows, AxisLayout};
+use crate::ops::{record_normalize, Tensor};
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
-use crate::training::{backward_call, CrossEntropyLoss, GradDestination};
+use crate::training::{record_backward, CrossEntropyLoss, GradDestination};
 use crate::TargetTensor;
 
 /// The shapes of the benchmark table: square, many medium rows, many short rows, few long rows,
@@ -27,6 +28,10 @@ pub const SHAPES: [(usize, usize); 6] = [
     (4, 524_288),
     (32, 10),
 ];
+
+/// Shapes `[N, C, S]` whose softmax-family ops the benchmarks run along axis 1 (over `C`): the
+/// classes of a batch of 128 x 128 segmentation maps, and a square's columns.
+pub const AXIS_SHAPES: [(usize, usize, usize); 2] = [(16, 21, 16_384), (4, 1024, 1024)];
 
 /// An operation as benchmarked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,6 +79,23 @@ impl BenchOp {
             .into_iter()
             .chain([BenchOp::Copy])
             .find(|op| op.name() == name)
+    }
+
+    /// Whether the op runs along any axis (the softmax family), not only the last.
+    pub fn runs_along_any_axis(self) -> bool {
+        self.normalization().is_some()
+    }
+
+    /// The softmax-family op's normalization and whether it is a backward op; `None` for
+    /// cross-entropy and the copy.
+    fn normalization(self) -> Option<(Normalization, bool)> {
+        match self {
+            BenchOp::Softmax => Some((Normalization::Softmax, false)),
+            BenchOp::LogSoftmax => Some((Normalization::LogSoftmax, false)),
+            BenchOp::SoftmaxBackward => Some((Normalization::Softmax, true)),
+            BenchOp::LogSoftmaxBackward => Some((Normalization::LogSoftmax, true)),
+            BenchOp::CrossEntropy | BenchOp::Copy => None,
+        }
     }
 
     /// Bytes the op must read plus write for `rows x cols`: each input element read once, each
@@ -142,12 +164,27 @@ impl HostInputs {
     }
 }
 
+/// The layout a bench of `op` on `rows x cols` runs along: `layout`, which must hold the same
+/// elements, for the softmax-family ops; the rows themselves otherwise.
+fn bench_layout(op: BenchOp, rows: usize, cols: usize, layout: AxisLayout) -> Result<AxisLayout> {
+    crate::validate::same_len("layout", rows * cols, layout.numel())?;
+    if layout.inner() > 1 && !op.runs_along_any_axis() {
+        return Err(Error::Internal(format!(
+            "{} is benchmarked along the last axis only",
+            op.name()
+        )));
+    }
+    Ok(layout)
+}
+
 /// One op and shape set up on the GPU, run repeatedly.
 pub struct GpuBench {
     ctx: Context,
     op: BenchOp,
     rows: usize,
     cols: usize,
+    /// The axis the softmax-family ops run along: the rows unless [`GpuBench::along`] says.
+    layout: AxisLayout,
     host: HostInputs,
     x: Tensor,
     dy: Tensor,
@@ -212,6 +249,7 @@ impl GpuBench {
             op,
             rows,
             cols,
+            layout: AxisLayout::rows(rows, cols)?,
             host,
             x,
             dy,
@@ -223,6 +261,18 @@ impl GpuBench {
             dispatch_timer: std::sync::OnceLock::new(),
             copy_run: 0,
         })
+    }
+
+    /// The softmax-family op along `layout`'s axis instead of along the rows, over the same
+    /// elements (`rows * cols` of them, the bytes counted alike): e.g. the classes of
+    /// `[N, C, H * W]`, for a bench made with `rows = N * H * W` and `cols = C`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `layout` holds another number of elements;
+    /// [`Error::Internal`] for cross-entropy and the copy along an axis that is not the last.
+    pub fn along(mut self, layout: AxisLayout) -> Result<Self> {
+        self.layout = bench_layout(self.op, self.rows, self.cols, layout)?;
+        Ok(self)
     }
 
     /// For [`BenchOp::Copy`]: each invocation copies `vec4s` consecutive vec4s instead of one.
@@ -239,6 +289,16 @@ impl GpuBench {
     pub fn kernel(&self) -> String {
         let gpu = &self.ctx.gpu;
         let kernels = &gpu.kernels;
+        if self.layout.inner() > 1 {
+            let (chunks, chunk) = AxisFamily::chunks(gpu, self.layout);
+            return match chunks {
+                1 if chunk <= AxisFamily::REGISTER_LEN => {
+                    format!("invocation per line, {chunk} in registers")
+                }
+                1 => "invocation per line, streamed".to_string(),
+                _ => format!("invocation per chunk, {chunks} chunks of {chunk} per line"),
+            };
+        }
         let family = match self.op {
             BenchOp::Softmax | BenchOp::LogSoftmax => &kernels.softmax,
             BenchOp::SoftmaxBackward | BenchOp::LogSoftmaxBackward => &kernels.backward,
@@ -388,16 +448,15 @@ impl GpuBench {
     /// Device errors.
     pub fn run_end_to_end(&self) -> Result<Duration> {
         let (ctx, cols, host) = (&self.ctx, self.cols, &self.host);
+        let along = ctx.along(self.layout);
         let start = Instant::now();
         match self.op {
-            BenchOp::Softmax | BenchOp::Copy => ctx.softmax(&host.logits, cols).map(drop),
-            BenchOp::LogSoftmax => ctx.log_softmax(&host.logits, cols).map(drop),
-            BenchOp::SoftmaxBackward => {
-                ctx.softmax_backward(&host.logits, &host.dy, cols).map(drop)
+            BenchOp::Softmax | BenchOp::Copy => along.softmax(&host.logits).map(drop),
+            BenchOp::LogSoftmax => along.log_softmax(&host.logits).map(drop),
+            BenchOp::SoftmaxBackward => along.softmax_backward(&host.logits, &host.dy).map(drop),
+            BenchOp::LogSoftmaxBackward => {
+                along.log_softmax_backward(&host.logits, &host.dy).map(drop)
             }
-            BenchOp::LogSoftmaxBackward => ctx
-                .log_softmax_backward(&host.logits, &host.dy, cols)
-                .map(drop),
             BenchOp::CrossEntropy => ctx
                 .cross_entropy_with_grad(
                     &host.logits,
@@ -418,32 +477,17 @@ impl GpuBench {
     ) -> Result<()> {
         let gpu = &self.ctx.gpu;
         let (rows, cols) = (self.rows, self.cols);
+        if let Some((op, backward)) = self.op.normalization() {
+            let (x, dy, out) = (&self.x, &self.dy, &self.out);
+            return if backward {
+                let regions = [x, dy, out].map(Into::into);
+                record_backward(gpu, encoder, op, regions, self.layout, timestamps)
+            } else {
+                let regions = [x, out].map(Into::into);
+                record_normalize(gpu, encoder, op, regions, self.layout, timestamps)
+            };
+        }
         match self.op {
-            BenchOp::Softmax | BenchOp::LogSoftmax => {
-                let op = if self.op == BenchOp::Softmax {
-                    Normalization::Softmax
-                } else {
-                    Normalization::LogSoftmax
-                };
-                let call = normalize_call(
-                    op,
-                    Operand::matrix(&self.x.buffer, cols),
-                    Operand::matrix(&self.out.buffer, cols),
-                    rows,
-                    cols,
-                );
-                gpu.kernels.softmax.encode(gpu, encoder, &call, timestamps)
-            }
-            BenchOp::SoftmaxBackward | BenchOp::LogSoftmaxBackward => {
-                let op = if self.op == BenchOp::SoftmaxBackward {
-                    Normalization::Softmax
-                } else {
-                    Normalization::LogSoftmax
-                };
-                let buffers = [&self.x, &self.dy, &self.out].map(Into::into);
-                let call = backward_call(op, buffers, rows, cols);
-                gpu.kernels.backward.encode(gpu, encoder, &call, timestamps)
-            }
             BenchOp::CrossEntropy => self.loss_fn.encode_tensors_timed(
                 encoder,
                 (&self.x, &self.targets, &self.loss),
@@ -451,6 +495,10 @@ impl GpuBench {
                 1.0.into(),
                 timestamps,
             ),
+            BenchOp::Softmax
+            | BenchOp::LogSoftmax
+            | BenchOp::SoftmaxBackward
+            | BenchOp::LogSoftmaxBackward => unreachable!("recorded above"),
             BenchOp::Copy => {
                 let len4 = (rows * cols / 4) as u32;
                 let per = self.copy_run.max(1);
@@ -584,7 +632,10 @@ fn submit_and_wait(ctx: &Context, encoder: wgpu::CommandEncoder) -> Result<()> {
 /// One op and shape set up for the CPU fast path.
 pub struct CpuBench {
     op: BenchOp,
+    rows: usize,
     cols: usize,
+    /// The axis the softmax-family ops run along: the rows unless [`CpuBench::along`] says.
+    layout: Option<AxisLayout>,
     host: HostInputs,
     out: Vec<f32>,
 }
@@ -594,10 +645,23 @@ impl CpuBench {
     pub fn new(op: BenchOp, rows: usize, cols: usize) -> Self {
         Self {
             op,
+            rows,
             cols,
+            layout: None,
             host: HostInputs::new(rows, cols, (rows * 31 + cols) as u64),
             out: vec![0.0; rows * cols],
         }
+    }
+
+    /// The op along `layout`'s axis, as [`GpuBench::along`]; the CPU path moves the axis last,
+    /// runs its row kernels and moves the result back.
+    ///
+    /// # Errors
+    /// As [`GpuBench::along`].
+    pub fn along(mut self, layout: AxisLayout) -> Result<Self> {
+        let layout = bench_layout(self.op, self.rows, self.cols, layout)?;
+        self.layout = Some(layout).filter(|l| l.inner() > 1);
+        Ok(self)
     }
 
     /// What runs the op: the f32 fast path's instruction set and rayon's thread count (memcpy
@@ -606,6 +670,10 @@ impl CpuBench {
         let threads = rayon::current_num_threads();
         match self.op {
             BenchOp::Copy => format!("memcpy, {threads} threads"),
+            _ if self.layout.is_some() => format!(
+                "f32 {}, {threads} threads, axis moved last and back",
+                fast::instruction_set()
+            ),
             _ => format!("f32 {}, {threads} threads", fast::instruction_set()),
         }
     }
@@ -619,6 +687,17 @@ impl CpuBench {
         let (cols, host) = (self.cols, &self.host);
         let out = &mut self.out;
         let start = Instant::now();
+        if let Some(layout) = self.layout {
+            let (x, dy) = (&host.logits[..], &host.dy[..]);
+            let inputs = [("input", x), ("grad_output", dy)];
+            map_rows(layout, inputs, |[x, dy], cols| match self.op {
+                BenchOp::Softmax => fast::softmax(x, cols),
+                BenchOp::LogSoftmax => fast::log_softmax(x, cols),
+                BenchOp::SoftmaxBackward => fast::softmax_backward(x, dy, cols),
+                _ => fast::log_softmax_backward(x, dy, cols),
+            })?;
+            return Ok(start.elapsed());
+        }
         match self.op {
             BenchOp::Softmax => fast::softmax_into(&host.logits, cols, out)?,
             BenchOp::LogSoftmax => fast::log_softmax_into(&host.logits, cols, out)?,

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::kernels::axis::{AxisCall, AxisOp};
 use crate::kernels::rowwise::Operand;
 use crate::kernels::rowwise::RowCall;
-use crate::kernels::Normalization;
+use crate::kernels::{Normalization, Timestamps};
 use crate::layout::AxisLayout;
 use crate::region::{validate_encode, BufferRegion};
 use crate::validate;
@@ -56,11 +56,12 @@ pub(crate) fn record_normalize(
     op: Normalization,
     [src, dst]: [BufferRegion<'_>; 2],
     layout: AxisLayout,
+    timestamps: Option<Timestamps<'_>>,
 ) -> Result<()> {
     if layout.inner() == 1 {
         let (rows, cols) = (layout.outer(), layout.len());
         let call = normalize_call(op, src.rows(cols), dst.rows(cols), rows, cols);
-        return gpu.kernels.softmax.encode(gpu, encoder, &call, None);
+        return gpu.kernels.softmax.encode(gpu, encoder, &call, timestamps);
     }
     let call = AxisCall {
         op: AxisOp::Normalize(op),
@@ -69,7 +70,7 @@ pub(crate) fn record_normalize(
         grad: None,
         output: dst,
     };
-    gpu.kernels.axis.encode(gpu, encoder, &call, None)
+    gpu.kernels.axis.encode(gpu, encoder, &call, timestamps)
 }
 
 /// A `[rows x cols]` f32 matrix resident on the GPU, row-major in one buffer.
@@ -487,7 +488,7 @@ impl Context {
         // The regions hold the shape's bytes, so its element count fits.
         let layout = AxisLayout::rows(rows, cols)?;
         let gpu = &self.gpu;
-        gpu.scoped(|| record_normalize(gpu, encoder, op, [input, output], layout))
+        gpu.scoped(|| record_normalize(gpu, encoder, op, [input, output], layout, None))
     }
 
     /// [`Context::encode_softmax`] and the log form along any axis.
@@ -501,7 +502,7 @@ impl Context {
         let bytes = layout_bytes(layout);
         validate_encode(&[("input", input, bytes)], ("output", output, bytes))?;
         let gpu = &self.gpu;
-        gpu.scoped(|| record_normalize(gpu, encoder, op, [input, output], layout))
+        gpu.scoped(|| record_normalize(gpu, encoder, op, [input, output], layout, None))
     }
 
     async fn host_rowwise(
@@ -545,7 +546,7 @@ impl Context {
                     .write_buffer(&scratch.input, 0, bytemuck::cast_slice(&x[range.clone()]));
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 let regions = [(&scratch.input).into(), (&scratch.output).into()];
-                record_normalize(gpu, &mut encoder, op, regions, block)?;
+                record_normalize(gpu, &mut encoder, op, regions, block, None)?;
                 encoder.copy_buffer_to_buffer(
                     &scratch.output,
                     0,

@@ -60,6 +60,45 @@ impl Tolerance {
     }
 }
 
+impl Tolerance {
+    /// [`Tolerance::compare`] for a backward op over rows of `cols`, whose
+    /// `dx_j = y_j (dy_j - r)` (softmax) or `dy_j - exp(y_j) r` (log-softmax) subtracts
+    /// `p_j r` with `r = sum_k t_k` summed in f32 (`p_j = y_j` and `t_k = dy_k y_k`, or
+    /// `p_j = exp(y_j)` and `t_k = dy_k`; both given per element). An element outside the
+    /// tolerance still passes within `4 eps_f32 p_j sum_k |t_k|`, the error f32 summation
+    /// allows: on long rows the cancellation in `r` can leave a correct sum's rounding past the
+    /// tolerance, while a wrong formula or a lost block of terms fails either way.
+    pub fn compare_backward(
+        &self,
+        got: &[f32],
+        want: &[f64],
+        [p, t]: [&[f64]; 2],
+        cols: usize,
+    ) -> Comparison {
+        let mut cmp = self.compare(got, want);
+        cmp.len_mismatch |= p.len() != want.len() || t.len() != want.len();
+        if cmp.failures == 0 || cmp.len_mismatch || cols == 0 {
+            return cmp;
+        }
+        let row_terms: Vec<f64> = t
+            .chunks(cols)
+            .map(|row| row.iter().map(|v| v.abs()).sum())
+            .collect();
+        cmp.failures = 0;
+        cmp.first_failure = None;
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let g = f64::from(g);
+            let bound = 4.0 * f64::from(f32::EPSILON) * p[i].abs() * row_terms[i / cols];
+            let within_summation = g.is_finite() && w.is_finite() && (g - w).abs() <= bound;
+            if !self.accepts(g, w) && !within_summation {
+                cmp.failures += 1;
+                cmp.first_failure.get_or_insert((i, g, w));
+            }
+        }
+        cmp
+    }
+}
+
 /// The outcome of [`Tolerance::compare`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Comparison {
@@ -107,5 +146,26 @@ mod tests {
         assert_eq!(cmp.failures, 1);
         assert_eq!(cmp.first_failure.map(|f| f.0), Some(1));
         assert!(!cmp.passed());
+    }
+
+    #[test]
+    fn backward_elements_may_err_by_what_f32_summation_allows() {
+        let t = Tolerance::SOFTMAX;
+        // Rows of 2: p = 0.5, sum |t| = 1000 allows 4 eps 0.5 1000 = 2.4e-4.
+        let (p, terms) = ([0.5; 4], [500.0, -500.0, 1.0, 1.0]);
+        let want = [0.3, 0.4, 0.3, 0.4];
+        let cmp = t.compare_backward(&[0.3002, 0.4, 0.3002, 0.4], &want, [&p, &terms], 2);
+        assert_eq!(cmp.failures, 1, "only the row whose terms are small fails");
+        assert_eq!(cmp.first_failure.map(|f| f.0), Some(2));
+        assert!(
+            t.compare_backward(&[0.3, 0.4005, 0.3, 0.4], &want, [&p, &terms], 2)
+                .failures
+                == 1
+        );
+        assert!(
+            t.compare_backward(&[f32::NAN, 0.4, 0.3, 0.4], &want, [&p, &terms], 2)
+                .failures
+                == 1
+        );
     }
 }

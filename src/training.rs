@@ -8,7 +8,7 @@ use crate::cpu::CrossEntropyOutput;
 use crate::error::{Error, Result};
 use crate::kernels::axis::{AxisCall, AxisOp};
 use crate::kernels::rowwise::{Operand, RowCall};
-use crate::kernels::Normalization;
+use crate::kernels::{Normalization, Timestamps};
 use crate::layout::AxisLayout;
 use crate::ops::{
     host_blocks, host_slab_blocks, layout_bytes, matrix_bytes, Tensor, TENSOR_USAGES,
@@ -169,7 +169,7 @@ impl Context {
                 );
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 let regions = [y_buf, &dy_buf, dx_buf].map(Into::into);
-                record_backward(gpu, &mut encoder, op, regions, block)?;
+                record_backward(gpu, &mut encoder, op, regions, block, None)?;
                 encoder.copy_buffer_to_buffer(dx_buf, 0, readback, 0, (range.len() * 4) as u64);
                 Ok(gpu.queue.submit([encoder.finish()]))
             })?;
@@ -238,7 +238,7 @@ impl Context {
         // The regions hold the shape's bytes, so its element count fits.
         let layout = AxisLayout::rows(rows, cols)?;
         let gpu = &self.gpu;
-        gpu.scoped(|| record_backward(gpu, encoder, op, [y, dy, dx], layout))
+        gpu.scoped(|| record_backward(gpu, encoder, op, [y, dy, dx], layout, None))
     }
 
     /// [`Context::encode_softmax_backward`] and the log form along any axis.
@@ -255,22 +255,23 @@ impl Context {
             ("grad_input", dx, bytes),
         )?;
         let gpu = &self.gpu;
-        gpu.scoped(|| record_backward(gpu, encoder, op, [y, dy, dx], layout))
+        gpu.scoped(|| record_backward(gpu, encoder, op, [y, dy, dx], layout, None))
     }
 }
 
 /// Records `dx = backward(y, dy)` over `layout` on validated regions: the row-wise kernels where
 /// the axis is the last, the kernels along an axis otherwise.
-fn record_backward(
+pub(crate) fn record_backward(
     gpu: &Gpu,
     encoder: &mut wgpu::CommandEncoder,
     op: Normalization,
     [y, dy, dx]: [BufferRegion<'_>; 3],
     layout: AxisLayout,
+    timestamps: Option<Timestamps<'_>>,
 ) -> Result<()> {
     if layout.inner() == 1 {
         let call = backward_call(op, [y, dy, dx], layout.outer(), layout.len());
-        return gpu.kernels.backward.encode(gpu, encoder, &call, None);
+        return gpu.kernels.backward.encode(gpu, encoder, &call, timestamps);
     }
     let call = AxisCall {
         op: AxisOp::Backward(op),
@@ -279,7 +280,7 @@ fn record_backward(
         grad: Some(dy),
         output: dx,
     };
-    gpu.kernels.axis.encode(gpu, encoder, &call, None)
+    gpu.kernels.axis.encode(gpu, encoder, &call, timestamps)
 }
 
 pub(crate) fn backward_call<'a>(

@@ -9,7 +9,9 @@ use common::files::{assert_one_error_line, batch_dir, read, runner, write, Dir};
 use common::{context, logits, tuned};
 use wgpu_softmax::bench::{BenchOp, GpuBench};
 use wgpu_softmax::cpu::reference;
-use wgpu_softmax::{CrossEntropyOptions, Error, GradOutput, Reduction, Targets, Tolerance, Tuning};
+use wgpu_softmax::{
+    AxisLayout, CrossEntropyOptions, Error, GradOutput, Reduction, Targets, Tolerance, Tuning,
+};
 
 #[test]
 fn apply_softmax_over_the_last_axis_of_any_rank() {
@@ -47,6 +49,78 @@ fn apply_softmax_over_the_last_axis_of_any_rank() {
         .unwrap();
     assert!(status.success());
     assert_eq!(read(&dir.path("empty-out.npy")), (vec![0, 4], vec![]));
+}
+
+/// `--axis` picks the axis (negative from the end), as PyTorch's `dim`: the result is the row
+/// op's on the lines along it; an empty array is its own result whatever the axis.
+#[test]
+fn apply_along_any_axis() {
+    if context().is_none() {
+        return;
+    }
+    let dir = Dir::new("along");
+    let shape = [2u64, 3, 5, 7];
+    let layout = AxisLayout::new(&shape.map(|d| d as usize), 1).unwrap();
+    let x = logits(layout.numel(), 1, 2.0, 5);
+    let dy = logits(layout.numel(), 1, 1.0, 6);
+    write(&dir.path("x.npy"), &shape, &x);
+    write(&dir.path("dy.npy"), &shape, &dy);
+    let along = |op: fn(&[f32], &[f32], usize) -> Vec<f64>, inputs: [&[f32]; 2]| {
+        let [a, b] = inputs.map(|v| layout.to_rows(v).unwrap());
+        layout.from_rows(&op(&a, &b, layout.len())).unwrap()
+    };
+    let cases: [(&str, &str, Option<&str>, Vec<f64>); 3] = [
+        (
+            "softmax",
+            "1",
+            None,
+            along(|x, _, c| reference::softmax(x, c).unwrap(), [&x, &dy]),
+        ),
+        (
+            "log-softmax",
+            "-3",
+            None,
+            along(|x, _, c| reference::log_softmax(x, c).unwrap(), [&x, &dy]),
+        ),
+        (
+            "log-softmax-backward",
+            "1",
+            Some("dy.npy"),
+            along(
+                |y, g, c| reference::log_softmax_backward(y, g, c).unwrap(),
+                [&x, &dy],
+            ),
+        ),
+    ];
+    for (op, axis, grad, want) in cases {
+        let out = dir.path(&format!("{op}.npy"));
+        let mut command = runner();
+        command
+            .args(["apply", op, "--axis", axis, "--input"])
+            .arg(dir.path("x.npy"))
+            .arg("--output")
+            .arg(&out);
+        if let Some(grad) = grad {
+            command.arg("--grad").arg(dir.path(grad));
+        }
+        assert!(command.status().unwrap().success(), "{op}");
+        let (got_shape, got) = read(&out);
+        assert_eq!(got_shape, shape);
+        assert!(
+            Tolerance::LOG_SOFTMAX.compare(&got, &want).passed(),
+            "{op} --axis {axis}"
+        );
+    }
+    write::<f32>(&dir.path("gap.npy"), &[2, 0, 3], &[]);
+    let status = runner()
+        .args(["apply", "softmax", "--axis", "1", "--input"])
+        .arg(dir.path("gap.npy"))
+        .arg("--output")
+        .arg(dir.path("gap-out.npy"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(read(&dir.path("gap-out.npy")), (vec![2, 0, 3], vec![]));
 }
 
 #[test]
@@ -268,12 +342,54 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
     }
     // The README's table is built from these records by scripts/bench_table.py.
     let dir = Dir::new("bench");
+    // NxCxS: the softmax-family ops along axis 1 of [N, C, S]; cross-entropy is refused.
+    let along = runner()
+        .args(["bench", "--op", "softmax", "--op", "log-softmax-backward"])
+        .args([
+            "--shape",
+            "2x21x64",
+            "--shape",
+            "3x40x5",
+            "--repeats",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let along_records = json_records(&along);
+    assert_eq!(along_records.len(), 2 * 2 * 2, "{along_records:?}");
+    for record in &along_records {
+        let (rows, cols, inner) = (&record["rows"], &record["cols"], &record["inner"]);
+        let kernel = record["kernel"].as_str().unwrap();
+        let shape = (rows.as_u64(), cols.as_u64(), inner.as_u64());
+        assert!(
+            [
+                (Some(128), Some(21), Some(64)),
+                (Some(15), Some(40), Some(5))
+            ]
+            .contains(&shape),
+            "{record}"
+        );
+        match record["device"].as_str().unwrap() {
+            "gpu" => assert!(kernel.starts_with("invocation per "), "{record}"),
+            _ => assert!(kernel.ends_with("axis moved last and back"), "{record}"),
+        }
+    }
+    let refused = runner()
+        .args(["bench", "--op", "cross-entropy", "--shape", "2x21x64"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("along the last axis only"));
+    let along_json = dir.path("along.json");
+    std::fs::write(&along_json, &along.stdout).unwrap();
     let json = dir.path("round.json");
     std::fs::write(&json, &output.stdout).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_table.py");
     let table = std::process::Command::new("python3")
         .arg(script)
         .arg(&json)
+        .arg(&along_json)
         .output()
         .expect("python3 runs scripts/bench_table.py");
     assert!(table.status.success(), "{table:?}");
@@ -282,11 +398,13 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
     for row in [
         "| softmax | 8x16 |",
         "| softmax | 3x7 |",
+        "| softmax | 2x21x64 |",
+        "| log-softmax-backward | 3x40x5 |",
         "| cross-entropy (loss + grad) | 8x16 |",
     ] {
         assert!(table.contains(row), "{row}: {table}");
     }
-    assert_eq!(table.lines().count(), 2 + 4, "{table}");
+    assert_eq!(table.lines().count(), 2 + 4 + 4, "{table}");
     // A tuning field that does not exist is refused with exit code 2.
     let output = runner()
         .args(["bench", "--shape", "3x7", "--tune", "no_such_field=1"])
@@ -673,7 +791,7 @@ fn without_an_adapter_check_and_apply_run_on_the_cpu() {
         stdout.starts_with("adapter: none; checking the CPU f32 path"),
         "{stdout}"
     );
-    assert!(stdout.contains("all 39 cases passed"), "{stdout}");
+    assert!(stdout.contains("all 63 cases passed"), "{stdout}");
     let softmax_line = stdout
         .lines()
         .find(|line| line.starts_with("softmax ") && line.contains("4096x1000"))

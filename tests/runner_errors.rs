@@ -257,6 +257,22 @@ fn apply_errors_name_the_flag_or_file_at_fault() {
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
+    write(&dir.path("x-gap.npy"), &[2, 0, 3], &[1.0f32; 0]);
+    let along = |op: &str, input: &str, axis: &str| -> Vec<String> {
+        [
+            "apply",
+            op,
+            "--input",
+            &dir.arg(input),
+            "--output",
+            &out,
+            "--axis",
+            axis,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
     let cases = [
         (
             xent("x.npy", "t_oor.npy", &[]),
@@ -269,6 +285,18 @@ fn apply_errors_name_the_flag_or_file_at_fault() {
         (
             xent("no-classes.npy", "t4.npy", &[]),
             "no-classes.npy: the class axis (axis 1) has length 0",
+        ),
+        (
+            along("softmax", "x.npy", "3"),
+            "x.npy: --axis 3 is out of range for an array of rank 3",
+        ),
+        (
+            along("log-softmax", "x.npy", "-4"),
+            "x.npy: --axis -4 is out of range for an array of rank 3",
+        ),
+        (
+            along("softmax", "x-gap.npy", "3"),
+            "x-gap.npy: --axis 3 is out of range for an array of rank 3",
         ),
     ];
     for (args, needle) in cases {
@@ -308,6 +336,7 @@ fn options_of_other_ops_are_refused() {
             "--targets",
         ),
         ("cross-entropy", vec!["--grad", x.as_str()], "--grad"),
+        ("cross-entropy", vec!["--axis", "1"], "--axis"),
     ] {
         let mut args: Vec<String> = ["apply", op, "--input", &x, "--output", &out]
             .iter()
@@ -396,7 +425,8 @@ fn negative_numbers_reach_the_range_checks() {
 
     for (extra, needle) in [
         (["--repeats", "-1"], "must be at least 1, got -1"),
-        (["--shape", "-3x5"], "must have rows and cols >= 1"),
+        (["--shape", "-3x5"], "must have every dimension >= 1"),
+        (["--shape", "3x5x-2"], "must have every dimension >= 1"),
     ] {
         let output = runner()
             .args(["bench", "--op", "softmax"])

@@ -10,9 +10,11 @@ use crate::error::{Error, Result};
 use crate::layout::AxisLayout;
 use crate::region::BufferRegion;
 
-/// Lines of at most this many elements, in one chunk, are held in registers (the shader's
-/// `SUM_BLOCK`): read once, and `exp` once per element.
-const REGISTER_LEN: usize = 32;
+impl AxisFamily {
+    /// Lines of at most this many elements, in one chunk, are held in registers (the shader's
+    /// `SUM_BLOCK`): read once, and `exp` once per element.
+    pub(crate) const REGISTER_LEN: usize = 32;
+}
 
 /// What a call along an axis computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +108,7 @@ impl AxisFamily {
         } else {
             &entries[1..]
         };
-        let items = if chunks == 1 && len <= REGISTER_LEN {
+        let items = if chunks == 1 && len <= Self::REGISTER_LEN {
             len
         } else {
             0

@@ -5,19 +5,19 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use wgpu_softmax::{CrossEntropyOptions, Engine, GradOutput, Reduction, Targets};
+use wgpu_softmax::{AxisLayout, CrossEntropyOptions, Engine, GradOutput, Reduction, Targets};
 
 use crate::npy::{self, NpyData};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ApplyOp {
-    /// softmax over the last axis
+    /// softmax over --axis (the last by default)
     Softmax,
-    /// log-softmax over the last axis
+    /// log-softmax over --axis
     LogSoftmax,
-    /// dx from y = softmax(x) (--input) and dy (--grad), over the last axis
+    /// dx from y = softmax(x) (--input) and dy (--grad), over --axis
     SoftmaxBackward,
-    /// dx from y = log_softmax(x) (--input) and dy (--grad), over the last axis
+    /// dx from y = log_softmax(x) (--input) and dy (--grad), over --axis
     LogSoftmaxBackward,
     /// cross-entropy of logits [N, C] or [N, C, d1, ...] (classes on axis 1) and --targets
     CrossEntropy,
@@ -45,6 +45,10 @@ pub struct ApplyArgs {
     /// Backward ops: dL/dy (float32, shaped like --input).
     #[arg(long)]
     grad: Option<PathBuf>,
+    /// Softmax, log-softmax and the backward ops: the axis the op runs along, negative from
+    /// the end as PyTorch's dim [default: -1]. Cross-entropy's classes are axis 1.
+    #[arg(long, allow_hyphen_values = true)]
+    axis: Option<isize>,
     /// Cross-entropy: class indices (int64 or int32) shaped [N, d1, ...], or float32
     /// probabilities shaped like the logits.
     #[arg(long)]
@@ -110,17 +114,25 @@ fn apply(engine: &Engine, args: &ApplyArgs) -> Result<(), String> {
     check_distinct_outputs(args)?;
     check_label_smoothing(args.label_smoothing.unwrap_or_default())?;
     let input = read_f32(&args.input)?;
-    let located = |e| explain(e, args, &Blame::LastAxis);
-    // The last axis is the softmax axis; a 0-d array is one row of one element.
-    let cols = input.shape.last().copied().unwrap_or(1);
+    let axis = args.axis.unwrap_or(-1);
+    let located = |e| explain(e, args, &Blame::Axis(axis));
+    // An empty array of any shape is its own result; otherwise the axis must exist and have
+    // a length (a 0-d array is one element).
+    let layout = match AxisLayout::new(&input.shape, axis) {
+        Err(wgpu_softmax::Error::ZeroCols) if input.data.is_empty() => None,
+        Ok(_) if input.data.is_empty() => None,
+        layout => Some(layout.map_err(located)?),
+    };
     match args.op {
         ApplyOp::Softmax | ApplyOp::LogSoftmax => {
-            let out = if input.data.is_empty() {
-                Vec::new()
-            } else if args.op == ApplyOp::Softmax {
-                engine.softmax(&input.data, cols).map_err(located)?
-            } else {
-                engine.log_softmax(&input.data, cols).map_err(located)?
+            let out = match layout {
+                None => Vec::new(),
+                Some(layout) if args.op == ApplyOp::Softmax => {
+                    engine.softmax_along(&input.data, layout).map_err(located)?
+                }
+                Some(layout) => engine
+                    .log_softmax_along(&input.data, layout)
+                    .map_err(located)?,
             };
             npy::write_f32(&args.output, &input.shape, &out).map_err(|e| e.to_string())
         }
@@ -136,16 +148,14 @@ fn apply(engine: &Engine, args: &ApplyArgs) -> Result<(), String> {
                     input.shape
                 ));
             }
-            let out = if input.data.is_empty() {
-                Vec::new()
-            } else if args.op == ApplyOp::SoftmaxBackward {
-                engine
-                    .softmax_backward(&input.data, &grad.data, cols)
-                    .map_err(located)?
-            } else {
-                engine
-                    .log_softmax_backward(&input.data, &grad.data, cols)
-                    .map_err(located)?
+            let out = match layout {
+                None => Vec::new(),
+                Some(layout) if args.op == ApplyOp::SoftmaxBackward => engine
+                    .softmax_backward_along(&input.data, &grad.data, layout)
+                    .map_err(located)?,
+                Some(layout) => engine
+                    .log_softmax_backward_along(&input.data, &grad.data, layout)
+                    .map_err(located)?,
             };
             npy::write_f32(&args.output, &input.shape, &out).map_err(|e| e.to_string())
         }
@@ -155,8 +165,8 @@ fn apply(engine: &Engine, args: &ApplyArgs) -> Result<(), String> {
 
 /// What the rows the library sees are, in the user's terms.
 enum Blame<'a> {
-    /// Rows along the last axis of `--input`.
-    LastAxis,
+    /// Lines along `--axis` of `--input`.
+    Axis(isize),
     /// Rows of the classes (axis 1) of `--input`, one per element of `--targets`.
     Classes {
         targets: &'a Path,
@@ -170,8 +180,9 @@ fn explain(error: wgpu_softmax::Error, args: &ApplyArgs, blame: &Blame) -> Strin
     use wgpu_softmax::Error;
     let input = args.input.display();
     let axis = match blame {
-        Blame::LastAxis => "the last axis",
-        Blame::Classes { .. } => "the class axis (axis 1)",
+        Blame::Axis(-1) => "the last axis".to_string(),
+        Blame::Axis(axis) => format!("axis {axis}"),
+        Blame::Classes { .. } => "the class axis (axis 1)".to_string(),
     };
     match (error, blame) {
         (Error::LabelSmoothing(value), _) => label_smoothing_message(value),
@@ -192,6 +203,9 @@ fn explain(error: wgpu_softmax::Error, args: &ApplyArgs, blame: &Blame) -> Strin
             index_in(target_shape, row)
         ),
         (Error::ZeroCols, _) => format!("{input}: {axis} has length 0; at least 1 is needed"),
+        (Error::AxisOutOfRange { axis, rank }, _) => {
+            format!("{input}: --axis {axis} is out of range for an array of rank {rank}")
+        }
         (
             Error::ShapeTooLarge {
                 what: "cols",
@@ -260,67 +274,15 @@ fn check_label_smoothing(value: f32) -> Result<(), String> {
     }
 }
 
-/// Logits `[N, C, d1, ...]` as rows of `C` classes, one per (n, d1, ...) in C order.
-struct ClassLayout {
-    n: usize,
-    classes: usize,
-    /// Product of the trailing dimensions (1 for `[N, C]`).
-    spatial: usize,
-}
-
-impl ClassLayout {
-    fn of(shape: &[usize], path: &Path) -> Result<Self, String> {
-        if shape.len() < 2 {
-            return Err(format!(
-                "{}: cross-entropy logits must be [N, C] or [N, C, d1, ...], got shape {shape:?}",
-                path.display()
-            ));
-        }
-        Ok(Self {
-            n: shape[0],
-            classes: shape[1],
-            spatial: shape[2..].iter().product(),
-        })
-    }
-
-    /// `[N, C, S]` to `[N * S, C]`.
-    fn to_rows(&self, data: &[f32]) -> Vec<f32> {
-        if self.spatial == 1 {
-            return data.to_vec();
-        }
-        let mut rows = vec![0.0; data.len()];
-        for n in 0..self.n {
-            for c in 0..self.classes {
-                for s in 0..self.spatial {
-                    rows[(n * self.spatial + s) * self.classes + c] =
-                        data[(n * self.classes + c) * self.spatial + s];
-                }
-            }
-        }
-        rows
-    }
-
-    /// `[N * S, C]` back to `[N, C, S]`.
-    fn rows_to_layout(&self, rows: &[f32]) -> Vec<f32> {
-        if self.spatial == 1 {
-            return rows.to_vec();
-        }
-        let mut data = vec![0.0; rows.len()];
-        for n in 0..self.n {
-            for c in 0..self.classes {
-                for s in 0..self.spatial {
-                    data[(n * self.classes + c) * self.spatial + s] =
-                        rows[(n * self.spatial + s) * self.classes + c];
-                }
-            }
-        }
-        data
-    }
-}
-
 fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(), String> {
     let targets_path = required(&args.targets, "targets", "cross-entropy")?;
-    let layout = ClassLayout::of(&logits.shape, &args.input)?;
+    if logits.shape.len() < 2 {
+        return Err(format!(
+            "{}: cross-entropy logits must be [N, C] or [N, C, d1, ...], got shape {:?}",
+            args.input.display(),
+            logits.shape
+        ));
+    }
     let targets = npy::read_as(targets_path, npy::Expected::TARGETS).map_err(|e| e.to_string())?;
     let mut target_shape = logits.shape.clone();
     target_shape.remove(1);
@@ -340,10 +302,22 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
             targets.shape
         ));
     }
+    let located = |e| {
+        explain(
+            e,
+            args,
+            &Blame::Classes {
+                targets: targets_path,
+                target_shape: &target_shape,
+            },
+        )
+    };
+    let layout = AxisLayout::new(&logits.shape, 1).map_err(located)?;
+    let classes = layout.len();
     let probabilities;
     let target_rows = match &targets.data {
         NpyData::F32(p) => {
-            probabilities = layout.to_rows(p);
+            probabilities = layout.to_rows(p).map_err(located)?;
             Targets::Probabilities(&probabilities)
         }
         NpyData::I64(t) => Targets::Indices(t),
@@ -354,11 +328,11 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
         None => None,
     };
     if let Some(w) = &weight {
-        if w.shape != [layout.classes] {
+        if w.shape != [classes] {
             return Err(format!(
                 "{}: weight must have shape [{}], got {:?}",
                 args.weight.as_deref().unwrap_or(Path::new("")).display(),
-                layout.classes,
+                classes,
                 w.shape
             ));
         }
@@ -375,23 +349,15 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
         reduction,
         label_smoothing: args.label_smoothing.unwrap_or(defaults.label_smoothing),
     };
-    let rows = layout.to_rows(&logits.data);
-    let classes = layout.classes;
-    let located = |e| {
-        explain(
-            e,
-            args,
-            &Blame::Classes {
-                targets: targets_path,
-                target_shape: &target_shape,
-            },
-        )
-    };
+    let rows = layout.to_rows(&logits.data).map_err(located)?;
     let (loss, grad) = if args.grad_output.is_some() {
         let out = engine
             .cross_entropy_with_grad(&rows, classes, target_rows, &options, GradOutput::One)
             .map_err(located)?;
-        (out.loss, Some(layout.rows_to_layout(&out.grad)))
+        (
+            out.loss,
+            Some(layout.from_rows(&out.grad).map_err(located)?),
+        )
     } else {
         let loss = engine
             .cross_entropy(&rows, classes, target_rows, &options)
@@ -418,6 +384,7 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
 fn check_options_apply(args: &ApplyArgs, name: &str) -> Result<(), String> {
     const BACKWARD: &str = "softmax-backward and log-softmax-backward";
     const CROSS_ENTROPY: &str = "cross-entropy";
+    const SOFTMAX_FAMILY: &str = "softmax, log-softmax, softmax-backward and log-softmax-backward";
     let backward = matches!(
         args.op,
         ApplyOp::SoftmaxBackward | ApplyOp::LogSoftmaxBackward
@@ -425,8 +392,13 @@ fn check_options_apply(args: &ApplyArgs, name: &str) -> Result<(), String> {
     let cross_entropy = args.op == ApplyOp::CrossEntropy;
     // The options only some ops use: (those ops, whether this is one, the options given).
     type Group<'a> = (&'a str, bool, &'a [(&'a str, bool)]);
-    let groups: [Group; 2] = [
+    let groups: [Group; 3] = [
         (BACKWARD, backward, &[("--grad", args.grad.is_some())]),
+        (
+            SOFTMAX_FAMILY,
+            !cross_entropy,
+            &[("--axis", args.axis.is_some())],
+        ),
         (
             CROSS_ENTROPY,
             cross_entropy,
@@ -466,7 +438,7 @@ fn check_distinct_outputs(args: &ApplyArgs) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{index_in, one_line, ClassLayout};
+    use super::{index_in, one_line};
 
     #[test]
     fn flat_rows_become_indices_of_the_targets() {
@@ -481,19 +453,5 @@ mod tests {
             one_line("Validation Error\n\nCaused by:\n    In a submit\r\n  bad\t buffer"),
             "Validation Error Caused by: In a submit bad buffer"
         );
-    }
-
-    #[test]
-    fn class_axis_moves_last_and_back() {
-        let layout = ClassLayout {
-            n: 2,
-            classes: 3,
-            spatial: 4,
-        };
-        let data: Vec<f32> = (0..24).map(|v| v as f32).collect();
-        let rows = layout.to_rows(&data);
-        // Row (n=1, s=2) holds classes 0..3 of sample 1 at position 2.
-        assert_eq!(&rows[(4 + 2) * 3..(4 + 2) * 3 + 3], &[14.0, 18.0, 22.0]);
-        assert_eq!(layout.rows_to_layout(&rows), data);
     }
 }

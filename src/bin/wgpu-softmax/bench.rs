@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use thiserror::Error;
 use wgpu_softmax::bench::{BenchOp, CpuBench, DispatchTime, GpuBench, Timing, SHAPES};
-use wgpu_softmax::{Context, Result, Tuning};
+use wgpu_softmax::{AxisLayout, Context, Result, Tuning};
 
 use crate::apply::one_line;
 
@@ -25,10 +25,11 @@ pub struct BenchArgs {
     /// record's limit.)
     #[arg(long = "op", value_parser = parse_op)]
     ops: Vec<BenchOp>,
-    /// Shapes `ROWSxCOLS` (repeatable). Default: 4096x4096, 16384x1024, 65536x128, 64x262144,
-    /// 4x524288, 32x10.
+    /// Shapes `ROWSxCOLS` (repeatable), or `NxCxS` for the softmax-family ops along axis 1 of
+    /// `[N, C, S]` (over C, as the classes of a segmentation map; cross-entropy runs along the
+    /// last axis only). Default: 4096x4096, 16384x1024, 65536x128, 64x262144, 4x524288, 32x10.
     #[arg(long = "shape", value_parser = parse_shape, allow_hyphen_values = true)]
-    shapes: Vec<(usize, usize)>,
+    shapes: Vec<Shape>,
     /// Timed repetitions per case, at least 1 (the median is reported), after one warm-up.
     #[arg(
         long,
@@ -240,22 +241,60 @@ fn parse_op(name: &str) -> Result<BenchOp, String> {
         })
 }
 
-fn parse_shape(text: &str) -> Result<(usize, usize), String> {
-    let (rows, cols) = text
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("shape {text:?} is not ROWSxCOLS"))?;
+/// A shape of the bench: `rows` lines of `cols` elements along the softmax axis, `inner`
+/// apart (1: rows, `RxC`; more: axis 1 of `[rows / inner, cols, inner]`, `NxCxS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    rows: usize,
+    cols: usize,
+    inner: usize,
+}
+
+impl Shape {
+    fn rows(rows: usize, cols: usize) -> Self {
+        Self {
+            rows,
+            cols,
+            inner: 1,
+        }
+    }
+
+    /// The layout the softmax-family ops run along.
+    fn layout(self) -> Result<AxisLayout> {
+        AxisLayout::from_parts(self.rows / self.inner, self.cols, self.inner)
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.inner {
+            1 => write!(f, "{}x{}", self.rows, self.cols),
+            inner => write!(f, "{}x{}x{inner}", self.rows / inner, self.cols),
+        }
+    }
+}
+
+fn parse_shape(text: &str) -> Result<Shape, String> {
+    let parts: Vec<&str> = text.split(['x', 'X']).collect();
     let parse = |v: &str| match v.trim() {
         negative if negative.starts_with('-') => {
-            Err(format!("shape {text:?} must have rows and cols >= 1"))
+            Err(format!("shape {text:?} must have every dimension >= 1"))
         }
         v => v
             .parse::<usize>()
             .map_err(|e| format!("shape {text:?}: {e}")),
     };
-    let (rows, cols) = (parse(rows)?, parse(cols)?);
-    if rows == 0 || cols == 0 {
-        return Err(format!("shape {text:?} must have rows and cols >= 1"));
+    let (outer, cols, inner) = match parts[..] {
+        [rows, cols] => (parse(rows)?, parse(cols)?, 1),
+        [n, c, s] => (parse(n)?, parse(c)?, parse(s)?),
+        _ => return Err(format!("shape {text:?} is not ROWSxCOLS or NxCxS")),
+    };
+    if outer == 0 || cols == 0 || inner == 0 {
+        return Err(format!("shape {text:?} must have every dimension >= 1"));
     }
+    let rows = outer
+        .checked_mul(inner)
+        .ok_or_else(|| format!("shape {text:?} is too large: its element count overflows"))?;
     // The bytes an op moves (`BenchOp::bytes`) must be countable: three matrices of f32 plus
     // a target and a loss per row.
     let bytes = rows
@@ -273,7 +312,7 @@ fn parse_shape(text: &str) -> Result<(usize, usize), String> {
     if cols > i32::MAX as usize {
         return Err(format!("shape {text:?}: cols must be at most {}", i32::MAX));
     }
-    Ok((rows, cols))
+    Ok(Shape { rows, cols, inner })
 }
 
 /// Host memory the bench of one shape holds at once, in bytes: random inputs (logits, an
@@ -302,8 +341,11 @@ fn host_bytes(args: &BenchArgs, rows: usize, cols: usize) -> Option<usize> {
 #[derive(Debug, Serialize)]
 struct Record {
     op: &'static str,
+    /// Lines along the softmax axis (rows), and their length.
     rows: usize,
     cols: usize,
+    /// The distance between a line's elements: 1 for rows, `S` for axis 1 of `[N, C, S]`.
+    inner: usize,
     device: &'static str,
     /// Median seconds.
     seconds: f64,
@@ -502,10 +544,18 @@ pub fn run(ctx: Option<&Context>, args: &BenchArgs) -> ExitCode {
         args.ops.clone()
     };
     let shapes = if args.shapes.is_empty() {
-        SHAPES.to_vec()
+        SHAPES.map(|(rows, cols)| Shape::rows(rows, cols)).to_vec()
     } else {
         args.shapes.clone()
     };
+    if args.ops.contains(&BenchOp::CrossEntropy) {
+        if let Some(shape) = shapes.iter().find(|s| s.inner > 1) {
+            eprintln!(
+                "wgpu-softmax bench: cross-entropy runs along the last axis only; shape {shape} is NxCxS"
+            );
+            return ExitCode::from(2);
+        }
+    }
     match measure(ctx, args, &ops, &shapes) {
         Ok(records) => {
             if args.json {
@@ -531,17 +581,15 @@ pub fn run(ctx: Option<&Context>, args: &BenchArgs) -> ExitCode {
 /// Why a bench could not run.
 #[derive(Debug, Error)]
 enum BenchError {
-    #[error("shape {rows}x{cols} needs {} of host memory, which cannot be allocated", amount(*.bytes))]
+    #[error("shape {shape} needs {} of host memory, which cannot be allocated", amount(*.bytes))]
     HostMemory {
-        rows: usize,
-        cols: usize,
+        shape: Shape,
         /// `None`: more than a `usize` counts.
         bytes: Option<usize>,
     },
-    #[error("shape {rows}x{cols}: {source}")]
+    #[error("shape {shape}: {source}")]
     Shape {
-        rows: usize,
-        cols: usize,
+        shape: Shape,
         source: wgpu_softmax::Error,
     },
 }
@@ -557,30 +605,31 @@ fn measure(
     ctx: Option<&Context>,
     args: &BenchArgs,
     ops: &[BenchOp],
-    shapes: &[(usize, usize)],
+    shapes: &[Shape],
 ) -> std::result::Result<Vec<Record>, BenchError> {
     let bar = ProgressBar::new((ops.len() * shapes.len()) as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
     );
     let mut records = Vec::new();
-    let result = shapes.iter().try_for_each(|&(rows, cols)| {
+    let result = shapes.iter().try_for_each(|&shape| {
+        let (rows, cols) = (shape.rows, shape.cols);
         // Checked before any host buffer is filled for the upload.
         if let Some(ctx) = ctx {
             let bytes = (rows * cols * 4) as u64;
             let max = ctx.device().limits().max_buffer_size;
             if bytes > max {
                 let source = wgpu_softmax::Error::TensorTooLarge { bytes, max };
-                return Err(BenchError::Shape { rows, cols, source });
+                return Err(BenchError::Shape { shape, source });
             }
         }
         // The benches allocate their host buffers infallibly: the whole amount is reserved once
         // (and freed) first, so that a shape too large for memory is an error, not an abort.
         let bytes = host_bytes(args, rows, cols);
         if bytes.is_none_or(|b| Vec::<u8>::new().try_reserve_exact(b).is_err()) {
-            return Err(BenchError::HostMemory { rows, cols, bytes });
+            return Err(BenchError::HostMemory { shape, bytes });
         }
-        measure_shape(ctx, args, ops, (rows, cols), &bar, &mut records)
-            .map_err(|source| BenchError::Shape { rows, cols, source })
+        measure_shape(ctx, args, ops, shape, &bar, &mut records)
+            .map_err(|source| BenchError::Shape { shape, source })
     });
     bar.finish_and_clear();
     result.map(|()| records)
@@ -591,13 +640,15 @@ fn measure_shape(
     ctx: Option<&Context>,
     args: &BenchArgs,
     ops: &[BenchOp],
-    (rows, cols): (usize, usize),
+    shape: Shape,
     bar: &ProgressBar,
     records: &mut Vec<Record>,
 ) -> Result<()> {
+    let (rows, cols) = (shape.rows, shape.cols);
+    let layout = shape.layout()?;
     let adapter = ctx.map(Context::describe);
     let tuning = ctx.map(|ctx| tuning_fields(ctx.tuning()));
-    bar.set_message(format!("copy {rows}x{cols}"));
+    bar.set_message(format!("copy {shape}"));
     let copy_bytes = BenchOp::Copy.bytes(rows, cols) as f64;
     // The GPU limit is the faster of two access patterns on this adapter.
     let gpu_copies = if let Some(ctx) = ctx {
@@ -610,8 +661,12 @@ fn measure_shape(
     };
     let mut cpu_copy = (!args.no_cpu).then(|| CpuBench::new(BenchOp::Copy, rows, cols));
     let gb_per_s = |bytes: f64, time: Duration| bytes / time.as_secs_f64() / 1e9;
-    for &op in ops {
-        bar.set_message(format!("{} {rows}x{cols}", op.name()));
+    // Cross-entropy runs along the last axis only.
+    for &op in ops
+        .iter()
+        .filter(|&&op| shape.inner == 1 || op != BenchOp::CrossEntropy)
+    {
+        bar.set_message(format!("{} {shape}", op.name()));
         let bytes = op.bytes(rows, cols) as f64;
         let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &str, runs| {
             let gb_per_s = gb_per_s(bytes, time);
@@ -619,6 +674,7 @@ fn measure_shape(
                 op: op.name(),
                 rows,
                 cols,
+                inner: shape.inner,
                 device,
                 seconds: time.as_secs_f64(),
                 gb_per_s,
@@ -633,7 +689,7 @@ fn measure_shape(
             }
         };
         if let Some(ctx) = ctx {
-            let gpu = GpuBench::new(ctx, op, rows, cols)?;
+            let gpu = GpuBench::new(ctx, op, rows, cols)?.along(layout)?;
             let mut runs: Vec<_> = gpu_copies
                 .iter()
                 .map(|c| move |runs| c.run_batch(runs))
@@ -670,7 +726,7 @@ fn measure_shape(
             }
         }
         if let Some(cpu_copy) = &mut cpu_copy {
-            let mut cpu = CpuBench::new(op, rows, cols);
+            let mut cpu = CpuBench::new(op, rows, cols).along(layout)?;
             let (time, copies, _) = interleaved(
                 Pace::SINGLE,
                 &mut |_| cpu.run(),
@@ -699,7 +755,12 @@ fn print_table(ctx: Option<&Context>, records: &[Record]) {
         println!(
             "{:<21} {:>13} {:>6} {:>11.3} {:>8.2} {:>8.2} {:>6.1}%  {:<25}  {}",
             r.op,
-            format!("{}x{}", r.rows, r.cols),
+            Shape {
+                rows: r.rows,
+                cols: r.cols,
+                inner: r.inner,
+            }
+            .to_string(),
             r.device,
             r.seconds * 1e3,
             r.gb_per_s,

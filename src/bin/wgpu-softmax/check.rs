@@ -7,8 +7,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::{fast, reference};
 use wgpu_softmax::{
-    Comparison, Context, CrossEntropyOptions, Engine, GradOutput, Reduction, Result, Targets,
-    Tolerance,
+    AxisLayout, Comparison, Context, CrossEntropyOptions, Engine, GradOutput, Reduction, Result,
+    Targets, Tolerance,
 };
 
 /// The shapes of the default check: tiny, odd, wide, many rows past the dispatch limit, and a few
@@ -34,10 +34,67 @@ struct OpCase {
     gpu: fn(&Context, &Inputs) -> Result<Vec<f32>>,
     cpu: fn(&Inputs) -> Result<Vec<f32>>,
     reference: fn(&Inputs) -> Result<Vec<f64>>,
+    /// Backward ops are also held to the f32 summation bound of their row sums
+    /// ([`Tolerance::compare_backward`]).
+    backward: Option<Backward>,
+}
+
+/// Which backward op a case is, and along which axis.
+#[derive(Clone, Copy)]
+struct Backward {
+    log: bool,
+    dim0: bool,
+}
+
+impl Backward {
+    /// The comparison in row space: each line moved last, with its `p_j` and `t_k`.
+    fn compare(
+        self,
+        tolerance: Tolerance,
+        i: &Inputs,
+        got: &[f32],
+        want: &[f64],
+    ) -> Result<Comparison> {
+        let layout = if self.dim0 {
+            i.dim0()
+        } else {
+            AxisLayout::new(&[i.rows, i.cols], -1)?
+        };
+        let y = match (self.log, self.dim0) {
+            (false, false) => &i.probs,
+            (true, false) => &i.log_probs,
+            (false, true) => &i.probs_dim0,
+            (true, true) => &i.log_probs_dim0,
+        };
+        let p: Vec<f64> = y
+            .iter()
+            .map(|&y| {
+                if self.log {
+                    f64::from(y).exp()
+                } else {
+                    f64::from(y)
+                }
+            })
+            .collect();
+        let t: Vec<f64> = y
+            .iter()
+            .zip(&i.dy)
+            .map(|(&y, &dy)| {
+                if self.log {
+                    f64::from(dy)
+                } else {
+                    f64::from(dy) * f64::from(y)
+                }
+            })
+            .collect();
+        let [p, t, want] = [p, t, want.to_vec()].map(|v| layout.to_rows(&v));
+        Ok(tolerance.compare_backward(&layout.to_rows(got)?, &want?, [&p?, &t?], layout.len()))
+    }
 }
 
 /// Generated inputs of one shape.
 pub struct Inputs {
+    pub rows: usize,
     pub cols: usize,
     pub logits: Vec<f32>,
     /// An upstream gradient shaped like the logits.
@@ -45,6 +102,9 @@ pub struct Inputs {
     /// softmax and log_softmax of the logits (inputs of the backward ops).
     pub probs: Vec<f32>,
     pub log_probs: Vec<f32>,
+    /// The same along axis 0 ([`Inputs::dim0`]).
+    pub probs_dim0: Vec<f32>,
+    pub log_probs_dim0: Vec<f32>,
     /// A class per row, every seventh row ignored (-100).
     pub targets: Vec<i64>,
     /// A weight per class.
@@ -52,6 +112,12 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// The batch as `[rows, cols]` with the softmax along axis 0: `cols` lines of `rows`
+    /// elements, neighbouring lines side by side in memory.
+    fn dim0(&self) -> AxisLayout {
+        AxisLayout::new(&[self.rows, self.cols], 0).expect("a validated shape")
+    }
+
     fn targets(&self) -> Targets<'_> {
         Targets::Indices(&self.targets)
     }
@@ -80,6 +146,15 @@ const LOSS_TOLERANCE: Tolerance = Tolerance {
     rel: 2e-5,
 };
 
+/// A reference row op of two inputs (the forward ops ignore the second) and `cols`.
+type RowReference = fn(&[f32], &[f32], usize) -> Result<Vec<f64>>;
+
+/// The reference of a row op applied along `layout`: its lines moved last and back.
+fn along_reference(layout: AxisLayout, inputs: [&[f32]; 2], op: RowReference) -> Result<Vec<f64>> {
+    let [x, dy] = inputs.map(|data| layout.to_rows(data));
+    layout.from_rows(&op(&x?, &dy?, layout.len())?)
+}
+
 fn ops() -> Vec<OpCase> {
     vec![
         OpCase {
@@ -89,6 +164,7 @@ fn ops() -> Vec<OpCase> {
             gpu: |ctx, i| ctx.softmax(&i.logits, i.cols),
             cpu: |i| fast::softmax(&i.logits, i.cols),
             reference: |i| reference::softmax(&i.logits, i.cols),
+            backward: None,
         },
         OpCase {
             name: "log_softmax",
@@ -97,6 +173,7 @@ fn ops() -> Vec<OpCase> {
             gpu: |ctx, i| ctx.log_softmax(&i.logits, i.cols),
             cpu: |i| fast::log_softmax(&i.logits, i.cols),
             reference: |i| reference::log_softmax(&i.logits, i.cols),
+            backward: None,
         },
         OpCase {
             name: "softmax_bwd",
@@ -105,6 +182,10 @@ fn ops() -> Vec<OpCase> {
             gpu: |ctx, i| ctx.softmax_backward(&i.probs, &i.dy, i.cols),
             cpu: |i| fast::softmax_backward(&i.probs, &i.dy, i.cols),
             reference: |i| reference::softmax_backward(&i.probs, &i.dy, i.cols),
+            backward: Some(Backward {
+                log: false,
+                dim0: false,
+            }),
         },
         OpCase {
             name: "log_softmax_bwd",
@@ -113,6 +194,75 @@ fn ops() -> Vec<OpCase> {
             gpu: |ctx, i| ctx.log_softmax_backward(&i.log_probs, &i.dy, i.cols),
             cpu: |i| fast::log_softmax_backward(&i.log_probs, &i.dy, i.cols),
             reference: |i| reference::log_softmax_backward(&i.log_probs, &i.dy, i.cols),
+            backward: Some(Backward {
+                log: true,
+                dim0: false,
+            }),
+        },
+        OpCase {
+            name: "softmax_dim0",
+            tolerance: Tolerance::SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.along(i.dim0()).softmax(&i.logits),
+            cpu: |i| Engine::Cpu.softmax_along(&i.logits, i.dim0()),
+            reference: |i| {
+                along_reference(i.dim0(), [&i.logits, &i.dy], |x, _, cols| {
+                    reference::softmax(x, cols)
+                })
+            },
+            backward: None,
+        },
+        OpCase {
+            name: "log_softmax_dim0",
+            tolerance: Tolerance::LOG_SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.along(i.dim0()).log_softmax(&i.logits),
+            cpu: |i| Engine::Cpu.log_softmax_along(&i.logits, i.dim0()),
+            reference: |i| {
+                along_reference(i.dim0(), [&i.logits, &i.dy], |x, _, cols| {
+                    reference::log_softmax(x, cols)
+                })
+            },
+            backward: None,
+        },
+        OpCase {
+            name: "softmax_bwd_dim0",
+            tolerance: Tolerance::SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| ctx.along(i.dim0()).softmax_backward(&i.probs_dim0, &i.dy),
+            cpu: |i| Engine::Cpu.softmax_backward_along(&i.probs_dim0, &i.dy, i.dim0()),
+            reference: |i| {
+                along_reference(
+                    i.dim0(),
+                    [&i.probs_dim0, &i.dy],
+                    reference::softmax_backward,
+                )
+            },
+            backward: Some(Backward {
+                log: false,
+                dim0: true,
+            }),
+        },
+        OpCase {
+            name: "log_softmax_bwd_dim0",
+            tolerance: Tolerance::LOG_SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| {
+                ctx.along(i.dim0())
+                    .log_softmax_backward(&i.log_probs_dim0, &i.dy)
+            },
+            cpu: |i| Engine::Cpu.log_softmax_backward_along(&i.log_probs_dim0, &i.dy, i.dim0()),
+            reference: |i| {
+                along_reference(
+                    i.dim0(),
+                    [&i.log_probs_dim0, &i.dy],
+                    reference::log_softmax_backward,
+                )
+            },
+            backward: Some(Backward {
+                log: true,
+                dim0: true,
+            }),
         },
         OpCase {
             name: "jacobian",
@@ -121,6 +271,7 @@ fn ops() -> Vec<OpCase> {
             gpu: |ctx, i| ctx.softmax_jacobian(&i.logits, i.cols),
             cpu: |i| fast::softmax_jacobian(&i.logits, i.cols),
             reference: |i| reference::softmax_jacobian(&i.logits, i.cols),
+            backward: None,
         },
         OpCase {
             name: "xent_loss",
@@ -147,6 +298,7 @@ fn ops() -> Vec<OpCase> {
                 )?
                 .loss)
             },
+            backward: None,
         },
         OpCase {
             name: "xent_grad",
@@ -183,6 +335,7 @@ fn ops() -> Vec<OpCase> {
                 )?
                 .grad)
             },
+            backward: None,
         },
     ]
 }
@@ -195,6 +348,13 @@ fn inputs(rows: usize, cols: usize, seed: u64) -> Result<Inputs> {
     let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
     let probs = as_f32(reference::softmax(&logits, cols)?);
     let log_probs = as_f32(reference::log_softmax(&logits, cols)?);
+    let dim0 = AxisLayout::new(&[rows, cols], 0)?;
+    let probs_dim0 = as_f32(along_reference(dim0, [&logits, &logits], |x, _, n| {
+        reference::softmax(x, n)
+    })?);
+    let log_probs_dim0 = as_f32(along_reference(dim0, [&logits, &logits], |x, _, n| {
+        reference::log_softmax(x, n)
+    })?);
     let targets = (0..rows)
         .map(|r| {
             if r % 7 == 3 {
@@ -206,11 +366,14 @@ fn inputs(rows: usize, cols: usize, seed: u64) -> Result<Inputs> {
         .collect();
     let weight = (0..cols).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
     Ok(Inputs {
+        rows,
         cols,
         logits,
         dy,
         probs,
         log_probs,
+        probs_dim0,
+        log_probs_dim0,
         targets,
         weight,
     })
@@ -245,7 +408,7 @@ pub fn run(engine: &Engine) -> ExitCode {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
     );
     println!(
-        "{:<16} {:>12} {:>11} {:>11} {:>12} {:>12}  result",
+        "{:<20} {:>12} {:>11} {:>11} {:>12} {:>12}  result",
         "op", "shape", "max abs", "max rel", "GPU ms e2e", "CPU ms"
     );
     let mut failures = 0;
@@ -271,7 +434,7 @@ pub fn run(engine: &Engine) -> ExitCode {
                         )
                     };
                     format!(
-                        "{:<16} {:>12} {:>11.2e} {:>11.2e} {:>12} {:>12.3}  {verdict}",
+                        "{:<20} {:>12} {:>11.2e} {:>11.2e} {:>12} {:>12.3}  {verdict}",
                         op.name,
                         format!("{rows}x{cols}"),
                         cmp.max_abs,
@@ -283,7 +446,7 @@ pub fn run(engine: &Engine) -> ExitCode {
                 Err(error) => {
                     failures += 1;
                     format!(
-                        "{:<16} {:>12}  FAIL: {error}",
+                        "{:<20} {:>12}  FAIL: {error}",
                         op.name,
                         format!("{rows}x{cols}")
                     )
@@ -303,6 +466,9 @@ pub fn run(engine: &Engine) -> ExitCode {
             "No GPU adapter: max abs and max rel are the f32 CPU path's errors; CPU ms: its time (median of {REPEATS})."
         );
     }
+    println!(
+        "*_dim0: along axis 0 of the rows x cols batch (cols lines of rows elements, side by side in memory)."
+    );
     println!(
         "xent_loss: mean, class weights, label smoothing 0.1, every 7th row ignored; xent_grad: the same with sum (tolerance relative to O(1) values)."
     );
@@ -333,5 +499,9 @@ fn check_case(
         None => (cpu_out, None),
     };
     let want = (op.reference)(inputs)?;
-    Ok((op.tolerance.compare(&got, &want), gpu_time, cpu_time))
+    let cmp = match op.backward {
+        Some(backward) => backward.compare(op.tolerance, inputs, &got, &want)?,
+        None => op.tolerance.compare(&got, &want),
+    };
+    Ok((cmp, gpu_time, cpu_time))
 }
