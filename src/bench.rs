@@ -12,7 +12,7 @@ use crate::cpu::fast;
 use crate::error::{Error, Result};
 use crate::kernels::axis::AxisFamily;
 use crate::kernels::{Dispatch, DispatchTimes, Normalization, PipelineKey, Timestamps, Window};
-use crate::layout::{map_rows, AxisLayout};
+use crate::layout::AxisLayout;
 use crate::ops::{record_normalize, Tensor};
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 use crate::training::{record_backward, CrossEntropyLoss, GradDestination};
@@ -653,8 +653,8 @@ impl CpuBench {
         }
     }
 
-    /// The op along `layout`'s axis, as [`GpuBench::along`]; the CPU path moves the axis last,
-    /// runs its row kernels and moves the result back.
+    /// The op along `layout`'s axis, as [`GpuBench::along`] ([`fast::softmax_along_into`] and
+    /// the others).
     ///
     /// # Errors
     /// As [`GpuBench::along`].
@@ -671,7 +671,7 @@ impl CpuBench {
         match self.op {
             BenchOp::Copy => format!("memcpy, {threads} threads"),
             _ if self.layout.is_some() => format!(
-                "f32 {}, {threads} threads, axis moved last and back",
+                "f32 {}, {threads} threads, lines side by side",
                 fast::instruction_set()
             ),
             _ => format!("f32 {}, {threads} threads", fast::instruction_set()),
@@ -688,14 +688,13 @@ impl CpuBench {
         let out = &mut self.out;
         let start = Instant::now();
         if let Some(layout) = self.layout {
-            let (x, dy) = (&host.logits[..], &host.dy[..]);
-            let inputs = [("input", x), ("grad_output", dy)];
-            map_rows(layout, inputs, |[x, dy], cols| match self.op {
-                BenchOp::Softmax => fast::softmax(x, cols),
-                BenchOp::LogSoftmax => fast::log_softmax(x, cols),
-                BenchOp::SoftmaxBackward => fast::softmax_backward(x, dy, cols),
-                _ => fast::log_softmax_backward(x, dy, cols),
-            })?;
+            let (x, dy) = (&host.logits, &host.dy);
+            match self.op {
+                BenchOp::Softmax => fast::softmax_along_into(x, layout, out),
+                BenchOp::LogSoftmax => fast::log_softmax_along_into(x, layout, out),
+                BenchOp::SoftmaxBackward => fast::softmax_backward_along_into(x, dy, layout, out),
+                _ => fast::log_softmax_backward_along_into(x, dy, layout, out),
+            }?;
             return Ok(start.elapsed());
         }
         match self.op {

@@ -4,7 +4,7 @@
 use crate::context::{Context, ContextOptions};
 use crate::cpu::{fast, CrossEntropyOutput};
 use crate::error::{Error, Result};
-use crate::layout::{map_rows, AxisLayout};
+use crate::layout::AxisLayout;
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 
 /// Where the host-slice operations run: a GPU [`Context`], or the multi-threaded f32 CPU path
@@ -130,15 +130,15 @@ impl Engine {
         }
     }
 
-    /// Softmax along any axis; see [`Along::softmax`](crate::Along::softmax). The CPU path
-    /// moves the axis last, runs [`fast::softmax`] and moves the result back.
+    /// Softmax along any axis; see [`Along::softmax`](crate::Along::softmax) and, on the CPU,
+    /// [`fast::softmax_along`].
     ///
     /// # Errors
     /// As [`Along::softmax`](crate::Along::softmax).
     pub fn softmax_along(&self, x: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
         match self {
             Self::Gpu(ctx) => ctx.along(layout).softmax(x),
-            Self::Cpu => map_rows(layout, [("input", x)], |[x], cols| fast::softmax(x, cols)),
+            Self::Cpu => fast::softmax_along(x, layout),
         }
     }
 
@@ -149,9 +149,7 @@ impl Engine {
     pub fn log_softmax_along(&self, x: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
         match self {
             Self::Gpu(ctx) => ctx.along(layout).log_softmax(x),
-            Self::Cpu => map_rows(layout, [("input", x)], |[x], cols| {
-                fast::log_softmax(x, cols)
-            }),
+            Self::Cpu => fast::log_softmax_along(x, layout),
         }
     }
 
@@ -168,11 +166,7 @@ impl Engine {
     ) -> Result<Vec<f32>> {
         match self {
             Self::Gpu(ctx) => ctx.along(layout).softmax_backward(y, grad_output),
-            Self::Cpu => map_rows(
-                layout,
-                [("y", y), ("grad_output", grad_output)],
-                |[y, dy], cols| fast::softmax_backward(y, dy, cols),
-            ),
+            Self::Cpu => fast::softmax_backward_along(y, grad_output, layout),
         }
     }
 
@@ -189,11 +183,7 @@ impl Engine {
     ) -> Result<Vec<f32>> {
         match self {
             Self::Gpu(ctx) => ctx.along(layout).log_softmax_backward(y, grad_output),
-            Self::Cpu => map_rows(
-                layout,
-                [("y", y), ("grad_output", grad_output)],
-                |[y, dy], cols| fast::log_softmax_backward(y, dy, cols),
-            ),
+            Self::Cpu => fast::log_softmax_backward_along(y, grad_output, layout),
         }
     }
 

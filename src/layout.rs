@@ -181,28 +181,6 @@ impl AxisLayout {
     }
 }
 
-/// Runs the row op `op` (inputs, `cols`) over `layout`'s lines: the axis moved last, `op` over
-/// rows of `len`, the result moved back; the last axis runs `op` on the inputs as they are.
-/// Each input, named for its error, must hold the layout's elements.
-pub(crate) fn map_rows<const N: usize>(
-    layout: AxisLayout,
-    inputs: [(&'static str, &[f32]); N],
-    op: impl FnOnce([&[f32]; N], usize) -> Result<Vec<f32>>,
-) -> Result<Vec<f32>> {
-    for (what, data) in inputs {
-        crate::validate::same_len(what, layout.numel(), data.len())?;
-    }
-    if layout.inner() == 1 {
-        return op(inputs.map(|(_, data)| data), layout.len());
-    }
-    let rows = inputs
-        .iter()
-        .map(|(_, data)| layout.to_rows(data))
-        .collect::<Result<Vec<_>>>()?;
-    let rows: [&[f32]; N] = std::array::from_fn(|i| rows[i].as_slice());
-    layout.from_rows(&op(rows, layout.len())?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -372,7 +372,7 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
         );
         match record["device"].as_str().unwrap() {
             "gpu" => assert!(kernel.starts_with("invocation per "), "{record}"),
-            _ => assert!(kernel.ends_with("axis moved last and back"), "{record}"),
+            _ => assert!(kernel.ends_with("lines side by side"), "{record}"),
         }
     }
     let refused = runner()

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 #[cfg(test)]
 use super::JACOBIAN_MAX_COLS;
 use crate::error::Result;
+use crate::layout::AxisLayout;
 use crate::options::{CrossEntropyOptions, GradOutput, Reduction, Targets};
 use crate::validate::{self, CrossEntropyPlan, CrossEntropyTargets, IGNORED_ROW};
 
@@ -1631,7 +1632,9 @@ multiversion!(log_softmax_backward_block, log_softmax_backward_block_on => log_s
 ));
 multiversion!(jacobian_block, jacobian_block_on => jacobian_rows(x: &[f32], jac: &mut [f32], cols: usize));
 
+mod along;
 mod split;
+use along::AlongOp;
 use split::Split;
 
 // ---------------------------------------------------------------------------------------------
@@ -1790,6 +1793,129 @@ pub fn log_softmax_backward_into(
         log_softmax_backward_block(&y[range.clone()], &dy[range], dx, cols, stream);
     });
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Along any axis.
+
+/// Runs `op` over `layout`'s lines: the row kernels where the axis is the last, the kernels
+/// along an axis ([`along`]) otherwise. `dy` is the backward ops' upstream gradient.
+fn along_into(
+    op: AlongOp,
+    layout: AxisLayout,
+    x: &[f32],
+    dy: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let backward = dy.is_some();
+    validate::same_len(
+        if backward { "y" } else { "input" },
+        layout.numel(),
+        x.len(),
+    )?;
+    if let Some(dy) = dy {
+        validate::same_len("grad_output", layout.numel(), dy.len())?;
+    }
+    validate::same_len("out", layout.numel(), out.len())?;
+    let dy = dy.unwrap_or(&[]);
+    if layout.inner() > 1 {
+        along::run(op, layout, x, dy, out);
+        return Ok(());
+    }
+    let cols = layout.len();
+    match op {
+        AlongOp::Softmax => softmax_into(x, cols, out),
+        AlongOp::LogSoftmax => log_softmax_into(x, cols, out),
+        AlongOp::SoftmaxBackward => softmax_backward_into(x, dy, cols, out),
+        AlongOp::LogSoftmaxBackward => log_softmax_backward_into(x, dy, cols, out),
+    }
+}
+
+/// Softmax along any axis ([`AxisLayout`]): each line along it as a row of [`softmax`]. The
+/// last axis runs the row kernels; any other is computed in place, a block of neighbouring
+/// lines at a time, each step down the axis a contiguous run of memory: nothing is transposed.
+///
+/// # Errors
+/// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `input` unless `x` holds the
+/// layout's elements.
+pub fn softmax_along(x: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; layout.numel()];
+    along_into(AlongOp::Softmax, layout, x, None, &mut out)?;
+    Ok(out)
+}
+
+/// [`softmax_along`] into `out`, which must be as long as `x`.
+///
+/// # Errors
+/// As [`softmax_along`], and [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming
+/// `out`.
+pub fn softmax_along_into(x: &[f32], layout: AxisLayout, out: &mut [f32]) -> Result<()> {
+    along_into(AlongOp::Softmax, layout, x, None, out)
+}
+
+/// Log-softmax along any axis; see [`softmax_along`].
+///
+/// # Errors
+/// As [`softmax_along`].
+pub fn log_softmax_along(x: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; layout.numel()];
+    along_into(AlongOp::LogSoftmax, layout, x, None, &mut out)?;
+    Ok(out)
+}
+
+/// [`log_softmax_along`] into `out`, which must be as long as `x`.
+///
+/// # Errors
+/// As [`softmax_along_into`].
+pub fn log_softmax_along_into(x: &[f32], layout: AxisLayout, out: &mut [f32]) -> Result<()> {
+    along_into(AlongOp::LogSoftmax, layout, x, None, out)
+}
+
+/// Softmax backward along any axis; see [`softmax_along`] and [`softmax_backward`].
+///
+/// # Errors
+/// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `y` or `grad_output` unless
+/// each holds the layout's elements.
+pub fn softmax_backward_along(y: &[f32], dy: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; layout.numel()];
+    along_into(AlongOp::SoftmaxBackward, layout, y, Some(dy), &mut out)?;
+    Ok(out)
+}
+
+/// [`softmax_backward_along`] into `out`, which must be as long as `y`.
+///
+/// # Errors
+/// As [`softmax_backward_along`], and naming `out`.
+pub fn softmax_backward_along_into(
+    y: &[f32],
+    dy: &[f32],
+    layout: AxisLayout,
+    out: &mut [f32],
+) -> Result<()> {
+    along_into(AlongOp::SoftmaxBackward, layout, y, Some(dy), out)
+}
+
+/// Log-softmax backward along any axis; see [`softmax_along`] and [`log_softmax_backward`].
+///
+/// # Errors
+/// As [`softmax_backward_along`].
+pub fn log_softmax_backward_along(y: &[f32], dy: &[f32], layout: AxisLayout) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; layout.numel()];
+    along_into(AlongOp::LogSoftmaxBackward, layout, y, Some(dy), &mut out)?;
+    Ok(out)
+}
+
+/// [`log_softmax_backward_along`] into `out`, which must be as long as `y`.
+///
+/// # Errors
+/// As [`softmax_backward_along_into`].
+pub fn log_softmax_backward_along_into(
+    y: &[f32],
+    dy: &[f32],
+    layout: AxisLayout,
+    out: &mut [f32],
+) -> Result<()> {
+    along_into(AlongOp::LogSoftmaxBackward, layout, y, Some(dy), out)
 }
 
 /// Per row the `cols x cols` softmax Jacobian `J[i][j] = s_i * (delta_ij - s_j)`;
