@@ -302,3 +302,270 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         dst[base(2u) + i] = grad_of(src[base(0u) + i], grad[base(1u) + i], r);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Four neighbouring lines per invocation, loaded and stored as vec4: the `*4` entry points, for
+// layouts whose `inner` is a multiple of 4 with every operand starting on 16 bytes. The same
+// passes as above, each lane of a vec4 a line; an invocation's loads are a quarter as many.
+
+@group(0) @binding(1) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> grad4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> dst4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> partials4: array<vec4<f32>>;
+
+// Four lines' (max, sum of exp(x - max)).
+struct Stats4 {
+    m: vec4<f32>,
+    s: vec4<f32>,
+}
+
+fn is_finite4(x: vec4<f32>) -> vec4<bool> {
+    return (bitcast<vec4<u32>>(x) & vec4<u32>(ABS_MASK)) < vec4<u32>(INF_BITS);
+}
+
+// exp(x - m) per line, exactly 0 for -inf entries.
+fn exp_lines4(x: vec4<f32>, m: vec4<f32>) -> vec4<f32> {
+    return select(exp(x - m), vec4<f32>(0.0), is_neg_inf4(x));
+}
+
+// Lines whose max is not finite keep a sum of 0 (only -inf so far, or poisoned).
+fn finite_sum4(m: vec4<f32>, s: vec4<f32>) -> Stats4 {
+    return Stats4(m, select(vec4<f32>(0.0), s, is_finite4(m)));
+}
+
+fn combine4(a: Stats4, b: Stats4) -> Stats4 {
+    let m = max(a.m, b.m);
+    return finite_sum4(m, a.s * exp_lines4(a.m, m) + b.s * exp_lines4(b.m, m));
+}
+
+// The quad of lines an invocation takes: as `Piece`, with offsets in vec4s.
+fn quad_of(wid: vec3<u32>, lid: u32) -> Piece {
+    let t = linear_group(wid) * WG + lid;
+    let inner4 = p.extra / 4u;
+    let i = t % inner4;
+    let q = t / inner4;
+    let c = q % p.chunks;
+    let slab = q / p.chunks;
+    let bounds = chunk_bounds(c);
+    return Piece(
+        slab < p.rows,
+        slab * p.cols * inner4 + i,
+        bounds.x,
+        bounds.y,
+        slab * p.chunks * inner4 + i,
+        t,
+    );
+}
+
+fn at4(piece: Piece, k: u32) -> u32 {
+    return piece.first + k * (p.extra / 4u);
+}
+
+fn fold_block4(stats: Stats4, piece: Piece, k: u32, n: u32) -> Stats4 {
+    var v: array<vec4<f32>, SUM_BLOCK>;
+    var block_max = vec4<f32>(neg_inf());
+    let b = base(0u) / 4u;
+    for (var j = 0u; j < n; j++) {
+        let x = src4[b + at4(piece, k + j)];
+        v[j] = x;
+        block_max = max(block_max, max_key4(x));
+    }
+    let m = max(stats.m, block_max);
+    var block_sum = vec4<f32>(0.0);
+    for (var j = 0u; j < n; j++) {
+        block_sum += exp_lines4(v[j], m);
+    }
+    return finite_sum4(m, stats.s * exp_lines4(stats.m, m) + block_sum);
+}
+
+fn chunk_stats4(piece: Piece) -> Stats4 {
+    var stats = Stats4(vec4<f32>(neg_inf()), vec4<f32>(0.0));
+    for (var g = piece.start; g < piece.end; g += GROUP) {
+        let group_end = min(g + GROUP, piece.end);
+        var group = Stats4(vec4<f32>(neg_inf()), vec4<f32>(0.0));
+        var k = g;
+        for (; k + SUM_BLOCK <= group_end; k += SUM_BLOCK) {
+            group = fold_block4(group, piece, k, SUM_BLOCK);
+        }
+        if (k < group_end) {
+            group = fold_block4(group, piece, k, group_end - k);
+        }
+        stats = combine4(stats, group);
+    }
+    return stats;
+}
+
+fn line_stats4(piece: Piece) -> Stats4 {
+    let inner4 = p.extra / 4u;
+    var m = vec4<f32>(neg_inf());
+    for (var c = 0u; c < p.chunks; c++) {
+        m = max(m, partials4[base(3u) / 4u + 2u * (piece.slot0 + c * inner4)]);
+    }
+    var s = vec4<f32>(0.0);
+    for (var c = 0u; c < p.chunks; c++) {
+        let slot = base(3u) / 4u + 2u * (piece.slot0 + c * inner4);
+        s += partials4[slot + 1u] * exp_lines4(partials4[slot], m);
+    }
+    return finite_sum4(m, s);
+}
+
+fn scale_of4(s: vec4<f32>) -> vec4<f32> {
+    if (LOG) {
+        return log(s);
+    }
+    return 1.0 / s;
+}
+
+fn normalized4(x: vec4<f32>, m: vec4<f32>, scale: vec4<f32>) -> vec4<f32> {
+    var y: vec4<f32>;
+    if (LOG) {
+        y = select((x - m) - scale, vec4<f32>(neg_inf()), is_neg_inf4(x));
+    } else {
+        y = exp_lines4(x, m) * scale;
+    }
+    return select(vec4<f32>(quiet_nan()), y, is_finite4(m));
+}
+
+@compute @workgroup_size(WG)
+fn stats4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = quad_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    let st = chunk_stats4(piece);
+    let slot = base(3u) / 4u + 2u * piece.slot;
+    partials4[slot] = st.m;
+    partials4[slot + 1u] = st.s;
+}
+
+@compute @workgroup_size(WG)
+fn normalize4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = quad_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    let b_in = base(0u) / 4u;
+    let b_out = base(2u) / 4u;
+    if (ITEMS > 0u) {
+        var v: array<vec4<f32>, SUM_BLOCK>;
+        var m = vec4<f32>(neg_inf());
+        for (var j = 0u; j < ITEMS; j++) {
+            v[j] = src4[b_in + at4(piece, j)];
+            m = max(m, max_key4(v[j]));
+        }
+        var s = vec4<f32>(0.0);
+        for (var j = 0u; j < ITEMS; j++) {
+            let e = exp_lines4(v[j], m);
+            s += e;
+            if (!LOG) {
+                v[j] = e;
+            }
+        }
+        let scale = scale_of4(s);
+        let finite = is_finite4(m);
+        for (var j = 0u; j < ITEMS; j++) {
+            var y: vec4<f32>;
+            if (LOG) {
+                y = select((v[j] - m) - scale, vec4<f32>(neg_inf()), is_neg_inf4(v[j]));
+            } else {
+                y = v[j] * scale;
+            }
+            dst4[b_out + at4(piece, j)] = select(vec4<f32>(quiet_nan()), y, finite);
+        }
+        return;
+    }
+    var st: Stats4;
+    if (p.chunks == 1u) {
+        st = chunk_stats4(piece);
+    } else {
+        st = line_stats4(piece);
+    }
+    let scale = scale_of4(st.s);
+    for (var k = piece.start; k < piece.end; k++) {
+        let i = at4(piece, k);
+        dst4[b_out + i] = normalized4(src4[b_in + i], st.m, scale);
+    }
+}
+
+fn term4(y: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
+    if (LOG) {
+        return g;
+    }
+    return g * y;
+}
+
+fn grad_of4(y: vec4<f32>, g: vec4<f32>, r: vec4<f32>) -> vec4<f32> {
+    if (LOG) {
+        return g - select(exp(y), vec4<f32>(0.0), is_neg_inf4(y)) * r;
+    }
+    return y * (g - r);
+}
+
+fn chunk_dot4(piece: Piece) -> vec4<f32> {
+    let b_y = base(0u) / 4u;
+    let b_g = base(1u) / 4u;
+    var r = vec4<f32>(0.0);
+    for (var g = piece.start; g < piece.end; g += GROUP) {
+        let group_end = min(g + GROUP, piece.end);
+        var group = vec4<f32>(0.0);
+        for (var k = g; k < group_end; k += SUM_BLOCK) {
+            let stop = min(k + SUM_BLOCK, group_end);
+            var block = vec4<f32>(0.0);
+            for (var j = k; j < stop; j++) {
+                let i = at4(piece, j);
+                block += term4(src4[b_y + i], grad4[b_g + i]);
+            }
+            group += block;
+        }
+        r += group;
+    }
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn dot4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = quad_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    partials4[base(3u) / 4u + piece.slot] = chunk_dot4(piece);
+}
+
+@compute @workgroup_size(WG)
+fn backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let piece = quad_of(wid, lid);
+    if (!piece.valid) {
+        return;
+    }
+    let b_y = base(0u) / 4u;
+    let b_g = base(1u) / 4u;
+    let b_out = base(2u) / 4u;
+    if (ITEMS > 0u) {
+        var ys: array<vec4<f32>, SUM_BLOCK>;
+        var gs: array<vec4<f32>, SUM_BLOCK>;
+        var r = vec4<f32>(0.0);
+        for (var j = 0u; j < ITEMS; j++) {
+            let i = at4(piece, j);
+            ys[j] = src4[b_y + i];
+            gs[j] = grad4[b_g + i];
+            r += term4(ys[j], gs[j]);
+        }
+        for (var j = 0u; j < ITEMS; j++) {
+            dst4[b_out + at4(piece, j)] = grad_of4(ys[j], gs[j], r);
+        }
+        return;
+    }
+    var r = vec4<f32>(0.0);
+    if (p.chunks == 1u) {
+        r = chunk_dot4(piece);
+    } else {
+        let inner4 = p.extra / 4u;
+        for (var c = 0u; c < p.chunks; c++) {
+            r += partials4[base(3u) / 4u + piece.slot0 + c * inner4];
+        }
+    }
+    for (var k = piece.start; k < piece.end; k++) {
+        let i = at4(piece, k);
+        dst4[b_out + i] = grad_of4(src4[b_y + i], grad4[b_g + i], r);
+    }
+}

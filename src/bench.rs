@@ -291,12 +291,19 @@ impl GpuBench {
         let kernels = &gpu.kernels;
         if self.layout.inner() > 1 {
             let (chunks, chunk) = AxisFamily::chunks(gpu, self.layout);
+            // The bench's tensors start at offset 0.
+            let (lines, loads) = match AxisFamily::vec4_for(gpu, self.layout, true) {
+                true => ("4 lines", "vec4"),
+                false => ("line", "scalar"),
+            };
             return match chunks {
                 1 if chunk <= AxisFamily::REGISTER_LEN => {
-                    format!("invocation per line, {chunk} in registers")
+                    format!("invocation per {lines}, {chunk} in registers, {loads}")
                 }
-                1 => "invocation per line, streamed".to_string(),
-                _ => format!("invocation per chunk, {chunks} chunks of {chunk} per line"),
+                1 => format!("invocation per {lines}, streamed, {loads}"),
+                _ => format!(
+                    "invocation per chunk of {lines}, {chunks} chunks of {chunk} per line, {loads}"
+                ),
             };
         }
         let family = match self.op {

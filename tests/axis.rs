@@ -9,8 +9,9 @@ use wgpu_softmax::{AxisLayout, Context, Engine, Error, Tolerance, Tuning, TENSOR
 
 /// (shape, axis): lines held in registers (5 and 21 long), streamed lines with a partial block
 /// (33) and many blocks (1000), lines split into chunks for the loop budget of software
-/// adapters (70 000) and for occupancy (16 384 over 2 lines), the first axis, the last axis
-/// (the row kernels), and empty tensors.
+/// adapters (70 000, 40 000) and for occupancy (16 384 over 2 lines), neighbouring lines in
+/// fours (`inner` a multiple of 4), the first axis, the last axis (the row kernels), and empty
+/// tensors.
 const LAYOUTS: &[(&[usize], isize)] = &[
     (&[2, 5, 3], 1),
     (&[3, 21, 8, 8], 1),
@@ -18,6 +19,8 @@ const LAYOUTS: &[(&[usize], isize)] = &[
     (&[2, 1000, 5], -2),
     (&[1, 70_000, 3], 1),
     (&[1, 16_384, 2], 1),
+    (&[1, 40_000, 4], 1),
+    (&[2, 7, 12], 1),
     (&[5, 7], 0),
     (&[3, 4, 5], -1),
     (&[0, 4, 5], 1),
@@ -97,12 +100,20 @@ fn check_layout(ctx: &Context, layout: AxisLayout, x: &[f32], dy: &[f32], what: 
 
 #[test]
 fn along_matches_the_reference_on_every_layout() {
-    with_gpu(|ctx| {
-        for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
-            let layout = AxisLayout::new(shape, axis).unwrap();
-            let x = logits(layout.numel(), 1, 3.0, i as u64);
-            let dy = logits(layout.numel(), 1, 1.0, 100 + i as u64);
-            check_layout(ctx, layout, &x, &dy, &format!("{shape:?} axis {axis}"));
+    with_gpu(|base| {
+        for (name, ctx) in line_contexts(base, false) {
+            for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
+                let layout = AxisLayout::new(shape, axis).unwrap();
+                let x = logits(layout.numel(), 1, 3.0, i as u64);
+                let dy = logits(layout.numel(), 1, 1.0, 100 + i as u64);
+                check_layout(
+                    &ctx,
+                    layout,
+                    &x,
+                    &dy,
+                    &format!("{shape:?} axis {axis}, {name}"),
+                );
+            }
         }
     });
 }
@@ -159,24 +170,30 @@ fn the_cpu_engine_runs_along_any_axis() {
     ));
 }
 
-/// Contexts whose lines are held in registers (short lines, the default), streamed in one
-/// chunk, and split into chunks of 2 elements (two passes, partials combined).
-fn line_contexts(base: &Context) -> Vec<(&'static str, Context)> {
-    let t = base.tuning();
-    vec![
-        ("default", base.clone()),
-        (
-            "split",
-            tuned(
-                base,
-                Tuning {
-                    axis_lines: 1 << 20,
-                    axis_min_chunk: 2,
-                    ..t
-                },
-            ),
-        ),
-    ]
+/// Contexts whose invocations take one line or four (`vec4`) whatever `inner` is, and with
+/// `split`, the same with lines cut into chunks of 2 elements (two passes, partials combined).
+fn line_contexts(base: &Context, split: bool) -> Vec<(&'static str, Context)> {
+    let lines = |axis_vec4_max_inner| Tuning {
+        axis_vec4_max_inner,
+        ..base.tuning()
+    };
+    let chunks = |tuning: Tuning| Tuning {
+        axis_lines: 1 << 20,
+        axis_min_chunk: 2,
+        ..tuning
+    };
+    let mut contexts = vec![
+        ("one line each", tuned(base, lines(0))),
+        ("four lines each", tuned(base, lines(u32::MAX))),
+    ];
+    if split {
+        contexts.push(("one line each, split", tuned(base, chunks(lines(0)))));
+        contexts.push((
+            "four lines each, split",
+            tuned(base, chunks(lines(u32::MAX))),
+        ));
+    }
+    contexts
 }
 
 /// The row policy, line by line: a -inf entry gets 0, a line of only -inf, or with NaN or
@@ -185,10 +202,10 @@ fn line_contexts(base: &Context) -> Vec<(&'static str, Context)> {
 #[test]
 fn along_special_values_follow_the_row_policy() {
     with_gpu(|base| {
-        // [2, 6, 5] over axis 1: line (o, i) holds x[o][k][i] for k in 0..6.
-        let layout = AxisLayout::new(&[2, 6, 5], 1).unwrap();
-        let at = |o: usize, k: usize, i: usize| o * 30 + k * 5 + i;
-        let mut x = logits(60, 1, 2.0, 7);
+        // [2, 6, 8] over axis 1: line (o, i) holds x[o][k][i] for k in 0..6.
+        let layout = AxisLayout::new(&[2, 6, 8], 1).unwrap();
+        let at = |o: usize, k: usize, i: usize| o * 48 + k * 8 + i;
+        let mut x = logits(96, 1, 2.0, 7);
         x[at(0, 2, 0)] = f32::NEG_INFINITY;
         for k in 0..6 {
             x[at(0, k, 1)] = f32::NEG_INFINITY;
@@ -196,8 +213,8 @@ fn along_special_values_follow_the_row_policy() {
         }
         x[at(0, 4, 2)] = f32::NAN;
         x[at(0, 5, 3)] = f32::INFINITY;
-        let dy = logits(60, 1, 1.0, 8);
-        for (name, ctx) in line_contexts(base) {
+        let dy = logits(96, 1, 1.0, 8);
+        for (name, ctx) in line_contexts(base, true) {
             let along = ctx.along(layout);
             check_layout(&ctx, layout, &x, &dy, name);
             let y = along.softmax(&x).unwrap();
@@ -214,7 +231,7 @@ fn along_special_values_follow_the_row_policy() {
                 assert_eq!(ly[at(1, k, 0)], want_log, "{name}");
             }
             // Translation by an exactly representable shift leaves the bits unchanged.
-            let small: Vec<f32> = (0..60).map(|j| (j % 7) as f32 * 0.5).collect();
+            let small: Vec<f32> = (0..96).map(|j| (j % 7) as f32 * 0.5).collect();
             let shifted: Vec<f32> = small.iter().map(|v| v + 1024.0).collect();
             assert_eq!(
                 bits(&along.softmax(&small).unwrap()),
@@ -354,71 +371,87 @@ fn storage_buffer(ctx: &Context, words: usize, usage: wgpu::BufferUsages) -> wgp
     })
 }
 
+/// Every encode form on regions at word offsets `x_at` (inputs) and `y_at` (output): the host
+/// form's results (its bits where both take the same kernels), and no word outside the output's
+/// region written.
+fn encode_on_regions(ctx: &Context, layout: AxisLayout, x_at: usize, y_at: usize) {
+    let along = ctx.along(layout);
+    let n = layout.numel();
+    let same_kernels = layout.inner() % 4 != 0 || (x_at % 4 == 0 && y_at % 4 == 0);
+    let what = format!("{layout:?} at words {x_at} and {y_at}");
+    let guard = f32::from_bits(0xDEAD_BEEF);
+    let x = logits(n, 1, 2.0, 41);
+    let dy = logits(n, 1, 1.0, 42);
+    let filled = |data: &[f32], at: usize| {
+        let mut all = vec![guard; n + 2 * at];
+        all[at..at + n].copy_from_slice(data);
+        let buffer = storage_buffer(ctx, all.len(), TENSOR_USAGES);
+        ctx.queue()
+            .write_buffer(&buffer, 0, bytemuck::cast_slice(&all));
+        buffer
+    };
+    let (input_buf, grad_buf) = (filled(&x, x_at), filled(&dy, x_at));
+    let out_buf = filled(&vec![guard; n], y_at);
+    let run = |record: &dyn Fn(&mut wgpu::CommandEncoder) -> Result<(), Error>, want: Vec<f32>| {
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        record(&mut encoder).unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        let all = read_buffer(ctx, &out_buf, n + 2 * y_at);
+        assert!(
+            all[..y_at]
+                .iter()
+                .chain(&all[y_at + n..])
+                .all(|v| v.to_bits() == 0xDEAD_BEEF),
+            "{what}"
+        );
+        let got = &all[y_at..y_at + n];
+        if same_kernels {
+            assert_eq!(bits(got), bits(&want), "{what}");
+        } else {
+            let want: Vec<f64> = want.iter().map(|&v| f64::from(v)).collect();
+            assert_close(Tolerance::LOG_SOFTMAX, got, &want, &what);
+        }
+    };
+    let (input, grad, output) = (
+        || region(&input_buf, x_at),
+        || region(&grad_buf, x_at),
+        || region(&out_buf, y_at),
+    );
+    run(
+        &|e| along.encode_softmax(e, input(), output()),
+        along.softmax(&x).unwrap(),
+    );
+    run(
+        &|e| along.encode_log_softmax(e, input(), output()),
+        along.log_softmax(&x).unwrap(),
+    );
+    run(
+        &|e| along.encode_softmax_backward(e, input(), grad(), output()),
+        along.softmax_backward(&x, &dy).unwrap(),
+    );
+    run(
+        &|e| along.encode_log_softmax_backward(e, input(), grad(), output()),
+        along.log_softmax_backward(&x, &dy).unwrap(),
+    );
+}
+
 /// The encode forms read and write regions of the caller's buffers at any word offset and no
 /// other word; the checks of the row encode forms apply.
 #[test]
 fn encode_forms_work_on_regions_of_the_callers_buffers() {
     with_gpu(|ctx| {
+        // Lines one per invocation (inner 13), and four per invocation (inner 16) on regions
+        // starting on 16 bytes, or one per invocation where they do not.
+        for (shape, x_at, y_at) in [([2, 9, 13], 3, 5), ([2, 9, 16], 4, 8), ([2, 9, 16], 3, 5)] {
+            encode_on_regions(ctx, AxisLayout::new(&shape, 1).unwrap(), x_at, y_at);
+        }
         let layout = AxisLayout::new(&[2, 9, 13], 1).unwrap();
         let along = ctx.along(layout);
         let n = layout.numel();
-        let (x_at, y_at) = (3, 5);
-        let guard = f32::from_bits(0xDEAD_BEEF);
-        let x = logits(n, 1, 2.0, 41);
-        let dy = logits(n, 1, 1.0, 42);
-        let mut input = vec![guard; n + 2 * x_at];
-        input[x_at..x_at + n].copy_from_slice(&x);
-        let input_buf = storage_buffer(ctx, input.len(), TENSOR_USAGES);
-        ctx.queue()
-            .write_buffer(&input_buf, 0, bytemuck::cast_slice(&input));
-        let mut grad = vec![guard; n + 2 * x_at];
-        grad[x_at..x_at + n].copy_from_slice(&dy);
-        let grad_buf = storage_buffer(ctx, grad.len(), TENSOR_USAGES);
-        ctx.queue()
-            .write_buffer(&grad_buf, 0, bytemuck::cast_slice(&grad));
-        let out_buf = storage_buffer(ctx, n + 2 * y_at, TENSOR_USAGES);
-        ctx.queue().write_buffer(
-            &out_buf,
-            0,
-            bytemuck::cast_slice(&vec![guard; n + 2 * y_at]),
-        );
-        let run = |record: &dyn Fn(&mut wgpu::CommandEncoder) -> Result<(), Error>| {
-            let mut encoder = ctx.device().create_command_encoder(&Default::default());
-            record(&mut encoder).unwrap();
-            ctx.queue().submit([encoder.finish()]);
-            let all = read_buffer(ctx, &out_buf, n + 2 * y_at);
-            assert!(all[..y_at]
-                .iter()
-                .chain(&all[y_at + n..])
-                .all(|v| v.to_bits() == 0xDEAD_BEEF));
-            all[y_at..y_at + n].to_vec()
-        };
-        let y = run(&|e| along.encode_softmax(e, region(&input_buf, x_at), region(&out_buf, y_at)));
-        assert_eq!(bits(&y), bits(&along.softmax(&x).unwrap()));
-        let ly =
-            run(&|e| along.encode_log_softmax(e, region(&input_buf, x_at), region(&out_buf, y_at)));
-        assert_eq!(bits(&ly), bits(&along.log_softmax(&x).unwrap()));
-        let dx = run(&|e| {
-            along.encode_softmax_backward(
-                e,
-                region(&input_buf, x_at),
-                region(&grad_buf, x_at),
-                region(&out_buf, y_at),
-            )
-        });
-        assert_eq!(bits(&dx), bits(&along.softmax_backward(&x, &dy).unwrap()));
-        let dx = run(&|e| {
-            along.encode_log_softmax_backward(
-                e,
-                region(&input_buf, x_at),
-                region(&grad_buf, x_at),
-                region(&out_buf, y_at),
-            )
-        });
-        assert_eq!(
-            bits(&dx),
-            bits(&along.log_softmax_backward(&x, &dy).unwrap())
-        );
+        let x_at = 3;
+        let input_buf = storage_buffer(ctx, n + 2 * x_at, TENSOR_USAGES);
+        let grad_buf = storage_buffer(ctx, n + 2 * x_at, TENSOR_USAGES);
+        let out_buf = storage_buffer(ctx, n + 10, TENSOR_USAGES);
 
         // The row forms' checks: size, usage, alignment, aliasing.
         let e = &mut ctx.device().create_command_encoder(&Default::default());

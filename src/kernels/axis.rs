@@ -26,11 +26,14 @@ pub(crate) enum AxisOp {
 }
 
 impl AxisOp {
-    /// The entry points of a split line (partials, then output) and the words of a partial.
-    fn entries(self) -> ([&'static str; 2], usize, Normalization) {
-        match self {
-            AxisOp::Normalize(n) => (["stats", "normalize"], 2, n),
-            AxisOp::Backward(n) => (["dot", "backward"], 1, n),
+    /// The entry points of a split line (partials, then output), scalar or four lines per
+    /// invocation (`vec4`), and the words of a line's partial.
+    fn entries(self, vec4: bool) -> ([&'static str; 2], usize, Normalization) {
+        match (self, vec4) {
+            (AxisOp::Normalize(n), false) => (["stats", "normalize"], 2, n),
+            (AxisOp::Normalize(n), true) => (["stats4", "normalize4"], 2, n),
+            (AxisOp::Backward(n), false) => (["dot", "backward"], 1, n),
+            (AxisOp::Backward(n), true) => (["dot4", "backward4"], 1, n),
         }
     }
 }
@@ -81,6 +84,28 @@ impl AxisFamily {
         (len.div_ceil(chunk), chunk)
     }
 
+    /// Whether `call` runs four neighbouring lines per invocation as `vec4`s: the tuning allows
+    /// vec4 loads and `inner` ([`Tuning::axis_vec4_max_inner`](crate::Tuning)), `inner` is a
+    /// multiple of 4 and every operand starts on 16 bytes (so that each block of slabs does
+    /// too).
+    pub(crate) fn vec4(gpu: &Gpu, call: &AxisCall<'_>) -> bool {
+        let aligned = [Some(call.input), call.grad, Some(call.output)]
+            .into_iter()
+            .flatten()
+            .all(|region| region.offset().is_multiple_of(16));
+        Self::vec4_for(gpu, call.layout, aligned)
+    }
+
+    /// [`AxisFamily::vec4`] for `layout` on operands that start on 16 bytes (`aligned`) or not.
+    pub(crate) fn vec4_for(gpu: &Gpu, layout: AxisLayout, aligned: bool) -> bool {
+        let inner = layout.inner();
+        let tuning = &gpu.tuning;
+        tuning.vector == 4
+            && inner.is_multiple_of(4)
+            && inner <= tuning.axis_vec4_max_inner as usize
+            && aligned
+    }
+
     /// The dispatches computing `call`, in blocks of outer slabs that fit one binding.
     pub(crate) fn plan(&self, gpu: &Gpu, call: &AxisCall<'_>) -> Result<Vec<Dispatch>> {
         let layout = call.layout;
@@ -102,7 +127,10 @@ impl AxisFamily {
                 other => other,
             })?;
         let (chunks, chunk) = Self::chunks(gpu, layout);
-        let (entries, partial_words, normalization) = call.op.entries();
+        let vec4 = Self::vec4(gpu, call);
+        let (entries, partial_words, normalization) = call.op.entries(vec4);
+        // An invocation takes one line, or four neighbouring ones.
+        let lines_per_invocation = if vec4 { 4 } else { 1 };
         let entries = if chunks > 1 {
             &entries[..]
         } else {
@@ -155,15 +183,16 @@ impl AxisFamily {
             };
             let grad = match call.grad {
                 Some(region) => window(region),
-                None => Window::new(&gpu.unused_read, 0, 1, align, max_binding),
+                None => Window::new(&gpu.unused_read, 0, 4, align, max_binding),
             };
-            // A block's invocations, one per (slab, chunk, inner index), are at most its
+            // A block's invocations, one per (slab, chunk, line or four), are at most its
             // elements, which one binding (at most 2^29 f32) holds: u32 throughout.
-            let invocations = n * chunks * inner;
+            let invocations = n * chunks * inner / lines_per_invocation;
             let partial_len = if chunks > 1 {
-                invocations * partial_words
+                invocations * lines_per_invocation * partial_words
             } else {
-                1
+                // vec4 kernels declare the binding as vec4s.
+                4
             };
             let windows = vec![
                 window(call.input),

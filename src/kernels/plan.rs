@@ -203,6 +203,9 @@ pub struct Tuning {
     /// The fewest elements a chunk of a line along such an axis is given for the sake of
     /// `axis_lines` (a software adapter's loop budget may split lines further).
     pub axis_min_chunk: u32,
+    /// Along such an axis, an invocation takes four neighbouring lines as `vec4`s where
+    /// `inner` is a multiple of 4 and at most this (and `vector` is 4); one line otherwise.
+    pub axis_vec4_max_inner: u32,
 }
 
 impl Tuning {
@@ -250,6 +253,7 @@ impl Tuning {
         axis_workgroup: 128,
         axis_lines: 65536,
         axis_min_chunk: 1024,
+        axis_vec4_max_inner: u32::MAX,
     };
 
     /// The defaults for a software adapter (lavapipe, llvmpipe, WARP, SwiftShader). Measured
@@ -289,6 +293,7 @@ impl Tuning {
         axis_workgroup: 64,
         axis_lines: 256,
         axis_min_chunk: 4096,
+        axis_vec4_max_inner: 32,
     };
 
     /// The defaults for an adapter of this type.

@@ -62,7 +62,7 @@ pub struct BenchArgs {
     /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_tally,
     /// loss_tally, batch_rows, split_reverse, split_group_bytes, split_wait, loss_split_wait,
     /// backward_split_wait, split_alone, vector, subgroups, axis_workgroup, axis_lines,
-    /// axis_min_chunk. Workgroup
+    /// axis_min_chunk, axis_vec4_max_inner. Workgroup
     /// sizes, split_chunk, batch_rows and axis_min_chunk must be at least 1, max_items a power of two up to 32,
     /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally, split_reverse and split_alone
     /// 0 or 1
@@ -81,7 +81,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 29] = [
+const TUNE_FIELDS: [(&str, Accepts); 30] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -111,6 +111,7 @@ const TUNE_FIELDS: [(&str, Accepts); 29] = [
     ("axis_workgroup", Accepts::AtLeastOne),
     ("axis_lines", Accepts::Any),
     ("axis_min_chunk", Accepts::AtLeastOne),
+    ("axis_vec4_max_inner", Accepts::Any),
 ];
 
 /// The most loads an invocation keeps in registers (`Tuning::max_items`).
@@ -148,6 +149,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "axis_workgroup" => &mut tuning.axis_workgroup,
         "axis_lines" => &mut tuning.axis_lines,
         "axis_min_chunk" => &mut tuning.axis_min_chunk,
+        "axis_vec4_max_inner" => &mut tuning.axis_vec4_max_inner,
         _ => return None,
     })
 }
