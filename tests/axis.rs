@@ -377,7 +377,8 @@ fn storage_buffer(ctx: &Context, words: usize, usage: wgpu::BufferUsages) -> wgp
 fn encode_on_regions(ctx: &Context, layout: AxisLayout, x_at: usize, y_at: usize) {
     let along = ctx.along(layout);
     let n = layout.numel();
-    let same_kernels = layout.inner() % 4 != 0 || (x_at % 4 == 0 && y_at % 4 == 0);
+    let same_kernels =
+        !layout.inner().is_multiple_of(4) || (x_at.is_multiple_of(4) && y_at.is_multiple_of(4));
     let what = format!("{layout:?} at words {x_at} and {y_at}");
     let guard = f32::from_bits(0xDEAD_BEEF);
     let x = logits(n, 1, 2.0, 41);
