@@ -3,7 +3,8 @@
 # `wgpu-softmax info` and `check` through Vulkan, then ROUNDS rounds each of `wgpu-softmax bench
 # --json` and `scripts/torch_reference.py --json` (CUDA), and the README table built from them by
 # `scripts/bench_table.py`, and the time of each dispatch of the split-row shapes
-# (`bench --dispatches`). Everything lands in OUT.
+# (`bench --dispatches`); the softmax-family ops along dim 1 of [N, C, S] as well. Everything
+# lands in OUT.
 #
 #   cargo build --release && scripts/gpu_bench.sh
 #
@@ -22,9 +23,17 @@ mkdir -p "$out"
   >"$out/machine.txt"
 "$bin" info >"$out/info.txt" 2>&1
 "$bin" check >"$out/check.txt" 2>&1 || echo "check failed: see $out/check.txt"
+# Along dim 1 of [N, C, S]: the classes of 128 x 128 segmentation maps, a square's columns, and
+# few long lines four apart.
+axis_shapes="--shape 16x21x16384 --shape 4x1024x1024 --shape 64x16384x4"
 for i in $(seq 1 "$rounds"); do
   "$bin" bench --no-cpu --json >"$out/bench_$i.json" 2>"$out/bench_$i.err"
   "$python" scripts/torch_reference.py --json >"$out/torch_$i.json" 2>"$out/torch_$i.err"
+  # shellcheck disable=SC2086
+  "$bin" bench --no-cpu --json $axis_shapes >"$out/bench_axis_$i.json" 2>"$out/bench_axis_$i.err"
+  # shellcheck disable=SC2086
+  "$python" scripts/torch_reference.py --json $axis_shapes \
+    >"$out/torch_axis_$i.json" 2>"$out/torch_axis_$i.err"
 done
 "$bin" bench --no-cpu --dispatches --shape 64x262144 --shape 4x524288 >"$out/dispatches.txt" 2>&1 ||
   echo "bench --dispatches failed: see $out/dispatches.txt"

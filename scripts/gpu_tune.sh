@@ -25,9 +25,10 @@ all="4096x4096 16384x1024 65536x128 64x262144 4x524288 32x10"
 short="65536x128 32x10"
 medium="4096x4096 16384x1024 65536x128"
 long="64x262144 4x524288"
+axis="16x21x16384 4x1024x1024 64x16384x4 256x32x256"
 # name | overrides (space-separated FIELD=VALUE) | shapes
 sets="
-default||$all
+default||$all $axis
 thread_max_cols=32|thread_max_cols=32|$short
 thread_max_cols=128,max_items=32|thread_max_cols=128 max_items=32|$short
 thread_workgroup=256|thread_workgroup=256|$short
@@ -73,6 +74,13 @@ loss_split_wait=256|loss_split_wait=256|$long
 loss_split_wait=4096|loss_split_wait=4096|$long
 loss_split_wait=65536|loss_split_wait=65536|$long
 loss_split_wait=4096,split_chunk=8192|loss_split_wait=4096 split_chunk=8192|$long
+axis_vec4_max_inner=0|axis_vec4_max_inner=0|$axis
+axis_vec4_max_inner=32|axis_vec4_max_inner=32|$axis
+axis_workgroup=64|axis_workgroup=64|$axis
+axis_workgroup=256|axis_workgroup=256|$axis
+axis_min_chunk=256|axis_min_chunk=256|$axis
+axis_min_chunk=4096|axis_min_chunk=4096|$axis
+axis_lines=262144|axis_lines=262144|$axis
 backward_split_wait=256|backward_split_wait=256|$long
 backward_split_wait=4096|backward_split_wait=4096|$long
 backward_split_wait=65536|backward_split_wait=65536|$long

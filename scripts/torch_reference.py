@@ -11,6 +11,11 @@ bench's JSON fields, with device "torch".
 
     python3 scripts/torch_reference.py --json > torch.json          # CUDA when present
     python3 scripts/torch_reference.py --device cpu --shape 64x1000  # a quick look anywhere
+    python3 scripts/torch_reference.py --shape 16x21x16384           # dim=1 of [N, C, S]
+
+A shape NxCxS runs the ops along dim 1 of an [N, C, S] tensor, as `wgpu-softmax bench` does
+(records: rows N * S lines of cols C, and inner S); cross-entropy there takes targets [N, S], and
+is timed only when asked for with --op, as the bench runs it along the last axis only.
 
 On CUDA the times come from CUDA events around a batch of calls back to back, after a tenth of
 a second of warm-up, as the bench times a hardware GPU (timing "cuda-events"; `runs_per_sample`
@@ -33,6 +38,7 @@ OPS = ["softmax", "log-softmax", "softmax-backward", "log-softmax-backward", "cr
 
 
 def bytes_moved(op, rows, cols):
+    """Bytes read plus written by `op` on `rows` lines of `cols` elements."""
     matrix = rows * cols * 4
     if op in ("softmax", "log-softmax", "copy"):
         return 2 * matrix
@@ -42,42 +48,51 @@ def bytes_moved(op, rows, cols):
 
 
 def shape(text):
-    rows, sep, cols = text.partition("x")
-    if not sep or not rows.isdigit() or not cols.isdigit() or int(cols) == 0:
-        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, got {text!r}")
-    return int(rows), int(cols)
+    """(rows, cols, inner): ROWSxCOLS rows, or NxCxS, N * S lines of C along dim 1."""
+    parts = text.split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS or NxCxS, got {text!r}")
+    if len(parts) == 2:
+        return int(parts[0]), int(parts[1]), 1
+    n, c, s = map(int, parts)
+    return n * s, c, s
 
 
-def make_op(op, rows, cols, device, generator):
-    """A zero-argument callable running `op` once on fresh inputs of the shape.
+def make_op(op, rows, cols, inner, device, generator):
+    """A zero-argument callable running `op` once on fresh inputs of the shape: along the last
+    axis of [rows, cols], or where `inner` is more than 1 along dim 1 of
+    [rows / inner, cols, inner].
 
     Softmax, log-softmax and their backward kernels write into an output allocated once (ATen's
     `out=` forms of the kernels `torch.softmax` and the others call), as `wgpu-softmax bench`
     writes into buffers it allocated once: a fresh output per call would time the allocator too,
     which on a CPU means a page fault per page of the output. Cross-entropy is the autograd step
     a training loop runs, which allocates its gradient."""
-    x = torch.randn(rows, cols, device=device, generator=generator)
+    dims = (rows, cols) if inner == 1 else (rows // inner, cols, inner)
+    dim = -1 if inner == 1 else 1
+    x = torch.randn(*dims, device=device, generator=generator)
     out = torch.empty_like(x)
     if op == "softmax":
-        return lambda: torch.ops.aten._softmax.out(x, -1, False, out=out)
+        return lambda: torch.ops.aten._softmax.out(x, dim, False, out=out)
     if op == "log-softmax":
-        return lambda: torch.ops.aten._log_softmax.out(x, -1, False, out=out)
+        return lambda: torch.ops.aten._log_softmax.out(x, dim, False, out=out)
     if op in ("softmax-backward", "log-softmax-backward"):
         # The backward kernels themselves, on an output and an upstream gradient: what
         # `wgpu-softmax`'s backward ops compute.
-        dy = torch.randn(rows, cols, device=device, generator=generator)
+        dy = torch.randn(*dims, device=device, generator=generator)
         if op == "softmax-backward":
-            y = torch.softmax(x, dim=-1)
+            y = torch.softmax(x, dim=dim)
             return lambda: torch.ops.aten._softmax_backward_data.out(
-                dy, y, -1, torch.float32, grad_input=out
+                dy, y, dim, torch.float32, grad_input=out
             )
-        y = torch.log_softmax(x, dim=-1)
+        y = torch.log_softmax(x, dim=dim)
         return lambda: torch.ops.aten._log_softmax_backward_data.out(
-            dy, y, -1, torch.float32, out=out
+            dy, y, dim, torch.float32, out=out
         )
     if op == "cross-entropy":
         logits = x.clone().requires_grad_(True)
-        targets = torch.randint(0, cols, (rows,), device=device, generator=generator)
+        target_dims = (rows,) if inner == 1 else (rows // inner, inner)
+        targets = torch.randint(0, cols, target_dims, device=device, generator=generator)
 
         def step():
             logits.grad = None
@@ -137,12 +152,13 @@ def run(args):
     timer = Timer(device)
     name = torch.cuda.get_device_name(device) if timer.cuda else "cpu"
     records = []
-    for rows, cols in args.shapes or SHAPES:
+    for rows, cols, inner in args.shapes or [(r, c, 1) for r, c in SHAPES]:
         src = torch.randn(rows, cols, device=device, generator=generator)
         dst = torch.empty_like(src)
         copy = lambda: dst.copy_(src)  # noqa: E731
-        for op in args.ops or OPS:
-            fn = make_op(op, rows, cols, device, generator)
+        ops = args.ops or [op for op in OPS if inner == 1 or op != "cross-entropy"]
+        for op in ops:
+            fn = make_op(op, rows, cols, inner, device, generator)
             op_runs = timer.calibrate(fn)
             copy_runs = timer.runs(timer.seconds(copy))
             op_times, copy_times = [], []
@@ -156,6 +172,7 @@ def run(args):
                 "op": op,
                 "rows": rows,
                 "cols": cols,
+                "inner": inner,
                 "device": "torch",
                 "seconds": seconds,
                 "gb_per_s": gb_per_s,
@@ -167,7 +184,8 @@ def run(args):
             })
             if not args.json:
                 r = records[-1]
-                print(f"{op:<22} {rows:>7}x{cols:<7} {seconds * 1e3:10.3f} ms {gb_per_s:9.2f} GB/s"
+                label = f"{rows}x{cols}" if inner == 1 else f"{rows // inner}x{cols}x{inner}"
+                print(f"{op:<22} {label:>15} {seconds * 1e3:10.3f} ms {gb_per_s:9.2f} GB/s"
                       f" {limit:9.2f} limit {r['pct_of_limit']:6.1f}%  {timer.name}")
             del fn
     if args.json:
@@ -180,7 +198,7 @@ def main():
     parser.add_argument("--op", dest="ops", action="append", choices=OPS,
                         help="op to time (repeatable); default: all")
     parser.add_argument("--shape", dest="shapes", action="append", type=shape,
-                        help="ROWSxCOLS (repeatable); default: the bench's shapes")
+                        help="ROWSxCOLS or NxCxS (repeatable); default: the bench's shapes")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed repetitions per case, the median is reported (default 7)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

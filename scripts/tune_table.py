@@ -26,9 +26,9 @@ def load(out):
     for line in (out / "sets.tsv").read_text().splitlines():
         index, name, overrides = (line.split("\t") + [""])[:3]
         sets.append((index, name, overrides))
-    # set name -> (op, rows, cols) -> list of (gb_per_s, pct_of_limit)
+    # set name -> (op, rows, cols, inner) -> list of (gb_per_s, pct_of_limit)
     runs = defaultdict(lambda: defaultdict(list))
-    # set name -> (op, rows, cols) -> what ran
+    # set name -> (op, rows, cols, inner) -> what ran
     kernels = defaultdict(dict)
     adapters = set()
     for index, name, _ in sets:
@@ -37,7 +37,7 @@ def load(out):
                 if r["device"] != "gpu":
                     continue
                 adapters.add(r.get("adapter", "?"))
-                key = (r["op"], r["rows"], r["cols"])
+                key = (r["op"], r["rows"], r["cols"], r.get("inner", 1))
                 runs[name][key].append((r["gb_per_s"], r["pct_of_limit"]))
                 kernels[name][key] = r.get("kernel", "")
     medians = {
@@ -49,11 +49,18 @@ def load(out):
 
 
 def shape_order(keys):
+    """The shapes (rows, cols, inner) of `keys`, in order of appearance."""
     seen = []
-    for _, rows, cols in keys:
-        if (rows, cols) not in seen:
-            seen.append((rows, cols))
+    for _, *shape in keys:
+        if tuple(shape) not in seen:
+            seen.append(tuple(shape))
     return seen
+
+
+def label(shape):
+    """`RxC` for rows, `NxCxS` along dim 1 of [N, C, S]."""
+    rows, cols, inner = shape
+    return f"{rows}x{cols}" if inner == 1 else f"{rows // inner}x{cols}x{inner}"
 
 
 def main(argv):
@@ -69,20 +76,20 @@ def main(argv):
     print()
     print("Defaults: GB/s (% of the in-run copy), medians over the rounds.")
     print()
-    print("| op | " + " | ".join(f"{r}x{c}" for r, c in shapes) + " |")
+    print("| op | " + " | ".join(label(shape) for shape in shapes) + " |")
     print("|---|" + "---|" * len(shapes))
     for op in ops:
         cells = []
-        for r, c in shapes:
-            v = base.get((op, r, c))
+        for shape in shapes:
+            v = base.get((op, *shape))
             cells.append(f"{v[0]:.3g} ({v[1]:.0f}%)" if v else "")
         print(f"| {op} | " + " | ".join(cells) + " |")
     print()
     print("Kernels of the defaults:")
     print()
-    for r, c in shapes:
-        ran = [f"{op}: {kernels['default'].get((op, r, c), '?')}" for op in ops]
-        print(f"- {r}x{c}: " + "; ".join(ran))
+    for shape in shapes:
+        ran = [f"{op}: {kernels['default'].get((op, *shape), '?')}" for op in ops]
+        print(f"- {label(shape)}: " + "; ".join(ran))
     print()
     print("Each set against the defaults: GB/s of the set / GB/s of the defaults; `changed`:")
     print("the ops whose kernel the set changes (the other ratios are run-to-run variation).")
@@ -93,11 +100,11 @@ def main(argv):
     for _, name, overrides in sets:
         if name == "default" or name not in medians:
             continue
-        for r, c in shape_order(medians[name]):
+        for shape in shape_order(medians[name]):
             ratios = []
             cells = []
             for op in ops:
-                v, b = medians[name].get((op, r, c)), base.get((op, r, c))
+                v, b = medians[name].get((op, *shape)), base.get((op, *shape))
                 if v and b:
                     ratios.append(v[0] / b[0])
                     cells.append(f"{v[0] / b[0]:.2f}")
@@ -108,19 +115,20 @@ def main(argv):
             mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
             changed = sum(
                 1 for op in ops
-                if (op, r, c) in kernels[name]
-                and kernels[name][(op, r, c)] != kernels["default"].get((op, r, c))
+                if (op, *shape) in kernels[name]
+                and kernels[name][(op, *shape)] != kernels["default"].get((op, *shape))
             )
-            print(f"| {name} | {r}x{c} | " + " | ".join(cells) + f" | {mean:.2f} | {changed} |")
-            if changed and mean > best.get((r, c), ("", 1.0))[1]:
-                best[(r, c)] = (name if name == overrides else f"{name} ({overrides})", mean)
+            print(f"| {name} | {label(shape)} | " + " | ".join(cells)
+                  + f" | {mean:.2f} | {changed} |")
+            if changed and mean > best.get(shape, ("", 1.0))[1]:
+                best[shape] = (name if name == overrides else f"{name} ({overrides})", mean)
     print()
     print("Best per shape (geometric mean over the ops, among the sets that change a kernel;")
     print("none: no such set beat the defaults).")
     print()
-    for r, c in shapes:
-        name, mean = best.get((r, c), ("none", 1.0))
-        print(f"- {r}x{c}: {name}" + (f", {mean:.2f}x" if name != "none" else ""))
+    for shape in shapes:
+        name, mean = best.get(shape, ("none", 1.0))
+        print(f"- {label(shape)}: {name}" + (f", {mean:.2f}x" if name != "none" else ""))
 
 
 if __name__ == "__main__":

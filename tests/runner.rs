@@ -427,8 +427,11 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
         .arg(root.join("scripts/gpu_tune.sh"))
         .env("OUT", &out)
         .env("WGPU_SOFTMAX", env!("CARGO_BIN_EXE_wgpu-softmax"))
-        .env("SETS", "vector=1 subgroups=0 split_group_bytes=8MiB")
-        .env("SHAPES", "3x8")
+        .env(
+            "SETS",
+            "vector=1 subgroups=0 split_group_bytes=8MiB axis_vec4_max_inner=0",
+        )
+        .env("SHAPES", "3x8 2x5x4")
         .env("ROUNDS", "1")
         .env("REPEATS", "1")
         .output()
@@ -442,18 +445,20 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
         "| vector=1 | 3x8 | ",
         "| subgroups=0 | 3x8 | ",
         "| split_group_bytes=8MiB | 3x8 | ",
+        "| axis_vec4_max_inner=0 | 2x5x4 | ",
         "- 3x8: softmax: ",
+        "- 2x5x4: softmax: invocation per 4 lines",
         "- 3x8: ",
     ] {
         assert!(table.contains(line), "{line}: {table}");
     }
-    // The defaults, then each set: five ops, on the one shape.
-    for index in 1..=4 {
+    // The defaults, then each set: five ops on 3x8, the four along an axis on 2x5x4.
+    for index in 1..=5 {
         let records: Vec<serde_json::Value> = serde_json::from_str(
             &std::fs::read_to_string(out.join(format!("set_{index}_r1.json"))).unwrap(),
         )
         .unwrap();
-        assert_eq!(records.len(), 5, "set {index}: {records:?}");
+        assert_eq!(records.len(), 9, "set {index}: {records:?}");
     }
 }
 
