@@ -142,6 +142,17 @@ impl Engine {
         }
     }
 
+    /// [`Engine::softmax_along`] into `out`; see [`Along::softmax_into`](crate::Along::softmax_into).
+    ///
+    /// # Errors
+    /// As [`Along::softmax_into`](crate::Along::softmax_into).
+    pub fn softmax_along_into(&self, x: &[f32], layout: AxisLayout, out: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).softmax_into(x, out),
+            Self::Cpu => fast::softmax_along_into(x, layout, out),
+        }
+    }
+
     /// Log-softmax along any axis; see [`Along::log_softmax`](crate::Along::log_softmax).
     ///
     /// # Errors
@@ -150,6 +161,22 @@ impl Engine {
         match self {
             Self::Gpu(ctx) => ctx.along(layout).log_softmax(x),
             Self::Cpu => fast::log_softmax_along(x, layout),
+        }
+    }
+
+    /// [`Engine::log_softmax_along`] into `out`.
+    ///
+    /// # Errors
+    /// As [`Along::log_softmax_into`](crate::Along::log_softmax_into).
+    pub fn log_softmax_along_into(
+        &self,
+        x: &[f32],
+        layout: AxisLayout,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).log_softmax_into(x, out),
+            Self::Cpu => fast::log_softmax_along_into(x, layout, out),
         }
     }
 
@@ -170,6 +197,23 @@ impl Engine {
         }
     }
 
+    /// [`Engine::softmax_backward_along`] into `out`.
+    ///
+    /// # Errors
+    /// As [`Along::softmax_backward_into`](crate::Along::softmax_backward_into).
+    pub fn softmax_backward_along_into(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        layout: AxisLayout,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).softmax_backward_into(y, grad_output, out),
+            Self::Cpu => fast::softmax_backward_along_into(y, grad_output, layout, out),
+        }
+    }
+
     /// Log-softmax backward along any axis; see
     /// [`Along::log_softmax_backward`](crate::Along::log_softmax_backward).
     ///
@@ -184,6 +228,25 @@ impl Engine {
         match self {
             Self::Gpu(ctx) => ctx.along(layout).log_softmax_backward(y, grad_output),
             Self::Cpu => fast::log_softmax_backward_along(y, grad_output, layout),
+        }
+    }
+
+    /// [`Engine::log_softmax_backward_along`] into `out`.
+    ///
+    /// # Errors
+    /// As [`Along::log_softmax_backward_into`](crate::Along::log_softmax_backward_into).
+    pub fn log_softmax_backward_along_into(
+        &self,
+        y: &[f32],
+        grad_output: &[f32],
+        layout: AxisLayout,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match self {
+            Self::Gpu(ctx) => ctx
+                .along(layout)
+                .log_softmax_backward_into(y, grad_output, out),
+            Self::Cpu => fast::log_softmax_backward_along_into(y, grad_output, layout, out),
         }
     }
 

@@ -150,6 +150,21 @@ fn the_cpu_engine_runs_along_any_axis() {
             &backward_ref(layout, &ly, &dy, true),
             &what,
         );
+        // The _into forms write the same bits.
+        let mut out = vec![f32::NAN; x.len()];
+        engine.softmax_along_into(&x, layout, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&y), "{what}");
+        engine.log_softmax_along_into(&x, layout, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&ly), "{what}");
+        engine
+            .log_softmax_backward_along_into(&ly, &dy, layout, &mut out)
+            .unwrap();
+        assert_eq!(bits(&out), bits(&dx), "{what}");
+        engine
+            .softmax_backward_along_into(&y, &dy, layout, &mut out)
+            .unwrap();
+        let dx = engine.softmax_backward_along(&y, &dy, layout).unwrap();
+        assert_eq!(bits(&out), bits(&dx), "{what}");
     }
     let layout = AxisLayout::new(&[2, 3, 4], 1).unwrap();
     assert!(matches!(
