@@ -7,7 +7,9 @@
 use rayon::prelude::*;
 
 use super::Separate;
-use super::{exp, exp_nonpositive, isa, larger, max_key, Isa, MulAdd, SERIAL_ELEMS, TASK_ELEMS};
+use super::{
+    exp, exp_nonpositive, isa, larger, max_key, Isa, MulAdd, LANES, SERIAL_ELEMS, TASK_ELEMS,
+};
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 use super::{Fused, Fused512};
 use crate::layout::AxisLayout;
@@ -17,6 +19,11 @@ const COLUMNS: usize = 64;
 /// Terms a line sums in f32 before they join its f64 total, so that the rounding of a sum over
 /// a long axis stays that of a block.
 const SUM_BLOCK: usize = 32;
+/// Slabs of fewer lines than this take [`narrow`]: blocks of so few lines would leave most of a
+/// vector's lanes idle.
+const NARROW: usize = LANES;
+/// The longest period of [`narrow`]: `lcm(inner, LANES)` for `inner < LANES`.
+const MAX_PERIOD: usize = LANES * (LANES - 1);
 
 /// What a call along an axis computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +69,29 @@ fn run_on(isa: Isa, op: AlongOp, layout: AxisLayout, x: &[f32], dy: &[f32], out:
     }
     let (len, inner) = (layout.len(), layout.inner());
     let slab = len * inner;
+    if inner < NARROW {
+        let dy_slabs = |o: usize| {
+            if dy.is_empty() {
+                dy
+            } else {
+                &dy[o * slab..][..slab]
+            }
+        };
+        let task = |(o, (x, out)): (usize, (&[f32], &mut [f32]))| {
+            narrow_on(isa, op, x, dy_slabs(o), out, len, inner);
+        };
+        let slabs = x.chunks(slab).zip(out.chunks_mut(slab)).enumerate();
+        if layout.numel() <= SERIAL_ELEMS {
+            slabs.for_each(task);
+        } else {
+            x.par_chunks(slab)
+                .zip(out.par_chunks_mut(slab))
+                .enumerate()
+                .with_min_len((TASK_ELEMS / slab).max(1))
+                .for_each(task);
+        }
+        return;
+    }
     let blocks_per_slab = inner.div_ceil(COLUMNS);
     let tasks = layout.outer() * blocks_per_slab;
     let out = Out(out.as_mut_ptr());
@@ -225,7 +255,147 @@ fn columns<M: MulAdd>(op: AlongOp, x: &[f32], dy: &[f32], out: Out, block: Block
     }
 }
 
+/// One slab of fewer than [`NARROW`] lines, flat: a period of `lcm(inner, LANES)` elements
+/// holds `period / inner` steps of every line, and the statistics are kept per position of a
+/// period (position `j` belongs to line `j % inner`) and folded per line at the end, so that
+/// every pass runs over contiguous elements whole vectors at a time. A slab's last elements,
+/// short of a whole period, continue the pattern.
+#[inline(always)]
+fn narrow<M: MulAdd>(
+    op: AlongOp,
+    x: &[f32],
+    dy: &[f32],
+    out: &mut [f32],
+    len: usize,
+    inner: usize,
+) {
+    let period = lcm(inner, LANES);
+    let elements = len * inner;
+    match op {
+        AlongOp::Softmax | AlongOp::LogSoftmax => {
+            let mut max = [f32::NEG_INFINITY; MAX_PERIOD];
+            for chunk in x.chunks(period) {
+                for (m, &v) in max.iter_mut().zip(chunk) {
+                    *m = larger(*m, max_key(v));
+                }
+            }
+            let mut lines = [f32::NEG_INFINITY; LANES];
+            for (j, &m) in max[..period].iter().enumerate() {
+                lines[j % inner] = larger(lines[j % inner], m);
+            }
+            for (j, m) in max[..period].iter_mut().enumerate() {
+                *m = lines[j % inner];
+            }
+            let max = &max;
+            let sums = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+                for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(max) {
+                    *p += exp_nonpositive::<M>(v - m);
+                }
+            });
+            let log = op == AlongOp::LogSoftmax;
+            let mut scale = [0f32; MAX_PERIOD];
+            for ((s, &m), &sum) in scale.iter_mut().zip(max).zip(&sums) {
+                *s = match (m.is_infinite(), log) {
+                    (true, _) => f32::NAN,
+                    (false, true) => f64::from(sum).ln() as f32,
+                    (false, false) => (1.0 / f64::from(sum)) as f32,
+                };
+            }
+            for (y, x) in out.chunks_mut(period).zip(x.chunks(period)) {
+                let lines = y.iter_mut().zip(x).zip(max).zip(&scale);
+                if log {
+                    for (((y, &v), &m), &s) in lines {
+                        *y = (v - m) - s;
+                    }
+                } else {
+                    for (((y, &v), &m), &s) in lines {
+                        *y = exp_nonpositive::<M>(v - m) * s;
+                    }
+                }
+            }
+        }
+        AlongOp::SoftmaxBackward | AlongOp::LogSoftmaxBackward => {
+            let log = op == AlongOp::LogSoftmaxBackward;
+            let r = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+                let (y, g) = (&x[start..], &dy[start..]);
+                if log {
+                    for (p, &g) in part.iter_mut().zip(g) {
+                        *p += g;
+                    }
+                } else {
+                    for ((p, &y), &g) in part.iter_mut().zip(y).zip(g) {
+                        *p += g * y;
+                    }
+                }
+            });
+            for ((dx, y), g) in out
+                .chunks_mut(period)
+                .zip(x.chunks(period))
+                .zip(dy.chunks(period))
+            {
+                let lines = dx.iter_mut().zip(y).zip(g).zip(&r);
+                if log {
+                    for (((dx, &y), &g), &r) in lines {
+                        *dx = g - exp::<M>(y) * r;
+                    }
+                } else {
+                    for (((dx, &y), &g), &r) in lines {
+                        *dx = y * (g - r);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per position of a period, the sum over the slab's periods of what `add(start, part)` adds
+/// into `part` for the period at element `start`: f32 blocks of [`SUM_BLOCK`] periods added in
+/// f64, then folded per line (position `j` is line `j % inner`) and spread back over the
+/// positions.
+#[inline(always)]
+fn period_sums(
+    elements: usize,
+    period: usize,
+    inner: usize,
+    add: &mut impl FnMut(usize, &mut [f32]),
+) -> [f32; MAX_PERIOD] {
+    let mut total = [0f64; MAX_PERIOD];
+    let mut part = [0f32; MAX_PERIOD];
+    let periods = elements.div_ceil(period);
+    for p in 0..periods {
+        let start = p * period;
+        add(start, &mut part[..period.min(elements - start)]);
+        if (p + 1) % SUM_BLOCK == 0 || p + 1 == periods {
+            for (t, part) in total.iter_mut().zip(part.iter_mut()) {
+                *t += f64::from(*part);
+                *part = 0.0;
+            }
+        }
+    }
+    let mut lines = [0f64; LANES];
+    for (j, t) in total[..period].iter().enumerate() {
+        lines[j % inner] += t;
+    }
+    let mut spread = [0f32; MAX_PERIOD];
+    for (j, s) in spread[..period].iter_mut().enumerate() {
+        *s = lines[j % inner] as f32;
+    }
+    spread
+}
+
+/// The least common multiple of `a` and `b`.
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
+}
+
 multiversion!(columns_on => columns(op: AlongOp, x: &[f32], dy: &[f32], out: Out, block: Block));
+multiversion!(narrow_on => narrow(
+    op: AlongOp, x: &[f32], dy: &[f32], out: &mut [f32], len: usize, inner: usize
+));
 
 #[cfg(test)]
 mod tests {
@@ -245,7 +415,8 @@ mod tests {
     }
 
     /// Every op, with every instruction set this CPU runs, on blocks narrower than, as wide as
-    /// and wider than a task's lines, in one task and in parallel, with long axes summed in
+    /// and wider than a task's lines, on slabs of fewer lines than a vector (periods of
+    /// `lcm(inner, 16)` with a tail), in one task and in parallel, with long axes summed in
     /// blocks; special values line by line.
     #[test]
     fn every_op_along_an_axis_matches_the_reference() {
@@ -257,6 +428,10 @@ mod tests {
             (1, 3000, 70),
             (5, 1, 7),
             (40, 40, 40),
+            (4, 1000, 4),
+            (1, 5000, 15),
+            (3, 77, 8),
+            (64, 300, 6),
         ] {
             let layout = AxisLayout::from_parts(outer, len, inner).unwrap();
             let n = layout.numel();
