@@ -48,6 +48,28 @@ override DENSE: bool = true;
 // ran: rows not ignored, or the weighted sum, found when the targets were uploaded.
 override DIVISOR_GIVEN: bool = false;
 
+// Rows are lines along an axis that is not the last (the `rows` entry, one invocation per row,
+// scalar): logits [outer, C, inner] with p.chunk = inner, row r the line (r / inner, r % inner),
+// whose class c lies at (r / inner) C inner + c inner + r % inner, as in probability targets and
+// the gradient; index targets, row losses and per-row upstream gradients stay one per row, in
+// the lines' order. Neighbouring invocations take neighbouring lines, so that each load of a
+// workgroup reads one contiguous run.
+override LINES: bool = false;
+
+// Where class 0 of row `row` lies in a logits-shaped operand, from the operand's base.
+fn row_start(row: u32) -> u32 {
+    if (LINES) {
+        let inner = p.chunk;
+        return (row / inner) * p.cols * inner + row % inner;
+    }
+    return row * p.cols;
+}
+
+// The distance between neighbouring classes of a row in a logits-shaped operand.
+fn class_step() -> u32 {
+    return select(1u, p.chunk, LINES);
+}
+
 fn mean_divisor() -> f32 {
     if (DIVISOR_GIVEN) {
         return bitcast<f32>(p.extra);
@@ -107,7 +129,7 @@ fn target_mass(row: u32, c: u32, t: RowTarget) -> f32 {
     let e = smoothing();
     let uniform = e / f32(p.cols);
     if (PROBS) {
-        let prob = bitcast<f32>(targets[base(1u) + row * p.cols + c]);
+        let prob = bitcast<f32>(targets[base(1u) + row_start(row) + c * class_step()]);
         return class_weight(c) * ((1.0 - e) * prob + uniform);
     }
     var q = uniform * class_weight(c);
@@ -159,7 +181,7 @@ fn target_partial(acc: vec4<f32>, m: f32, x_t: f32, t: RowTarget) -> vec4<f32> {
 // The target class's logit in a row whose logits start at x0 (meaningless when DENSE or for a
 // row without a valid target, whose index is 0: still a logit of the row).
 fn target_logit(x0: u32, t: RowTarget) -> f32 {
-    return logit(x0 + t.index);
+    return logit(x0 + t.index * class_step());
 }
 
 // The gradient multiplier of a row: grad_output, divided by the weight total for the mean.
@@ -251,7 +273,7 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
         return 0.0;
     }
     let row = team.row;
-    let x0 = select(base(0u), base(5u), IN_PLACE) + row * p.cols;
+    let x0 = select(base(0u), base(5u), IN_PLACE) + row_start(row);
     let t = row_target(row);
     // Read before the team's first reduction: in place, another member may store the target
     // class's gradient over it once the reductions are done.
@@ -263,14 +285,14 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
             let c = team.lane + k * team.size;
             var x = neg_inf();
             if (c < p.cols) {
-                x = logit(x0 + c);
+                x = logit(x0 + c * class_step());
             }
             xs[k] = x;
             m = max(m, max_key(x));
         }
     } else {
         for (var c = team.lane; c < p.cols; c += team.size) {
-            m = max(m, max_key(logit(x0 + c)));
+            m = max(m, max_key(logit(x0 + c * class_step())));
         }
     }
     m = team_max(m, lid);
@@ -292,7 +314,7 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
                 let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
                 var part = vec4<f32>(0.0);
                 for (var c = c0; c < stop; c += team.size) {
-                    let x = logit(x0 + c);
+                    let x = logit(x0 + c * class_step());
                     part += terms(exp_shifted(x, m), x, target_mass(row, c, t), m);
                 }
                 acc += part;
@@ -303,18 +325,18 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
     let loss = keep_loss(team, row, row_loss(m, acc, t));
     if (GRAD) {
         let g = grad_row(row, m, acc, t);
-        let g0 = base(5u) + row * p.cols;
+        let g0 = base(5u) + row_start(row);
         if (ITEMS > 0u) {
             for (var k = 0u; k < ITEMS; k++) {
                 let c = team.lane + k * team.size;
                 if (c < p.cols) {
-                    grad[g0 + c] = grad_value(xs[k], target_mass(row, c, t), g);
+                    grad[g0 + c * class_step()] = grad_value(xs[k], target_mass(row, c, t), g);
                 }
             }
         } else {
             for (var c = team.lane; c < p.cols; c += team.size) {
-                let e = exp_shifted(logit(x0 + c), m);
-                grad[g0 + c] = grad_value(e, target_mass(row, c, t), g);
+                let e = exp_shifted(logit(x0 + c * class_step()), m);
+                grad[g0 + c * class_step()] = grad_value(e, target_mass(row, c, t), g);
             }
         }
     }

@@ -1,9 +1,12 @@
 //! The softmax-family ops along any axis of a tensor: [`Context::along`].
 
 use crate::context::{Context, Wait};
+use crate::cpu::CrossEntropyOutput;
 use crate::error::Result;
+use crate::kernels::rowwise::longest_line;
 use crate::kernels::Normalization;
 use crate::layout::AxisLayout;
+use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 use crate::region::BufferRegion;
 use crate::validate;
 
@@ -245,6 +248,172 @@ impl Along<'_> {
         let op = Normalization::LogSoftmax;
         self.ctx
             .encode_backward_along(op, encoder, regions, self.layout)
+    }
+
+    /// The cross-entropy loss with the classes along the axis (`C = layout.len()`), as PyTorch's
+    /// `F.cross_entropy` over logits `[N, C, d1, ...]` with the classes on axis 1: one value for
+    /// `Mean` and `Sum`, one per line for `None` (`N d1 ...`, row-major over the other axes).
+    /// Index targets hold one class per line in that order; probability targets are shaped like
+    /// the logits. Lines are read in place on the GPU (no transpose), an invocation per line;
+    /// otherwise as [`Context::cross_entropy`], whose errors' "row" is here a line. Lines
+    /// longer than a software adapter lets one invocation loop over (about 20 000 classes) are
+    /// moved last on the host instead, where the row kernels split them.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `logits` unless it holds
+    /// the layout's elements, and as [`Context::cross_entropy`];
+    /// [`Error::SlabTooLarge`](crate::Error::SlabTooLarge) when one outer slab exceeds a storage
+    /// binding.
+    ///
+    /// ```no_run
+    /// use wgpu_softmax::{AxisLayout, Context, CrossEntropyOptions, GradOutput, Targets};
+    /// let ctx = Context::new_blocking()?;
+    /// // Two images of 3 classes over 2x2 pixels, and a class per pixel.
+    /// let along = ctx.along(AxisLayout::new(&[2, 3, 2, 2], 1)?);
+    /// let logits = vec![0.25f32; 2 * 3 * 2 * 2];
+    /// let targets = [0i64, 1, 2, 0, 1, 1, 2, 2];
+    /// let out = along.cross_entropy_with_grad(&logits, Targets::Indices(&targets),
+    ///     &CrossEntropyOptions::default(), GradOutput::One)?;
+    /// assert!((out.loss[0] - 3f32.ln()).abs() < 1e-6);
+    /// # Ok::<(), wgpu_softmax::Error>(())
+    /// ```
+    pub fn cross_entropy(
+        &self,
+        logits: &[f32],
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<Vec<f32>> {
+        pollster::block_on(self.host_cross_entropy(logits, targets, options, None, Wait::Block))
+    }
+
+    /// Async form of [`Along::cross_entropy`].
+    pub async fn cross_entropy_async(
+        &self,
+        logits: &[f32],
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<Vec<f32>> {
+        self.host_cross_entropy(logits, targets, options, None, Wait::Background)
+            .await
+    }
+
+    /// The loss and, in the same kernel, `dLoss/dLogits * grad_output`, shaped like the logits;
+    /// see [`Context::cross_entropy_with_grad`]. `grad_output` is a scalar for `Mean` and
+    /// `Sum`, one value per line for `None`.
+    ///
+    /// # Errors
+    /// As [`Along::cross_entropy`], and [`Error::LengthMismatch`](crate::Error::LengthMismatch)
+    /// for a `grad_output` of the wrong shape.
+    pub fn cross_entropy_with_grad(
+        &self,
+        logits: &[f32],
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        let mut grad = vec![0f32; logits.len()];
+        let loss = self.cross_entropy_into(logits, targets, options, grad_output, &mut grad)?;
+        Ok(CrossEntropyOutput { loss, grad })
+    }
+
+    /// [`Along::cross_entropy_with_grad`] writing the gradient into `grad` (as long as
+    /// `logits`); returns the loss.
+    ///
+    /// # Errors
+    /// As [`Along::cross_entropy_with_grad`], and
+    /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `grad`; `grad` is
+    /// untouched when the arguments are refused.
+    pub fn cross_entropy_into(
+        &self,
+        logits: &[f32],
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+        grad: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        let grad = Some((grad_output, grad));
+        pollster::block_on(self.host_cross_entropy(logits, targets, options, grad, Wait::Block))
+    }
+
+    /// Async form of [`Along::cross_entropy_with_grad`].
+    pub async fn cross_entropy_with_grad_async(
+        &self,
+        logits: &[f32],
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        let mut grad = vec![0f32; logits.len()];
+        let loss = self
+            .host_cross_entropy(
+                logits,
+                targets,
+                options,
+                Some((grad_output, &mut grad)),
+                Wait::Background,
+            )
+            .await?;
+        Ok(CrossEntropyOutput { loss, grad })
+    }
+
+    async fn host_cross_entropy(
+        &self,
+        logits: &[f32],
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad: Option<(GradOutput<'_>, &mut [f32])>,
+        wait: Wait,
+    ) -> Result<Vec<f32>> {
+        let layout = self.layout;
+        validate::same_len("logits", layout.numel(), logits.len())?;
+        let too_long = longest_line(&self.ctx.capabilities()).is_some_and(|max| layout.len() > max);
+        if layout.inner() == 1 || !too_long {
+            return self
+                .ctx
+                .host_cross_entropy(
+                    logits,
+                    layout.len(),
+                    layout.inner(),
+                    targets,
+                    options,
+                    grad,
+                    wait,
+                )
+                .await;
+        }
+        // Lines longer than this (software) adapter lets one invocation loop over: moved last on
+        // the host, where the row kernels split them, and the gradient moved back.
+        let rows = layout.to_rows(logits)?;
+        let probabilities;
+        let targets = match targets {
+            Targets::Probabilities(p) => {
+                probabilities = layout.to_rows(p)?;
+                Targets::Probabilities(&probabilities)
+            }
+            other => other,
+        };
+        let Some((grad_output, grad)) = grad else {
+            let (cols, ctx) = (layout.len(), self.ctx);
+            return ctx
+                .host_cross_entropy(&rows, cols, 1, targets, options, None, wait)
+                .await;
+        };
+        validate::same_len("grad", logits.len(), grad.len())?;
+        let mut grad_rows = vec![0f32; rows.len()];
+        let loss = self
+            .ctx
+            .host_cross_entropy(
+                &rows,
+                layout.len(),
+                1,
+                targets,
+                options,
+                Some((grad_output, &mut grad_rows)),
+                wait,
+            )
+            .await?;
+        layout.rows_into(&grad_rows, grad)?;
+        Ok(loss)
     }
 
     async fn forward(

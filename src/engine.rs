@@ -356,6 +356,48 @@ impl Engine {
         }
     }
 
+    /// Cross-entropy with the classes along `layout`'s axis; see
+    /// [`Along::cross_entropy`](crate::Along::cross_entropy) and, on the CPU,
+    /// [`fast::cross_entropy_loss_along`].
+    ///
+    /// # Errors
+    /// As [`Along::cross_entropy`](crate::Along::cross_entropy).
+    pub fn cross_entropy_along(
+        &self,
+        logits: &[f32],
+        layout: AxisLayout,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => ctx.along(layout).cross_entropy(logits, targets, options),
+            Self::Cpu => fast::cross_entropy_loss_along(logits, layout, targets, options),
+        }
+    }
+
+    /// The loss and its fused gradient with the classes along `layout`'s axis; see
+    /// [`Along::cross_entropy_with_grad`](crate::Along::cross_entropy_with_grad) and, on the
+    /// CPU, [`fast::cross_entropy_along`].
+    ///
+    /// # Errors
+    /// As [`Along::cross_entropy_with_grad`](crate::Along::cross_entropy_with_grad).
+    pub fn cross_entropy_with_grad_along(
+        &self,
+        logits: &[f32],
+        layout: AxisLayout,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        match self {
+            Self::Gpu(ctx) => {
+                ctx.along(layout)
+                    .cross_entropy_with_grad(logits, targets, options, grad_output)
+            }
+            Self::Cpu => fast::cross_entropy_along(logits, layout, targets, options, grad_output),
+        }
+    }
+
     /// The loss and its fused gradient; see [`Context::cross_entropy_with_grad`].
     ///
     /// # Errors

@@ -631,6 +631,7 @@ pub(crate) fn normalize_call<'a>(
     RowCall {
         rows,
         cols,
+        inner: 1,
         operands: vec![src, dst],
         constants: vec![op.constant()],
         words: [0; 4],

@@ -292,6 +292,7 @@ pub(crate) fn backward_call<'a>(
     RowCall {
         rows,
         cols,
+        inner: 1,
         operands: vec![y.rows(cols), dy.rows(cols), dx.rows(cols)],
         constants: vec![op.constant()],
         words: [0; 4],
@@ -384,6 +385,7 @@ fn encode_jacobian(
     let call = RowCall {
         rows,
         cols,
+        inner: 1,
         operands: vec![Operand::matrix(&probs, cols), out.rows(cols * cols)],
         constants: Vec::new(),
         words: [0; 4],
@@ -753,6 +755,7 @@ impl Context {
         pollster::block_on(self.host_cross_entropy(
             logits,
             cols,
+            1,
             targets,
             options,
             None,
@@ -768,7 +771,7 @@ impl Context {
         targets: Targets<'_>,
         options: &CrossEntropyOptions<'_>,
     ) -> Result<Vec<f32>> {
-        self.host_cross_entropy(logits, cols, targets, options, None, Wait::Background)
+        self.host_cross_entropy(logits, cols, 1, targets, options, None, Wait::Background)
             .await
     }
 
@@ -810,6 +813,7 @@ impl Context {
         pollster::block_on(self.host_cross_entropy(
             logits,
             cols,
+            1,
             targets,
             options,
             Some((grad_output, grad)),
@@ -831,6 +835,7 @@ impl Context {
             .host_cross_entropy(
                 logits,
                 cols,
+                1,
                 targets,
                 options,
                 Some((grad_output, &mut grad)),
@@ -840,10 +845,14 @@ impl Context {
         Ok(CrossEntropyOutput { loss, grad })
     }
 
-    async fn host_cross_entropy(
+    /// The host forms of cross-entropy; `inner` > 1: the rows are the lines of `[rows / inner,
+    /// cols, inner]` along its middle axis ([`Along::cross_entropy`](crate::Along)).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn host_cross_entropy(
         &self,
         logits: &[f32],
         cols: usize,
+        inner: usize,
         targets: Targets<'_>,
         options: &CrossEntropyOptions<'_>,
         mut grad: Option<(GradOutput<'_>, &mut [f32])>,
@@ -874,7 +883,12 @@ impl Context {
         let (rows, want_grad) = (plan.rows, grad.is_some());
         let mut row_losses = vec![0f32; rows];
         if rows > 0 {
-            let blocks = host_blocks(gpu, rows, cols)?;
+            // Blocks of whole slabs, in rows (lines).
+            let layout = AxisLayout::from_parts(rows / inner, cols, inner)?;
+            let blocks: Vec<_> = host_slab_blocks(gpu, layout)?
+                .into_iter()
+                .map(|(first, n)| (first * inner, n * inner))
+                .collect();
             let most = blocks[0].1;
             let (matrix, vector) = (matrix_bytes(most, cols), matrix_bytes(most, 1));
             let probabilities = matches!(plan.targets, CrossEntropyTargets::Probabilities(_));
@@ -914,6 +928,7 @@ impl Context {
                     }
                     let job = Job {
                         rows: n,
+                        inner,
                         logits: x_buf.into(),
                         targets: t_buf.into(),
                         probabilities,
@@ -1123,7 +1138,54 @@ impl CrossEntropyLoss {
         buffers: CrossEntropyBuffers<'a>,
         grad_output: impl Into<DeviceGradOutput<'a>>,
     ) -> Result<()> {
-        self.encode_buffers(encoder, buffers, grad_output.into(), None, None)
+        self.encode_buffers(encoder, buffers, 1, grad_output.into(), None, None)
+    }
+
+    /// [`CrossEntropyLoss::encode`] with the classes along `layout`'s axis, which need not be
+    /// the last: logits (and probability targets, and the gradient) shaped `[N, C, d1, ...]`
+    /// with the classes on axis 1, as PyTorch's `F.cross_entropy` takes them, read in place.
+    /// `buffers.rows` counts the lines along the axis (`layout.lines()`, `N d1 ...`), which index
+    /// targets, per-line losses (`Reduction::None`) and a per-line `grad_output` hold one value
+    /// each of, in row-major order over the other axes.
+    ///
+    /// # Errors
+    /// As [`CrossEntropyLoss::encode`]; [`Error::LengthMismatch`] naming `classes` when the
+    /// axis is not [`CrossEntropyLoss::cols`] long and `rows` when `buffers.rows` is not the
+    /// layout's line count; [`Error::SlabTooLarge`] when one outer slab exceeds a storage
+    /// binding; [`Error::LineTooLong`] for lines longer than a software adapter lets one
+    /// invocation loop over.
+    ///
+    /// ```no_run
+    /// use wgpu_softmax::{AxisLayout, Context, CrossEntropyBuffers, CrossEntropyOptions};
+    /// use wgpu_softmax::{GradDestination, TargetEncoding};
+    /// # fn demo(ctx: &Context, logits: &wgpu::Buffer, targets: &wgpu::Buffer,
+    /// #         loss: &wgpu::Buffer, grad: &wgpu::Buffer) -> Result<(), wgpu_softmax::Error> {
+    /// // Per-pixel classes of a segmentation map: logits [8, 21, 64, 64], targets [8, 64, 64].
+    /// let layout = AxisLayout::new(&[8, 21, 64, 64], 1)?;
+    /// let ce = ctx.cross_entropy_loss(21, &CrossEntropyOptions::default())?;
+    /// let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    /// ce.encode_along(&mut encoder, layout, CrossEntropyBuffers {
+    ///     logits: logits.into(),
+    ///     targets: targets.into(),
+    ///     target_encoding: TargetEncoding::Indices,
+    ///     loss: loss.into(),
+    ///     grad: GradDestination::Buffer(grad.into()),
+    ///     rows: layout.lines(),
+    /// }, 1.0)?;
+    /// ctx.queue().submit([encoder.finish()]);
+    /// # Ok(()) }
+    /// ```
+    pub fn encode_along<'a>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        layout: AxisLayout,
+        buffers: CrossEntropyBuffers<'a>,
+        grad_output: impl Into<DeviceGradOutput<'a>>,
+    ) -> Result<()> {
+        validate::same_len("classes", self.cols, layout.len())?;
+        validate::same_len("rows", layout.lines(), buffers.rows)?;
+        let inner = layout.inner();
+        self.encode_buffers(encoder, buffers, inner, grad_output.into(), None, None)
     }
 
     /// Records the loss (and gradient) of device-resident logits and uploaded targets into the
@@ -1180,15 +1242,16 @@ impl CrossEntropyLoss {
         let uploaded = Uploaded {
             divisor: self.divisor_of(targets),
         };
-        self.encode_buffers(encoder, buffers, grad_output, timestamps, Some(uploaded))
+        self.encode_buffers(encoder, buffers, 1, grad_output, timestamps, Some(uploaded))
     }
 
-    /// Checks `buffers` and records the call; `uploaded`: the targets are a [`TargetTensor`]'s
-    /// (`None`: the caller's own).
+    /// Checks `buffers` and records the call; `inner`: as [`Job::inner`]; `uploaded`: the
+    /// targets are a [`TargetTensor`]'s (`None`: the caller's own).
     fn encode_buffers(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         buffers: CrossEntropyBuffers<'_>,
+        inner: usize,
         grad_output: DeviceGradOutput<'_>,
         timestamps: Option<crate::kernels::Timestamps<'_>>,
         uploaded: Option<Uploaded>,
@@ -1272,6 +1335,7 @@ impl CrossEntropyLoss {
         };
         let job = Job {
             rows,
+            inner,
             logits: buffers.logits,
             targets: buffers.targets,
             probabilities,
@@ -1329,6 +1393,7 @@ impl CrossEntropyLoss {
             };
             let job = Job {
                 rows: logits.rows,
+                inner: 1,
                 logits: logits.into(),
                 targets: (&targets.buffer).into(),
                 probabilities: targets.probabilities,
@@ -1398,11 +1463,14 @@ impl CrossEntropyLoss {
         };
         let (grad_output, per_row, scalar) = match &job.upstream {
             Upstream::Scalar(g) => (unused_read(), false, *g),
+            // A reduced loss's one multiplier serves every block of rows.
+            Upstream::Region(region) if reduced => (region.shared(1), true, 1.0),
             Upstream::Region(region) => (region.rows(1), true, 1.0),
         };
         let call = RowCall {
             rows: job.rows,
             cols,
+            inner: job.inner,
             operands: vec![
                 logits,
                 job.targets.rows(if job.probabilities { cols } else { 1 }),
@@ -1446,6 +1514,13 @@ impl CrossEntropyLoss {
             tally: false,
         };
         let family = &gpu.kernels.cross_entropy;
+        // The batch passes see one word per row, in the lines' order too: they run as over rows.
+        let mut batch_call = call.clone();
+        batch_call.inner = 1;
+        let mut call = call;
+        if job.inner > 1 {
+            call.constants.push(("LINES", 1));
+        }
         // The reduced loss goes straight into a loss buffer that can be bound for storage; into
         // `stats` and copied from there otherwise. It is added up by the row kernel itself
         // (`Tuning::loss_tally`) where one dispatch of it covers the call and its workgroups are
@@ -1460,19 +1535,23 @@ impl CrossEntropyLoss {
             && direct
             && gpu.tuning.loss_tally != 0
             && family.can_tally(gpu, &call, gpu.tuning.loss_tally)?;
-        let mut call = call;
         if row_tally {
             call.operands[LOSS_ROWS_OPERAND] = job.loss.shared(1);
             call.tally = true;
         }
         let mut dispatches = Vec::new();
         if self.reduction == Reduction::Mean && given.is_none() {
-            dispatches.extend(family.batch_sum(gpu, &call, BATCH_ENTRIES, &[("DIVISOR", 1)])?);
+            dispatches.extend(family.batch_sum(
+                gpu,
+                &batch_call,
+                BATCH_ENTRIES,
+                &[("DIVISOR", 1)],
+            )?);
         }
         dispatches.extend(family.plan(gpu, &call)?);
         // A batch sum writes the loss in the gradient's place (it writes no gradient).
         if reduced && !row_tally {
-            let mut sum = call.clone();
+            let mut sum = batch_call;
             if direct {
                 sum.operands[GRAD_OPERAND] = job.loss.shared(1);
             }
@@ -1546,6 +1625,9 @@ struct Uploaded {
 /// Everything one recorded cross-entropy call needs, whoever owns the buffers.
 struct Job<'a> {
     rows: usize,
+    /// 1: rows of `cols` contiguous logits. More: the rows are the lines of `[rows / inner, cols,
+    /// inner]` along its middle axis, in the lines' order (see [`RowCall::inner`]).
+    inner: usize,
     logits: BufferRegion<'a>,
     targets: BufferRegion<'a>,
     probabilities: bool,

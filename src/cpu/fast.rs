@@ -2605,6 +2605,69 @@ pub fn cross_entropy_loss(
     ))
 }
 
+/// [`cross_entropy`] with the classes along `layout`'s axis, which need not be the last: logits
+/// (and probability targets, and the gradient) `[N, C, d1, ...]` with the classes on axis 1,
+/// index targets and per-line losses one per line in row-major order over the other axes; see
+/// [`Along::cross_entropy`](crate::Along::cross_entropy). The lines are moved last, computed as
+/// rows, and the gradient moved back: two more passes over the logits and the gradient than
+/// the last axis takes.
+///
+/// # Errors
+/// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `logits` unless it holds the
+/// layout's elements, and as [`cross_entropy`].
+pub fn cross_entropy_along(
+    logits: &[f32],
+    layout: AxisLayout,
+    targets: Targets<'_>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_>,
+) -> Result<CrossEntropyOutput<f32>> {
+    validate::same_len("logits", layout.numel(), logits.len())?;
+    if layout.inner() == 1 {
+        return cross_entropy(logits, layout.len(), targets, options, grad_output);
+    }
+    let rows = layout.to_rows(logits)?;
+    let probabilities;
+    let targets = match targets {
+        Targets::Probabilities(p) => {
+            probabilities = layout.to_rows(p)?;
+            Targets::Probabilities(&probabilities)
+        }
+        other => other,
+    };
+    let out = cross_entropy(&rows, layout.len(), targets, options, grad_output)?;
+    Ok(CrossEntropyOutput {
+        loss: out.loss,
+        grad: layout.from_rows(&out.grad)?,
+    })
+}
+
+/// The loss of [`cross_entropy_along`] alone.
+///
+/// # Errors
+/// As [`cross_entropy_along`].
+pub fn cross_entropy_loss_along(
+    logits: &[f32],
+    layout: AxisLayout,
+    targets: Targets<'_>,
+    options: &CrossEntropyOptions<'_>,
+) -> Result<Vec<f32>> {
+    validate::same_len("logits", layout.numel(), logits.len())?;
+    if layout.inner() == 1 {
+        return cross_entropy_loss(logits, layout.len(), targets, options);
+    }
+    let rows = layout.to_rows(logits)?;
+    let probabilities;
+    let targets = match targets {
+        Targets::Probabilities(p) => {
+            probabilities = layout.to_rows(p)?;
+            Targets::Probabilities(&probabilities)
+        }
+        other => other,
+    };
+    cross_entropy_loss(&rows, layout.len(), targets, options)
+}
+
 /// Where [`cross_entropy_planned`] puts the gradient.
 enum GradOut<'g> {
     /// Into the caller's buffer, as long as the logits.

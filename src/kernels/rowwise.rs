@@ -229,6 +229,12 @@ struct Layout {
 pub(crate) struct RowCall<'a> {
     pub rows: usize,
     pub cols: usize,
+    /// 1: rows of `cols` contiguous elements. More: the rows are the lines of
+    /// `[rows / inner, cols, inner]` along its middle axis (row `r` the line `(r / inner, r %
+    /// inner)`), one invocation per row, in blocks of whole slabs; the family's `rows` entry
+    /// reads them so with `LINES` among the constants and `inner` in `p.chunk` (the
+    /// cross-entropy family).
+    pub inner: usize,
     /// Bindings 1.. in the family's order.
     pub operands: Vec<Operand<'a>>,
     /// Op-specific specialisation constants, besides WG and ITEMS.
@@ -297,6 +303,9 @@ impl RowwiseFamily {
 
     /// How `call` runs: the kernels, their shape, and the row blocks.
     fn layout(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Layout> {
+        if call.inner > 1 {
+            return self.lines_layout(gpu, call);
+        }
         let tuning = &gpu.tuning;
         let (rows, cols) = (call.rows, call.cols);
         let row_bytes = call
@@ -414,6 +423,68 @@ impl RowwiseFamily {
         })
     }
 
+    /// [`RowwiseFamily::layout`] of rows that are lines along an axis ([`RowCall::inner`]): the
+    /// scalar `rows` entry, an invocation per line (`Tuning::axis_workgroup` of them per
+    /// workgroup, as the kernels along an axis), the line in registers up to [`MAX_ITEMS`]
+    /// elements and streamed beyond, in blocks of whole slabs that fit a binding.
+    ///
+    /// # Errors
+    /// [`Error::SlabTooLarge`] for a slab larger than a binding, and
+    /// [`Error::LineTooLong`] for lines longer than an invocation may loop over on a software
+    /// adapter (each element is visited three times: maximum, sums, output).
+    fn lines_layout(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Layout> {
+        let (rows, cols, inner) = (call.rows, call.cols, call.inner);
+        if let Some(max) = longest_line(&gpu.caps).filter(|&max| cols > max) {
+            return Err(Error::LineTooLong { len: cols, max });
+        }
+        let row_words = call
+            .operands
+            .iter()
+            .map(Operand::row_bytes)
+            .max()
+            .unwrap_or(0) as usize
+            / 4;
+        let slab = row_words.max(1) * inner;
+        let blocks = super::row_blocks(
+            rows / inner,
+            slab,
+            gpu.max_binding(),
+            gpu.storage_align(),
+            usize::MAX,
+        )
+        .map_err(|e| match e {
+            Error::RowTooLong {
+                bytes, max_binding, ..
+            } => Error::SlabTooLarge {
+                len: cols,
+                inner,
+                bytes,
+                max_binding,
+            },
+            other => other,
+        })?
+        .into_iter()
+        .map(|(first, n)| (first * inner, n * inner))
+        .collect();
+        let items = if cols <= MAX_ITEMS as usize {
+            cols as u32
+        } else {
+            0
+        };
+        let wg = gpu.tuning.axis_workgroup;
+        Ok(Layout {
+            entries: vec![self.desc.rows],
+            wg,
+            items,
+            team: 0,
+            per_group: wg as usize,
+            chunk: 0,
+            chunks: 1,
+            blocks,
+            spin: None,
+        })
+    }
+
     /// The kernels of a split row taken in one pass and the vec4s each invocation holds, where
     /// `strategy` (loading `vector` elements at a time) can be: the family has such kernels,
     /// their wait ([`OnePass::wait`]) is not 0, a workgroup takes each chunk, and the chunk fits
@@ -520,7 +591,12 @@ impl RowwiseFamily {
                 None => n * chunks * desc.partial_words,
             };
             let windows = self.windows(gpu, call, first, n, &binding8, partial_len);
-            let split = [chunk, chunks as u32, layout.spin.unwrap_or(0)];
+            // Lines along an axis take `inner` in the chunk's place.
+            let split = if call.inner > 1 {
+                [call.inner as u32, 1, 0]
+            } else {
+                [chunk, chunks as u32, layout.spin.unwrap_or(0)]
+            };
             let block_params = |groups| params(gpu, call, n, &windows, groups, split);
             let params_all = block_params(groups);
             for (i, (entry, pipeline)) in pipelines.iter().enumerate() {
@@ -762,6 +838,13 @@ fn params(
         words: call.words,
     };
     bytemuck::bytes_of(&params).to_vec()
+}
+
+/// The longest line along an axis that a family's `rows` entry takes per invocation
+/// ([`RowCall::inner`]) on a device with `caps`: a third of a software adapter's loop budget
+/// (each element is visited three times: maximum, sums, output); `None`, no bound.
+pub(crate) fn longest_line(caps: &super::plan::Capabilities) -> Option<usize> {
+    caps.loop_budget.map(|budget| (budget / 3) as usize)
 }
 
 pub(crate) fn partials_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
