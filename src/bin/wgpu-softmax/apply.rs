@@ -314,12 +314,8 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
     };
     let layout = AxisLayout::new(&logits.shape, 1).map_err(located)?;
     let classes = layout.len();
-    let probabilities;
-    let target_rows = match &targets.data {
-        NpyData::F32(p) => {
-            probabilities = layout.to_rows(p).map_err(located)?;
-            Targets::Probabilities(&probabilities)
-        }
+    let targets = match &targets.data {
+        NpyData::F32(p) => Targets::Probabilities(p),
         NpyData::I64(t) => Targets::Indices(t),
         NpyData::I32(t) => Targets::IndicesI32(t),
     };
@@ -349,18 +345,15 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
         reduction,
         label_smoothing: args.label_smoothing.unwrap_or(defaults.label_smoothing),
     };
-    let rows = layout.to_rows(&logits.data).map_err(located)?;
+    // The classes are read in place along axis 1, whatever follows it.
     let (loss, grad) = if args.grad_output.is_some() {
         let out = engine
-            .cross_entropy_with_grad(&rows, classes, target_rows, &options, GradOutput::One)
+            .cross_entropy_with_grad_along(&logits.data, layout, targets, &options, GradOutput::One)
             .map_err(located)?;
-        (
-            out.loss,
-            Some(layout.from_rows(&out.grad).map_err(located)?),
-        )
+        (out.loss, Some(out.grad))
     } else {
         let loss = engine
-            .cross_entropy(&rows, classes, target_rows, &options)
+            .cross_entropy_along(&logits.data, layout, targets, &options)
             .map_err(located)?;
         (loss, None)
     };

@@ -109,6 +109,10 @@ pub struct Inputs {
     pub targets: Vec<i64>,
     /// A weight per class.
     pub weight: Vec<f32>,
+    /// With the classes along axis 0 ([`Inputs::dim0`]): a class per column, every seventh
+    /// ignored, and a weight per class (row).
+    pub targets_dim0: Vec<i64>,
+    pub weight_dim0: Vec<f32>,
 }
 
 impl Inputs {
@@ -120,6 +124,10 @@ impl Inputs {
 
     fn targets(&self) -> Targets<'_> {
         Targets::Indices(&self.targets)
+    }
+
+    fn targets_dim0(&self) -> Targets<'_> {
+        Targets::Indices(&self.targets_dim0)
     }
 
     /// Mean reduction, class weights, label smoothing 0.1 and ignored rows: every feature.
@@ -137,6 +145,43 @@ impl Inputs {
             reduction: Reduction::Sum,
             ..self.loss_options()
         }
+    }
+
+    /// [`Inputs::loss_options`] with the classes along axis 0.
+    fn loss_options_dim0(&self) -> CrossEntropyOptions<'_> {
+        CrossEntropyOptions {
+            weight: Some(&self.weight_dim0),
+            ..self.loss_options()
+        }
+    }
+
+    /// [`Inputs::grad_options`] with the classes along axis 0.
+    fn grad_options_dim0(&self) -> CrossEntropyOptions<'_> {
+        CrossEntropyOptions {
+            reduction: Reduction::Sum,
+            ..self.loss_options_dim0()
+        }
+    }
+
+    /// The reference cross-entropy with the classes along axis 0: the lines moved last, the
+    /// gradient moved back.
+    fn cross_entropy_dim0_reference(
+        &self,
+        options: &CrossEntropyOptions<'_>,
+    ) -> Result<reference::CrossEntropyOutput<f64>> {
+        let layout = self.dim0();
+        let rows = layout.to_rows(&self.logits)?;
+        let out = reference::cross_entropy(
+            &rows,
+            layout.len(),
+            self.targets_dim0(),
+            options,
+            GradOutput::One,
+        )?;
+        Ok(reference::CrossEntropyOutput {
+            loss: out.loss,
+            grad: layout.from_rows(&out.grad)?,
+        })
     }
 }
 
@@ -337,6 +382,57 @@ fn ops() -> Vec<OpCase> {
             },
             backward: None,
         },
+        OpCase {
+            name: "xent_loss_dim0",
+            tolerance: LOSS_TOLERANCE,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| {
+                ctx.along(i.dim0()).cross_entropy(
+                    &i.logits,
+                    i.targets_dim0(),
+                    &i.loss_options_dim0(),
+                )
+            },
+            cpu: |i| {
+                Engine::Cpu.cross_entropy_along(
+                    &i.logits,
+                    i.dim0(),
+                    i.targets_dim0(),
+                    &i.loss_options_dim0(),
+                )
+            },
+            reference: |i| Ok(i.cross_entropy_dim0_reference(&i.loss_options_dim0())?.loss),
+            backward: None,
+        },
+        OpCase {
+            name: "xent_grad_dim0",
+            tolerance: Tolerance::SOFTMAX,
+            max_cols: usize::MAX,
+            gpu: |ctx, i| {
+                Ok(ctx
+                    .along(i.dim0())
+                    .cross_entropy_with_grad(
+                        &i.logits,
+                        i.targets_dim0(),
+                        &i.grad_options_dim0(),
+                        GradOutput::One,
+                    )?
+                    .grad)
+            },
+            cpu: |i| {
+                Ok(Engine::Cpu
+                    .cross_entropy_with_grad_along(
+                        &i.logits,
+                        i.dim0(),
+                        i.targets_dim0(),
+                        &i.grad_options_dim0(),
+                        GradOutput::One,
+                    )?
+                    .grad)
+            },
+            reference: |i| Ok(i.cross_entropy_dim0_reference(&i.grad_options_dim0())?.grad),
+            backward: None,
+        },
     ]
 }
 
@@ -365,6 +461,16 @@ fn inputs(rows: usize, cols: usize, seed: u64) -> Result<Inputs> {
         })
         .collect();
     let weight = (0..cols).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+    let targets_dim0 = (0..cols)
+        .map(|c| {
+            if c % 7 == 3 {
+                -100
+            } else {
+                rng.random_range(0..rows as i64)
+            }
+        })
+        .collect();
+    let weight_dim0 = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
     Ok(Inputs {
         rows,
         cols,
@@ -376,6 +482,8 @@ fn inputs(rows: usize, cols: usize, seed: u64) -> Result<Inputs> {
         log_probs_dim0,
         targets,
         weight,
+        targets_dim0,
+        weight_dim0,
     })
 }
 
