@@ -14,8 +14,7 @@ bench's JSON fields, with device "torch".
     python3 scripts/torch_reference.py --shape 16x21x16384           # dim=1 of [N, C, S]
 
 A shape NxCxS runs the ops along dim 1 of an [N, C, S] tensor, as `wgpu-softmax bench` does
-(records: rows N * S lines of cols C, and inner S); cross-entropy there takes targets [N, S], and
-is timed only when asked for with --op, as the bench runs it along the last axis only.
+(records: rows N * S lines of cols C, and inner S); cross-entropy there takes targets [N, S].
 
 On CUDA the times come from CUDA events around a batch of calls back to back, after a tenth of
 a second of warm-up, as the bench times a hardware GPU (timing "cuda-events"; `runs_per_sample`
@@ -156,7 +155,7 @@ def run(args):
         src = torch.randn(rows, cols, device=device, generator=generator)
         dst = torch.empty_like(src)
         copy = lambda: dst.copy_(src)  # noqa: E731
-        ops = args.ops or [op for op in OPS if inner == 1 or op != "cross-entropy"]
+        ops = args.ops or OPS
         for op in ops:
             fn = make_op(op, rows, cols, inner, device, generator)
             op_runs = timer.calibrate(fn)

@@ -81,9 +81,10 @@ impl BenchOp {
             .find(|op| op.name() == name)
     }
 
-    /// Whether the op runs along any axis (the softmax family), not only the last.
+    /// Whether the op runs along any axis (the softmax family and cross-entropy, whose classes
+    /// may lie on any axis), not only the last.
     pub fn runs_along_any_axis(self) -> bool {
-        self.normalization().is_some()
+        self != BenchOp::Copy
     }
 
     /// The softmax-family op's normalization and whether it is a backward op; `None` for
@@ -263,13 +264,13 @@ impl GpuBench {
         })
     }
 
-    /// The softmax-family op along `layout`'s axis instead of along the rows, over the same
-    /// elements (`rows * cols` of them, the bytes counted alike): e.g. the classes of
-    /// `[N, C, H * W]`, for a bench made with `rows = N * H * W` and `cols = C`.
+    /// The op along `layout`'s axis instead of along the rows, over the same elements (`rows *
+    /// cols` of them, the bytes counted alike): e.g. the classes of `[N, C, H * W]`, for a bench
+    /// made with `rows = N * H * W` and `cols = C` (cross-entropy: one target per line).
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] when `layout` holds another number of elements;
-    /// [`Error::Internal`] for cross-entropy and the copy along an axis that is not the last.
+    /// [`Error::Internal`] for the copy along an axis that is not the last.
     pub fn along(mut self, layout: AxisLayout) -> Result<Self> {
         self.layout = bench_layout(self.op, self.rows, self.cols, layout)?;
         Ok(self)
@@ -289,6 +290,14 @@ impl GpuBench {
     pub fn kernel(&self) -> String {
         let gpu = &self.ctx.gpu;
         let kernels = &gpu.kernels;
+        if self.layout.inner() > 1 && self.op == BenchOp::CrossEntropy {
+            return match self.cols {
+                cols if cols <= crate::kernels::plan::MAX_ITEMS as usize => {
+                    format!("invocation per line, {cols} in registers, scalar")
+                }
+                _ => "invocation per line, streamed, scalar".to_string(),
+            };
+        }
         if self.layout.inner() > 1 {
             let (chunks, chunk) = AxisFamily::chunks(gpu, self.layout);
             // The bench's tensors start at offset 0.
@@ -454,7 +463,7 @@ impl GpuBench {
     /// # Errors
     /// Device errors.
     pub fn run_end_to_end(&self) -> Result<Duration> {
-        let (ctx, cols, host) = (&self.ctx, self.cols, &self.host);
+        let (ctx, host) = (&self.ctx, &self.host);
         let along = ctx.along(self.layout);
         let start = Instant::now();
         match self.op {
@@ -464,10 +473,9 @@ impl GpuBench {
             BenchOp::LogSoftmaxBackward => {
                 along.log_softmax_backward(&host.logits, &host.dy).map(drop)
             }
-            BenchOp::CrossEntropy => ctx
+            BenchOp::CrossEntropy => along
                 .cross_entropy_with_grad(
                     &host.logits,
-                    cols,
                     Targets::IndicesI32(&host.targets),
                     &CrossEntropyOptions::default(),
                     GradOutput::One,
@@ -498,6 +506,7 @@ impl GpuBench {
             BenchOp::CrossEntropy => self.loss_fn.encode_tensors_timed(
                 encoder,
                 (&self.x, &self.targets, &self.loss),
+                self.layout.inner(),
                 GradDestination::Buffer((&self.out).into()),
                 1.0.into(),
                 timestamps,
@@ -661,7 +670,7 @@ impl CpuBench {
     }
 
     /// The op along `layout`'s axis, as [`GpuBench::along`] ([`fast::softmax_along_into`] and
-    /// the others).
+    /// the others, and [`fast::cross_entropy_along`]).
     ///
     /// # Errors
     /// As [`GpuBench::along`].
@@ -700,6 +709,14 @@ impl CpuBench {
                 BenchOp::Softmax => fast::softmax_along_into(x, layout, out),
                 BenchOp::LogSoftmax => fast::log_softmax_along_into(x, layout, out),
                 BenchOp::SoftmaxBackward => fast::softmax_backward_along_into(x, dy, layout, out),
+                BenchOp::CrossEntropy => fast::cross_entropy_along(
+                    x,
+                    layout,
+                    Targets::IndicesI32(&host.targets),
+                    &CrossEntropyOptions::default(),
+                    GradOutput::One,
+                )
+                .map(drop),
                 _ => fast::log_softmax_backward_along_into(x, dy, layout, out),
             }?;
             return Ok(start.elapsed());

@@ -1,6 +1,7 @@
 //! Where the softmax axis lies in a row-major tensor of any rank.
 
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 
 /// A row-major tensor seen as `[outer, len, inner]` around its softmax axis: `len` is the axis'
 /// length, `outer` the product of the dimensions before it, `inner` the product of those after
@@ -125,22 +126,18 @@ impl AxisLayout {
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] unless `data` holds [`AxisLayout::numel`] elements.
-    pub fn to_rows<T: Copy + Default>(&self, data: &[T]) -> Result<Vec<T>> {
+    pub fn to_rows<T: Copy + Default + Send + Sync>(&self, data: &[T]) -> Result<Vec<T>> {
         crate::validate::same_len("data", self.numel(), data.len())?;
         if self.inner == 1 || self.is_empty() {
             return Ok(data.to_vec());
         }
         let mut rows = vec![T::default(); data.len()];
-        for (slab, rows) in data
-            .chunks_exact(self.slab())
-            .zip(rows.chunks_exact_mut(self.slab()))
-        {
-            for (k, line) in slab.chunks_exact(self.inner).enumerate() {
-                for (i, &x) in line.iter().enumerate() {
-                    rows[i * self.len + k] = x;
-                }
-            }
-        }
+        // Each slab `[len, inner]` becomes `[inner, len]`, transposed in tiles that stay in
+        // cache, slabs in parallel.
+        let (len, inner) = (self.len, self.inner);
+        data.par_chunks_exact(self.slab())
+            .zip(rows.par_chunks_exact_mut(self.slab()))
+            .for_each(|(slab, rows)| transpose::transpose(slab, rows, inner, len));
         Ok(rows)
     }
 
@@ -150,23 +147,17 @@ impl AxisLayout {
     /// # Errors
     /// [`Error::LengthMismatch`] unless `rows` and `out` hold [`AxisLayout::numel`] elements;
     /// `out` is then untouched.
-    pub fn rows_into<T: Copy>(&self, rows: &[T], out: &mut [T]) -> Result<()> {
+    pub fn rows_into<T: Copy + Send + Sync>(&self, rows: &[T], out: &mut [T]) -> Result<()> {
         crate::validate::same_len("rows", self.numel(), rows.len())?;
         crate::validate::same_len("out", self.numel(), out.len())?;
         if self.inner == 1 || self.is_empty() {
             out.copy_from_slice(rows);
             return Ok(());
         }
-        for (rows, slab) in rows
-            .chunks_exact(self.slab())
-            .zip(out.chunks_exact_mut(self.slab()))
-        {
-            for (i, row) in rows.chunks_exact(self.len).enumerate() {
-                for (k, &x) in row.iter().enumerate() {
-                    slab[k * self.inner + i] = x;
-                }
-            }
-        }
+        let (len, inner) = (self.len, self.inner);
+        rows.par_chunks_exact(self.slab())
+            .zip(out.par_chunks_exact_mut(self.slab()))
+            .for_each(|(rows, slab)| transpose::transpose(rows, slab, len, inner));
         Ok(())
     }
 
@@ -174,7 +165,7 @@ impl AxisLayout {
     ///
     /// # Errors
     /// As [`AxisLayout::rows_into`].
-    pub fn from_rows<T: Copy + Default>(&self, rows: &[T]) -> Result<Vec<T>> {
+    pub fn from_rows<T: Copy + Default + Send + Sync>(&self, rows: &[T]) -> Result<Vec<T>> {
         let mut out = vec![T::default(); rows.len()];
         self.rows_into(rows, &mut out)?;
         Ok(out)

@@ -1208,15 +1208,18 @@ impl CrossEntropyLoss {
         grad_output: impl Into<DeviceGradOutput<'a>>,
     ) -> Result<()> {
         let tensors = (logits, targets, loss);
-        self.encode_tensors_timed(encoder, tensors, grad, grad_output.into(), None)
+        self.encode_tensors_timed(encoder, tensors, 1, grad, grad_output.into(), None)
     }
 
     /// [`CrossEntropyLoss::encode_tensors`] (logits, targets and loss in `tensors`) with
-    /// timestamps written at the start and end of its pass.
+    /// timestamps written at the start and end of its pass; `inner` > 1: the logits' rows are
+    /// the lines of `[rows / inner, cols, inner]` along its middle axis (as
+    /// [`CrossEntropyLoss::encode_along`]).
     pub(crate) fn encode_tensors_timed(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         (logits, targets, loss): (&Tensor, &TargetTensor, &Tensor),
+        inner: usize,
         grad: GradDestination<'_>,
         grad_output: DeviceGradOutput<'_>,
         timestamps: Option<crate::kernels::Timestamps<'_>>,
@@ -1242,7 +1245,14 @@ impl CrossEntropyLoss {
         let uploaded = Uploaded {
             divisor: self.divisor_of(targets),
         };
-        self.encode_buffers(encoder, buffers, 1, grad_output, timestamps, Some(uploaded))
+        self.encode_buffers(
+            encoder,
+            buffers,
+            inner,
+            grad_output,
+            timestamps,
+            Some(uploaded),
+        )
     }
 
     /// Checks `buffers` and records the call; `inner`: as [`Job::inner`]; `uploaded`: the

@@ -342,9 +342,10 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
     }
     // The README's table is built from these records by scripts/bench_table.py.
     let dir = Dir::new("bench");
-    // NxCxS: the softmax-family ops along axis 1 of [N, C, S]; cross-entropy is refused.
+    // NxCxS: the ops along axis 1 of [N, C, S] (cross-entropy's classes, a target per line).
     let along = runner()
         .args(["bench", "--op", "softmax", "--op", "log-softmax-backward"])
+        .args(["--op", "cross-entropy"])
         .args([
             "--shape",
             "2x21x64",
@@ -357,7 +358,7 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
         .output()
         .unwrap();
     let along_records = json_records(&along);
-    assert_eq!(along_records.len(), 2 * 2 * 2, "{along_records:?}");
+    assert_eq!(along_records.len(), 3 * 2 * 2, "{along_records:?}");
     for record in &along_records {
         let (rows, cols, inner) = (&record["rows"], &record["cols"], &record["inner"]);
         let kernel = record["kernel"].as_str().unwrap();
@@ -370,17 +371,15 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
             .contains(&shape),
             "{record}"
         );
+        let cross_entropy = record["op"] == "cross-entropy";
         match record["device"].as_str().unwrap() {
+            "gpu" if cross_entropy => {
+                assert!(kernel.starts_with("invocation per line, "), "{record}")
+            }
             "gpu" => assert!(kernel.starts_with("invocation per "), "{record}"),
             _ => assert!(kernel.ends_with("lines side by side"), "{record}"),
         }
     }
-    let refused = runner()
-        .args(["bench", "--op", "cross-entropy", "--shape", "2x21x64"])
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("along the last axis only"));
     let along_json = dir.path("along.json");
     std::fs::write(&along_json, &along.stdout).unwrap();
     let json = dir.path("round.json");
@@ -401,10 +400,11 @@ fn bench_prints_a_json_record_per_op_shape_and_device() {
         "| softmax | 2x21x64 |",
         "| log-softmax-backward | 3x40x5 |",
         "| cross-entropy (loss + grad) | 8x16 |",
+        "| cross-entropy (loss + grad) | 2x21x64 |",
     ] {
         assert!(table.contains(row), "{row}: {table}");
     }
-    assert_eq!(table.lines().count(), 2 + 4 + 4, "{table}");
+    assert_eq!(table.lines().count(), 2 + 4 + 6, "{table}");
     // A tuning field that does not exist is refused with exit code 2.
     let output = runner()
         .args(["bench", "--shape", "3x7", "--tune", "no_such_field=1"])
@@ -452,13 +452,13 @@ fn tuning_sweep_ranks_override_sets_against_the_defaults() {
     ] {
         assert!(table.contains(line), "{line}: {table}");
     }
-    // The defaults, then each set: five ops on 3x8, the four along an axis on 2x5x4.
+    // The defaults, then each set: the five ops on 3x8 and along an axis on 2x5x4.
     for index in 1..=5 {
         let records: Vec<serde_json::Value> = serde_json::from_str(
             &std::fs::read_to_string(out.join(format!("set_{index}_r1.json"))).unwrap(),
         )
         .unwrap();
-        assert_eq!(records.len(), 9, "set {index}: {records:?}");
+        assert_eq!(records.len(), 10, "set {index}: {records:?}");
     }
 }
 

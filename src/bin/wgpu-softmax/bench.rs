@@ -25,9 +25,9 @@ pub struct BenchArgs {
     /// record's limit.)
     #[arg(long = "op", value_parser = parse_op)]
     ops: Vec<BenchOp>,
-    /// Shapes `ROWSxCOLS` (repeatable), or `NxCxS` for the softmax-family ops along axis 1 of
-    /// `[N, C, S]` (over C, as the classes of a segmentation map; cross-entropy runs along the
-    /// last axis only). Default: 4096x4096, 16384x1024, 65536x128, 64x262144, 4x524288, 32x10.
+    /// Shapes `ROWSxCOLS` (repeatable), or `NxCxS` for the ops along axis 1 of `[N, C, S]`
+    /// (over C, as the classes of a segmentation map, with one target per line for
+    /// cross-entropy). Default: 4096x4096, 16384x1024, 65536x128, 64x262144, 4x524288, 32x10.
     #[arg(long = "shape", value_parser = parse_shape, allow_hyphen_values = true)]
     shapes: Vec<Shape>,
     /// Timed repetitions per case, at least 1 (the median is reported), after one warm-up.
@@ -550,14 +550,6 @@ pub fn run(ctx: Option<&Context>, args: &BenchArgs) -> ExitCode {
     } else {
         args.shapes.clone()
     };
-    if args.ops.contains(&BenchOp::CrossEntropy) {
-        if let Some(shape) = shapes.iter().find(|s| s.inner > 1) {
-            eprintln!(
-                "wgpu-softmax bench: cross-entropy runs along the last axis only; shape {shape} is NxCxS"
-            );
-            return ExitCode::from(2);
-        }
-    }
     match measure(ctx, args, &ops, &shapes) {
         Ok(records) => {
             if args.json {
@@ -663,11 +655,7 @@ fn measure_shape(
     };
     let mut cpu_copy = (!args.no_cpu).then(|| CpuBench::new(BenchOp::Copy, rows, cols));
     let gb_per_s = |bytes: f64, time: Duration| bytes / time.as_secs_f64() / 1e9;
-    // Cross-entropy runs along the last axis only.
-    for &op in ops
-        .iter()
-        .filter(|&&op| shape.inner == 1 || op != BenchOp::CrossEntropy)
-    {
+    for &op in ops {
         bar.set_message(format!("{} {shape}", op.name()));
         let bytes = op.bytes(rows, cols) as f64;
         let record = |device, time: Duration, limit: f64, timing: Timing, kernel: &str, runs| {

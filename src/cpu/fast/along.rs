@@ -8,11 +8,13 @@ use rayon::prelude::*;
 
 use super::Separate;
 use super::{
-    exp, exp_nonpositive, isa, larger, max_key, Isa, MulAdd, LANES, SERIAL_ELEMS, TASK_ELEMS,
+    exp, exp_nonpositive, isa, larger, ln_normal, max_key, Isa, MulAdd, LANES, SERIAL_ELEMS,
+    TASK_ELEMS,
 };
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 use super::{Fused, Fused512};
 use crate::layout::AxisLayout;
+use crate::validate::{CrossEntropyPlan, IGNORED_ROW};
 
 /// Lines a task takes side by side: four AVX-512 vectors.
 const COLUMNS: usize = 64;
@@ -411,6 +413,283 @@ fn lcm(a: usize, b: usize) -> usize {
     a / x * b
 }
 
+/// Cross-entropy with the classes along an axis whose `inner` is more than 1: what a block of
+/// lines needs besides its logits.
+pub(super) struct LossLines<'a> {
+    pub plan: &'a CrossEntropyPlan<'a>,
+    /// One class per line ([`IGNORED_ROW`] for ignored lines), or `None` for probabilities.
+    pub indices: Option<&'a [i32]>,
+    /// Probability targets, laid out like the logits.
+    pub probabilities: Option<&'a [f32]>,
+    /// `e / C`.
+    pub smooth: f32,
+    /// `1 - e`.
+    pub keep: f32,
+    /// `sum_c w_c`.
+    pub weight_sum: f64,
+}
+
+impl LossLines<'_> {
+    fn weight(&self, class: usize) -> f32 {
+        self.plan.weight.map_or(1.0, |w| w[class])
+    }
+}
+
+/// The per-line losses (f64, in the lines' order) of cross-entropy along `layout`, and with
+/// `grad` its gradient, scaled as the plan says, with the kernels built for `isa`: blocks of
+/// neighbouring lines of a slab walked down the axis, as the softmax along an axis is, so that
+/// nothing is transposed.
+pub(super) fn cross_entropy(
+    isa: Isa,
+    lines: &LossLines<'_>,
+    layout: AxisLayout,
+    x: &[f32],
+    grad: Option<&mut [f32]>,
+) -> Vec<f64> {
+    let (len, inner) = (layout.len(), layout.inner());
+    let mut losses = vec![0f64; layout.lines()];
+    if layout.is_empty() {
+        return losses;
+    }
+    let slab = len * inner;
+    let blocks_per_slab = inner.div_ceil(COLUMNS);
+    let tasks = layout.outer() * blocks_per_slab;
+    let grad = grad.map(|g| Out(g.as_mut_ptr()));
+    let loss_out = Losses(losses.as_mut_ptr());
+    let task = |t: usize| {
+        let (o, b) = (t / blocks_per_slab, t % blocks_per_slab);
+        let first = b * COLUMNS;
+        let block = Block {
+            len,
+            inner,
+            first,
+            width: COLUMNS.min(inner - first),
+        };
+        let slabs = o * slab..(o + 1) * slab;
+        // SAFETY: slab `o` lies within the gradient, which is as long as `x`.
+        let grad = grad.map(|g| unsafe { g.add(slabs.start) });
+        let mut block_losses = [0f64; COLUMNS];
+        loss_columns_on(
+            isa,
+            lines,
+            &x[slabs],
+            o * inner,
+            grad,
+            block,
+            &mut block_losses,
+        );
+        let first_line = o * inner + first;
+        // SAFETY: this task's lines alone, within the losses.
+        let out = unsafe { loss_out.lines(first_line, block.width) };
+        out.copy_from_slice(&block_losses[..block.width]);
+    };
+    if layout.numel() <= SERIAL_ELEMS {
+        (0..tasks).for_each(task);
+    } else {
+        let per_task = (TASK_ELEMS / (len * COLUMNS)).max(1);
+        (0..tasks)
+            .into_par_iter()
+            .with_min_len(per_task)
+            .for_each(task);
+    }
+    losses
+}
+
+/// The per-line losses of a whole call, written by tasks through disjoint blocks of lines.
+#[derive(Clone, Copy)]
+struct Losses(*mut f64);
+
+// SAFETY: as for `Out`: disjoint lines per task, and the losses outlive the loop.
+unsafe impl Send for Losses {}
+// SAFETY: as above.
+unsafe impl Sync for Losses {}
+
+impl Losses {
+    /// The losses of lines `first..first + n` (a method, so that closures capture the whole
+    /// `Losses`).
+    ///
+    /// # Safety
+    /// The lines lie within the losses, and no other live reference covers them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn lines<'a>(self, first: usize, n: usize) -> &'a mut [f64] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(first), n) }
+    }
+}
+
+/// One block of lines of cross-entropy: `x` is the slab, `line0` the index of its line 0, and
+/// `losses` receives the block's lines' losses. Per line with max `m` and `S = sum exp(x - m)`:
+/// `A = sum q_c (x_c - m)`, `B = sum q_c`, loss `B ln S - A`, gradient `scale (exp(x_c - m) B
+/// / S - q_c)`; an ignored line has loss 0 and gradient 0, a line without a finite maximum NaN.
+/// Every loop over a step down the axis runs across the block's lines alike, so that it
+/// vectorises: what differs per line (its target class) is applied after the walk.
+#[inline(always)]
+fn loss_columns<M: MulAdd>(
+    lines: &LossLines<'_>,
+    x: &[f32],
+    line0: usize,
+    grad: Option<Out>,
+    block: Block,
+    losses: &mut [f64; COLUMNS],
+) {
+    let w = block.width;
+    let plan = lines.plan;
+    let first_line = line0 + block.first;
+    let probs = lines
+        .probabilities
+        .map(|p| &p[line0 * block.len..][..block.len * block.inner]);
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    let mut max = [f32::NEG_INFINITY; COLUMNS];
+    let max = &mut max[..w];
+    for k in 0..block.len {
+        for (m, &v) in max.iter_mut().zip(block.row(x, k)) {
+            *m = larger(*m, max_key(v));
+        }
+    }
+    let max = &*max;
+    // Per line: its target class (index targets), the target's weight, and whether the line is
+    // ignored.
+    let mut target = [0usize; COLUMNS];
+    let mut target_weight = [0f32; COLUMNS];
+    let mut ignored = [false; COLUMNS];
+    if let Some(t) = lines.indices {
+        for (j, &t) in t[first_line..][..w].iter().enumerate() {
+            ignored[j] = t == IGNORED_ROW;
+            target[j] = if ignored[j] { 0 } else { t as usize };
+            target_weight[j] = lines.weight(target[j]);
+        }
+    }
+    // A q (x - m) term, exactly 0 where q is 0 whatever x is.
+    let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
+    let sums = line_sums(block, |k, part| {
+        for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(max) {
+            *p += exp_nonpositive::<M>(v - m);
+        }
+    });
+    let (mut a, mut b) = ([0f64; COLUMNS], [0f64; COLUMNS]);
+    match probs {
+        Some(probs) => {
+            a = line_sums(block, |k, part| {
+                let w_k = lines.weight(k);
+                let lines = part.iter_mut().zip(block.row(x, k)).zip(max);
+                for (((p, &v), &m), &prob) in lines.zip(block.row(probs, k)) {
+                    *p += term(w_k * (keep * prob + smooth), v, m);
+                }
+            });
+            b = line_sums(block, |k, part| {
+                let w_k = lines.weight(k);
+                for (p, &prob) in part.iter_mut().zip(block.row(probs, k)) {
+                    *p += w_k * (keep * prob + smooth);
+                }
+            });
+        }
+        None => {
+            // The smoothing's share, e/C sum_c w_c (x_c - m), then the target's.
+            if smooth != 0.0 {
+                let spread = line_sums(block, |k, part| {
+                    let w_k = lines.weight(k);
+                    for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(max) {
+                        *p += term(w_k, v, m);
+                    }
+                });
+                for (a, s) in a.iter_mut().zip(spread) {
+                    *a = f64::from(smooth) * s;
+                }
+            }
+            for j in 0..w {
+                let q_t = keep * target_weight[j];
+                if q_t != 0.0 {
+                    let x_t = x[target[j] * block.inner + block.first + j];
+                    a[j] += f64::from(q_t) * (f64::from(x_t) - f64::from(max[j]));
+                }
+                b[j] = f64::from(q_t) + f64::from(smooth) * lines.weight_sum;
+            }
+        }
+    }
+    // ln S of every line in one loop that vectorises (S is at least 1 where the maximum is
+    // finite, the only lines whose loss uses it).
+    let mut ln_sums = [0f32; COLUMNS];
+    for (l, &s) in ln_sums.iter_mut().zip(&sums) {
+        *l = ln_normal((s as f32).max(1.0));
+    }
+    for j in 0..w {
+        losses[j] = if ignored[j] {
+            0.0
+        } else if !max[j].is_finite() {
+            f64::NAN
+        } else {
+            b[j] * f64::from(ln_sums[j]) - a[j]
+        };
+    }
+    let Some(grad) = grad else {
+        return;
+    };
+    // grad_c = e_c (scale B / S) - scale q_c, the q_c of every class but the target's in the
+    // walk.
+    let mut scale64 = [0f64; COLUMNS];
+    plan.grad_scales(first_line, &mut scale64[..w]);
+    let mut factor = [0f32; COLUMNS];
+    let mut scale = [0f32; COLUMNS];
+    for j in 0..w {
+        scale[j] = scale64[j] as f32;
+        factor[j] = scale[j] * (b[j] / sums[j]) as f32;
+    }
+    let (factor, scale) = (&factor[..w], &scale[..w]);
+    for k in 0..block.len {
+        // SAFETY: this task's lines alone (see `Out`).
+        let g = unsafe { block.out_row(grad, k) };
+        let w_k = lines.weight(k);
+        let lines = g
+            .iter_mut()
+            .zip(block.row(x, k))
+            .zip(max.iter().zip(factor));
+        match probs {
+            Some(probs) => {
+                let row = block.row(probs, k).iter().zip(scale);
+                for (((g, &v), (&m, &f)), (&prob, &s)) in lines.zip(row) {
+                    *g = exp_nonpositive::<M>(v - m) * f - s * (w_k * (keep * prob + smooth));
+                }
+            }
+            None if smooth != 0.0 => {
+                let spread = smooth * w_k;
+                for (((g, &v), (&m, &f)), &s) in lines.zip(scale) {
+                    *g = exp_nonpositive::<M>(v - m) * f - s * spread;
+                }
+            }
+            None => {
+                for ((g, &v), (&m, &f)) in lines {
+                    *g = exp_nonpositive::<M>(v - m) * f;
+                }
+            }
+        }
+    }
+    for j in 0..w {
+        let fill = if ignored[j] {
+            0.0
+        } else if !max[j].is_finite() {
+            f32::NAN
+        } else {
+            if probs.is_none() {
+                // The target's own mass, (1 - e) w_t.
+                // SAFETY: this task's lines alone (see `Out`).
+                let g = unsafe { block.out_row(grad, target[j]) };
+                g[j] -= scale[j] * (keep * target_weight[j]);
+            }
+            continue;
+        };
+        for k in 0..block.len {
+            // SAFETY: this task's lines alone (see `Out`).
+            let g = unsafe { block.out_row(grad, k) };
+            g[j] = fill;
+        }
+    }
+}
+
+multiversion!(loss_columns_on => loss_columns(
+    lines: &LossLines<'_>, x: &[f32], line0: usize, grad: Option<Out>, block: Block,
+    losses: &mut [f64; COLUMNS]
+));
+
 multiversion!(columns_on => columns(op: AlongOp, x: &[f32], dy: &[f32], out: Out, block: Block));
 multiversion!(narrow_on => narrow(
     op: AlongOp, x: &[f32], dy: &[f32], out: &mut [f32], len: usize, inner: usize
@@ -435,8 +714,8 @@ mod tests {
 
     /// Every op, with every instruction set this CPU runs, on blocks narrower than, as wide as
     /// and wider than a task's lines, on slabs flat over periods (`lcm(inner, 16)` doubled to
-    /// 128, with a tail, shorter than a period too; softmax there and its backward not), in one task and in parallel, with long axes summed in
-    /// blocks; special values line by line.
+    /// 128, with a tail, shorter than a period too; softmax there and its backward not), in one
+    /// task and in parallel, with long axes summed in blocks; special values line by line.
     #[test]
     fn every_op_along_an_axis_matches_the_reference() {
         let mut rng = Rng::new(5);
