@@ -10,8 +10,8 @@ use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 use crate::region::BufferRegion;
 use crate::validate;
 
-/// Softmax, log-softmax and their backward along one axis of a row-major tensor of any rank,
-/// such as the classes of `[N, C, H, W]`: made by [`Context::along`].
+/// Softmax, log-softmax, their backward and cross-entropy along one axis of a row-major tensor
+/// of any rank, such as the classes of `[N, C, H, W]`: made by [`Context::along`].
 ///
 /// Every form of the row ops is here (host slices, blocking, `_into` and async, and `encode_*`
 /// on the caller's buffers or regions of them), with the same semantics, special values and
@@ -36,7 +36,7 @@ pub struct Along<'a> {
 }
 
 impl Context {
-    /// The softmax-family ops along `layout`'s axis ([`Along`]).
+    /// The softmax-family ops and cross-entropy along `layout`'s axis ([`Along`]).
     pub fn along(&self, layout: AxisLayout) -> Along<'_> {
         Along { ctx: self, layout }
     }
