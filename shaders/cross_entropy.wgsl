@@ -56,6 +56,10 @@ override DIVISOR_GIVEN: bool = false;
 // workgroup reads one contiguous run.
 override LINES: bool = false;
 
+// The most logits `rows` holds per invocation: MAX_ITEMS, and for lines (one invocation each)
+// twice as many, so that the 19 or 21 classes of a segmentation map are read once.
+const ROW_ITEMS: u32 = 2u * MAX_ITEMS;
+
 // Where class 0 of row `row` lies in a logits-shaped operand, from the operand's base.
 fn row_start(row: u32) -> u32 {
     if (LINES) {
@@ -278,7 +282,7 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
     // Read before the team's first reduction: in place, another member may store the target
     // class's gradient over it once the reductions are done.
     let x_t = target_logit(x0, t);
-    var xs: array<f32, MAX_ITEMS>;
+    var xs: array<f32, ROW_ITEMS>;
     var m = neg_inf();
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {

@@ -292,7 +292,7 @@ impl GpuBench {
         let kernels = &gpu.kernels;
         if self.layout.inner() > 1 && self.op == BenchOp::CrossEntropy {
             return match self.cols {
-                cols if cols <= crate::kernels::plan::MAX_ITEMS as usize => {
+                cols if cols <= crate::kernels::rowwise::LINE_ITEMS => {
                     format!("invocation per line, {cols} in registers, scalar")
                 }
                 _ => "invocation per line, streamed, scalar".to_string(),

@@ -17,13 +17,15 @@ const LOSS_TOLERANCE: Tolerance = Tolerance {
     rel: 2e-5,
 };
 
-/// (shape, class axis): lines held in registers (5 and 16 classes), streamed lines (21, and 300
-/// with a partial block), one class, the first axis, the last axis (the row kernels), and empty
-/// tensors.
+/// (shape, class axis): lines held in registers (5, 16, 21 and 32 classes), streamed lines (33,
+/// and 300 with a partial block), one class, the first axis, the last axis (the row kernels),
+/// and empty tensors.
 const LAYOUTS: &[(&[usize], isize)] = &[
     (&[2, 5, 3], 1),
     (&[2, 16, 7], 1),
     (&[3, 21, 8, 8], 1),
+    (&[2, 32, 5], 1),
+    (&[2, 33, 6], 1),
     (&[2, 300, 33], 1),
     (&[1, 1, 9], 1),
     (&[40, 6], 0),
