@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{assert_grad_close, bits, logits, read_buffer, small_limits_context, with_gpu};
+use common::{
+    assert_grad_close, bits, cross_entropy_options, logits, read_buffer, small_limits_context,
+    with_gpu,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
@@ -97,59 +100,36 @@ fn cross_entropy_along_an_axis_matches_the_reference_for_every_option() {
             let weight: Vec<f32> = (0..classes).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
             let per_line: Vec<f32> = (0..lines).map(|r| 1.0 + (r % 3) as f32).collect();
             for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
-                for w in [None, Some(&weight[..])] {
-                    for smoothing in [0.0, 0.1] {
-                        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                            let options = CrossEntropyOptions {
-                                weight: w,
-                                label_smoothing: smoothing,
-                                reduction,
-                                ..Default::default()
-                            };
-                            let grad_output = match reduction {
-                                Reduction::None => GradOutput::PerRow(&per_line),
-                                _ => GradOutput::Scalar(0.5),
-                            };
-                            let what = format!(
-                                "{shape:?} axis {axis} probabilities={} weighted={} \
-                                 e={smoothing} {reduction:?}",
-                                matches!(targets, Targets::Probabilities(_)),
-                                w.is_some()
-                            );
-                            let got = along
-                                .cross_entropy_with_grad(&x, targets, &options, grad_output)
-                                .unwrap();
-                            let (loss, grad) =
-                                reference_along(layout, &x, targets, &options, grad_output);
-                            let cmp = LOSS_TOLERANCE.compare(&got.loss, &loss);
-                            assert!(cmp.passed(), "{what}: loss {cmp:?}");
-                            assert_grad_close(&got.grad, &grad, &what);
-                            let loss_only = along.cross_entropy(&x, targets, &options).unwrap();
-                            assert_eq!(
-                                bits(&loss_only),
-                                bits(&got.loss),
-                                "{what}: loss-only kernel"
-                            );
-                            // The CPU path (lines moved last and back).
-                            let cpu = Engine::Cpu
-                                .cross_entropy_with_grad_along(
-                                    &x,
-                                    layout,
-                                    targets,
-                                    &options,
-                                    grad_output,
-                                )
-                                .unwrap();
-                            let cmp = LOSS_TOLERANCE.compare(&cpu.loss, &loss);
-                            assert!(cmp.passed(), "{what}: CPU loss {cmp:?}");
-                            assert_grad_close(&cpu.grad, &grad, &format!("{what} CPU"));
-                            let cpu_loss = Engine::Cpu
-                                .cross_entropy_along(&x, layout, targets, &options)
-                                .unwrap();
-                            let cmp = LOSS_TOLERANCE.compare(&cpu_loss, &loss);
-                            assert!(cmp.passed(), "{what}: CPU loss alone {cmp:?}");
-                        }
-                    }
+                for (options, grad_output) in cross_entropy_options(&weight, &per_line) {
+                    let what = format!(
+                        "{shape:?} axis {axis} probabilities={} {options:?}",
+                        matches!(targets, Targets::Probabilities(_)),
+                    );
+                    let got = along
+                        .cross_entropy_with_grad(&x, targets, &options, grad_output)
+                        .unwrap();
+                    let (loss, grad) = reference_along(layout, &x, targets, &options, grad_output);
+                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &loss);
+                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                    assert_grad_close(&got.grad, &grad, &what);
+                    let loss_only = along.cross_entropy(&x, targets, &options).unwrap();
+                    assert_eq!(
+                        bits(&loss_only),
+                        bits(&got.loss),
+                        "{what}: loss-only kernel"
+                    );
+                    // The CPU path.
+                    let cpu = Engine::Cpu
+                        .cross_entropy_with_grad_along(&x, layout, targets, &options, grad_output)
+                        .unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&cpu.loss, &loss);
+                    assert!(cmp.passed(), "{what}: CPU loss {cmp:?}");
+                    assert_grad_close(&cpu.grad, &grad, &format!("{what} CPU"));
+                    let cpu_loss = Engine::Cpu
+                        .cross_entropy_along(&x, layout, targets, &options)
+                        .unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&cpu_loss, &loss);
+                    assert!(cmp.passed(), "{what}: CPU loss alone {cmp:?}");
                 }
             }
         }

@@ -4,9 +4,9 @@
 mod common;
 
 use common::{
-    assert_grad_close, assert_same_bits, bits, device_on_same_adapter, logits, one_pass_contexts,
-    small_limits_context, strategy_tunings, tuned, with_gpu, ONE_PASS_OTHER_CHUNKS,
-    ONE_PASS_SHAPES,
+    assert_grad_close, assert_same_bits, bits, cross_entropy_options, device_on_same_adapter,
+    logits, one_pass_contexts, small_limits_context, strategy_tunings, tuned, with_gpu,
+    ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::{reference, CrossEntropyOutput};
@@ -233,37 +233,21 @@ fn cross_entropy_matches_the_reference_for_every_option() {
             let weight: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
             let per_row: Vec<f32> = (0..rows).map(|r| 1.0 + (r % 3) as f32).collect();
             for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
-                for w in [None, Some(&weight[..])] {
-                    for smoothing in [0.0, 0.1] {
-                        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                            let options = CrossEntropyOptions {
-                                weight: w,
-                                label_smoothing: smoothing,
-                                reduction,
-                                ..Default::default()
-                            };
-                            let grad_output = match reduction {
-                                Reduction::None => GradOutput::PerRow(&per_row),
-                                _ => GradOutput::Scalar(0.5),
-                            };
-                            let what = format!(
-                                "{rows}x{cols} {:?} weighted={} e={smoothing} {reduction:?}",
-                                matches!(targets, Targets::Probabilities(_)),
-                                w.is_some()
-                            );
-                            let got = ctx
-                                .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
-                                .unwrap();
-                            let want =
-                                reference::cross_entropy(&x, cols, targets, &options, grad_output)
-                                    .unwrap();
-                            let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
-                            assert!(cmp.passed(), "{what}: loss {cmp:?}");
-                            assert_grad_close(&got.grad, &want.grad, &what);
-                            let loss_only = ctx.cross_entropy(&x, cols, targets, &options).unwrap();
-                            assert_eq!(loss_only, got.loss, "{what}: loss-only kernel");
-                        }
-                    }
+                for (options, grad_output) in cross_entropy_options(&weight, &per_row) {
+                    let what = format!(
+                        "{rows}x{cols} probabilities={} {options:?}",
+                        matches!(targets, Targets::Probabilities(_)),
+                    );
+                    let got = ctx
+                        .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
+                        .unwrap();
+                    let want =
+                        reference::cross_entropy(&x, cols, targets, &options, grad_output).unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                    assert_grad_close(&got.grad, &want.grad, &what);
+                    let loss_only = ctx.cross_entropy(&x, cols, targets, &options).unwrap();
+                    assert_eq!(loss_only, got.loss, "{what}: loss-only kernel");
                 }
             }
         }

@@ -2977,6 +2977,34 @@ mod tests {
     }
 
     /// Cross-entropy losses and gradient against the reference's.
+    /// The options the cross-entropy tests sweep, with an upstream gradient for each: no class
+    /// weights and `w`, no label smoothing and 0.2, each reduction (`per_row` upstream for
+    /// `None`, -1.5 otherwise).
+    fn option_grid<'a>(
+        w: &'a [f32],
+        per_row: &'a [f32],
+    ) -> Vec<(CrossEntropyOptions<'a>, GradOutput<'a>)> {
+        let mut cases = Vec::new();
+        for weight in [None, Some(w)] {
+            for label_smoothing in [0.0, 0.2] {
+                for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+                    let o = CrossEntropyOptions {
+                        weight,
+                        ignore_index: -100,
+                        reduction,
+                        label_smoothing,
+                    };
+                    let g = match reduction {
+                        Reduction::None => GradOutput::PerRow(per_row),
+                        _ => GradOutput::Scalar(-1.5),
+                    };
+                    cases.push((o, g));
+                }
+            }
+        }
+        cases
+    }
+
     fn check_cross_entropy(
         what: &str,
         loss: &[f32],
@@ -3511,54 +3539,38 @@ mod tests {
                     Targets::Probabilities(&prob_rows),
                 ),
             ] {
-                for weight in [None, Some(&w[..])] {
-                    for label_smoothing in [0.0, 0.2] {
-                        for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
-                            let o = CrossEntropyOptions {
-                                weight,
-                                ignore_index: -100,
-                                reduction,
-                                label_smoothing,
-                            };
-                            let g = match reduction {
-                                Reduction::None => GradOutput::PerRow(&per_line),
-                                _ => GradOutput::Scalar(-1.5),
-                            };
-                            let want = reference::cross_entropy(&rows, classes, row_targets, &o, g)
-                                .unwrap();
-                            let want = reference::CrossEntropyOutput {
-                                loss: want.loss,
-                                grad: layout.from_rows(&want.grad).unwrap(),
-                            };
-                            let plan =
-                                validate::cross_entropy(x.len(), classes, targets, &o, g).unwrap();
-                            for isa in supported_isas() {
-                                let mut grad = vec![0.5; x.len()];
-                                let loss =
-                                    cross_entropy_lines(&plan, layout, &x, Some(&mut grad), isa);
-                                let what = format!(
-                                    "{outer}x{classes}x{inner} {isa:?} {reduction:?} e={label_smoothing} \
+                for (o, g) in option_grid(&w, &per_line) {
+                    let want =
+                        reference::cross_entropy(&rows, classes, row_targets, &o, g).unwrap();
+                    let want = reference::CrossEntropyOutput {
+                        loss: want.loss,
+                        grad: layout.from_rows(&want.grad).unwrap(),
+                    };
+                    let plan = validate::cross_entropy(x.len(), classes, targets, &o, g).unwrap();
+                    for isa in supported_isas() {
+                        let mut grad = vec![0.5; x.len()];
+                        let loss = cross_entropy_lines(&plan, layout, &x, Some(&mut grad), isa);
+                        let what = format!(
+                            "{outer}x{classes}x{inner} {isa:?} {:?} e={} \
                                      weighted={} probabilities={}",
-                                    weight.is_some(),
-                                    matches!(targets, Targets::Probabilities(_))
-                                );
-                                check_cross_entropy(&what, &loss, &grad, &want);
-                                let alone = cross_entropy_lines(&plan, layout, &x, None, isa);
-                                assert_eq!(
-                                    alone.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
-                                    loss.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
-                                    "{what}: loss alone"
-                                );
-                                if let Targets::Indices(t) = targets {
-                                    for (line, _) in
-                                        t.iter().enumerate().filter(|(_, &t)| t == -100)
-                                    {
-                                        let (o, i) = (line / inner, line % inner);
-                                        for c in 0..classes {
-                                            let g = grad[(o * classes + c) * inner + i];
-                                            assert_eq!(g.to_bits(), 0, "{what}: ignored line");
-                                        }
-                                    }
+                            o.reduction,
+                            o.label_smoothing,
+                            o.weight.is_some(),
+                            matches!(targets, Targets::Probabilities(_))
+                        );
+                        check_cross_entropy(&what, &loss, &grad, &want);
+                        let alone = cross_entropy_lines(&plan, layout, &x, None, isa);
+                        assert_eq!(
+                            alone.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                            loss.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                            "{what}: loss alone"
+                        );
+                        if let Targets::Indices(t) = targets {
+                            for (line, _) in t.iter().enumerate().filter(|(_, &t)| t == -100) {
+                                let (o, i) = (line / inner, line % inner);
+                                for c in 0..classes {
+                                    let g = grad[(o * classes + c) * inner + i];
+                                    assert_eq!(g.to_bits(), 0, "{what}: ignored line");
                                 }
                             }
                         }
@@ -3603,32 +3615,18 @@ mod tests {
                 Targets::IndicesI32(&idx32),
                 Targets::Probabilities(&probs),
             ] {
-                for weight in [None, Some(&w[..])] {
-                    for label_smoothing in [0.0, 0.2] {
-                        for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
-                            let o = CrossEntropyOptions {
-                                weight,
-                                ignore_index: -100,
-                                reduction,
-                                label_smoothing,
-                            };
-                            let g = match reduction {
-                                Reduction::None => GradOutput::PerRow(&per_row),
-                                _ => GradOutput::Scalar(-1.5),
-                            };
-                            let got = cross_entropy(&x, cols, targets, &o, g).unwrap();
-                            let want = reference::cross_entropy(&x, cols, targets, &o, g).unwrap();
-                            let what = format!("{rows}x{cols} {o:?} {targets:?}");
-                            let what = &what[..what.len().min(200)];
-                            check_cross_entropy(what, &got.loss, &got.grad, &want);
-                            if let Targets::Indices(t) = targets {
-                                for (r, &t) in t.iter().enumerate() {
-                                    if t == -100 {
-                                        assert!(got.grad[r * cols..(r + 1) * cols]
-                                            .iter()
-                                            .all(|&v| v == 0.0));
-                                    }
-                                }
+                for (o, g) in option_grid(&w, &per_row) {
+                    let got = cross_entropy(&x, cols, targets, &o, g).unwrap();
+                    let want = reference::cross_entropy(&x, cols, targets, &o, g).unwrap();
+                    let what = format!("{rows}x{cols} {o:?} {targets:?}");
+                    let what = &what[..what.len().min(200)];
+                    check_cross_entropy(what, &got.loss, &got.grad, &want);
+                    if let Targets::Indices(t) = targets {
+                        for (r, &t) in t.iter().enumerate() {
+                            if t == -100 {
+                                assert!(got.grad[r * cols..(r + 1) * cols]
+                                    .iter()
+                                    .all(|&v| v == 0.0));
                             }
                         }
                     }

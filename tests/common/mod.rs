@@ -6,7 +6,7 @@ pub mod files;
 use std::sync::OnceLock;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use wgpu_softmax::{Context, Tuning};
+use wgpu_softmax::{Context, CrossEntropyOptions, GradOutput, Reduction, Tuning};
 
 /// Whether this run is CI, where a missing adapter is a failure, never a skip.
 pub fn in_ci() -> bool {
@@ -61,6 +61,34 @@ pub fn with_gpu(body: impl FnOnce(&Context)) {
     if let Some(ctx) = context() {
         body(ctx);
     }
+}
+
+/// The cross-entropy options the tests sweep, with an upstream gradient for each: no class
+/// weights and `weight`, no label smoothing and 0.1, each reduction (`per_row` upstream for
+/// `None`, 0.5 otherwise).
+pub fn cross_entropy_options<'a>(
+    weight: &'a [f32],
+    per_row: &'a [f32],
+) -> Vec<(CrossEntropyOptions<'a>, GradOutput<'a>)> {
+    let mut cases = Vec::new();
+    for w in [None, Some(weight)] {
+        for label_smoothing in [0.0, 0.1] {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let options = CrossEntropyOptions {
+                    weight: w,
+                    label_smoothing,
+                    reduction,
+                    ..Default::default()
+                };
+                let grad_output = match reduction {
+                    Reduction::None => GradOutput::PerRow(per_row),
+                    _ => GradOutput::Scalar(0.5),
+                };
+                cases.push((options, grad_output));
+            }
+        }
+    }
+    cases
 }
 
 /// Normally distributed logits with standard deviation `scale`, reproducible from `seed`.

@@ -95,18 +95,8 @@ fn run_on(isa: Isa, op: AlongOp, layout: AxisLayout, x: &[f32], dy: &[f32], out:
         }
         return;
     }
-    let blocks_per_slab = inner.div_ceil(COLUMNS);
-    let tasks = layout.outer() * blocks_per_slab;
     let out = Out(out.as_mut_ptr());
-    let task = |t: usize| {
-        let (o, b) = (t / blocks_per_slab, t % blocks_per_slab);
-        let first = b * COLUMNS;
-        let block = Block {
-            len,
-            inner,
-            first,
-            width: COLUMNS.min(inner - first),
-        };
+    for_each_block(layout, |o, block| {
         let slabs = o * slab..(o + 1) * slab;
         let dy = if dy.is_empty() {
             dy
@@ -116,15 +106,34 @@ fn run_on(isa: Isa, op: AlongOp, layout: AxisLayout, x: &[f32], dy: &[f32], out:
         // SAFETY: slab `o` lies within `out`, which is as long as `x`.
         let out = unsafe { out.add(slabs.start) };
         columns_on(isa, op, &x[slabs], dy, out, block);
+    });
+}
+
+/// Runs `task(o, block)` for every block of at most [`COLUMNS`] neighbouring lines of every
+/// slab `o` of `layout`, on rayon's threads where the call is large enough.
+fn for_each_block(layout: AxisLayout, task: impl Fn(usize, Block) + Send + Sync) {
+    let (len, inner) = (layout.len(), layout.inner());
+    let blocks_per_slab = inner.div_ceil(COLUMNS);
+    let tasks = layout.outer() * blocks_per_slab;
+    let run = |t: usize| {
+        let (o, b) = (t / blocks_per_slab, t % blocks_per_slab);
+        let first = b * COLUMNS;
+        let block = Block {
+            len,
+            inner,
+            first,
+            width: COLUMNS.min(inner - first),
+        };
+        task(o, block);
     };
     if layout.numel() <= SERIAL_ELEMS {
-        (0..tasks).for_each(task);
+        (0..tasks).for_each(run);
     } else {
         let per_task = (TASK_ELEMS / (len * COLUMNS)).max(1);
         (0..tasks)
             .into_par_iter()
             .with_min_len(per_task)
-            .for_each(task);
+            .for_each(run);
     }
 }
 
@@ -206,31 +215,13 @@ fn columns<M: MulAdd>(op: AlongOp, x: &[f32], dy: &[f32], out: Out, block: Block
             for k in 0..block.len {
                 // SAFETY: this task's lines alone (see `Out`).
                 let y = unsafe { block.out_row(out, k) };
-                let lines = y.iter_mut().zip(block.row(x, k)).zip(max).zip(&scale);
-                if log {
-                    for (((y, &v), &m), &s) in lines {
-                        *y = (v - m) - s;
-                    }
-                } else {
-                    for (((y, &v), &m), &s) in lines {
-                        *y = exp_nonpositive::<M>(v - m) * s;
-                    }
-                }
+                normalized::<M>(y, block.row(x, k), max, &scale, log);
             }
         }
         AlongOp::SoftmaxBackward | AlongOp::LogSoftmaxBackward => {
             let log = op == AlongOp::LogSoftmaxBackward;
             let sums = line_sums(block, |k, part| {
-                let (y, g) = (block.row(x, k), block.row(dy, k));
-                if log {
-                    for (p, &g) in part.iter_mut().zip(g) {
-                        *p += g;
-                    }
-                } else {
-                    for ((p, &y), &g) in part.iter_mut().zip(y).zip(g) {
-                        *p += g * y;
-                    }
-                }
+                add_terms(part, block.row(x, k), block.row(dy, k), log);
             });
             let mut r = [0f32; COLUMNS];
             for (r, &s) in r.iter_mut().zip(&sums) {
@@ -239,21 +230,55 @@ fn columns<M: MulAdd>(op: AlongOp, x: &[f32], dy: &[f32], out: Out, block: Block
             for k in 0..block.len {
                 // SAFETY: this task's lines alone (see `Out`).
                 let dx = unsafe { block.out_row(out, k) };
-                let lines = dx
-                    .iter_mut()
-                    .zip(block.row(x, k))
-                    .zip(block.row(dy, k))
-                    .zip(&r);
-                if log {
-                    for (((dx, &y), &g), &r) in lines {
-                        *dx = g - exp::<M>(y) * r;
-                    }
-                } else {
-                    for (((dx, &y), &g), &r) in lines {
-                        *dx = y * (g - r);
-                    }
-                }
+                backward_step::<M>(dx, block.row(x, k), block.row(dy, k), &r, log);
             }
+        }
+    }
+}
+
+/// One step of softmax (`scale` = 1 / S) or log-softmax (`scale` = ln S) over neighbouring
+/// lines: `y = exp(x - m) scale` or `(x - m) - scale`, each line with its own `m` and `scale`.
+#[inline(always)]
+fn normalized<M: MulAdd>(y: &mut [f32], x: &[f32], max: &[f32], scale: &[f32], log: bool) {
+    let lines = y.iter_mut().zip(x).zip(max).zip(scale);
+    if log {
+        for (((y, &v), &m), &s) in lines {
+            *y = (v - m) - s;
+        }
+    } else {
+        for (((y, &v), &m), &s) in lines {
+            *y = exp_nonpositive::<M>(v - m) * s;
+        }
+    }
+}
+
+/// Adds one step's terms of the backward's sum `r` over neighbouring lines into `part`:
+/// `dy y` for softmax, `dy` for log-softmax.
+#[inline(always)]
+fn add_terms(part: &mut [f32], y: &[f32], dy: &[f32], log: bool) {
+    if log {
+        for (p, &g) in part.iter_mut().zip(dy) {
+            *p += g;
+        }
+    } else {
+        for ((p, &y), &g) in part.iter_mut().zip(y).zip(dy) {
+            *p += g * y;
+        }
+    }
+}
+
+/// One step of the backward over neighbouring lines, each with its own `r`: softmax's
+/// `y (dy - r)` or log-softmax's `dy - exp(y) r`.
+#[inline(always)]
+fn backward_step<M: MulAdd>(dx: &mut [f32], y: &[f32], dy: &[f32], r: &[f32], log: bool) {
+    let lines = dx.iter_mut().zip(y).zip(dy).zip(r);
+    if log {
+        for (((dx, &y), &g), &r) in lines {
+            *dx = g - exp::<M>(y) * r;
+        }
+    } else {
+        for (((dx, &y), &g), &r) in lines {
+            *dx = y * (g - r);
         }
     }
 }
@@ -323,47 +348,20 @@ fn narrow<M: MulAdd>(
                 };
             }
             for (y, x) in out.chunks_mut(period).zip(x.chunks(period)) {
-                let lines = y.iter_mut().zip(x).zip(max).zip(&scale);
-                if log {
-                    for (((y, &v), &m), &s) in lines {
-                        *y = (v - m) - s;
-                    }
-                } else {
-                    for (((y, &v), &m), &s) in lines {
-                        *y = exp_nonpositive::<M>(v - m) * s;
-                    }
-                }
+                normalized::<M>(y, x, max, &scale, log);
             }
         }
         AlongOp::SoftmaxBackward | AlongOp::LogSoftmaxBackward => {
             let log = op == AlongOp::LogSoftmaxBackward;
             let r = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
-                let (y, g) = (&x[start..], &dy[start..]);
-                if log {
-                    for (p, &g) in part.iter_mut().zip(g) {
-                        *p += g;
-                    }
-                } else {
-                    for ((p, &y), &g) in part.iter_mut().zip(y).zip(g) {
-                        *p += g * y;
-                    }
-                }
+                add_terms(part, &x[start..], &dy[start..], log);
             });
             for ((dx, y), g) in out
                 .chunks_mut(period)
                 .zip(x.chunks(period))
                 .zip(dy.chunks(period))
             {
-                let lines = dx.iter_mut().zip(y).zip(g).zip(&r);
-                if log {
-                    for (((dx, &y), &g), &r) in lines {
-                        *dx = g - exp::<M>(y) * r;
-                    }
-                } else {
-                    for (((dx, &y), &g), &r) in lines {
-                        *dx = y * (g - r);
-                    }
-                }
+                backward_step::<M>(dx, y, g, &r, log);
             }
         }
     }
@@ -452,19 +450,9 @@ pub(super) fn cross_entropy(
         return losses;
     }
     let slab = len * inner;
-    let blocks_per_slab = inner.div_ceil(COLUMNS);
-    let tasks = layout.outer() * blocks_per_slab;
     let grad = grad.map(|g| Out(g.as_mut_ptr()));
     let loss_out = Losses(losses.as_mut_ptr());
-    let task = |t: usize| {
-        let (o, b) = (t / blocks_per_slab, t % blocks_per_slab);
-        let first = b * COLUMNS;
-        let block = Block {
-            len,
-            inner,
-            first,
-            width: COLUMNS.min(inner - first),
-        };
+    for_each_block(layout, |o, block| {
         let slabs = o * slab..(o + 1) * slab;
         // SAFETY: slab `o` lies within the gradient, which is as long as `x`.
         let grad = grad.map(|g| unsafe { g.add(slabs.start) });
@@ -478,20 +466,11 @@ pub(super) fn cross_entropy(
             block,
             &mut block_losses,
         );
-        let first_line = o * inner + first;
+        let first_line = o * inner + block.first;
         // SAFETY: this task's lines alone, within the losses.
         let out = unsafe { loss_out.lines(first_line, block.width) };
         out.copy_from_slice(&block_losses[..block.width]);
-    };
-    if layout.numel() <= SERIAL_ELEMS {
-        (0..tasks).for_each(task);
-    } else {
-        let per_task = (TASK_ELEMS / (len * COLUMNS)).max(1);
-        (0..tasks)
-            .into_par_iter()
-            .with_min_len(per_task)
-            .for_each(task);
-    }
+    });
     losses
 }
 
