@@ -333,6 +333,9 @@ fn misuse_along_an_axis_returns_typed_errors() {
             .cross_entropy(&x, Targets::Indices(&idx[..5]), &options)
             .unwrap_err();
         assert!(matches!(err, Error::LengthMismatch { .. }), "{err}");
+        // No classes: an axis of length 0 is refused by the layout itself.
+        let err = AxisLayout::new(&[2, 0, 3], 1).unwrap_err();
+        assert!(matches!(err, Error::ZeroCols), "{err}");
         let bad = [0i64, 1, 2, 4, 0, 1];
         let err = along
             .cross_entropy(&x, Targets::Indices(&bad), &options)
