@@ -398,6 +398,31 @@ impl Engine {
         }
     }
 
+    /// [`Engine::cross_entropy_with_grad_along`] writing the gradient into `grad`; returns the
+    /// loss. See [`Along::cross_entropy_into`](crate::Along::cross_entropy_into).
+    ///
+    /// # Errors
+    /// As [`Along::cross_entropy_into`](crate::Along::cross_entropy_into).
+    pub fn cross_entropy_along_into(
+        &self,
+        logits: &[f32],
+        layout: AxisLayout,
+        targets: Targets<'_>,
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_>,
+        grad: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        match self {
+            Self::Gpu(ctx) => {
+                ctx.along(layout)
+                    .cross_entropy_into(logits, targets, options, grad_output, grad)
+            }
+            Self::Cpu => {
+                fast::cross_entropy_along_into(logits, layout, targets, options, grad_output, grad)
+            }
+        }
+    }
+
     /// The loss and its fused gradient; see [`Context::cross_entropy_with_grad`].
     ///
     /// # Errors

@@ -130,6 +130,25 @@ fn cross_entropy_along_an_axis_matches_the_reference_for_every_option() {
                         .unwrap();
                     let cmp = LOSS_TOLERANCE.compare(&cpu_loss, &loss);
                     assert!(cmp.passed(), "{what}: CPU loss alone {cmp:?}");
+                    // The _into forms write what the others return.
+                    let mut into = vec![f32::NAN; x.len()];
+                    let into_loss = along
+                        .cross_entropy_into(&x, targets, &options, grad_output, &mut into)
+                        .unwrap();
+                    assert_eq!(bits(&into_loss), bits(&got.loss), "{what}: into");
+                    assert_eq!(bits(&into), bits(&got.grad), "{what}: into");
+                    let into_loss = Engine::Cpu
+                        .cross_entropy_along_into(
+                            &x,
+                            layout,
+                            targets,
+                            &options,
+                            grad_output,
+                            &mut into,
+                        )
+                        .unwrap();
+                    assert_eq!(bits(&into_loss), bits(&cpu.loss), "{what}: CPU into");
+                    assert_eq!(bits(&into), bits(&cpu.grad), "{what}: CPU into");
                 }
             }
         }
@@ -356,6 +375,23 @@ fn misuse_along_an_axis_returns_typed_errors() {
             .unwrap_err();
         assert!(matches!(err, Error::TargetOutOfRange { .. }), "{err}");
         assert!(grad.iter().all(|&g| g == 7.0), "grad untouched");
+        for engine in [Engine::Gpu(ctx.clone()), Engine::Cpu] {
+            let err = engine
+                .cross_entropy_along_into(
+                    &x,
+                    layout,
+                    Targets::Indices(&idx),
+                    &options,
+                    GradOutput::One,
+                    &mut grad[..23],
+                )
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::LengthMismatch { what: "grad", .. }),
+                "{engine:?}: {err}"
+            );
+            assert!(grad.iter().all(|&g| g == 7.0), "{engine:?}: grad untouched");
+        }
 
         // encode_along: the classes and the line count must agree with the loss and layout.
         let buffer = |bytes: u64| {

@@ -2622,14 +2622,38 @@ pub fn cross_entropy_along(
     options: &CrossEntropyOptions<'_>,
     grad_output: GradOutput<'_>,
 ) -> Result<CrossEntropyOutput<f32>> {
+    let mut grad = vec![0.0; logits.len()];
+    let loss = cross_entropy_along_into(logits, layout, targets, options, grad_output, &mut grad)?;
+    Ok(CrossEntropyOutput { loss, grad })
+}
+
+/// [`cross_entropy_along`] writing the gradient into `grad` (as long as `logits`); returns the
+/// loss.
+///
+/// # Errors
+/// As [`cross_entropy_along`], and [`Error::LengthMismatch`](crate::Error::LengthMismatch)
+/// naming `grad`; `grad` is untouched when the arguments are refused.
+pub fn cross_entropy_along_into(
+    logits: &[f32],
+    layout: AxisLayout,
+    targets: Targets<'_>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_>,
+    grad: &mut [f32],
+) -> Result<Vec<f32>> {
     validate::same_len("logits", layout.numel(), logits.len())?;
     if layout.inner() == 1 {
-        return cross_entropy(logits, layout.len(), targets, options, grad_output);
+        return cross_entropy_into(logits, layout.len(), targets, options, grad_output, grad);
     }
     let plan = validate::cross_entropy(logits.len(), layout.len(), targets, options, grad_output)?;
-    let mut grad = vec![0.0; logits.len()];
-    let loss = cross_entropy_lines(&plan, layout, logits, Some(&mut grad), isa());
-    Ok(CrossEntropyOutput { loss, grad })
+    validate::same_len("grad", logits.len(), grad.len())?;
+    Ok(cross_entropy_lines(
+        &plan,
+        layout,
+        logits,
+        Some(grad),
+        isa(),
+    ))
 }
 
 /// The loss of [`cross_entropy_along`] alone.
