@@ -506,7 +506,7 @@ impl GpuBench {
             BenchOp::CrossEntropy => self.loss_fn.encode_tensors_timed(
                 encoder,
                 (&self.x, &self.targets, &self.loss),
-                self.layout.inner(),
+                Some(self.layout),
                 GradDestination::Buffer((&self.out).into()),
                 1.0.into(),
                 timestamps,

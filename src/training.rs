@@ -1208,25 +1208,64 @@ impl CrossEntropyLoss {
         grad_output: impl Into<DeviceGradOutput<'a>>,
     ) -> Result<()> {
         let tensors = (logits, targets, loss);
-        self.encode_tensors_timed(encoder, tensors, 1, grad, grad_output.into(), None)
+        self.encode_tensors_timed(encoder, tensors, None, grad, grad_output.into(), None)
+    }
+
+    /// [`CrossEntropyLoss::encode_tensors`] with the classes along `layout`'s axis (see
+    /// [`CrossEntropyLoss::encode_along`]): `logits` holds the layout's elements whatever its
+    /// rows and columns, and `targets`, uploaded by [`CrossEntropyLoss::upload_targets`], one
+    /// class per line or probabilities laid out like the logits. A `TargetTensor`'s buffer
+    /// marks ignored lines in its own way, so pass the tensor here rather than its buffer to
+    /// [`CrossEntropyLoss::encode_along`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `classes` when the axis is not
+    /// [`CrossEntropyLoss::cols`] long, `logits` when it does not hold the layout's elements,
+    /// `target rows` when the targets are not one per line, and `loss`; as
+    /// [`CrossEntropyLoss::encode_along`] otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_tensors_along<'a>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        layout: AxisLayout,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        loss: &Tensor,
+        grad: GradDestination<'a>,
+        grad_output: impl Into<DeviceGradOutput<'a>>,
+    ) -> Result<()> {
+        let tensors = (logits, targets, loss);
+        let grad_output = grad_output.into();
+        self.encode_tensors_timed(encoder, tensors, Some(layout), grad, grad_output, None)
     }
 
     /// [`CrossEntropyLoss::encode_tensors`] (logits, targets and loss in `tensors`) with
-    /// timestamps written at the start and end of its pass; `inner` > 1: the logits' rows are
-    /// the lines of `[rows / inner, cols, inner]` along its middle axis (as
-    /// [`CrossEntropyLoss::encode_along`]).
+    /// timestamps written at the start and end of its pass; with a `layout`, the classes along
+    /// its axis (as [`CrossEntropyLoss::encode_tensors_along`]).
     pub(crate) fn encode_tensors_timed(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         (logits, targets, loss): (&Tensor, &TargetTensor, &Tensor),
-        inner: usize,
+        layout: Option<AxisLayout>,
         grad: GradDestination<'_>,
         grad_output: DeviceGradOutput<'_>,
         timestamps: Option<crate::kernels::Timestamps<'_>>,
     ) -> Result<()> {
-        self.check_shapes(logits, targets)?;
+        let (rows, inner) = match layout {
+            None => {
+                self.check_shapes(logits, targets)?;
+                (logits.rows, 1)
+            }
+            Some(layout) => {
+                validate::same_len("classes", self.cols, layout.len())?;
+                validate::same_len("logits", layout.numel(), logits.rows * logits.cols)?;
+                validate::same_len("target rows", layout.lines(), targets.rows)?;
+                validate::same_len("target cols", self.cols, targets.cols)?;
+                (layout.lines(), layout.inner())
+            }
+        };
         let loss_rows = match self.reduction {
-            Reduction::None => logits.rows,
+            Reduction::None => rows,
             Reduction::Mean | Reduction::Sum => 1,
         };
         validate::same_len("loss", loss_rows, loss.rows * loss.cols)?;
@@ -1240,7 +1279,7 @@ impl CrossEntropyLoss {
             },
             loss: loss.into(),
             grad,
-            rows: logits.rows,
+            rows,
         };
         let uploaded = Uploaded {
             divisor: self.divisor_of(targets),

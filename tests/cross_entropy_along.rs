@@ -208,8 +208,8 @@ fn special_values_and_ignored_lines_stay_in_their_lines() {
 /// The caller's buffers: regions at offsets, the gradient in its own buffer and over the
 /// logits, the mean's divisor found on the device from the caller's index targets (with
 /// ignored lines), a reduced loss into a buffer that only allows copies, a per-line upstream
-/// gradient on the device; and, on a device whose bindings hold 1 MiB, batches of several
-/// blocks of slabs or of rows (host and device forms).
+/// gradient on the device; device-resident tensors and uploaded targets; and, on a device whose
+/// bindings hold 1 MiB, batches of several blocks of slabs or of rows (host and device forms).
 #[test]
 fn encode_along_writes_the_callers_buffers_in_blocks_of_slabs() {
     with_gpu(|base| {
@@ -272,6 +272,39 @@ fn encode_along_writes_the_callers_buffers_in_blocks_of_slabs() {
                     ..Default::default()
                 };
                 let loss_fn = ctx.cross_entropy_loss(classes, &options).unwrap();
+                // Device-resident tensors: the targets uploaded (ignored lines marked their
+                // way, the mean's divisor found at upload).
+                let logits_t = ctx.upload(&x, classes).unwrap();
+                let targets_t = loss_fn.upload_targets(Targets::Indices(&idx)).unwrap();
+                let loss_t = match reduction {
+                    Reduction::None => ctx.empty(lines, 1).unwrap(),
+                    _ => ctx.empty(1, 1).unwrap(),
+                };
+                let grad_t = ctx.empty(lines, classes).unwrap();
+                let mut encoder = device.create_command_encoder(&Default::default());
+                loss_fn
+                    .encode_tensors_along(
+                        &mut encoder,
+                        layout,
+                        &logits_t,
+                        &targets_t,
+                        &loss_t,
+                        GradDestination::Buffer((&grad_t).into()),
+                        1.0,
+                    )
+                    .unwrap();
+                ctx.queue().submit([encoder.finish()]);
+                let (loss, grad) = reference_along(
+                    layout,
+                    &x,
+                    Targets::Indices(&idx),
+                    &options,
+                    GradOutput::One,
+                );
+                let what = format!("{shape:?} {reduction:?} tensors");
+                let cmp = LOSS_TOLERANCE.compare(&loss_t.to_vec().unwrap(), &loss);
+                assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                assert_grad_close(&grad_t.to_vec().unwrap(), &grad, &what);
                 let logits_buf = put(bytemuck::cast_slice(&x));
                 let targets_buf = put(bytemuck::cast_slice(&idx32));
                 let (loss_words, upstream, grad_output) = match reduction {
@@ -436,6 +469,43 @@ fn misuse_along_an_axis_returns_typed_errors() {
         );
         four.encode_along(&mut encoder, layout, buffers(6), 1.0)
             .unwrap();
+        // encode_tensors_along: the logits must hold the layout's elements, the targets one
+        // class per line.
+        let logits_t = ctx.upload(&x, 4).unwrap();
+        let targets_t = four.upload_targets(Targets::Indices(&idx)).unwrap();
+        let loss_t = ctx.empty(1, 1).unwrap();
+        let short = ctx.upload(&x[..20], 4).unwrap();
+        let five_targets = four.upload_targets(Targets::Indices(&idx[..5])).unwrap();
+        for (logits, targets, what) in [
+            (&short, &targets_t, "logits"),
+            (&logits_t, &five_targets, "target rows"),
+        ] {
+            let err = four
+                .encode_tensors_along(
+                    &mut encoder,
+                    layout,
+                    logits,
+                    targets,
+                    &loss_t,
+                    GradDestination::None,
+                    1.0,
+                )
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::LengthMismatch { what: w, .. } if w == what),
+                "{what}: {err}"
+            );
+        }
+        four.encode_tensors_along(
+            &mut encoder,
+            layout,
+            &logits_t,
+            &targets_t,
+            &loss_t,
+            GradDestination::None,
+            1.0,
+        )
+        .unwrap();
 
         // 30 000 classes on a line: three passes of 30 000 iterations, more than a software
         // adapter lets an invocation loop over. The host forms move such lines last there; the
