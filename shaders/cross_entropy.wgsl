@@ -48,12 +48,13 @@ override DENSE: bool = true;
 // ran: rows not ignored, or the weighted sum, found when the targets were uploaded.
 override DIVISOR_GIVEN: bool = false;
 
-// Rows are lines along an axis that is not the last (the `rows` entry, one invocation per row,
-// scalar): logits [outer, C, inner] with p.chunk = inner, row r the line (r / inner, r % inner),
-// whose class c lies at (r / inner) C inner + c inner + r % inner, as in probability targets and
-// the gradient; index targets, row losses and per-row upstream gradients stay one per row, in
-// the lines' order. Neighbouring invocations take neighbouring lines, so that each load of a
-// workgroup reads one contiguous run.
+// Rows are lines along an axis that is not the last (the scalar `rows` entry, or the split pair,
+// one invocation per line or per chunk of one): logits [outer, C, inner] with p.spin = inner
+// (no line's pass waits on another), row r the line (r / inner, r % inner), whose class c lies
+// at (r / inner) C inner + c inner + r % inner, as in probability targets and the gradient;
+// index targets, row losses and per-row upstream gradients stay one per row, in the lines'
+// order. Neighbouring invocations take neighbouring lines (of the same chunk, where lines are
+// split), so that each load of a workgroup reads one contiguous run.
 override LINES: bool = false;
 
 // The most logits `rows` holds per invocation: MAX_ITEMS, and for lines (one invocation each)
@@ -63,7 +64,7 @@ const ROW_ITEMS: u32 = 2u * MAX_ITEMS;
 // Where class 0 of row `row` lies in a logits-shaped operand, from the operand's base.
 fn row_start(row: u32) -> u32 {
     if (LINES) {
-        let inner = p.chunk;
+        let inner = p.spin;
         return (row / inner) * p.cols * inner + row % inner;
     }
     return row * p.cols;
@@ -71,7 +72,7 @@ fn row_start(row: u32) -> u32 {
 
 // The distance between neighbouring classes of a row in a logits-shaped operand.
 fn class_step() -> u32 {
-    return select(1u, p.chunk, LINES);
+    return select(1u, p.spin, LINES);
 }
 
 fn mean_divisor() -> f32 {
@@ -366,16 +367,15 @@ fn combined_partial(part: vec4<f32>, m: f32) -> vec4<f32> {
 // holding the target gave its (a_i, b_i) (`target_partial`): the finishing pass cannot read the
 // target logit itself, which another chunk's team may already have overwritten in place.
 fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
-    let first = ch.row * p.chunks;
     var m = neg_inf();
     for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
-        m = max(m, partials[first + i].x);
+        m = max(m, partials[partial_slot(ch.row, i)].x);
     }
     m = team_max(m, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
         for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
-            acc += combined_partial(partials[first + i], m);
+            acc += combined_partial(partials[partial_slot(ch.row, i)], m);
         }
     }
     acc = team_sum4(acc, lid);
@@ -385,18 +385,38 @@ fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
     return RowStats(m, acc);
 }
 
+// Where chunk i of row `row` keeps its partial: a row's chunks side by side, or for lines a
+// chunk's lines side by side (as `split_chunk` orders them).
+fn partial_slot(row: u32, i: u32) -> u32 {
+    if (LINES) {
+        return i * p.rows + row;
+    }
+    return row * p.chunks + i;
+}
+
+// The chunk a team takes (`chunk_of`); for lines, neighbouring invocations take the same chunk
+// of neighbouring lines, its partial at `partial_slot`.
+fn split_chunk(wid: vec3<u32>, lid: u32) -> Chunk {
+    var ch = chunk_of(wid, lid);
+    if (LINES) {
+        ch.row = ch.index % p.rows;
+        ch.within = ch.index / p.rows;
+    }
+    return ch;
+}
+
 @compute @workgroup_size(WG)
 fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
+    let ch = split_chunk(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
     }
     let bounds = chunk_bounds(ch.within);
-    let x0 = select(base(0u), base(5u), IN_PLACE) + ch.row * p.cols;
+    let x0 = select(base(0u), base(5u), IN_PLACE) + row_start(ch.row);
     let t = row_target(ch.row);
     var m = neg_inf();
     for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-        m = max(m, max_key(logit(x0 + c)));
+        m = max(m, max_key(logit(x0 + c * class_step())));
     }
     m = team_max(m, lid);
     var acc = vec4<f32>(0.0);
@@ -405,7 +425,7 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
             var part = vec4<f32>(0.0);
             for (var c = c0; c < stop; c += ch.team.size) {
-                let x = logit(x0 + c);
+                let x = logit(x0 + c * class_step());
                 part += terms(exp_shifted(x, m), x, target_mass(ch.row, c, t), m);
             }
             acc += part;
@@ -424,7 +444,7 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     }
     acc = team_sum4(acc, lid);
     if (holds_target(t, bounds)) {
-        acc = target_partial(acc, m, logit(x0 + t.index), t);
+        acc = target_partial(acc, m, target_logit(x0, t), t);
     }
     if (ch.team.lane == 0u) {
         partials[ch.index] = vec4<f32>(m, acc.x, acc.y, acc.z);
@@ -433,22 +453,22 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
 
 @compute @workgroup_size(WG)
 fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
+    let ch = split_chunk(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
     }
     let t = row_target(ch.row);
-    let x0 = select(base(0u), base(5u), IN_PLACE) + ch.row * p.cols;
+    let x0 = select(base(0u), base(5u), IN_PLACE) + row_start(ch.row);
     let st = split_row_stats(ch, t, lid);
     let m = st.m;
     let acc = st.acc;
     if (GRAD) {
         let g = grad_row(ch.row, m, acc, t);
         let bounds = chunk_bounds(ch.within);
-        let g0 = base(5u) + ch.row * p.cols;
+        let g0 = base(5u) + row_start(ch.row);
         for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-            let e = exp_shifted(logit(x0 + c), m);
-            grad[g0 + c] = grad_value(e, target_mass(ch.row, c, t), g);
+            let e = exp_shifted(logit(x0 + c * class_step()), m);
+            grad[g0 + c * class_step()] = grad_value(e, target_mass(ch.row, c, t), g);
         }
     }
 }

@@ -3,7 +3,6 @@
 use crate::context::{Context, Wait};
 use crate::cpu::CrossEntropyOutput;
 use crate::error::Result;
-use crate::kernels::rowwise::longest_line;
 use crate::kernels::Normalization;
 use crate::layout::AxisLayout;
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
@@ -255,9 +254,9 @@ impl Along<'_> {
     /// `Mean` and `Sum`, one per line for `None` (`N d1 ...`, row-major over the other axes).
     /// Index targets hold one class per line in that order; probability targets are shaped like
     /// the logits. Lines are read in place on the GPU (no transpose), an invocation per line;
-    /// otherwise as [`Context::cross_entropy`], whose errors' "row" is here a line. Lines
-    /// longer than a software adapter lets one invocation loop over (about 20 000 classes) are
-    /// moved last on the host instead, where the row kernels split them.
+    /// otherwise as [`Context::cross_entropy`], whose errors' "row" is here a line. Where the
+    /// lines are few and long, or longer than a software adapter lets one invocation loop over,
+    /// each is cut into chunks, a partials pass and a finishing pass, as rows are.
     ///
     /// # Errors
     /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `logits` unless it holds
@@ -366,54 +365,17 @@ impl Along<'_> {
     ) -> Result<Vec<f32>> {
         let layout = self.layout;
         validate::same_len("logits", layout.numel(), logits.len())?;
-        let too_long = longest_line(&self.ctx.capabilities()).is_some_and(|max| layout.len() > max);
-        if layout.inner() == 1 || !too_long {
-            return self
-                .ctx
-                .host_cross_entropy(
-                    logits,
-                    layout.len(),
-                    layout.inner(),
-                    targets,
-                    options,
-                    grad,
-                    wait,
-                )
-                .await;
-        }
-        // Lines longer than this (software) adapter lets one invocation loop over: moved last on
-        // the host, where the row kernels split them, and the gradient moved back.
-        let rows = layout.to_rows(logits)?;
-        let probabilities;
-        let targets = match targets {
-            Targets::Probabilities(p) => {
-                probabilities = layout.to_rows(p)?;
-                Targets::Probabilities(&probabilities)
-            }
-            other => other,
-        };
-        let Some((grad_output, grad)) = grad else {
-            let (cols, ctx) = (layout.len(), self.ctx);
-            return ctx
-                .host_cross_entropy(&rows, cols, 1, targets, options, None, wait)
-                .await;
-        };
-        validate::same_len("grad", logits.len(), grad.len())?;
-        let mut grad_rows = vec![0f32; rows.len()];
-        let loss = self
-            .ctx
+        self.ctx
             .host_cross_entropy(
-                &rows,
+                logits,
                 layout.len(),
-                1,
+                layout.inner(),
                 targets,
                 options,
-                Some((grad_output, &mut grad_rows)),
+                grad,
                 wait,
             )
-            .await?;
-        layout.rows_into(&grad_rows, grad)?;
-        Ok(loss)
+            .await
     }
 
     async fn forward(

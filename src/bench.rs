@@ -291,11 +291,15 @@ impl GpuBench {
         let gpu = &self.ctx.gpu;
         let kernels = &gpu.kernels;
         if self.layout.inner() > 1 && self.op == BenchOp::CrossEntropy {
-            return match self.cols {
-                cols if cols <= crate::kernels::rowwise::LINE_ITEMS => {
+            // Lines are cut as the softmax along an axis cuts them.
+            return match (AxisFamily::chunks(gpu, self.layout), self.cols) {
+                ((1, _), cols) if cols <= crate::kernels::rowwise::LINE_ITEMS => {
                     format!("invocation per line, {cols} in registers, scalar")
                 }
-                _ => "invocation per line, streamed, scalar".to_string(),
+                ((1, _), _) => "invocation per line, streamed, scalar".to_string(),
+                ((chunks, chunk), _) => format!(
+                    "invocation per chunk of a line, {chunks} chunks of {chunk} per line, scalar"
+                ),
             };
         }
         if self.layout.inner() > 1 {

@@ -125,17 +125,6 @@ pub enum Error {
         /// The largest storage binding the kernels use.
         max_binding: u64,
     },
-    /// Lines along an axis that is not the last, for cross-entropy, longer than one invocation
-    /// may loop over on this adapter: software adapters (llvmpipe, lavapipe) end an invocation
-    /// after 65 535 loop iterations, and the kernel visits each element of its line three times.
-    /// Classes on the last axis (rows) have no such bound.
-    #[error("a line of {len} classes along the axis is longer than this adapter lets one invocation loop over (at most {max} classes there); put the classes on the last axis")]
-    LineTooLong {
-        /// The line's length (the class count).
-        len: usize,
-        /// The longest line the adapter allows.
-        max: usize,
-    },
     /// A device-resident tensor larger than one buffer may be.
     #[error("a tensor of {bytes} bytes exceeds the device's max_buffer_size of {max} bytes")]
     TensorTooLarge {

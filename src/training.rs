@@ -1152,8 +1152,7 @@ impl CrossEntropyLoss {
     /// As [`CrossEntropyLoss::encode`]; [`Error::LengthMismatch`] naming `classes` when the
     /// axis is not [`CrossEntropyLoss::cols`] long and `rows` when `buffers.rows` is not the
     /// layout's line count; [`Error::SlabTooLarge`] when one outer slab exceeds a storage
-    /// binding; [`Error::LineTooLong`] for lines longer than a software adapter lets one
-    /// invocation loop over.
+    /// binding.
     ///
     /// ```no_run
     /// use wgpu_softmax::{AxisLayout, Context, CrossEntropyBuffers, CrossEntropyOptions};

@@ -6,13 +6,14 @@ mod common;
 
 use common::{
     assert_grad_close, bits, cross_entropy_options, logits, read_buffer, small_limits_context,
-    with_gpu,
+    tuned, with_gpu,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
     AxisLayout, Context, CrossEntropyBuffers, CrossEntropyOptions, DeviceGradOutput, Engine, Error,
-    GradDestination, GradOutput, Reduction, TargetEncoding, Targets, Tolerance, TENSOR_USAGES,
+    GradDestination, GradOutput, Reduction, TargetEncoding, Targets, Tolerance, Tuning,
+    TENSOR_USAGES,
 };
 
 const LOSS_TOLERANCE: Tolerance = Tolerance {
@@ -36,6 +37,17 @@ const LAYOUTS: &[(&[usize], isize)] = &[
     (&[0, 4, 5], 1),
     (&[2, 3, 0], 1),
 ];
+
+/// `base`, and a context of it whose lines are cut into chunks of 2 or more classes whatever their
+/// number (a partials pass and a finishing pass, as few long lines are).
+fn line_contexts(base: &Context) -> Vec<(&'static str, Context)> {
+    let split = Tuning {
+        axis_lines: 1 << 20,
+        axis_min_chunk: 2,
+        ..base.tuning()
+    };
+    vec![("lines", base.clone()), ("split lines", tuned(base, split))]
+}
 
 /// One class per line, every `ignore_every`-th line (from line 1) `-100`.
 fn index_targets(lines: usize, classes: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
@@ -89,66 +101,75 @@ fn reference_along(
 /// kernel giving the fused kernel's loss; and the CPU path's.
 #[test]
 fn cross_entropy_along_an_axis_matches_the_reference_for_every_option() {
-    with_gpu(|ctx| {
-        for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
-            let layout = AxisLayout::new(shape, axis).unwrap();
-            let (lines, classes) = (layout.lines(), layout.len());
-            let along = ctx.along(layout);
-            let x = logits(layout.numel(), 1, 3.0, 40 + i as u64);
-            let idx = index_targets(lines, classes, i as u64, 5);
-            let probs = probability_targets(layout, 60 + i as u64);
-            let weight: Vec<f32> = (0..classes).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
-            let per_line: Vec<f32> = (0..lines).map(|r| 1.0 + (r % 3) as f32).collect();
-            for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
-                for (options, grad_output) in cross_entropy_options(&weight, &per_line) {
-                    let what = format!(
-                        "{shape:?} axis {axis} probabilities={} {options:?}",
-                        matches!(targets, Targets::Probabilities(_)),
-                    );
-                    let got = along
-                        .cross_entropy_with_grad(&x, targets, &options, grad_output)
-                        .unwrap();
-                    let (loss, grad) = reference_along(layout, &x, targets, &options, grad_output);
-                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &loss);
-                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
-                    assert_grad_close(&got.grad, &grad, &what);
-                    let loss_only = along.cross_entropy(&x, targets, &options).unwrap();
-                    assert_eq!(
-                        bits(&loss_only),
-                        bits(&got.loss),
-                        "{what}: loss-only kernel"
-                    );
-                    // The CPU path.
-                    let cpu = Engine::Cpu
-                        .cross_entropy_with_grad_along(&x, layout, targets, &options, grad_output)
-                        .unwrap();
-                    let cmp = LOSS_TOLERANCE.compare(&cpu.loss, &loss);
-                    assert!(cmp.passed(), "{what}: CPU loss {cmp:?}");
-                    assert_grad_close(&cpu.grad, &grad, &format!("{what} CPU"));
-                    let cpu_loss = Engine::Cpu
-                        .cross_entropy_along(&x, layout, targets, &options)
-                        .unwrap();
-                    let cmp = LOSS_TOLERANCE.compare(&cpu_loss, &loss);
-                    assert!(cmp.passed(), "{what}: CPU loss alone {cmp:?}");
-                    // The _into forms write what the others return.
-                    let mut into = vec![f32::NAN; x.len()];
-                    let into_loss = along
-                        .cross_entropy_into(&x, targets, &options, grad_output, &mut into)
-                        .unwrap();
-                    assert_eq!(bits(&into_loss), bits(&got.loss), "{what}: into");
-                    assert_eq!(bits(&into), bits(&got.grad), "{what}: into");
-                    let into_loss = Engine::Cpu
-                        .cross_entropy_along_into(
-                            &x,
-                            layout,
-                            targets,
-                            &options,
-                            grad_output,
-                            &mut into,
-                        )
-                        .unwrap();
-                    assert_eq!(bits(&into_loss), bits(&cpu.loss), "{what}: CPU into");
-                    assert_eq!(bits(&into), bits(&cpu.grad), "{what}: CPU into");
+    with_gpu(|base| {
+        for (name, ctx) in &line_contexts(base) {
+            for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
+                let layout = AxisLayout::new(shape, axis).unwrap();
+                let (lines, classes) = (layout.lines(), layout.len());
+                let along = ctx.along(layout);
+                let x = logits(layout.numel(), 1, 3.0, 40 + i as u64);
+                let idx = index_targets(lines, classes, i as u64, 5);
+                let probs = probability_targets(layout, 60 + i as u64);
+                let weight: Vec<f32> = (0..classes).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
+                let per_line: Vec<f32> = (0..lines).map(|r| 1.0 + (r % 3) as f32).collect();
+                for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                    for (options, grad_output) in cross_entropy_options(&weight, &per_line) {
+                        let what = format!(
+                            "{name} {shape:?} axis {axis} probabilities={} {options:?}",
+                            matches!(targets, Targets::Probabilities(_)),
+                        );
+                        let got = along
+                            .cross_entropy_with_grad(&x, targets, &options, grad_output)
+                            .unwrap();
+                        let (loss, grad) =
+                            reference_along(layout, &x, targets, &options, grad_output);
+                        let cmp = LOSS_TOLERANCE.compare(&got.loss, &loss);
+                        assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                        assert_grad_close(&got.grad, &grad, &what);
+                        let loss_only = along.cross_entropy(&x, targets, &options).unwrap();
+                        assert_eq!(
+                            bits(&loss_only),
+                            bits(&got.loss),
+                            "{what}: loss-only kernel"
+                        );
+                        // The CPU path.
+                        let cpu = Engine::Cpu
+                            .cross_entropy_with_grad_along(
+                                &x,
+                                layout,
+                                targets,
+                                &options,
+                                grad_output,
+                            )
+                            .unwrap();
+                        let cmp = LOSS_TOLERANCE.compare(&cpu.loss, &loss);
+                        assert!(cmp.passed(), "{what}: CPU loss {cmp:?}");
+                        assert_grad_close(&cpu.grad, &grad, &format!("{what} CPU"));
+                        let cpu_loss = Engine::Cpu
+                            .cross_entropy_along(&x, layout, targets, &options)
+                            .unwrap();
+                        let cmp = LOSS_TOLERANCE.compare(&cpu_loss, &loss);
+                        assert!(cmp.passed(), "{what}: CPU loss alone {cmp:?}");
+                        // The _into forms write what the others return.
+                        let mut into = vec![f32::NAN; x.len()];
+                        let into_loss = along
+                            .cross_entropy_into(&x, targets, &options, grad_output, &mut into)
+                            .unwrap();
+                        assert_eq!(bits(&into_loss), bits(&got.loss), "{what}: into");
+                        assert_eq!(bits(&into), bits(&got.grad), "{what}: into");
+                        let into_loss = Engine::Cpu
+                            .cross_entropy_along_into(
+                                &x,
+                                layout,
+                                targets,
+                                &options,
+                                grad_output,
+                                &mut into,
+                            )
+                            .unwrap();
+                        assert_eq!(bits(&into_loss), bits(&cpu.loss), "{what}: CPU into");
+                        assert_eq!(bits(&into), bits(&cpu.grad), "{what}: CPU into");
+                    }
                 }
             }
         }
@@ -159,48 +180,50 @@ fn cross_entropy_along_an_axis_matches_the_reference_for_every_option() {
 /// a -inf target logit gives an infinite loss; ignored lines have loss 0 and a zero gradient.
 #[test]
 fn special_values_and_ignored_lines_stay_in_their_lines() {
-    with_gpu(|ctx| {
-        for classes in [6, 40] {
-            let layout = AxisLayout::new(&[2, classes, 5], 1).unwrap();
-            let at = |o: usize, c: usize, i: usize| (o * classes + c) * 5 + i;
-            let mut x = logits(layout.numel(), 1, 1.0, 7);
-            x[at(0, 3, 0)] = f32::NAN;
-            x[at(0, 0, 1)] = f32::INFINITY;
-            for c in 0..classes {
-                x[at(0, c, 2)] = f32::NEG_INFINITY;
-            }
-            // Line 3's target logit is -inf; line 4 (ignored) holds a NaN.
-            x[at(0, 2, 3)] = f32::NEG_INFINITY;
-            x[at(0, 1, 4)] = f32::NAN;
-            let mut idx = vec![1i64; 10];
-            idx[3] = 2;
-            idx[4] = -100;
-            let options = CrossEntropyOptions {
-                reduction: Reduction::None,
-                ..Default::default()
-            };
-            let targets = Targets::Indices(&idx);
-            let out = ctx
-                .along(layout)
-                .cross_entropy_with_grad(&x, targets, &options, GradOutput::One)
-                .unwrap();
-            let what = format!("{classes} classes");
-            for line in 0..3 {
-                assert!(out.loss[line].is_nan(), "{what}: line {line}");
+    with_gpu(|base| {
+        for (name, ctx) in &line_contexts(base) {
+            for classes in [6, 40] {
+                let layout = AxisLayout::new(&[2, classes, 5], 1).unwrap();
+                let at = |o: usize, c: usize, i: usize| (o * classes + c) * 5 + i;
+                let mut x = logits(layout.numel(), 1, 1.0, 7);
+                x[at(0, 3, 0)] = f32::NAN;
+                x[at(0, 0, 1)] = f32::INFINITY;
                 for c in 0..classes {
-                    assert!(out.grad[at(0, c, line)].is_nan(), "{what}: line {line}");
+                    x[at(0, c, 2)] = f32::NEG_INFINITY;
                 }
+                // Line 3's target logit is -inf; line 4 (ignored) holds a NaN.
+                x[at(0, 2, 3)] = f32::NEG_INFINITY;
+                x[at(0, 1, 4)] = f32::NAN;
+                let mut idx = vec![1i64; 10];
+                idx[3] = 2;
+                idx[4] = -100;
+                let options = CrossEntropyOptions {
+                    reduction: Reduction::None,
+                    ..Default::default()
+                };
+                let targets = Targets::Indices(&idx);
+                let out = ctx
+                    .along(layout)
+                    .cross_entropy_with_grad(&x, targets, &options, GradOutput::One)
+                    .unwrap();
+                let what = format!("{name}, {classes} classes");
+                for line in 0..3 {
+                    assert!(out.loss[line].is_nan(), "{what}: line {line}");
+                    for c in 0..classes {
+                        assert!(out.grad[at(0, c, line)].is_nan(), "{what}: line {line}");
+                    }
+                }
+                assert_eq!(out.loss[3], f32::INFINITY, "{what}");
+                assert_eq!(out.loss[4], 0.0, "{what}");
+                for c in 0..classes {
+                    assert_eq!(out.grad[at(0, c, 4)].to_bits(), 0, "{what}: ignored line");
+                }
+                assert!(out.loss[5..].iter().all(|l| l.is_finite()), "{what}");
+                let (loss, grad) = reference_along(layout, &x, targets, &options, GradOutput::One);
+                let cmp = LOSS_TOLERANCE.compare(&out.loss, &loss);
+                assert!(cmp.passed(), "{what}: {cmp:?}");
+                assert_grad_close(&out.grad, &grad, &what);
             }
-            assert_eq!(out.loss[3], f32::INFINITY, "{what}");
-            assert_eq!(out.loss[4], 0.0, "{what}");
-            for c in 0..classes {
-                assert_eq!(out.grad[at(0, c, 4)].to_bits(), 0, "{what}: ignored line");
-            }
-            assert!(out.loss[5..].iter().all(|l| l.is_finite()), "{what}");
-            let (loss, grad) = reference_along(layout, &x, targets, &options, GradOutput::One);
-            let cmp = LOSS_TOLERANCE.compare(&out.loss, &loss);
-            assert!(cmp.passed(), "{what}: {cmp:?}");
-            assert_grad_close(&out.grad, &grad, &what);
         }
     });
 }
@@ -214,12 +237,20 @@ fn special_values_and_ignored_lines_stay_in_their_lines() {
 fn encode_along_writes_the_callers_buffers_in_blocks_of_slabs() {
     with_gpu(|base| {
         let small = small_limits_context(base);
+        let [(_, base), (_, split)] = &line_contexts(base)[..] else {
+            unreachable!("two contexts")
+        };
+        let [_, (_, small_split)] = &line_contexts(&small)[..] else {
+            unreachable!("two contexts")
+        };
         // Slabs of 21 x 1000 floats (84 000 bytes): 12 per 1 MiB binding.
         // The last axis (rows) of 30 000 x 21 floats: three blocks of rows.
-        let cases: [(&Context, &[usize], isize); 4] = [
+        let cases: [(&Context, &[usize], isize); 6] = [
             (base, &[3, 21, 4, 5], 1),
+            (split, &[3, 21, 4, 5], 1),
             (&small, &[3, 21, 4, 5], 1),
             (&small, &[30, 21, 1000], 1),
+            (small_split, &[30, 21, 1000], 1),
             (&small, &[30_000, 21], 1),
         ];
         for (ctx, shape, axis) in cases {
@@ -364,8 +395,7 @@ fn encode_along_writes_the_callers_buffers_in_blocks_of_slabs() {
 }
 
 /// Bad arguments give typed errors and leave the outputs alone; lines longer than a software
-/// adapter lets an invocation loop over are moved last by the host forms and refused by the
-/// device form there, and computed in place elsewhere.
+/// adapter lets an invocation loop over are cut into chunks.
 #[test]
 fn misuse_along_an_axis_returns_typed_errors() {
     with_gpu(|ctx| {
@@ -507,9 +537,9 @@ fn misuse_along_an_axis_returns_typed_errors() {
         )
         .unwrap();
 
-        // 30 000 classes on a line: three passes of 30 000 iterations, more than a software
-        // adapter lets an invocation loop over. The host forms move such lines last there; the
-        // device form refuses them there.
+        // 30 000 classes on a line: more than a software adapter lets an invocation loop over,
+        // and two lines cannot fill a GPU. The lines are cut into chunks, in place, in the host
+        // and the device forms alike.
         let long = AxisLayout::new(&[1, 30_000, 2], 1).unwrap();
         let x = logits(long.numel(), 1, 1.0, 3);
         let idx = [5i64, 29_999];
@@ -530,34 +560,23 @@ fn misuse_along_an_axis_returns_typed_errors() {
             .write_buffer(&t_buf, 0, bytemuck::cast_slice(&idx32));
         let long_fn = ctx.cross_entropy_loss(30_000, &options).unwrap();
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        let result = long_fn.encode_along(
-            &mut encoder,
-            long,
-            CrossEntropyBuffers {
-                logits: (&x_buf).into(),
-                targets: (&t_buf).into(),
-                target_encoding: TargetEncoding::Indices,
-                loss: (&loss_buf).into(),
-                grad: GradDestination::None,
-                rows: 2,
-            },
-            1.0,
-        );
-        match ctx.capabilities().loop_budget {
-            Some(budget) => {
-                let err = result.unwrap_err();
-                let max = (budget / 3) as usize;
-                assert!(
-                    matches!(err, Error::LineTooLong { len: 30_000, max: m } if m == max),
-                    "{err}"
-                );
-            }
-            None => {
-                result.unwrap();
-                ctx.queue().submit([encoder.finish()]);
-                let got = read_buffer(ctx, &loss_buf, 1);
-                assert!(LOSS_TOLERANCE.compare(&got, &loss).passed(), "{got:?}");
-            }
-        }
+        long_fn
+            .encode_along(
+                &mut encoder,
+                long,
+                CrossEntropyBuffers {
+                    logits: (&x_buf).into(),
+                    targets: (&t_buf).into(),
+                    target_encoding: TargetEncoding::Indices,
+                    loss: (&loss_buf).into(),
+                    grad: GradDestination::None,
+                    rows: 2,
+                },
+                1.0,
+            )
+            .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        let got = read_buffer(ctx, &loss_buf, 1);
+        assert!(LOSS_TOLERANCE.compare(&got, &loss).passed(), "{got:?}");
     });
 }

@@ -231,9 +231,9 @@ pub(crate) struct RowCall<'a> {
     pub cols: usize,
     /// 1: rows of `cols` contiguous elements. More: the rows are the lines of
     /// `[rows / inner, cols, inner]` along its middle axis (row `r` the line `(r / inner, r %
-    /// inner)`), one invocation per row, in blocks of whole slabs; the family's `rows` entry
-    /// reads them so with `LINES` among the constants and `inner` in `p.chunk` (the
-    /// cross-entropy family).
+    /// inner)`), an invocation per line or per chunk of one, in blocks of whole slabs; the
+    /// family's `rows` entry and split pair read them so with `LINES` among the constants and
+    /// `inner` in `p.spin` (the cross-entropy family).
     pub inner: usize,
     /// Bindings 1.. in the family's order.
     pub operands: Vec<Operand<'a>>,
@@ -426,28 +426,42 @@ impl RowwiseFamily {
     /// [`RowwiseFamily::layout`] of rows that are lines along an axis ([`RowCall::inner`]): the
     /// scalar `rows` entry, an invocation per line (`Tuning::axis_workgroup` of them per
     /// workgroup, as the kernels along an axis), the line in registers up to [`LINE_ITEMS`]
-    /// elements and streamed beyond, in blocks of whole slabs that fit a binding.
+    /// elements and streamed beyond; or, where the lines are few and long or longer than a
+    /// software adapter lets an invocation loop over, the split pair with an invocation per
+    /// chunk of a line, cut as the softmax along an axis cuts them
+    /// ([`Tuning::axis_chunks`](super::plan::Tuning::axis_chunks)); in blocks of whole slabs
+    /// that fit a binding.
     ///
     /// # Errors
-    /// [`Error::SlabTooLarge`] for a slab larger than a binding, and
-    /// [`Error::LineTooLong`] for lines longer than an invocation may loop over on a software
-    /// adapter (each element is visited three times: maximum, sums, output).
+    /// [`Error::SlabTooLarge`] for a slab larger than a binding.
     fn lines_layout(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Layout> {
         let (rows, cols, inner) = (call.rows, call.cols, call.inner);
-        if let Some(max) = longest_line(&gpu.caps).filter(|&max| cols > max) {
-            return Err(Error::LineTooLong { len: cols, max });
-        }
-        let row_words = call
+        let wg = gpu.tuning.axis_workgroup;
+        let chunks = gpu.tuning.axis_chunks(rows, cols, &gpu.caps);
+        let (entries, items, chunk, chunks) = match (chunks, self.desc.split) {
+            (2.., Some(split)) => {
+                let chunk = cols.div_ceil(chunks);
+                // Rounding the chunk up can leave fewer chunks than asked for; none is empty.
+                (split.to_vec(), 0, chunk as u32, cols.div_ceil(chunk))
+            }
+            _ if cols <= LINE_ITEMS => (vec![self.desc.rows], cols as u32, 0, 1),
+            _ => (vec![self.desc.rows], 0, 0, 1),
+        };
+        // A block's slabs bind every operand, and the partials of its lines' chunks, at once.
+        let line_words = call
             .operands
             .iter()
-            .map(Operand::row_bytes)
+            .map(|operand| operand.row_bytes() as usize / 4)
+            .chain([if chunk > 0 {
+                chunks * self.desc.partial_words
+            } else {
+                0
+            }])
             .max()
-            .unwrap_or(0) as usize
-            / 4;
-        let slab = row_words.max(1) * inner;
+            .unwrap_or(0);
         let blocks = super::row_blocks(
             rows / inner,
-            slab,
+            line_words.max(1) * inner,
             gpu.max_binding(),
             gpu.storage_align(),
             usize::MAX,
@@ -466,16 +480,14 @@ impl RowwiseFamily {
         .into_iter()
         .map(|(first, n)| (first * inner, n * inner))
         .collect();
-        let items = if cols <= LINE_ITEMS { cols as u32 } else { 0 };
-        let wg = gpu.tuning.axis_workgroup;
         Ok(Layout {
-            entries: vec![self.desc.rows],
+            entries,
             wg,
             items,
             team: 0,
             per_group: wg as usize,
-            chunk: 0,
-            chunks: 1,
+            chunk,
+            chunks,
             blocks,
             spin: None,
         })
@@ -543,8 +555,11 @@ impl RowwiseFamily {
             .map(|(i, &entry)| {
                 // The second entry of a split is its finishing pass; the others keep the
                 // shader's default order (and the same pipeline key as without the field).
-                let reverse =
-                    chunk > 0 && i == 1 && tuning.split_reverse != 0 && layout.spin.is_none();
+                let reverse = chunk > 0
+                    && i == 1
+                    && tuning.split_reverse != 0
+                    && layout.spin.is_none()
+                    && call.inner == 1;
                 let extra: &[_] = match (reverse, tally, layout.spin) {
                     (true, _, _) => &[("REVERSE", 1)],
                     (_, true, _) => &[("ROW_TALLY", 1)],
@@ -587,9 +602,10 @@ impl RowwiseFamily {
                 None => n * chunks * desc.partial_words,
             };
             let windows = self.windows(gpu, call, first, n, &binding8, partial_len);
-            // Lines along an axis take `inner` in the chunk's place.
+            // Lines along an axis take `inner` in the spin bound's place (no pass of theirs
+            // waits).
             let split = if call.inner > 1 {
-                [call.inner as u32, 1, 0]
+                [chunk, chunks as u32, call.inner as u32]
             } else {
                 [chunk, chunks as u32, layout.spin.unwrap_or(0)]
             };
@@ -841,13 +857,6 @@ fn params(
 /// the 19 or 21 classes of a segmentation map are read once (1.5-1.6x on lavapipe against
 /// streaming them, `16x21x16384` and `256x32x256`).
 pub(crate) const LINE_ITEMS: usize = 2 * MAX_ITEMS as usize;
-
-/// The longest line along an axis that a family's `rows` entry takes per invocation
-/// ([`RowCall::inner`]) on a device with `caps`: a third of a software adapter's loop budget
-/// (each element is visited three times: maximum, sums, output); `None`, no bound.
-pub(crate) fn longest_line(caps: &super::plan::Capabilities) -> Option<usize> {
-    caps.loop_budget.map(|budget| (budget / 3) as usize)
-}
 
 pub(crate) fn partials_buffer(device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
     storage_buffer(device, "wgpu-softmax partials", bytes)
