@@ -7,7 +7,9 @@ mod common;
 use common::context;
 use proptest::prelude::*;
 use wgpu_softmax::cpu::reference;
-use wgpu_softmax::{CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance};
+use wgpu_softmax::{
+    AxisLayout, CrossEntropyOptions, Engine, GradOutput, Reduction, Targets, Tolerance,
+};
 
 fn config() -> ProptestConfig {
     ProptestConfig {
@@ -39,6 +41,23 @@ fn batch(element: BoxedStrategy<f32>) -> impl Strategy<Value = (Vec<f32>, usize)
             Just(cols),
         )
     })
+}
+
+/// A layout `[outer, C, inner]` (1 to 3 slabs of 1 to 300 classes at 2 to 70 positions) and
+/// logits for it.
+fn along_batch() -> impl Strategy<Value = (AxisLayout, Vec<f32>)> {
+    (
+        1usize..=3,
+        prop_oneof![1usize..=40, 41usize..=300],
+        2usize..=70,
+    )
+        .prop_flat_map(|(outer, classes, inner)| {
+            let layout = AxisLayout::from_parts(outer, classes, inner).expect("a small layout");
+            (
+                Just(layout),
+                proptest::collection::vec(logit(), layout.numel()),
+            )
+        })
 }
 
 fn finite_logit() -> BoxedStrategy<f32> {
@@ -165,6 +184,48 @@ proptest! {
                     "log={} element {}: {} vs {}", log, i, got, fd
                 );
             }
+        }
+    }
+
+    /// Cross-entropy with the classes along the middle axis of `[outer, C, inner]` (random
+    /// sizes, logits with subnormals and -inf, every fifth target ignored, smoothing, class
+    /// weights and reduction), on the GPU and the CPU path, against the reference over the lines
+    /// moved last.
+    #[test]
+    fn cross_entropy_along_an_axis_matches_the_reference(
+        (layout, x) in along_batch(),
+        seed in 0usize..1000,
+        smoothing in prop_oneof![Just(0.0f32), 0.0f32..0.5],
+        weighted in any::<bool>(),
+        reduction in prop_oneof![Just(Reduction::Mean), Just(Reduction::Sum), Just(Reduction::None)],
+    ) {
+        let Some(ctx) = context() else { return Ok(()) };
+        let (lines, classes) = (layout.lines(), layout.len());
+        let idx: Vec<i64> = (0..lines)
+            .map(|r| if r % 5 == 1 { -100 } else { ((r * 7 + seed) % classes) as i64 })
+            .collect();
+        let weight: Vec<f32> = (0..classes).map(|c| 0.25 + (c % 4) as f32 * 0.5).collect();
+        let options = CrossEntropyOptions {
+            weight: weighted.then_some(&weight[..]),
+            reduction,
+            label_smoothing: smoothing,
+            ..Default::default()
+        };
+        let targets = Targets::Indices(&idx);
+        let rows = layout.to_rows(&x).unwrap();
+        let want = reference::cross_entropy(&rows, classes, targets, &options, GradOutput::One).unwrap();
+        let want_grad = layout.from_rows(&want.grad).unwrap();
+        for engine in [Engine::Gpu(ctx.clone()), Engine::Cpu] {
+            let got = engine
+                .cross_entropy_with_grad_along(&x, layout, targets, &options, GradOutput::One)
+                .unwrap();
+            let cmp = Tolerance { abs: 1e-5, rel: 2e-5 }.compare(&got.loss, &want.loss);
+            prop_assert!(cmp.passed(), "{:?} loss {:?}", engine, cmp);
+            let scale = want_grad.iter().filter(|v| v.is_finite()).fold(1e-30f64, |m, v| m.max(v.abs()));
+            let got_grad: Vec<f32> = got.grad.iter().map(|&g| (f64::from(g) / scale) as f32).collect();
+            let want_scaled: Vec<f64> = want_grad.iter().map(|g| g / scale).collect();
+            let cmp = Tolerance::SOFTMAX.compare(&got_grad, &want_scaled);
+            prop_assert!(cmp.passed(), "{:?} grad {:?}", engine, cmp);
         }
     }
 
