@@ -152,7 +152,8 @@ fn apply_backward_ops() {
     assert!(Tolerance::SOFTMAX.compare(&got, &want).passed());
 }
 
-/// Classes on axis 1: logits [N, C, d] and targets [N, d], as in a segmentation loss.
+/// Classes on axis 1: logits [N, C, d] and targets [N, d], as in a segmentation loss; and the
+/// same classes last (`--axis -1`, logits [N, d, C]).
 #[test]
 fn apply_cross_entropy_with_classes_on_axis_one() {
     if context().is_none() {
@@ -219,6 +220,42 @@ fn apply_cross_entropy_with_classes_on_axis_one() {
             }
         }
     }
+    // The same logits with the classes last: the rows the reference took.
+    write(
+        &dir.path("last.npy"),
+        &[n as u64, d as u64, c as u64],
+        &rows,
+    );
+    let output = runner()
+        .args(["apply", "cross-entropy", "--input"])
+        .arg(dir.path("last.npy"))
+        .arg("--targets")
+        .arg(dir.path("t.npy"))
+        .args([
+            "--axis",
+            "-1",
+            "--reduction",
+            "none",
+            "--label-smoothing",
+            "0.1",
+        ])
+        .arg("--output")
+        .arg(dir.path("loss_last.npy"))
+        .arg("--grad-output")
+        .arg(dir.path("grad_last.npy"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (shape, loss) = read(&dir.path("loss_last.npy"));
+    assert_eq!(shape, [n as u64, d as u64]);
+    assert!(Tolerance::LOG_SOFTMAX.compare(&loss, &want.loss).passed());
+    let (shape, grad) = read(&dir.path("grad_last.npy"));
+    assert_eq!(shape, [n as u64, d as u64, c as u64]);
+    assert!(Tolerance::SOFTMAX.compare(&grad, &want.grad).passed());
 }
 
 #[test]

@@ -19,7 +19,8 @@ pub enum ApplyOp {
     SoftmaxBackward,
     /// dx from y = log_softmax(x) (--input) and dy (--grad), over --axis
     LogSoftmaxBackward,
-    /// cross-entropy of logits [N, C] or [N, C, d1, ...] (classes on axis 1) and --targets
+    /// cross-entropy of logits [N, C] or [N, C, d1, ...] (classes on --axis, 1 by default) and
+    /// --targets
     CrossEntropy,
 }
 
@@ -45,8 +46,8 @@ pub struct ApplyArgs {
     /// Backward ops: dL/dy (float32, shaped like --input).
     #[arg(long)]
     grad: Option<PathBuf>,
-    /// Softmax, log-softmax and the backward ops: the axis the op runs along, negative from
-    /// the end as PyTorch's dim [default: -1]. Cross-entropy's classes are axis 1.
+    /// The axis the op runs along, negative from the end as PyTorch's dim [default: -1];
+    /// cross-entropy: the class axis [default: 1, as PyTorch's F.cross_entropy].
     #[arg(long, allow_hyphen_values = true)]
     axis: Option<isize>,
     /// Cross-entropy: class indices (int64 or int32) shaped [N, d1, ...], or float32
@@ -167,8 +168,9 @@ fn apply(engine: &Engine, args: &ApplyArgs) -> Result<(), String> {
 enum Blame<'a> {
     /// Lines along `--axis` of `--input`.
     Axis(isize),
-    /// Rows of the classes (axis 1) of `--input`, one per element of `--targets`.
+    /// Lines of the classes (`axis`) of `--input`, one per element of `--targets`.
     Classes {
+        axis: isize,
         targets: &'a Path,
         target_shape: &'a [usize],
     },
@@ -182,7 +184,7 @@ fn explain(error: wgpu_softmax::Error, args: &ApplyArgs, blame: &Blame) -> Strin
     let axis = match blame {
         Blame::Axis(-1) => "the last axis".to_string(),
         Blame::Axis(axis) => format!("axis {axis}"),
-        Blame::Classes { .. } => "the class axis (axis 1)".to_string(),
+        Blame::Classes { axis, .. } => format!("the class axis (axis {axis})"),
     };
     match (error, blame) {
         (Error::LabelSmoothing(value), _) => label_smoothing_message(value),
@@ -196,6 +198,7 @@ fn explain(error: wgpu_softmax::Error, args: &ApplyArgs, blame: &Blame) -> Strin
             Blame::Classes {
                 targets,
                 target_shape,
+                ..
             },
         ) => format!(
             "{}: target {value} at index {} is outside [0, {classes}) for {classes} classes and is not --ignore-index {ignore_index}",
@@ -283,13 +286,21 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
             logits.shape
         ));
     }
+    // The class axis, from the end where negative; the targets drop it.
+    let axis = args.axis.unwrap_or(1);
+    let rank = logits.shape.len();
+    let index = if axis < 0 { axis + rank as isize } else { axis };
+    if !(0..rank as isize).contains(&index) {
+        let error = wgpu_softmax::Error::AxisOutOfRange { axis, rank };
+        return Err(explain(error, args, &Blame::Axis(axis)));
+    }
     let targets = npy::read_as(targets_path, npy::Expected::TARGETS).map_err(|e| e.to_string())?;
     let mut target_shape = logits.shape.clone();
-    target_shape.remove(1);
+    target_shape.remove(index as usize);
     let is_indices = !matches!(targets.data, NpyData::F32(_));
     if is_indices && targets.shape != target_shape {
         return Err(format!(
-            "{}: class-index targets must have shape {target_shape:?} (the logits without axis 1), got {:?}",
+            "{}: class-index targets must have shape {target_shape:?} (the logits without axis {axis}), got {:?}",
             targets_path.display(),
             targets.shape
         ));
@@ -307,12 +318,13 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
             e,
             args,
             &Blame::Classes {
+                axis,
                 targets: targets_path,
                 target_shape: &target_shape,
             },
         )
     };
-    let layout = AxisLayout::new(&logits.shape, 1).map_err(located)?;
+    let layout = AxisLayout::new(&logits.shape, axis).map_err(located)?;
     let classes = layout.len();
     let targets = match &targets.data {
         NpyData::F32(p) => Targets::Probabilities(p),
@@ -345,7 +357,7 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
         reduction,
         label_smoothing: args.label_smoothing.unwrap_or(defaults.label_smoothing),
     };
-    // The classes are read in place along axis 1, whatever follows it.
+    // The classes are read in place along their axis, whatever follows it.
     let (loss, grad) = if args.grad_output.is_some() {
         let out = engine
             .cross_entropy_with_grad_along(&logits.data, layout, targets, &options, GradOutput::One)
@@ -377,7 +389,6 @@ fn cross_entropy(engine: &Engine, args: &ApplyArgs, logits: Array) -> Result<(),
 fn check_options_apply(args: &ApplyArgs, name: &str) -> Result<(), String> {
     const BACKWARD: &str = "softmax-backward and log-softmax-backward";
     const CROSS_ENTROPY: &str = "cross-entropy";
-    const SOFTMAX_FAMILY: &str = "softmax, log-softmax, softmax-backward and log-softmax-backward";
     let backward = matches!(
         args.op,
         ApplyOp::SoftmaxBackward | ApplyOp::LogSoftmaxBackward
@@ -385,13 +396,8 @@ fn check_options_apply(args: &ApplyArgs, name: &str) -> Result<(), String> {
     let cross_entropy = args.op == ApplyOp::CrossEntropy;
     // The options only some ops use: (those ops, whether this is one, the options given).
     type Group<'a> = (&'a str, bool, &'a [(&'a str, bool)]);
-    let groups: [Group; 3] = [
+    let groups: [Group; 2] = [
         (BACKWARD, backward, &[("--grad", args.grad.is_some())]),
-        (
-            SOFTMAX_FAMILY,
-            !cross_entropy,
-            &[("--axis", args.axis.is_some())],
-        ),
         (
             CROSS_ENTROPY,
             cross_entropy,
