@@ -3520,8 +3520,9 @@ mod tests {
     }
 
     /// Cross-entropy along an axis that is not the last, read in place, with every
-    /// instruction set this CPU runs: blocks narrower than, as wide as and wider than a task's
-    /// lines, one class, long lines summed in blocks, every option, special values and ignored
+    /// instruction set this CPU runs: blocks as wide as and wider than a task's lines, slabs
+    /// walked flat (fewer than 32 lines, or fewer than 64 not a multiple of 16), one class,
+    /// long lines summed in blocks, one task and many, every option, special values and ignored
     /// lines (their gradient exactly 0), against the reference on the lines moved last.
     #[test]
     fn cross_entropy_along_an_axis_matches_reference() {
@@ -3533,6 +3534,9 @@ mod tests {
             (1, 3000, 7),
             (5, 1, 7),
             (40, 40, 40),
+            (3, 50, 32),
+            (2, 17, 16),
+            (64, 300, 6),
         ] {
             let layout = AxisLayout::from_parts(outer, classes, inner).unwrap();
             let lines = layout.lines();

@@ -312,27 +312,11 @@ fn narrow<M: MulAdd>(
     len: usize,
     inner: usize,
 ) {
-    let mut period = lcm(inner, LANES);
-    while period < MIN_PERIOD {
-        period *= 2;
-    }
+    let period = period_of(inner);
     let elements = len * inner;
     match op {
         AlongOp::Softmax | AlongOp::LogSoftmax => {
-            let mut max = [f32::NEG_INFINITY; MAX_PERIOD];
-            for chunk in x.chunks(period) {
-                for (m, &v) in max.iter_mut().zip(chunk) {
-                    *m = larger(*m, max_key(v));
-                }
-            }
-            let mut lines = [f32::NEG_INFINITY; NARROW];
-            for (j, &m) in max[..period].iter().enumerate() {
-                lines[j % inner] = larger(lines[j % inner], m);
-            }
-            for (j, m) in max[..period].iter_mut().enumerate() {
-                *m = lines[j % inner];
-            }
-            let max = &max;
+            let max = &period_max(x, period, inner);
             let sums = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
                 for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(max) {
                     *p += exp_nonpositive::<M>(v - m);
@@ -365,6 +349,35 @@ fn narrow<M: MulAdd>(
             }
         }
     }
+}
+
+/// The period of [`narrow`] for slabs of `inner` lines: `lcm(inner, LANES)` doubled up to at
+/// least [`MIN_PERIOD`].
+fn period_of(inner: usize) -> usize {
+    let mut period = lcm(inner, LANES);
+    while period < MIN_PERIOD {
+        period *= 2;
+    }
+    period
+}
+
+/// Per position of a period, the maximum ([`max_key`]) of its line over the slab `x`.
+#[inline(always)]
+fn period_max(x: &[f32], period: usize, inner: usize) -> [f32; MAX_PERIOD] {
+    let mut max = [f32::NEG_INFINITY; MAX_PERIOD];
+    for chunk in x.chunks(period) {
+        for (m, &v) in max.iter_mut().zip(chunk) {
+            *m = larger(*m, max_key(v));
+        }
+    }
+    let mut lines = [f32::NEG_INFINITY; NARROW];
+    for (j, &m) in max[..period].iter().enumerate() {
+        lines[j % inner] = larger(lines[j % inner], m);
+    }
+    for (j, m) in max[..period].iter_mut().enumerate() {
+        *m = lines[j % inner];
+    }
+    max
 }
 
 /// Per position of a period, the sum over the slab's periods of what `add(start, part)` adds
@@ -450,6 +463,35 @@ pub(super) fn cross_entropy(
         return losses;
     }
     let slab = len * inner;
+    if takes_narrow(AlongOp::Softmax, inner) {
+        // Slabs in turn, each walked flat; as the softmax's narrow slabs.
+        let task = |(o, (x, losses)): (usize, (&[f32], &mut [f64])), grad: Option<&mut [f32]>| {
+            loss_narrow_on(isa, lines, x, o * inner, grad, (len, inner), losses);
+        };
+        let slabs = x.chunks(slab).zip(losses.chunks_mut(inner)).enumerate();
+        match grad {
+            Some(grad) if layout.numel() > SERIAL_ELEMS => {
+                x.par_chunks(slab)
+                    .zip(losses.par_chunks_mut(inner))
+                    .enumerate()
+                    .zip(grad.par_chunks_mut(slab))
+                    .with_min_len((TASK_ELEMS / slab).max(1))
+                    .for_each(|(t, g)| task(t, Some(g)));
+            }
+            Some(grad) => slabs
+                .zip(grad.chunks_mut(slab))
+                .for_each(|(t, g)| task(t, Some(g))),
+            None if layout.numel() > SERIAL_ELEMS => {
+                x.par_chunks(slab)
+                    .zip(losses.par_chunks_mut(inner))
+                    .enumerate()
+                    .with_min_len((TASK_ELEMS / slab).max(1))
+                    .for_each(|t| task(t, None));
+            }
+            None => slabs.for_each(|t| task(t, None)),
+        }
+        return losses;
+    }
     let grad = grad.map(|g| Out(g.as_mut_ptr()));
     let loss_out = Losses(losses.as_mut_ptr());
     for_each_block(layout, |o, block| {
@@ -663,6 +705,173 @@ fn loss_columns<M: MulAdd>(
         }
     }
 }
+
+/// [`loss_columns`] over one whole slab `x` of fewer lines than [`NARROW`], walked flat as
+/// [`narrow`] walks it: statistics per position of a period, folded per line (position `j` is
+/// line `j % inner`, its class `(start + j) / inner` in the period at element `start`); `line0`
+/// is the slab's first line, `(len, inner)` its shape, and `losses` and `grad` (the slab's, when
+/// asked for) receive its lines'.
+#[inline(always)]
+fn loss_narrow<M: MulAdd>(
+    lines: &LossLines<'_>,
+    x: &[f32],
+    line0: usize,
+    grad: Option<&mut [f32]>,
+    (len, inner): (usize, usize),
+    losses: &mut [f64],
+) {
+    let plan = lines.plan;
+    let period = period_of(inner);
+    let elements = len * inner;
+    let probs = lines.probabilities.map(|p| &p[line0 * len..][..elements]);
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    let weighted = plan.weight.is_some();
+    let max = &period_max(x, period, inner);
+    // Per line: its target class (index targets), the target's weight, whether it is ignored.
+    let mut target = [0usize; NARROW];
+    let mut target_weight = [0f32; NARROW];
+    let mut ignored = [false; NARROW];
+    if let Some(t) = lines.indices {
+        for (i, &t) in t[line0..][..inner].iter().enumerate() {
+            ignored[i] = t == IGNORED_ROW;
+            target[i] = if ignored[i] { 0 } else { t as usize };
+            target_weight[i] = lines.weight(target[i]);
+        }
+    }
+    // The class weights of the period at `start`, into `w` (left at ones without weights).
+    let class_weights = |start: usize, w: &mut [f32]| {
+        if weighted {
+            for (j, w) in w.iter_mut().enumerate() {
+                *w = lines.weight((start + j) / inner);
+            }
+        }
+    };
+    let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
+    let sums = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+        for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(max) {
+            *p += exp_nonpositive::<M>(v - m);
+        }
+    });
+    let (mut a, mut b) = ([0f64; NARROW], [0f64; NARROW]);
+    let mut w_buf = [1f32; MAX_PERIOD];
+    match probs {
+        Some(probs) => {
+            let spread = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+                let w = &mut w_buf[..part.len()];
+                class_weights(start, w);
+                let values = x[start..]
+                    .iter()
+                    .zip(max)
+                    .zip(w.iter())
+                    .zip(&probs[start..]);
+                for (p, (((&v, &m), &w), &prob)) in part.iter_mut().zip(values) {
+                    *p += term(w * (keep * prob + smooth), v, m);
+                }
+            });
+            let mass = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+                let w = &mut w_buf[..part.len()];
+                class_weights(start, w);
+                for ((p, &w), &prob) in part.iter_mut().zip(w.iter()).zip(&probs[start..]) {
+                    *p += w * (keep * prob + smooth);
+                }
+            });
+            for i in 0..inner {
+                a[i] = f64::from(spread[i]);
+                b[i] = f64::from(mass[i]);
+            }
+        }
+        None => {
+            // The smoothing's share, e/C sum_c w_c (x_c - m), then the target's.
+            if smooth != 0.0 {
+                let spread =
+                    period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+                        let w = &mut w_buf[..part.len()];
+                        class_weights(start, w);
+                        let values = x[start..].iter().zip(max).zip(w.iter());
+                        for (p, ((&v, &m), &w)) in part.iter_mut().zip(values) {
+                            *p += term(w, v, m);
+                        }
+                    });
+                for i in 0..inner {
+                    a[i] = f64::from(smooth) * f64::from(spread[i]);
+                }
+            }
+            for i in 0..inner {
+                let q_t = keep * target_weight[i];
+                if q_t != 0.0 {
+                    let x_t = x[target[i] * inner + i];
+                    a[i] += f64::from(q_t) * (f64::from(x_t) - f64::from(max[i]));
+                }
+                b[i] = f64::from(q_t) + f64::from(smooth) * lines.weight_sum;
+            }
+        }
+    }
+    for i in 0..inner {
+        losses[i] = if ignored[i] {
+            0.0
+        } else if !max[i].is_finite() {
+            f64::NAN
+        } else {
+            b[i] * f64::from(ln_normal(sums[i].max(1.0))) - a[i]
+        };
+    }
+    let Some(grad) = grad else {
+        return;
+    };
+    // grad = e (scale B / S) - scale q, per position; the target's own mass after the walk.
+    let mut scale64 = [0f64; NARROW];
+    plan.grad_scales(line0, &mut scale64[..inner]);
+    let (mut factor, mut scale) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
+    for j in 0..period {
+        let i = j % inner;
+        scale[j] = scale64[i] as f32;
+        factor[j] = scale[j] * (b[i] / f64::from(sums[i])) as f32;
+    }
+    for (p, (g, xs)) in grad.chunks_mut(period).zip(x.chunks(period)).enumerate() {
+        let start = p * period;
+        let w = &mut w_buf[..g.len()];
+        class_weights(start, w);
+        let lines = g.iter_mut().zip(xs).zip(max.iter().zip(&factor));
+        match probs {
+            Some(probs) => {
+                let rest = scale.iter().zip(w.iter()).zip(&probs[start..]);
+                for (((g, &v), (&m, &f)), ((&s, &w), &prob)) in lines.zip(rest) {
+                    *g = exp_nonpositive::<M>(v - m) * f - s * (w * (keep * prob + smooth));
+                }
+            }
+            None if smooth != 0.0 => {
+                for (((g, &v), (&m, &f)), (&s, &w)) in lines.zip(scale.iter().zip(w.iter())) {
+                    *g = exp_nonpositive::<M>(v - m) * f - s * (smooth * w);
+                }
+            }
+            None => {
+                for ((g, &v), (&m, &f)) in lines {
+                    *g = exp_nonpositive::<M>(v - m) * f;
+                }
+            }
+        }
+    }
+    for i in 0..inner {
+        let fill = if ignored[i] {
+            0.0
+        } else if !max[i].is_finite() {
+            f32::NAN
+        } else {
+            if probs.is_none() {
+                grad[target[i] * inner + i] -= scale[i] * (keep * target_weight[i]);
+            }
+            continue;
+        };
+        for g in grad[i..].iter_mut().step_by(inner) {
+            *g = fill;
+        }
+    }
+}
+
+multiversion!(loss_narrow_on => loss_narrow(
+    lines: &LossLines<'_>, x: &[f32], line0: usize, grad: Option<&mut [f32]>,
+    dims: (usize, usize), losses: &mut [f64]
+));
 
 multiversion!(loss_columns_on => loss_columns(
     lines: &LossLines<'_>, x: &[f32], line0: usize, grad: Option<Out>, block: Block,
