@@ -446,6 +446,69 @@ impl LossLines<'_> {
     }
 }
 
+/// What the index targets say of up to [`COLUMNS`] neighbouring lines: each line's target
+/// class, the target's weight, and whether the line is ignored (for probability targets, no
+/// line is ignored and nothing else is used).
+struct LineTargets {
+    class: [usize; COLUMNS],
+    weight: [f32; COLUMNS],
+    ignored: [bool; COLUMNS],
+}
+
+impl LineTargets {
+    /// Lines `first..first + n`.
+    fn new(lines: &LossLines<'_>, first: usize, n: usize) -> Self {
+        let mut targets = LineTargets {
+            class: [0; COLUMNS],
+            weight: [0.0; COLUMNS],
+            ignored: [false; COLUMNS],
+        };
+        if let Some(t) = lines.indices {
+            for (j, &t) in t[first..][..n].iter().enumerate() {
+                targets.ignored[j] = t == IGNORED_ROW;
+                targets.class[j] = if targets.ignored[j] { 0 } else { t as usize };
+                targets.weight[j] = lines.weight(targets.class[j]);
+            }
+        }
+        targets
+    }
+
+    /// Line `j`'s target terms (index targets): `(1 - e) w_t (x_t - m)` added to its `A`, and
+    /// its `B = (1 - e) w_t + e/C sum_c w_c`; `x_t` its target logit, `m` its maximum.
+    fn target_terms(&self, lines: &LossLines<'_>, j: usize, x_t: f32, m: f32) -> (f64, f64) {
+        let q_t = lines.keep * self.weight[j];
+        let a = if q_t != 0.0 {
+            f64::from(q_t) * (f64::from(x_t) - f64::from(m))
+        } else {
+            0.0
+        };
+        (
+            a,
+            f64::from(q_t) + f64::from(lines.smooth) * lines.weight_sum,
+        )
+    }
+
+    /// What fills line `j`'s gradient in place of the formula: 0 for an ignored line, NaN for a
+    /// line whose maximum `m` is not finite; `None` where the formula holds.
+    fn fill(&self, j: usize, m: f32) -> Option<f32> {
+        if self.ignored[j] {
+            Some(0.0)
+        } else if !m.is_finite() {
+            Some(f32::NAN)
+        } else {
+            None
+        }
+    }
+
+    /// Line `j`'s loss, `B ln S - A`, or its fill.
+    fn loss(&self, j: usize, m: f32, ln_sum: f32, a: f64, b: f64) -> f64 {
+        match self.fill(j, m) {
+            Some(fill) => f64::from(fill),
+            None => b * f64::from(ln_sum) - a,
+        }
+    }
+}
+
 /// The per-line losses (f64, in the lines' order) of cross-entropy along `layout`, and with
 /// `grad` its gradient, scaled as the plan says, with the kernels built for `isa`: blocks of
 /// neighbouring lines of a slab walked down the axis, as the softmax along an axis is, so that
@@ -568,18 +631,7 @@ fn loss_columns<M: MulAdd>(
         }
     }
     let max = &*max;
-    // Per line: its target class (index targets), the target's weight, and whether the line is
-    // ignored.
-    let mut target = [0usize; COLUMNS];
-    let mut target_weight = [0f32; COLUMNS];
-    let mut ignored = [false; COLUMNS];
-    if let Some(t) = lines.indices {
-        for (j, &t) in t[first_line..][..w].iter().enumerate() {
-            ignored[j] = t == IGNORED_ROW;
-            target[j] = if ignored[j] { 0 } else { t as usize };
-            target_weight[j] = lines.weight(target[j]);
-        }
-    }
+    let targets = LineTargets::new(lines, first_line, w);
     // A q (x - m) term, exactly 0 where q is 0 whatever x is.
     let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
     let sums = line_sums(block, |k, part| {
@@ -618,12 +670,10 @@ fn loss_columns<M: MulAdd>(
                 }
             }
             for j in 0..w {
-                let q_t = keep * target_weight[j];
-                if q_t != 0.0 {
-                    let x_t = x[target[j] * block.inner + block.first + j];
-                    a[j] += f64::from(q_t) * (f64::from(x_t) - f64::from(max[j]));
-                }
-                b[j] = f64::from(q_t) + f64::from(smooth) * lines.weight_sum;
+                let x_t = x[targets.class[j] * block.inner + block.first + j];
+                let (a_t, b_j) = targets.target_terms(lines, j, x_t, max[j]);
+                a[j] += a_t;
+                b[j] = b_j;
             }
         }
     }
@@ -634,13 +684,7 @@ fn loss_columns<M: MulAdd>(
         *l = ln_normal((s as f32).max(1.0));
     }
     for j in 0..w {
-        losses[j] = if ignored[j] {
-            0.0
-        } else if !max[j].is_finite() {
-            f64::NAN
-        } else {
-            b[j] * f64::from(ln_sums[j]) - a[j]
-        };
+        losses[j] = targets.loss(j, max[j], ln_sums[j], a[j], b[j]);
     }
     let Some(grad) = grad else {
         return;
@@ -685,16 +729,12 @@ fn loss_columns<M: MulAdd>(
         }
     }
     for j in 0..w {
-        let fill = if ignored[j] {
-            0.0
-        } else if !max[j].is_finite() {
-            f32::NAN
-        } else {
+        let Some(fill) = targets.fill(j, max[j]) else {
             if probs.is_none() {
                 // The target's own mass, (1 - e) w_t.
                 // SAFETY: this task's lines alone (see `Out`).
-                let g = unsafe { block.out_row(grad, target[j]) };
-                g[j] -= scale[j] * (keep * target_weight[j]);
+                let g = unsafe { block.out_row(grad, targets.class[j]) };
+                g[j] -= scale[j] * (keep * targets.weight[j]);
             }
             continue;
         };
@@ -727,17 +767,7 @@ fn loss_narrow<M: MulAdd>(
     let (smooth, keep) = (lines.smooth, lines.keep);
     let weighted = plan.weight.is_some();
     let max = &period_max(x, period, inner);
-    // Per line: its target class (index targets), the target's weight, whether it is ignored.
-    let mut target = [0usize; NARROW];
-    let mut target_weight = [0f32; NARROW];
-    let mut ignored = [false; NARROW];
-    if let Some(t) = lines.indices {
-        for (i, &t) in t[line0..][..inner].iter().enumerate() {
-            ignored[i] = t == IGNORED_ROW;
-            target[i] = if ignored[i] { 0 } else { t as usize };
-            target_weight[i] = lines.weight(target[i]);
-        }
-    }
+    let targets = LineTargets::new(lines, line0, inner);
     // The class weights of the period at `start`, into `w` (left at ones without weights).
     let class_weights = |start: usize, w: &mut [f32]| {
         if weighted {
@@ -797,23 +827,15 @@ fn loss_narrow<M: MulAdd>(
                 }
             }
             for i in 0..inner {
-                let q_t = keep * target_weight[i];
-                if q_t != 0.0 {
-                    let x_t = x[target[i] * inner + i];
-                    a[i] += f64::from(q_t) * (f64::from(x_t) - f64::from(max[i]));
-                }
-                b[i] = f64::from(q_t) + f64::from(smooth) * lines.weight_sum;
+                let x_t = x[targets.class[i] * inner + i];
+                let (a_t, b_i) = targets.target_terms(lines, i, x_t, max[i]);
+                a[i] += a_t;
+                b[i] = b_i;
             }
         }
     }
     for i in 0..inner {
-        losses[i] = if ignored[i] {
-            0.0
-        } else if !max[i].is_finite() {
-            f64::NAN
-        } else {
-            b[i] * f64::from(ln_normal(sums[i].max(1.0))) - a[i]
-        };
+        losses[i] = targets.loss(i, max[i], ln_normal(sums[i].max(1.0)), a[i], b[i]);
     }
     let Some(grad) = grad else {
         return;
@@ -852,13 +874,9 @@ fn loss_narrow<M: MulAdd>(
         }
     }
     for i in 0..inner {
-        let fill = if ignored[i] {
-            0.0
-        } else if !max[i].is_finite() {
-            f32::NAN
-        } else {
+        let Some(fill) = targets.fill(i, max[i]) else {
             if probs.is_none() {
-                grad[target[i] * inner + i] -= scale[i] * (keep * target_weight[i]);
+                grad[targets.class[i] * inner + i] -= scale[i] * (keep * targets.weight[i]);
             }
             continue;
         };
