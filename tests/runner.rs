@@ -167,28 +167,34 @@ fn apply_cross_entropy_with_classes_on_axis_one() {
         .collect();
     write(&dir.path("logits.npy"), &[n as u64, c as u64, d as u64], &x);
     write(&dir.path("t.npy"), &[n as u64, d as u64], &t);
-    let output = runner()
-        .args(["apply", "cross-entropy", "--input"])
-        .arg(dir.path("logits.npy"))
-        .arg("--targets")
-        .arg(dir.path("t.npy"))
-        .args([
-            "--reduction",
-            "none",
-            "--label-smoothing",
-            "0.1",
-            "--output",
-        ])
-        .arg(dir.path("loss.npy"))
-        .arg("--grad-output")
-        .arg(dir.path("grad.npy"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    // `apply cross-entropy` of `input` and t.npy with `extra` flags, unreduced, smoothed, into
+    // `loss` and `grad`.
+    let apply = |input: &str, extra: &[&str], loss: &str, grad: &str| {
+        let output = runner()
+            .args(["apply", "cross-entropy", "--input"])
+            .arg(dir.path(input))
+            .arg("--targets")
+            .arg(dir.path("t.npy"))
+            .args(extra)
+            .args([
+                "--reduction",
+                "none",
+                "--label-smoothing",
+                "0.1",
+                "--output",
+            ])
+            .arg(dir.path(loss))
+            .arg("--grad-output")
+            .arg(dir.path(grad))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    apply("logits.npy", &[], "loss.npy", "grad.npy");
     // The reference on rows gathered by hand: row (n, s) holds x[n, :, s].
     let mut rows = Vec::new();
     for ni in 0..n {
@@ -226,29 +232,11 @@ fn apply_cross_entropy_with_classes_on_axis_one() {
         &[n as u64, d as u64, c as u64],
         &rows,
     );
-    let output = runner()
-        .args(["apply", "cross-entropy", "--input"])
-        .arg(dir.path("last.npy"))
-        .arg("--targets")
-        .arg(dir.path("t.npy"))
-        .args([
-            "--axis",
-            "-1",
-            "--reduction",
-            "none",
-            "--label-smoothing",
-            "0.1",
-        ])
-        .arg("--output")
-        .arg(dir.path("loss_last.npy"))
-        .arg("--grad-output")
-        .arg(dir.path("grad_last.npy"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    apply(
+        "last.npy",
+        &["--axis", "-1"],
+        "loss_last.npy",
+        "grad_last.npy",
     );
     let (shape, loss) = read(&dir.path("loss_last.npy"));
     assert_eq!(shape, [n as u64, d as u64]);

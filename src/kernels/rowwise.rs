@@ -429,21 +429,20 @@ impl RowwiseFamily {
     /// elements and streamed beyond; or, where the lines are few and long or longer than a
     /// software adapter lets an invocation loop over, the split pair with an invocation per
     /// chunk of a line, cut as the softmax along an axis cuts them
-    /// ([`Tuning::axis_chunks`](super::plan::Tuning::axis_chunks)); in blocks of whole slabs
-    /// that fit a binding.
+    /// ([`AxisFamily::chunks`](super::axis::AxisFamily::chunks)); in blocks of whole slabs that
+    /// fit a binding.
     ///
     /// # Errors
     /// [`Error::SlabTooLarge`] for a slab larger than a binding.
     fn lines_layout(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Layout> {
         let (rows, cols, inner) = (call.rows, call.cols, call.inner);
         let wg = gpu.tuning.axis_workgroup;
-        let chunks = gpu.tuning.axis_chunks(rows, cols, &gpu.caps);
-        let (entries, items, chunk, chunks) = match (chunks, self.desc.split) {
-            (2.., Some(split)) => {
-                let chunk = cols.div_ceil(chunks);
-                // Rounding the chunk up can leave fewer chunks than asked for; none is empty.
-                (split.to_vec(), 0, chunk as u32, cols.div_ceil(chunk))
-            }
+        let layout = crate::layout::AxisLayout::from_parts(rows / inner, cols, inner)?;
+        let (entries, items, chunk, chunks) = match (
+            super::axis::AxisFamily::chunks(gpu, layout),
+            self.desc.split,
+        ) {
+            ((chunks @ 2.., chunk), Some(split)) => (split.to_vec(), 0, chunk as u32, chunks),
             _ if cols <= LINE_ITEMS => (vec![self.desc.rows], cols as u32, 0, 1),
             _ => (vec![self.desc.rows], 0, 0, 1),
         };
