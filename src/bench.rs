@@ -674,7 +674,7 @@ impl CpuBench {
     }
 
     /// The op along `layout`'s axis, as [`GpuBench::along`] ([`fast::softmax_along_into`] and
-    /// the others, and [`fast::cross_entropy_along`]).
+    /// the others, and [`fast::cross_entropy_along_into`]).
     ///
     /// # Errors
     /// As [`GpuBench::along`].
@@ -713,12 +713,13 @@ impl CpuBench {
                 BenchOp::Softmax => fast::softmax_along_into(x, layout, out),
                 BenchOp::LogSoftmax => fast::log_softmax_along_into(x, layout, out),
                 BenchOp::SoftmaxBackward => fast::softmax_backward_along_into(x, dy, layout, out),
-                BenchOp::CrossEntropy => fast::cross_entropy_along(
+                BenchOp::CrossEntropy => fast::cross_entropy_along_into(
                     x,
                     layout,
                     Targets::IndicesI32(&host.targets),
                     &CrossEntropyOptions::default(),
                     GradOutput::One,
+                    out,
                 )
                 .map(drop),
                 _ => fast::log_softmax_backward_along_into(x, dy, layout, out),
