@@ -3537,6 +3537,7 @@ mod tests {
             (3, 50, 32),
             (2, 17, 16),
             (64, 300, 6),
+            (2, 7, 2500),
         ] {
             let layout = AxisLayout::from_parts(outer, classes, inner).unwrap();
             let lines = layout.lines();
