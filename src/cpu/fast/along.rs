@@ -2,9 +2,12 @@
 //! lines of a slab `[len, inner]` lie side by side, so a task takes a block of neighbouring
 //! lines and walks down the axis a row of the slab at a time, each step a contiguous run that
 //! vectorises across lines. Nothing is transposed, and a block of lines is read from cache on
-//! its second and third pass.
+//! its second and third pass. Lines too long for that are streamed in chunks of steps instead
+//! (see [`streamed`]).
 
 use rayon::prelude::*;
+
+mod streamed;
 
 use super::Separate;
 use super::{
@@ -42,24 +45,39 @@ pub(super) enum AlongOp {
     LogSoftmaxBackward,
 }
 
-/// The output of a whole call, written by tasks through disjoint blocks of lines.
+/// An output of a whole call (the result, the per-line losses, partial statistics), written by
+/// tasks through disjoint parts.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+struct Out<T = f32>(*mut T);
 
 // SAFETY: tasks write disjoint elements of the output (their own lines of their own slab), and
 // the output outlives the parallel loop that shares the pointer.
-unsafe impl Send for Out {}
+unsafe impl<T> Send for Out<T> {}
 // SAFETY: as above.
-unsafe impl Sync for Out {}
+unsafe impl<T> Sync for Out<T> {}
 
-impl Out {
+impl<T> Out<T> {
+    fn new(out: &mut [T]) -> Self {
+        Out(out.as_mut_ptr())
+    }
+
     /// The output `n` elements on (a method, so that closures capture the whole `Out`).
     ///
     /// # Safety
     /// `n` lies within the output.
-    unsafe fn add(self, n: usize) -> Out {
+    unsafe fn add(self, n: usize) -> Self {
         // SAFETY: the caller's contract.
         Out(unsafe { self.0.add(n) })
+    }
+
+    /// Elements `first..first + n`.
+    ///
+    /// # Safety
+    /// They lie within the output, and no other live reference covers them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice<'a>(self, first: usize, n: usize) -> &'a mut [T] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(first), n) }
     }
 }
 
@@ -100,7 +118,11 @@ fn run_on(isa: Isa, op: AlongOp, layout: AxisLayout, x: &[f32], dy: &[f32], out:
         }
         return;
     }
-    let out = Out(out.as_mut_ptr());
+    if streamed::takes(op, layout, rayon::current_num_threads()) {
+        streamed::run_on(isa, op, layout, x, dy, out);
+        return;
+    }
+    let out = Out::new(out);
     for_each_block(layout, |o, block| {
         let slabs = o * slab..(o + 1) * slab;
         let dy = if dy.is_empty() {
@@ -150,6 +172,8 @@ fn for_each_block(layout: AxisLayout, task: impl Fn(usize, Block) + Send + Sync)
             inner,
             first,
             width: width.min(inner - first),
+            start: 0,
+            end: len,
         };
         task(o, block);
     };
@@ -164,17 +188,25 @@ fn for_each_block(layout: AxisLayout, task: impl Fn(usize, Block) + Send + Sync)
     }
 }
 
-/// A block of neighbouring lines of one slab: lines `first..first + width` of `inner`, each
-/// `len` long.
+/// A block of neighbouring lines of one slab of `len` steps down the axis: lines
+/// `first..first + width` of `inner`, at steps `start..end` (the whole axis but where lines are
+/// streamed in chunks).
 #[derive(Clone, Copy)]
 struct Block {
     len: usize,
     inner: usize,
     first: usize,
     width: usize,
+    start: usize,
+    end: usize,
 }
 
 impl Block {
+    /// The block's steps down the axis.
+    fn steps(&self) -> std::ops::Range<usize> {
+        self.start..self.end
+    }
+
     /// Step `k` down the axis of the block's lines in `data` (a slab).
     fn row<'a>(&self, data: &'a [f32], k: usize) -> &'a [f32] {
         &data[k * self.inner + self.first..][..self.width]
@@ -193,15 +225,15 @@ impl Block {
     }
 }
 
-/// Sums `term(k, j)` down the axis for each line `j` of the block: f32 blocks of
+/// Sums `term(k, j)` over the block's steps for each line `j` of the block: f32 blocks of
 /// [`SUM_BLOCK`] steps, added up in f64.
 #[inline(always)]
 fn line_sums(block: Block, mut add: impl FnMut(usize, &mut [f32])) -> [f64; MAX_COLUMNS] {
     let mut total = [0f64; MAX_COLUMNS];
     let mut part = [0f32; MAX_COLUMNS];
-    for k in 0..block.len {
+    for k in block.steps() {
         add(k, &mut part[..block.width]);
-        if (k + 1) % SUM_BLOCK == 0 || k + 1 == block.len {
+        if (k + 1 - block.start).is_multiple_of(SUM_BLOCK) || k + 1 == block.end {
             for (t, p) in total.iter_mut().zip(part.iter_mut()) {
                 *t += f64::from(*p);
                 *p = 0.0;
@@ -213,46 +245,80 @@ fn line_sums(block: Block, mut add: impl FnMut(usize, &mut [f32])) -> [f64; MAX_
 
 #[inline(always)]
 fn columns<M: MulAdd>(op: AlongOp, x: &[f32], dy: &[f32], out: Out, block: Block) {
-    let w = block.width;
     match op {
         AlongOp::Softmax | AlongOp::LogSoftmax => {
-            let mut max = [f32::NEG_INFINITY; MAX_COLUMNS];
-            let max = &mut max[..w];
-            for k in 0..block.len {
-                for (m, &v) in max.iter_mut().zip(block.row(x, k)) {
-                    *m = larger(*m, max_key(v));
-                }
-            }
-            let max = &*max;
-            let sums = line_sums(block, |k, part| {
-                for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(max) {
-                    *p += exp_nonpositive::<M>(v - m);
-                }
-            });
             let log = op == AlongOp::LogSoftmax;
+            let (max, sums) = block_stats::<M>(x, block);
             let mut scale = [0f32; MAX_COLUMNS];
-            line_scales(&mut scale, max, &sums, log);
-            for k in 0..block.len {
-                // SAFETY: this task's lines alone (see `Out`).
-                let y = unsafe { block.out_row(out, k) };
-                normalized::<M>(y, block.row(x, k), max, &scale, log);
-            }
+            line_scales(&mut scale, &max[..block.width], &sums, log);
+            normalize_block::<M>(out, x, block, &max, &scale, log);
         }
         AlongOp::SoftmaxBackward | AlongOp::LogSoftmaxBackward => {
             let log = op == AlongOp::LogSoftmaxBackward;
-            let sums = line_sums(block, |k, part| {
-                add_terms(part, block.row(x, k), block.row(dy, k), log);
-            });
+            let sums = block_dots(x, dy, block, log);
             let mut r = [0f32; MAX_COLUMNS];
             for (r, &s) in r.iter_mut().zip(&sums) {
                 *r = s as f32;
             }
-            for k in 0..block.len {
-                // SAFETY: this task's lines alone (see `Out`).
-                let dx = unsafe { block.out_row(out, k) };
-                backward_step::<M>(dx, block.row(x, k), block.row(dy, k), &r, log);
-            }
+            backward_block::<M>(out, [x, dy], block, &r, log);
         }
+    }
+}
+
+/// Each line's maximum over the block's steps (its `max_key`s': +inf for a NaN or +inf) and its
+/// sum of `exp(x - max)` there.
+#[inline(always)]
+fn block_stats<M: MulAdd>(x: &[f32], block: Block) -> ([f32; MAX_COLUMNS], [f64; MAX_COLUMNS]) {
+    let mut max = [f32::NEG_INFINITY; MAX_COLUMNS];
+    let m = &mut max[..block.width];
+    for k in block.steps() {
+        for (m, &v) in m.iter_mut().zip(block.row(x, k)) {
+            *m = larger(*m, max_key(v));
+        }
+    }
+    let m = &*m;
+    let sums = line_sums(block, |k, part| {
+        for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(m) {
+            *p += exp_nonpositive::<M>(v - m);
+        }
+    });
+    (max, sums)
+}
+
+/// Writes the block's steps of softmax or log-softmax (see [`normalized`]).
+#[inline(always)]
+fn normalize_block<M: MulAdd>(
+    out: Out,
+    x: &[f32],
+    block: Block,
+    max: &[f32],
+    scale: &[f32],
+    log: bool,
+) {
+    let (max, scale) = (&max[..block.width], &scale[..block.width]);
+    for k in block.steps() {
+        // SAFETY: this task's lines alone (see `Out`).
+        let y = unsafe { block.out_row(out, k) };
+        normalized::<M>(y, block.row(x, k), max, scale, log);
+    }
+}
+
+/// Each line's backward sum `r` over the block's steps (see [`add_terms`]).
+#[inline(always)]
+fn block_dots(y: &[f32], dy: &[f32], block: Block, log: bool) -> [f64; MAX_COLUMNS] {
+    line_sums(block, |k, part| {
+        add_terms(part, block.row(y, k), block.row(dy, k), log);
+    })
+}
+
+/// Writes the block's steps of the backward (see [`backward_step`]).
+#[inline(always)]
+fn backward_block<M: MulAdd>(out: Out, [y, dy]: [&[f32]; 2], block: Block, r: &[f32], log: bool) {
+    let r = &r[..block.width];
+    for k in block.steps() {
+        // SAFETY: this task's lines alone (see `Out`).
+        let dx = unsafe { block.out_row(out, k) };
+        backward_step::<M>(dx, block.row(y, k), block.row(dy, k), r, log);
     }
 }
 
@@ -587,8 +653,8 @@ pub(super) fn cross_entropy(
         }
         return losses;
     }
-    let grad = grad.map(|g| Out(g.as_mut_ptr()));
-    let loss_out = Losses(losses.as_mut_ptr());
+    let grad = grad.map(Out::new);
+    let loss_out = Out::new(&mut losses);
     for_each_block(layout, |o, block| {
         let slabs = o * slab..(o + 1) * slab;
         // SAFETY: slab `o` lies within the gradient, which is as long as `x`.
@@ -605,32 +671,10 @@ pub(super) fn cross_entropy(
         );
         let first_line = o * inner + block.first;
         // SAFETY: this task's lines alone, within the losses.
-        let out = unsafe { loss_out.lines(first_line, block.width) };
+        let out = unsafe { loss_out.slice(first_line, block.width) };
         out.copy_from_slice(&block_losses[..block.width]);
     });
     losses
-}
-
-/// The per-line losses of a whole call, written by tasks through disjoint blocks of lines.
-#[derive(Clone, Copy)]
-struct Losses(*mut f64);
-
-// SAFETY: as for `Out`: disjoint lines per task, and the losses outlive the loop.
-unsafe impl Send for Losses {}
-// SAFETY: as above.
-unsafe impl Sync for Losses {}
-
-impl Losses {
-    /// The losses of lines `first..first + n` (a method, so that closures capture the whole
-    /// `Losses`).
-    ///
-    /// # Safety
-    /// The lines lie within the losses, and no other live reference covers them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn lines<'a>(self, first: usize, n: usize) -> &'a mut [f64] {
-        // SAFETY: the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(first), n) }
-    }
 }
 
 /// One block of lines of cross-entropy: `x` is the slab, `line0` the index of its line 0, and
@@ -657,7 +701,7 @@ fn loss_columns<M: MulAdd>(
     let (smooth, keep) = (lines.smooth, lines.keep);
     let mut max = [f32::NEG_INFINITY; MAX_COLUMNS];
     let max = &mut max[..w];
-    for k in 0..block.len {
+    for k in block.steps() {
         for (m, &v) in max.iter_mut().zip(block.row(x, k)) {
             *m = larger(*m, max_key(v));
         }
@@ -732,7 +776,7 @@ fn loss_columns<M: MulAdd>(
         factor[j] = scale[j] * (b[j] / sums[j]) as f32;
     }
     let (factor, scale) = (&factor[..w], &scale[..w]);
-    for k in 0..block.len {
+    for k in block.steps() {
         // SAFETY: this task's lines alone (see `Out`).
         let g = unsafe { block.out_row(grad, k) };
         let w_k = lines.weight(k);
@@ -770,7 +814,7 @@ fn loss_columns<M: MulAdd>(
             }
             continue;
         };
-        for k in 0..block.len {
+        for k in block.steps() {
             // SAFETY: this task's lines alone (see `Out`).
             let g = unsafe { block.out_row(grad, k) };
             g[j] = fill;
@@ -964,6 +1008,44 @@ mod tests {
         }
     }
 
+    #[test]
+    fn long_lines_stream_in_chunks_of_steps() {
+        // The layouts the test below streams, on any number of threads; a block of 64 lines
+        // of 2048 steps (512 KiB) does not stream.
+        let ops = [
+            AlongOp::Softmax,
+            AlongOp::LogSoftmax,
+            AlongOp::SoftmaxBackward,
+            AlongOp::LogSoftmaxBackward,
+        ];
+        let takes = |op, (outer, len, inner), threads| {
+            streamed::takes(
+                op,
+                AxisLayout::from_parts(outer, len, inner).unwrap(),
+                threads,
+            )
+        };
+        for op in ops {
+            for shape in [(1, 3000, 70), (1, 2100, 1000), (9, 2100, 64)] {
+                for threads in [1, 2, 16, 64] {
+                    assert!(takes(op, shape, threads), "{op:?} {shape:?}");
+                }
+            }
+            // Blocks within 128 KiB of whole slab rows walk, whatever the op.
+            assert!(!takes(op, (256, 32, 256), 2));
+            assert!(!takes(op, (16, 21, 16384), 2));
+            assert!(!takes(op, (64, 512, 64), 2));
+        }
+        // Blocks within 128 KiB of 64 lines, where a chunk takes more, stream for the backward
+        // ops; of 128 lines or more they walk.
+        for (op, streams) in [(AlongOp::Softmax, false), (AlongOp::SoftmaxBackward, true)] {
+            assert_eq!(takes(op, (16, 300, 512), 2), streams);
+            assert_eq!(takes(op, (4, 512, 2048), 2), streams);
+            assert!(!takes(op, (8, 256, 4096), 2));
+            assert!(!takes(op, (32, 128, 1024), 2));
+        }
+    }
+
     /// The reference of a row op along `layout`: lines moved last and back.
     fn along_reference(
         layout: AxisLayout,
@@ -997,6 +1079,10 @@ mod tests {
             (3, 40, 24),
             (2, 7, 2500),
             (1, 3, 1100),
+            // Streamed (see the test below): chunks of 32 steps of 1000 lines; of 512 steps of
+            // 64 lines, in 9 slabs.
+            (1, 2100, 1000),
+            (9, 2100, 64),
         ] {
             let layout = AxisLayout::from_parts(outer, len, inner).unwrap();
             let n = layout.numel();
@@ -1009,6 +1095,12 @@ mod tests {
                 }
                 x[2] = f32::NAN;
                 x[(len - 1) * inner + 3] = f32::INFINITY;
+                // Line (0, 4): -inf for its first half, whole chunks of a streamed line.
+                if inner > 4 {
+                    for k in 0..len / 2 {
+                        x[k * inner + 4] = f32::NEG_INFINITY;
+                    }
+                }
             }
             let dy = rng.normals(n, 1.0);
             let y: Vec<f32> = along_reference(layout, [&x, &dy], |x, _, c| {
