@@ -3538,16 +3538,26 @@ mod tests {
             (2, 17, 16),
             (64, 300, 6),
             (2, 7, 2500),
+            // Streamed in chunks of 512 classes (see `along::streamed`).
+            (1, 2100, 64),
         ] {
             let layout = AxisLayout::from_parts(outer, classes, inner).unwrap();
             let lines = layout.lines();
-            // Lines in row form: degenerate ones mixed in, as for rows.
-            let rows = logits(&mut rng, lines, classes, 3.0);
+            // Lines in row form: degenerate ones mixed in, as for rows, and line 6 -inf over
+            // its first half (whole chunks of a streamed line) and far below 0 over the other,
+            // which holds its target.
+            let mut rows = logits(&mut rng, lines, classes, 3.0);
+            if lines > 6 {
+                let (low, high) = rows[6 * classes..][..classes].split_at_mut(classes / 2);
+                low.fill(f32::NEG_INFINITY);
+                high.iter_mut().for_each(|v| *v -= 1000.0);
+            }
             let x = layout.from_rows(&rows).unwrap();
             let mut idx: Vec<i64> = (0..lines).map(|_| rng.below(classes) as i64).collect();
-            if lines > 4 {
+            if lines > 6 {
                 idx[1] = -100;
                 idx[4] = -100; // the all -inf line is ignored
+                idx[6] = classes as i64 - 1;
             }
             let prob_rows = probability_rows(&mut rng, lines, classes);
             let probs = layout.from_rows(&prob_rows).unwrap();

@@ -228,8 +228,17 @@ impl Block {
 /// Sums `term(k, j)` over the block's steps for each line `j` of the block: f32 blocks of
 /// [`SUM_BLOCK`] steps, added up in f64.
 #[inline(always)]
-fn line_sums(block: Block, mut add: impl FnMut(usize, &mut [f32])) -> [f64; MAX_COLUMNS] {
+fn line_sums(block: Block, add: impl FnMut(usize, &mut [f32])) -> [f64; MAX_COLUMNS] {
     let mut total = [0f64; MAX_COLUMNS];
+    line_sums_into(block, &mut total, add);
+    total
+}
+
+/// [`line_sums`] into `total` (its first `block.width` elements).
+#[inline(always)]
+fn line_sums_into(block: Block, total: &mut [f64], mut add: impl FnMut(usize, &mut [f32])) {
+    let total = &mut total[..block.width];
+    total.fill(0.0);
     let mut part = [0f32; MAX_COLUMNS];
     for k in block.steps() {
         add(k, &mut part[..block.width]);
@@ -240,7 +249,6 @@ fn line_sums(block: Block, mut add: impl FnMut(usize, &mut [f32])) -> [f64; MAX_
             }
         }
     }
-    total
 }
 
 #[inline(always)]
@@ -403,10 +411,10 @@ fn takes_narrow(op: AlongOp, inner: usize) -> bool {
 }
 
 /// One slab of fewer than [`NARROW`] lines, flat: a period of `lcm(inner, LANES)` elements,
-/// doubled up to at least [`MIN_PERIOD`], holds `period / inner` steps of every line, and the statistics are kept per position of a
-/// period (position `j` belongs to line `j % inner`) and folded per line at the end, so that
-/// every pass runs over contiguous elements whole vectors at a time. A slab's last elements,
-/// short of a whole period, continue the pattern.
+/// doubled up to at least [`MIN_PERIOD`], holds `period / inner` steps of every line, and the
+/// statistics are kept per position of a period (position `j` belongs to line `j % inner`) and
+/// folded per line at the end, so that every pass runs over contiguous elements whole vectors
+/// at a time. A slab's last elements, short of a whole period, continue the pattern.
 #[inline(always)]
 fn narrow<M: MulAdd>(
     op: AlongOp,
@@ -653,6 +661,10 @@ pub(super) fn cross_entropy(
         }
         return losses;
     }
+    if streamed::takes_loss(layout, rayon::current_num_threads()) {
+        streamed::cross_entropy(isa, lines, layout, x, grad, &mut losses);
+        return losses;
+    }
     let grad = grad.map(Out::new);
     let loss_out = Out::new(&mut losses);
     for_each_block(layout, |o, block| {
@@ -677,105 +689,173 @@ pub(super) fn cross_entropy(
     losses
 }
 
-/// One block of lines of cross-entropy: `x` is the slab, `line0` the index of its line 0, and
-/// `losses` receives the block's lines' losses. Per line with max `m` and `S = sum exp(x - m)`:
-/// `A = sum q_c (x_c - m)`, `B = sum q_c`, loss `B ln S - A`, gradient `scale (exp(x_c - m) B
-/// / S - q_c)`; an ignored line has loss 0 and gradient 0, a line without a finite maximum NaN.
-/// Every loop over a step down the axis runs across the block's lines alike, so that it
-/// vectorises: what differs per line (its target class) is applied after the walk.
+/// What a block's lines gather over its steps for cross-entropy, each relative to the line's
+/// `shift` there (its maximum where finite, else 0: a line or chunk of only -inf, or one of a
+/// NaN or +inf, whose loss is the fill anyway): its maximum (of `max_key`s), `sum exp(x -
+/// shift)`, and of the terms other than an index target's (probability targets; smoothing's
+/// share of index targets) `a = sum q (x - shift)` (a term 0 where `q` is) and `q = sum q`.
+struct LossStats {
+    max: [f32; MAX_COLUMNS],
+    sum: [f64; MAX_COLUMNS],
+    a: [f64; MAX_COLUMNS],
+    q: [f64; MAX_COLUMNS],
+}
+
+impl LossStats {
+    fn new() -> Self {
+        LossStats {
+            max: [f32::NEG_INFINITY; MAX_COLUMNS],
+            sum: [0.0; MAX_COLUMNS],
+            a: [0.0; MAX_COLUMNS],
+            q: [0.0; MAX_COLUMNS],
+        }
+    }
+
+    fn shift(max: f32) -> f32 {
+        if max.is_finite() {
+            max
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Cross-entropy's [`LossStats`] of a block of lines of the slab `x` (`line0` its first line)
+/// over the block's steps. Every loop over a step runs across the block's lines alike, so that
+/// it vectorises.
 #[inline(always)]
-fn loss_columns<M: MulAdd>(
+fn loss_stats<M: MulAdd>(
     lines: &LossLines<'_>,
     x: &[f32],
     line0: usize,
-    grad: Option<Out>,
     block: Block,
-    losses: &mut [f64; MAX_COLUMNS],
+    stats: &mut LossStats,
 ) {
     let w = block.width;
-    let plan = lines.plan;
-    let first_line = line0 + block.first;
-    let probs = lines
-        .probabilities
-        .map(|p| &p[line0 * block.len..][..block.len * block.inner]);
-    let (smooth, keep) = (lines.smooth, lines.keep);
-    let mut max = [f32::NEG_INFINITY; MAX_COLUMNS];
-    let max = &mut max[..w];
+    let max = &mut stats.max[..w];
+    max.fill(f32::NEG_INFINITY);
     for k in block.steps() {
         for (m, &v) in max.iter_mut().zip(block.row(x, k)) {
             *m = larger(*m, max_key(v));
         }
     }
-    let max = &*max;
-    let targets = LineTargets::new(lines, first_line, w);
-    // A q (x - m) term, exactly 0 where q is 0 whatever x is.
+    let mut shift = [0f32; MAX_COLUMNS];
+    for (s, &m) in shift.iter_mut().zip(&*max) {
+        *s = LossStats::shift(m);
+    }
+    let shift = &shift[..w];
+    // A q (x - shift) term, exactly 0 where q is 0 whatever x is.
     let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
-    let sums = line_sums(block, |k, part| {
-        for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(max) {
+    line_sums_into(block, &mut stats.sum, |k, part| {
+        for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(shift) {
             *p += exp_nonpositive::<M>(v - m);
         }
     });
-    let (mut a, mut b) = ([0f64; MAX_COLUMNS], [0f64; MAX_COLUMNS]);
-    match probs {
-        Some(probs) => {
-            a = line_sums(block, |k, part| {
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    match lines.probabilities {
+        Some(p) => {
+            let probs = &p[line0 * block.len..][..block.len * block.inner];
+            line_sums_into(block, &mut stats.a, |k, part| {
                 let w_k = lines.weight(k);
-                let lines = part.iter_mut().zip(block.row(x, k)).zip(max);
+                let lines = part.iter_mut().zip(block.row(x, k)).zip(shift);
                 for (((p, &v), &m), &prob) in lines.zip(block.row(probs, k)) {
                     *p += term(w_k * (keep * prob + smooth), v, m);
                 }
             });
-            b = line_sums(block, |k, part| {
+            line_sums_into(block, &mut stats.q, |k, part| {
                 let w_k = lines.weight(k);
                 for (p, &prob) in part.iter_mut().zip(block.row(probs, k)) {
                     *p += w_k * (keep * prob + smooth);
                 }
             });
         }
-        None => {
-            // The smoothing's share, e/C sum_c w_c (x_c - m), then the target's.
-            if smooth != 0.0 {
-                let spread = line_sums(block, |k, part| {
-                    let w_k = lines.weight(k);
-                    for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(max) {
-                        *p += term(w_k, v, m);
-                    }
-                });
-                for (a, s) in a.iter_mut().zip(spread) {
-                    *a = f64::from(smooth) * s;
+        None if smooth != 0.0 => {
+            // The smoothing's share, e/C sum_c w_c (x_c - shift), and its e/C sum_c w_c over
+            // the steps (the same for every line).
+            line_sums_into(block, &mut stats.a, |k, part| {
+                let w_k = lines.weight(k);
+                for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(shift) {
+                    *p += term(w_k, v, m);
                 }
-            }
-            for j in 0..w {
-                let x_t = x[targets.class[j] * block.inner + block.first + j];
-                let (a_t, b_j) = targets.target_terms(lines, j, x_t, max[j]);
-                a[j] += a_t;
-                b[j] = b_j;
+            });
+            let weights: f64 = block.steps().map(|k| f64::from(lines.weight(k))).sum();
+            for (a, q) in stats.a[..w].iter_mut().zip(&mut stats.q[..w]) {
+                *a *= f64::from(smooth);
+                *q = f64::from(smooth) * weights;
             }
         }
+        None => {
+            stats.a[..w].fill(0.0);
+            stats.q[..w].fill(0.0);
+        }
     }
+}
+
+/// Each line's loss into `losses`, and with `grad` its gradient factors, from its
+/// [`LossStats`] over the whole axis (`stats`, relative to its maximum): with `A` the line's
+/// `a` and its target's `(1 - e) w_t (x_t - m)`, and `B` its `q` (probability targets) or `(1 -
+/// e) w_t + e/C sum_c w_c` (index targets), the loss `B ln S - A` (or the line's fill), the
+/// gradient's `factor = scale B / S` and its `scale`. `x` is the slab, `line0` its first line.
+#[inline(always)]
+fn loss_finish(
+    lines: &LossLines<'_>,
+    (x, line0): (&[f32], usize),
+    block: Block,
+    targets: &LineTargets,
+    stats: &LossStats,
+    losses: &mut [f64],
+    grad: Option<[&mut [f32]; 2]>,
+) {
+    let w = block.width;
     // ln S of every line in one loop that vectorises (S is at least 1 where the maximum is
     // finite, the only lines whose loss uses it).
     let mut ln_sums = [0f32; MAX_COLUMNS];
-    for (l, &s) in ln_sums.iter_mut().zip(&sums) {
+    for (l, &s) in ln_sums[..w].iter_mut().zip(&stats.sum) {
         *l = ln_normal((s as f32).max(1.0));
     }
-    for j in 0..w {
-        losses[j] = targets.loss(j, max[j], ln_sums[j], a[j], b[j]);
-    }
-    let Some(grad) = grad else {
-        return;
-    };
-    // grad_c = e_c (scale B / S) - scale q_c, the q_c of every class but the target's in the
-    // walk.
     let mut scale64 = [0f64; MAX_COLUMNS];
-    plan.grad_scales(first_line, &mut scale64[..w]);
-    let mut factor = [0f32; MAX_COLUMNS];
-    let mut scale = [0f32; MAX_COLUMNS];
-    for j in 0..w {
-        scale[j] = scale64[j] as f32;
-        factor[j] = scale[j] * (b[j] / sums[j]) as f32;
+    if grad.is_some() {
+        lines
+            .plan
+            .grad_scales(line0 + block.first, &mut scale64[..w]);
     }
-    let (factor, scale) = (&factor[..w], &scale[..w]);
+    let mut grad = grad;
+    for j in 0..w {
+        let (m, mut a, mut b) = (stats.max[j], stats.a[j], stats.q[j]);
+        if lines.probabilities.is_none() {
+            let x_t = block.row(x, targets.class[j])[j];
+            let (a_t, b_j) = targets.target_terms(lines, j, x_t, m);
+            a += a_t;
+            b = b_j;
+        }
+        losses[j] = targets.loss(j, m, ln_sums[j], a, b);
+        if let Some([factor, scale]) = &mut grad {
+            scale[j] = scale64[j] as f32;
+            factor[j] = scale[j] * (b / stats.sum[j]) as f32;
+        }
+    }
+}
+
+/// Writes the gradient of a block's lines over the block's steps, from each line's maximum
+/// `max`, `factor` and `scale` ([`loss_finish`]): `grad_c = exp(x_c - m) factor - scale q_c`,
+/// the `q_c` of every class but the target's in the walk, then the target's own mass where the
+/// target lies within the steps, and the fills of ignored lines and lines without a finite
+/// maximum.
+#[inline(always)]
+fn loss_grad<M: MulAdd>(
+    lines: &LossLines<'_>,
+    (x, line0): (&[f32], usize),
+    grad: Out,
+    block: Block,
+    targets: &LineTargets,
+    [max, factor, scale]: [&[f32]; 3],
+) {
+    let w = block.width;
+    let (max, factor, scale) = (&max[..w], &factor[..w], &scale[..w]);
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    let probs = lines
+        .probabilities
+        .map(|p| &p[line0 * block.len..][..block.len * block.inner]);
     for k in block.steps() {
         // SAFETY: this task's lines alone (see `Out`).
         let g = unsafe { block.out_row(grad, k) };
@@ -806,10 +886,11 @@ fn loss_columns<M: MulAdd>(
     }
     for j in 0..w {
         let Some(fill) = targets.fill(j, max[j]) else {
-            if probs.is_none() {
+            let class = targets.class[j];
+            if probs.is_none() && block.steps().contains(&class) {
                 // The target's own mass, (1 - e) w_t.
                 // SAFETY: this task's lines alone (see `Out`).
-                let g = unsafe { block.out_row(grad, targets.class[j]) };
+                let g = unsafe { block.out_row(grad, class) };
                 g[j] -= scale[j] * (keep * targets.weight[j]);
             }
             continue;
@@ -819,6 +900,32 @@ fn loss_columns<M: MulAdd>(
             let g = unsafe { block.out_row(grad, k) };
             g[j] = fill;
         }
+    }
+}
+
+/// One block of lines of cross-entropy walked whole: `x` is the slab, `line0` the index of its
+/// line 0, and `losses` receives the block's lines' losses. Per line with max `m` and `S = sum
+/// exp(x - m)`: `A = sum q_c (x_c - m)`, `B = sum q_c`, loss `B ln S - A`, gradient `scale
+/// (exp(x_c - m) B / S - q_c)`; an ignored line has loss 0 and gradient 0, a line without a
+/// finite maximum NaN.
+#[inline(always)]
+fn loss_columns<M: MulAdd>(
+    lines: &LossLines<'_>,
+    x: &[f32],
+    line0: usize,
+    grad: Option<Out>,
+    block: Block,
+    losses: &mut [f64; MAX_COLUMNS],
+) {
+    let mut stats = LossStats::new();
+    loss_stats::<M>(lines, x, line0, block, &mut stats);
+    let targets = LineTargets::new(lines, line0 + block.first, block.width);
+    let (mut factor, mut scale) = ([0f32; MAX_COLUMNS], [0f32; MAX_COLUMNS]);
+    let factors = grad.map(|_| [&mut factor[..], &mut scale[..]]);
+    loss_finish(lines, (x, line0), block, &targets, &stats, losses, factors);
+    if let Some(grad) = grad {
+        let factors = [&stats.max[..], &factor, &scale];
+        loss_grad::<M>(lines, (x, line0), grad, block, &targets, factors);
     }
 }
 
@@ -1010,8 +1117,7 @@ mod tests {
 
     #[test]
     fn long_lines_stream_in_chunks_of_steps() {
-        // The layouts the test below streams, on any number of threads; a block of 64 lines
-        // of 2048 steps (512 KiB) does not stream.
+        // The layouts the tests stream (cross-entropy's 1x2100x64), on any number of threads.
         let ops = [
             AlongOp::Softmax,
             AlongOp::LogSoftmax,
@@ -1029,6 +1135,9 @@ mod tests {
             for shape in [(1, 3000, 70), (1, 2100, 1000), (9, 2100, 64)] {
                 for threads in [1, 2, 16, 64] {
                     assert!(takes(op, shape, threads), "{op:?} {shape:?}");
+                    // Cross-entropy's test streams 1x2100x64.
+                    let layout = AxisLayout::from_parts(1, 2100, 64).unwrap();
+                    assert!(streamed::takes_loss(layout, threads));
                 }
             }
             // Blocks within 128 KiB of whole slab rows walk, whatever the op.

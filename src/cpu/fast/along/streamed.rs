@@ -6,10 +6,12 @@
 //! Streamed instead, as the split rows are:
 //!
 //! 1. the steps down the axis are cut into chunks, and each chunk of a block of up to
-//!    [`MAX_COLUMNS`] lines (a step a run of up to 4 KiB) is small enough for its two passes to
-//!    share the cache: its lines' maxima and sums of exponentials, or their backward sums;
-//! 2. each line's chunks combined, by the online-normalizer rule for the forward ops;
-//! 3. each chunk again: the output.
+//!    [`MAX_COLUMNS`] lines (a step a run of up to 4 KiB) is small enough for its passes to
+//!    share the cache: its lines' maxima and sums of exponentials (and cross-entropy's other
+//!    terms), or their backward sums;
+//! 2. each line's chunks combined, by the online-normalizer rule for the forward ops and
+//!    cross-entropy, whose losses are then final;
+//! 3. each chunk again: the output or gradient.
 //!
 //! Every element is read twice from memory and written once, and consecutive tasks take
 //! neighbouring blocks of the same steps, so that a thread reads runs of whole rows of a slab.
@@ -17,8 +19,9 @@
 use rayon::prelude::*;
 
 use super::{
-    backward_block, block_dots, block_stats, block_width, line_scales, normalize_block, AlongOp,
-    Block, Out, BLOCK_BYTES, COLUMNS, MAX_COLUMNS,
+    backward_block, block_dots, block_stats, block_width, line_scales, loss_finish, loss_grad,
+    loss_stats, normalize_block, AlongOp, Block, LineTargets, LossLines, LossStats, Out,
+    BLOCK_BYTES, COLUMNS, MAX_COLUMNS,
 };
 use crate::cpu::fast::Separate;
 use crate::cpu::fast::{exp_nonpositive, larger, Isa, MulAdd, LANES, SERIAL_ELEMS};
@@ -282,4 +285,208 @@ multiversion!(backward_on => backward_block(
     block: Block,
     r: &[f32],
     log: bool,
+));
+
+/// Whether cross-entropy's lines along `layout` are streamed: as the forward ops' (see
+/// [`takes`]).
+pub(super) fn takes_loss(layout: AxisLayout, threads: usize) -> bool {
+    takes(AlongOp::Softmax, layout, threads)
+}
+
+/// Every chunk's [`LossStats`] of its lines, each field in `[outer][chunks][inner]`.
+struct LossParts {
+    max: Vec<f32>,
+    sum: Vec<f64>,
+    a: Vec<f64>,
+    q: Vec<f64>,
+}
+
+/// Cross-entropy along `layout` (see [`takes_loss`]), as [`super::cross_entropy`]: the per-line
+/// losses into `losses`, and the gradient into `grad` where asked for.
+pub(super) fn cross_entropy(
+    isa: Isa,
+    lines: &LossLines<'_>,
+    layout: AxisLayout,
+    x: &[f32],
+    grad: Option<&mut [f32]>,
+    losses: &mut [f64],
+) {
+    let cut = Cut::new(layout);
+    let slab = cut.len * cut.inner;
+    let parts = cut.outer * cut.chunks * cut.inner;
+    let mut part = LossParts {
+        max: vec![0.0; parts],
+        sum: vec![0.0; parts],
+        a: vec![0.0; parts],
+        q: vec![0.0; parts],
+    };
+    let outs = (
+        Out::new(&mut part.max),
+        Out::new(&mut part.sum),
+        Out::new(&mut part.a),
+        Out::new(&mut part.q),
+    );
+    (0..cut.tasks()).into_par_iter().for_each(|t| {
+        let (o, block) = cut.task(t);
+        let (slot, w) = (cut.slot(o, &block), block.width);
+        let mut stats = LossStats::new();
+        loss_stats_on(
+            isa,
+            lines,
+            &x[o * slab..][..slab],
+            o * cut.inner,
+            block,
+            &mut stats,
+        );
+        // SAFETY: each task's slots are its own chunk's lines, within the partials.
+        unsafe {
+            outs.0.slice(slot, w).copy_from_slice(&stats.max[..w]);
+            outs.1.slice(slot, w).copy_from_slice(&stats.sum[..w]);
+            outs.2.slice(slot, w).copy_from_slice(&stats.a[..w]);
+            outs.3.slice(slot, w).copy_from_slice(&stats.q[..w]);
+        }
+    });
+    // Each line's loss and gradient factors from its chunks, in runs of neighbouring lines.
+    let lines_n = if grad.is_some() {
+        cut.outer * cut.inner
+    } else {
+        0
+    };
+    let mut factors = [
+        vec![0f32; lines_n],
+        vec![0f32; lines_n],
+        vec![0f32; lines_n],
+    ];
+    let [max_at, factor_at, scale_at] = factors.each_mut().map(|f| Out::new(f));
+    let loss_at = Out::new(losses);
+    let runs = cut.inner.div_ceil(COLUMNS);
+    let with_grad = grad.is_some();
+    (0..cut.outer * runs).into_par_iter().for_each(|t| {
+        let (o, first) = (t / runs, t % runs * COLUMNS);
+        let run = Run {
+            chunks: cut.chunks,
+            first: o * cut.chunks * cut.inner + first,
+            stride: cut.inner,
+            n: COLUMNS.min(cut.inner - first),
+        };
+        let line = o * cut.inner + first;
+        // SAFETY: each task's lines are its own, within the losses and the line factors.
+        let (losses, outs) = unsafe {
+            let outs =
+                with_grad.then(|| [max_at, factor_at, scale_at].map(|f| f.slice(line, run.n)));
+            (loss_at.slice(line, run.n), outs)
+        };
+        let block = Block {
+            len: cut.len,
+            inner: cut.inner,
+            first,
+            width: run.n,
+            start: 0,
+            end: cut.len,
+        };
+        let x = &x[o * slab..][..slab];
+        loss_combine_on(
+            isa,
+            lines,
+            (x, o * cut.inner),
+            block,
+            (&part, run),
+            losses,
+            outs,
+        );
+    });
+    let Some(grad) = grad else {
+        return;
+    };
+    let grad = Out::new(grad);
+    let [max, factor, scale] = &factors;
+    (0..cut.tasks()).into_par_iter().for_each(|t| {
+        let (o, block) = cut.task(t);
+        let at = o * cut.inner + block.first..;
+        // SAFETY: slab `o` lies within the gradient, which is as long as `x`.
+        let grad = unsafe { grad.add(o * slab) };
+        let targets = LineTargets::new(lines, o * cut.inner + block.first, block.width);
+        let factors = [&max[at.clone()], &factor[at.clone()], &scale[at]];
+        let x = &x[o * slab..][..slab];
+        loss_grad_on(
+            isa,
+            lines,
+            (x, o * cut.inner),
+            grad,
+            block,
+            &targets,
+            factors,
+        );
+    });
+}
+
+/// Phase 2 of cross-entropy over a run of lines of the slab `x` (`line0` its first line; the
+/// run is `block`'s lines over the whole axis): each line's [`LossStats`] over the whole axis
+/// from its chunks', each chunk's terms moved from its shift to the line's maximum `M` (`S =
+/// sum_c s_c exp(shift_c - M)`, `A = sum_c a_c + q_c (shift_c - M)`), then its loss into
+/// `losses` and, where asked for, its maximum, gradient factor and scale into `grad`.
+#[inline(always)]
+fn loss_combine<M: MulAdd>(
+    lines: &LossLines<'_>,
+    (x, line0): (&[f32], usize),
+    block: Block,
+    (part, run): (&LossParts, Run),
+    losses: &mut [f64],
+    grad: Option<[&mut [f32]; 3]>,
+) {
+    let n = run.n;
+    let mut stats = LossStats::new();
+    for c in 0..run.chunks {
+        for (m, &p) in stats.max.iter_mut().zip(run.chunk(&part.max, c)) {
+            *m = larger(*m, p);
+        }
+    }
+    for c in 0..run.chunks {
+        let maxima = run.chunk(&part.max, c).iter().zip(&stats.max);
+        let terms = run.chunk(&part.sum, c).iter().zip(run.chunk(&part.a, c));
+        let sums = stats.sum.iter_mut().zip(&mut stats.a);
+        for (((s, a), (&p, &m)), (&ps, &pa)) in sums.zip(maxima).zip(terms) {
+            let shift = LossStats::shift(p);
+            let share = ps * f64::from(exp_nonpositive::<M>(shift - m));
+            *s += if p == f32::NEG_INFINITY { 0.0 } else { share };
+            *a += pa;
+        }
+        let offsets = run.chunk(&part.max, c).iter().zip(&stats.max);
+        let moved = stats
+            .a
+            .iter_mut()
+            .zip(&mut stats.q)
+            .zip(run.chunk(&part.q, c));
+        for (((a, q), &pq), (&p, &m)) in moved.zip(offsets) {
+            let offset = f64::from(LossStats::shift(p)) - f64::from(m);
+            *a += if pq != 0.0 { pq * offset } else { 0.0 };
+            *q += pq;
+        }
+    }
+    let targets = LineTargets::new(lines, line0 + block.first, n);
+    let factors = grad.map(|[max, factor, scale]| {
+        max.copy_from_slice(&stats.max[..n]);
+        [factor, scale]
+    });
+    loss_finish(lines, (x, line0), block, &targets, &stats, losses, factors);
+}
+
+multiversion!(loss_stats_on => loss_stats(
+    lines: &LossLines<'_>, x: &[f32], line0: usize, block: Block, stats: &mut LossStats
+));
+multiversion!(loss_combine_on => loss_combine(
+    lines: &LossLines<'_>,
+    slab: (&[f32], usize),
+    block: Block,
+    parts: (&LossParts, Run),
+    losses: &mut [f64],
+    grad: Option<[&mut [f32]; 3]>,
+));
+multiversion!(loss_grad_on => loss_grad(
+    lines: &LossLines<'_>,
+    slab: (&[f32], usize),
+    grad: Out,
+    block: Block,
+    targets: &LineTargets,
+    factors: [&[f32]; 3],
 ));
