@@ -95,6 +95,10 @@ fn run_on(isa: Isa, op: AlongOp, layout: AxisLayout, x: &[f32], dy: &[f32], out:
     }
     let (len, inner) = (layout.len(), layout.inner());
     let slab = len * inner;
+    if takes_narrow(op, inner) && streamed::takes_narrow(layout, rayon::current_num_threads()) {
+        streamed::run_narrow_on(isa, op, layout, x, dy, out);
+        return;
+    }
     if takes_narrow(op, inner) {
         let dy_slabs = |o: usize| {
             if dy.is_empty() {
@@ -1145,6 +1149,14 @@ mod tests {
             assert!(!takes(op, (16, 21, 16384), 2));
             assert!(!takes(op, (64, 512, 64), 2));
         }
+        // Narrow slabs of more than 128 KiB, where whole slabs leave threads idle.
+        let narrow = |(outer, len, inner), threads| {
+            streamed::takes_narrow(AxisLayout::from_parts(outer, len, inner).unwrap(), threads)
+        };
+        assert!(narrow((1, 5000, 15), 2) && narrow((3, 20000, 5), 2));
+        assert!(narrow((2, 20000, 5), 16) && narrow((12, 20000, 5), 16));
+        assert!(!narrow((2, 20000, 5), 2) && !narrow((16, 20000, 5), 16));
+        assert!(!narrow((1, 5000, 15), 1) && !narrow((1, 2000, 15), 2));
         // Blocks within 128 KiB of 64 lines, where a chunk takes more, stream for the backward
         // ops; of 128 lines or more they walk.
         for (op, streams) in [(AlongOp::Softmax, false), (AlongOp::SoftmaxBackward, true)] {
@@ -1189,9 +1201,10 @@ mod tests {
             (2, 7, 2500),
             (1, 3, 1100),
             // Streamed (see the test below): chunks of 32 steps of 1000 lines; of 512 steps of
-            // 64 lines, in 9 slabs.
+            // 64 lines, in 9 slabs; narrow slabs (also 1x5000x15) in chunks of whole periods.
             (1, 2100, 1000),
             (9, 2100, 64),
+            (2, 20000, 5),
         ] {
             let layout = AxisLayout::from_parts(outer, len, inner).unwrap();
             let n = layout.numel();
@@ -1261,14 +1274,24 @@ mod tests {
             for (op, input, want, tolerance) in cases {
                 let backward = matches!(op, AlongOp::SoftmaxBackward | AlongOp::LogSoftmaxBackward);
                 let dy = if backward { &dy[..] } else { &[] };
-                for isa in super::super::supported_isas() {
-                    let mut out = vec![0.5; n];
-                    run_on(isa, op, layout, input, dy, &mut out);
-                    let cmp = tolerance.compare(&out, &want);
-                    assert!(
-                        cmp.passed(),
-                        "{op:?} {outer}x{len}x{inner} {isa:?}: {cmp:?}"
-                    );
+                // The call as it chooses its walk, and every layout streamed too whatever the
+                // thread count (narrow slabs as narrow slabs).
+                type Walk = fn(Isa, AlongOp, AxisLayout, &[f32], &[f32], &mut [f32]);
+                let streamed: Walk = if takes_narrow(op, inner) {
+                    streamed::run_narrow_on
+                } else {
+                    streamed::run_on
+                };
+                for (walk, name) in [(run_on as Walk, "chosen"), (streamed, "streamed")] {
+                    for isa in super::super::supported_isas() {
+                        let mut out = vec![0.5; n];
+                        walk(isa, op, layout, input, dy, &mut out);
+                        let cmp = tolerance.compare(&out, &want);
+                        assert!(
+                            cmp.passed(),
+                            "{op:?} {outer}x{len}x{inner} {isa:?} {name}: {cmp:?}"
+                        );
+                    }
                 }
             }
         }
