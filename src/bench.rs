@@ -30,8 +30,10 @@ pub const SHAPES: [(usize, usize); 6] = [
 ];
 
 /// Shapes `[N, C, S]` whose softmax-family ops the benchmarks run along axis 1 (over `C`): the
-/// classes of a batch of 128 x 128 segmentation maps, and a square's columns.
-pub const AXIS_SHAPES: [(usize, usize, usize); 2] = [(16, 21, 16_384), (4, 1024, 1024)];
+/// classes of a batch of 128 x 128 segmentation maps, a square's columns, and dim 0 of a 4096 x
+/// 4096 matrix (as a contrastive loss takes it; lines the CPU path streams).
+pub const AXIS_SHAPES: [(usize, usize, usize); 3] =
+    [(16, 21, 16_384), (4, 1024, 1024), (1, 4096, 4096)];
 
 /// An operation as benchmarked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
