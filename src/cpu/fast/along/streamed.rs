@@ -173,15 +173,7 @@ pub(super) fn run_on(
             let log = op == AlongOp::LogSoftmax;
             combine_on(isa, &part_max, &part_sum, run, max, scale, log);
         } else {
-            let mut r = [0f64; COLUMNS];
-            for c in 0..run.chunks {
-                for (r, &s) in r.iter_mut().zip(run.chunk(&part_sum, c)) {
-                    *r += s;
-                }
-            }
-            for (s, &r) in scale.iter_mut().zip(&r) {
-                *s = r as f32;
-            }
+            run.totals(&part_sum, scale);
         }
     });
     let out = Out::new(out);
@@ -223,6 +215,19 @@ impl Run {
     /// The lines' partials of chunk `c` in `parts`.
     fn chunk<T>(self, parts: &[T], c: usize) -> &[T] {
         &parts[self.first + c * self.stride..][..self.n]
+    }
+
+    /// Each line's partial sums added over its chunks (the backward ops' `r`), into `out`.
+    fn totals(self, parts: &[f64], out: &mut [f32]) {
+        let mut total = [0f64; COLUMNS];
+        for c in 0..self.chunks {
+            for (t, &s) in total.iter_mut().zip(self.chunk(parts, c)) {
+                *t += s;
+            }
+        }
+        for (o, &t) in out.iter_mut().zip(&total) {
+            *o = t as f32;
+        }
     }
 }
 
@@ -598,10 +603,7 @@ pub(super) fn run_narrow_on(
         if forward {
             combine_on(isa, &part_max, &part_sum, run, max, scale, log);
         } else {
-            for (i, r) in scale.iter_mut().enumerate() {
-                let sum: f64 = (0..run.chunks).map(|c| run.chunk(&part_sum, c)[i]).sum();
-                *r = sum as f32;
-            }
+            run.totals(&part_sum, scale);
         }
     }
     let out = Out::new(out);
