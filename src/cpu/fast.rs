@@ -3526,97 +3526,108 @@ mod tests {
     /// lines (their gradient exactly 0), against the reference on the lines moved last.
     #[test]
     fn cross_entropy_along_an_axis_matches_reference() {
-        let mut rng = Rng::new(16);
-        for &(outer, classes, inner) in &[
-            (2, 5, 3),
-            (3, 21, 64),
-            (2, 33, 130),
-            (1, 3000, 7),
-            (5, 1, 7),
-            (40, 40, 40),
-            (3, 50, 32),
-            (2, 17, 16),
-            (64, 300, 6),
-            (2, 7, 2500),
-            // Streamed in chunks of 512 classes (see `along::streamed`).
-            (1, 2100, 64),
-        ] {
-            let layout = AxisLayout::from_parts(outer, classes, inner).unwrap();
-            let lines = layout.lines();
-            // Lines in row form: degenerate ones mixed in, as for rows, and line 6 -inf over
-            // its first half (whole chunks of a streamed line) and far below 0 over the other,
-            // which holds its target.
-            let mut rows = logits(&mut rng, lines, classes, 3.0);
-            if lines > 6 {
-                let (low, high) = rows[6 * classes..][..classes].split_at_mut(classes / 2);
-                low.fill(f32::NEG_INFINITY);
-                high.iter_mut().for_each(|v| *v -= 1000.0);
-            }
-            let x = layout.from_rows(&rows).unwrap();
-            let mut idx: Vec<i64> = (0..lines).map(|_| rng.below(classes) as i64).collect();
-            if lines > 6 {
-                idx[1] = -100;
-                idx[4] = -100; // the all -inf line is ignored
-                idx[6] = classes as i64 - 1;
-            }
-            let prob_rows = probability_rows(&mut rng, lines, classes);
-            let probs = layout.from_rows(&prob_rows).unwrap();
-            let w: Vec<f32> = (0..classes)
-                .map(|c| {
-                    if c % 7 == 3 {
-                        0.0
-                    } else {
-                        rng.uniform() as f32 * 2.0
-                    }
-                })
-                .collect();
-            let per_line = rng.normals(lines, 1.0);
-            for (targets, row_targets) in [
-                (Targets::Indices(&idx), Targets::Indices(&idx)),
-                (
-                    Targets::Probabilities(&probs),
-                    Targets::Probabilities(&prob_rows),
-                ),
+        // Two threads whatever the machine: which walk a layout takes depends on them (the one
+        // narrow slab of 1x20000x5 streams where whole slabs would leave threads idle).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut rng = Rng::new(16);
+            for &(outer, classes, inner) in &[
+                (2, 5, 3),
+                (3, 21, 64),
+                (2, 33, 130),
+                (1, 3000, 7),
+                (5, 1, 7),
+                (40, 40, 40),
+                (3, 50, 32),
+                (2, 17, 16),
+                (64, 300, 6),
+                (2, 7, 2500),
+                // Streamed in chunks of 512 classes (see `along::streamed`); a narrow slab streamed
+                // in chunks of whole periods.
+                (1, 2100, 64),
+                (1, 20000, 5),
             ] {
-                for (o, g) in option_grid(&w, &per_line) {
-                    let want =
-                        reference::cross_entropy(&rows, classes, row_targets, &o, g).unwrap();
-                    let want = reference::CrossEntropyOutput {
-                        loss: want.loss,
-                        grad: layout.from_rows(&want.grad).unwrap(),
-                    };
-                    let plan = validate::cross_entropy(x.len(), classes, targets, &o, g).unwrap();
-                    for isa in supported_isas() {
-                        let mut grad = vec![0.5; x.len()];
-                        let loss = cross_entropy_lines(&plan, layout, &x, Some(&mut grad), isa);
-                        let what = format!(
-                            "{outer}x{classes}x{inner} {isa:?} {:?} e={} \
-                                     weighted={} probabilities={}",
-                            o.reduction,
-                            o.label_smoothing,
-                            o.weight.is_some(),
-                            matches!(targets, Targets::Probabilities(_))
-                        );
-                        check_cross_entropy(&what, &loss, &grad, &want);
-                        let alone = cross_entropy_lines(&plan, layout, &x, None, isa);
-                        assert_eq!(
-                            alone.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
-                            loss.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
-                            "{what}: loss alone"
-                        );
-                        if let Targets::Indices(t) = targets {
-                            for (line, _) in t.iter().enumerate().filter(|(_, &t)| t == -100) {
-                                let (o, i) = (line / inner, line % inner);
-                                for c in 0..classes {
-                                    let g = grad[(o * classes + c) * inner + i];
-                                    assert_eq!(g.to_bits(), 0, "{what}: ignored line");
+                let layout = AxisLayout::from_parts(outer, classes, inner).unwrap();
+                let lines = layout.lines();
+                // Lines in row form: degenerate ones mixed in, as for rows, and line 6 -inf over
+                // its first half (whole chunks of a streamed line) and far below 0 over the other,
+                // which holds its target.
+                let mut rows = logits(&mut rng, lines, classes, 3.0);
+                if lines > 6 {
+                    let (low, high) = rows[6 * classes..][..classes].split_at_mut(classes / 2);
+                    low.fill(f32::NEG_INFINITY);
+                    high.iter_mut().for_each(|v| *v -= 1000.0);
+                }
+                let x = layout.from_rows(&rows).unwrap();
+                let mut idx: Vec<i64> = (0..lines).map(|_| rng.below(classes) as i64).collect();
+                if lines > 6 {
+                    idx[1] = -100;
+                    idx[4] = -100; // the all -inf line is ignored
+                    idx[6] = classes as i64 - 1;
+                }
+                let prob_rows = probability_rows(&mut rng, lines, classes);
+                let probs = layout.from_rows(&prob_rows).unwrap();
+                let w: Vec<f32> = (0..classes)
+                    .map(|c| {
+                        if c % 7 == 3 {
+                            0.0
+                        } else {
+                            rng.uniform() as f32 * 2.0
+                        }
+                    })
+                    .collect();
+                let per_line = rng.normals(lines, 1.0);
+                for (targets, row_targets) in [
+                    (Targets::Indices(&idx), Targets::Indices(&idx)),
+                    (
+                        Targets::Probabilities(&probs),
+                        Targets::Probabilities(&prob_rows),
+                    ),
+                ] {
+                    for (o, g) in option_grid(&w, &per_line) {
+                        let want =
+                            reference::cross_entropy(&rows, classes, row_targets, &o, g).unwrap();
+                        let want = reference::CrossEntropyOutput {
+                            loss: want.loss,
+                            grad: layout.from_rows(&want.grad).unwrap(),
+                        };
+                        let plan =
+                            validate::cross_entropy(x.len(), classes, targets, &o, g).unwrap();
+                        for isa in supported_isas() {
+                            let mut grad = vec![0.5; x.len()];
+                            let loss = cross_entropy_lines(&plan, layout, &x, Some(&mut grad), isa);
+                            let what = format!(
+                                "{outer}x{classes}x{inner} {isa:?} {:?} e={} \
+                                         weighted={} probabilities={}",
+                                o.reduction,
+                                o.label_smoothing,
+                                o.weight.is_some(),
+                                matches!(targets, Targets::Probabilities(_))
+                            );
+                            check_cross_entropy(&what, &loss, &grad, &want);
+                            let alone = cross_entropy_lines(&plan, layout, &x, None, isa);
+                            assert_eq!(
+                                alone.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                                loss.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                                "{what}: loss alone"
+                            );
+                            if let Targets::Indices(t) = targets {
+                                for (line, _) in t.iter().enumerate().filter(|(_, &t)| t == -100) {
+                                    let (o, i) = (line / inner, line % inner);
+                                    for c in 0..classes {
+                                        let g = grad[(o * classes + c) * inner + i];
+                                        assert_eq!(g.to_bits(), 0, "{what}: ignored line");
+                                    }
                                 }
                             }
                         }
                     }
                 }
             }
-        }
+        });
     }
 
     #[test]

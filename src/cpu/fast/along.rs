@@ -636,6 +636,12 @@ pub(super) fn cross_entropy(
         return losses;
     }
     let slab = len * inner;
+    if takes_narrow(AlongOp::Softmax, inner)
+        && streamed::takes_narrow(layout, rayon::current_num_threads())
+    {
+        streamed::cross_entropy_narrow(isa, lines, layout, x, grad, &mut losses);
+        return losses;
+    }
     if takes_narrow(AlongOp::Softmax, inner) {
         // Slabs in turn, each walked flat; as the softmax's narrow slabs.
         let task = |(o, (x, losses)): (usize, (&[f32], &mut [f64])), grad: Option<&mut [f32]>| {

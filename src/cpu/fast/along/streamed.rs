@@ -549,6 +549,16 @@ impl NarrowCut {
     fn slot(&self, t: usize) -> usize {
         t * self.inner
     }
+
+    /// The chunk of slab `o` that `range` (from [`Self::task`]) covers.
+    fn chunk(&self, o: usize, range: &std::ops::Range<usize>) -> NarrowChunk {
+        NarrowChunk {
+            off: range.start - o * self.slab,
+            n: range.len(),
+            period: self.period,
+            inner: self.inner,
+        }
+    }
 }
 
 /// Runs `op` over `layout`'s narrow slabs (see [`takes_narrow`]), as [`super::run_on`]: each
@@ -698,4 +708,310 @@ multiversion!(narrow_out_on => narrow_out(
     period: usize,
     stats: [&[f32]; 2],
     log: bool,
+));
+
+/// Cross-entropy over `layout`'s narrow slabs (see [`takes_narrow`]), as
+/// [`super::cross_entropy`]: each slab cut into chunks of whole periods, each chunk's per-line
+/// [`LossStats`] from a flat walk, combined per line as [`cross_entropy`] combines them, then
+/// each chunk's gradient.
+pub(super) fn cross_entropy_narrow(
+    isa: Isa,
+    lines: &LossLines<'_>,
+    layout: AxisLayout,
+    x: &[f32],
+    grad: Option<&mut [f32]>,
+    losses: &mut [f64],
+) {
+    let cut = NarrowCut::new(layout);
+    let (len, inner, slab) = (layout.len(), cut.inner, cut.slab);
+    let tasks = cut.outer * cut.chunks;
+    let parts = tasks * inner;
+    let mut part = LossParts {
+        max: vec![0.0; parts],
+        sum: vec![0.0; parts],
+        a: vec![0.0; parts],
+        q: vec![0.0; parts],
+    };
+    let outs = (
+        Out::new(&mut part.max),
+        Out::new(&mut part.sum),
+        Out::new(&mut part.a),
+        Out::new(&mut part.q),
+    );
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (o, range) = cut.task(t);
+        let chunk = cut.chunk(o, &range);
+        let mut stats = LossStats::new();
+        let slab_x = (&x[o * slab..][..slab], o * inner);
+        narrow_loss_stats_on(isa, lines, slab_x, chunk, &mut stats);
+        let slot = cut.slot(t);
+        // SAFETY: each task's slots are its own chunk's lines, within the partials.
+        unsafe {
+            outs.0
+                .slice(slot, inner)
+                .copy_from_slice(&stats.max[..inner]);
+            outs.1
+                .slice(slot, inner)
+                .copy_from_slice(&stats.sum[..inner]);
+            outs.2.slice(slot, inner).copy_from_slice(&stats.a[..inner]);
+            outs.3.slice(slot, inner).copy_from_slice(&stats.q[..inner]);
+        }
+    });
+    // Each line's loss and gradient factors from its chunks, a slab at a time (there are few).
+    let n_lines = if grad.is_some() { cut.outer * inner } else { 0 };
+    let mut factors = [
+        vec![0f32; n_lines],
+        vec![0f32; n_lines],
+        vec![0f32; n_lines],
+    ];
+    for o in 0..cut.outer {
+        let run = Run {
+            chunks: cut.chunks,
+            first: o * cut.chunks * inner,
+            stride: inner,
+            n: inner,
+        };
+        let block = Block {
+            len,
+            inner,
+            first: 0,
+            width: inner,
+            start: 0,
+            end: len,
+        };
+        let [max, factor, scale] = &mut factors;
+        let outs = grad
+            .is_some()
+            .then(|| [max, factor, scale].map(|f| &mut f[o * inner..][..inner]));
+        let slab_x = (&x[o * slab..][..slab], o * inner);
+        let losses = &mut losses[o * inner..][..inner];
+        loss_combine_on(isa, lines, slab_x, block, (&part, run), losses, outs);
+    }
+    let Some(grad) = grad else {
+        return;
+    };
+    let grad = Out::new(grad);
+    let [max, factor, scale] = &factors;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (o, range) = cut.task(t);
+        let chunk = cut.chunk(o, &range);
+        // SAFETY: each task writes its own chunk, within the gradient, as long as `x`.
+        let g = unsafe { grad.slice(range.start, range.len()) };
+        let at = o * inner..(o + 1) * inner;
+        let targets = LineTargets::new(lines, o * inner, inner);
+        let factors = [&max[at.clone()], &factor[at.clone()], &scale[at]];
+        let slab_x = (&x[o * slab..][..slab], o * inner);
+        narrow_loss_grad_on(isa, lines, slab_x, chunk, g, &targets, factors);
+    });
+}
+
+/// A chunk of a narrow slab of `inner` lines: `n` elements from element `off` of the slab, whole
+/// periods of `period` (see [`NarrowCut`]).
+#[derive(Clone, Copy)]
+struct NarrowChunk {
+    off: usize,
+    n: usize,
+    period: usize,
+    inner: usize,
+}
+
+impl NarrowChunk {
+    /// The class of position `j` of the period at chunk element `start`.
+    fn class(&self, start: usize, j: usize) -> usize {
+        (self.off + start + j) / self.inner
+    }
+
+    /// The steps (classes) the chunk holds.
+    fn steps(&self) -> std::ops::Range<usize> {
+        self.off / self.inner..(self.off + self.n) / self.inner
+    }
+
+    /// Into `w`, the class weights of the period at chunk element `start` (left as they are
+    /// without weights).
+    fn class_weights(&self, lines: &LossLines<'_>, start: usize, w: &mut [f32]) {
+        if lines.plan.weight.is_some() {
+            for (j, w) in w.iter_mut().enumerate() {
+                *w = lines.weight(self.class(start, j));
+            }
+        }
+    }
+}
+
+/// Phase 1 of cross-entropy on a narrow chunk of the slab `x` (`line0` its first line): each
+/// of the slab's lines' [`LossStats`] over the chunk's steps, walked flat as
+/// [`super::loss_narrow`] walks a slab (statistics per position of a period, folded per line).
+#[inline(always)]
+fn narrow_loss_stats<M: MulAdd>(
+    lines: &LossLines<'_>,
+    (x, line0): (&[f32], usize),
+    chunk: NarrowChunk,
+    stats: &mut LossStats,
+) {
+    let NarrowChunk {
+        off,
+        n,
+        period,
+        inner,
+    } = chunk;
+    let xs = &x[off..][..n];
+    let max = period_max(xs, period, inner);
+    let mut shift = [0f32; MAX_PERIOD];
+    for (s, &m) in shift.iter_mut().zip(&max[..period]) {
+        *s = LossStats::shift(m);
+    }
+    let sums = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
+        for ((p, &v), &m) in part.iter_mut().zip(&xs[start..]).zip(&shift) {
+            *p += exp_nonpositive::<M>(v - m);
+        }
+    });
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
+    let mut w_buf = [1f32; MAX_PERIOD];
+    let (mut a, mut q) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
+    match lines.probabilities {
+        Some(p) => {
+            let probs = &p[line0 * (x.len() / inner)..][..x.len()][off..][..n];
+            a = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
+                let w = &mut w_buf[..part.len()];
+                chunk.class_weights(lines, start, w);
+                let values = xs[start..]
+                    .iter()
+                    .zip(&shift)
+                    .zip(w.iter())
+                    .zip(&probs[start..]);
+                for (p, (((&v, &m), &w), &prob)) in part.iter_mut().zip(values) {
+                    *p += term(w * (keep * prob + smooth), v, m);
+                }
+            });
+            q = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
+                let w = &mut w_buf[..part.len()];
+                chunk.class_weights(lines, start, w);
+                for ((p, &w), &prob) in part.iter_mut().zip(w.iter()).zip(&probs[start..]) {
+                    *p += w * (keep * prob + smooth);
+                }
+            });
+        }
+        None if smooth != 0.0 => {
+            let spread = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
+                let w = &mut w_buf[..part.len()];
+                chunk.class_weights(lines, start, w);
+                for (p, ((&v, &m), &w)) in part
+                    .iter_mut()
+                    .zip(xs[start..].iter().zip(&shift).zip(w.iter()))
+                {
+                    *p += term(w, v, m);
+                }
+            });
+            a = spread;
+        }
+        None => {}
+    }
+    // Index targets: the smoothing's share e/C sum_c w_c over the chunk's classes, the same for
+    // every line (0 without smoothing).
+    let smoothing = match lines.probabilities {
+        Some(_) => None,
+        None => Some(
+            f64::from(smooth)
+                * chunk
+                    .steps()
+                    .map(|k| f64::from(lines.weight(k)))
+                    .sum::<f64>(),
+        ),
+    };
+    for i in 0..inner {
+        stats.max[i] = max[i];
+        stats.sum[i] = f64::from(sums[i]);
+        match smoothing {
+            Some(share) => {
+                stats.a[i] = f64::from(smooth) * f64::from(a[i]);
+                stats.q[i] = share;
+            }
+            None => {
+                stats.a[i] = f64::from(a[i]);
+                stats.q[i] = f64::from(q[i]);
+            }
+        }
+    }
+}
+
+/// Phase 3 of cross-entropy on a narrow chunk of the slab `x` (`line0` its first line): its
+/// gradient into `g`, from each line's maximum, gradient factor and scale (`factors`), as
+/// [`super::loss_narrow`] writes a slab's; then the target's own mass where the target class
+/// lies within the chunk, and the fills.
+#[inline(always)]
+fn narrow_loss_grad<M: MulAdd>(
+    lines: &LossLines<'_>,
+    (x, line0): (&[f32], usize),
+    chunk: NarrowChunk,
+    g: &mut [f32],
+    targets: &LineTargets,
+    [max, factor, scale]: [&[f32]; 3],
+) {
+    let NarrowChunk {
+        off,
+        n,
+        period,
+        inner,
+    } = chunk;
+    let xs = &x[off..][..n];
+    let probs = lines
+        .probabilities
+        .map(|p| &p[line0 * (x.len() / inner)..][..x.len()][off..][..n]);
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    let (mut m, mut f, mut s) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
+    for j in 0..period {
+        (m[j], f[j], s[j]) = (max[j % inner], factor[j % inner], scale[j % inner]);
+    }
+    let mut w_buf = [1f32; MAX_PERIOD];
+    for (p, (g, xs)) in g.chunks_mut(period).zip(xs.chunks(period)).enumerate() {
+        let start = p * period;
+        let w = &mut w_buf[..g.len()];
+        chunk.class_weights(lines, start, w);
+        let values = g.iter_mut().zip(xs).zip(m.iter().zip(&f));
+        match probs {
+            Some(probs) => {
+                let rest = s.iter().zip(w.iter()).zip(&probs[start..]);
+                for (((g, &v), (&m, &f)), ((&s, &w), &prob)) in values.zip(rest) {
+                    *g = exp_nonpositive::<M>(v - m) * f - s * (w * (keep * prob + smooth));
+                }
+            }
+            None if smooth != 0.0 => {
+                for (((g, &v), (&m, &f)), (&s, &w)) in values.zip(s.iter().zip(w.iter())) {
+                    *g = exp_nonpositive::<M>(v - m) * f - s * (smooth * w);
+                }
+            }
+            None => {
+                for ((g, &v), (&m, &f)) in values {
+                    *g = exp_nonpositive::<M>(v - m) * f;
+                }
+            }
+        }
+    }
+    for i in 0..inner {
+        let Some(fill) = targets.fill(i, max[i]) else {
+            let class = targets.class[i];
+            if probs.is_none() && chunk.steps().contains(&class) {
+                g[class * inner + i - off] -= scale[i] * (keep * targets.weight[i]);
+            }
+            continue;
+        };
+        for g in g[i..].iter_mut().step_by(inner) {
+            *g = fill;
+        }
+    }
+}
+
+multiversion!(narrow_loss_stats_on => narrow_loss_stats(
+    lines: &LossLines<'_>,
+    slab: (&[f32], usize),
+    chunk: NarrowChunk,
+    stats: &mut LossStats,
+));
+multiversion!(narrow_loss_grad_on => narrow_loss_grad(
+    lines: &LossLines<'_>,
+    slab: (&[f32], usize),
+    chunk: NarrowChunk,
+    g: &mut [f32],
+    targets: &LineTargets,
+    factors: [&[f32]; 3],
 ));
