@@ -171,14 +171,7 @@ fn for_each_block(layout: AxisLayout, task: impl Fn(usize, Block) + Send + Sync)
     let run = |t: usize| {
         let (o, b) = (t / blocks_per_slab, t % blocks_per_slab);
         let first = b * width;
-        let block = Block {
-            len,
-            inner,
-            first,
-            width: width.min(inner - first),
-            start: 0,
-            end: len,
-        };
+        let block = Block::whole(len, inner, first, width.min(inner - first));
         task(o, block);
     };
     if layout.numel() <= SERIAL_ELEMS {
@@ -206,6 +199,18 @@ struct Block {
 }
 
 impl Block {
+    /// Lines `first..first + width` of a slab of `inner` lines, over the whole axis of `len`.
+    fn whole(len: usize, inner: usize, first: usize, width: usize) -> Self {
+        Block {
+            len,
+            inner,
+            first,
+            width,
+            start: 0,
+            end: len,
+        }
+    }
+
     /// The block's steps down the axis.
     fn steps(&self) -> std::ops::Range<usize> {
         self.start..self.end
@@ -953,114 +958,202 @@ fn loss_narrow<M: MulAdd>(
     (len, inner): (usize, usize),
     losses: &mut [f64],
 ) {
-    let plan = lines.plan;
-    let period = period_of(inner);
-    let elements = len * inner;
-    let probs = lines.probabilities.map(|p| &p[line0 * len..][..elements]);
-    let (smooth, keep) = (lines.smooth, lines.keep);
-    let weighted = plan.weight.is_some();
-    let max = &period_max(x, period, inner);
+    let chunk = NarrowChunk {
+        off: 0,
+        n: len * inner,
+        period: period_of(inner),
+        inner,
+    };
+    let mut stats = LossStats::new();
+    narrow_loss_stats::<M>(lines, (x, line0), chunk, &mut stats);
     let targets = LineTargets::new(lines, line0, inner);
-    // The class weights of the period at `start`, into `w` (left at ones without weights).
-    let class_weights = |start: usize, w: &mut [f32]| {
-        if weighted {
+    let block = Block::whole(len, inner, 0, inner);
+    let (mut factor, mut scale) = ([0f32; MAX_COLUMNS], [0f32; MAX_COLUMNS]);
+    let factors = grad.is_some().then(|| [&mut factor[..], &mut scale[..]]);
+    loss_finish(lines, (x, line0), block, &targets, &stats, losses, factors);
+    if let Some(g) = grad {
+        let factors = [&stats.max[..inner], &factor[..inner], &scale[..inner]];
+        narrow_loss_grad::<M>(lines, (x, line0), chunk, g, &targets, factors);
+    }
+}
+
+/// A chunk of a narrow slab of `inner` lines: `n` elements from element `off` of the slab, whole
+/// periods of `period` (see [`NarrowCut`]).
+#[derive(Clone, Copy)]
+struct NarrowChunk {
+    off: usize,
+    n: usize,
+    period: usize,
+    inner: usize,
+}
+
+impl NarrowChunk {
+    /// The class of position `j` of the period at chunk element `start`.
+    fn class(&self, start: usize, j: usize) -> usize {
+        (self.off + start + j) / self.inner
+    }
+
+    /// The steps (classes) the chunk holds.
+    fn steps(&self) -> std::ops::Range<usize> {
+        self.off / self.inner..(self.off + self.n) / self.inner
+    }
+
+    /// Into `w`, the class weights of the period at chunk element `start` (left as they are
+    /// without weights).
+    fn class_weights(&self, lines: &LossLines<'_>, start: usize, w: &mut [f32]) {
+        if lines.plan.weight.is_some() {
             for (j, w) in w.iter_mut().enumerate() {
-                *w = lines.weight((start + j) / inner);
+                *w = lines.weight(self.class(start, j));
             }
         }
-    };
-    let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
-    let sums = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
-        for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(max) {
+    }
+}
+
+/// Phase 1 of cross-entropy on a narrow chunk of the slab `x` (`line0` its first line): each
+/// of the slab's lines' [`LossStats`] over the chunk's steps, walked flat as
+/// [`super::loss_narrow`] walks a slab (statistics per position of a period, folded per line).
+#[inline(always)]
+fn narrow_loss_stats<M: MulAdd>(
+    lines: &LossLines<'_>,
+    (x, line0): (&[f32], usize),
+    chunk: NarrowChunk,
+    stats: &mut LossStats,
+) {
+    let NarrowChunk {
+        off,
+        n,
+        period,
+        inner,
+    } = chunk;
+    let xs = &x[off..][..n];
+    let max = period_max(xs, period, inner);
+    let mut shift = [0f32; MAX_PERIOD];
+    for (s, &m) in shift.iter_mut().zip(&max[..period]) {
+        *s = LossStats::shift(m);
+    }
+    let sums = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
+        for ((p, &v), &m) in part.iter_mut().zip(&xs[start..]).zip(&shift) {
             *p += exp_nonpositive::<M>(v - m);
         }
     });
-    let (mut a, mut b) = ([0f64; NARROW], [0f64; NARROW]);
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
     let mut w_buf = [1f32; MAX_PERIOD];
-    match probs {
-        Some(probs) => {
-            let spread = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+    let (mut a, mut q) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
+    match lines.probabilities {
+        Some(p) => {
+            let probs = &p[line0 * (x.len() / inner)..][..x.len()][off..][..n];
+            a = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
                 let w = &mut w_buf[..part.len()];
-                class_weights(start, w);
-                let values = x[start..]
+                chunk.class_weights(lines, start, w);
+                let values = xs[start..]
                     .iter()
-                    .zip(max)
+                    .zip(&shift)
                     .zip(w.iter())
                     .zip(&probs[start..]);
                 for (p, (((&v, &m), &w), &prob)) in part.iter_mut().zip(values) {
                     *p += term(w * (keep * prob + smooth), v, m);
                 }
             });
-            let mass = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
+            q = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
                 let w = &mut w_buf[..part.len()];
-                class_weights(start, w);
+                chunk.class_weights(lines, start, w);
                 for ((p, &w), &prob) in part.iter_mut().zip(w.iter()).zip(&probs[start..]) {
                     *p += w * (keep * prob + smooth);
                 }
             });
-            for i in 0..inner {
-                a[i] = f64::from(spread[i]);
-                b[i] = f64::from(mass[i]);
-            }
         }
-        None => {
-            // The smoothing's share, e/C sum_c w_c (x_c - m), then the target's.
-            if smooth != 0.0 {
-                let spread =
-                    period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
-                        let w = &mut w_buf[..part.len()];
-                        class_weights(start, w);
-                        let values = x[start..].iter().zip(max).zip(w.iter());
-                        for (p, ((&v, &m), &w)) in part.iter_mut().zip(values) {
-                            *p += term(w, v, m);
-                        }
-                    });
-                for i in 0..inner {
-                    a[i] = f64::from(smooth) * f64::from(spread[i]);
+        None if smooth != 0.0 => {
+            let spread = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
+                let w = &mut w_buf[..part.len()];
+                chunk.class_weights(lines, start, w);
+                for (p, ((&v, &m), &w)) in part
+                    .iter_mut()
+                    .zip(xs[start..].iter().zip(&shift).zip(w.iter()))
+                {
+                    *p += term(w, v, m);
                 }
+            });
+            a = spread;
+        }
+        None => {}
+    }
+    // Index targets: the smoothing's share e/C sum_c w_c over the chunk's classes, the same for
+    // every line (0 without smoothing).
+    let smoothing = match lines.probabilities {
+        Some(_) => None,
+        None => Some(
+            f64::from(smooth)
+                * chunk
+                    .steps()
+                    .map(|k| f64::from(lines.weight(k)))
+                    .sum::<f64>(),
+        ),
+    };
+    for i in 0..inner {
+        stats.max[i] = max[i];
+        stats.sum[i] = f64::from(sums[i]);
+        match smoothing {
+            Some(share) => {
+                stats.a[i] = f64::from(smooth) * f64::from(a[i]);
+                stats.q[i] = share;
             }
-            for i in 0..inner {
-                let x_t = x[targets.class[i] * inner + i];
-                let (a_t, b_i) = targets.target_terms(lines, i, x_t, max[i]);
-                a[i] += a_t;
-                b[i] = b_i;
+            None => {
+                stats.a[i] = f64::from(a[i]);
+                stats.q[i] = f64::from(q[i]);
             }
         }
     }
-    for i in 0..inner {
-        losses[i] = targets.loss(i, max[i], ln_normal(sums[i].max(1.0)), a[i], b[i]);
-    }
-    let Some(grad) = grad else {
-        return;
-    };
-    // grad = e (scale B / S) - scale q, per position; the target's own mass after the walk.
-    let mut scale64 = [0f64; NARROW];
-    plan.grad_scales(line0, &mut scale64[..inner]);
-    let (mut factor, mut scale) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
+}
+
+/// Phase 3 of cross-entropy on a narrow chunk of the slab `x` (`line0` its first line): its
+/// gradient into `g`, from each line's maximum, gradient factor and scale (`factors`), as
+/// [`super::loss_narrow`] writes a slab's; then the target's own mass where the target class
+/// lies within the chunk, and the fills.
+#[inline(always)]
+fn narrow_loss_grad<M: MulAdd>(
+    lines: &LossLines<'_>,
+    (x, line0): (&[f32], usize),
+    chunk: NarrowChunk,
+    g: &mut [f32],
+    targets: &LineTargets,
+    [max, factor, scale]: [&[f32]; 3],
+) {
+    let NarrowChunk {
+        off,
+        n,
+        period,
+        inner,
+    } = chunk;
+    let xs = &x[off..][..n];
+    let probs = lines
+        .probabilities
+        .map(|p| &p[line0 * (x.len() / inner)..][..x.len()][off..][..n]);
+    let (smooth, keep) = (lines.smooth, lines.keep);
+    let (mut m, mut f, mut s) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
     for j in 0..period {
-        let i = j % inner;
-        scale[j] = scale64[i] as f32;
-        factor[j] = scale[j] * (b[i] / f64::from(sums[i])) as f32;
+        (m[j], f[j], s[j]) = (max[j % inner], factor[j % inner], scale[j % inner]);
     }
-    for (p, (g, xs)) in grad.chunks_mut(period).zip(x.chunks(period)).enumerate() {
+    let mut w_buf = [1f32; MAX_PERIOD];
+    for (p, (g, xs)) in g.chunks_mut(period).zip(xs.chunks(period)).enumerate() {
         let start = p * period;
         let w = &mut w_buf[..g.len()];
-        class_weights(start, w);
-        let lines = g.iter_mut().zip(xs).zip(max.iter().zip(&factor));
+        chunk.class_weights(lines, start, w);
+        let values = g.iter_mut().zip(xs).zip(m.iter().zip(&f));
         match probs {
             Some(probs) => {
-                let rest = scale.iter().zip(w.iter()).zip(&probs[start..]);
-                for (((g, &v), (&m, &f)), ((&s, &w), &prob)) in lines.zip(rest) {
+                let rest = s.iter().zip(w.iter()).zip(&probs[start..]);
+                for (((g, &v), (&m, &f)), ((&s, &w), &prob)) in values.zip(rest) {
                     *g = exp_nonpositive::<M>(v - m) * f - s * (w * (keep * prob + smooth));
                 }
             }
             None if smooth != 0.0 => {
-                for (((g, &v), (&m, &f)), (&s, &w)) in lines.zip(scale.iter().zip(w.iter())) {
+                for (((g, &v), (&m, &f)), (&s, &w)) in values.zip(s.iter().zip(w.iter())) {
                     *g = exp_nonpositive::<M>(v - m) * f - s * (smooth * w);
                 }
             }
             None => {
-                for ((g, &v), (&m, &f)) in lines {
+                for ((g, &v), (&m, &f)) in values {
                     *g = exp_nonpositive::<M>(v - m) * f;
                 }
             }
@@ -1068,12 +1161,13 @@ fn loss_narrow<M: MulAdd>(
     }
     for i in 0..inner {
         let Some(fill) = targets.fill(i, max[i]) else {
-            if probs.is_none() {
-                grad[targets.class[i] * inner + i] -= scale[i] * (keep * targets.weight[i]);
+            let class = targets.class[i];
+            if probs.is_none() && chunk.steps().contains(&class) {
+                g[class * inner + i - off] -= scale[i] * (keep * targets.weight[i]);
             }
             continue;
         };
-        for g in grad[i..].iter_mut().step_by(inner) {
+        for g in g[i..].iter_mut().step_by(inner) {
             *g = fill;
         }
     }
@@ -1082,6 +1176,20 @@ fn loss_narrow<M: MulAdd>(
 multiversion!(loss_narrow_on => loss_narrow(
     lines: &LossLines<'_>, x: &[f32], line0: usize, grad: Option<&mut [f32]>,
     dims: (usize, usize), losses: &mut [f64]
+));
+multiversion!(narrow_loss_stats_on => narrow_loss_stats(
+    lines: &LossLines<'_>,
+    slab: (&[f32], usize),
+    chunk: NarrowChunk,
+    stats: &mut LossStats,
+));
+multiversion!(narrow_loss_grad_on => narrow_loss_grad(
+    lines: &LossLines<'_>,
+    slab: (&[f32], usize),
+    chunk: NarrowChunk,
+    g: &mut [f32],
+    targets: &LineTargets,
+    factors: [&[f32]; 3],
 ));
 
 multiversion!(loss_columns_on => loss_columns(

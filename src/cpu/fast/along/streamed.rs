@@ -20,9 +20,9 @@ use rayon::prelude::*;
 
 use super::{
     add_terms, backward_block, backward_step, block_dots, block_stats, block_width, line_scales,
-    loss_finish, loss_grad, loss_stats, normalize_block, normalized, period_max, period_of,
-    period_sums, AlongOp, Block, LineTargets, LossLines, LossStats, Out, BLOCK_BYTES, COLUMNS,
-    MAX_COLUMNS, MAX_PERIOD,
+    loss_finish, loss_grad, loss_stats, narrow_loss_grad_on, narrow_loss_stats_on, normalize_block,
+    normalized, period_max, period_of, period_sums, AlongOp, Block, LineTargets, LossLines,
+    LossStats, NarrowChunk, Out, BLOCK_BYTES, COLUMNS, MAX_COLUMNS, MAX_PERIOD,
 };
 use crate::cpu::fast::Separate;
 use crate::cpu::fast::{exp_nonpositive, larger, Isa, MulAdd, LANES, SERIAL_ELEMS};
@@ -307,6 +307,52 @@ struct LossParts {
     q: Vec<f64>,
 }
 
+impl LossParts {
+    fn new(n: usize) -> Self {
+        LossParts {
+            max: vec![0.0; n],
+            sum: vec![0.0; n],
+            a: vec![0.0; n],
+            q: vec![0.0; n],
+        }
+    }
+
+    /// Where the tasks of phase 1 write their chunks' statistics.
+    fn outs(&mut self) -> PartOuts {
+        PartOuts {
+            max: Out::new(&mut self.max),
+            sum: Out::new(&mut self.sum),
+            a: Out::new(&mut self.a),
+            q: Out::new(&mut self.q),
+        }
+    }
+}
+
+/// [`LossParts`] as the tasks of phase 1 write them.
+#[derive(Clone, Copy)]
+struct PartOuts {
+    max: Out<f32>,
+    sum: Out<f64>,
+    a: Out<f64>,
+    q: Out<f64>,
+}
+
+impl PartOuts {
+    /// Stores the first `n` lines of `stats` at `slot`.
+    ///
+    /// # Safety
+    /// The slots lie within the parts, and no other task writes them.
+    unsafe fn store(self, slot: usize, n: usize, stats: &LossStats) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.max.slice(slot, n).copy_from_slice(&stats.max[..n]);
+            self.sum.slice(slot, n).copy_from_slice(&stats.sum[..n]);
+            self.a.slice(slot, n).copy_from_slice(&stats.a[..n]);
+            self.q.slice(slot, n).copy_from_slice(&stats.q[..n]);
+        }
+    }
+}
+
 /// Cross-entropy along `layout` (see [`takes_loss`]), as [`super::cross_entropy`]: the per-line
 /// losses into `losses`, and the gradient into `grad` where asked for.
 pub(super) fn cross_entropy(
@@ -320,18 +366,8 @@ pub(super) fn cross_entropy(
     let cut = Cut::new(layout);
     let slab = cut.len * cut.inner;
     let parts = cut.outer * cut.chunks * cut.inner;
-    let mut part = LossParts {
-        max: vec![0.0; parts],
-        sum: vec![0.0; parts],
-        a: vec![0.0; parts],
-        q: vec![0.0; parts],
-    };
-    let outs = (
-        Out::new(&mut part.max),
-        Out::new(&mut part.sum),
-        Out::new(&mut part.a),
-        Out::new(&mut part.q),
-    );
+    let mut part = LossParts::new(parts);
+    let outs = part.outs();
     (0..cut.tasks()).into_par_iter().for_each(|t| {
         let (o, block) = cut.task(t);
         let (slot, w) = (cut.slot(o, &block), block.width);
@@ -345,12 +381,7 @@ pub(super) fn cross_entropy(
             &mut stats,
         );
         // SAFETY: each task's slots are its own chunk's lines, within the partials.
-        unsafe {
-            outs.0.slice(slot, w).copy_from_slice(&stats.max[..w]);
-            outs.1.slice(slot, w).copy_from_slice(&stats.sum[..w]);
-            outs.2.slice(slot, w).copy_from_slice(&stats.a[..w]);
-            outs.3.slice(slot, w).copy_from_slice(&stats.q[..w]);
-        }
+        unsafe { outs.store(slot, w, &stats) };
     });
     // Each line's loss and gradient factors from its chunks, in runs of neighbouring lines.
     let lines_n = if grad.is_some() {
@@ -382,14 +413,7 @@ pub(super) fn cross_entropy(
                 with_grad.then(|| [max_at, factor_at, scale_at].map(|f| f.slice(line, run.n)));
             (loss_at.slice(line, run.n), outs)
         };
-        let block = Block {
-            len: cut.len,
-            inner: cut.inner,
-            first,
-            width: run.n,
-            start: 0,
-            end: cut.len,
-        };
+        let block = Block::whole(cut.len, cut.inner, first, run.n);
         let x = &x[o * slab..][..slab];
         loss_combine_on(
             isa,
@@ -726,18 +750,8 @@ pub(super) fn cross_entropy_narrow(
     let (len, inner, slab) = (layout.len(), cut.inner, cut.slab);
     let tasks = cut.outer * cut.chunks;
     let parts = tasks * inner;
-    let mut part = LossParts {
-        max: vec![0.0; parts],
-        sum: vec![0.0; parts],
-        a: vec![0.0; parts],
-        q: vec![0.0; parts],
-    };
-    let outs = (
-        Out::new(&mut part.max),
-        Out::new(&mut part.sum),
-        Out::new(&mut part.a),
-        Out::new(&mut part.q),
-    );
+    let mut part = LossParts::new(parts);
+    let outs = part.outs();
     (0..tasks).into_par_iter().for_each(|t| {
         let (o, range) = cut.task(t);
         let chunk = cut.chunk(o, &range);
@@ -746,16 +760,7 @@ pub(super) fn cross_entropy_narrow(
         narrow_loss_stats_on(isa, lines, slab_x, chunk, &mut stats);
         let slot = cut.slot(t);
         // SAFETY: each task's slots are its own chunk's lines, within the partials.
-        unsafe {
-            outs.0
-                .slice(slot, inner)
-                .copy_from_slice(&stats.max[..inner]);
-            outs.1
-                .slice(slot, inner)
-                .copy_from_slice(&stats.sum[..inner]);
-            outs.2.slice(slot, inner).copy_from_slice(&stats.a[..inner]);
-            outs.3.slice(slot, inner).copy_from_slice(&stats.q[..inner]);
-        }
+        unsafe { outs.store(slot, inner, &stats) };
     });
     // Each line's loss and gradient factors from its chunks, a slab at a time (there are few).
     let n_lines = if grad.is_some() { cut.outer * inner } else { 0 };
@@ -771,14 +776,7 @@ pub(super) fn cross_entropy_narrow(
             stride: inner,
             n: inner,
         };
-        let block = Block {
-            len,
-            inner,
-            first: 0,
-            width: inner,
-            start: 0,
-            end: len,
-        };
+        let block = Block::whole(len, inner, 0, inner);
         let [max, factor, scale] = &mut factors;
         let outs = grad
             .is_some()
@@ -804,214 +802,3 @@ pub(super) fn cross_entropy_narrow(
         narrow_loss_grad_on(isa, lines, slab_x, chunk, g, &targets, factors);
     });
 }
-
-/// A chunk of a narrow slab of `inner` lines: `n` elements from element `off` of the slab, whole
-/// periods of `period` (see [`NarrowCut`]).
-#[derive(Clone, Copy)]
-struct NarrowChunk {
-    off: usize,
-    n: usize,
-    period: usize,
-    inner: usize,
-}
-
-impl NarrowChunk {
-    /// The class of position `j` of the period at chunk element `start`.
-    fn class(&self, start: usize, j: usize) -> usize {
-        (self.off + start + j) / self.inner
-    }
-
-    /// The steps (classes) the chunk holds.
-    fn steps(&self) -> std::ops::Range<usize> {
-        self.off / self.inner..(self.off + self.n) / self.inner
-    }
-
-    /// Into `w`, the class weights of the period at chunk element `start` (left as they are
-    /// without weights).
-    fn class_weights(&self, lines: &LossLines<'_>, start: usize, w: &mut [f32]) {
-        if lines.plan.weight.is_some() {
-            for (j, w) in w.iter_mut().enumerate() {
-                *w = lines.weight(self.class(start, j));
-            }
-        }
-    }
-}
-
-/// Phase 1 of cross-entropy on a narrow chunk of the slab `x` (`line0` its first line): each
-/// of the slab's lines' [`LossStats`] over the chunk's steps, walked flat as
-/// [`super::loss_narrow`] walks a slab (statistics per position of a period, folded per line).
-#[inline(always)]
-fn narrow_loss_stats<M: MulAdd>(
-    lines: &LossLines<'_>,
-    (x, line0): (&[f32], usize),
-    chunk: NarrowChunk,
-    stats: &mut LossStats,
-) {
-    let NarrowChunk {
-        off,
-        n,
-        period,
-        inner,
-    } = chunk;
-    let xs = &x[off..][..n];
-    let max = period_max(xs, period, inner);
-    let mut shift = [0f32; MAX_PERIOD];
-    for (s, &m) in shift.iter_mut().zip(&max[..period]) {
-        *s = LossStats::shift(m);
-    }
-    let sums = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-        for ((p, &v), &m) in part.iter_mut().zip(&xs[start..]).zip(&shift) {
-            *p += exp_nonpositive::<M>(v - m);
-        }
-    });
-    let (smooth, keep) = (lines.smooth, lines.keep);
-    let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
-    let mut w_buf = [1f32; MAX_PERIOD];
-    let (mut a, mut q) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
-    match lines.probabilities {
-        Some(p) => {
-            let probs = &p[line0 * (x.len() / inner)..][..x.len()][off..][..n];
-            a = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-                let w = &mut w_buf[..part.len()];
-                chunk.class_weights(lines, start, w);
-                let values = xs[start..]
-                    .iter()
-                    .zip(&shift)
-                    .zip(w.iter())
-                    .zip(&probs[start..]);
-                for (p, (((&v, &m), &w), &prob)) in part.iter_mut().zip(values) {
-                    *p += term(w * (keep * prob + smooth), v, m);
-                }
-            });
-            q = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-                let w = &mut w_buf[..part.len()];
-                chunk.class_weights(lines, start, w);
-                for ((p, &w), &prob) in part.iter_mut().zip(w.iter()).zip(&probs[start..]) {
-                    *p += w * (keep * prob + smooth);
-                }
-            });
-        }
-        None if smooth != 0.0 => {
-            let spread = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-                let w = &mut w_buf[..part.len()];
-                chunk.class_weights(lines, start, w);
-                for (p, ((&v, &m), &w)) in part
-                    .iter_mut()
-                    .zip(xs[start..].iter().zip(&shift).zip(w.iter()))
-                {
-                    *p += term(w, v, m);
-                }
-            });
-            a = spread;
-        }
-        None => {}
-    }
-    // Index targets: the smoothing's share e/C sum_c w_c over the chunk's classes, the same for
-    // every line (0 without smoothing).
-    let smoothing = match lines.probabilities {
-        Some(_) => None,
-        None => Some(
-            f64::from(smooth)
-                * chunk
-                    .steps()
-                    .map(|k| f64::from(lines.weight(k)))
-                    .sum::<f64>(),
-        ),
-    };
-    for i in 0..inner {
-        stats.max[i] = max[i];
-        stats.sum[i] = f64::from(sums[i]);
-        match smoothing {
-            Some(share) => {
-                stats.a[i] = f64::from(smooth) * f64::from(a[i]);
-                stats.q[i] = share;
-            }
-            None => {
-                stats.a[i] = f64::from(a[i]);
-                stats.q[i] = f64::from(q[i]);
-            }
-        }
-    }
-}
-
-/// Phase 3 of cross-entropy on a narrow chunk of the slab `x` (`line0` its first line): its
-/// gradient into `g`, from each line's maximum, gradient factor and scale (`factors`), as
-/// [`super::loss_narrow`] writes a slab's; then the target's own mass where the target class
-/// lies within the chunk, and the fills.
-#[inline(always)]
-fn narrow_loss_grad<M: MulAdd>(
-    lines: &LossLines<'_>,
-    (x, line0): (&[f32], usize),
-    chunk: NarrowChunk,
-    g: &mut [f32],
-    targets: &LineTargets,
-    [max, factor, scale]: [&[f32]; 3],
-) {
-    let NarrowChunk {
-        off,
-        n,
-        period,
-        inner,
-    } = chunk;
-    let xs = &x[off..][..n];
-    let probs = lines
-        .probabilities
-        .map(|p| &p[line0 * (x.len() / inner)..][..x.len()][off..][..n]);
-    let (smooth, keep) = (lines.smooth, lines.keep);
-    let (mut m, mut f, mut s) = ([0f32; MAX_PERIOD], [0f32; MAX_PERIOD], [0f32; MAX_PERIOD]);
-    for j in 0..period {
-        (m[j], f[j], s[j]) = (max[j % inner], factor[j % inner], scale[j % inner]);
-    }
-    let mut w_buf = [1f32; MAX_PERIOD];
-    for (p, (g, xs)) in g.chunks_mut(period).zip(xs.chunks(period)).enumerate() {
-        let start = p * period;
-        let w = &mut w_buf[..g.len()];
-        chunk.class_weights(lines, start, w);
-        let values = g.iter_mut().zip(xs).zip(m.iter().zip(&f));
-        match probs {
-            Some(probs) => {
-                let rest = s.iter().zip(w.iter()).zip(&probs[start..]);
-                for (((g, &v), (&m, &f)), ((&s, &w), &prob)) in values.zip(rest) {
-                    *g = exp_nonpositive::<M>(v - m) * f - s * (w * (keep * prob + smooth));
-                }
-            }
-            None if smooth != 0.0 => {
-                for (((g, &v), (&m, &f)), (&s, &w)) in values.zip(s.iter().zip(w.iter())) {
-                    *g = exp_nonpositive::<M>(v - m) * f - s * (smooth * w);
-                }
-            }
-            None => {
-                for ((g, &v), (&m, &f)) in values {
-                    *g = exp_nonpositive::<M>(v - m) * f;
-                }
-            }
-        }
-    }
-    for i in 0..inner {
-        let Some(fill) = targets.fill(i, max[i]) else {
-            let class = targets.class[i];
-            if probs.is_none() && chunk.steps().contains(&class) {
-                g[class * inner + i - off] -= scale[i] * (keep * targets.weight[i]);
-            }
-            continue;
-        };
-        for g in g[i..].iter_mut().step_by(inner) {
-            *g = fill;
-        }
-    }
-}
-
-multiversion!(narrow_loss_stats_on => narrow_loss_stats(
-    lines: &LossLines<'_>,
-    slab: (&[f32], usize),
-    chunk: NarrowChunk,
-    stats: &mut LossStats,
-));
-multiversion!(narrow_loss_grad_on => narrow_loss_grad(
-    lines: &LossLines<'_>,
-    slab: (&[f32], usize),
-    chunk: NarrowChunk,
-    g: &mut [f32],
-    targets: &LineTargets,
-    factors: [&[f32]; 3],
-));
