@@ -564,19 +564,20 @@ impl LossLines<'_> {
 /// What the index targets say of up to [`MAX_COLUMNS`] neighbouring lines: each line's target
 /// class, the target's weight, and whether the line is ignored (for probability targets, no
 /// line is ignored and nothing else is used).
-struct LineTargets {
-    class: [usize; MAX_COLUMNS],
-    weight: [f32; MAX_COLUMNS],
-    ignored: [bool; MAX_COLUMNS],
+/// `N` lines at most, as [`LossStats`].
+struct LineTargets<const N: usize = MAX_COLUMNS> {
+    class: [usize; N],
+    weight: [f32; N],
+    ignored: [bool; N],
 }
 
-impl LineTargets {
+impl<const N: usize> LineTargets<N> {
     /// Lines `first..first + n`.
     fn new(lines: &LossLines<'_>, first: usize, n: usize) -> Self {
         let mut targets = LineTargets {
-            class: [0; MAX_COLUMNS],
-            weight: [0.0; MAX_COLUMNS],
-            ignored: [false; MAX_COLUMNS],
+            class: [0; N],
+            weight: [0.0; N],
+            ignored: [false; N],
         };
         if let Some(t) = lines.indices {
             for (j, &t) in t[first..][..n].iter().enumerate() {
@@ -709,23 +710,28 @@ pub(super) fn cross_entropy(
 /// NaN or +inf, whose loss is the fill anyway): its maximum (of `max_key`s), `sum exp(x -
 /// shift)`, and of the terms other than an index target's (probability targets; smoothing's
 /// share of index targets) `a = sum q (x - shift)` (a term 0 where `q` is) and `q = sum q`.
-struct LossStats {
-    max: [f32; MAX_COLUMNS],
-    sum: [f64; MAX_COLUMNS],
-    a: [f64; MAX_COLUMNS],
-    q: [f64; MAX_COLUMNS],
+///
+/// `N` lines at most: [`MAX_COLUMNS`] for a block, fewer where fewer lines are ever asked for
+/// (a narrow slab, a run of the streamed combine), whose setting to zero then costs less.
+struct LossStats<const N: usize = MAX_COLUMNS> {
+    max: [f32; N],
+    sum: [f64; N],
+    a: [f64; N],
+    q: [f64; N],
+}
+
+impl<const N: usize> LossStats<N> {
+    fn new() -> Self {
+        LossStats {
+            max: [f32::NEG_INFINITY; N],
+            sum: [0.0; N],
+            a: [0.0; N],
+            q: [0.0; N],
+        }
+    }
 }
 
 impl LossStats {
-    fn new() -> Self {
-        LossStats {
-            max: [f32::NEG_INFINITY; MAX_COLUMNS],
-            sum: [0.0; MAX_COLUMNS],
-            a: [0.0; MAX_COLUMNS],
-            q: [0.0; MAX_COLUMNS],
-        }
-    }
-
     fn shift(max: f32) -> f32 {
         if max.is_finite() {
             max
@@ -812,23 +818,23 @@ fn loss_stats<M: MulAdd>(
 /// e) w_t + e/C sum_c w_c` (index targets), the loss `B ln S - A` (or the line's fill), the
 /// gradient's `factor = scale B / S` and its `scale`. `x` is the slab, `line0` its first line.
 #[inline(always)]
-fn loss_finish(
+fn loss_finish<const N: usize>(
     lines: &LossLines<'_>,
     (x, line0): (&[f32], usize),
     block: Block,
-    targets: &LineTargets,
-    stats: &LossStats,
+    targets: &LineTargets<N>,
+    stats: &LossStats<N>,
     losses: &mut [f64],
     grad: Option<[&mut [f32]; 2]>,
 ) {
     let w = block.width;
     // ln S of every line in one loop that vectorises (S is at least 1 where the maximum is
     // finite, the only lines whose loss uses it).
-    let mut ln_sums = [0f32; MAX_COLUMNS];
+    let mut ln_sums = [0f32; N];
     for (l, &s) in ln_sums[..w].iter_mut().zip(&stats.sum) {
         *l = ln_normal((s as f32).max(1.0));
     }
-    let mut scale64 = [0f64; MAX_COLUMNS];
+    let mut scale64 = [0f64; N];
     if grad.is_some() {
         lines
             .plan
@@ -968,7 +974,7 @@ fn loss_narrow<M: MulAdd>(
     narrow_loss_stats::<M>(lines, (x, line0), chunk, &mut stats);
     let targets = LineTargets::new(lines, line0, inner);
     let block = Block::whole(len, inner, 0, inner);
-    let (mut factor, mut scale) = ([0f32; MAX_COLUMNS], [0f32; MAX_COLUMNS]);
+    let (mut factor, mut scale) = ([0f32; NARROW], [0f32; NARROW]);
     let factors = grad.is_some().then(|| [&mut factor[..], &mut scale[..]]);
     loss_finish(lines, (x, line0), block, &targets, &stats, losses, factors);
     if let Some(g) = grad {
@@ -1017,7 +1023,7 @@ fn narrow_loss_stats<M: MulAdd>(
     lines: &LossLines<'_>,
     (x, line0): (&[f32], usize),
     chunk: NarrowChunk,
-    stats: &mut LossStats,
+    stats: &mut LossStats<NARROW>,
 ) {
     let NarrowChunk {
         off,
@@ -1082,13 +1088,11 @@ fn narrow_loss_stats<M: MulAdd>(
     // every line (0 without smoothing).
     let smoothing = match lines.probabilities {
         Some(_) => None,
-        None => Some(
-            f64::from(smooth)
-                * chunk
-                    .steps()
-                    .map(|k| f64::from(lines.weight(k)))
-                    .sum::<f64>(),
-        ),
+        None if smooth == 0.0 => Some(0.0),
+        None => {
+            let weights: f64 = chunk.steps().map(|k| f64::from(lines.weight(k))).sum();
+            Some(f64::from(smooth) * weights)
+        }
     };
     for i in 0..inner {
         stats.max[i] = max[i];
@@ -1116,7 +1120,7 @@ fn narrow_loss_grad<M: MulAdd>(
     (x, line0): (&[f32], usize),
     chunk: NarrowChunk,
     g: &mut [f32],
-    targets: &LineTargets,
+    targets: &LineTargets<NARROW>,
     [max, factor, scale]: [&[f32]; 3],
 ) {
     let NarrowChunk {
@@ -1181,14 +1185,14 @@ multiversion!(narrow_loss_stats_on => narrow_loss_stats(
     lines: &LossLines<'_>,
     slab: (&[f32], usize),
     chunk: NarrowChunk,
-    stats: &mut LossStats,
+    stats: &mut LossStats<NARROW>,
 ));
 multiversion!(narrow_loss_grad_on => narrow_loss_grad(
     lines: &LossLines<'_>,
     slab: (&[f32], usize),
     chunk: NarrowChunk,
     g: &mut [f32],
-    targets: &LineTargets,
+    targets: &LineTargets<NARROW>,
     factors: [&[f32]; 3],
 ));
 

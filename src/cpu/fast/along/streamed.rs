@@ -342,7 +342,7 @@ impl PartOuts {
     ///
     /// # Safety
     /// The slots lie within the parts, and no other task writes them.
-    unsafe fn store(self, slot: usize, n: usize, stats: &LossStats) {
+    unsafe fn store<const N: usize>(self, slot: usize, n: usize, stats: &LossStats<N>) {
         // SAFETY: the caller's contract.
         unsafe {
             self.max.slice(slot, n).copy_from_slice(&stats.max[..n]);
@@ -465,7 +465,7 @@ fn loss_combine<M: MulAdd>(
     grad: Option<[&mut [f32]; 3]>,
 ) {
     let n = run.n;
-    let mut stats = LossStats::new();
+    let mut stats = LossStats::<COLUMNS>::new();
     for c in 0..run.chunks {
         for (m, &p) in stats.max.iter_mut().zip(run.chunk(&part.max, c)) {
             *m = larger(*m, p);
@@ -493,7 +493,7 @@ fn loss_combine<M: MulAdd>(
             *q += pq;
         }
     }
-    let targets = LineTargets::new(lines, line0 + block.first, n);
+    let targets = LineTargets::<COLUMNS>::new(lines, line0 + block.first, n);
     let factors = grad.map(|[max, factor, scale]| {
         max.copy_from_slice(&stats.max[..n]);
         [factor, scale]
