@@ -5,15 +5,18 @@ use crate::cpu::CrossEntropyOutput;
 use crate::error::Result;
 use crate::kernels::Normalization;
 use crate::layout::AxisLayout;
+use crate::ops::{record_normalize, Tensor};
 use crate::options::{CrossEntropyOptions, GradOutput, Targets};
 use crate::region::BufferRegion;
+use crate::training::{record_backward, submit};
 use crate::validate;
 
 /// Softmax, log-softmax, their backward and cross-entropy along one axis of a row-major tensor
 /// of any rank, such as the classes of `[N, C, H, W]`: made by [`Context::along`].
 ///
 /// Every form of the row ops is here (host slices, blocking, `_into` and async, and `encode_*`
-/// on the caller's buffers or regions of them), with the same semantics, special values and
+/// on the caller's buffers or regions of them; on tensors that stay on the device,
+/// [`Tensor::softmax_along`] and the others), with the same semantics, special values and
 /// accuracy, each line along the axis taking the place of a row. The last axis runs the row
 /// kernels; any other runs kernels that read the lines in place, neighbouring invocations
 /// taking neighbouring lines so that memory is read in contiguous runs: no transpose, on the
@@ -400,5 +403,101 @@ impl Along<'_> {
         self.ctx
             .host_backward_along(op, [y, grad_output], self.layout, out, wait)
             .await
+    }
+}
+
+/// The softmax-family ops along an axis on tensors that stay on the device, as the row ops'
+/// tensor forms ([`Tensor::softmax`] and the others) are to rows: a tensor's elements are seen
+/// as `layout`, whatever rows and columns it was made with, and the result has the input's rows
+/// and columns.
+///
+/// ```no_run
+/// use wgpu_softmax::{AxisLayout, Context};
+/// let ctx = Context::new_blocking()?;
+/// let (n, c, h, w) = (2, 21, 16, 16);
+/// let classes = AxisLayout::new(&[n, c, h, w], 1)?;
+/// let logits = ctx.upload(&vec![0.5f32; n * c * h * w], w)?; // any rows x cols of n c h w
+/// let probs = logits.softmax_along(classes)?; // stays on the GPU
+/// let grad = probs.softmax_backward_along(&ctx.upload(&vec![1.0; n * c * h * w], w)?, classes)?;
+/// assert!(grad.to_vec()?.iter().all(|g| g.abs() < 1e-6));
+/// # Ok::<(), wgpu_softmax::Error>(())
+/// ```
+impl Tensor {
+    /// Softmax of every line along `layout`'s axis, into a new tensor; see [`Along::softmax`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `input` unless the
+    /// tensor holds the layout's elements, [`Error::SlabTooLarge`](crate::Error::SlabTooLarge)
+    /// when one outer slab exceeds a storage binding, and device errors.
+    pub fn softmax_along(&self, layout: AxisLayout) -> Result<Tensor> {
+        self.normalize_along(Normalization::Softmax, layout)
+    }
+
+    /// Log-softmax of every line along `layout`'s axis, into a new tensor; see
+    /// [`Along::log_softmax`].
+    ///
+    /// # Errors
+    /// As [`Tensor::softmax_along`].
+    pub fn log_softmax_along(&self, layout: AxisLayout) -> Result<Tensor> {
+        self.normalize_along(Normalization::LogSoftmax, layout)
+    }
+
+    /// Softmax backward along `layout`'s axis with `self` as `y = softmax(x)`: `dL/dx` for
+    /// `grad_output = dL/dy`, into a new tensor; see [`Along::softmax_backward`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) naming `y` or `grad_output`
+    /// unless each holds the layout's elements, and otherwise as [`Tensor::softmax_along`].
+    pub fn softmax_backward_along(
+        &self,
+        grad_output: &Tensor,
+        layout: AxisLayout,
+    ) -> Result<Tensor> {
+        self.backward_along(Normalization::Softmax, grad_output, layout)
+    }
+
+    /// Log-softmax backward along `layout`'s axis with `self` as `y = log_softmax(x)`; see
+    /// [`Along::log_softmax_backward`].
+    ///
+    /// # Errors
+    /// As [`Tensor::softmax_backward_along`].
+    pub fn log_softmax_backward_along(
+        &self,
+        grad_output: &Tensor,
+        layout: AxisLayout,
+    ) -> Result<Tensor> {
+        self.backward_along(Normalization::LogSoftmax, grad_output, layout)
+    }
+
+    fn normalize_along(&self, op: Normalization, layout: AxisLayout) -> Result<Tensor> {
+        validate::same_len("input", layout.numel(), self.len())?;
+        let out = self.ctx.empty(self.rows, self.cols)?;
+        let gpu = &self.ctx.gpu;
+        gpu.scoped(|| {
+            let regions = [self.into(), (&out).into()];
+            submit(gpu, |encoder| {
+                record_normalize(gpu, encoder, op, regions, layout, None)
+            })
+        })?;
+        Ok(out)
+    }
+
+    fn backward_along(
+        &self,
+        op: Normalization,
+        grad_output: &Tensor,
+        layout: AxisLayout,
+    ) -> Result<Tensor> {
+        validate::same_len("y", layout.numel(), self.len())?;
+        validate::same_len("grad_output", layout.numel(), grad_output.len())?;
+        let out = self.ctx.empty(self.rows, self.cols)?;
+        let gpu = &self.ctx.gpu;
+        gpu.scoped(|| {
+            let regions = [self.into(), grad_output.into(), (&out).into()];
+            submit(gpu, |encoder| {
+                record_backward(gpu, encoder, op, regions, layout, None)
+            })
+        })?;
+        Ok(out)
     }
 }

@@ -508,7 +508,10 @@ impl Context {
 }
 
 /// Records with `body` into a new encoder and submits it.
-fn submit(gpu: &Gpu, body: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>) -> Result<()> {
+pub(crate) fn submit(
+    gpu: &Gpu,
+    body: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+) -> Result<()> {
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     body(&mut encoder)?;
     gpu.queue.submit([encoder.finish()]);

@@ -322,6 +322,90 @@ fn slabs_larger_than_a_binding_run_in_blocks_or_are_refused() {
             ctx.along(too_large).log_softmax_backward(&x, &x),
             Err(Error::SlabTooLarge { .. })
         ));
+        check_tensor_forms(&ctx, layout, 23, "6x300x300 on 1 MiB bindings");
+        let t = ctx.upload(&x, 300).unwrap();
+        assert!(matches!(
+            t.softmax_along(too_large),
+            Err(Error::SlabTooLarge { .. })
+        ));
+        assert!(matches!(
+            t.softmax_backward_along(&t, too_large),
+            Err(Error::SlabTooLarge { .. })
+        ));
+    });
+}
+
+/// The tensor forms (`Tensor::softmax_along` and the others) run the host forms' kernels on
+/// tensors that stay on the device: the same bits, whatever rows and columns the tensor was
+/// uploaded with, and the input's rows and columns on the result.
+fn check_tensor_forms(ctx: &Context, layout: AxisLayout, seed: u64, what: &str) {
+    let n = layout.numel();
+    let x = logits(n, 1, 3.0, seed);
+    let dy = logits(n, 1, 1.0, seed + 100);
+    let cols = layout.inner().max(1);
+    let (tx, tdy) = (
+        ctx.upload(&x, cols).unwrap(),
+        ctx.upload(&dy, cols).unwrap(),
+    );
+    let along = ctx.along(layout);
+    let y = tx.softmax_along(layout).unwrap();
+    assert_eq!((y.rows(), y.cols()), (tx.rows(), tx.cols()), "{what}");
+    let ly = tx.log_softmax_along(layout).unwrap();
+    // The backward ops take `y` and `ly` where the forward ops left them, on the device.
+    let dx = y.softmax_backward_along(&tdy, layout).unwrap();
+    let ldx = ly.log_softmax_backward_along(&tdy, layout).unwrap();
+    let (y_host, ly_host) = (along.softmax(&x).unwrap(), along.log_softmax(&x).unwrap());
+    assert_eq!(bits(&y.to_vec().unwrap()), bits(&y_host), "softmax {what}");
+    assert_eq!(
+        bits(&ly.to_vec().unwrap()),
+        bits(&ly_host),
+        "log_softmax {what}"
+    );
+    let dx_host = along.softmax_backward(&y_host, &dy).unwrap();
+    assert_eq!(
+        bits(&dx.to_vec().unwrap()),
+        bits(&dx_host),
+        "softmax_backward {what}"
+    );
+    let ldx_host = along.log_softmax_backward(&ly_host, &dy).unwrap();
+    assert_eq!(
+        bits(&ldx.to_vec().unwrap()),
+        bits(&ldx_host),
+        "log_softmax_backward {what}"
+    );
+}
+
+#[test]
+fn tensor_forms_match_the_host_forms_and_refuse_wrong_lengths() {
+    with_gpu(|ctx| {
+        for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
+            let layout = AxisLayout::new(shape, axis).unwrap();
+            check_tensor_forms(
+                ctx,
+                layout,
+                40 + i as u64,
+                &format!("{shape:?} axis {axis}"),
+            );
+        }
+        let layout = AxisLayout::new(&[3, 40, 7], 1).unwrap();
+        let n = layout.numel();
+        let x = ctx.upload(&logits(n, 1, 2.0, 33), 7).unwrap();
+        let short = ctx.upload(&vec![0.0; n - 7], 7).unwrap();
+        assert!(matches!(
+            short.softmax_along(layout),
+            Err(Error::LengthMismatch { what: "input", expected, actual }) if expected == n && actual == n - 7
+        ));
+        assert!(matches!(
+            short.log_softmax_backward_along(&x, layout),
+            Err(Error::LengthMismatch { what: "y", .. })
+        ));
+        assert!(matches!(
+            x.softmax_backward_along(&short, layout),
+            Err(Error::LengthMismatch {
+                what: "grad_output",
+                ..
+            })
+        ));
     });
 }
 
