@@ -23,9 +23,11 @@ mkdir -p "$out"
   >"$out/machine.txt"
 "$bin" info >"$out/info.txt" 2>&1
 "$bin" check >"$out/check.txt" 2>&1 || echo "check failed: see $out/check.txt"
-# Along dim 1 of [N, C, S]: the classes of 128 x 128 segmentation maps, a square's columns, and
-# few long lines four apart.
-axis_shapes="--shape 16x21x16384 --shape 4x1024x1024 --shape 64x16384x4"
+# Along dim 1 of [N, C, S], the shapes of the README's table along an axis: the classes of
+# 128 x 128 segmentation maps, a square's columns, few long lines four apart, short lines in
+# slabs of 256, and dim 0 of a 4096 x 4096 matrix.
+axis_shapes="--shape 16x21x16384 --shape 4x1024x1024 --shape 64x16384x4 --shape 256x32x256"
+axis_shapes+=" --shape 1x4096x4096"
 for i in $(seq 1 "$rounds"); do
   "$bin" bench --no-cpu --json >"$out/bench_$i.json" 2>"$out/bench_$i.err"
   "$python" scripts/torch_reference.py --json >"$out/torch_$i.json" 2>"$out/torch_$i.err"
