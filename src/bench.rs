@@ -294,7 +294,7 @@ impl GpuBench {
         let kernels = &gpu.kernels;
         if self.layout.inner() > 1 && self.op == BenchOp::CrossEntropy {
             // Lines are cut as the softmax along an axis cuts them.
-            return match (AxisFamily::chunks(gpu, self.layout), self.cols) {
+            return match (AxisFamily::chunks(gpu, self.layout, 1), self.cols) {
                 ((1, _), cols) if cols <= crate::kernels::rowwise::LINE_ITEMS => {
                     format!("invocation per line, {cols} in registers, scalar")
                 }
@@ -305,12 +305,14 @@ impl GpuBench {
             };
         }
         if self.layout.inner() > 1 {
-            let (chunks, chunk) = AxisFamily::chunks(gpu, self.layout);
             // The bench's tensors start at offset 0.
-            let (lines, loads) = match AxisFamily::vec4_for(gpu, self.layout, true) {
-                true => ("4 lines", "vec4"),
-                false => ("line", "scalar"),
+            let vec4 = AxisFamily::vec4_for(gpu, self.layout, true);
+            let (lines, loads) = if vec4 {
+                ("4 lines", "vec4")
+            } else {
+                ("line", "scalar")
             };
+            let (chunks, chunk) = AxisFamily::chunks(gpu, self.layout, if vec4 { 4 } else { 1 });
             return match chunks {
                 1 if chunk <= AxisFamily::REGISTER_LEN => {
                     format!("invocation per {lines}, {chunk} in registers, {loads}")

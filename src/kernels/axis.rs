@@ -75,10 +75,16 @@ impl AxisFamily {
         }
     }
 
-    /// How `layout`'s lines are cut: (chunks per line, elements per chunk).
-    pub(crate) fn chunks(gpu: &Gpu, layout: AxisLayout) -> (usize, usize) {
+    /// How `layout`'s lines are cut, where an invocation takes `lines_per_invocation` of them
+    /// (4 as `vec4`s, else 1): (chunks per line, elements per chunk).
+    pub(crate) fn chunks(
+        gpu: &Gpu,
+        layout: AxisLayout,
+        lines_per_invocation: usize,
+    ) -> (usize, usize) {
         let len = layout.len();
-        let chunks = gpu.tuning.axis_chunks(layout.lines(), len, &gpu.caps);
+        let invocations = layout.lines().div_ceil(lines_per_invocation);
+        let chunks = gpu.tuning.axis_chunks(invocations, len, &gpu.caps);
         let chunk = len.div_ceil(chunks);
         // Rounding the chunk up can leave fewer chunks than asked for; none is empty.
         (len.div_ceil(chunk), chunk)
@@ -126,11 +132,11 @@ impl AxisFamily {
                 },
                 other => other,
             })?;
-        let (chunks, chunk) = Self::chunks(gpu, layout);
         let vec4 = Self::vec4(gpu, call);
         let (entries, partial_words, normalization) = call.op.entries(vec4);
         // An invocation takes one line, or four neighbouring ones.
         let lines_per_invocation = if vec4 { 4 } else { 1 };
+        let (chunks, chunk) = Self::chunks(gpu, layout, lines_per_invocation);
         let entries = if chunks > 1 {
             &entries[..]
         } else {

@@ -197,8 +197,8 @@ pub struct Tuning {
     /// with `inner > 1`), which give each line (or chunk of a line) an invocation.
     pub axis_workgroup: u32,
     /// Lines along such an axis are split into chunks until the call has this many
-    /// invocations (or chunks reach `axis_min_chunk` elements), so that a few long lines still
-    /// fill the device.
+    /// invocations (an invocation takes a chunk of one line, or of four as `vec4`s), or chunks
+    /// reach `axis_min_chunk` elements, so that a few long lines still fill the device.
     pub axis_lines: u32,
     /// The fewest elements a chunk of a line along such an axis is given for the sake of
     /// `axis_lines` (a software adapter's loop budget may split lines further).
@@ -360,16 +360,17 @@ impl Tuning {
         self.row_workgroup_for(caps.subgroup_size)
     }
 
-    /// Chunks per line of a call along an axis that is not the last, over `lines` lines of
-    /// `len` elements: enough for `axis_lines` invocations, as long as chunks keep
-    /// `axis_min_chunk` elements, and where `caps` has a loop budget, enough that no
-    /// invocation's loops exceed it (a chunk is looped over about three times: its maximum and
-    /// sum, then its output).
-    pub fn axis_chunks(&self, lines: usize, len: usize, caps: &Capabilities) -> usize {
+    /// Chunks per line of a call along an axis that is not the last, whose lines of `len`
+    /// elements take `invocations` invocations uncut (the line count, or a quarter of it where
+    /// an invocation takes four lines as `vec4`s): enough for `axis_lines` invocations, as long
+    /// as chunks keep `axis_min_chunk` elements, and where `caps` has a loop budget, enough that
+    /// no invocation's loops exceed it (a chunk is looped over about three times: its maximum
+    /// and sum, then its output).
+    pub fn axis_chunks(&self, invocations: usize, len: usize, caps: &Capabilities) -> usize {
         let by_budget = caps
             .loop_budget
             .map_or(1, |budget| len.div_ceil((budget / 4).max(1) as usize));
-        let wanted = (self.axis_lines as usize).div_ceil(lines.max(1));
+        let wanted = (self.axis_lines as usize).div_ceil(invocations.max(1));
         let by_occupancy = wanted.min(len.div_ceil(self.axis_min_chunk.max(1) as usize));
         by_budget.max(by_occupancy).max(1)
     }
@@ -788,6 +789,10 @@ mod tests {
         assert_eq!(gpu.axis_chunks(64, 1 << 20, &NVIDIA), 1024);
         assert_eq!(gpu.axis_chunks(4, 4096, &NVIDIA), 4);
         assert_eq!(gpu.axis_chunks(4, 100, &NVIDIA), 1);
+        // The count is of invocations: 16384 lines taken four to an invocation are cut as
+        // 4096 lines are.
+        assert_eq!(gpu.axis_chunks(16384, 1 << 14, &NVIDIA), 4);
+        assert_eq!(gpu.axis_chunks(16384 / 4, 1 << 14, &NVIDIA), 16);
         // Software adapters: every chunk within a quarter of the loop budget, whatever the
         // line count.
         let sw = Tuning::SOFTWARE;

@@ -439,7 +439,7 @@ impl RowwiseFamily {
         let wg = gpu.tuning.axis_workgroup;
         let layout = crate::layout::AxisLayout::from_parts(rows / inner, cols, inner)?;
         let (entries, items, chunk, chunks) = match (
-            super::axis::AxisFamily::chunks(gpu, layout),
+            super::axis::AxisFamily::chunks(gpu, layout, 1),
             self.desc.split,
         ) {
             ((chunks @ 2.., chunk), Some(split)) => (split.to_vec(), 0, chunk as u32, chunks),
