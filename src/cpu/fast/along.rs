@@ -311,8 +311,8 @@ fn block_stats<M: MulAdd>(x: &[f32], block: Block) -> ([f32; MAX_COLUMNS], [f64;
 /// Softmax blocks of at most this many steps keep their exponentials in the output between
 /// the sum and the output pass ([`block_exps`], [`scale_block`]); longer ones evaluate `exp`
 /// again. 2 threads, medians of 5-6 interleaved rounds against `exp` twice, over four runs:
-/// 1.08-1.23x at 10 to 32 steps (`32x10x8192`, `128x21x1000`, `256x32x256`; `16x21x16384`
-/// 0.98-1.14x), 0.95-1.05x at 48 and 64, 1.00x at 96, but 0.97x at 128 and 0.86x at 256
+/// 1.06-1.23x at 10 to 32 steps (`32x10x8192`, `256x32x256`; `128x21x1000` 0.95-1.13x and
+/// `16x21x16384` 0.98-1.14x), 0.95-1.05x at 48 and 64, 1.00x at 96, but 0.97x at 128 and 0.86x at 256
 /// (`8x256x4096`), where a block's output rows, a power-of-two stride apart, compete with its
 /// input rows for the same cache sets. Cross-entropy's gradient pass taking
 /// its exponentials the same way measured 0.99-1.08x (6 and 8 rounds) and was left out, as was
