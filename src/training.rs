@@ -1069,15 +1069,37 @@ impl CrossEntropyLoss {
     /// [`Error::ShapeTooLarge`] for `Mean` and `Sum` over more rows than one storage binding
     /// holds one word each for (the host forms have no such bound), and device errors.
     pub fn loss(&self, logits: &Tensor, targets: &TargetTensor) -> Result<Tensor> {
-        self.check_shapes(logits, targets)?;
-        let loss = self.loss_tensor(logits.rows)?;
-        self.run(
-            logits,
-            targets,
-            &loss,
-            GradTarget::None,
-            UpstreamGrad::Uniform(1.0),
-        )?;
+        self.loss_on(None, logits, targets)
+    }
+
+    /// [`CrossEntropyLoss::loss`] with the classes along `layout`'s axis, as
+    /// [`CrossEntropyLoss::encode_tensors_along`] takes them: `logits` holds the layout's
+    /// elements (whatever its rows and columns), `targets` one class per line or probabilities
+    /// shaped like the logits, and the loss is one value per line for `None`.
+    ///
+    /// # Errors
+    /// As [`CrossEntropyLoss::loss`], with [`Error::LengthMismatch`] naming `classes` when the
+    /// axis is not the loss's class count, `logits` unless it holds the layout's elements and
+    /// `target rows` unless the targets have one row per line.
+    pub fn loss_along(
+        &self,
+        layout: AxisLayout,
+        logits: &Tensor,
+        targets: &TargetTensor,
+    ) -> Result<Tensor> {
+        self.loss_on(Some(layout), logits, targets)
+    }
+
+    fn loss_on(
+        &self,
+        layout: Option<AxisLayout>,
+        logits: &Tensor,
+        targets: &TargetTensor,
+    ) -> Result<Tensor> {
+        let shape = self.shape_of(logits, targets, layout)?;
+        let loss = self.loss_tensor(shape.0)?;
+        let upstream = UpstreamGrad::Uniform(1.0);
+        self.run(shape, logits, targets, &loss, GradTarget::None, upstream)?;
         Ok(loss)
     }
 
@@ -1092,17 +1114,39 @@ impl CrossEntropyLoss {
         targets: &TargetTensor,
         grad_output: GradOutput<'_>,
     ) -> Result<LossAndGrad> {
-        self.check_shapes(logits, targets)?;
-        let upstream = validate::upstream_grad(self.reduction, logits.rows, grad_output)?;
-        let loss = self.loss_tensor(logits.rows)?;
-        let grad = self.ctx.empty(logits.rows, self.cols)?;
-        self.run(
-            logits,
-            targets,
-            &loss,
-            GradTarget::Buffer((&grad).into()),
-            upstream,
-        )?;
+        self.loss_and_grad_on(None, logits, targets, grad_output)
+    }
+
+    /// [`CrossEntropyLoss::loss_and_grad`] with the classes along `layout`'s axis (see
+    /// [`CrossEntropyLoss::loss_along`]): the gradient has the logits' rows and columns, and a
+    /// per-line `grad_output` (for `None`) one value per line.
+    ///
+    /// # Errors
+    /// As [`CrossEntropyLoss::loss_along`], and [`Error::LengthMismatch`] for a `grad_output` of
+    /// the wrong shape.
+    pub fn loss_and_grad_along(
+        &self,
+        layout: AxisLayout,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        grad_output: GradOutput<'_>,
+    ) -> Result<LossAndGrad> {
+        self.loss_and_grad_on(Some(layout), logits, targets, grad_output)
+    }
+
+    fn loss_and_grad_on(
+        &self,
+        layout: Option<AxisLayout>,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        grad_output: GradOutput<'_>,
+    ) -> Result<LossAndGrad> {
+        let shape = self.shape_of(logits, targets, layout)?;
+        let upstream = validate::upstream_grad(self.reduction, shape.0, grad_output)?;
+        let loss = self.loss_tensor(shape.0)?;
+        let grad = self.ctx.empty(logits.rows, logits.cols)?;
+        let target = GradTarget::Buffer((&grad).into());
+        self.run(shape, logits, targets, &loss, target, upstream)?;
         Ok(LossAndGrad { loss, grad })
     }
 
@@ -1117,10 +1161,35 @@ impl CrossEntropyLoss {
         targets: &TargetTensor,
         grad_output: GradOutput<'_>,
     ) -> Result<Tensor> {
-        self.check_shapes(logits, targets)?;
-        let upstream = validate::upstream_grad(self.reduction, logits.rows, grad_output)?;
-        let loss = self.loss_tensor(logits.rows)?;
-        self.run(logits, targets, &loss, GradTarget::InPlace, upstream)?;
+        self.loss_and_grad_in_place_on(None, logits, targets, grad_output)
+    }
+
+    /// [`CrossEntropyLoss::loss_and_grad_in_place`] with the classes along `layout`'s axis
+    /// (see [`CrossEntropyLoss::loss_and_grad_along`]).
+    ///
+    /// # Errors
+    /// As [`CrossEntropyLoss::loss_and_grad_along`].
+    pub fn loss_and_grad_in_place_along(
+        &self,
+        layout: AxisLayout,
+        logits: &mut Tensor,
+        targets: &TargetTensor,
+        grad_output: GradOutput<'_>,
+    ) -> Result<Tensor> {
+        self.loss_and_grad_in_place_on(Some(layout), logits, targets, grad_output)
+    }
+
+    fn loss_and_grad_in_place_on(
+        &self,
+        layout: Option<AxisLayout>,
+        logits: &mut Tensor,
+        targets: &TargetTensor,
+        grad_output: GradOutput<'_>,
+    ) -> Result<Tensor> {
+        let shape = self.shape_of(logits, targets, layout)?;
+        let upstream = validate::upstream_grad(self.reduction, shape.0, grad_output)?;
+        let loss = self.loss_tensor(shape.0)?;
+        self.run(shape, logits, targets, &loss, GradTarget::InPlace, upstream)?;
         Ok(loss)
     }
 
@@ -1253,19 +1322,7 @@ impl CrossEntropyLoss {
         grad_output: DeviceGradOutput<'_>,
         timestamps: Option<crate::kernels::Timestamps<'_>>,
     ) -> Result<()> {
-        let (rows, inner) = match layout {
-            None => {
-                self.check_shapes(logits, targets)?;
-                (logits.rows, 1)
-            }
-            Some(layout) => {
-                validate::same_len("classes", self.cols, layout.len())?;
-                validate::same_len("logits", layout.numel(), logits.rows * logits.cols)?;
-                validate::same_len("target rows", layout.lines(), targets.rows)?;
-                validate::same_len("target cols", self.cols, targets.cols)?;
-                (layout.lines(), layout.inner())
-            }
-        };
+        let (rows, inner) = self.shape_of(logits, targets, layout)?;
         let loss_rows = match self.reduction {
             Reduction::None => rows,
             Reduction::Mean | Reduction::Sum => 1,
@@ -1400,10 +1457,29 @@ impl CrossEntropyLoss {
         gpu.scoped(|| self.record(gpu, encoder, &job, timestamps))
     }
 
-    fn check_shapes(&self, logits: &Tensor, targets: &TargetTensor) -> Result<()> {
-        validate::same_len("logits cols", self.cols, logits.cols)?;
-        validate::same_len("target rows", logits.rows, targets.rows)?;
-        validate::same_len("target cols", self.cols, targets.cols)
+    /// The rows (lines, with a `layout`) of a call on `logits` and `targets` and their `inner`
+    /// ([`Job::inner`]), once their shapes are checked against each other and the loss.
+    fn shape_of(
+        &self,
+        logits: &Tensor,
+        targets: &TargetTensor,
+        layout: Option<AxisLayout>,
+    ) -> Result<(usize, usize)> {
+        match layout {
+            None => {
+                validate::same_len("logits cols", self.cols, logits.cols)?;
+                validate::same_len("target rows", logits.rows, targets.rows)?;
+                validate::same_len("target cols", self.cols, targets.cols)?;
+                Ok((logits.rows, 1))
+            }
+            Some(layout) => {
+                validate::same_len("classes", self.cols, layout.len())?;
+                validate::same_len("logits", layout.numel(), logits.rows * logits.cols)?;
+                validate::same_len("target rows", layout.lines(), targets.rows)?;
+                validate::same_len("target cols", self.cols, targets.cols)?;
+                Ok((layout.lines(), layout.inner()))
+            }
+        }
     }
 
     /// The divisor of a `Mean` over `targets`, where the host knows it: the rows not ignored
@@ -1427,8 +1503,10 @@ impl CrossEntropyLoss {
         }
     }
 
+    /// Records and submits one call on tensors of `(rows, inner)` ([`Job`]).
     fn run(
         &self,
+        (rows, inner): (usize, usize),
         logits: &Tensor,
         targets: &TargetTensor,
         loss: &Tensor,
@@ -1443,8 +1521,8 @@ impl CrossEntropyLoss {
                 UpstreamGrad::Uniform(_) => None,
             };
             let job = Job {
-                rows: logits.rows,
-                inner: 1,
+                rows,
+                inner,
                 logits: logits.into(),
                 targets: (&targets.buffer).into(),
                 probabilities: targets.probabilities,

@@ -176,6 +176,137 @@ fn cross_entropy_along_an_axis_matches_the_reference_for_every_option() {
     });
 }
 
+/// The tensor forms with the classes along an axis (`CrossEntropyLoss::loss_along`,
+/// `loss_and_grad_along`, `loss_and_grad_in_place_along`) on logits uploaded as rows of `inner`
+/// (not of the classes) and targets uploaded by the loss: the reference's loss and gradient for
+/// every option, the loss alone the fused call's, and in place the same bits as into a new
+/// tensor of the logits' shape. They share the host forms' kernels, so a few layouts (lines in
+/// registers, streamed, the first axis, none) and half the options (every reduction, with and
+/// without weights and smoothing) keep the test quick on software adapters.
+#[test]
+fn tensor_forms_along_an_axis_match_the_reference() {
+    with_gpu(|ctx| {
+        for i in [2, 5, 7, 9] {
+            let (shape, axis) = LAYOUTS[i];
+            let layout = AxisLayout::new(shape, axis).unwrap();
+            let (lines, classes) = (layout.lines(), layout.len());
+            let x = logits(layout.numel(), 1, 3.0, 80 + i as u64);
+            let idx = index_targets(lines, classes, 90 + i as u64, 5);
+            let probs = probability_targets(layout, 100 + i as u64);
+            let weight: Vec<f32> = (0..classes).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+            let per_line: Vec<f32> = (0..lines).map(|r| 1.0 + (r % 4) as f32).collect();
+            let cols = layout.inner().max(1);
+            for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                let cases = cross_entropy_options(&weight, &per_line);
+                for (options, grad_output) in cases.into_iter().step_by(2) {
+                    let what = format!(
+                        "{shape:?} axis {axis} probabilities={} {options:?}",
+                        matches!(targets, Targets::Probabilities(_)),
+                    );
+                    let loss_fn = ctx.cross_entropy_loss(classes, &options).unwrap();
+                    let uploaded = loss_fn.upload_targets(targets).unwrap();
+                    let tx = ctx.upload(&x, cols).unwrap();
+                    let both = loss_fn
+                        .loss_and_grad_along(layout, &tx, &uploaded, grad_output)
+                        .unwrap();
+                    assert_eq!(
+                        (both.grad.rows(), both.grad.cols()),
+                        (tx.rows(), tx.cols()),
+                        "{what}"
+                    );
+                    let (loss, grad) = reference_along(layout, &x, targets, &options, grad_output);
+                    let got_loss = both.loss.to_vec().unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&got_loss, &loss);
+                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                    let got_grad = both.grad.to_vec().unwrap();
+                    assert_grad_close(&got_grad, &grad, &what);
+                    let alone = loss_fn.loss_along(layout, &tx, &uploaded).unwrap();
+                    assert_eq!(
+                        bits(&alone.to_vec().unwrap()),
+                        bits(&got_loss),
+                        "{what}: loss alone"
+                    );
+                    let mut in_place = ctx.upload(&x, cols).unwrap();
+                    let in_place_loss = loss_fn
+                        .loss_and_grad_in_place_along(layout, &mut in_place, &uploaded, grad_output)
+                        .unwrap();
+                    assert_eq!(
+                        bits(&in_place_loss.to_vec().unwrap()),
+                        bits(&got_loss),
+                        "{what}: in place"
+                    );
+                    assert_eq!(
+                        bits(&in_place.to_vec().unwrap()),
+                        bits(&got_grad),
+                        "{what}: in place"
+                    );
+                }
+            }
+        }
+
+        // Shapes that disagree are typed errors.
+        let layout = AxisLayout::new(&[2, 4, 3], 1).unwrap();
+        let loss_fn = ctx
+            .cross_entropy_loss(
+                4,
+                &CrossEntropyOptions {
+                    reduction: Reduction::None,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let x = ctx.upload(&[0.5; 24], 3).unwrap();
+        let targets = loss_fn
+            .upload_targets(Targets::Indices(&[0, 1, 2, 3, 0, 1]))
+            .unwrap();
+        let wrong_axis = AxisLayout::new(&[2, 4, 3], 2).unwrap();
+        let err = loss_fn.loss_along(wrong_axis, &x, &targets).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LengthMismatch {
+                    what: "classes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let short = ctx.upload(&[0.5; 21], 3).unwrap();
+        let err = loss_fn.loss_along(layout, &short, &targets).unwrap_err();
+        assert!(
+            matches!(err, Error::LengthMismatch { what: "logits", .. }),
+            "{err}"
+        );
+        let five = loss_fn
+            .upload_targets(Targets::Indices(&[0, 1, 2, 3, 0]))
+            .unwrap();
+        let err = loss_fn.loss_along(layout, &x, &five).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LengthMismatch {
+                    what: "target rows",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = loss_fn
+            .loss_and_grad_along(layout, &x, &targets, GradOutput::PerRow(&[1.0; 5]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LengthMismatch {
+                    what: "grad_output",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    });
+}
+
 /// A NaN, +inf or only -inf in a line makes that line's loss and gradient NaN, and no other's;
 /// a -inf target logit gives an infinite loss; ignored lines have loss 0 and a zero gradient.
 #[test]
