@@ -288,17 +288,24 @@ fn columns<M: MulAdd>(op: AlongOp, x: &[f32], dy: &[f32], out: Out, block: Block
     }
 }
 
+/// Each line's maximum over the block's steps (of its `max_key`s: +inf for a NaN or +inf) into
+/// `max`, which starts at -inf.
+#[inline(always)]
+fn block_max(x: &[f32], block: Block, max: &mut [f32]) {
+    for k in block.steps() {
+        for (m, &v) in max.iter_mut().zip(block.row(x, k)) {
+            *m = larger(*m, max_key(v));
+        }
+    }
+}
+
 /// Each line's maximum over the block's steps (its `max_key`s': +inf for a NaN or +inf) and its
 /// sum of `exp(x - max)` there.
 #[inline(always)]
 fn block_stats<M: MulAdd>(x: &[f32], block: Block) -> ([f32; MAX_COLUMNS], [f64; MAX_COLUMNS]) {
     let mut max = [f32::NEG_INFINITY; MAX_COLUMNS];
     let m = &mut max[..block.width];
-    for k in block.steps() {
-        for (m, &v) in m.iter_mut().zip(block.row(x, k)) {
-            *m = larger(*m, max_key(v));
-        }
-    }
+    block_max(x, block, m);
     let m = &*m;
     let sums = line_sums(block, |k, part| {
         for ((p, &v), &m) in part.iter_mut().zip(block.row(x, k)).zip(m) {
@@ -312,9 +319,9 @@ fn block_stats<M: MulAdd>(x: &[f32], block: Block) -> ([f32; MAX_COLUMNS], [f64;
 /// the sum and the output pass ([`block_exps`], [`scale_block`]); longer ones evaluate `exp`
 /// again. 2 threads, medians of 5-6 interleaved rounds against `exp` twice, over four runs:
 /// 1.06-1.23x at 10 to 32 steps (`32x10x8192`, `256x32x256`; `128x21x1000` 0.95-1.13x and
-/// `16x21x16384` 0.98-1.14x), 0.95-1.05x at 48 and 64, 1.00x at 96, but 0.97x at 128 and 0.86x at 256
-/// (`8x256x4096`), where a block's output rows, a power-of-two stride apart, compete with its
-/// input rows for the same cache sets. Cross-entropy's gradient pass taking
+/// `16x21x16384` 0.98-1.14x), 0.95-1.05x at 48 and 64, 1.00x at 96, but 0.97x at 128 and
+/// 0.86x at 256 (`8x256x4096`), where a block's output rows, a power-of-two stride apart,
+/// compete with its input rows for the same cache sets. Cross-entropy's gradient pass taking
 /// its exponentials the same way measured 0.99-1.08x (6 and 8 rounds) and was left out, as was
 /// prefetching the next steps' rows in a block's first pass (0.85-1.13x, no trend).
 const KEPT_EXPS_MAX_STEPS: usize = 32;
@@ -329,11 +336,7 @@ fn block_exps<M: MulAdd>(
 ) -> ([f32; MAX_COLUMNS], [f64; MAX_COLUMNS]) {
     let mut max = [f32::NEG_INFINITY; MAX_COLUMNS];
     let m = &mut max[..block.width];
-    for k in block.steps() {
-        for (m, &v) in m.iter_mut().zip(block.row(x, k)) {
-            *m = larger(*m, max_key(v));
-        }
-    }
+    block_max(x, block, m);
     let m = &*m;
     let sums = line_sums(block, |k, part| {
         // SAFETY: this task's lines alone (see `Out`).
@@ -812,11 +815,7 @@ fn loss_stats<M: MulAdd>(
     let w = block.width;
     let max = &mut stats.max[..w];
     max.fill(f32::NEG_INFINITY);
-    for k in block.steps() {
-        for (m, &v) in max.iter_mut().zip(block.row(x, k)) {
-            *m = larger(*m, max_key(v));
-        }
-    }
+    block_max(x, block, max);
     let mut shift = [0f32; MAX_COLUMNS];
     for (s, &m) in shift.iter_mut().zip(&*max) {
         *s = LossStats::shift(m);
