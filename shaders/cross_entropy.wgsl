@@ -5,9 +5,11 @@
 //   A = sum_c q_c (x_c - M),  B = sum_c q_c
 //   loss_row = B ln S - A                               (= -sum_c q_c log_softmax(x)_c)
 //   grad_c   = scale_row * (exp(x_c - M) / S * B - q_c)  (= d loss_row / d x_c, scaled)
-// Each logit is read once when the row fits in registers (ITEMS > 0); a split row keeps
-// (m_i, s_i, a_i, b_i) per chunk and combines them with the online-normalizer rule. Without
-// DENSE mass only S is accumulated per element (A and B follow from the target class).
+// Each logit is read once when the row fits in registers (ITEMS > 0), and twice when it is
+// streamed: each lane keeps a running (m, S, A, B), rescaled when a block raises its maximum
+// (`lane_stats`), and the lanes' are combined by the online-normalizer rule; a split row keeps
+// (m_i, s_i, a_i, b_i) per chunk and combines them by the same rule. Without DENSE mass only S
+// is accumulated per element (A and B follow from the target class).
 //
 // Rows: an index target equal to ignore_index gives loss 0 and a zero gradient row; an index
 // outside [0, C) gives NaN for its row; a row holding NaN or +inf, or only -inf, gives NaN.
@@ -285,6 +287,7 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
     let x_t = target_logit(x0, t);
     var xs: array<f32, ROW_ITEMS>;
     var m = neg_inf();
+    var acc = vec4<f32>(0.0);
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {
             let c = team.lane + k * team.size;
@@ -295,16 +298,8 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
             xs[k] = x;
             m = max(m, max_key(x));
         }
-    } else {
-        for (var c = team.lane; c < p.cols; c += team.size) {
-            m = max(m, max_key(logit(x0 + c * class_step())));
-        }
-    }
-    m = team_max(m, lid);
-
-    var acc = vec4<f32>(0.0);
-    if (is_finite(m)) {
-        if (ITEMS > 0u) {
+        m = team_max(m, lid);
+        if (is_finite(m)) {
             for (var k = 0u; k < ITEMS; k++) {
                 let c = team.lane + k * team.size;
                 if (c < p.cols) {
@@ -314,19 +309,15 @@ fn row_pass(wid: vec3<u32>, lid: u32) -> f32 {
                     xs[k] = e;
                 }
             }
-        } else {
-            for (var c0 = team.lane; c0 < p.cols; c0 += team.size * SUM_BLOCK) {
-                let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
-                var part = vec4<f32>(0.0);
-                for (var c = c0; c < stop; c += team.size) {
-                    let x = logit(x0 + c * class_step());
-                    part += terms(exp_shifted(x, m), x, target_mass(row, c, t), m);
-                }
-                acc += part;
-            }
         }
+        acc = team_sum4(acc, lid);
+    } else {
+        // A streamed row is read twice: its statistics in one pass, then its gradient.
+        let st = team_stats(lane_stats(row, x0, 0u, p.cols, team.lane, team.size, t), lid);
+        m = st.m;
+        acc = st.acc;
     }
-    acc = complete_stats(team_sum4(acc, lid), m, x_t, t);
+    acc = complete_stats(acc, m, x_t, t);
     let loss = keep_loss(team, row, row_loss(m, acc, t));
     if (GRAD) {
         let g = grad_row(row, m, acc, t);
@@ -360,6 +351,47 @@ struct RowStats {
 fn combined_partial(part: vec4<f32>, m: f32) -> vec4<f32> {
     let shift = select((part.x - m) * part.w, 0.0, part.w == 0.0);
     return vec4<f32>(part.y * rescale(part.x, m), part.z + shift, part.w, 0.0);
+}
+
+// A lane's statistics (m, S, A, B) over the classes start + lane, start + lane + size, ... below
+// stop of the row whose class 0 is at x0, from one read of the logits, as `lane_stats4` reads
+// vec4s: blocks of SUM_BLOCK classes are loaded, and S and A, relative to the lane's running
+// maximum m, are rescaled (S by exp(m_old - m_new)) or shifted (A by (m_old - m_new) B) when a
+// block raises it. A -inf logit with target mass gives A = -inf exactly.
+fn lane_stats(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t: RowTarget) -> vec4<f32> {
+    var st = vec4<f32>(neg_inf(), 0.0, 0.0, 0.0);
+    for (var c0 = start + lane; c0 < stop; c0 += size * SUM_BLOCK) {
+        var block: array<f32, SUM_BLOCK>;
+        var bm = neg_inf();
+        for (var k = 0u; k < SUM_BLOCK; k++) {
+            let c = c0 + k * size;
+            var x = neg_inf();
+            if (c < stop) {
+                x = logit(x0 + c * class_step());
+            }
+            block[k] = x;
+            bm = max(bm, max_key(x));
+        }
+        let m = max(st.x, bm);
+        let shift = select((st.x - m) * st.w, 0.0, st.w == 0.0 || st.x == m);
+        st = vec4<f32>(m, st.y * rescale(st.x, m), st.z + shift, st.w);
+        var part = vec3<f32>(0.0);
+        for (var k = 0u; k < SUM_BLOCK; k++) {
+            let c = c0 + k * size;
+            if (c < stop) {
+                let x = block[k];
+                part.x += exp_shifted(x, m);
+                if (DENSE) {
+                    let q = target_mass(row, c, t);
+                    let mass = select(q * (x - m), neg_inf(), is_neg_inf(x));
+                    part.y += select(mass, 0.0, q == 0.0);
+                    part.z += q;
+                }
+            }
+        }
+        st += vec4<f32>(0.0, part);
+    }
+    return st;
 }
 
 // A split row's statistics combined over the team from its chunks' partials (m_i, s_i, a_i, b_i);
@@ -414,35 +446,12 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let bounds = chunk_bounds(ch.within);
     let x0 = select(base(0u), base(5u), IN_PLACE) + row_start(ch.row);
     let t = row_target(ch.row);
-    var m = neg_inf();
-    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-        m = max(m, max_key(logit(x0 + c * class_step())));
-    }
-    m = team_max(m, lid);
-    var acc = vec4<f32>(0.0);
-    if (is_finite(m)) {
-        for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
-            var part = vec4<f32>(0.0);
-            for (var c = c0; c < stop; c += ch.team.size) {
-                let x = logit(x0 + c * class_step());
-                part += terms(exp_shifted(x, m), x, target_mass(ch.row, c, t), m);
-            }
-            acc += part;
-        }
-    } else if (DENSE) {
-        // An all -inf chunk still carries its target mass (and -inf mass terms).
-        for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
-            var part = vec4<f32>(0.0);
-            for (var c = c0; c < stop; c += ch.team.size) {
-                let q = target_mass(ch.row, c, t);
-                part += vec4<f32>(0.0, select(0.0, neg_inf(), q != 0.0), q, 0.0);
-            }
-            acc += part;
-        }
-    }
-    acc = team_sum4(acc, lid);
+    // One read of the chunk; an all -inf chunk still carries its target mass (and -inf mass
+    // terms).
+    let lane = ch.team.lane;
+    let st = team_stats(lane_stats(ch.row, x0, bounds.x, bounds.y, lane, ch.team.size, t), lid);
+    let m = st.m;
+    var acc = st.acc;
     if (holds_target(t, bounds)) {
         acc = target_partial(acc, m, target_logit(x0, t), t);
     }
@@ -577,7 +586,7 @@ fn lane_stats4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t
 
 // Combines the lanes' (m_i, S_i, A_i, B_i) over the team: M = max m_i, S = sum S_i exp(m_i - M),
 // A = sum A_i + (m_i - M) B_i, B = sum B_i. Returns M and (S, A, B, _).
-fn team_stats4(st: vec4<f32>, lid: u32) -> RowStats {
+fn team_stats(st: vec4<f32>, lid: u32) -> RowStats {
     let m = team_max(st.x, lid);
     let shift = select((st.x - m) * st.w, 0.0, st.w == 0.0 || st.x == m);
     let mine = vec4<f32>(st.y * rescale(st.x, m), st.z + shift, st.w, 0.0);
@@ -668,7 +677,7 @@ fn row_pass4(wid: vec3<u32>, lid: u32) -> f32 {
         }
         acc = team_sum4(acc, lid);
     } else {
-        let st = team_stats4(lane_stats4(row, x0, 0u, n4, team.lane, team.size, t), lid);
+        let st = team_stats(lane_stats4(row, x0, 0u, n4, team.lane, team.size, t), lid);
         m = st.m;
         acc = st.acc;
     }
@@ -699,7 +708,7 @@ fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     let bounds = chunk_bounds4(ch.within);
     let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * (p.cols / 4u);
     let t = row_target(ch.row);
-    let st = team_stats4(lane_stats4(ch.row, x0, bounds.x, bounds.y, ch.team.lane, ch.team.size, t), lid);
+    let st = team_stats(lane_stats4(ch.row, x0, bounds.x, bounds.y, ch.team.lane, ch.team.size, t), lid);
     let m = st.m;
     var acc = st.acc;
     if (holds_target(t, bounds * 4u)) {

@@ -3,7 +3,9 @@
 // Entry points, chosen on the host by row length and adapter (src/kernels/plan.rs):
 //   rows        one team per row (TEAM: an invocation, a subgroup, or the workgroup); each lane
 //               strides over the row and the row's (max, sum) is combined over the team. With
-//               ITEMS > 0 the row is held in registers between the phases: one read, one write.
+//               ITEMS > 0 the row is held in registers between the phases: one read, one write;
+//               otherwise it is read twice, each lane's (max, sum) accumulated online, block by
+//               block (`online_stats`).
 //   split_*     a row spread over several teams: split_partials writes one (max, sum) pair per
 //               chunk, split_normalize combines a row's pairs with the online-normalizer rule and
 //               writes its chunk. Keeps the GPU busy on 4 rows.
@@ -11,8 +13,7 @@
 //               split rows in one pass over the input where a row's chunks run at once
 //               (one_pass.wgsl), the second pass finishing what the first left.
 //   *4          the same over vec4: rows of a multiple of 4 columns whose operands start at a
-//               multiple of 16 bytes are read and written four elements at a time. A streamed row
-//               is read twice, not three times: (max, sum) is accumulated online, block by block.
+//               multiple of 16 bytes are read and written four elements at a time.
 
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
@@ -64,6 +65,7 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var vals: array<f32, MAX_ITEMS>;
 
     var m = neg_inf();
+    var sum = 0.0;
     if (ITEMS > 0u) {
         for (var k = 0u; k < ITEMS; k++) {
             let c = team.lane + k * team.size;
@@ -74,16 +76,8 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             vals[k] = x;
             m = max(m, max_key(x));
         }
-    } else {
-        for (var c = team.lane; c < p.cols; c += team.size) {
-            m = max(m, max_key(src[s0 + c]));
-        }
-    }
-    m = team_max(m, lid);
-
-    var sum = 0.0;
-    if (is_finite(m)) {
-        if (ITEMS > 0u) {
+        m = team_max(m, lid);
+        if (is_finite(m)) {
             for (var k = 0u; k < ITEMS; k++) {
                 let e = exp_shifted(vals[k], m);
                 sum += e;
@@ -91,18 +85,14 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     vals[k] = e;
                 }
             }
-        } else {
-            for (var c0 = team.lane; c0 < p.cols; c0 += team.size * SUM_BLOCK) {
-                let stop = min(p.cols, c0 + team.size * SUM_BLOCK);
-                var part = 0.0;
-                for (var c = c0; c < stop; c += team.size) {
-                    part += exp_shifted(src[s0 + c], m);
-                }
-                sum += part;
-            }
         }
+        sum = team_sum(sum, lid);
+    } else {
+        // A streamed row is read twice: its (max, sum) in one pass, then its output.
+        let st = team_stats(online_stats(s0, s0 + p.cols, team.lane, team.size), lid);
+        m = st.x;
+        sum = st.y;
     }
-    sum = team_sum(sum, lid);
     let scale = normaliser(sum);
     let ok = is_finite(m);
 
@@ -153,26 +143,9 @@ fn split_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     }
     let bounds = chunk_bounds(ch.within);
     let s0 = base(0u) + ch.row * p.cols;
-
-    var m = neg_inf();
-    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-        m = max(m, max_key(src[s0 + c]));
-    }
-    m = team_max(m, lid);
-    var sum = 0.0;
-    if (is_finite(m)) {
-        for (var c0 = bounds.x + ch.team.lane; c0 < bounds.y; c0 += ch.team.size * SUM_BLOCK) {
-            let stop = min(bounds.y, c0 + ch.team.size * SUM_BLOCK);
-            var part = 0.0;
-            for (var c = c0; c < stop; c += ch.team.size) {
-                part += exp_shifted(src[s0 + c], m);
-            }
-            sum += part;
-        }
-    }
-    sum = team_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x;
+    let st = team_stats(online_stats(s0 + bounds.x, s0 + bounds.y, ch.team.lane, ch.team.size), lid);
     if (ch.team.lane == 0u) {
-        partials[ch.index] = vec2<f32>(m, sum);
+        partials[ch.index] = st;
     }
 }
 
@@ -193,6 +166,34 @@ fn split_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         dst[d0 + c] = finish(src[s0 + c], m, scale);
     }
+}
+
+// A lane's (max, sum of exp(x - max)) over the elements start + lane, start + lane + size, ...
+// below stop, from one read, as `online_stats4` reads vec4s: blocks of SUM_BLOCK elements.
+fn online_stats(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
+    var m = neg_inf();
+    var s = 0.0;
+    for (var i0 = start + lane; i0 < stop; i0 += size * SUM_BLOCK) {
+        var block: array<f32, SUM_BLOCK>;
+        var bm = neg_inf();
+        for (var k = 0u; k < SUM_BLOCK; k++) {
+            let i = i0 + k * size;
+            var x = neg_inf();
+            if (i < stop) {
+                x = src[i];
+            }
+            block[k] = x;
+            bm = max(bm, max_key(x));
+        }
+        let mn = max(m, bm);
+        var acc = 0.0;
+        for (var k = 0u; k < SUM_BLOCK; k++) {
+            acc += exp_shifted(block[k], mn);
+        }
+        s = s * rescale(m, mn) + acc;
+        m = mn;
+    }
+    return vec2<f32>(m, s);
 }
 
 // A lane's (max, sum of exp(x - max)) over the vec4s start + lane, start + lane + size, ... below

@@ -165,7 +165,8 @@ fn translation_invariant_even_for_offsets_of_1e7() {
     });
 }
 
-/// Six rows of `cols` columns: a -inf entry, all -inf, a +inf, a NaN, and two ordinary rows.
+/// Six rows of `cols` columns: a -inf entry, all -inf, a +inf, a NaN, -inf over the first half
+/// (so that a streamed row's lanes start with blocks of -inf only), and an ordinary row.
 fn check_special_values(ctx: &Context, cols: usize, what: &str) {
     let inf = f32::INFINITY;
     let mut x = logits(6, cols, 1.0, 7);
@@ -174,11 +175,16 @@ fn check_special_values(ctx: &Context, cols: usize, what: &str) {
     x[row(1)].fill(-inf); // all -inf: NaN
     x[row(2).start + cols / 3] = inf; // +inf: NaN row
     x[row(3).end - 1] = f32::NAN; // NaN: NaN row
-                                  // rows 4 and 5 are ordinary and must be unaffected.
+    let half = row(4).start..row(4).start + cols / 2;
+    x[half.clone()].fill(-inf); // probability 0 there, the rest as if alone
+
+    // Row 5 is ordinary and must be unaffected.
     let sm = ctx.softmax(&x, cols).unwrap();
     let lsm = ctx.log_softmax(&x, cols).unwrap();
     assert_eq!(sm[row(0).start + cols / 2], 0.0, "{what}");
     assert_eq!(lsm[row(0).start + cols / 2], -inf, "{what}");
+    assert!(sm[half.clone()].iter().all(|&v| v == 0.0), "{what}");
+    assert!(lsm[half].iter().all(|&v| v == -inf), "{what}");
     for r in 1..4 {
         assert!(
             sm[row(r)].iter().all(|v| v.is_nan()),
