@@ -544,10 +544,16 @@ fn block_sum(a: &[f32]) -> f64 {
     f64::from(lane_sum(acc) + s)
 }
 
-/// `sum_j a_j`, in blocks of [`SUM_BLOCK`] added in `f64`.
+/// `sum_j a_j`, in blocks of [`SUM_BLOCK`] added in `f64`. A loop rather than an iterator's
+/// `sum`, which compiles to a generic `fold` that is not inlined into the instruction-set builds
+/// (it ran at SSE width inside the AVX-512 kernels).
 #[inline(always)]
 fn sum(a: &[f32]) -> f64 {
-    a.chunks(SUM_BLOCK).map(block_sum).sum()
+    let mut total = 0.0;
+    for block in a.chunks(SUM_BLOCK) {
+        total += block_sum(block);
+    }
+    total
 }
 
 /// `dst_j = f(a_j, b_j)`, with non-temporal stores when `stream` is set (on x86-64; elsewhere
@@ -1483,7 +1489,20 @@ fn softmax_backward_rows<M: MulAdd>(
     cols: usize,
     stream: bool,
 ) {
-    backward_rows::<M>(y, dy, dx, cols, stream, |y, g| y * g, dot, softmax_grad);
+    // Closures marked to inline: a function item passed as `impl Fn` goes through a `Fn::call`
+    // shim that is compiled without the instruction set of the build that calls it.
+    backward_rows::<M>(
+        y,
+        dy,
+        dx,
+        cols,
+        stream,
+        #[inline(always)]
+        |y, g| y * g,
+        #[inline(always)]
+        |y, dy| dot(y, dy),
+        softmax_grad,
+    );
 }
 
 #[inline(always)]
@@ -1501,6 +1520,7 @@ fn log_softmax_backward_rows<M: MulAdd>(
         dx,
         cols,
         stream,
+        #[inline(always)]
         |_, g| g,
         total,
         log_softmax_grad::<M>,

@@ -383,9 +383,13 @@ fn normalize_block<M: MulAdd>(
 /// Each line's backward sum `r` over the block's steps (see [`add_terms`]).
 #[inline(always)]
 fn block_dots(y: &[f32], dy: &[f32], block: Block, log: bool) -> [f64; MAX_COLUMNS] {
-    line_sums(block, |k, part| {
-        add_terms(part, block.row(y, k), block.row(dy, k), log);
-    })
+    // Marked to inline: left out of line, it was compiled without the instruction set of the
+    // build that calls it and ran at SSE width.
+    line_sums(
+        block,
+        #[inline(always)]
+        |k, part| add_terms(part, block.row(y, k), block.row(dy, k), log),
+    )
 }
 
 /// Writes the block's steps of the backward (see [`backward_step`]).
@@ -498,11 +502,17 @@ fn narrow<M: MulAdd>(
     match op {
         AlongOp::Softmax | AlongOp::LogSoftmax => {
             let max = &period_max(x, period, inner);
-            let sums = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
-                for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(max) {
-                    *p += exp_nonpositive::<M>(v - m);
-                }
-            });
+            let sums = period_sums(
+                elements,
+                period,
+                inner,
+                #[inline(always)]
+                |start, part: &mut [f32]| {
+                    for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(max) {
+                        *p += exp_nonpositive::<M>(v - m);
+                    }
+                },
+            );
             let log = op == AlongOp::LogSoftmax;
             let mut scale = [0f32; MAX_PERIOD];
             line_scales(&mut scale, max, &sums, log);
@@ -512,9 +522,15 @@ fn narrow<M: MulAdd>(
         }
         AlongOp::SoftmaxBackward | AlongOp::LogSoftmaxBackward => {
             let log = op == AlongOp::LogSoftmaxBackward;
-            let r = period_sums(elements, period, inner, &mut |start, part: &mut [f32]| {
-                add_terms(part, &x[start..], &dy[start..], log);
-            });
+            let r = period_sums(
+                elements,
+                period,
+                inner,
+                #[inline(always)]
+                |start, part: &mut [f32]| {
+                    add_terms(part, &x[start..], &dy[start..], log);
+                },
+            );
             for ((dx, y), g) in out
                 .chunks_mut(period)
                 .zip(x.chunks(period))
@@ -564,7 +580,7 @@ fn period_sums(
     elements: usize,
     period: usize,
     inner: usize,
-    add: &mut impl FnMut(usize, &mut [f32]),
+    mut add: impl FnMut(usize, &mut [f32]),
 ) -> [f32; MAX_PERIOD] {
     let mut total = [0f64; MAX_PERIOD];
     let mut part = [0f32; MAX_PERIOD];
@@ -1093,11 +1109,17 @@ fn narrow_loss_stats<M: MulAdd>(
     for (s, &m) in shift.iter_mut().zip(&max[..period]) {
         *s = LossStats::shift(m);
     }
-    let sums = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-        for ((p, &v), &m) in part.iter_mut().zip(&xs[start..]).zip(&shift) {
-            *p += exp_nonpositive::<M>(v - m);
-        }
-    });
+    let sums = period_sums(
+        n,
+        period,
+        inner,
+        #[inline(always)]
+        |start, part: &mut [f32]| {
+            for ((p, &v), &m) in part.iter_mut().zip(&xs[start..]).zip(&shift) {
+                *p += exp_nonpositive::<M>(v - m);
+            }
+        },
+    );
     let (smooth, keep) = (lines.smooth, lines.keep);
     let term = |q: f32, v: f32, m: f32| if q != 0.0 { q * (v - m) } else { 0.0 };
     let mut w_buf = [1f32; MAX_PERIOD];
@@ -1105,37 +1127,55 @@ fn narrow_loss_stats<M: MulAdd>(
     match lines.probabilities {
         Some(p) => {
             let probs = &p[line0 * (x.len() / inner)..][..x.len()][off..][..n];
-            a = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-                let w = &mut w_buf[..part.len()];
-                chunk.class_weights(lines, start, w);
-                let values = xs[start..]
-                    .iter()
-                    .zip(&shift)
-                    .zip(w.iter())
-                    .zip(&probs[start..]);
-                for (p, (((&v, &m), &w), &prob)) in part.iter_mut().zip(values) {
-                    *p += term(w * (keep * prob + smooth), v, m);
-                }
-            });
-            q = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-                let w = &mut w_buf[..part.len()];
-                chunk.class_weights(lines, start, w);
-                for ((p, &w), &prob) in part.iter_mut().zip(w.iter()).zip(&probs[start..]) {
-                    *p += w * (keep * prob + smooth);
-                }
-            });
+            a = period_sums(
+                n,
+                period,
+                inner,
+                #[inline(always)]
+                |start, part: &mut [f32]| {
+                    let w = &mut w_buf[..part.len()];
+                    chunk.class_weights(lines, start, w);
+                    let values = xs[start..]
+                        .iter()
+                        .zip(&shift)
+                        .zip(w.iter())
+                        .zip(&probs[start..]);
+                    for (p, (((&v, &m), &w), &prob)) in part.iter_mut().zip(values) {
+                        *p += term(w * (keep * prob + smooth), v, m);
+                    }
+                },
+            );
+            q = period_sums(
+                n,
+                period,
+                inner,
+                #[inline(always)]
+                |start, part: &mut [f32]| {
+                    let w = &mut w_buf[..part.len()];
+                    chunk.class_weights(lines, start, w);
+                    for ((p, &w), &prob) in part.iter_mut().zip(w.iter()).zip(&probs[start..]) {
+                        *p += w * (keep * prob + smooth);
+                    }
+                },
+            );
         }
         None if smooth != 0.0 => {
-            let spread = period_sums(n, period, inner, &mut |start, part: &mut [f32]| {
-                let w = &mut w_buf[..part.len()];
-                chunk.class_weights(lines, start, w);
-                for (p, ((&v, &m), &w)) in part
-                    .iter_mut()
-                    .zip(xs[start..].iter().zip(&shift).zip(w.iter()))
-                {
-                    *p += term(w, v, m);
-                }
-            });
+            let spread = period_sums(
+                n,
+                period,
+                inner,
+                #[inline(always)]
+                |start, part: &mut [f32]| {
+                    let w = &mut w_buf[..part.len()];
+                    chunk.class_weights(lines, start, w);
+                    for (p, ((&v, &m), &w)) in part
+                        .iter_mut()
+                        .zip(xs[start..].iter().zip(&shift).zip(w.iter()))
+                    {
+                        *p += term(w, v, m);
+                    }
+                },
+            );
             a = spread;
         }
         None => {}

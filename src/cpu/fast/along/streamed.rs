@@ -665,19 +665,31 @@ fn narrow_stats<M: MulAdd>(
 ) {
     if forward {
         let m = period_max(x, period, inner);
-        let s = period_sums(x.len(), period, inner, &mut |start, part: &mut [f32]| {
-            for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(&m) {
-                *p += exp_nonpositive::<M>(v - m);
-            }
-        });
+        let s = period_sums(
+            x.len(),
+            period,
+            inner,
+            #[inline(always)]
+            |start, part: &mut [f32]| {
+                for ((p, &v), &m) in part.iter_mut().zip(&x[start..]).zip(&m) {
+                    *p += exp_nonpositive::<M>(v - m);
+                }
+            },
+        );
         max.copy_from_slice(&m[..inner]);
         for (sum, &s) in sums.iter_mut().zip(&s) {
             *sum = f64::from(s);
         }
     } else {
-        let r = period_sums(x.len(), period, inner, &mut |start, part: &mut [f32]| {
-            add_terms(part, &x[start..], &dy[start..], log);
-        });
+        let r = period_sums(
+            x.len(),
+            period,
+            inner,
+            #[inline(always)]
+            |start, part: &mut [f32]| {
+                add_terms(part, &x[start..], &dy[start..], log);
+            },
+        );
         for (sum, &r) in sums.iter_mut().zip(&r) {
             *sum = f64::from(r);
         }
