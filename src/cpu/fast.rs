@@ -1482,6 +1482,7 @@ fn log_softmax_grad<M: MulAdd>(y: f32, g: f32, total: f32) -> f32 {
 }
 
 #[inline(always)]
+#[allow(clippy::redundant_closure)] // `dot` itself would go through a `Fn::call` shim (below)
 fn softmax_backward_rows<M: MulAdd>(
     y: &[f32],
     dy: &[f32],
