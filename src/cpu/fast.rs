@@ -3070,6 +3070,19 @@ mod tests {
         probs
     }
 
+    /// Random class weights in [0, 2), every seventh from class 3 zero.
+    fn class_weights(rng: &mut Rng, classes: usize) -> Vec<f32> {
+        (0..classes)
+            .map(|c| {
+                if c % 7 == 3 {
+                    0.0
+                } else {
+                    rng.uniform() as f32 * 2.0
+                }
+            })
+            .collect()
+    }
+
     /// Logits with a few degenerate and `-inf`-holding rows mixed in.
     fn logits(rng: &mut Rng, rows: usize, cols: usize, sigma: f64) -> Vec<f32> {
         let mut x = rng.normals(rows * cols, sigma);
@@ -3591,15 +3604,7 @@ mod tests {
                 }
                 let prob_rows = probability_rows(&mut rng, lines, classes);
                 let probs = layout.from_rows(&prob_rows).unwrap();
-                let w: Vec<f32> = (0..classes)
-                    .map(|c| {
-                        if c % 7 == 3 {
-                            0.0
-                        } else {
-                            rng.uniform() as f32 * 2.0
-                        }
-                    })
-                    .collect();
+                let w = class_weights(&mut rng, classes);
                 let per_line = rng.normals(lines, 1.0);
                 for (targets, row_targets) in [
                     (Targets::Indices(&idx), Targets::Indices(&idx)),
@@ -3671,15 +3676,7 @@ mod tests {
             }
             let idx32: Vec<i32> = idx.iter().map(|&v| v as i32).collect();
             let probs = probability_rows(&mut rng, rows, cols);
-            let w: Vec<f32> = (0..cols)
-                .map(|c| {
-                    if c % 7 == 3 {
-                        0.0
-                    } else {
-                        rng.uniform() as f32 * 2.0
-                    }
-                })
-                .collect();
+            let w = class_weights(&mut rng, cols);
             let per_row = rng.normals(rows, 1.0);
             for targets in [
                 Targets::Indices(&idx),

@@ -130,10 +130,9 @@ pub(super) fn run_on(
         }
     };
     let forward = matches!(op, AlongOp::Softmax | AlongOp::LogSoftmax);
-    let parts = cut.outer * cut.chunks * cut.inner;
-    let mut part_max = vec![0f32; if forward { parts } else { 0 }];
-    let mut part_sum = vec![0f64; parts];
-    let (max_out, sum_out) = (Out::new(&mut part_max), Out::new(&mut part_sum));
+    let log = matches!(op, AlongOp::LogSoftmax | AlongOp::LogSoftmaxBackward);
+    let mut parts = Partials::new(op, cut.outer * cut.chunks * cut.inner);
+    let (max_out, sum_out) = parts.outs();
     (0..cut.tasks()).into_par_iter().for_each(|t| {
         let (o, block) = cut.task(t);
         let slot = cut.slot(o, &block);
@@ -145,7 +144,6 @@ pub(super) fn run_on(
             let max = unsafe { max_out.slice(slot, block.width) };
             stats_on(isa, x, block, max, sums);
         } else {
-            let log = op == AlongOp::LogSoftmaxBackward;
             dots_on(isa, [x, dy_slab(o)], block, sums, log);
         }
     });
@@ -169,12 +167,7 @@ pub(super) fn run_on(
                 scale_at.slice(o * cut.inner + first, run.n),
             )
         };
-        if forward {
-            let log = op == AlongOp::LogSoftmax;
-            combine_on(isa, &part_max, &part_sum, run, max, scale, log);
-        } else {
-            run.totals(&part_sum, scale);
-        }
+        parts.combine(isa, run, max, scale, log);
     });
     let out = Out::new(out);
     (0..cut.tasks()).into_par_iter().for_each(|t| {
@@ -184,10 +177,8 @@ pub(super) fn run_on(
         // SAFETY: slab `o` lies within `out`, which is as long as `x`.
         let out = unsafe { out.add(o * slab) };
         if forward {
-            let log = op == AlongOp::LogSoftmax;
             normalize_on(isa, out, x, block, &line_max[lines], scale, log);
         } else {
-            let log = op == AlongOp::LogSoftmaxBackward;
             backward_on(isa, out, [x, dy_slab(o)], block, scale, log);
         }
     });
@@ -227,6 +218,41 @@ impl Run {
         }
         for (o, &t) in out.iter_mut().zip(&total) {
             *o = t as f32;
+        }
+    }
+}
+
+/// The chunks' partials of a streamed softmax-family call: each chunk's per-line maxima and
+/// sums of exponentials (forward ops), or backward sums (the maxima then unused), filled by
+/// tasks that each own their chunk's slots.
+struct Partials {
+    forward: bool,
+    max: Vec<f32>,
+    sum: Vec<f64>,
+}
+
+impl Partials {
+    fn new(op: AlongOp, parts: usize) -> Self {
+        let forward = matches!(op, AlongOp::Softmax | AlongOp::LogSoftmax);
+        Partials {
+            forward,
+            max: vec![0f32; if forward { parts } else { 0 }],
+            sum: vec![0f64; parts],
+        }
+    }
+
+    /// Shared pointers for the tasks of phase 1.
+    fn outs(&mut self) -> (Out, Out<f64>) {
+        (Out::new(&mut self.max), Out::new(&mut self.sum))
+    }
+
+    /// Phase 2 over a run of lines: each line's maximum and scale (forward ops, see
+    /// [`combine`]), or backward sum into `scale` (`max` untouched).
+    fn combine(&self, isa: Isa, run: Run, max: &mut [f32], scale: &mut [f32], log: bool) {
+        if self.forward {
+            combine_on(isa, &self.max, &self.sum, run, max, scale, log);
+        } else {
+            run.totals(&self.sum, scale);
         }
     }
 }
@@ -601,10 +627,8 @@ pub(super) fn run_narrow_on(
     let forward = matches!(op, AlongOp::Softmax | AlongOp::LogSoftmax);
     let log = matches!(op, AlongOp::LogSoftmax | AlongOp::LogSoftmaxBackward);
     let dy_of = |r: &std::ops::Range<usize>| if dy.is_empty() { dy } else { &dy[r.clone()] };
-    let parts = tasks * cut.inner;
-    let mut part_max = vec![0f32; if forward { parts } else { 0 }];
-    let mut part_sum = vec![0f64; parts];
-    let (max_out, sum_out) = (Out::new(&mut part_max), Out::new(&mut part_sum));
+    let mut parts = Partials::new(op, tasks * cut.inner);
+    let (max_out, sum_out) = parts.outs();
     (0..tasks).into_par_iter().for_each(|t| {
         let (_, range) = cut.task(t);
         let n = cut.inner;
@@ -634,11 +658,7 @@ pub(super) fn run_narrow_on(
             stride: cut.inner,
             n: cut.inner,
         };
-        if forward {
-            combine_on(isa, &part_max, &part_sum, run, max, scale, log);
-        } else {
-            run.totals(&part_sum, scale);
-        }
+        parts.combine(isa, run, max, scale, log);
     }
     let out = Out::new(out);
     (0..tasks).into_par_iter().for_each(|t| {
