@@ -38,15 +38,19 @@ const LAYOUTS: &[(&[usize], isize)] = &[
     (&[2, 3, 0], 1),
 ];
 
-/// `base`, and a context of it whose lines are cut into chunks of 2 or more classes whatever their
-/// number (a partials pass and a finishing pass, as few long lines are).
+/// `base`'s tuning, and one whose lines are cut into chunks of 2 or more classes whatever their
+/// number (a partials pass and a finishing pass, as few long lines are), each on a device of its
+/// own so that tests running at once compile their pipelines at once.
 fn line_contexts(base: &Context) -> Vec<(&'static str, Context)> {
     let split = Tuning {
         axis_lines: 1 << 20,
         axis_min_chunk: 2,
         ..base.tuning()
     };
-    vec![("lines", base.clone()), ("split lines", tuned(base, split))]
+    vec![
+        ("lines", tuned(base, base.tuning())),
+        ("split lines", tuned(base, split)),
+    ]
 }
 
 /// One class per line, every `ignore_every`-th line (from line 1) `-100`.

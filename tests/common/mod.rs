@@ -398,10 +398,19 @@ pub fn assert_same_bits(first: &mut Option<Vec<Vec<f32>>>, outputs: Vec<Vec<f32>
     }
 }
 
-/// A context on `base`'s device with `tuning`.
+/// A context with `tuning` on `base`'s adapter, on a device of its own.
+///
+/// Software adapters compile one pipeline at a time per device, and a cold shader cache makes
+/// compiling the suite's specialisations most of its time: tests that run at once on one shared
+/// device would wait on each other's compiles (the training tests took 231 s on lavapipe that
+/// way, 162 s with a device each).
 pub fn tuned(base: &Context, tuning: Tuning) -> Context {
-    Context::from_device_with_tuning(base.device().clone(), base.queue().clone(), tuning)
-        .expect("adopt device")
+    let options = wgpu_softmax::ContextOptions {
+        backends: Some(base.backend().into()),
+        adapter_name: Some(base.adapter_info().name.clone()),
+        tuning: Some(tuning),
+    };
+    pollster::block_on(Context::with_options(options)).expect("a device on the same adapter")
 }
 
 /// The device-resident chain softmax then backward: `y = softmax(x)` and `dx` for upstream
