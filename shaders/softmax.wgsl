@@ -14,6 +14,11 @@
 //               (one_pass.wgsl), the second pass finishing what the first left.
 //   *4          the same over vec4: rows of a multiple of 4 columns whose operands start at a
 //               multiple of 16 bytes are read and written four elements at a time.
+//   rows_unaligned4
+//               `rows` streamed over the vec4 views where the rows are not a multiple of 4
+//               columns but the operands share their offset within a vec4: a row is the vec4s
+//               that hold any of its elements, its first and last masked on load and written
+//               element by element, the rest read and written whole.
 
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
@@ -112,6 +117,74 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     } else {
         for (var c = team.lane; c < p.cols; c += team.size) {
             dst[d0 + c] = finish(src[s0 + c], m, scale);
+        }
+    }
+}
+
+// Elements lo .. hi of the vec4 view (element indices; `q` the vec4 holding 4q .. 4q + 3), -inf
+// for those outside: the first and last vec4 of an unaligned row hold other rows' elements.
+fn masked4(q: u32, lo: u32, hi: u32) -> vec4<f32> {
+    let e = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
+    return select(vec4<f32>(neg_inf()), src4[q], (e >= vec4<u32>(lo)) & (e < vec4<u32>(hi)));
+}
+
+// `online_stats4` over the elements lo .. hi of an unaligned row, read as the vec4s that hold
+// them, masked.
+fn online_stats_unaligned4(lo: u32, hi: u32, lane: u32, size: u32) -> vec2<f32> {
+    var m = neg_inf();
+    var s = 0.0;
+    let stop = (hi + 3u) / 4u;
+    for (var i0 = lo / 4u + lane; i0 < stop; i0 += size * BLOCK4) {
+        var block: array<vec4<f32>, BLOCK4>;
+        var bm = vec4<f32>(neg_inf());
+        for (var k = 0u; k < BLOCK4; k++) {
+            let i = i0 + k * size;
+            var x = vec4<f32>(neg_inf());
+            if (i < stop) {
+                x = masked4(i, lo, hi);
+            }
+            block[k] = x;
+            bm = max(bm, max_key4(x));
+        }
+        let mn = max(m, max_of(bm));
+        var acc = vec4<f32>(0.0);
+        for (var k = 0u; k < BLOCK4; k++) {
+            acc += exp_shifted4(block[k], mn);
+        }
+        s = s * rescale(m, mn) + sum_of(acc);
+        m = mn;
+    }
+    return vec2<f32>(m, s);
+}
+
+// A binding is seen either as f32 or as vec4 by one entry point, never both, so the edge
+// elements are written as components of the vec4 view (4-byte stores, which neighbouring rows'
+// teams make to the other components).
+@compute @workgroup_size(WG)
+fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    if (team.row >= p.rows) {
+        return;
+    }
+    let lo = base(0u) + team.row * p.cols;
+    let hi = lo + p.cols;
+    // The operands' rows start at the same place within a vec4 (the host checks it), so vec4 q
+    // of the input is vec4 q - lo / 4 + d0 / 4 of the output.
+    let d0 = base(1u) + team.row * p.cols;
+    let st = team_stats(online_stats_unaligned4(lo, hi, team.lane, team.size), lid);
+    let scale = normaliser(st.y);
+    for (var q = lo / 4u + team.lane; q < (hi + 3u) / 4u; q += team.size) {
+        let y = finish4(masked4(q, lo, hi), st.x, scale);
+        let d = q - lo / 4u + d0 / 4u;
+        let e = 4u * q;
+        if (e >= lo && e + 4u <= hi) {
+            dst4[d] = y;
+        } else {
+            for (var j = 0u; j < 4u; j++) {
+                if (e + j >= lo && e + j < hi) {
+                    dst4[d][j] = y[j];
+                }
+            }
         }
     }
 }

@@ -121,7 +121,8 @@ impl Tensor {
         self.len() == 0
     }
 
-    /// The underlying buffer (usages [`TENSOR_USAGES`]), for the caller's own passes.
+    /// The underlying buffer (usages [`TENSOR_USAGES`]), for the caller's own passes: the
+    /// elements from its start, in a size rounded up to whole 16-byte `vec4`s.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
@@ -418,8 +419,10 @@ impl Context {
         let buffer = self.gpu.scoped(|| {
             Ok(self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("wgpu-softmax tensor"),
-                // A zero-sized binding is invalid, so an empty tensor still owns one word.
-                size: bytes.max(4),
+                // A zero-sized binding is invalid, so an empty tensor still owns a few words;
+                // whole vec4s, so that the kernels over unaligned rows find room for the last
+                // row's last vec4 (`RowwiseFamily::unaligned_rows`).
+                size: bytes.next_multiple_of(16).max(16),
                 usage: TENSOR_USAGES,
                 mapped_at_creation: false,
             }))
@@ -608,7 +611,14 @@ impl Context {
             Some(scratch) => Ok(scratch),
             None => self
                 .gpu
-                .scoped(|| Ok(Scratch::new(&self.gpu.device, bytes.max(256)))),
+                // Whole vec4s, so that the kernels over unaligned rows find room for the last
+                // row's last vec4 (`RowwiseFamily::unaligned_rows`).
+                .scoped(|| {
+                    Ok(Scratch::new(
+                        &self.gpu.device,
+                        bytes.next_multiple_of(16).max(256),
+                    ))
+                }),
         }
     }
 

@@ -17,8 +17,10 @@ use wgpu_softmax::{
 /// What every word of an arena holds before an op runs, outside the operands.
 const GUARD: u32 = 0xDEAD_BEEF;
 
-/// Shapes over the kernel layouts: short rows, vec4 rows, scalar rows, and split rows.
-const SHAPES: [(usize, usize); 4] = [(3, 5), (9, 256), (33, 130), (2, 70_000)];
+/// Shapes over the kernel layouts: short rows, vec4 rows, scalar rows, split rows, and
+/// unaligned rows long enough to stream (read as vec4s where the operands share their place
+/// within a vec4).
+const SHAPES: [(usize, usize); 5] = [(3, 5), (9, 256), (33, 130), (2, 70_000), (5, 4099)];
 
 /// One buffer of the caller's holding operands at given word offsets, [`GUARD`] elsewhere.
 struct Arena {
@@ -718,5 +720,38 @@ fn upstream_regions_and_in_place_calls_refuse_what_they_would_overwrite() {
             .unwrap();
         ctx.queue().submit([encoder.finish()]);
         let _ = loss.written(ctx, &[(0, rows)], "after one call");
+    });
+}
+
+/// Unaligned rows streamed as the vec4s that hold them read and write a whole vec4 past their
+/// end only where the buffer has one: a region that ends at its buffer's end, or a word or two
+/// before it, takes the scalar kernel, and writes nothing outside its region either way.
+#[test]
+fn unaligned_rows_at_a_buffers_end() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (3, 4099);
+        let n = rows * cols;
+        let x = logits(rows, cols, 3.0, 11);
+        let want = ctx.softmax(&x, cols).unwrap();
+        let want_log = ctx.log_softmax(&x, cols).unwrap();
+        // Words after the region: none, a partial vec4, a whole one.
+        for room in [0, 1, 3] {
+            let what = format!("{room} words after the regions");
+            let input = Arena::new(ctx, 4 + n + room, &[(4, &bits(&x))], usage());
+            let output = Arena::new(ctx, 8 + n + room, &[], usage());
+            let log_output = Arena::new(ctx, 8 + n + room, &[], usage());
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            let x_region = input.region(4, n);
+            ctx.encode_softmax(&mut encoder, x_region, output.region(8, n), rows, cols)
+                .unwrap();
+            ctx.encode_log_softmax(&mut encoder, x_region, log_output.region(8, n), rows, cols)
+                .unwrap();
+            ctx.queue().submit([encoder.finish()]);
+            let _ = input.written(ctx, &[], &what);
+            let got = output.written(ctx, &[(8, n)], &what);
+            check(&got[0], &want, Tolerance::SOFTMAX, room == 3, &what);
+            let got = log_output.written(ctx, &[(8, n)], &what);
+            check(&got[0], &want_log, Tolerance::LOG_SOFTMAX, room == 3, &what);
+        }
     });
 }

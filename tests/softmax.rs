@@ -69,7 +69,7 @@ fn every_strategy_matches_the_reference() {
                 let x = logits(rows, cols, 2.0, (rows * cols) as u64);
                 check_softmax(&ctx, &x, cols, &format!("{name} {rows}x{cols}"));
             }
-            for cols in [8, 128, 4096] {
+            for cols in [8, 128, 2051, 4096] {
                 check_special_values(&ctx, cols, &format!("{name} cols {cols}"));
             }
         }
@@ -204,8 +204,9 @@ fn check_special_values(ctx: &Context, cols: usize, what: &str) {
 #[test]
 fn special_values_follow_the_documented_policy() {
     with_gpu(|ctx| {
-        // Unaligned rows run the scalar kernels, aligned ones the vec4 kernels.
-        for cols in [3, 40, 5000, 70_000, 4, 64, 4096, 65_536] {
+        // Unaligned rows run the scalar kernels (or, streamed, the vec4s that hold them),
+        // aligned ones the vec4 kernels.
+        for cols in [3, 41, 5001, 70_001, 4, 64, 4096, 65_536] {
             check_special_values(ctx, cols, &format!("cols {cols}"));
         }
     });
