@@ -14,11 +14,11 @@
 //               (one_pass.wgsl), the second pass finishing what the first left.
 //   *4          the same over vec4: rows of a multiple of 4 columns whose operands start at a
 //               multiple of 16 bytes are read and written four elements at a time.
-//   rows_unaligned4
-//               `rows` streamed over the vec4 views where the rows are not a multiple of 4
-//               columns but the operands share their offset within a vec4: a row is the vec4s
-//               that hold any of its elements, its first and last masked on load and written
-//               element by element, the rest read and written whole.
+//   rows_unaligned4, split_*_unaligned4
+//               `rows` streamed, and the split pair, over the vec4 views where the rows are not
+//               a multiple of 4 columns but the operands share their offset within a vec4: a
+//               row (a chunk) is the vec4s that hold any of its elements, its first and last
+//               masked on load and written element by element, the rest read and written whole.
 
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
@@ -172,10 +172,15 @@ fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     // of the input is vec4 q - lo / 4 + d0 / 4 of the output.
     let d0 = base(1u) + team.row * p.cols;
     let st = team_stats(online_stats_unaligned4(lo, hi, team.lane, team.size), lid);
-    let scale = normaliser(st.y);
-    for (var q = lo / 4u + team.lane; q < (hi + 3u) / 4u; q += team.size) {
-        let y = finish4(masked4(q, lo, hi), st.x, scale);
-        let d = q - lo / 4u + d0 / 4u;
+    write_unaligned4(lo, hi, lo / 4u, d0 / 4u, team.lane, team.size, st.x, normaliser(st.y));
+}
+
+// Writes the outputs of input elements lo .. hi (of a row starting at vec4 `s0`, whose output
+// starts at vec4 `d0`, at the same place within it) given the row's max m and `scale`.
+fn write_unaligned4(lo: u32, hi: u32, s0: u32, d0: u32, lane: u32, size: u32, m: f32, scale: f32) {
+    for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
+        let y = finish4(masked4(q, lo, hi), m, scale);
+        let d = q - s0 + d0;
         let e = 4u * q;
         if (e >= lo && e + 4u <= hi) {
             dst4[d] = y;
@@ -187,6 +192,35 @@ fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             }
         }
     }
+}
+
+// The split pair over unaligned rows, as split_partials and split_normalize: a chunk is the
+// vec4s that hold any of its elements, masked as a row's.
+@compute @workgroup_size(WG)
+fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
+        return;
+    }
+    let bounds = chunk_bounds(ch.within);
+    let s0 = base(0u) + ch.row * p.cols;
+    let st = team_stats(online_stats_unaligned4(s0 + bounds.x, s0 + bounds.y, ch.team.lane, ch.team.size), lid);
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = st;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_normalize_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
+        return;
+    }
+    let st = row_stats(ch, lid);
+    let bounds = chunk_bounds(ch.within);
+    let s0 = base(0u) + ch.row * p.cols;
+    let d0 = base(1u) + ch.row * p.cols;
+    write_unaligned4(s0 + bounds.x, s0 + bounds.y, s0 / 4u, d0 / 4u, ch.team.lane, ch.team.size, st.x, normaliser(st.y));
 }
 
 // A split row's (max, sum), combined over the team from its chunks' partials with the

@@ -18,9 +18,16 @@ use wgpu_softmax::{
 const GUARD: u32 = 0xDEAD_BEEF;
 
 /// Shapes over the kernel layouts: short rows, vec4 rows, scalar rows, split rows, and
-/// unaligned rows long enough to stream (read as vec4s where the operands share their place
-/// within a vec4).
-const SHAPES: [(usize, usize); 5] = [(3, 5), (9, 256), (33, 130), (2, 70_000), (5, 4099)];
+/// unaligned rows long enough to stream or split (read as vec4s where the operands share their
+/// place within a vec4).
+const SHAPES: [(usize, usize); 6] = [
+    (3, 5),
+    (9, 256),
+    (33, 130),
+    (2, 70_000),
+    (5, 4099),
+    (2, 70_001),
+];
 
 /// One buffer of the caller's holding operands at given word offsets, [`GUARD`] elsewhere.
 struct Arena {

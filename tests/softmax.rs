@@ -76,6 +76,46 @@ fn every_strategy_matches_the_reference() {
     });
 }
 
+/// Unaligned rows split into chunks that are not a multiple of 4 columns either (the planner
+/// keeps such chunks for kernels that load one element at a time): chunk boundaries then fall at
+/// every place within a vec4, and the kernels that read a chunk as the vec4s that hold it mask
+/// both ends. Both chunk teams, the special values, and the backward ops.
+#[test]
+fn unaligned_rows_split_at_every_place_within_a_vec4() {
+    with_gpu(|base| {
+        for (chunk, split_team) in [(301, 0), (302, 2), (303, 0), (304, 2)] {
+            let ctx = tuned(
+                base,
+                Tuning {
+                    split_min_cols: 1,
+                    split_max_rows: u32::MAX,
+                    split_chunk: chunk,
+                    split_team,
+                    ..base.tuning()
+                },
+            );
+            for (rows, cols) in [(3, 1001), (2, 4099), (5, 611)] {
+                let what = format!("chunk {chunk} {rows}x{cols}");
+                let x = logits(rows, cols, 2.0, (rows * cols + chunk as usize) as u64);
+                check_softmax(&ctx, &x, cols, &what);
+                // The backward ops, whose kernels take their rows the same way.
+                let dy = logits(rows, cols, 1.0, chunk as u64);
+                let y = ctx.softmax(&x, cols).unwrap();
+                let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
+                let want = reference::softmax_backward(&y, &dy, cols).unwrap();
+                let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+                assert!(cmp.passed(), "softmax_backward {what}: {cmp:?}");
+                let y = ctx.log_softmax(&x, cols).unwrap();
+                let got = ctx.log_softmax_backward(&y, &dy, cols).unwrap();
+                let want = reference::log_softmax_backward(&y, &dy, cols).unwrap();
+                let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
+                assert!(cmp.passed(), "log_softmax_backward {what}: {cmp:?}");
+            }
+            check_special_values(&ctx, 1001, &format!("chunk {chunk}"));
+        }
+    });
+}
+
 /// Split rows taken in one pass (`split_wait`): a chunk writes its output when its row's other
 /// chunks have shared their statistics within the wait, and the finishing pass writes the rest.
 /// On any adapter some chunks take each path (a row of one chunk never waits; a short wait

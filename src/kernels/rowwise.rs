@@ -39,9 +39,9 @@ pub(crate) struct Vec4Kernels {
     pub entries: [&'static str; 3],
     pub max_items: u32,
     pub one_pass: Option<OnePass>,
-    /// A streamed `rows` over the vec4 views for rows that are not a multiple of 4 columns
-    /// ([`RowwiseFamily::unaligned_rows`]), where the family has one.
-    pub unaligned_rows: Option<&'static str>,
+    /// A streamed `rows` and the split pair over the vec4 views, for rows that are not a
+    /// multiple of 4 columns ([`RowwiseFamily::unaligned_rows`]), where the family has them.
+    pub unaligned_rows: Option<[&'static str; 3]>,
 }
 
 /// A split row taken in one pass over the input (`shaders/one_pass.wgsl`): the one pass, with
@@ -75,7 +75,11 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
         one_pass: Some(OnePass {
             wait: |tuning| tuning.split_wait,
         }),
-        unaligned_rows: Some("rows_unaligned4"),
+        unaligned_rows: Some([
+            "rows_unaligned4",
+            "split_partials_unaligned4",
+            "split_normalize_unaligned4",
+        ]),
     }),
     partial_words: 2,
 };
@@ -357,7 +361,10 @@ impl RowwiseFamily {
                     Operand::Shared { .. } => true,
                 })
             });
-        let rows_entry = unaligned.unwrap_or(rows_entry);
+        let (rows_entry, split_entries) = match unaligned {
+            Some([rows, partials, finish]) => (rows, Some([partials, finish])),
+            None => (rows_entry, split_entries),
+        };
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
         let mut spin = None;
         // (entry points, workgroup size, items, team, rows or chunks per workgroup, chunk)
@@ -665,16 +672,17 @@ impl RowwiseFamily {
         Ok(dispatches)
     }
 
-    /// The entry point that streams rows of `cols` columns, not a multiple of 4, over the vec4
-    /// views of the operands, where [`RowwiseFamily::choose`] gave `strategy` and `vector`:
-    /// `None` unless the family has one, the tuning allows vec4 loads, the strategy streams a
-    /// row per team, and the operands start at a multiple of 16 bytes (`aligned`) in bindings
-    /// that start at one too (so every operand's rows start at the same place within a vec4).
-    /// The caller also checks that every operand's buffer holds its last row's last vec4.
+    /// The entry points (`rows`, then the split pair) that take rows of `cols` columns, not a
+    /// multiple of 4, over the vec4 views of the operands, where [`RowwiseFamily::choose`] gave
+    /// `strategy` and `vector`: `None` unless the family has them, the tuning allows vec4
+    /// loads, the strategy streams a row per team or splits rows, and the operands start at a
+    /// multiple of 16 bytes (`aligned`) in bindings that start at one too (so every operand's
+    /// rows start at the same place within a vec4). The caller also checks that every operand's
+    /// buffer holds its last row's last vec4.
     ///
-    /// A row is then the vec4s that hold any of its elements: on lavapipe and llvmpipe a vec4
-    /// load costs about what a scalar one does, and the streamed softmax of `4096x4095` and
-    /// `1024x50257` ran 1.3x to 1.7x faster so.
+    /// A row (a chunk) is then the vec4s that hold any of its elements: on lavapipe and
+    /// llvmpipe a vec4 load costs about what a scalar one does, and the streamed softmax of
+    /// `4096x4095` and `1024x50257` ran 1.3x to 1.9x faster so.
     pub(crate) fn unaligned_rows(
         &self,
         gpu: &Gpu,
@@ -683,13 +691,14 @@ impl RowwiseFamily {
         aligned: bool,
         strategy: Strategy,
         vector: u32,
-    ) -> Option<&'static str> {
+    ) -> Option<[&'static str; 3]> {
         let entry = self.desc.vec4.and_then(|v| v.unaligned_rows)?;
         let streamed = matches!(
             strategy,
             Strategy::RowPerThread { items: 0 }
                 | Strategy::RowPerSubgroup { items: 0 }
                 | Strategy::RowPerWorkgroup { items: 0 }
+                | Strategy::SplitRow { .. }
         );
         (vector == 1
             && gpu.tuning.vector >= 4
