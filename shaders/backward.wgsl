@@ -3,7 +3,8 @@
 //   softmax:      dx_j = y_j * (dy_j - r),       r = sum_k dy_k * y_k
 //   log-softmax:  dx_j = dy_j - exp(y_j) * r,    r = sum_k dy_k
 //
-// One reduction per row; the entry points are those of softmax.wgsl, *4 included. Values are not
+// One reduction per row; the entry points are those of softmax.wgsl, *4 and *_unaligned4
+// included (the latter read y, dy and dx at the same place within a vec4). Values are not
 // special-cased: NaN in y or dy propagates through r to its row, and exp(-inf) is 0 by the
 // explicit select.
 
@@ -227,6 +228,88 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
         dx4[d0 + c] = grad4(y4[y0 + c], dy4[g0 + c], r);
     }
+}
+
+// Rows that are not a multiple of 4 columns, read as the vec4s that hold them (softmax.wgsl's
+// rows_unaligned4 has the scheme). Elements lo .. hi are y's, at vec4s from `ys` in y's view;
+// dy's and dx's rows start at vec4s `gs` and `ds`, at the same place within a vec4.
+fn in_row4(q: u32, lo: u32, hi: u32) -> vec4<bool> {
+    let e = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
+    return (e >= vec4<u32>(lo)) & (e < vec4<u32>(hi));
+}
+
+fn lane_sum_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32) -> f32 {
+    var r = 0.0;
+    let stop = (hi + 3u) / 4u;
+    for (var c0 = lo / 4u + lane; c0 < stop; c0 += size * BLOCK4) {
+        let end = min(stop, c0 + size * BLOCK4);
+        var part = vec4<f32>(0.0);
+        for (var q = c0; q < end; q += size) {
+            part += select(vec4<f32>(0.0), term4(y4[q], dy4[q - ys + gs]), in_row4(q, lo, hi));
+        }
+        r += sum_of(part);
+    }
+    return r;
+}
+
+fn write_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, ds: u32, lane: u32, size: u32, r: f32) {
+    for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
+        let v = grad4(y4[q], dy4[q - ys + gs], r);
+        let d = q - ys + ds;
+        let e = 4u * q;
+        if (e >= lo && e + 4u <= hi) {
+            dx4[d] = v;
+        } else {
+            for (var j = 0u; j < 4u; j++) {
+                if (e + j >= lo && e + j < hi) {
+                    dx4[d][j] = v[j];
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let team = team_of(wid, lid);
+    if (team.row >= p.rows) {
+        return;
+    }
+    let y0 = base(0u) + team.row * p.cols;
+    let gs = (base(1u) + team.row * p.cols) / 4u;
+    let ds = (base(2u) + team.row * p.cols) / 4u;
+    let hi = y0 + p.cols;
+    let r = team_sum(lane_sum_unaligned4(y0, hi, y0 / 4u, gs, team.lane, team.size), lid);
+    write_unaligned4(y0, hi, y0 / 4u, gs, ds, team.lane, team.size, r);
+}
+
+@compute @workgroup_size(WG)
+fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
+        return;
+    }
+    let bounds = chunk_bounds(ch.within);
+    let y0 = base(0u) + ch.row * p.cols;
+    let gs = (base(1u) + ch.row * p.cols) / 4u;
+    let r = team_sum(lane_sum_unaligned4(y0 + bounds.x, y0 + bounds.y, y0 / 4u, gs, ch.team.lane, ch.team.size), lid);
+    if (ch.team.lane == 0u) {
+        partials[ch.index] = r;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn split_finish_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let ch = chunk_of(wid, lid);
+    if (ch.index >= p.rows * p.chunks) {
+        return;
+    }
+    let r = row_total(ch, lid);
+    let bounds = chunk_bounds(ch.within);
+    let y0 = base(0u) + ch.row * p.cols;
+    let gs = (base(1u) + ch.row * p.cols) / 4u;
+    let ds = (base(2u) + ch.row * p.cols) / 4u;
+    write_unaligned4(y0 + bounds.x, y0 + bounds.y, y0 / 4u, gs, ds, ch.team.lane, ch.team.size, r);
 }
 
 // Split rows in one pass over y and dy (`Tuning::backward_split_wait`; one_pass.wgsl has the

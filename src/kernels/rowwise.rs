@@ -96,7 +96,11 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
         one_pass: Some(OnePass {
             wait: |tuning| tuning.backward_split_wait,
         }),
-        unaligned_rows: None,
+        unaligned_rows: Some([
+            "rows_unaligned4",
+            "split_partials_unaligned4",
+            "split_finish_unaligned4",
+        ]),
     }),
     partial_words: 1,
 };
