@@ -233,11 +233,6 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 // Rows that are not a multiple of 4 columns, read as the vec4s that hold them (softmax.wgsl's
 // rows_unaligned4 has the scheme). Elements lo .. hi are y's, at vec4s from `ys` in y's view;
 // dy's and dx's rows start at vec4s `gs` and `ds`, at the same place within a vec4.
-fn in_row4(q: u32, lo: u32, hi: u32) -> vec4<bool> {
-    let e = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
-    return (e >= vec4<u32>(lo)) & (e < vec4<u32>(hi));
-}
-
 fn lane_sum_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32) -> f32 {
     var r = 0.0;
     let stop = (hi + 3u) / 4u;
@@ -245,7 +240,7 @@ fn lane_sum_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32)
         let end = min(stop, c0 + size * BLOCK4);
         var part = vec4<f32>(0.0);
         for (var q = c0; q < end; q += size) {
-            part += select(vec4<f32>(0.0), term4(y4[q], dy4[q - ys + gs]), in_row4(q, lo, hi));
+            part += select(vec4<f32>(0.0), term4(y4[q], dy4[q - ys + gs]), in_span4(q, lo, hi));
         }
         r += sum_of(part);
     }
@@ -254,14 +249,14 @@ fn lane_sum_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32)
 
 fn write_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, ds: u32, lane: u32, size: u32, r: f32) {
     for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
+        let inside = in_span4(q, lo, hi);
         let v = grad4(y4[q], dy4[q - ys + gs], r);
         let d = q - ys + ds;
-        let e = 4u * q;
-        if (e >= lo && e + 4u <= hi) {
+        if (all(inside)) {
             dx4[d] = v;
         } else {
             for (var j = 0u; j < 4u; j++) {
-                if (e + j >= lo && e + j < hi) {
+                if (inside[j]) {
                     dx4[d][j] = v[j];
                 }
             }

@@ -117,6 +117,14 @@ fn sum_of(v: vec4<f32>) -> f32 {
 // vec4s a lane loads (or sums) as one block before folding them into its running statistics.
 const BLOCK4: u32 = 8u;
 
+// Which elements of vec4 `q` (elements 4q .. 4q + 3) lie in lo .. hi: the kernels over rows
+// that are not a multiple of 4 columns read a row (a chunk) as the vec4s that hold any of its
+// elements, and mask the others.
+fn in_span4(q: u32, lo: u32, hi: u32) -> vec4<bool> {
+    let e = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
+    return (e >= vec4<u32>(lo)) & (e < vec4<u32>(hi));
+}
+
 // Chunk bounds of a split row in vec4s (the chunk size is a multiple of 4 for vec4 kernels).
 fn chunk_bounds4(chunk_id: u32) -> vec2<u32> {
     return chunk_bounds(chunk_id) / 4u;

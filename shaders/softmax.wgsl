@@ -124,8 +124,7 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 // Elements lo .. hi of the vec4 view (element indices; `q` the vec4 holding 4q .. 4q + 3), -inf
 // for those outside: the first and last vec4 of an unaligned row hold other rows' elements.
 fn masked4(q: u32, lo: u32, hi: u32) -> vec4<f32> {
-    let e = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
-    return select(vec4<f32>(neg_inf()), src4[q], (e >= vec4<u32>(lo)) & (e < vec4<u32>(hi)));
+    return select(vec4<f32>(neg_inf()), src4[q], in_span4(q, lo, hi));
 }
 
 // `online_stats4` over the elements lo .. hi of an unaligned row, read as the vec4s that hold
@@ -179,14 +178,14 @@ fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
 // starts at vec4 `d0`, at the same place within it) given the row's max m and `scale`.
 fn write_unaligned4(lo: u32, hi: u32, s0: u32, d0: u32, lane: u32, size: u32, m: f32, scale: f32) {
     for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
-        let y = finish4(masked4(q, lo, hi), m, scale);
+        let inside = in_span4(q, lo, hi);
+        let y = finish4(select(vec4<f32>(neg_inf()), src4[q], inside), m, scale);
         let d = q - s0 + d0;
-        let e = 4u * q;
-        if (e >= lo && e + 4u <= hi) {
+        if (all(inside)) {
             dst4[d] = y;
         } else {
             for (var j = 0u; j < 4u; j++) {
-                if (e + j >= lo && e + j < hi) {
+                if (inside[j]) {
                     dst4[d][j] = y[j];
                 }
             }
