@@ -435,7 +435,7 @@ impl RowwiseFamily {
         let blocks = super::row_blocks(
             rows,
             (row_bytes as usize / 4).max(1),
-            gpu.max_binding() - slack,
+            gpu.max_binding().saturating_sub(slack),
             gpu.storage_align(),
             group_rows,
         )
