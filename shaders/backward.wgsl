@@ -148,12 +148,24 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 // A lane's share of r over the vec4s start + lane, start + lane + size, ... below stop, summed in
 // blocks of BLOCK4 terms per component.
 fn lane_sum4(y0: u32, g0: u32, start: u32, stop: u32, lane: u32, size: u32) -> f32 {
+    return block_sum4(y0, g0, start, stop, lane, size, vec2<u32>(0u), false);
+}
+
+// The loop of lane_sum4 and lane_sum_unaligned4 (y's vec4 y0 + c with dy's g0 + c): where
+// `masked` (a constant at each call, folded once the call is inlined), y's elements outside
+// span.x .. span.y add nothing.
+fn block_sum4(y0: u32, g0: u32, start: u32, stop: u32, lane: u32, size: u32, span: vec2<u32>, masked: bool) -> f32 {
     var r = 0.0;
     for (var c0 = start + lane; c0 < stop; c0 += size * BLOCK4) {
         let end = min(stop, c0 + size * BLOCK4);
         var part = vec4<f32>(0.0);
         for (var c = c0; c < end; c += size) {
-            part += term4(y4[y0 + c], dy4[g0 + c]);
+            let t = term4(y4[y0 + c], dy4[g0 + c]);
+            if (masked) {
+                part += select(vec4<f32>(0.0), t, in_span4(y0 + c, span.x, span.y));
+            } else {
+                part += t;
+            }
         }
         r += sum_of(part);
     }
@@ -234,17 +246,9 @@ fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 // rows_unaligned4 has the scheme). Elements lo .. hi are y's, at vec4s from `ys` in y's view;
 // dy's and dx's rows start at vec4s `gs` and `ds`, at the same place within a vec4.
 fn lane_sum_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32) -> f32 {
-    var r = 0.0;
-    let stop = (hi + 3u) / 4u;
-    for (var c0 = lo / 4u + lane; c0 < stop; c0 += size * BLOCK4) {
-        let end = min(stop, c0 + size * BLOCK4);
-        var part = vec4<f32>(0.0);
-        for (var q = c0; q < end; q += size) {
-            part += select(vec4<f32>(0.0), term4(y4[q], dy4[q - ys + gs]), in_span4(q, lo, hi));
-        }
-        r += sum_of(part);
-    }
-    return r;
+    // y's vec4 q is dy's q - ys + gs (u32 arithmetic wraps, so gs - ys may stand for a negative
+    // step); with y0 = 0 the sum walks y's own indices.
+    return block_sum4(0u, gs - ys, lo / 4u, (hi + 3u) / 4u, lane, size, vec2<u32>(lo, hi), true);
 }
 
 fn write_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, ds: u32, lane: u32, size: u32, r: f32) {

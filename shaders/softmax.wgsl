@@ -130,30 +130,7 @@ fn masked4(q: u32, lo: u32, hi: u32) -> vec4<f32> {
 // `online_stats4` over the elements lo .. hi of an unaligned row, read as the vec4s that hold
 // them, masked.
 fn online_stats_unaligned4(lo: u32, hi: u32, lane: u32, size: u32) -> vec2<f32> {
-    var m = neg_inf();
-    var s = 0.0;
-    let stop = (hi + 3u) / 4u;
-    for (var i0 = lo / 4u + lane; i0 < stop; i0 += size * BLOCK4) {
-        var block: array<vec4<f32>, BLOCK4>;
-        var bm = vec4<f32>(neg_inf());
-        for (var k = 0u; k < BLOCK4; k++) {
-            let i = i0 + k * size;
-            var x = vec4<f32>(neg_inf());
-            if (i < stop) {
-                x = masked4(i, lo, hi);
-            }
-            block[k] = x;
-            bm = max(bm, max_key4(x));
-        }
-        let mn = max(m, max_of(bm));
-        var acc = vec4<f32>(0.0);
-        for (var k = 0u; k < BLOCK4; k++) {
-            acc += exp_shifted4(block[k], mn);
-        }
-        s = s * rescale(m, mn) + sum_of(acc);
-        m = mn;
-    }
-    return vec2<f32>(m, s);
+    return block_stats4(lo / 4u, (hi + 3u) / 4u, lane, size, vec2<u32>(lo, hi), true);
 }
 
 // A binding is seen either as f32 or as vec4 by one entry point, never both, so the edge
@@ -306,6 +283,12 @@ fn online_stats(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
 // stop, from one read: each block of BLOCK4 vec4s is loaded, its maximum taken, and the running sum
 // rescaled when the maximum grows (one extra exp per block, not per element).
 fn online_stats4(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
+    return block_stats4(start, stop, lane, size, vec2<u32>(0u), false);
+}
+
+// The loop of online_stats4 and online_stats_unaligned4: where `masked` (a constant at each call,
+// folded once the call is inlined), elements outside span.x .. span.y count as -inf.
+fn block_stats4(start: u32, stop: u32, lane: u32, size: u32, span: vec2<u32>, masked: bool) -> vec2<f32> {
     var m = neg_inf();
     var s = 0.0;
     for (var i0 = start + lane; i0 < stop; i0 += size * BLOCK4) {
@@ -315,7 +298,11 @@ fn online_stats4(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
             let i = i0 + k * size;
             var x = vec4<f32>(neg_inf());
             if (i < stop) {
-                x = src4[i];
+                if (masked) {
+                    x = masked4(i, span.x, span.y);
+                } else {
+                    x = src4[i];
+                }
             }
             block[k] = x;
             bm = max(bm, max_key4(x));
