@@ -29,9 +29,10 @@
 @group(0) @binding(6) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(7) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(8) var<storage, read_write> partials: array<vec4<f32>>;
-// Logits and gradient seen as vec4, used only by the *4 entry points (rows of a multiple of 4
-// columns at multiples of 16 bytes). Targets and weights stay scalar: an index target is one word
-// per row, and a class-weight binding may be a one-word stand-in.
+// Logits and gradient seen as vec4, used only by the *4 and *_unaligned4 entry points (see "vec4
+// forms"). Targets and weights stay scalar: an index target is one word per row, a class-weight
+// binding may be a one-word stand-in, and probability targets need not share the logits' place
+// within a vec4.
 @group(0) @binding(1) var<storage, read> logits4: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> grad4: array<vec4<f32>>;
 
@@ -482,7 +483,15 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     }
 }
 
-// ---- vec4 forms (aligned rows) ----
+// ---- vec4 forms ----
+//
+// Rows of a multiple of 4 columns at multiples of 16 bytes are read and written four classes at
+// a time (*4). So are streamed and split rows that are not a multiple of 4 columns where the
+// logits, gradient and probability targets start at the same place within a vec4 (*_unaligned4,
+// softmax.wgsl's rows_unaligned4 has the scheme): a row (a chunk) is then the vec4s that hold any
+// of its classes, the others' logits masked to -inf and their mass to 0, and the first and last
+// vec4's gradient written class by class. Class weights and probability targets are read as
+// scalars at each class.
 
 fn logit4(i: u32) -> vec4<f32> {
     if (IN_PLACE) {
@@ -491,38 +500,39 @@ fn logit4(i: u32) -> vec4<f32> {
     return logits4[i];
 }
 
-// target_logit for rows whose logits start at vec4 x0.
+// Where class 0 of row `row` lies in the logits' view (in place, the gradient's).
+fn logits_start(row: u32) -> u32 {
+    return select(base(0u), base(5u), IN_PLACE) + row * p.cols;
+}
+
+// target_logit for a row whose class 0 is element x0 of the logits' view.
 fn target_logit4(x0: u32, t: RowTarget) -> f32 {
-    return logit4(x0 + t.index / 4u)[t.index % 4u];
+    let i = x0 + t.index;
+    return logit4(i / 4u)[i % 4u];
 }
 
-fn class_weight4(c: u32) -> vec4<f32> {
-    if (WEIGHTED) {
-        let w0 = base(2u) + c;
-        return vec4<f32>(weight[w0], weight[w0 + 1u], weight[w0 + 2u], weight[w0 + 3u]);
-    }
-    return vec4<f32>(1.0);
-}
-
-// q for the four classes c4 * 4 .. c4 * 4 + 3 of `row`.
-fn target_mass4(row: u32, c4: u32, t: RowTarget) -> vec4<f32> {
-    let c = c4 * 4u;
+// q for the four classes c of `row`.
+fn target_mass_of4(row: u32, c: vec4<u32>, t: RowTarget) -> vec4<f32> {
+    let hit = c == vec4<u32>(t.index);
     if (!DENSE) {
-        let hit = vec4<u32>(c, c + 1u, c + 2u, c + 3u) == vec4<u32>(t.index);
         return select(vec4<f32>(0.0), vec4<f32>(class_weight(t.index)), hit);
     }
     let e = smoothing();
     let uniform = e / f32(p.cols);
-    let w = class_weight4(c);
+    let w = vec4<f32>(class_weight(c.x), class_weight(c.y), class_weight(c.z), class_weight(c.w));
     if (PROBS) {
-        let t0 = base(1u) + row * p.cols + c;
+        let t0 = base(1u) + row * p.cols;
         let prob = bitcast<vec4<f32>>(
-            vec4<u32>(targets[t0], targets[t0 + 1u], targets[t0 + 2u], targets[t0 + 3u])
+            vec4<u32>(targets[t0 + c.x], targets[t0 + c.y], targets[t0 + c.z], targets[t0 + c.w])
         );
         return w * ((1.0 - e) * prob + uniform);
     }
-    let hit = vec4<u32>(c, c + 1u, c + 2u, c + 3u) == vec4<u32>(t.index);
     return uniform * w + select(vec4<f32>(0.0), (1.0 - e) * w, hit);
+}
+
+// q for the classes c4 * 4 .. c4 * 4 + 3 of `row`.
+fn target_mass4(row: u32, c4: u32, t: RowTarget) -> vec4<f32> {
+    return target_mass_of4(row, vec4<u32>(4u * c4) + vec4<u32>(0u, 1u, 2u, 3u), t);
 }
 
 // (exp terms, mass terms, masses) of four classes, each summed, as in `rows`; e =
@@ -540,21 +550,67 @@ fn grad_value4(e: vec4<f32>, q: vec4<f32>, g: GradRow) -> vec4<f32> {
     return select(vec4<f32>(g.fill), g.scale * (e * g.k - q), g.plain);
 }
 
-// A lane's statistics (m, S, A, B) over the vec4s start + lane, start + lane + size, ... below
-// stop, from one read of the logits: S and A are relative to the lane's running maximum m, and
-// are rescaled (S by exp(m_old - m_new)) or shifted (A by (m_old - m_new) B) when a block of
-// BLOCK4 vec4s raises it. A -inf logit with target mass gives A = -inf exactly, as in the row
-// kernels, whether or not a finite maximum has been seen yet.
-fn lane_stats4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t: RowTarget) -> vec4<f32> {
+// A streamed run of a row's classes, classes.x .. classes.y, as the loops over vec4s see it:
+// loop index i in start .. stop is the logits' vec4 x0 + i and the gradient's g0 + i, and holds
+// the classes 4 i - lead .. 4 i - lead + 3 (u32 arithmetic wraps: an element before the row
+// has a class past its end). Where `masked` (the unaligned entry points; a constant at each
+// use, folded once the calls are inlined), the vec4s also hold classes outside the run, which
+// do not count: their logits read as -inf, their mass as 0, and their gradient is not written.
+struct Run4 {
+    x0: u32,
+    g0: u32,
+    lead: u32,
+    start: u32,
+    stop: u32,
+    classes: vec2<u32>,
+    masked: bool,
+}
+
+// The run of classes b.x .. b.y of a row whose class 0 is element x of the logits' view and
+// element g of the gradient's, at the same place within a vec4.
+fn run_of(x: u32, g: u32, b: vec2<u32>, masked: bool) -> Run4 {
+    let lead = x % 4u;
+    return Run4(x / 4u, g / 4u, lead, (lead + b.x) / 4u, (lead + b.y + 3u) / 4u, b, masked);
+}
+
+// Which of vec4 i's classes belong to the run.
+fn run_inside(run: Run4, i: u32) -> vec4<bool> {
+    return in_span4(i, run.lead + run.classes.x, run.lead + run.classes.y);
+}
+
+fn run_logits(run: Run4, i: u32) -> vec4<f32> {
+    let x = logit4(run.x0 + i);
+    if (run.masked) {
+        return select(vec4<f32>(neg_inf()), x, run_inside(run, i));
+    }
+    return x;
+}
+
+fn run_mass(row: u32, run: Run4, i: u32, t: RowTarget) -> vec4<f32> {
+    let c = vec4<u32>(4u * i - run.lead) + vec4<u32>(0u, 1u, 2u, 3u);
+    if (run.masked) {
+        // Classes outside read class 0's weight and target, in bounds, and count as 0.
+        let inside = run_inside(run, i);
+        return select(vec4<f32>(0.0), target_mass_of4(row, select(vec4<u32>(0u), c, inside), t), inside);
+    }
+    return target_mass_of4(row, c, t);
+}
+
+// A lane's statistics (m, S, A, B) over the run's vec4s start + lane, start + lane + size, ...,
+// from one read of the logits: S and A are relative to the lane's running maximum m, and are
+// rescaled (S by exp(m_old - m_new)) or shifted (A by (m_old - m_new) B) when a block of BLOCK4
+// vec4s raises it. A -inf logit with target mass gives A = -inf exactly, as in the row kernels,
+// whether or not a finite maximum has been seen yet.
+fn lane_stats4(row: u32, run: Run4, lane: u32, size: u32, t: RowTarget) -> vec4<f32> {
     var st = vec4<f32>(neg_inf(), 0.0, 0.0, 0.0);
-    for (var c0 = start + lane; c0 < stop; c0 += size * BLOCK4) {
+    for (var c0 = run.start + lane; c0 < run.stop; c0 += size * BLOCK4) {
         var block: array<vec4<f32>, BLOCK4>;
         var bm = vec4<f32>(neg_inf());
         for (var k = 0u; k < BLOCK4; k++) {
             let c = c0 + k * size;
             var x = vec4<f32>(neg_inf());
-            if (c < stop) {
-                x = logit4(x0 + c);
+            if (c < run.stop) {
+                x = run_logits(run, c);
             }
             block[k] = x;
             bm = max(bm, max_key4(x));
@@ -568,11 +624,11 @@ fn lane_stats4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t
         var b4 = vec4<f32>(0.0);
         for (var k = 0u; k < BLOCK4; k++) {
             let c = c0 + k * size;
-            if (c < stop) {
+            if (c < run.stop) {
                 let x = block[k];
                 s4 += exp_shifted4(x, m);
                 if (DENSE) {
-                    let q = target_mass4(row, c, t);
+                    let q = run_mass(row, run, c, t);
                     let mass = select(q * (x - m), vec4<f32>(neg_inf()), is_neg_inf4(x));
                     a4 += select(mass, vec4<f32>(0.0), q == vec4<f32>(0.0));
                     b4 += q;
@@ -582,6 +638,25 @@ fn lane_stats4(row: u32, x0: u32, start: u32, stop: u32, lane: u32, size: u32, t
         st += vec4<f32>(0.0, sum_of(s4), sum_of(a4), sum_of(b4));
     }
     return st;
+}
+
+// Writes the gradient of the run's classes, read a second time, given the row's max m.
+fn store_run4(row: u32, run: Run4, lane: u32, size: u32, t: RowTarget, m: f32, g: GradRow) {
+    for (var i = run.start + lane; i < run.stop; i += size) {
+        let v = grad_value4(exp_shifted4(run_logits(run, i), m), run_mass(row, run, i, t), g);
+        let d = run.g0 + i;
+        let inside = run_inside(run, i);
+        if (!run.masked || all(inside)) {
+            grad4[d] = v;
+        } else {
+            // A binding is seen either as f32 or as vec4 by one entry point, never both.
+            for (var j = 0u; j < 4u; j++) {
+                if (inside[j]) {
+                    grad4[d][j] = v[j];
+                }
+            }
+        }
+    }
 }
 
 // Combines the lanes' (m_i, S_i, A_i, B_i) over the team: M = max m_i, S = sum S_i exp(m_i - M),
@@ -644,24 +719,36 @@ fn store_grad4(v: ptr<function, Items4>, first: u32, count: u32, g0: u32, c0: u3
 
 @compute @workgroup_size(WG)
 fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let loss = row_pass4(wid, lid);
+    let loss = row_pass4(wid, lid, false);
     if (ROW_TALLY) {
         tally_rows(wid, lid, loss);
     }
 }
 
-// `rows4` but for the tally, as `row_pass`.
-fn row_pass4(wid: vec3<u32>, lid: u32) -> f32 {
+// A row of any length streamed over the vec4s that hold it (ITEMS is 0: the host takes
+// unaligned rows in registers with the scalar kernel).
+@compute @workgroup_size(WG)
+fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let loss = row_pass4(wid, lid, true);
+    if (ROW_TALLY) {
+        tally_rows(wid, lid, loss);
+    }
+}
+
+// `rows4` (`masked`: `rows_unaligned4`) but for the tally, as `row_pass`.
+fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) -> f32 {
     let team = team_of(wid, lid);
     if (team.row >= p.rows) {
         return 0.0;
     }
     let row = team.row;
     let n4 = p.cols / 4u;
-    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row * n4;
+    let xs = logits_start(row);
+    let x0 = xs / 4u;
     let t = row_target(row);
     // Read before the team's first reduction, as in `rows`.
-    let x_t = target_logit4(x0, t);
+    let x_t = target_logit4(xs, t);
+    let run = run_of(xs, base(5u) + row * p.cols, vec2<u32>(0u, p.cols), masked);
     // Up to MAX_ITEMS vec4s in `lo`, the rest in `hi` (when ITEMS > 0).
     var lo: Items4;
     var hi: Items4;
@@ -677,7 +764,7 @@ fn row_pass4(wid: vec3<u32>, lid: u32) -> f32 {
         }
         acc = team_sum4(acc, lid);
     } else {
-        let st = team_stats(lane_stats4(row, x0, 0u, n4, team.lane, team.size, t), lid);
+        let st = team_stats(lane_stats4(row, run, team.lane, team.size, t), lid);
         m = st.m;
         acc = st.acc;
     }
@@ -685,34 +772,44 @@ fn row_pass4(wid: vec3<u32>, lid: u32) -> f32 {
     let loss = keep_loss(team, row, row_loss(m, acc, t));
     if (GRAD) {
         let g = grad_row(row, m, acc, t);
-        let g0 = base(5u) / 4u + row * n4;
         if (ITEMS > 0u) {
-            store_grad4(&lo, 0u, n_lo, g0, 0u, n4, team, row, t, g);
-            store_grad4(&hi, MAX_ITEMS, n_hi, g0, 0u, n4, team, row, t, g);
+            store_grad4(&lo, 0u, n_lo, run.g0, 0u, n4, team, row, t, g);
+            store_grad4(&hi, MAX_ITEMS, n_hi, run.g0, 0u, n4, team, row, t, g);
         } else {
-            for (var c = team.lane; c < n4; c += team.size) {
-                let e = exp_shifted4(logit4(x0 + c), m);
-                grad4[g0 + c] = grad_value4(e, target_mass4(row, c, t), g);
-            }
+            store_run4(row, run, team.lane, team.size, t, m, g);
         }
     }
     return loss;
 }
 
+// The run of a split row's chunk.
+fn chunk_run(ch: Chunk, masked: bool) -> Run4 {
+    let row = ch.row * p.cols;
+    return run_of(logits_start(ch.row), base(5u) + row, chunk_bounds(ch.within), masked);
+}
+
 @compute @workgroup_size(WG)
 fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_partials4(wid, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_partials4(wid, lid, true);
+}
+
+fn chunk_partials4(wid: vec3<u32>, lid: u32, masked: bool) {
     let ch = chunk_of(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
     }
-    let bounds = chunk_bounds4(ch.within);
-    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * (p.cols / 4u);
+    let run = chunk_run(ch, masked);
     let t = row_target(ch.row);
-    let st = team_stats(lane_stats4(ch.row, x0, bounds.x, bounds.y, ch.team.lane, ch.team.size, t), lid);
+    let st = team_stats(lane_stats4(ch.row, run, ch.team.lane, ch.team.size, t), lid);
     let m = st.m;
     var acc = st.acc;
-    if (holds_target(t, bounds * 4u)) {
-        acc = target_partial(acc, m, target_logit4(x0, t), t);
+    if (holds_target(t, run.classes)) {
+        acc = target_partial(acc, m, target_logit4(logits_start(ch.row), t), t);
     }
     if (ch.team.lane == 0u) {
         partials[ch.index] = vec4<f32>(m, acc.x, acc.y, acc.z);
@@ -721,22 +818,24 @@ fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
 
 @compute @workgroup_size(WG)
 fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_finish4(wid, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn split_finish_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_finish4(wid, lid, true);
+}
+
+fn chunk_finish4(wid: vec3<u32>, lid: u32, masked: bool) {
     let ch = chunk_of(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
     }
     let t = row_target(ch.row);
-    let n4 = p.cols / 4u;
-    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + ch.row * n4;
     let st = split_row_stats(ch, t, lid);
     if (GRAD) {
         let g = grad_row(ch.row, st.m, st.acc, t);
-        let bounds = chunk_bounds4(ch.within);
-        let g0 = base(5u) / 4u + ch.row * n4;
-        for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-            let q = target_mass4(ch.row, c, t);
-            grad4[g0 + c] = grad_value4(exp_shifted4(logit4(x0 + c), st.m), q, g);
-        }
+        store_run4(ch.row, chunk_run(ch, masked), ch.team.lane, ch.team.size, t, st.m, g);
     }
 }
 
@@ -768,12 +867,12 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
     let bounds = chunk_bounds4(ch.within);
     let n4 = bounds.y - bounds.x;
     let row4 = ch.row * (p.cols / 4u);
-    let x0 = select(base(0u), base(5u), IN_PLACE) / 4u + row4;
+    let x0 = logits_start(ch.row) / 4u;
     // The target logit, where this chunk holds it, is read before anything is written.
     let has_target = holds_target(t, bounds * 4u);
     var x_t = 0.0;
     if (has_target) {
-        x_t = target_logit4(x0, t);
+        x_t = target_logit4(logits_start(ch.row), t);
     }
     var lo: Items4;
     var hi: Items4;

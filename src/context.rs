@@ -303,9 +303,9 @@ impl Context {
 
     /// Elements per load and store in the kernels for rows of `cols` columns in host forms and
     /// tensors: 4 (`vec4`) when `cols` is a multiple of 4 and the tuning allows it, else 1.
-    /// (Rows of other widths that the softmax-family and backward kernels stream or split,
-    /// as [`Context::strategy`] says, are read as the `vec4`s that hold them, their ends masked,
-    /// where the tuning allows `vec4`s.)
+    /// (Rows of other widths that the softmax-family, backward and cross-entropy kernels stream
+    /// or split, as [`Context::strategy`] says, are read as the `vec4`s that hold them, their
+    /// ends masked, where the tuning allows `vec4`s.)
     pub fn vector_width(&self, cols: usize) -> u32 {
         self.gpu.tuning.vector_for(cols, true)
     }

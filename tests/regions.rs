@@ -762,3 +762,67 @@ fn unaligned_rows_at_a_buffers_end() {
         }
     });
 }
+
+/// Cross-entropy's logits and gradient likewise (in their own buffers and in place); its
+/// probability targets, read element by element, need no room after them and end their buffer
+/// in every case.
+#[test]
+fn cross_entropy_over_unaligned_rows_at_a_buffers_end() {
+    with_gpu(|ctx| {
+        let (rows, cols) = (3, 4099);
+        let n = rows * cols;
+        let x = logits(rows, cols, 3.0, 11);
+        let probs = ctx.softmax(&logits(rows, cols, 1.0, 13), cols).unwrap();
+        let options = CrossEntropyOptions {
+            reduction: Reduction::None,
+            label_smoothing: 0.1,
+            ..Default::default()
+        };
+        let targets = Targets::Probabilities(&probs);
+        let want = ctx
+            .cross_entropy_with_grad(&x, cols, targets, &options, GradOutput::One)
+            .unwrap();
+        let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+        for room in [0, 1, 3] {
+            for in_place in [false, true] {
+                let what = format!("{room} words after the regions, in place {in_place}");
+                let logits_arena = Arena::new(ctx, 4 + n + room, &[(4, &bits(&x))], usage());
+                let targets_arena = Arena::new(ctx, 8 + n, &[(8, &bits(&probs))], usage());
+                let grads = Arena::new(ctx, 8 + n + room, &[], usage());
+                let losses = Arena::new(ctx, 4 + rows, &[], usage());
+                let (grad, grad_at) = if in_place {
+                    (GradDestination::InPlace, (&logits_arena, 4))
+                } else {
+                    (GradDestination::Buffer(grads.region(8, n)), (&grads, 8))
+                };
+                let mut encoder = ctx.device().create_command_encoder(&Default::default());
+                let buffers = CrossEntropyBuffers {
+                    logits: logits_arena.region(4, n),
+                    targets: targets_arena.region(8, n),
+                    target_encoding: TargetEncoding::Probabilities,
+                    loss: losses.region(4, rows),
+                    grad,
+                    rows,
+                };
+                loss_fn.encode(&mut encoder, buffers, 1.0).unwrap();
+                ctx.queue().submit([encoder.finish()]);
+                let _ = targets_arena.written(ctx, &[], &what);
+                if in_place {
+                    let _ = grads.written(ctx, &[], &what);
+                } else {
+                    let _ = logits_arena.written(ctx, &[], &what);
+                }
+                let got = grad_at.0.written(ctx, &[(grad_at.1, n)], &what);
+                check(&got[0], &want.grad, Tolerance::SOFTMAX, room == 3, &what);
+                let loss = losses.written(ctx, &[(4, rows)], &what);
+                check(
+                    &loss[0],
+                    &want.loss,
+                    Tolerance::LOG_SOFTMAX,
+                    room == 3,
+                    &what,
+                );
+            }
+        }
+    });
+}

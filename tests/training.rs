@@ -1220,3 +1220,118 @@ fn sums_over_a_whole_row_in_one_invocation_stay_within_tolerance() {
         assert_grad_close(&got.grad, &want.grad, "cross-entropy");
     });
 }
+
+/// Cross-entropy over rows that are not a multiple of 4 columns, split in chunks of 301 to 304
+/// columns (both chunk teams) and streamed: chunk boundaries fall at every place within a vec4,
+/// and the kernels that read a row (a chunk) as the vec4s that hold it mask both ends, the
+/// target's terms included. Targets sit on either side of chunk boundaries and at a row's
+/// ends; special values fill whole edge vec4s; index targets (weighted, smoothed) and weighted
+/// probabilities; the in-place gradient must be the same bits.
+#[test]
+fn cross_entropy_over_unaligned_rows_split_at_every_place_within_a_vec4() {
+    with_gpu(|base| {
+        let split = |chunk, split_team| Tuning {
+            thread_max_cols: 0,
+            split_min_cols: 1,
+            split_max_rows: u32::MAX,
+            split_chunk: chunk,
+            split_team,
+            ..base.tuning()
+        };
+        let streamed = Tuning {
+            thread_max_cols: 0,
+            max_items: 1,
+            split_min_cols: u32::MAX,
+            ..base.tuning()
+        };
+        let contexts = [
+            ("chunk 301", split(301, 0)),
+            ("chunk 302", split(302, 2)),
+            ("chunk 303", split(303, 0)),
+            ("chunk 304", split(304, 2)),
+            ("streamed", streamed),
+        ];
+        for (name, tuning) in contexts {
+            let ctx = tuned(base, tuning);
+            // Where the split contexts cut a row (the streamed one reads it whole).
+            let chunk = i64::from(tuning.split_chunk.min(302));
+            for (rows, cols) in [(7, 1001), (7, 611)] {
+                let what = format!("{name} {rows}x{cols}");
+                let c = cols as i64;
+                let mut x = logits(rows, cols, 2.0, (cols as i64 + chunk) as u64);
+                let at = |r: usize, class: i64| r * cols + class as usize;
+                // Row 2: NaN in the last class; row 3: +inf at a chunk's start; row 4: a -inf
+                // target at a chunk's end with the vec4s around it -inf too; row 5: -inf
+                // throughout.
+                x[at(2, c - 1)] = f32::NAN;
+                x[at(3, chunk)] = f32::INFINITY;
+                x[at(4, chunk - 3)..at(4, chunk + 3)].fill(f32::NEG_INFINITY);
+                x[at(5, 0)..at(6, 0)].fill(f32::NEG_INFINITY);
+                let idx = [0, c - 1, chunk - 1, chunk, chunk - 1, 1, chunk + 1];
+                let probs = probability_targets(rows, cols, 7);
+                let weight: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
+                let per_row: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32).collect();
+                let cases = [
+                    (
+                        "weighted indices",
+                        Targets::Indices(&idx),
+                        Some(&weight[..]),
+                        0.0,
+                    ),
+                    ("smoothed indices", Targets::Indices(&idx), None, 0.1),
+                    (
+                        "weighted probabilities",
+                        Targets::Probabilities(&probs),
+                        Some(&weight[..]),
+                        0.0,
+                    ),
+                ];
+                for (case, targets, weight, label_smoothing) in cases {
+                    let what = format!("{what} {case}");
+                    let options = CrossEntropyOptions {
+                        weight,
+                        label_smoothing,
+                        reduction: Reduction::None,
+                        ..Default::default()
+                    };
+                    let grad_output = GradOutput::PerRow(&per_row);
+                    let want =
+                        reference::cross_entropy(&x, cols, targets, &options, grad_output).unwrap();
+                    let got = ctx
+                        .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
+                        .unwrap();
+                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+                    assert_grad_close(&got.grad, &want.grad, &what);
+                    for r in [2, 3, 5] {
+                        assert!(got.loss[r].is_nan(), "{what}: row {r}");
+                        assert!(got.grad[at(r, 0)..at(r + 1, 0)].iter().all(|g| g.is_nan()));
+                    }
+                    assert!(got.loss[0].is_finite(), "{what}: {}", got.loss[0]);
+                    if case != "weighted probabilities" {
+                        assert_eq!(got.loss[4], f32::INFINITY, "{what}");
+                    }
+                    let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+                    let mut t = ctx.upload(&x, cols).unwrap();
+                    let loss = loss_fn
+                        .loss_and_grad_in_place(
+                            &mut t,
+                            &loss_fn.upload_targets(targets).unwrap(),
+                            grad_output,
+                        )
+                        .unwrap();
+                    assert_eq!(
+                        bits(&loss.to_vec().unwrap()),
+                        bits(&got.loss),
+                        "{what}: in place"
+                    );
+                    assert_eq!(
+                        bits(&t.to_vec().unwrap()),
+                        bits(&got.grad),
+                        "{what}: in place"
+                    );
+                }
+            }
+        }
+    });
+}

@@ -37,6 +37,9 @@ pub(crate) struct FamilyDesc {
 #[derive(Clone, Copy)]
 pub(crate) struct Vec4Kernels {
     pub entries: [&'static str; 3],
+    /// The operands (indices into [`FamilyDesc::operands`]) these entry points see as arrays
+    /// of vec4; they read the others element by element.
+    pub views: &'static [usize],
     pub max_items: u32,
     pub one_pass: Option<OnePass>,
     /// A streamed `rows` and the split pair over the vec4 views, for rows that are not a
@@ -71,6 +74,7 @@ pub(crate) const SOFTMAX: FamilyDesc = FamilyDesc {
     split: Some(["split_partials", "split_normalize"]),
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_normalize4"],
+        views: &[0, 1],
         max_items: MAX_ITEMS_VEC4,
         one_pass: Some(OnePass {
             wait: |tuning| tuning.split_wait,
@@ -92,6 +96,7 @@ pub(crate) const BACKWARD: FamilyDesc = FamilyDesc {
     split: Some(["split_partials", "split_finish"]),
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_finish4"],
+        views: &[0, 1, 2],
         max_items: MAX_ITEMS,
         one_pass: Some(OnePass {
             wait: |tuning| tuning.backward_split_wait,
@@ -122,11 +127,16 @@ pub(crate) const CROSS_ENTROPY: FamilyDesc = FamilyDesc {
     split: Some(["split_partials", "split_finish"]),
     vec4: Some(Vec4Kernels {
         entries: ["rows4", "split_partials4", "split_finish4"],
+        views: &[0, 5],
         max_items: MAX_ITEMS_VEC4,
         one_pass: Some(OnePass {
             wait: |tuning| tuning.loss_split_wait,
         }),
-        unaligned_rows: None,
+        unaligned_rows: Some([
+            "rows_unaligned4",
+            "split_partials_unaligned4",
+            "split_finish_unaligned4",
+        ]),
     }),
     partial_words: 4,
 };
@@ -200,8 +210,14 @@ impl<'a> Operand<'a> {
     }
 
     /// The operand's window over rows `first_row ..` `+ rows`, ending on a whole vec4 of the
-    /// buffer where `whole_vec4s` (which the buffer must hold).
-    fn window(&self, first_row: usize, rows: usize, gpu: &Gpu, whole_vec4s: bool) -> Window {
+    /// buffer where its rows are `whole_vec4s` elements wide (the buffer must hold that vec4).
+    fn window(
+        &self,
+        first_row: usize,
+        rows: usize,
+        gpu: &Gpu,
+        whole_vec4s: Option<usize>,
+    ) -> Window {
         let (align, max) = (gpu.storage_align(), gpu.max_binding());
         match *self {
             Operand::Rows {
@@ -211,7 +227,7 @@ impl<'a> Operand<'a> {
             } => {
                 let start = offset + (first_row * width * 4) as u64;
                 let mut end = start + (rows * width * 4) as u64;
-                if whole_vec4s {
+                if whole_vec4s == Some(width) {
                     end = end.next_multiple_of(16);
                 }
                 Window::new(buffer, start, (end - start) / 4, align, max)
@@ -240,7 +256,8 @@ struct Layout {
     /// A split row in one pass: the spin bound of its first entry ([`RowwiseFamily::one_pass`]).
     spin: Option<u32>,
     /// The rows are not a multiple of 4 columns and the kernel reads them as the vec4s that
-    /// hold them ([`RowwiseFamily::unaligned_rows`]): the operands' windows end on a whole vec4.
+    /// hold them ([`RowwiseFamily::unaligned_rows`]): the windows of the operands seen as vec4
+    /// end on a whole vec4.
     whole_vec4s: bool,
 }
 
@@ -337,10 +354,11 @@ impl RowwiseFamily {
         // The widest operand row is the work of one row (C * C for the Jacobian).
         let width = (row_bytes as usize / 4).max(cols);
         let desc = self.desc;
-        // vec4 kernels read and write the operands with a row of `cols` elements as vec4 (the
-        // others stay scalar), so those must start at a multiple of 16 bytes.
-        let aligned = call.operands.iter().all(|operand| match operand {
-            Operand::Rows { offset, width, .. } => *width != cols || offset.is_multiple_of(16),
+        // vec4 kernels read and write the operands they see as vec4 (`Vec4Kernels::views`)
+        // with a row of `cols` elements four at a time, so those must start at a multiple of
+        // 16 bytes.
+        let aligned = self.vec4_rows(call).all(|operand| match operand {
+            Operand::Rows { offset, .. } => offset.is_multiple_of(16),
             Operand::Shared { .. } => true,
         });
         let (strategy, vector) = self.choose(gpu, rows, cols, width, aligned);
@@ -352,11 +370,11 @@ impl RowwiseFamily {
             }
             (None, split) => (desc.rows, split),
         };
-        // Every operand's buffer must hold its last row's last vec4 whole.
+        // Every operand seen as vec4 must hold its last row's last vec4 whole.
         let unaligned = self
             .unaligned_rows(gpu, cols, width, aligned, strategy, vector)
             .filter(|_| {
-                call.operands.iter().all(|operand| match *operand {
+                self.vec4_rows(call).all(|operand| match *operand {
                     Operand::Rows {
                         buffer,
                         offset,
@@ -676,13 +694,26 @@ impl RowwiseFamily {
         Ok(dispatches)
     }
 
+    /// The operands of `call` with rows of its `cols` elements that the family's vec4 entry
+    /// points see as vec4 ([`Vec4Kernels::views`]).
+    fn vec4_rows<'c>(&self, call: &'c RowCall<'_>) -> impl Iterator<Item = &'c Operand<'c>> {
+        let views = self.desc.vec4.map_or(&[][..], |v| v.views);
+        views
+            .iter()
+            .filter_map(|&i| call.operands.get(i))
+            .filter(move |operand| match operand {
+                Operand::Rows { width, .. } => *width == call.cols,
+                Operand::Shared { .. } => true,
+            })
+    }
+
     /// The entry points (`rows`, then the split pair) that take rows of `cols` columns, not a
     /// multiple of 4, over the vec4 views of the operands, where [`RowwiseFamily::choose`] gave
     /// `strategy` and `vector`: `None` unless the family has them, the tuning allows vec4
-    /// loads, the strategy streams a row per team or splits rows, and the operands start at a
-    /// multiple of 16 bytes (`aligned`) in bindings that start at one too (so every operand's
-    /// rows start at the same place within a vec4). The caller also checks that every operand's
-    /// buffer holds its last row's last vec4.
+    /// loads, the strategy streams a row per team or splits rows, and the operands seen as vec4
+    /// ([`Vec4Kernels::views`]) start at a multiple of 16 bytes (`aligned`) in bindings that
+    /// start at one too (so their rows start at the same place within a vec4). The caller also
+    /// checks that each of their buffers holds its last row's last vec4.
     ///
     /// A row (a chunk) is then the vec4s that hold any of its elements: on lavapipe and
     /// llvmpipe a vec4 load costs about what a scalar one does, and the streamed softmax of
@@ -716,7 +747,8 @@ impl RowwiseFamily {
 
     /// The strategy and elements per load (1, or 4 for the `vec4` kernels) for `rows` rows of
     /// `cols` columns whose widest operand row holds `width` elements, `aligned` when the
-    /// operands with rows of `cols` elements start at a multiple of 16 bytes.
+    /// operands with rows of `cols` elements that the vec4 kernels see as vec4
+    /// ([`Vec4Kernels::views`]) start at a multiple of 16 bytes.
     pub(crate) fn choose(
         &self,
         gpu: &Gpu,
@@ -880,12 +912,15 @@ impl RowwiseFamily {
         partial_len: usize,
         whole_vec4s: bool,
     ) -> Vec<Window> {
+        let views = self.desc.vec4.map_or(&[][..], |v| v.views);
         let mut windows: Vec<Window> = call
             .operands
             .iter()
             .zip(self.desc.operands)
-            .map(|(operand, access)| {
-                let window = operand.window(first, rows, gpu, whole_vec4s);
+            .enumerate()
+            .map(|(i, (operand, access))| {
+                let whole = (whole_vec4s && views.contains(&i)).then_some(call.cols);
+                let window = operand.window(first, rows, gpu, whole);
                 if window.size > 0 {
                     return window;
                 }
