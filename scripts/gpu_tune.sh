@@ -26,9 +26,11 @@ short="65536x128 32x10"
 medium="4096x4096 16384x1024 65536x128"
 long="64x262144 4x524288"
 axis="16x21x16384 4x1024x1024 64x16384x4 256x32x256 1x4096x4096"
+# Rows that are not a multiple of 4 columns: CIFAR's 10 classes, BERT's 30 522, GPT-2's 50 257.
+unaligned="70000x10 65536x127 16384x1023 1024x30522 1024x50257 64x262143"
 # name | overrides (space-separated FIELD=VALUE) | shapes
 sets="
-default||$all $axis
+default||$all $axis $unaligned
 thread_max_cols=32|thread_max_cols=32|$short
 thread_max_cols=128,max_items=32|thread_max_cols=128 max_items=32|$short
 thread_workgroup=256|thread_workgroup=256|$short
@@ -41,7 +43,8 @@ row_workgroup=64|row_workgroup=64|$medium $long
 row_workgroup=128|row_workgroup=128|$medium $long
 max_items=8|max_items=8|$medium
 max_items=32|max_items=32|$medium
-vector=1|vector=1|$all
+vector=1|vector=1|$all $unaligned
+unaligned_items=1|unaligned_items=1|$unaligned
 subgroups=0|subgroups=0|$all
 subgroups=0,thread_max_cols_without_subgroups=128|subgroups=0 thread_max_cols_without_subgroups=128|$short
 subgroups=0,thread_max_cols_without_subgroups=1024|subgroups=0 thread_max_cols_without_subgroups=1024|$medium

@@ -174,14 +174,27 @@ fn block_sum4(y0: u32, g0: u32, start: u32, stop: u32, lane: u32, size: u32, spa
 
 @compute @workgroup_size(WG)
 fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    row_pass4(wid, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    row_pass4(wid, lid, true);
+}
+
+// A row per team over the vec4 views; `masked` (rows_unaligned4): the row is not a multiple of
+// 4 elements and is read as the n4 vec4s that hold them, masked (softmax.wgsl's row_pass4).
+fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) {
     let team = team_of(wid, lid);
     if (team.row >= p.rows) {
         return;
     }
-    let n4 = p.cols / 4u;
-    let y0 = base(0u) / 4u + team.row * n4;
-    let g0 = base(1u) / 4u + team.row * n4;
-    let d0 = base(2u) / 4u + team.row * n4;
+    let start = base(0u) + team.row * p.cols;
+    let span = vec2<u32>(start, start + p.cols);
+    let y0 = start / 4u;
+    let n4 = (span.y + 3u) / 4u - y0;
+    let g0 = (base(1u) + team.row * p.cols) / 4u;
+    let d0 = (base(2u) + team.row * p.cols) / 4u;
     if (ITEMS > 0u) {
         var ys: array<vec4<f32>, MAX_ITEMS>;
         var gs: array<vec4<f32>, MAX_ITEMS>;
@@ -191,16 +204,24 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
             if (c < n4) {
                 ys[k] = y4[y0 + c];
                 gs[k] = dy4[g0 + c];
-                part += term4(ys[k], gs[k]);
+                let t = term4(ys[k], gs[k]);
+                if (masked) {
+                    part += select(vec4<f32>(0.0), t, in_span4(y0 + c, span.x, span.y));
+                } else {
+                    part += t;
+                }
             }
         }
         let r = team_sum(sum_of(part), lid);
         for (var k = 0u; k < ITEMS; k++) {
             let c = team.lane + k * team.size;
             if (c < n4) {
-                dx4[d0 + c] = grad4(ys[k], gs[k], r);
+                store4(d0 + c, grad4(ys[k], gs[k], r), in_span4(y0 + c, span.x, span.y), masked);
             }
         }
+    } else if (masked) {
+        let r = team_sum(lane_sum_unaligned4(span.x, span.y, y0, g0, team.lane, team.size), lid);
+        write_unaligned4(span.x, span.y, y0, g0, d0, team.lane, team.size, r);
     } else {
         let r = team_sum(lane_sum4(y0, g0, 0u, n4, team.lane, team.size), lid);
         for (var c = team.lane; c < n4; c += team.size) {
@@ -254,32 +275,22 @@ fn lane_sum_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32)
 fn write_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, ds: u32, lane: u32, size: u32, r: f32) {
     for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
         let inside = in_span4(q, lo, hi);
-        let v = grad4(y4[q], dy4[q - ys + gs], r);
-        let d = q - ys + ds;
-        if (all(inside)) {
-            dx4[d] = v;
-        } else {
-            for (var j = 0u; j < 4u; j++) {
-                if (inside[j]) {
-                    dx4[d][j] = v[j];
-                }
-            }
-        }
+        store4(q - ys + ds, grad4(y4[q], dy4[q - ys + gs], r), inside, true);
     }
 }
 
-@compute @workgroup_size(WG)
-fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    if (team.row >= p.rows) {
-        return;
+// Stores v at dx's vec4 d; where `masked`, only its components `inside` (as softmax.wgsl's
+// store4).
+fn store4(d: u32, v: vec4<f32>, inside: vec4<bool>, masked: bool) {
+    if (!masked || all(inside)) {
+        dx4[d] = v;
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (inside[j]) {
+                dx4[d][j] = v[j];
+            }
+        }
     }
-    let y0 = base(0u) + team.row * p.cols;
-    let gs = (base(1u) + team.row * p.cols) / 4u;
-    let ds = (base(2u) + team.row * p.cols) / 4u;
-    let hi = y0 + p.cols;
-    let r = team_sum(lane_sum_unaligned4(y0, hi, y0 / 4u, gs, team.lane, team.size), lid);
-    write_unaligned4(y0, hi, y0 / 4u, gs, ds, team.lane, team.size, r);
 }
 
 @compute @workgroup_size(WG)

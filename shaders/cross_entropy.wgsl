@@ -486,8 +486,8 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 // ---- vec4 forms ----
 //
 // Rows of a multiple of 4 columns at multiples of 16 bytes are read and written four classes at
-// a time (*4). So are streamed and split rows that are not a multiple of 4 columns where the
-// logits, gradient and probability targets start at the same place within a vec4 (*_unaligned4,
+// a time (*4). So are rows that are not a multiple of 4 columns (in registers, streamed or
+// split) where the logits and gradient start at the same place within a vec4 (*_unaligned4,
 // softmax.wgsl's rows_unaligned4 has the scheme): a row (a chunk) is then the vec4s that hold any
 // of its classes, the others' logits masked to -inf and their mass to 0, and the first and last
 // vec4's gradient written class by class. Class weights and probability targets are read as
@@ -528,11 +528,6 @@ fn target_mass_of4(row: u32, c: vec4<u32>, t: RowTarget) -> vec4<f32> {
         return w * ((1.0 - e) * prob + uniform);
     }
     return uniform * w + select(vec4<f32>(0.0), (1.0 - e) * w, hit);
-}
-
-// q for the classes c4 * 4 .. c4 * 4 + 3 of `row`.
-fn target_mass4(row: u32, c4: u32, t: RowTarget) -> vec4<f32> {
-    return target_mass_of4(row, vec4<u32>(4u * c4) + vec4<u32>(0u, 1u, 2u, 3u), t);
 }
 
 // (exp terms, mass terms, masses) of four classes, each summed, as in `rows`; e =
@@ -644,16 +639,21 @@ fn lane_stats4(row: u32, run: Run4, lane: u32, size: u32, t: RowTarget) -> vec4<
 fn store_run4(row: u32, run: Run4, lane: u32, size: u32, t: RowTarget, m: f32, g: GradRow) {
     for (var i = run.start + lane; i < run.stop; i += size) {
         let v = grad_value4(exp_shifted4(run_logits(run, i), m), run_mass(row, run, i, t), g);
-        let d = run.g0 + i;
-        let inside = run_inside(run, i);
-        if (!run.masked || all(inside)) {
-            grad4[d] = v;
-        } else {
-            // A binding is seen either as f32 or as vec4 by one entry point, never both.
-            for (var j = 0u; j < 4u; j++) {
-                if (inside[j]) {
-                    grad4[d][j] = v[j];
-                }
+        store_run_grad4(run, i, v);
+    }
+}
+
+// Stores the gradient v of the run's vec4 i: where the run is masked, only the components of its
+// classes (a binding is seen either as f32 or as vec4 by one entry point, never both).
+fn store_run_grad4(run: Run4, i: u32, v: vec4<f32>) {
+    let d = run.g0 + i;
+    let inside = run_inside(run, i);
+    if (!run.masked || all(inside)) {
+        grad4[d] = v;
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (inside[j]) {
+                grad4[d][j] = v[j];
             }
         }
     }
@@ -673,15 +673,15 @@ fn team_stats(st: vec4<f32>, lid: u32) -> RowStats {
 // in registers.
 alias Items4 = array<vec4<f32>, MAX_ITEMS>;
 
-// Loads the team's vec4s first .. first + count of the row at vec4 x0 (-inf past its end) into
-// `v`; returns their max keys.
-fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, x0: u32, n4: u32, team: Team) -> vec4<f32> {
+// Loads the team's vec4s first .. first + count of the run (-inf past it) into `v`; returns
+// their max keys.
+fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, run: Run4, team: Team) -> vec4<f32> {
     var mv = vec4<f32>(neg_inf());
     for (var k = 0u; k < count; k++) {
-        let c = team.lane + (first + k) * team.size;
+        let i = run.start + team.lane + (first + k) * team.size;
         var x = vec4<f32>(neg_inf());
-        if (c < n4) {
-            x = logit4(x0 + c);
+        if (i < run.stop) {
+            x = run_logits(run, i);
         }
         (*v)[k] = x;
         mv = max(mv, max_key4(x));
@@ -689,30 +689,29 @@ fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, x0: u32, n4: u3
     return mv;
 }
 
-// The items' summed (exp terms, mass terms, masses) relative to m, for items of a span of n4
-// vec4s starting at the row's vec4 c0. The exponentials replace the logits in `v`: the gradient
-// needs only them, so each is computed once.
-fn exp_items4(v: ptr<function, Items4>, first: u32, count: u32, row: u32, c0: u32, n4: u32, team: Team, t: RowTarget, m: f32) -> vec4<f32> {
+// The items' summed (exp terms, mass terms, masses) relative to m. The exponentials replace the
+// logits in `v`: the gradient needs only them, so each is computed once.
+fn exp_items4(v: ptr<function, Items4>, first: u32, count: u32, row: u32, run: Run4, team: Team, t: RowTarget, m: f32) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
     for (var k = 0u; k < count; k++) {
-        let c = team.lane + (first + k) * team.size;
-        if (c < n4) {
+        let i = run.start + team.lane + (first + k) * team.size;
+        if (i < run.stop) {
             let x = (*v)[k];
             let e = exp_shifted4(x, m);
-            acc += terms4(e, x, target_mass4(row, c0 + c, t), m);
+            acc += terms4(e, x, run_mass(row, run, i, t), m);
             (*v)[k] = e;
         }
     }
     return acc;
 }
 
-// Writes the gradients of the items after exp_items4, the span's first at vec4 g0 of the
-// gradient (for a row that is not `plain`, the items are not read).
-fn store_grad4(v: ptr<function, Items4>, first: u32, count: u32, g0: u32, c0: u32, n4: u32, team: Team, row: u32, t: RowTarget, g: GradRow) {
+// Writes the gradients of the items after exp_items4 (for a row that is not `plain`, the items
+// are not read).
+fn store_grad4(v: ptr<function, Items4>, first: u32, count: u32, run: Run4, team: Team, row: u32, t: RowTarget, g: GradRow) {
     for (var k = 0u; k < count; k++) {
-        let c = team.lane + (first + k) * team.size;
-        if (c < n4) {
-            grad4[g0 + c] = grad_value4((*v)[k], target_mass4(row, c0 + c, t), g);
+        let i = run.start + team.lane + (first + k) * team.size;
+        if (i < run.stop) {
+            store_run_grad4(run, i, grad_value4((*v)[k], run_mass(row, run, i, t), g));
         }
     }
 }
@@ -725,8 +724,7 @@ fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     }
 }
 
-// A row of any length streamed over the vec4s that hold it (ITEMS is 0: the host takes
-// unaligned rows in registers with the scalar kernel).
+// A row of any length, over the vec4s that hold it.
 @compute @workgroup_size(WG)
 fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let loss = row_pass4(wid, lid, true);
@@ -742,9 +740,7 @@ fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) -> f32 {
         return 0.0;
     }
     let row = team.row;
-    let n4 = p.cols / 4u;
     let xs = logits_start(row);
-    let x0 = xs / 4u;
     let t = row_target(row);
     // Read before the team's first reduction, as in `rows`.
     let x_t = target_logit4(xs, t);
@@ -757,10 +753,10 @@ fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) -> f32 {
     var m = neg_inf();
     var acc = vec4<f32>(0.0);
     if (ITEMS > 0u) {
-        let mv = max(load_items4(&lo, 0u, n_lo, x0, n4, team), load_items4(&hi, MAX_ITEMS, n_hi, x0, n4, team));
+        let mv = max(load_items4(&lo, 0u, n_lo, run, team), load_items4(&hi, MAX_ITEMS, n_hi, run, team));
         m = team_max(max_of(mv), lid);
         if (is_finite(m)) {
-            acc = exp_items4(&lo, 0u, n_lo, row, 0u, n4, team, t, m) + exp_items4(&hi, MAX_ITEMS, n_hi, row, 0u, n4, team, t, m);
+            acc = exp_items4(&lo, 0u, n_lo, row, run, team, t, m) + exp_items4(&hi, MAX_ITEMS, n_hi, row, run, team, t, m);
         }
         acc = team_sum4(acc, lid);
     } else {
@@ -773,8 +769,8 @@ fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) -> f32 {
     if (GRAD) {
         let g = grad_row(row, m, acc, t);
         if (ITEMS > 0u) {
-            store_grad4(&lo, 0u, n_lo, run.g0, 0u, n4, team, row, t, g);
-            store_grad4(&hi, MAX_ITEMS, n_hi, run.g0, 0u, n4, team, row, t, g);
+            store_grad4(&lo, 0u, n_lo, run, team, row, t, g);
+            store_grad4(&hi, MAX_ITEMS, n_hi, run, team, row, t, g);
         } else {
             store_run4(row, run, team.lane, team.size, t, m, g);
         }
@@ -864,12 +860,9 @@ fn synced_row_stats(row: u32, lid: u32) -> RowStats {
 // row's first chunk, the row's loss) and returns true if the row's partials are all there.
 fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
     let t = row_target(ch.row);
-    let bounds = chunk_bounds4(ch.within);
-    let n4 = bounds.y - bounds.x;
-    let row4 = ch.row * (p.cols / 4u);
-    let x0 = logits_start(ch.row) / 4u;
+    let run = chunk_run(ch, false);
     // The target logit, where this chunk holds it, is read before anything is written.
-    let has_target = holds_target(t, bounds * 4u);
+    let has_target = holds_target(t, run.classes);
     var x_t = 0.0;
     if (has_target) {
         x_t = target_logit4(logits_start(ch.row), t);
@@ -878,14 +871,14 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
     var hi: Items4;
     let n_lo = min(ITEMS, MAX_ITEMS);
     let n_hi = ITEMS - n_lo;
-    let mv = max(load_items4(&lo, 0u, n_lo, x0 + bounds.x, n4, ch.team), load_items4(&hi, MAX_ITEMS, n_hi, x0 + bounds.x, n4, ch.team));
+    let mv = max(load_items4(&lo, 0u, n_lo, run, ch.team), load_items4(&hi, MAX_ITEMS, n_hi, run, ch.team));
     let m = team_max(max_of(mv), lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m) || is_neg_inf(m)) {
         // A chunk of -inf only takes its terms relative to 0: exponentials 0, as its gradient's
         // softmax part, and a mass term of -inf for every class with mass (m_i stays -inf).
         let shift = select(m, 0.0, is_neg_inf(m));
-        acc = exp_items4(&lo, 0u, n_lo, ch.row, bounds.x, n4, ch.team, t, shift) + exp_items4(&hi, MAX_ITEMS, n_hi, ch.row, bounds.x, n4, ch.team, t, shift);
+        acc = exp_items4(&lo, 0u, n_lo, ch.row, run, ch.team, t, shift) + exp_items4(&hi, MAX_ITEMS, n_hi, ch.row, run, ch.team, t, shift);
     }
     acc = team_sum4(acc, lid);
     if (has_target) {
@@ -902,9 +895,8 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
         // The items hold exp(x - m_i): exp(x - M) / S is that times exp(m_i - M) / S.
         var g = grad_row(ch.row, row.m, row.acc, t);
         g.k *= rescale(m, row.m);
-        let g0 = base(5u) / 4u + row4 + bounds.x;
-        store_grad4(&lo, 0u, n_lo, g0, bounds.x, n4, ch.team, ch.row, t, g);
-        store_grad4(&hi, MAX_ITEMS, n_hi, g0, bounds.x, n4, ch.team, ch.row, t, g);
+        store_grad4(&lo, 0u, n_lo, run, ch.team, ch.row, t, g);
+        store_grad4(&hi, MAX_ITEMS, n_hi, run, ch.team, ch.row, t, g);
     }
     return true;
 }

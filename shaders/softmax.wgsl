@@ -15,8 +15,9 @@
 //   *4          the same over vec4: rows of a multiple of 4 columns whose operands start at a
 //               multiple of 16 bytes are read and written four elements at a time.
 //   rows_unaligned4, split_*_unaligned4
-//               `rows` streamed, and the split pair, over the vec4 views where the rows are not
-//               a multiple of 4 columns but the operands share their offset within a vec4: a
+//               `rows` (in registers or streamed) and the split pair over the vec4 views where
+//               the rows are not a multiple of 4 columns but the operands share their offset
+//               within a vec4: a
 //               row (a chunk) is the vec4s that hold any of its elements, its first and last
 //               masked on load and written element by element, the rest read and written whole.
 
@@ -133,40 +134,13 @@ fn online_stats_unaligned4(lo: u32, hi: u32, lane: u32, size: u32) -> vec2<f32> 
     return block_stats4(lo / 4u, (hi + 3u) / 4u, lane, size, vec2<u32>(lo, hi), true);
 }
 
-// A binding is seen either as f32 or as vec4 by one entry point, never both, so the edge
-// elements are written as components of the vec4 view (4-byte stores, which neighbouring rows'
-// teams make to the other components).
-@compute @workgroup_size(WG)
-fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let team = team_of(wid, lid);
-    if (team.row >= p.rows) {
-        return;
-    }
-    let lo = base(0u) + team.row * p.cols;
-    let hi = lo + p.cols;
-    // The operands' rows start at the same place within a vec4 (the host checks it), so vec4 q
-    // of the input is vec4 q - lo / 4 + d0 / 4 of the output.
-    let d0 = base(1u) + team.row * p.cols;
-    let st = team_stats(online_stats_unaligned4(lo, hi, team.lane, team.size), lid);
-    write_unaligned4(lo, hi, lo / 4u, d0 / 4u, team.lane, team.size, st.x, normaliser(st.y));
-}
-
 // Writes the outputs of input elements lo .. hi (of a row starting at vec4 `s0`, whose output
 // starts at vec4 `d0`, at the same place within it) given the row's max m and `scale`.
 fn write_unaligned4(lo: u32, hi: u32, s0: u32, d0: u32, lane: u32, size: u32, m: f32, scale: f32) {
     for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
         let inside = in_span4(q, lo, hi);
         let y = finish4(select(vec4<f32>(neg_inf()), src4[q], inside), m, scale);
-        let d = q - s0 + d0;
-        if (all(inside)) {
-            dst4[d] = y;
-        } else {
-            for (var j = 0u; j < 4u; j++) {
-                if (inside[j]) {
-                    dst4[d][j] = y[j];
-                }
-            }
-        }
+        store4(q - s0 + d0, y, inside, true);
     }
 }
 
@@ -333,15 +307,20 @@ fn team_stats(st: vec2<f32>, lid: u32) -> vec2<f32> {
 // rolled, and a rolled loop's array lives in memory, each access made lane by lane).
 alias Items4 = array<vec4<f32>, MAX_ITEMS>;
 
-// Loads the team's vec4s first .. first + count of a row (-inf past its end) into `v`; returns
-// their max keys.
-fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, s0: u32, n4: u32, team: Team) -> vec4<f32> {
+// Loads the team's vec4s first .. first + count of the n4 from vec4 s0 (-inf past them) into
+// `v`; returns their max keys. Where `masked` (a constant at each call), elements outside
+// span.x .. span.y read as -inf.
+fn load_items4(v: ptr<function, Items4>, first: u32, count: u32, s0: u32, n4: u32, team: Team, span: vec2<u32>, masked: bool) -> vec4<f32> {
     var mv = vec4<f32>(neg_inf());
     for (var k = 0u; k < count; k++) {
         let c = team.lane + (first + k) * team.size;
         var x = vec4<f32>(neg_inf());
         if (c < n4) {
-            x = src4[s0 + c];
+            if (masked) {
+                x = masked4(s0 + c, span.x, span.y);
+            } else {
+                x = src4[s0 + c];
+            }
         }
         (*v)[k] = x;
         mv = max(mv, max_key4(x));
@@ -362,8 +341,10 @@ fn exp_items4(v: ptr<function, Items4>, count: u32, m: f32) -> vec4<f32> {
     return acc;
 }
 
-// Writes the outputs of the items loaded by load_items4 (with exp_items4 applied for softmax).
-fn store_items4(v: ptr<function, Items4>, first: u32, count: u32, d0: u32, n4: u32, team: Team, m: f32, scale: f32) {
+// Writes the outputs of the items loaded by load_items4 (with exp_items4 applied for softmax)
+// from vec4 s0 to the output's vec4 d0; where `masked`, only those of elements in span.x ..
+// span.y.
+fn store_items4(v: ptr<function, Items4>, first: u32, count: u32, s0: u32, d0: u32, n4: u32, team: Team, m: f32, scale: f32, span: vec2<u32>, masked: bool) {
     for (var k = 0u; k < count; k++) {
         let c = team.lane + (first + k) * team.size;
         if (c < n4) {
@@ -373,35 +354,69 @@ fn store_items4(v: ptr<function, Items4>, first: u32, count: u32, d0: u32, n4: u
             } else {
                 y = select(vec4<f32>(quiet_nan()), (*v)[k] * scale, is_finite(m));
             }
-            dst4[d0 + c] = y;
+            store4(d0 + c, y, in_span4(s0 + c, span.x, span.y), masked);
+        }
+    }
+}
+
+// Stores y at the output's vec4 d; where `masked`, only its components `inside`. A binding is
+// seen either as f32 or as vec4 by one entry point, never both, so those are written as
+// components of the vec4 view (4-byte stores, which neighbouring rows' teams make to the
+// others).
+fn store4(d: u32, y: vec4<f32>, inside: vec4<bool>, masked: bool) {
+    if (!masked || all(inside)) {
+        dst4[d] = y;
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (inside[j]) {
+                dst4[d][j] = y[j];
+            }
         }
     }
 }
 
 @compute @workgroup_size(WG)
 fn rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    row_pass4(wid, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn rows_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    row_pass4(wid, lid, true);
+}
+
+// A row per team over the vec4 views; `masked` (rows_unaligned4): the row is not a multiple of
+// 4 elements and is read as the n4 vec4s that hold them, masked.
+fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) {
     let team = team_of(wid, lid);
     if (team.row >= p.rows) {
         return;
     }
-    let n4 = p.cols / 4u;
-    let s0 = base(0u) / 4u + team.row * n4;
-    let d0 = base(1u) / 4u + team.row * n4;
+    let start = base(0u) + team.row * p.cols;
+    let span = vec2<u32>(start, start + p.cols);
+    let s0 = start / 4u;
+    let n4 = (span.y + 3u) / 4u - s0;
+    // The operands' rows start at the same place within a vec4 (the host checks it), so vec4
+    // s0 + c of the input is vec4 d0 + c of the output.
+    let d0 = (base(1u) + team.row * p.cols) / 4u;
     if (ITEMS > 0u) {
         // Up to MAX_ITEMS vec4s in `lo`, the rest in `hi`.
         var lo: Items4;
         var hi: Items4;
         let n_lo = min(ITEMS, MAX_ITEMS);
         let n_hi = ITEMS - n_lo;
-        let mv = max(load_items4(&lo, 0u, n_lo, s0, n4, team), load_items4(&hi, MAX_ITEMS, n_hi, s0, n4, team));
+        let mv = max(load_items4(&lo, 0u, n_lo, s0, n4, team, span, masked), load_items4(&hi, MAX_ITEMS, n_hi, s0, n4, team, span, masked));
         let m = team_max(max_of(mv), lid);
         var acc = vec4<f32>(0.0);
         if (is_finite(m)) {
             acc = exp_items4(&lo, n_lo, m) + exp_items4(&hi, n_hi, m);
         }
         let scale = normaliser(team_sum(sum_of(acc), lid));
-        store_items4(&lo, 0u, n_lo, d0, n4, team, m, scale);
-        store_items4(&hi, MAX_ITEMS, n_hi, d0, n4, team, m, scale);
+        store_items4(&lo, 0u, n_lo, s0, d0, n4, team, m, scale, span, masked);
+        store_items4(&hi, MAX_ITEMS, n_hi, s0, d0, n4, team, m, scale, span, masked);
+    } else if (masked) {
+        let st = team_stats(online_stats_unaligned4(span.x, span.y, team.lane, team.size), lid);
+        write_unaligned4(span.x, span.y, s0, d0, team.lane, team.size, st.x, normaliser(st.y));
     } else {
         let st = team_stats(online_stats4(s0, s0 + n4, team.lane, team.size), lid);
         let scale = normaliser(st.y);
@@ -474,7 +489,8 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
     let n_lo = min(ITEMS, MAX_ITEMS);
     let n_hi = ITEMS - n_lo;
     let s0 = base(0u) / 4u + row4;
-    let mv = max(load_items4(&lo, 0u, n_lo, s0, n4, ch.team), load_items4(&hi, MAX_ITEMS, n_hi, s0, n4, ch.team));
+    let none = vec2<u32>(0u);
+    let mv = max(load_items4(&lo, 0u, n_lo, s0, n4, ch.team, none, false), load_items4(&hi, MAX_ITEMS, n_hi, s0, n4, ch.team, none, false));
     let m = team_max(max_of(mv), lid);
     var acc = vec4<f32>(0.0);
     // A chunk of -inf only (m = -inf) takes exponentials too: they are 0, as its outputs.
@@ -492,7 +508,7 @@ fn fused_chunk(ch: Chunk, lid: u32, spin: u32, publish: bool) -> bool {
         scale *= rescale(m, row.x);
     }
     let d0 = base(1u) / 4u + row4;
-    store_items4(&lo, 0u, n_lo, d0, n4, ch.team, row.x, scale);
-    store_items4(&hi, MAX_ITEMS, n_hi, d0, n4, ch.team, row.x, scale);
+    store_items4(&lo, 0u, n_lo, s0, d0, n4, ch.team, row.x, scale, none, false);
+    store_items4(&hi, MAX_ITEMS, n_hi, s0, d0, n4, ch.team, row.x, scale, none, false);
     return true;
 }

@@ -335,17 +335,14 @@ impl GpuBench {
             }
         };
         // The bench's tensors start at offset 0, so rows of a multiple of 4 columns are aligned.
-        let (strategy, vector) = family.choose(gpu, self.rows, self.cols, self.cols, true);
         // Its tensors' buffers end on a whole vec4.
-        let unaligned = family
-            .unaligned_rows(gpu, self.cols, self.cols, true, strategy, vector)
-            .is_some();
-        let loads = match (vector, unaligned) {
-            (4, _) => "vec4",
-            (_, true) => "vec4 over unaligned rows",
+        let (strategy, vector) = family.choose(gpu, self.rows, self.cols, self.cols, true, true);
+        let loads = match vector {
+            4 if self.cols.is_multiple_of(4) => "vec4",
+            4 => "vec4 over unaligned rows",
             _ => "scalar",
         };
-        match family.one_pass(gpu, strategy, vector) {
+        match family.one_pass(gpu, strategy, vector, self.cols) {
             Some(_) if gpu.tuning.split_alone != 0 => format!(
                 "{strategy}, {loads}, one pass where the chunks meet, the last finishing the row"
             ),

@@ -295,17 +295,24 @@ impl Context {
     }
 
     /// The strategy the softmax kernels use for `rows x cols` (host forms and tensors, whose
-    /// rows start at a multiple of 16 bytes when `cols` is a multiple of 4).
+    /// rows start at a multiple of 16 bytes when `cols` is a multiple of 4, and whose buffers
+    /// end on a whole `vec4`). With [`Tuning::unaligned_items`](crate::Tuning::unaligned_items),
+    /// rows that are not a multiple of 4 columns are planned as the aligned rows of the `vec4`s
+    /// that hold them, up to 3 columns more.
     pub fn strategy(&self, rows: usize, cols: usize) -> crate::Strategy {
         let gpu = &self.gpu;
-        gpu.kernels.softmax.choose(gpu, rows, cols, cols, true).0
+        gpu.kernels
+            .softmax
+            .choose(gpu, rows, cols, cols, true, true)
+            .0
     }
 
     /// Elements per load and store in the kernels for rows of `cols` columns in host forms and
     /// tensors: 4 (`vec4`) when `cols` is a multiple of 4 and the tuning allows it, else 1.
     /// (Rows of other widths that the softmax-family, backward and cross-entropy kernels stream
-    /// or split, as [`Context::strategy`] says, are read as the `vec4`s that hold them, their
-    /// ends masked, where the tuning allows `vec4`s.)
+    /// or split, as [`Context::strategy`] says, or hold in registers with
+    /// [`Tuning::unaligned_items`](crate::Tuning::unaligned_items), are read as the `vec4`s that
+    /// hold them, their ends masked, where the tuning allows `vec4`s.)
     pub fn vector_width(&self, cols: usize) -> u32 {
         self.gpu.tuning.vector_for(cols, true)
     }

@@ -727,3 +727,30 @@ fn into_forms_write_what_the_allocating_forms_return() {
         );
     });
 }
+
+/// With `Tuning::unaligned_items`, rows that are not a multiple of 4 columns are planned as
+/// aligned rows of the vec4s that hold them (up to 3 more columns); without, as scalar rows.
+#[test]
+fn unaligned_rows_are_planned_by_what_holds_them() {
+    with_gpu(|base| {
+        let caps = base.capabilities();
+        for unaligned_items in [0, 1] {
+            let ctx = tuned(
+                base,
+                Tuning {
+                    unaligned_items,
+                    ..base.tuning()
+                },
+            );
+            let tuning = ctx.tuning();
+            for (rows, cols) in [(70_000, 10), (65_536, 127), (16_384, 1023)] {
+                let want = if unaligned_items == 1 && tuning.vector == 4 {
+                    tuning.choose(rows, cols + 3, &caps, 4)
+                } else {
+                    tuning.choose(rows, cols, &caps, 1)
+                };
+                assert_eq!(ctx.strategy(rows, cols), want, "{rows}x{cols}");
+            }
+        }
+    });
+}

@@ -580,33 +580,8 @@ fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
                         .unwrap();
                     let cmp = LOSS_TOLERANCE.compare(&tallied, &tally_want.loss);
                     assert!(cmp.passed(), "{what}: tallied mean {cmp:?}");
-                    let got = ctx
-                        .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
-                        .unwrap();
-                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
-                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
-                    assert_grad_close(&got.grad, &want.grad, &what);
-                    let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
-                    let targets_t = loss_fn.upload_targets(targets).unwrap();
-                    let mut t = ctx.upload(&x, cols).unwrap();
-                    let loss = loss_fn
-                        .loss_and_grad_in_place(&mut t, &targets_t, grad_output)
-                        .unwrap()
-                        .to_vec()
-                        .unwrap();
-                    // The row kernels give the same bits in place; a reduced loss may be summed
-                    // in another order by the device form.
-                    if reduction == Reduction::None {
-                        assert_eq!(bits(&loss), bits(&got.loss), "{what}: in place");
-                    } else {
-                        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
-                        assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
-                    }
-                    assert_eq!(
-                        bits(&t.to_vec().unwrap()),
-                        bits(&got.grad),
-                        "{what}: in place"
-                    );
+                    let input = (&x[..], cols, targets, grad_output);
+                    let got = check_host_and_in_place(ctx, input, &options, &want, &what);
                     // The same chunking gives the same bits, whichever pass wrote a chunk.
                     if *name == ONE_PASS_OTHER_CHUNKS {
                         continue;
@@ -616,6 +591,42 @@ fn cross_entropy_split_rows_in_one_pass_match_whichever_pass_writes_them() {
             }
         }
     });
+}
+
+/// Checks the host form of cross-entropy of `(logits, cols, targets, grad_output)` against the
+/// f64 reference `want`, then the in-place device form against the host form: the same
+/// gradient bits, and the same row losses (a reduced loss, which the device form may sum in
+/// another order, within tolerance). Returns the host form's output.
+fn check_host_and_in_place(
+    ctx: &Context,
+    (x, cols, targets, grad_output): (&[f32], usize, Targets<'_>, GradOutput<'_>),
+    options: &CrossEntropyOptions<'_>,
+    want: &CrossEntropyOutput<f64>,
+    what: &str,
+) -> CrossEntropyOutput<f32> {
+    let got = ctx
+        .cross_entropy_with_grad(x, cols, targets, options, grad_output)
+        .unwrap();
+    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+    assert_grad_close(&got.grad, &want.grad, what);
+    let loss_fn = ctx.cross_entropy_loss(cols, options).unwrap();
+    let targets_t = loss_fn.upload_targets(targets).unwrap();
+    let mut t = ctx.upload(x, cols).unwrap();
+    let loss = loss_fn
+        .loss_and_grad_in_place(&mut t, &targets_t, grad_output)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    if options.reduction == Reduction::None {
+        assert_eq!(bits(&loss), bits(&got.loss), "{what}: in place");
+    } else {
+        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+        assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
+    }
+    let grad = t.to_vec().unwrap();
+    assert_eq!(bits(&grad), bits(&got.grad), "{what}: in place");
+    got
 }
 
 /// The loss and gradient that `record` writes, given an encoder, a one-value loss tensor and a
@@ -1297,12 +1308,8 @@ fn cross_entropy_over_unaligned_rows_split_at_every_place_within_a_vec4() {
                     let grad_output = GradOutput::PerRow(&per_row);
                     let want =
                         reference::cross_entropy(&x, cols, targets, &options, grad_output).unwrap();
-                    let got = ctx
-                        .cross_entropy_with_grad(&x, cols, targets, &options, grad_output)
-                        .unwrap();
-                    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
-                    assert!(cmp.passed(), "{what}: loss {cmp:?}");
-                    assert_grad_close(&got.grad, &want.grad, &what);
+                    let input = (&x[..], cols, targets, grad_output);
+                    let got = check_host_and_in_place(&ctx, input, &options, &want, &what);
                     for r in [2, 3, 5] {
                         assert!(got.loss[r].is_nan(), "{what}: row {r}");
                         assert!(got.grad[at(r, 0)..at(r + 1, 0)].iter().all(|g| g.is_nan()));
@@ -1311,25 +1318,6 @@ fn cross_entropy_over_unaligned_rows_split_at_every_place_within_a_vec4() {
                     if case != "weighted probabilities" {
                         assert_eq!(got.loss[4], f32::INFINITY, "{what}");
                     }
-                    let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
-                    let mut t = ctx.upload(&x, cols).unwrap();
-                    let loss = loss_fn
-                        .loss_and_grad_in_place(
-                            &mut t,
-                            &loss_fn.upload_targets(targets).unwrap(),
-                            grad_output,
-                        )
-                        .unwrap();
-                    assert_eq!(
-                        bits(&loss.to_vec().unwrap()),
-                        bits(&got.loss),
-                        "{what}: in place"
-                    );
-                    assert_eq!(
-                        bits(&t.to_vec().unwrap()),
-                        bits(&got.grad),
-                        "{what}: in place"
-                    );
                 }
             }
         }

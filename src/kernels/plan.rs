@@ -189,6 +189,14 @@ pub struct Tuning {
     /// Elements per load and store on rows that allow it (4: vec4 where the row has a multiple
     /// of 4 columns and starts at a multiple of 16 bytes; 1: always scalar).
     pub vector: u32,
+    /// 1: rows that are not a multiple of 4 columns and fit in registers are held there as the
+    /// `vec4`s that hold them, their ends masked, as aligned rows of up to 3 more columns are;
+    /// 0: as scalars. (Such rows that are streamed or split are read as `vec4`s either way,
+    /// where `vector` is 4 and their operands allow it.) 0 in both default tables: on lavapipe
+    /// and llvmpipe it measured 0.83x to 1.24x the scalar registers (softmax, its backward and
+    /// cross-entropy over `70000x10`, `65536x127`, `32768x510` and `16384x1023`), and it is not
+    /// yet timed on a GPU.
+    pub unaligned_items: u32,
     /// 1: use subgroup operations where the device has them with a fixed subgroup size (a
     /// subgroup per row, and the first step of workgroup reductions); 0: never, as on a device
     /// without them.
@@ -248,6 +256,7 @@ impl Tuning {
         loss_split_wait: 0,
         backward_split_wait: 0,
         split_alone: 0,
+        unaligned_items: 0,
         vector: 4,
         subgroups: 1,
         axis_workgroup: 128,
@@ -288,6 +297,7 @@ impl Tuning {
         loss_split_wait: 0,
         backward_split_wait: 0,
         split_alone: 0,
+        unaligned_items: 0,
         vector: 4,
         subgroups: 1,
         axis_workgroup: 64,
@@ -499,6 +509,7 @@ impl Tuning {
         self.batch_rows = self.batch_rows.max(1);
         self.split_reverse = self.split_reverse.min(1);
         self.split_alone = self.split_alone.min(1);
+        self.unaligned_items = self.unaligned_items.min(1);
         self.batch_tally = self.batch_tally.min(1);
         self.loss_tally = self.loss_tally.min(TALLY_MAX_SLOTS);
         self
@@ -537,6 +548,7 @@ mod tests {
             workgroup_per_row: 9,
             split_reverse: 7,
             split_alone: 3,
+            unaligned_items: 2,
             batch_tally: 5,
             loss_tally: u32::MAX,
             ..Tuning::GPU
@@ -544,6 +556,7 @@ mod tests {
         .clamped(&wgpu::Limits::default(), Some(32));
         assert_eq!(wild.split_reverse, 1);
         assert_eq!(wild.split_alone, 1);
+        assert_eq!(wild.unaligned_items, 1);
         assert_eq!(wild.batch_tally, 1);
         assert_eq!(wild.loss_tally, TALLY_MAX_SLOTS);
         assert_eq!(wild.streamed_thread_max_cols, THREAD_MAX_COLS);

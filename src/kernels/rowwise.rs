@@ -361,31 +361,28 @@ impl RowwiseFamily {
             Operand::Rows { offset, .. } => offset.is_multiple_of(16),
             Operand::Shared { .. } => true,
         });
-        let (strategy, vector) = self.choose(gpu, rows, cols, width, aligned);
+        // Rows that are not a multiple of 4 columns are read as the vec4s that hold them only
+        // where every operand seen as vec4 holds its last row's last vec4 whole.
+        let room = self.vec4_rows(call).all(|operand| match *operand {
+            Operand::Rows {
+                buffer,
+                offset,
+                width,
+            } => (offset + (rows * width * 4) as u64).next_multiple_of(16) <= buffer.size(),
+            Operand::Shared { .. } => true,
+        });
+        let (strategy, vector) = self.choose(gpu, rows, cols, width, aligned, room);
         let vec4 = desc.vec4.filter(|_| vector == 4);
-        let (rows_entry, split_entries) = match (vec4, desc.split) {
-            (Some(v), _) => {
+        let unaligned = vec4
+            .and_then(|v| v.unaligned_rows)
+            .filter(|_| !cols.is_multiple_of(4));
+        let (rows_entry, split_entries) = match (vec4, unaligned, desc.split) {
+            (_, Some([rows, partials, finish]), _) => (rows, Some([partials, finish])),
+            (Some(v), None, _) => {
                 let [rows, partials, finish] = v.entries;
                 (rows, Some([partials, finish]))
             }
-            (None, split) => (desc.rows, split),
-        };
-        // Every operand seen as vec4 must hold its last row's last vec4 whole.
-        let unaligned = self
-            .unaligned_rows(gpu, cols, width, aligned, strategy, vector)
-            .filter(|_| {
-                self.vec4_rows(call).all(|operand| match *operand {
-                    Operand::Rows {
-                        buffer,
-                        offset,
-                        width,
-                    } => (offset + (rows * width * 4) as u64).next_multiple_of(16) <= buffer.size(),
-                    Operand::Shared { .. } => true,
-                })
-            });
-        let (rows_entry, split_entries) = match unaligned {
-            Some([rows, partials, finish]) => (rows, Some([partials, finish])),
-            None => (rows_entry, split_entries),
+            (None, _, split) => (desc.rows, split),
         };
         let sg = gpu.caps.subgroup_size.unwrap_or(1);
         let mut spin = None;
@@ -423,10 +420,14 @@ impl RowwiseFamily {
                 },
                 Some(split),
             ) => {
-                // vec4 kernels take chunks of whole vec4s.
-                let chunk = chunk.next_multiple_of(vector);
+                // vec4 kernels take chunks of whole vec4s, but for unaligned rows, whose chunks
+                // start anywhere within a vec4 anyway.
+                let chunk = match unaligned {
+                    Some(_) => chunk,
+                    None => chunk.next_multiple_of(vector),
+                };
                 let wg = tuning.row_workgroup_on(&gpu.caps);
-                if let Some((one_pass, items)) = self.one_pass(gpu, strategy, vector) {
+                if let Some((one_pass, items)) = self.one_pass(gpu, strategy, vector, cols) {
                     spin = Some(self.spin(gpu, one_pass));
                     let passes = if tuning.split_alone != 0 { 1 } else { 2 };
                     (ONE_PASS_ENTRIES[..passes].to_vec(), wg, items, 2, 1, chunk)
@@ -553,13 +554,15 @@ impl RowwiseFamily {
 
     /// The kernels of a split row taken in one pass and the vec4s each invocation holds, where
     /// `strategy` (loading `vector` elements at a time) can be: the family has such kernels,
-    /// their wait ([`OnePass::wait`]) is not 0, a workgroup takes each chunk, and the chunk fits
-    /// in its registers ([`Vec4Kernels::max_items`] vec4s per invocation).
+    /// their wait ([`OnePass::wait`]) is not 0, the rows of `cols` columns are aligned vec4
+    /// rows, a workgroup takes each chunk, and the chunk fits in its registers
+    /// ([`Vec4Kernels::max_items`] vec4s per invocation).
     pub(crate) fn one_pass(
         &self,
         gpu: &Gpu,
         strategy: Strategy,
         vector: u32,
+        cols: usize,
     ) -> Option<(OnePass, u32)> {
         let Strategy::SplitRow {
             chunk,
@@ -570,7 +573,7 @@ impl RowwiseFamily {
         };
         let vec4 = self.desc.vec4?;
         let one_pass = vec4.one_pass?;
-        if vector != 4 || (one_pass.wait)(&gpu.tuning) == 0 {
+        if vector != 4 || !cols.is_multiple_of(4) || (one_pass.wait)(&gpu.tuning) == 0 {
             return None;
         }
         let wg = gpu.tuning.row_workgroup_on(&gpu.caps);
@@ -708,47 +711,37 @@ impl RowwiseFamily {
     }
 
     /// The entry points (`rows`, then the split pair) that take rows of `cols` columns, not a
-    /// multiple of 4, over the vec4 views of the operands, where [`RowwiseFamily::choose`] gave
-    /// `strategy` and `vector`: `None` unless the family has them, the tuning allows vec4
-    /// loads, the strategy streams a row per team or splits rows, and the operands seen as vec4
-    /// ([`Vec4Kernels::views`]) start at a multiple of 16 bytes (`aligned`) in bindings that
-    /// start at one too (so their rows start at the same place within a vec4). The caller also
-    /// checks that each of their buffers holds its last row's last vec4.
+    /// multiple of 4, over the vec4 views of the operands: `None` unless the family has them,
+    /// the tuning allows vec4 loads, and the operands seen as vec4 ([`Vec4Kernels::views`])
+    /// start at a multiple of 16 bytes (`aligned`) in bindings that start at one too (so their
+    /// rows start at the same place within a vec4). The caller also checks that each of their
+    /// buffers holds its last row's last vec4.
     ///
-    /// A row (a chunk) is then the vec4s that hold any of its elements: on lavapipe and
-    /// llvmpipe a vec4 load costs about what a scalar one does, and the streamed softmax of
-    /// `4096x4095` and `1024x50257` ran 1.3x to 1.9x faster so.
+    /// A row (a chunk) is then the vec4s that hold any of its elements, in registers, streamed
+    /// or split as for aligned rows of up to 3 more columns: on lavapipe and llvmpipe a vec4
+    /// load costs about what a scalar one does, and the streamed softmax of `4096x4095` and
+    /// `1024x50257` ran 1.3x to 1.9x faster so.
     pub(crate) fn unaligned_rows(
         &self,
         gpu: &Gpu,
         cols: usize,
         width: usize,
         aligned: bool,
-        strategy: Strategy,
-        vector: u32,
     ) -> Option<[&'static str; 3]> {
-        let entry = self.desc.vec4.and_then(|v| v.unaligned_rows)?;
-        let streamed = matches!(
-            strategy,
-            Strategy::RowPerThread { items: 0 }
-                | Strategy::RowPerSubgroup { items: 0 }
-                | Strategy::RowPerWorkgroup { items: 0 }
-                | Strategy::SplitRow { .. }
-        );
-        (vector == 1
-            && gpu.tuning.vector >= 4
+        let entries = self.desc.vec4.and_then(|v| v.unaligned_rows)?;
+        (gpu.tuning.vector >= 4
             && aligned
             && width == cols
             && !cols.is_multiple_of(4)
-            && gpu.storage_align().is_multiple_of(16)
-            && streamed)
-            .then_some(entry)
+            && gpu.storage_align().is_multiple_of(16))
+        .then_some(entries)
     }
 
-    /// The strategy and elements per load (1, or 4 for the `vec4` kernels) for `rows` rows of
-    /// `cols` columns whose widest operand row holds `width` elements, `aligned` when the
-    /// operands with rows of `cols` elements that the vec4 kernels see as vec4
-    /// ([`Vec4Kernels::views`]) start at a multiple of 16 bytes.
+    /// The strategy and elements per load (1, or 4 for the `vec4` kernels, over unaligned rows
+    /// too: [`RowwiseFamily::unaligned_rows`]) for `rows` rows of `cols` columns whose widest
+    /// operand row holds `width` elements, `aligned` when the operands with rows of `cols`
+    /// elements that the vec4 kernels see as vec4 ([`Vec4Kernels::views`]) start at a multiple
+    /// of 16 bytes, `room` when their buffers hold their last row's last vec4.
     pub(crate) fn choose(
         &self,
         gpu: &Gpu,
@@ -756,23 +749,58 @@ impl RowwiseFamily {
         cols: usize,
         width: usize,
         aligned: bool,
+        room: bool,
     ) -> (Strategy, u32) {
         let tuning = &gpu.tuning;
-        let vec4 = self
-            .desc
-            .vec4
-            .filter(|_| rows > 0 && width == cols && tuning.vector_for(cols, aligned) == 4);
-        let vector = if vec4.is_some() { 4 } else { 1 };
-        // Scalar kernels are held to MAX_ITEMS by the planner; vec4 ones to what theirs hold.
-        let tuning = super::plan::Tuning {
-            max_items: vec4.map_or(tuning.max_items, |v| tuning.max_items.min(v.max_items)),
-            ..*tuning
+        let vec4 = self.desc.vec4.filter(|_| rows > 0 && width == cols);
+        let scalar = self.strategy(gpu, rows, width, None);
+        let Some(v) = vec4 else {
+            return (scalar, 1);
         };
+        if tuning.vector_for(cols, aligned) == 4 {
+            return (self.strategy(gpu, rows, width, Some(v)), 4);
+        }
+        if !room || self.unaligned_rows(gpu, cols, width, aligned).is_none() {
+            return (scalar, 1);
+        }
+        if tuning.unaligned_items != 0 {
+            // As an aligned row of the vec4s that hold it: up to 3 elements more.
+            return (self.strategy(gpu, rows, width + 3, Some(v)), 4);
+        }
+        // Held in registers as scalars; read as vec4s where streamed or split.
+        let streamed = matches!(
+            scalar,
+            Strategy::RowPerThread { items: 0 }
+                | Strategy::RowPerSubgroup { items: 0 }
+                | Strategy::RowPerWorkgroup { items: 0 }
+                | Strategy::SplitRow { .. }
+        );
+        (scalar, if streamed { 4 } else { 1 })
+    }
+
+    /// The tuning's strategy for rows of `width` elements loaded by the family's `vec4`
+    /// kernels (`Some`), held to what they keep in registers, or by its scalar ones, held to
+    /// [`MAX_ITEMS`] by the planner; a family that cannot split rows takes a workgroup per row
+    /// instead.
+    fn strategy(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+        width: usize,
+        vec4: Option<Vec4Kernels>,
+    ) -> Strategy {
+        let tuning = super::plan::Tuning {
+            max_items: vec4.map_or(gpu.tuning.max_items, |v| {
+                gpu.tuning.max_items.min(v.max_items)
+            }),
+            ..gpu.tuning
+        };
+        let vector = if vec4.is_some() { 4 } else { 1 };
         let strategy = tuning.choose(rows, width, &gpu.caps, vector);
         if self.desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
-            return (Strategy::RowPerWorkgroup { items: 0 }, vector);
+            return Strategy::RowPerWorkgroup { items: 0 };
         }
-        (strategy, vector)
+        strategy
     }
 
     /// A sum over all `call.rows` rows (a reduction over the batch). A batch of one block takes

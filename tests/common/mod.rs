@@ -312,6 +312,28 @@ pub fn strategy_tunings() -> Vec<(&'static str, Tuning)> {
             },
         ),
         (
+            // Rows that are not a multiple of 4 columns held in registers as the vec4s that
+            // hold them: an invocation per row, and a workgroup per row with two register
+            // arrays (softmax and cross-entropy).
+            "unaligned rows in registers, thread",
+            Tuning {
+                thread_max_cols: u32::MAX,
+                unaligned_items: 1,
+                ..Tuning::GPU
+            },
+        ),
+        (
+            "unaligned rows in registers, workgroup",
+            Tuning {
+                thread_max_cols: 0,
+                subgroup_max_cols: 0,
+                max_items: 32,
+                split_min_cols: u32::MAX,
+                unaligned_items: 1,
+                ..Tuning::GPU
+            },
+        ),
+        (
             "small workgroups",
             Tuning {
                 row_workgroup: 8,

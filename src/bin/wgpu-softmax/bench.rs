@@ -61,11 +61,11 @@ pub struct BenchArgs {
     /// row_workgroup_without_subgroups, max_items, split_min_cols,
     /// split_max_rows, split_chunk, workgroup_per_row, split_team, batch_team, batch_tally,
     /// loss_tally, batch_rows, split_reverse, split_group_bytes, split_wait, loss_split_wait,
-    /// backward_split_wait, split_alone, vector, subgroups, axis_workgroup, axis_lines,
-    /// axis_min_chunk, axis_vec4_max_inner. Workgroup
+    /// backward_split_wait, split_alone, vector, unaligned_items, subgroups, axis_workgroup,
+    /// axis_lines, axis_min_chunk, axis_vec4_max_inner. Workgroup
     /// sizes, split_chunk, batch_rows and axis_min_chunk must be at least 1, max_items a power of two up to 32,
-    /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally, split_reverse and split_alone
-    /// 0 or 1
+    /// vector 1 or 4, subgroups, workgroup_per_row, batch_tally, split_reverse, split_alone and
+    /// unaligned_items 0 or 1
     /// (loss_tally is a workgroup count, 0 for never); a value the device's limits change is reported on stderr.
     #[arg(long = "tune", value_parser = parse_tune, conflicts_with = "no_gpu")]
     tune: Vec<(&'static str, u32)>,
@@ -81,7 +81,7 @@ enum Accepts {
 }
 
 /// The fields of `Tuning` that `--tune` sets.
-const TUNE_FIELDS: [(&str, Accepts); 30] = [
+const TUNE_FIELDS: [(&str, Accepts); 31] = [
     ("thread_workgroup", Accepts::AtLeastOne),
     ("thread_max_cols", Accepts::Any),
     ("thread_max_cols_without_subgroups", Accepts::Any),
@@ -107,6 +107,7 @@ const TUNE_FIELDS: [(&str, Accepts); 30] = [
     ("backward_split_wait", Accepts::Any),
     ("split_alone", Accepts::OneOf(&[0, 1])),
     ("vector", Accepts::OneOf(&[1, 4])),
+    ("unaligned_items", Accepts::OneOf(&[0, 1])),
     ("subgroups", Accepts::OneOf(&[0, 1])),
     ("axis_workgroup", Accepts::AtLeastOne),
     ("axis_lines", Accepts::Any),
@@ -145,6 +146,7 @@ fn field<'a>(tuning: &'a mut Tuning, name: &str) -> Option<&'a mut u32> {
         "backward_split_wait" => &mut tuning.backward_split_wait,
         "split_alone" => &mut tuning.split_alone,
         "vector" => &mut tuning.vector,
+        "unaligned_items" => &mut tuning.unaligned_items,
         "subgroups" => &mut tuning.subgroups,
         "axis_workgroup" => &mut tuning.axis_workgroup,
         "axis_lines" => &mut tuning.axis_lines,
