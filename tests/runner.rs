@@ -821,7 +821,7 @@ fn without_an_adapter_check_and_apply_run_on_the_cpu() {
         stdout.starts_with("adapter: none; checking the CPU f32 path"),
         "{stdout}"
     );
-    assert!(stdout.contains("all 75 cases passed"), "{stdout}");
+    assert!(stdout.contains("all 87 cases passed"), "{stdout}");
     let softmax_line = stdout
         .lines()
         .find(|line| line.starts_with("softmax ") && line.contains("4096x1000"))

@@ -11,8 +11,9 @@ use wgpu_softmax::{
     Targets, Tolerance,
 };
 
-/// The shapes of the default check: tiny, odd, wide, many rows past the dispatch limit, and a few
-/// rows far longer than a workgroup.
+/// The shapes of the default check: tiny, odd, wide, many rows past the dispatch limit, a few
+/// rows far longer than a workgroup, and GPT-2's vocabulary (not a multiple of 4 columns). Each
+/// shape's inputs are seeded by its place in the list.
 const SHAPES: &[(usize, usize)] = &[
     (1, 1),
     (3, 7),
@@ -20,6 +21,7 @@ const SHAPES: &[(usize, usize)] = &[
     (4096, 1000),
     (70_000, 10),
     (4, 300_000),
+    (8, 50_257),
 ];
 
 /// Timed repetitions per case; the median is reported.
