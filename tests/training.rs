@@ -644,14 +644,16 @@ fn recorded_loss_and_grad(
     (loss.to_vec().unwrap(), grad.to_vec().unwrap())
 }
 
-/// Backward and cross-entropy under every kernel strategy, on unaligned rows (scalar kernels) and
-/// aligned ones (vec4 kernels where the family has them), special values included.
+/// Backward and cross-entropy under every kernel strategy, on unaligned rows (scalar kernels, or
+/// the vec4s that hold them, shared by neighbouring rows' teams) and aligned ones (vec4 kernels
+/// where the family has them), special values included.
 #[test]
 fn training_ops_match_the_reference_under_every_strategy() {
     with_gpu(|base| {
         for (name, tuning) in strategy_tunings() {
             let ctx = tuned(base, tuning);
             for &(rows, cols) in &[
+                (9, 2),
                 (3, 7),
                 (33, 2049),
                 (5, 8),
