@@ -145,24 +145,23 @@ fn split_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     }
 }
 
-// A lane's share of r over the vec4s start + lane, start + lane + size, ... below stop, summed in
-// blocks of BLOCK4 terms per component.
-fn lane_sum4(y0: u32, g0: u32, start: u32, stop: u32, lane: u32, size: u32) -> f32 {
-    return block_sum4(y0, g0, start, stop, lane, size, vec2<u32>(0u), false);
-}
-
-// The loop of lane_sum4 and lane_sum_unaligned4 (y's vec4 y0 + c with dy's g0 + c): where
-// `masked` (a constant at each call, folded once the call is inlined), y's elements outside
-// span.x .. span.y add nothing.
-fn block_sum4(y0: u32, g0: u32, start: u32, stop: u32, lane: u32, size: u32, span: vec2<u32>, masked: bool) -> f32 {
+// A lane's share of r over y's elements lo .. hi, read as the vec4s that hold them from y's vec4
+// ys, with dy's row starting at vec4 gs at the same place within a vec4, summed in blocks of
+// BLOCK4 terms per component. Where `masked` (rows not a multiple of 4 columns; a constant at
+// each call, folded once the call is inlined), y's elements outside lo .. hi add nothing;
+// otherwise lo and hi are multiples of 4.
+fn span_sum4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32, masked: bool) -> f32 {
+    // y's vec4 q is dy's q - ys + gs (u32 arithmetic wraps, so gs - ys may stand for a negative
+    // step).
+    let stop = (hi + 3u) / 4u;
     var r = 0.0;
-    for (var c0 = start + lane; c0 < stop; c0 += size * BLOCK4) {
-        let end = min(stop, c0 + size * BLOCK4);
+    for (var q0 = lo / 4u + lane; q0 < stop; q0 += size * BLOCK4) {
+        let end = min(stop, q0 + size * BLOCK4);
         var part = vec4<f32>(0.0);
-        for (var c = c0; c < end; c += size) {
-            let t = term4(y4[y0 + c], dy4[g0 + c]);
+        for (var q = q0; q < end; q += size) {
+            let t = term4(y4[q], dy4[q - ys + gs]);
             if (masked) {
-                part += select(vec4<f32>(0.0), t, in_span4(y0 + c, span.x, span.y));
+                part += select(vec4<f32>(0.0), t, in_span4(q, lo, hi));
             } else {
                 part += t;
             }
@@ -170,6 +169,28 @@ fn block_sum4(y0: u32, g0: u32, start: u32, stop: u32, lane: u32, size: u32, spa
         r += sum_of(part);
     }
     return r;
+}
+
+// Writes dx for y's elements lo .. hi (as span_sum4; dx's row at vec4 ds); where `masked`, only
+// those.
+fn write_span4(lo: u32, hi: u32, ys: u32, gs: u32, ds: u32, lane: u32, size: u32, r: f32, masked: bool) {
+    for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
+        store4(q - ys + ds, grad4(y4[q], dy4[q - ys + gs], r), in_span4(q, lo, hi), masked);
+    }
+}
+
+// Stores v at dx's vec4 d; where `masked`, only its components `inside` (as softmax.wgsl's
+// store4).
+fn store4(d: u32, v: vec4<f32>, inside: vec4<bool>, masked: bool) {
+    if (!masked || all(inside)) {
+        dx4[d] = v;
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (inside[j]) {
+                dx4[d][j] = v[j];
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -219,82 +240,15 @@ fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) {
                 store4(d0 + c, grad4(ys[k], gs[k], r), in_span4(y0 + c, span.x, span.y), masked);
             }
         }
-    } else if (masked) {
-        let r = team_sum(lane_sum_unaligned4(span.x, span.y, y0, g0, team.lane, team.size), lid);
-        write_unaligned4(span.x, span.y, y0, g0, d0, team.lane, team.size, r);
     } else {
-        let r = team_sum(lane_sum4(y0, g0, 0u, n4, team.lane, team.size), lid);
-        for (var c = team.lane; c < n4; c += team.size) {
-            dx4[d0 + c] = grad4(y4[y0 + c], dy4[g0 + c], r);
-        }
+        let r = team_sum(span_sum4(span.x, span.y, y0, g0, team.lane, team.size, masked), lid);
+        write_span4(span.x, span.y, y0, g0, d0, team.lane, team.size, r, masked);
     }
 }
 
-@compute @workgroup_size(WG)
-fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
-    if (ch.index >= p.rows * p.chunks) {
-        return;
-    }
-    let bounds = chunk_bounds4(ch.within);
-    let n4 = p.cols / 4u;
-    let y0 = base(0u) / 4u + ch.row * n4;
-    let g0 = base(1u) / 4u + ch.row * n4;
-    let r = team_sum(lane_sum4(y0, g0, bounds.x, bounds.y, ch.team.lane, ch.team.size), lid);
-    if (ch.team.lane == 0u) {
-        partials[ch.index] = r;
-    }
-}
-
-@compute @workgroup_size(WG)
-fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
-    if (ch.index >= p.rows * p.chunks) {
-        return;
-    }
-    let r = row_total(ch, lid);
-    let bounds = chunk_bounds4(ch.within);
-    let n4 = p.cols / 4u;
-    let y0 = base(0u) / 4u + ch.row * n4;
-    let g0 = base(1u) / 4u + ch.row * n4;
-    let d0 = base(2u) / 4u + ch.row * n4;
-    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-        dx4[d0 + c] = grad4(y4[y0 + c], dy4[g0 + c], r);
-    }
-}
-
-// Rows that are not a multiple of 4 columns, read as the vec4s that hold them (softmax.wgsl's
-// rows_unaligned4 has the scheme). Elements lo .. hi are y's, at vec4s from `ys` in y's view;
-// dy's and dx's rows start at vec4s `gs` and `ds`, at the same place within a vec4.
-fn lane_sum_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, lane: u32, size: u32) -> f32 {
-    // y's vec4 q is dy's q - ys + gs (u32 arithmetic wraps, so gs - ys may stand for a negative
-    // step); with y0 = 0 the sum walks y's own indices.
-    return block_sum4(0u, gs - ys, lo / 4u, (hi + 3u) / 4u, lane, size, vec2<u32>(lo, hi), true);
-}
-
-fn write_unaligned4(lo: u32, hi: u32, ys: u32, gs: u32, ds: u32, lane: u32, size: u32, r: f32) {
-    for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
-        let inside = in_span4(q, lo, hi);
-        store4(q - ys + ds, grad4(y4[q], dy4[q - ys + gs], r), inside, true);
-    }
-}
-
-// Stores v at dx's vec4 d; where `masked`, only its components `inside` (as softmax.wgsl's
-// store4).
-fn store4(d: u32, v: vec4<f32>, inside: vec4<bool>, masked: bool) {
-    if (!masked || all(inside)) {
-        dx4[d] = v;
-    } else {
-        for (var j = 0u; j < 4u; j++) {
-            if (inside[j]) {
-                dx4[d][j] = v[j];
-            }
-        }
-    }
-}
-
-@compute @workgroup_size(WG)
-fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+// The split pair over the vec4 views (split_partials4, split_finish4; `masked`: the
+// *_unaligned4 pair, as in softmax.wgsl).
+fn chunk_partials4(wid: vec3<u32>, lid: u32, masked: bool) {
     let ch = chunk_of(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
@@ -302,14 +256,13 @@ fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loc
     let bounds = chunk_bounds(ch.within);
     let y0 = base(0u) + ch.row * p.cols;
     let gs = (base(1u) + ch.row * p.cols) / 4u;
-    let r = team_sum(lane_sum_unaligned4(y0 + bounds.x, y0 + bounds.y, y0 / 4u, gs, ch.team.lane, ch.team.size), lid);
+    let r = team_sum(span_sum4(y0 + bounds.x, y0 + bounds.y, y0 / 4u, gs, ch.team.lane, ch.team.size, masked), lid);
     if (ch.team.lane == 0u) {
         partials[ch.index] = r;
     }
 }
 
-@compute @workgroup_size(WG)
-fn split_finish_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn chunk_finish4(wid: vec3<u32>, lid: u32, masked: bool) {
     let ch = chunk_of(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
@@ -319,7 +272,27 @@ fn split_finish_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
     let y0 = base(0u) + ch.row * p.cols;
     let gs = (base(1u) + ch.row * p.cols) / 4u;
     let ds = (base(2u) + ch.row * p.cols) / 4u;
-    write_unaligned4(y0 + bounds.x, y0 + bounds.y, y0 / 4u, gs, ds, ch.team.lane, ch.team.size, r);
+    write_span4(y0 + bounds.x, y0 + bounds.y, y0 / 4u, gs, ds, ch.team.lane, ch.team.size, r, masked);
+}
+
+@compute @workgroup_size(WG)
+fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_partials4(wid, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn split_finish4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_finish4(wid, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_partials4(wid, lid, true);
+}
+
+@compute @workgroup_size(WG)
+fn split_finish_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_finish4(wid, lid, true);
 }
 
 // Split rows in one pass over y and dy (`Tuning::backward_split_wait`; one_pass.wgsl has the

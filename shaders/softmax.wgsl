@@ -128,40 +128,44 @@ fn masked4(q: u32, lo: u32, hi: u32) -> vec4<f32> {
     return select(vec4<f32>(neg_inf()), src4[q], in_span4(q, lo, hi));
 }
 
-// `online_stats4` over the elements lo .. hi of an unaligned row, read as the vec4s that hold
-// them, masked.
-fn online_stats_unaligned4(lo: u32, hi: u32, lane: u32, size: u32) -> vec2<f32> {
-    return block_stats4(lo / 4u, (hi + 3u) / 4u, lane, size, vec2<u32>(lo, hi), true);
+// A lane's (max, sum) over the input's elements lo .. hi, read as the vec4s that hold them
+// (`block_stats4`). Where `masked` (rows not a multiple of 4 columns; a constant at each call)
+// the elements outside lo .. hi count as -inf; otherwise lo and hi are multiples of 4.
+fn span_stats4(lo: u32, hi: u32, lane: u32, size: u32, masked: bool) -> vec2<f32> {
+    return block_stats4(lo / 4u, (hi + 3u) / 4u, lane, size, vec2<u32>(lo, hi), masked);
 }
 
 // Writes the outputs of input elements lo .. hi (of a row starting at vec4 `s0`, whose output
-// starts at vec4 `d0`, at the same place within it) given the row's max m and `scale`.
-fn write_unaligned4(lo: u32, hi: u32, s0: u32, d0: u32, lane: u32, size: u32, m: f32, scale: f32) {
+// starts at vec4 `d0`, at the same place within it) given the row's max m and `scale`; where
+// `masked`, as span_stats4, only those of elements in lo .. hi.
+fn write_span4(lo: u32, hi: u32, s0: u32, d0: u32, lane: u32, size: u32, m: f32, scale: f32, masked: bool) {
     for (var q = lo / 4u + lane; q < (hi + 3u) / 4u; q += size) {
         let inside = in_span4(q, lo, hi);
-        let y = finish4(select(vec4<f32>(neg_inf()), src4[q], inside), m, scale);
-        store4(q - s0 + d0, y, inside, true);
+        var x = src4[q];
+        if (masked) {
+            x = select(vec4<f32>(neg_inf()), x, inside);
+        }
+        store4(q - s0 + d0, finish4(x, m, scale), inside, masked);
     }
 }
 
-// The split pair over unaligned rows, as split_partials and split_normalize: a chunk is the
-// vec4s that hold any of its elements, masked as a row's.
-@compute @workgroup_size(WG)
-fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+// The split pair over the vec4 views (split_partials4, split_normalize4; `masked`: the
+// *_unaligned4 pair, whose chunk is the vec4s that hold any of its elements, masked as a
+// row's).
+fn chunk_partials4(wid: vec3<u32>, lid: u32, masked: bool) {
     let ch = chunk_of(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
     }
     let bounds = chunk_bounds(ch.within);
     let s0 = base(0u) + ch.row * p.cols;
-    let st = team_stats(online_stats_unaligned4(s0 + bounds.x, s0 + bounds.y, ch.team.lane, ch.team.size), lid);
+    let st = team_stats(span_stats4(s0 + bounds.x, s0 + bounds.y, ch.team.lane, ch.team.size, masked), lid);
     if (ch.team.lane == 0u) {
         partials[ch.index] = st;
     }
 }
 
-@compute @workgroup_size(WG)
-fn split_normalize_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn chunk_normalize4(wid: vec3<u32>, lid: u32, masked: bool) {
     let ch = chunk_of(wid, lid);
     if (ch.index >= p.rows * p.chunks) {
         return;
@@ -170,7 +174,17 @@ fn split_normalize_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(lo
     let bounds = chunk_bounds(ch.within);
     let s0 = base(0u) + ch.row * p.cols;
     let d0 = base(1u) + ch.row * p.cols;
-    write_unaligned4(s0 + bounds.x, s0 + bounds.y, s0 / 4u, d0 / 4u, ch.team.lane, ch.team.size, st.x, normaliser(st.y));
+    write_span4(s0 + bounds.x, s0 + bounds.y, s0 / 4u, d0 / 4u, ch.team.lane, ch.team.size, st.x, normaliser(st.y), masked);
+}
+
+@compute @workgroup_size(WG)
+fn split_partials_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_partials4(wid, lid, true);
+}
+
+@compute @workgroup_size(WG)
+fn split_normalize_unaligned4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    chunk_normalize4(wid, lid, true);
 }
 
 // A split row's (max, sum), combined over the team from its chunks' partials with the
@@ -226,7 +240,7 @@ fn split_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
 }
 
 // A lane's (max, sum of exp(x - max)) over the elements start + lane, start + lane + size, ...
-// below stop, from one read, as `online_stats4` reads vec4s: blocks of SUM_BLOCK elements.
+// below stop, from one read, as `block_stats4` reads vec4s: blocks of SUM_BLOCK elements.
 fn online_stats(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
     var m = neg_inf();
     var s = 0.0;
@@ -253,15 +267,11 @@ fn online_stats(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
     return vec2<f32>(m, s);
 }
 
-// A lane's (max, sum of exp(x - max)) over the vec4s start + lane, start + lane + size, ... below
-// stop, from one read: each block of BLOCK4 vec4s is loaded, its maximum taken, and the running sum
-// rescaled when the maximum grows (one extra exp per block, not per element).
-fn online_stats4(start: u32, stop: u32, lane: u32, size: u32) -> vec2<f32> {
-    return block_stats4(start, stop, lane, size, vec2<u32>(0u), false);
-}
-
-// The loop of online_stats4 and online_stats_unaligned4: where `masked` (a constant at each call,
-// folded once the call is inlined), elements outside span.x .. span.y count as -inf.
+// A lane's (max, sum of exp(x - max)) over the vec4s start + lane, start + lane +
+// size, ... below stop, from one read: each block of BLOCK4 vec4s is loaded, its maximum taken,
+// and the running sum rescaled when the maximum grows (one extra exp per block, not per
+// element). Where `masked` (a constant at each call, folded once the call is inlined), elements
+// outside span.x .. span.y count as -inf.
 fn block_stats4(start: u32, stop: u32, lane: u32, size: u32, span: vec2<u32>, masked: bool) -> vec2<f32> {
     var m = neg_inf();
     var s = 0.0;
@@ -414,46 +424,20 @@ fn row_pass4(wid: vec3<u32>, lid: u32, masked: bool) {
         let scale = normaliser(team_sum(sum_of(acc), lid));
         store_items4(&lo, 0u, n_lo, s0, d0, n4, team, m, scale, span, masked);
         store_items4(&hi, MAX_ITEMS, n_hi, s0, d0, n4, team, m, scale, span, masked);
-    } else if (masked) {
-        let st = team_stats(online_stats_unaligned4(span.x, span.y, team.lane, team.size), lid);
-        write_unaligned4(span.x, span.y, s0, d0, team.lane, team.size, st.x, normaliser(st.y));
     } else {
-        let st = team_stats(online_stats4(s0, s0 + n4, team.lane, team.size), lid);
-        let scale = normaliser(st.y);
-        for (var c = team.lane; c < n4; c += team.size) {
-            dst4[d0 + c] = finish4(src4[s0 + c], st.x, scale);
-        }
+        let st = team_stats(span_stats4(span.x, span.y, team.lane, team.size, masked), lid);
+        write_span4(span.x, span.y, s0, d0, team.lane, team.size, st.x, normaliser(st.y), masked);
     }
 }
 
 @compute @workgroup_size(WG)
 fn split_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
-    if (ch.index >= p.rows * p.chunks) {
-        return;
-    }
-    let bounds = chunk_bounds4(ch.within);
-    let s0 = base(0u) / 4u + ch.row * (p.cols / 4u);
-    let st = team_stats(online_stats4(s0 + bounds.x, s0 + bounds.y, ch.team.lane, ch.team.size), lid);
-    if (ch.team.lane == 0u) {
-        partials[ch.index] = st;
-    }
+    chunk_partials4(wid, lid, false);
 }
 
 @compute @workgroup_size(WG)
 fn split_normalize4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let ch = chunk_of(wid, lid);
-    if (ch.index >= p.rows * p.chunks) {
-        return;
-    }
-    let st = row_stats(ch, lid);
-    let scale = normaliser(st.y);
-    let bounds = chunk_bounds4(ch.within);
-    let s0 = base(0u) / 4u + ch.row * (p.cols / 4u);
-    let d0 = base(1u) / 4u + ch.row * (p.cols / 4u);
-    for (var c = bounds.x + ch.team.lane; c < bounds.y; c += ch.team.size) {
-        dst4[d0 + c] = finish4(src4[s0 + c], st.x, scale);
-    }
+    chunk_normalize4(wid, lid, false);
 }
 
 // Split rows in one pass over the input (`Tuning::split_wait`; one_pass.wgsl has the scheme):

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{
-    assert_same_bits, logits, one_pass_contexts, read_buffer, small_limits_context,
+    assert_same_bits, check_backward, logits, one_pass_contexts, read_buffer, small_limits_context,
     strategy_tunings, tuned, with_gpu, ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES, SHAPES,
 };
 use wgpu_softmax::cpu::reference;
@@ -102,16 +102,7 @@ fn unaligned_rows_split_at_every_place_within_a_vec4() {
                 check_softmax(&ctx, &x, cols, &what);
                 // The backward ops, whose kernels take their rows the same way.
                 let dy = logits(rows, cols, 1.0, chunk as u64);
-                let y = ctx.softmax(&x, cols).unwrap();
-                let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
-                let want = reference::softmax_backward(&y, &dy, cols).unwrap();
-                let cmp = Tolerance::SOFTMAX.compare(&got, &want);
-                assert!(cmp.passed(), "softmax_backward {what}: {cmp:?}");
-                let y = ctx.log_softmax(&x, cols).unwrap();
-                let got = ctx.log_softmax_backward(&y, &dy, cols).unwrap();
-                let want = reference::log_softmax_backward(&y, &dy, cols).unwrap();
-                let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
-                assert!(cmp.passed(), "log_softmax_backward {what}: {cmp:?}");
+                check_backward(&ctx, &x, &dy, cols, &what);
             }
             check_special_values(&ctx, 1001, &format!("chunk {chunk}"));
         }

@@ -4,9 +4,9 @@
 mod common;
 
 use common::{
-    assert_grad_close, assert_same_bits, bits, cross_entropy_options, device_on_same_adapter,
-    logits, one_pass_contexts, small_limits_context, strategy_tunings, tuned, with_gpu,
-    ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES,
+    assert_grad_close, assert_same_bits, bits, check_backward, cross_entropy_options,
+    device_on_same_adapter, logits, one_pass_contexts, small_limits_context, strategy_tunings,
+    tuned, with_gpu, ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::{reference, CrossEntropyOutput};
@@ -59,16 +59,7 @@ fn backward_matches_the_reference_on_every_shape() {
         for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
             let x = logits(rows, cols, 2.0, i as u64);
             let dy = logits(rows, cols, 1.0, 100 + i as u64);
-            let y = ctx.softmax(&x, cols).unwrap();
-            let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
-            let want = reference::softmax_backward(&y, &dy, cols).unwrap();
-            let cmp = Tolerance::SOFTMAX.compare(&got, &want);
-            assert!(cmp.passed(), "softmax_backward {rows}x{cols}: {cmp:?}");
-            let ly = ctx.log_softmax(&x, cols).unwrap();
-            let got = ctx.log_softmax_backward(&ly, &dy, cols).unwrap();
-            let want = reference::log_softmax_backward(&ly, &dy, cols).unwrap();
-            let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
-            assert!(cmp.passed(), "log_softmax_backward {rows}x{cols}: {cmp:?}");
+            check_backward(ctx, &x, &dy, cols, &format!("{rows}x{cols}"));
         }
     });
 }
@@ -667,16 +658,7 @@ fn training_ops_match_the_reference_under_every_strategy() {
                 let mut x = logits(rows, cols, 2.0, cols as u64);
                 x[cols / 2] = f32::NEG_INFINITY;
                 let dy = logits(rows, cols, 1.0, 1 + cols as u64);
-                let y = ctx.softmax(&x, cols).unwrap();
-                let got = ctx.softmax_backward(&y, &dy, cols).unwrap();
-                let want = reference::softmax_backward(&y, &dy, cols).unwrap();
-                let cmp = Tolerance::SOFTMAX.compare(&got, &want);
-                assert!(cmp.passed(), "softmax_backward {what}: {cmp:?}");
-                let ly = ctx.log_softmax(&x, cols).unwrap();
-                let got = ctx.log_softmax_backward(&ly, &dy, cols).unwrap();
-                let want = reference::log_softmax_backward(&ly, &dy, cols).unwrap();
-                let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
-                assert!(cmp.passed(), "log_softmax_backward {what}: {cmp:?}");
+                check_backward(&ctx, &x, &dy, cols, &what);
 
                 let idx = index_targets(rows, cols, 3, 4);
                 let probs = probability_targets(rows, cols, 4);

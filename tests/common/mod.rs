@@ -148,6 +148,22 @@ pub fn device_on_same_adapter(
     .expect("a second device on the same adapter")
 }
 
+/// Softmax and log-softmax backward of `y = softmax(x)` (and its log) with upstream `dy`, on
+/// the GPU against the f64 reference.
+pub fn check_backward(ctx: &Context, x: &[f32], dy: &[f32], cols: usize, what: &str) {
+    use wgpu_softmax::{cpu::reference, Tolerance};
+    let y = ctx.softmax(x, cols).unwrap();
+    let got = ctx.softmax_backward(&y, dy, cols).unwrap();
+    let want = reference::softmax_backward(&y, dy, cols).unwrap();
+    let cmp = Tolerance::SOFTMAX.compare(&got, &want);
+    assert!(cmp.passed(), "softmax_backward {what}: {cmp:?}");
+    let ly = ctx.log_softmax(x, cols).unwrap();
+    let got = ctx.log_softmax_backward(&ly, dy, cols).unwrap();
+    let want = reference::log_softmax_backward(&ly, dy, cols).unwrap();
+    let cmp = Tolerance::LOG_SOFTMAX.compare(&got, &want);
+    assert!(cmp.passed(), "log_softmax_backward {what}: {cmp:?}");
+}
+
 /// Compares gradients after dividing by the largest reference magnitude, so one bound
 /// (`Tolerance::SOFTMAX`) serves every reduction (the mean scales gradients by 1/D).
 pub fn assert_grad_close(got: &[f32], want: &[f64], what: &str) {
