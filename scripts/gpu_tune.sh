@@ -10,13 +10,20 @@
 # Environment: OUT (default gpu-results/tune), ROUNDS (default 2: the sets run in turn, ROUNDS
 # times, so that drift affects them alike), REPEATS (default 9), SETS (names of the sets to run,
 # space-separated; default all), SHAPES (replaces every set's shapes, e.g. "32x10" for a dry
-# run), WGPU_SOFTMAX (default target/release/wgpu-softmax), PYTHON (default python3),
-# WGPU_BACKEND (default vulkan).
+# run), BUDGET (seconds: no set starts once the sweep has run this long, and the table is made
+# of what ran; default none), WGPU_SOFTMAX (default target/release/wgpu-softmax), PYTHON
+# (default python3), WGPU_BACKEND (default vulkan).
+#
+# The sets run in the order below: the defaults, then the fields no GPU has timed yet (one-pass
+# split rows of the backward and cross-entropy, the ops along an axis, unaligned rows), then
+# the ones that confirm the defaults. Each set's seconds go to OUT/timing.tsv, so that a
+# BUDGET for a machine held for a short time can be planned from a previous sweep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results/tune}
 rounds=${ROUNDS:-2}
 repeats=${REPEATS:-9}
+budget=${BUDGET:-0}
 bin=${WGPU_SOFTMAX:-target/release/wgpu-softmax}
 python=${PYTHON:-python3}
 export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
@@ -31,6 +38,25 @@ unaligned="70000x10 65536x127 16384x1023 1024x30522 1024x50257 64x262143"
 # name | overrides (space-separated FIELD=VALUE) | shapes
 sets="
 default||$all $axis $unaligned
+vector=1|vector=1|$all $unaligned
+unaligned_items=1|unaligned_items=1|$unaligned
+loss_split_wait=256|loss_split_wait=256|$long
+loss_split_wait=4096|loss_split_wait=4096|$long
+loss_split_wait=65536|loss_split_wait=65536|$long
+loss_split_wait=4096,split_chunk=8192|loss_split_wait=4096 split_chunk=8192|$long
+axis_vec4_max_inner=0|axis_vec4_max_inner=0|$axis
+axis_vec4_max_inner=32|axis_vec4_max_inner=32|$axis
+axis_workgroup=64|axis_workgroup=64|$axis
+axis_workgroup=256|axis_workgroup=256|$axis
+axis_min_chunk=256|axis_min_chunk=256|$axis
+axis_min_chunk=4096|axis_min_chunk=4096|$axis
+axis_lines=262144|axis_lines=262144|$axis
+backward_split_wait=256|backward_split_wait=256|$long
+backward_split_wait=4096|backward_split_wait=4096|$long
+backward_split_wait=65536|backward_split_wait=65536|$long
+split_alone=1|split_alone=1|$long
+split_alone=1,all_waits=4096|split_alone=1 loss_split_wait=4096 backward_split_wait=4096|$long
+all_waits=4096|loss_split_wait=4096 backward_split_wait=4096|$long
 thread_max_cols=32|thread_max_cols=32|$short
 thread_max_cols=128,max_items=32|thread_max_cols=128 max_items=32|$short
 thread_workgroup=256|thread_workgroup=256|$short
@@ -43,8 +69,6 @@ row_workgroup=64|row_workgroup=64|$medium $long
 row_workgroup=128|row_workgroup=128|$medium $long
 max_items=8|max_items=8|$medium
 max_items=32|max_items=32|$medium
-vector=1|vector=1|$all $unaligned
-unaligned_items=1|unaligned_items=1|$unaligned
 subgroups=0|subgroups=0|$all
 subgroups=0,thread_max_cols_without_subgroups=128|subgroups=0 thread_max_cols_without_subgroups=128|$short
 subgroups=0,thread_max_cols_without_subgroups=1024|subgroups=0 thread_max_cols_without_subgroups=1024|$medium
@@ -73,23 +97,6 @@ split_wait=65536|split_wait=65536|$long
 split_wait=4096,split_chunk=2048|split_wait=4096 split_chunk=2048|$long
 split_wait=4096,split_chunk=8192|split_wait=4096 split_chunk=8192|$long
 split_wait=4096,split_chunk=16384|split_wait=4096 split_chunk=16384|$long
-loss_split_wait=256|loss_split_wait=256|$long
-loss_split_wait=4096|loss_split_wait=4096|$long
-loss_split_wait=65536|loss_split_wait=65536|$long
-loss_split_wait=4096,split_chunk=8192|loss_split_wait=4096 split_chunk=8192|$long
-axis_vec4_max_inner=0|axis_vec4_max_inner=0|$axis
-axis_vec4_max_inner=32|axis_vec4_max_inner=32|$axis
-axis_workgroup=64|axis_workgroup=64|$axis
-axis_workgroup=256|axis_workgroup=256|$axis
-axis_min_chunk=256|axis_min_chunk=256|$axis
-axis_min_chunk=4096|axis_min_chunk=4096|$axis
-axis_lines=262144|axis_lines=262144|$axis
-backward_split_wait=256|backward_split_wait=256|$long
-backward_split_wait=4096|backward_split_wait=4096|$long
-backward_split_wait=65536|backward_split_wait=65536|$long
-split_alone=1|split_alone=1|$long
-split_alone=1,all_waits=4096|split_alone=1 loss_split_wait=4096 backward_split_wait=4096|$long
-all_waits=4096|loss_split_wait=4096 backward_split_wait=4096|$long
 "
 
 mkdir -p "$out"
@@ -109,12 +116,20 @@ while IFS='|' read -r name overrides shapes; do
   printf '%s\n' "${args[@]}" >"$out/set_$index.args"
 done <<<"$sets"
 
+printf 'round\tset\tseconds\n' >"$out/timing.tsv"
+SECONDS=0
 for round in $(seq 1 "$rounds"); do
   while IFS=$'\t' read -r index name _; do
+    if [ "$budget" -gt 0 ] && [ "$SECONDS" -ge "$budget" ]; then
+      echo "BUDGET=$budget s spent: round $round stopped before $name" | tee -a "$out/timing.tsv" >&2
+      break 2
+    fi
     mapfile -t args <"$out/set_$index.args"
     echo "round $round: $name" >&2
+    started=$SECONDS
     "$bin" bench --no-cpu --json --repeats "$repeats" "${args[@]}" \
       >"$out/set_${index}_r$round.json" 2>>"$out/bench.err"
+    printf '%s\t%s\t%s\n' "$round" "$name" "$((SECONDS - started))" >>"$out/timing.tsv"
   done <"$out/sets.tsv"
 done
 "$python" scripts/tune_table.py "$out" | tee "$out/tune.md"
