@@ -1,0 +1,406 @@
+//! Any kernel-choice table gives the reference's results: random [`Tuning`]s (odd workgroup
+//! sizes, thresholds at 0 and `u32::MAX`, chunks of a few elements, every switch either way)
+//! on random shapes, special values included, for every op along rows and along an axis.
+//!
+//! A context accepts any `Tuning` (it clamps what the device cannot run), so every table a
+//! caller or `wgpu-softmax bench --tune` may give must plan kernels that fit the device's limits
+//! and a software adapter's loop budget, and compute the same values. Each case builds a device
+//! and compiles its own specialisations, so CI runs few cases; `WGPU_SOFTMAX_TUNING_CASES`
+//! asks for more (a longer search on a workstation).
+
+mod common;
+
+use common::{assert_grad_close, bits, context, logits, tuned};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use wgpu_softmax::cpu::reference;
+use wgpu_softmax::{
+    AxisLayout, Comparison, Context, CrossEntropyOptions, GradOutput, Reduction, Targets,
+    Tolerance, Tuning,
+};
+
+/// Cross-entropy losses, as the training tests bound them.
+const LOSS_TOLERANCE: Tolerance = Tolerance {
+    abs: 1e-5,
+    rel: 2e-5,
+};
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("WGPU_SOFTMAX_TUNING_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    ProptestConfig {
+        cases,
+        // A failing case is printed with its table and shape; nothing is written into the
+        // source tree.
+        failure_persistence: None,
+        // Each shrinking step compiles kernels again: keep a failure's report quick.
+        max_shrink_iters: 64,
+        ..ProptestConfig::default()
+    }
+}
+
+/// One of `values`, each as likely.
+fn one_of(values: &'static [u32]) -> BoxedStrategy<u32> {
+    proptest::sample::select(values).boxed()
+}
+
+const MAX: u32 = u32::MAX;
+
+/// A kernel-choice table with every field drawn from values that reach its edges: workgroup
+/// sizes that are no power of two or exceed the device's, thresholds that send every row one
+/// way, chunks shorter than a workgroup or a `vec4`, and the switches either way.
+fn tuning() -> impl Strategy<Value = Tuning> {
+    let teams = (
+        one_of(&[1, 3, 32, 48, 64, 100, 256, 1024]),
+        one_of(&[0, 1, 8, 33, 64, 512, MAX]),
+        one_of(&[0, 8, 128, 1024, MAX]),
+        one_of(&[1, 8, 24, 32, 100, 256]),
+        one_of(&[0, 64, 1024, MAX]),
+        one_of(&[0, 128, MAX]),
+        one_of(&[1, 3, 32, 48, 64, 100, 256]),
+        one_of(&[1, 5, 32, 64, 200]),
+        one_of(&[1, 2, 3, 4, 8, 16, 32, 64]),
+    );
+    let splits = (
+        one_of(&[1, 100, 1024, 16384, MAX]),
+        one_of(&[1, 4, 512, MAX]),
+        one_of(&[1, 5, 37, 300, 1024, 4096]),
+        one_of(&[0, 1]),
+        one_of(&[0, 1, 2]),
+        one_of(&[0, 1, 2]),
+        one_of(&[0, 1]),
+        one_of(&[0, 1, 4096, MAX]),
+        one_of(&[0, 1]),
+        one_of(&[1, 3, 16, 100]),
+        one_of(&[0, 1024, 65536]),
+    );
+    let rest = (
+        one_of(&[0, 1, 4096]),
+        one_of(&[0, 1, 4096]),
+        one_of(&[0, 1, 4096]),
+        one_of(&[0, 1]),
+        one_of(&[1, 4]),
+        one_of(&[0, 1]),
+        one_of(&[0, 1]),
+        one_of(&[1, 37, 64, 256]),
+        one_of(&[1, 256, 65536]),
+        one_of(&[1, 7, 1024, 4096]),
+        one_of(&[0, 4, 32, MAX]),
+    );
+    (teams, splits, rest).prop_map(|(t, s, r)| Tuning {
+        thread_workgroup: t.0,
+        thread_max_cols: t.1,
+        thread_max_cols_without_subgroups: t.2,
+        subgroup_workgroup: t.3,
+        subgroup_max_cols: t.4,
+        streamed_thread_max_cols: t.5,
+        row_workgroup: t.6,
+        row_workgroup_without_subgroups: t.7,
+        max_items: t.8,
+        split_min_cols: s.0,
+        split_max_rows: s.1,
+        split_chunk: s.2,
+        workgroup_per_row: s.3,
+        split_team: s.4,
+        batch_team: s.5,
+        batch_tally: s.6,
+        loss_tally: s.7,
+        split_reverse: s.8,
+        batch_rows: s.9,
+        split_group_bytes: s.10,
+        split_wait: r.0,
+        loss_split_wait: r.1,
+        backward_split_wait: r.2,
+        split_alone: r.3,
+        vector: r.4,
+        unaligned_items: r.5,
+        subgroups: r.6,
+        axis_workgroup: r.7,
+        axis_lines: r.8,
+        axis_min_chunk: r.9,
+        axis_vec4_max_inner: r.10,
+    })
+}
+
+/// Columns around the thresholds the tables draw from: a few, around a `vec4` and a
+/// workgroup, and long enough to split or to stream.
+fn cols() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => 1usize..=12,
+        3 => 13usize..=300,
+        2 => 301usize..=5000,
+        1 => 5001usize..=40_000,
+    ]
+}
+
+/// Rows for `cols`: at most about 200 000 elements.
+fn batch() -> impl Strategy<Value = (usize, usize)> {
+    cols().prop_flat_map(|cols| (1usize..=(200_000 / cols).clamp(1, 300), Just(cols)))
+}
+
+/// Logits of `rows x cols` from `seed`, with special values in some rows where `specials`:
+/// a -inf, a whole row of -inf, a +inf, a NaN, a huge logit (1e30, whose loss f32 holds: one
+/// near `f32::MAX` would overflow to +inf, as it should, where the f64 reference does not).
+fn input(rows: usize, cols: usize, seed: u64, specials: bool) -> Vec<f32> {
+    let mut x = logits(rows, cols, 3.0, seed);
+    if specials {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+        for _ in 0..rows.min(6) {
+            let (r, c) = (rng.random_range(0..rows), rng.random_range(0..cols));
+            let row = &mut x[r * cols..][..cols];
+            match rng.random_range(0..5) {
+                0 => row[c] = f32::NEG_INFINITY,
+                1 => row.fill(f32::NEG_INFINITY),
+                2 => row[c] = f32::INFINITY,
+                3 => row[c] = f32::NAN,
+                _ => row[c] = 1e30,
+            }
+        }
+    }
+    x
+}
+
+/// What a cross-entropy case asks for.
+#[derive(Debug, Clone, Copy)]
+struct LossCase {
+    probabilities: bool,
+    weighted: bool,
+    smoothing: bool,
+    reduction: Reduction,
+}
+
+fn loss_case() -> impl Strategy<Value = LossCase> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        proptest::sample::select(&[Reduction::None, Reduction::Mean, Reduction::Sum][..]),
+    )
+        .prop_map(|(probabilities, weighted, smoothing, reduction)| LossCase {
+            probabilities,
+            weighted,
+            smoothing,
+            reduction,
+        })
+}
+
+/// Index targets for `rows` rows of `cols` classes (every seventh ignored), or probability
+/// targets (a softmax of random values), from `seed`.
+fn targets(rows: usize, cols: usize, seed: u64) -> (Vec<i64>, Vec<f32>) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7a67);
+    let idx = (0..rows)
+        .map(|r| {
+            if r % 7 == 3 {
+                -100
+            } else {
+                rng.random_range(0..cols as i64)
+            }
+        })
+        .collect();
+    let raw = logits(rows, cols, 1.0, seed ^ 0x9e0b);
+    let probs = reference::softmax(&raw, cols)
+        .unwrap()
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    (idx, probs)
+}
+
+/// Cross-entropy of `case` on rows of `cols` (or, with `layout`, its lines) against the
+/// reference: loss and gradient; along rows the in-place device form too, whose gradient
+/// must be the host form's bits.
+fn check_loss(
+    ctx: &Context,
+    x: &[f32],
+    cols: usize,
+    layout: Option<AxisLayout>,
+    case: LossCase,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let rows_x = match layout {
+        Some(layout) => layout.to_rows(x).unwrap(),
+        None => x.to_vec(),
+    };
+    let rows = rows_x.len() / cols;
+    let (idx, probs_rows) = targets(rows, cols, seed);
+    let probs = match layout {
+        Some(layout) => layout.from_rows(&probs_rows).unwrap(),
+        None => probs_rows.clone(),
+    };
+    let weight: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+    let per_row: Vec<f32> = (0..rows).map(|r| 1.0 + (r % 3) as f32).collect();
+    let options = CrossEntropyOptions {
+        weight: case.weighted.then_some(&weight[..]),
+        label_smoothing: if case.smoothing { 0.1 } else { 0.0 },
+        reduction: case.reduction,
+        ..Default::default()
+    };
+    let grad_output = match case.reduction {
+        Reduction::None => GradOutput::PerRow(&per_row),
+        _ => GradOutput::Scalar(0.5),
+    };
+    let (targets, targets_rows) = if case.probabilities {
+        (
+            Targets::Probabilities(&probs),
+            Targets::Probabilities(&probs_rows),
+        )
+    } else {
+        (Targets::Indices(&idx), Targets::Indices(&idx))
+    };
+    let want =
+        reference::cross_entropy(&rows_x, cols, targets_rows, &options, grad_output).unwrap();
+    let what = format!("cross-entropy {case:?}");
+    let got = match layout {
+        Some(layout) => ctx
+            .along(layout)
+            .cross_entropy_with_grad(x, targets, &options, grad_output)
+            .unwrap(),
+        None => ctx
+            .cross_entropy_with_grad(x, cols, targets, &options, grad_output)
+            .unwrap(),
+    };
+    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+    prop_assert!(cmp.passed(), "{what}: loss {cmp:?}");
+    let grad = match layout {
+        Some(layout) => layout.to_rows(&got.grad).unwrap(),
+        None => got.grad.clone(),
+    };
+    assert_grad_close(&grad, &want.grad, &what);
+    if layout.is_none() {
+        let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+        let targets_t = loss_fn.upload_targets(targets).unwrap();
+        let mut t = ctx.upload(x, cols).unwrap();
+        let loss = loss_fn
+            .loss_and_grad_in_place(&mut t, &targets_t, grad_output)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+        prop_assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
+        prop_assert_eq!(
+            bits(&t.to_vec().unwrap()),
+            bits(&got.grad),
+            "{}: gradient in place",
+            what
+        );
+    }
+    Ok(())
+}
+
+/// The backward `got` of softmax (`log` false) or log-softmax over rows of `cols`, from their
+/// output `y` and upstream `dy`, against the reference, within the f32 summation bound of each
+/// row's sum ([`Tolerance::compare_backward`]): a row with one huge logit has `p_j = 1`, and its
+/// sum's rounding shows whole in `dx_j`.
+fn compare_backward(y: &[f32], dy: &[f32], got: &[f32], cols: usize, log: bool) -> Comparison {
+    let (want, tolerance) = if log {
+        let want = reference::log_softmax_backward(y, dy, cols).unwrap();
+        (want, Tolerance::LOG_SOFTMAX)
+    } else {
+        (
+            reference::softmax_backward(y, dy, cols).unwrap(),
+            Tolerance::SOFTMAX,
+        )
+    };
+    let p: Vec<f64> = y
+        .iter()
+        .map(|&y| {
+            if log {
+                f64::from(y).exp()
+            } else {
+                f64::from(y)
+            }
+        })
+        .collect();
+    let t: Vec<f64> = y
+        .iter()
+        .zip(dy)
+        .map(|(&y, &d)| {
+            if log {
+                f64::from(d)
+            } else {
+                f64::from(y) * f64::from(d)
+            }
+        })
+        .collect();
+    tolerance.compare_backward(got, &want, [&p, &t], cols)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Softmax, log-softmax, their backward and cross-entropy over rows.
+    #[test]
+    fn any_tuning_matches_the_reference_along_rows(
+        tuning in tuning(),
+        (rows, cols) in batch(),
+        seed in any::<u64>(),
+        specials in any::<bool>(),
+        case in loss_case(),
+    ) {
+        let Some(base) = context() else { return Ok(()) };
+        let ctx = tuned(base, tuning);
+        let x = input(rows, cols, seed, specials);
+        let what = format!("{rows}x{cols}");
+        let y = ctx.softmax(&x, cols).unwrap();
+        let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
+        prop_assert!(cmp.passed(), "softmax {}: {:?}", what, cmp);
+        let ly = ctx.log_softmax(&x, cols).unwrap();
+        let cmp = Tolerance::LOG_SOFTMAX.compare(&ly, &reference::log_softmax(&x, cols).unwrap());
+        prop_assert!(cmp.passed(), "log-softmax {}: {:?}", what, cmp);
+        let dy = logits(rows, cols, 1.0, seed ^ 0xd7);
+        for (log, y) in [(false, &y), (true, &ly)] {
+            let got = if log {
+                ctx.log_softmax_backward(y, &dy, cols).unwrap()
+            } else {
+                ctx.softmax_backward(y, &dy, cols).unwrap()
+            };
+            let cmp = compare_backward(y, &dy, &got, cols, log);
+            prop_assert!(cmp.passed(), "backward (log {}) {}: {:?}", log, what, cmp);
+        }
+        check_loss(&ctx, &x, cols, None, case, seed)?;
+    }
+
+    /// The same along the middle axis of `[outer, C, inner]`.
+    #[test]
+    fn any_tuning_matches_the_reference_along_an_axis(
+        tuning in tuning(),
+        outer in 1usize..=3,
+        classes in prop_oneof![1usize..=40, 41usize..=3000],
+        inner in prop_oneof![2usize..=9, 10usize..=70],
+        seed in any::<u64>(),
+        specials in any::<bool>(),
+        case in loss_case(),
+    ) {
+        let Some(base) = context() else { return Ok(()) };
+        let ctx = tuned(base, tuning);
+        let layout = AxisLayout::from_parts(outer, classes, inner).unwrap();
+        let rows_x = input(layout.lines(), classes, seed, specials);
+        let x = layout.from_rows(&rows_x).unwrap();
+        let along = ctx.along(layout);
+        let what = format!("{outer}x{classes}x{inner}");
+        let y = along.softmax(&x).unwrap();
+        let want = layout.from_rows(&reference::softmax(&rows_x, classes).unwrap()).unwrap();
+        let cmp = Tolerance::SOFTMAX.compare(&y, &want);
+        prop_assert!(cmp.passed(), "softmax {}: {:?}", what, cmp);
+        let ly = along.log_softmax(&x).unwrap();
+        let want = layout.from_rows(&reference::log_softmax(&rows_x, classes).unwrap()).unwrap();
+        let cmp = Tolerance::LOG_SOFTMAX.compare(&ly, &want);
+        prop_assert!(cmp.passed(), "log-softmax {}: {:?}", what, cmp);
+        let dy = logits(layout.numel(), 1, 1.0, seed ^ 0xd7);
+        let dy_rows = layout.to_rows(&dy).unwrap();
+        for (log, y) in [(false, &y), (true, &ly)] {
+            let got = if log {
+                along.log_softmax_backward(y, &dy).unwrap()
+            } else {
+                along.softmax_backward(y, &dy).unwrap()
+            };
+            let [y_rows, got_rows] = [y, &got].map(|v| layout.to_rows(v).unwrap());
+            let cmp = compare_backward(&y_rows, &dy_rows, &got_rows, classes, log);
+            prop_assert!(cmp.passed(), "backward (log {}) {}: {:?}", log, what, cmp);
+        }
+        check_loss(&ctx, &x, classes, Some(layout), case, seed)?;
+    }
+}
