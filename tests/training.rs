@@ -1307,3 +1307,127 @@ fn cross_entropy_over_unaligned_rows_split_at_every_place_within_a_vec4() {
         }
     });
 }
+
+/// Split rows whose partials outgrow the rows (chunks of 1 element: two words of partials per
+/// element for softmax, four for cross-entropy; cross-entropy's chunks of 4 in one pass: five
+/// sync words per 4 elements) run in row blocks whose partials fit a binding, as their
+/// operands do. The blocks were sized by the rows alone: on a device whose bindings hold 64
+/// KiB, the partials of the later rows of a block fell past the binding, and their outputs and
+/// losses came out wrong or NaN.
+#[test]
+fn split_partials_larger_than_their_rows_fit_the_binding() {
+    with_gpu(|base| {
+        let contexts = [
+            // Scalar kernels (vec4 ones round chunks up to whole vec4s): 94 KiB of logits, 375
+            // KiB of cross-entropy partials.
+            ("chunks of 1, an invocation each", 1, 0, 1, (24, 1000)),
+            // 109 KiB of logits, 138 KiB of sync words; 70 chunks a row keep the pass that
+            // works out the chunks left within a software adapter's loop budget.
+            ("chunks of 4 in one pass", 4, 2, 4, (100, 280)),
+        ];
+        for (name, split_chunk, split_team, vector, (rows, cols)) in contexts {
+            // A team of one invocation lets a chunk be as short as one element (or one vec4).
+            let tuning = Tuning {
+                thread_max_cols: 0,
+                row_workgroup: 1,
+                row_workgroup_without_subgroups: 1,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk,
+                split_team,
+                vector,
+                split_wait: 64,
+                loss_split_wait: 64,
+                backward_split_wait: 64,
+                ..Tuning::GPU
+            };
+            let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
+                max_storage_buffer_binding_size: 64 << 10,
+                max_buffer_size: 4 << 20,
+                ..limits
+            });
+            let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
+            let strategy = ctx.strategy(rows, cols);
+            assert!(
+                matches!(strategy, wgpu_softmax::Strategy::SplitRow { chunk, .. } if chunk == split_chunk),
+                "{name}: {strategy:?}"
+            );
+            let x = logits(rows, cols, 2.0, 41);
+            let what = format!("{name}, {rows}x{cols}");
+            let y = ctx.softmax(&x, cols).unwrap();
+            let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
+            assert!(cmp.passed(), "softmax {what}: {cmp:?}");
+            let dy = logits(rows, cols, 1.0, 42);
+            check_backward(&ctx, &x, &dy, cols, &what);
+            let idx = index_targets(rows, cols, 43, 5);
+            let probs = probability_targets(rows, cols, 44);
+            let per_row = vec![1.0f32; rows];
+            for targets in [Targets::Indices(&idx), Targets::Probabilities(&probs)] {
+                for (reduction, grad_output) in [
+                    (Reduction::None, GradOutput::PerRow(&per_row)),
+                    (Reduction::Mean, GradOutput::One),
+                ] {
+                    let options = CrossEntropyOptions {
+                        reduction,
+                        ..Default::default()
+                    };
+                    let want =
+                        reference::cross_entropy(&x, cols, targets, &options, grad_output).unwrap();
+                    let input = (&x[..], cols, targets, grad_output);
+                    let case = format!("cross-entropy {what} {reduction:?}");
+                    check_host_and_in_place(&ctx, input, &options, &want, &case);
+                }
+            }
+        }
+    });
+}
+
+/// Split rows in one pass whose rows have many chunks (chunks of one vec4 for a team of one
+/// invocation): where a row's chunks do not all run at once, the pass that works out the rest
+/// takes them one after another, each combining the row's partials, chunks x chunks loop
+/// iterations for one invocation. Past a software adapter's loop budget (which ends the
+/// invocation, silently) softmax came out wrong on `3x4096` (1024 chunks a row); such rows
+/// now take two passes there.
+#[test]
+fn one_pass_splits_of_many_chunks_stay_within_the_loop_budget() {
+    with_gpu(|base| {
+        let ctx = tuned(
+            base,
+            Tuning {
+                thread_max_cols: 0,
+                row_workgroup: 1,
+                row_workgroup_without_subgroups: 1,
+                split_min_cols: 1,
+                split_max_rows: u32::MAX,
+                split_chunk: 4,
+                split_team: 2,
+                split_wait: 4096,
+                loss_split_wait: 4096,
+                backward_split_wait: 4096,
+                ..Tuning::GPU
+            },
+        );
+        for (rows, cols) in [(3, 4096), (2, 1200)] {
+            let x = logits(rows, cols, 2.0, 51);
+            let what = format!("{rows}x{cols}");
+            let y = ctx.softmax(&x, cols).unwrap();
+            let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
+            assert!(cmp.passed(), "softmax {what}: {cmp:?}");
+            let dy = logits(rows, cols, 1.0, 52);
+            check_backward(&ctx, &x, &dy, cols, &what);
+            let idx = index_targets(rows, cols, 53, 0);
+            let options = CrossEntropyOptions::default();
+            let targets = Targets::Indices(&idx);
+            let want =
+                reference::cross_entropy(&x, cols, targets, &options, GradOutput::One).unwrap();
+            let input = (&x[..], cols, targets, GradOutput::One);
+            check_host_and_in_place(
+                &ctx,
+                input,
+                &options,
+                &want,
+                &format!("cross-entropy {what}"),
+            );
+        }
+    });
+}

@@ -451,9 +451,16 @@ impl RowwiseFamily {
         };
         // A window that ends on a whole vec4 may take up to 12 bytes more.
         let slack = if unaligned.is_some() { 16 } else { 0 };
+        // A block binds its rows' partials (or a one-pass split's sync words, see `plan`) as
+        // it binds their operands: with chunks of a few elements they outgrow the rows.
+        let partial_words = match (chunk, spin) {
+            (0, _) => 0,
+            (_, None) => chunks * desc.partial_words,
+            (_, Some(_)) => chunks * (desc.partial_words + 1) + 2,
+        };
         let blocks = super::row_blocks(
             rows,
-            (row_bytes as usize / 4).max(1),
+            (row_bytes as usize / 4).max(partial_words).max(1),
             gpu.max_binding().saturating_sub(slack),
             gpu.storage_align(),
             group_rows,
@@ -555,8 +562,9 @@ impl RowwiseFamily {
     /// The kernels of a split row taken in one pass and the vec4s each invocation holds, where
     /// `strategy` (loading `vector` elements at a time) can be: the family has such kernels,
     /// their wait ([`OnePass::wait`]) is not 0, the rows of `cols` columns are aligned vec4
-    /// rows, a workgroup takes each chunk, and the chunk fits in its registers
-    /// ([`Vec4Kernels::max_items`] vec4s per invocation).
+    /// rows, a workgroup takes each chunk, the chunk fits in its registers
+    /// ([`Vec4Kernels::max_items`] vec4s per invocation), and on a device with a loop budget
+    /// the pass that works out the chunks left keeps within it.
     pub(crate) fn one_pass(
         &self,
         gpu: &Gpu,
@@ -578,7 +586,24 @@ impl RowwiseFamily {
         }
         let wg = gpu.tuning.row_workgroup_on(&gpu.caps);
         let items = chunk.div_ceil(4).div_ceil(wg);
-        (items <= vec4.max_items).then_some((one_pass, items))
+        if items > vec4.max_items {
+            return None;
+        }
+        // Where a row's chunks do not run at once, one workgroup works them out one after
+        // another (`split_rest4`, or the row's last chunk with `split_alone`), each combining
+        // the row's partials: chunks x chunks / WG iterations, after up to a spin. A software
+        // adapter ends an invocation past its loop budget, silently; two passes keep within it.
+        // llvmpipe measured about 8 iterations per chunk and partial (softmax, a team of one:
+        // wrong from 90 chunks a row, right at 80); lavapipe fewer.
+        if let Some(budget) = gpu.caps.loop_budget {
+            let chunks = (cols as u64).div_ceil(u64::from(chunk.max(1)));
+            let per_chunk = 10 * chunks.div_ceil(u64::from(wg)) + 4 * u64::from(items) + 32;
+            let rest = chunks * per_chunk + 2 * chunks.div_ceil(u64::from(wg));
+            if u64::from(self.spin(gpu, one_pass)) + rest > budget {
+                return None;
+            }
+        }
+        Some((one_pass, items))
     }
 
     /// The spin bound of a one-pass split: its wait, kept to a quarter of the loop iterations a
