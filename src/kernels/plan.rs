@@ -465,18 +465,28 @@ impl Tuning {
         }
     }
 
-    /// A split whose chunks keep every invocation within `budget` loop iterations.
+    /// A split whose chunks keep every invocation within `budget` loop iterations: shorter
+    /// chunks than `split_chunk` where a chunk's own loops are too long, longer ones where a
+    /// row has so many chunks that combining their partials is (chunks of a few elements).
     fn split_within(&self, cols: usize, budget: u64, caps: &Capabilities, vector: u32) -> Strategy {
         let per_invocation = self.split_team == 0;
-        let mut chunk = self.split_chunk;
         let split = |chunk| Strategy::SplitRow {
             chunk,
             per_invocation,
         };
-        while chunk > self.row_workgroup_on(caps).max(4)
-            && self.loop_iterations(split(chunk), cols, caps, vector) > budget
-        {
+        let fits = |chunk| self.loop_iterations(split(chunk), cols, caps, vector) <= budget;
+        let mut chunk = self.split_chunk;
+        while chunk > self.row_workgroup_on(caps).max(4) && !fits(chunk) {
             chunk /= 2;
+        }
+        if !fits(chunk) {
+            let mut longer = self.split_chunk;
+            while !fits(longer) && (longer as usize) < cols && longer < 1 << 30 {
+                longer = longer.saturating_mul(2);
+            }
+            if fits(longer) {
+                chunk = longer;
+            }
         }
         split(chunk)
     }
@@ -892,6 +902,44 @@ mod tests {
                     "{cols} {vector}: {s:?}"
                 );
             }
+        }
+    }
+
+    /// Chunks so short that a row has more partials than the finishing pass may combine within
+    /// the budget grow instead: chunks of 1 element over 36 000 columns, 72 000 iterations for
+    /// one invocation, ran wrong on llvmpipe (17 653 of 36 000 elements); chunks of 2 ran right.
+    #[test]
+    fn software_splits_of_many_chunks_lengthen_them_within_the_loop_budget() {
+        let tiny = Tuning {
+            thread_max_cols: 0,
+            row_workgroup: 1,
+            row_workgroup_without_subgroups: 1,
+            split_min_cols: 1,
+            split_max_rows: u32::MAX,
+            split_chunk: 1,
+            split_team: 0,
+            ..Tuning::GPU
+        };
+        for caps in [&LAVAPIPE, &LLVMPIPE] {
+            for cols in [36_000, 1 << 20] {
+                let s = tiny.choose(1, cols, caps, 1);
+                assert!(
+                    matches!(s, Strategy::SplitRow { chunk: 2.., .. }),
+                    "{cols}: {s:?}"
+                );
+                assert!(
+                    tiny.loop_iterations(s, cols, caps, 1) <= SOFTWARE_LOOP_BUDGET,
+                    "{cols}: {s:?}"
+                );
+            }
+            // Where the chunks fit, they stay as asked.
+            assert_eq!(
+                tiny.choose(1, 20_000, caps, 1),
+                Strategy::SplitRow {
+                    chunk: 1,
+                    per_invocation: true
+                }
+            );
         }
     }
 }
