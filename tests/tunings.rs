@@ -67,7 +67,7 @@ fn tuning() -> impl Strategy<Value = Tuning> {
     let splits = (
         one_of(&[1, 100, 1024, 16384, MAX]),
         one_of(&[1, 4, 512, MAX]),
-        one_of(&[1, 5, 37, 300, 1024, 4096]),
+        one_of(&[1, 4, 5, 8, 37, 300, 1024, 4096]),
         one_of(&[0, 1]),
         one_of(&[0, 1, 2]),
         one_of(&[0, 1, 2]),
@@ -132,7 +132,9 @@ fn cols() -> impl Strategy<Value = usize> {
         3 => 1usize..=12,
         3 => 13usize..=300,
         2 => 301usize..=5000,
-        1 => 5001usize..=40_000,
+        // Not longer: a split in chunks of one element combines a row's partials in each of
+        // its invocations, cols x cols work that a software adapter takes seconds over.
+        1 => 5001usize..=12_000,
     ]
 }
 
@@ -211,11 +213,15 @@ fn targets(rows: usize, cols: usize, seed: u64) -> (Vec<i64>, Vec<f32>) {
 
 /// Cross-entropy of `case` on rows of `cols` (or, with `layout`, its lines) against the
 /// reference: loss and gradient; along rows the in-place device form too, whose gradient
-/// must be the host form's bits.
+/// must be the host form's bits where `same_blocks` (the two forms cut the batch alike). Where
+/// a batch runs in row blocks, a host form stages each block at the start of a buffer, and
+/// chooses its kernel by the block's own rows: a last block of few rows may split where the
+/// device form's does not, and rows not a multiple of 4 columns read as `vec4`s start at
+/// another place within a `vec4` than in the tensor; both round differently.
 fn check_loss(
     ctx: &Context,
     x: &[f32],
-    cols: usize,
+    (cols, same_blocks): (usize, bool),
     layout: Option<AxisLayout>,
     case: LossCase,
     seed: u64,
@@ -281,6 +287,10 @@ fn check_loss(
         let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
         prop_assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
         let in_place = t.to_vec().unwrap();
+        if !same_blocks {
+            assert_grad_close(&in_place, &want.grad, &format!("{what}: in place"));
+            return Ok(());
+        }
         let differs = bits(&in_place)
             .iter()
             .zip(bits(&got.grad))
@@ -378,7 +388,7 @@ proptest! {
             let cmp = compare_backward(y, &dy, &got, cols, log);
             prop_assert!(cmp.passed(), "backward (log {}) {}: {:?}", log, what, cmp);
         }
-        check_loss(&ctx, &x, cols, None, case, seed)?;
+        check_loss(&ctx, &x, (cols, !small_bindings), None, case, seed)?;
     }
 
     /// The same along the middle axis of `[outer, C, inner]`.
@@ -419,6 +429,94 @@ proptest! {
             let cmp = compare_backward(&y_rows, &dy_rows, &got_rows, classes, log);
             prop_assert!(cmp.passed(), "backward (log {}) {}: {:?}", log, what, cmp);
         }
-        check_loss(&ctx, &x, classes, Some(layout), case, seed)?;
+        check_loss(&ctx, &x, (classes, true), Some(layout), case, seed)?;
+    }
+}
+
+/// A buffer of `len` words, each [`GUARD`] but those of `parts` (word offset, values).
+fn arena(ctx: &Context, len: usize, parts: &[(usize, &[f32])]) -> (wgpu::Buffer, Vec<u32>) {
+    use wgpu::util::DeviceExt;
+    let mut words = vec![GUARD; len];
+    for &(at, data) in parts {
+        for (w, v) in words[at..].iter_mut().zip(data) {
+            *w = v.to_bits();
+        }
+    }
+    let buffer = ctx
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("arena"),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        });
+    (buffer, words)
+}
+
+/// What every word of an arena holds outside the operands.
+const GUARD: u32 = 0xDEAD_BEEF;
+
+/// The region of `len` words at word `at` of `buffer`.
+fn region(buffer: &wgpu::Buffer, at: usize, len: usize) -> wgpu_softmax::BufferRegion<'_> {
+    buffer
+        .slice((at * 4) as u64..((at + len) * 4) as u64)
+        .into()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The encode forms on regions of the caller's buffers at any word offset (vec4 kernels
+    /// where every operand starts on 16 bytes, scalar ones elsewhere): softmax, then its
+    /// backward on the softmax's output region, write their regions and no other word.
+    #[test]
+    fn any_tuning_keeps_to_its_regions(
+        tuning in tuning(),
+        (rows, cols) in batch(),
+        seed in any::<u64>(),
+        [x_at, y_at, dy_at, dx_at] in [0usize..8, 0usize..8, 0usize..8, 0usize..8],
+    ) {
+        let Some(base) = context() else { return Ok(()) };
+        let ctx = tuned(base, tuning);
+        let n = rows * cols;
+        let x = logits(rows, cols, 3.0, seed);
+        let dy = logits(rows, cols, 1.0, seed ^ 0xd7);
+        // Inputs in one buffer, outputs in another: x, then dy past it.
+        let dy_at = x_at + n + dy_at;
+        let (inputs, _) = arena(&ctx, dy_at + n + 8, &[(x_at, &x), (dy_at, &dy)]);
+        let dx_at = y_at + n + dx_at;
+        let (outputs, guards) = arena(&ctx, dx_at + n + 8, &[]);
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let y_region = region(&outputs, y_at, n);
+        ctx.encode_softmax(&mut encoder, region(&inputs, x_at, n), y_region, rows, cols)
+            .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        // The backward reads y from the outputs' buffer, so it writes into another one.
+        let (dx_buffer, dx_guards) = arena(&ctx, dx_at + n + 8, &[]);
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        ctx.encode_softmax_backward(
+            &mut encoder,
+            region(&outputs, y_at, n),
+            region(&inputs, dy_at, n),
+            region(&dx_buffer, dx_at, n),
+            rows,
+            cols,
+        )
+        .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        let what = format!("{rows}x{cols}, x at {x_at}, y at {y_at}, dy at {dy_at}, dx at {dx_at}");
+        let now = common::read_buffer(&ctx, &outputs, guards.len());
+        let y = &now[y_at..y_at + n];
+        let cmp = Tolerance::SOFTMAX.compare(y, &reference::softmax(&x, cols).unwrap());
+        prop_assert!(cmp.passed(), "softmax {}: {:?}", what, cmp);
+        let dx_now = common::read_buffer(&ctx, &dx_buffer, dx_guards.len());
+        let cmp = compare_backward(y, &dy, &dx_now[dx_at..dx_at + n], cols, false);
+        prop_assert!(cmp.passed(), "softmax backward {}: {:?}", what, cmp);
+        for (buffer, written) in [(&now, y_at..y_at + n), (&dx_now, dx_at..dx_at + n)] {
+            let stray = buffer
+                .iter()
+                .enumerate()
+                .position(|(i, v)| !written.contains(&i) && v.to_bits() != GUARD);
+            prop_assert!(stray.is_none(), "{}: word {:?} outside the region written", what, stray);
+        }
     }
 }
