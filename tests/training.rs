@@ -5,10 +5,10 @@ mod common;
 
 use common::{
     assert_grad_close, assert_same_bits, bits, check_backward, cross_entropy_options,
-    device_on_same_adapter, logits, one_pass_contexts, small_limits_context, strategy_tunings,
-    tuned, with_gpu, ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES,
+    device_on_same_adapter, index_targets, logits, one_pass_contexts, probability_targets,
+    small_limits_context, strategy_tunings, tuned, with_gpu, ONE_PASS_OTHER_CHUNKS,
+    ONE_PASS_SHAPES,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::{reference, CrossEntropyOutput};
 use wgpu_softmax::{
     Context, CrossEntropyBuffers, CrossEntropyOptions, Error, GradDestination, GradOutput,
@@ -20,28 +20,6 @@ const LOSS_TOLERANCE: Tolerance = Tolerance {
     abs: 1e-5,
     rel: 2e-5,
 };
-
-fn index_targets(rows: usize, cols: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..rows)
-        .map(|r| {
-            if ignore_every > 0 && r % ignore_every == 1 {
-                -100
-            } else {
-                rng.random_range(0..cols as i64)
-            }
-        })
-        .collect()
-}
-
-fn probability_targets(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let raw = logits(rows, cols, 1.0, seed);
-    reference::softmax(&raw, cols)
-        .unwrap()
-        .into_iter()
-        .map(|v| v as f32)
-        .collect()
-}
 
 const SHAPES: &[(usize, usize)] = &[
     (1, 1),

@@ -10,7 +10,10 @@
 
 mod common;
 
-use common::{assert_grad_close, bits, context, device_on_same_adapter, logits, tuned};
+use common::{
+    assert_grad_close, bits, context, device_on_same_adapter, index_targets, logits,
+    probability_targets, tuned,
+};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -189,26 +192,13 @@ fn loss_case() -> impl Strategy<Value = LossCase> {
         })
 }
 
-/// Index targets for `rows` rows of `cols` classes (every seventh ignored), or probability
-/// targets (a softmax of random values), from `seed`.
+/// Index targets for `rows` rows of `cols` classes (every seventh ignored), and probability
+/// targets, from `seed`.
 fn targets(rows: usize, cols: usize, seed: u64) -> (Vec<i64>, Vec<f32>) {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x7a67);
-    let idx = (0..rows)
-        .map(|r| {
-            if r % 7 == 3 {
-                -100
-            } else {
-                rng.random_range(0..cols as i64)
-            }
-        })
-        .collect();
-    let raw = logits(rows, cols, 1.0, seed ^ 0x9e0b);
-    let probs = reference::softmax(&raw, cols)
-        .unwrap()
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
-    (idx, probs)
+    (
+        index_targets(rows, cols, seed ^ 0x7a67, 7),
+        probability_targets(rows, cols, seed ^ 0x9e0b),
+    )
 }
 
 /// Cross-entropy of `case` on rows of `cols` (or, with `layout`, its lines) against the

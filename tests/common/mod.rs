@@ -98,6 +98,31 @@ pub fn logits(rows: usize, cols: usize, scale: f32, seed: u64) -> Vec<f32> {
     (0..rows * cols).map(|_| rng.sample(normal)).collect()
 }
 
+/// Class indices for `rows` rows of `cols` classes from `seed`, every `ignore_every`-th row
+/// (from row 1) ignored (-100); 0: none.
+pub fn index_targets(rows: usize, cols: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..rows)
+        .map(|r| {
+            if ignore_every > 0 && r % ignore_every == 1 {
+                -100
+            } else {
+                rng.random_range(0..cols as i64)
+            }
+        })
+        .collect()
+}
+
+/// Probability targets for `rows` rows of `cols` classes: a softmax of random values.
+pub fn probability_targets(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let raw = logits(rows, cols, 1.0, seed);
+    wgpu_softmax::cpu::reference::softmax(&raw, cols)
+        .unwrap()
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
 /// The shapes every row-wise op is checked on: tiny, odd, wider than a workgroup, register-cached
 /// and streamed rows, more rows than one dispatch dimension, long split rows.
 pub const SHAPES: &[(usize, usize)] = &[
