@@ -97,6 +97,43 @@ impl Tolerance {
         }
         cmp
     }
+
+    /// [`Tolerance::compare_backward`] with each `p_j` and `t_k` worked out from the backward
+    /// op's inputs, rows of `cols`: `y` (softmax's output, or log-softmax's where `log`) and
+    /// its upstream gradient `dy`.
+    pub fn compare_backward_of(
+        &self,
+        got: &[f32],
+        want: &[f64],
+        [y, dy]: [&[f32]; 2],
+        cols: usize,
+        log: bool,
+    ) -> Comparison {
+        let p: Vec<f64> = y
+            .iter()
+            .map(|&y| {
+                if log {
+                    f64::from(y).exp()
+                } else {
+                    f64::from(y)
+                }
+            })
+            .collect();
+        let t: Vec<f64> = y
+            .iter()
+            .zip(dy)
+            .map(|(&y, &dy)| {
+                if log {
+                    f64::from(dy)
+                } else {
+                    f64::from(dy) * f64::from(y)
+                }
+            })
+            .collect();
+        let mut cmp = self.compare_backward(got, want, [&p, &t], cols);
+        cmp.len_mismatch |= dy.len() != y.len();
+        cmp
+    }
 }
 
 /// The outcome of [`Tolerance::compare`].
@@ -166,6 +203,28 @@ mod tests {
             t.compare_backward(&[f32::NAN, 0.4, 0.3, 0.4], &want, [&p, &terms], 2)
                 .failures
                 == 1
+        );
+    }
+
+    #[test]
+    fn backward_bounds_follow_from_the_ops_inputs() {
+        let t = Tolerance::SOFTMAX;
+        // Softmax: p = y = 0.5, t = dy y, sum |t| = 1000 in the first row, 1 in the second.
+        let (y, dy) = ([0.5; 4], [1000.0, -1000.0, 1.0, 1.0]);
+        let want = [0.3, 0.4, 0.3, 0.4];
+        let got = [0.3002, 0.4, 0.3002, 0.4];
+        let cmp = t.compare_backward_of(&got, &want, [&y, &dy], 2, false);
+        assert_eq!(cmp.first_failure.map(|f| f.0), Some(2));
+        assert_eq!(cmp.failures, 1);
+        // Log-softmax: p = exp(y) = 0.5, t = dy.
+        let log_y = [0.5f32.ln(); 4];
+        let dy = [500.0, -500.0, 1.0, 1.0];
+        let cmp = t.compare_backward_of(&got, &want, [&log_y, &dy], 2, true);
+        assert_eq!(cmp.first_failure.map(|f| f.0), Some(2));
+        assert_eq!(cmp.failures, 1);
+        assert!(
+            t.compare_backward_of(&got, &want, [&log_y, &dy[..3]], 2, true)
+                .len_mismatch
         );
     }
 }

@@ -68,29 +68,14 @@ impl Backward {
             (false, true) => &i.probs_dim0,
             (true, true) => &i.log_probs_dim0,
         };
-        let p: Vec<f64> = y
-            .iter()
-            .map(|&y| {
-                if self.log {
-                    f64::from(y).exp()
-                } else {
-                    f64::from(y)
-                }
-            })
-            .collect();
-        let t: Vec<f64> = y
-            .iter()
-            .zip(&i.dy)
-            .map(|(&y, &dy)| {
-                if self.log {
-                    f64::from(dy)
-                } else {
-                    f64::from(dy) * f64::from(y)
-                }
-            })
-            .collect();
-        let [p, t, want] = [p, t, want.to_vec()].map(|v| layout.to_rows(&v));
-        Ok(tolerance.compare_backward(&layout.to_rows(got)?, &want?, [&p?, &t?], layout.len()))
+        let [y, dy, got] = [&y[..], &i.dy, got].map(|v| layout.to_rows(v));
+        Ok(tolerance.compare_backward_of(
+            &got?,
+            &layout.to_rows(want)?,
+            [&y?, &dy?],
+            layout.len(),
+            self.log,
+        ))
     }
 }
 
