@@ -5,20 +5,13 @@
 mod common;
 
 use common::{
-    assert_grad_close, bits, cross_entropy_options, logits, read_buffer, small_limits_context,
-    tuned, with_gpu,
+    assert_grad_close, bits, cross_entropy_options, index_targets, logits, read_buffer,
+    small_limits_context, tuned, with_gpu, LOSS_TOLERANCE,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
     AxisLayout, Context, CrossEntropyBuffers, CrossEntropyOptions, DeviceGradOutput, Engine, Error,
-    GradDestination, GradOutput, Reduction, TargetEncoding, Targets, Tolerance, Tuning,
-    TENSOR_USAGES,
-};
-
-const LOSS_TOLERANCE: Tolerance = Tolerance {
-    abs: 1e-5,
-    rel: 2e-5,
+    GradDestination, GradOutput, Reduction, TargetEncoding, Targets, Tuning, TENSOR_USAGES,
 };
 
 /// (shape, class axis): lines held in registers (5, 16, 21 and 32 classes), streamed lines (33,
@@ -51,20 +44,6 @@ fn line_contexts(base: &Context) -> Vec<(&'static str, Context)> {
         ("lines", tuned(base, base.tuning())),
         ("split lines", tuned(base, split)),
     ]
-}
-
-/// One class per line, every `ignore_every`-th line (from line 1) `-100`.
-fn index_targets(lines: usize, classes: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..lines)
-        .map(|r| {
-            if ignore_every > 0 && r % ignore_every == 1 {
-                -100
-            } else {
-                rng.random_range(0..classes as i64)
-            }
-        })
-        .collect()
 }
 
 /// A distribution over the classes of every line, laid out like the logits.

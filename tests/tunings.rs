@@ -11,8 +11,8 @@
 mod common;
 
 use common::{
-    assert_grad_close, bits, context, device_on_same_adapter, index_targets, logits,
-    probability_targets, tuned,
+    assert_grad_close, check_host_and_in_place, context, device_on_same_adapter, index_targets,
+    logits, probability_targets, tuned, LOSS_TOLERANCE,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -21,12 +21,6 @@ use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
     AxisLayout, Comparison, Context, CrossEntropyOptions, GradOutput, Reduction, Targets,
     Tolerance, Tuning,
-};
-
-/// Cross-entropy losses, as the training tests bound them.
-const LOSS_TOLERANCE: Tolerance = Tolerance {
-    abs: 1e-5,
-    rel: 2e-5,
 };
 
 fn config() -> ProptestConfig {
@@ -249,51 +243,18 @@ fn check_loss(
     let want =
         reference::cross_entropy(&rows_x, cols, targets_rows, &options, grad_output).unwrap();
     let what = format!("cross-entropy {case:?}");
-    let got = match layout {
-        Some(layout) => ctx
-            .along(layout)
-            .cross_entropy_with_grad(x, targets, &options, grad_output)
-            .unwrap(),
-        None => ctx
-            .cross_entropy_with_grad(x, cols, targets, &options, grad_output)
-            .unwrap(),
+    let Some(layout) = layout else {
+        let input = (x, cols, targets, grad_output);
+        check_host_and_in_place(ctx, input, &options, (&want, same_blocks), &what);
+        return Ok(());
     };
+    let got = ctx
+        .along(layout)
+        .cross_entropy_with_grad(x, targets, &options, grad_output)
+        .unwrap();
     let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
     prop_assert!(cmp.passed(), "{what}: loss {cmp:?}");
-    let grad = match layout {
-        Some(layout) => layout.to_rows(&got.grad).unwrap(),
-        None => got.grad.clone(),
-    };
-    assert_grad_close(&grad, &want.grad, &what);
-    if layout.is_none() {
-        let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
-        let targets_t = loss_fn.upload_targets(targets).unwrap();
-        let mut t = ctx.upload(x, cols).unwrap();
-        let loss = loss_fn
-            .loss_and_grad_in_place(&mut t, &targets_t, grad_output)
-            .unwrap()
-            .to_vec()
-            .unwrap();
-        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
-        prop_assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
-        let in_place = t.to_vec().unwrap();
-        if !same_blocks {
-            assert_grad_close(&in_place, &want.grad, &format!("{what}: in place"));
-            return Ok(());
-        }
-        let differs = bits(&in_place)
-            .iter()
-            .zip(bits(&got.grad))
-            .position(|(a, b)| *a != b);
-        prop_assert!(
-            differs.is_none(),
-            "{}: gradient in place differs at {:?}: {:?} against {:?}",
-            what,
-            differs,
-            differs.map(|i| in_place[i]),
-            differs.map(|i| got.grad[i])
-        );
-    }
+    assert_grad_close(&layout.to_rows(&got.grad).unwrap(), &want.grad, &what);
     Ok(())
 }
 

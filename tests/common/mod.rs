@@ -6,7 +6,10 @@ pub mod files;
 use std::sync::OnceLock;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use wgpu_softmax::{Context, CrossEntropyOptions, GradOutput, Reduction, Tuning};
+use wgpu_softmax::cpu::CrossEntropyOutput;
+use wgpu_softmax::{
+    Context, CrossEntropyOptions, GradOutput, Reduction, Targets, Tolerance, Tuning,
+};
 
 /// Whether this run is CI, where a missing adapter is a failure, never a skip.
 pub fn in_ci() -> bool {
@@ -96,6 +99,67 @@ pub fn logits(rows: usize, cols: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     let normal = rand_distr::Normal::new(0.0f32, scale).expect("valid normal");
     (0..rows * cols).map(|_| rng.sample(normal)).collect()
+}
+
+/// Cross-entropy losses: f32 accumulation over up to 50 000 classes and 70 000 rows.
+pub const LOSS_TOLERANCE: Tolerance = Tolerance {
+    abs: 1e-5,
+    rel: 2e-5,
+};
+
+/// Checks the host form of cross-entropy of `(logits, cols, targets, grad_output)` against the
+/// f64 reference `want`, then the in-place device form: where `same_bits`, against the host
+/// form (the same gradient bits, and the same row losses; a reduced loss, which the device form
+/// may sum in another order, within tolerance), else against the reference alone (where the two
+/// forms cut a batch into row blocks differently). Returns the host form's output.
+pub fn check_host_and_in_place(
+    ctx: &Context,
+    (x, cols, targets, grad_output): (&[f32], usize, Targets<'_>, GradOutput<'_>),
+    options: &CrossEntropyOptions<'_>,
+    (want, same_bits): (&CrossEntropyOutput<f64>, bool),
+    what: &str,
+) -> CrossEntropyOutput<f32> {
+    let got = ctx
+        .cross_entropy_with_grad(x, cols, targets, options, grad_output)
+        .unwrap();
+    let cmp = LOSS_TOLERANCE.compare(&got.loss, &want.loss);
+    assert!(cmp.passed(), "{what}: loss {cmp:?}");
+    assert_grad_close(&got.grad, &want.grad, what);
+    let loss_fn = ctx.cross_entropy_loss(cols, options).unwrap();
+    let targets_t = loss_fn.upload_targets(targets).unwrap();
+    let mut t = ctx.upload(x, cols).unwrap();
+    let loss = loss_fn
+        .loss_and_grad_in_place(&mut t, &targets_t, grad_output)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let grad = t.to_vec().unwrap();
+    if !same_bits {
+        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+        assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
+        assert_grad_close(&grad, &want.grad, &format!("{what}: in place"));
+        return got;
+    }
+    if options.reduction == Reduction::None {
+        assert_bits_eq(&loss, &got.loss, &format!("{what}: loss in place"));
+    } else {
+        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+        assert!(cmp.passed(), "{what}: loss in place {cmp:?}");
+    }
+    assert_bits_eq(&grad, &got.grad, &format!("{what}: in place"));
+    got
+}
+
+/// Asserts that `got` and `want` hold the same bits, naming the first element that differs.
+pub fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let differs = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
+    if let Some(i) = differs {
+        panic!("{what}: element {i} is {:e}, not {:e}", got[i], want[i]);
+    }
 }
 
 /// Class indices for `rows` rows of `cols` classes from `seed`, every `ignore_every`-th row
