@@ -5,17 +5,12 @@
 
 mod common;
 
-use std::ops::Range;
-
-use common::{logits, read_buffer, with_gpu};
-use wgpu::util::DeviceExt;
+use common::arena::Arena;
+use common::{bits, logits, with_gpu};
 use wgpu_softmax::{
-    BufferRegion, Context, CrossEntropyBuffers, CrossEntropyOptions, DeviceGradOutput, Error,
-    GradDestination, GradOutput, Reduction, Strategy, TargetEncoding, Targets, Tolerance,
+    Context, CrossEntropyBuffers, CrossEntropyOptions, DeviceGradOutput, Error, GradDestination,
+    GradOutput, Reduction, Strategy, TargetEncoding, Targets, Tolerance,
 };
-
-/// What every word of an arena holds before an op runs, outside the operands.
-const GUARD: u32 = 0xDEAD_BEEF;
 
 /// Shapes over the kernel layouts: short rows, vec4 rows, scalar rows, split rows, and
 /// unaligned rows long enough to stream or split (read as vec4s where the operands share their
@@ -28,78 +23,6 @@ const SHAPES: [(usize, usize); 6] = [
     (5, 4099),
     (2, 70_001),
 ];
-
-/// One buffer of the caller's holding operands at given word offsets, [`GUARD`] elsewhere.
-struct Arena {
-    buffer: wgpu::Buffer,
-    words: Vec<u32>,
-}
-
-impl Arena {
-    /// An arena of `len` words with each `(offset, data)` placed at its word offset.
-    fn new(
-        ctx: &Context,
-        len: usize,
-        parts: &[(usize, &[u32])],
-        usage: wgpu::BufferUsages,
-    ) -> Self {
-        let mut words = vec![GUARD; len];
-        for &(offset, data) in parts {
-            words[offset..offset + data.len()].copy_from_slice(data);
-        }
-        let buffer = ctx
-            .device()
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("arena"),
-                contents: bytemuck::cast_slice(&words),
-                usage: usage | wgpu::BufferUsages::COPY_SRC,
-            });
-        Self { buffer, words }
-    }
-
-    /// The region of `len` words at word `offset`.
-    fn region(&self, offset: usize, len: usize) -> BufferRegion<'_> {
-        self.buffer
-            .slice((offset * 4) as u64..((offset + len) * 4) as u64)
-            .into()
-    }
-
-    /// The region of bytes `range`, which need not start on a word.
-    fn bytes(&self, range: Range<u64>) -> BufferRegion<'_> {
-        self.buffer.slice(range).into()
-    }
-
-    /// Reads the arena back, asserts that no word outside `written` (word offset, length)
-    /// changed, and returns the words of each of `written` as f32.
-    fn written(&self, ctx: &Context, written: &[(usize, usize)], what: &str) -> Vec<Vec<f32>> {
-        let written: Vec<Range<usize>> = written.iter().map(|&(at, len)| at..at + len).collect();
-        let now: Vec<u32> = read_buffer(ctx, &self.buffer, self.words.len())
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        for (i, (&before, &after)) in self.words.iter().zip(&now).enumerate() {
-            if !written.iter().any(|range| range.contains(&i)) {
-                assert_eq!(
-                    before, after,
-                    "{what}: word {i} outside the regions changed"
-                );
-            }
-        }
-        written
-            .iter()
-            .map(|range| {
-                now[range.clone()]
-                    .iter()
-                    .map(|&w| f32::from_bits(w))
-                    .collect()
-            })
-            .collect()
-    }
-}
-
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
-}
 
 /// Word offsets for an input and an output: unaligned, 16-byte aligned, and around the device's
 /// storage-offset alignment.

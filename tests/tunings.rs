@@ -10,17 +10,18 @@
 
 mod common;
 
+use common::arena::Arena;
 use common::{
-    assert_grad_close, check_host_and_in_place, context, device_on_same_adapter, index_targets,
-    logits, probability_targets, tuned, LOSS_TOLERANCE,
+    assert_grad_close, bits, check_host_and_in_place, context, device_on_same_adapter,
+    index_targets, logits, probability_targets, tuned, LOSS_TOLERANCE,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use wgpu_softmax::cpu::reference;
 use wgpu_softmax::{
-    AxisLayout, Comparison, Context, CrossEntropyOptions, GradOutput, Reduction, Targets,
-    Tolerance, Tuning,
+    AxisLayout, Comparison, Context, CrossEntropyBuffers, CrossEntropyOptions, DeviceGradOutput,
+    GradDestination, GradOutput, Reduction, TargetEncoding, Targets, Tolerance, Tuning,
 };
 
 fn config() -> ProptestConfig {
@@ -33,8 +34,9 @@ fn config() -> ProptestConfig {
         // A failing case is printed with its table and shape; nothing is written into the
         // source tree.
         failure_persistence: None,
-        // Each shrinking step compiles kernels again: keep a failure's report quick.
-        max_shrink_iters: 64,
+        // Each shrinking step compiles kernels again and may take seconds on a software
+        // adapter (64 steps took over ten minutes once): keep a failure's report quick.
+        max_shrink_iters: 16,
         ..ProptestConfig::default()
     }
 }
@@ -363,33 +365,9 @@ proptest! {
     }
 }
 
-/// A buffer of `len` words, each [`GUARD`] but those of `parts` (word offset, values).
-fn arena(ctx: &Context, len: usize, parts: &[(usize, &[f32])]) -> (wgpu::Buffer, Vec<u32>) {
-    use wgpu::util::DeviceExt;
-    let mut words = vec![GUARD; len];
-    for &(at, data) in parts {
-        for (w, v) in words[at..].iter_mut().zip(data) {
-            *w = v.to_bits();
-        }
-    }
-    let buffer = ctx
-        .device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("arena"),
-            contents: bytemuck::cast_slice(&words),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        });
-    (buffer, words)
-}
-
-/// What every word of an arena holds outside the operands.
-const GUARD: u32 = 0xDEAD_BEEF;
-
-/// The region of `len` words at word `at` of `buffer`.
-fn region(buffer: &wgpu::Buffer, at: usize, len: usize) -> wgpu_softmax::BufferRegion<'_> {
-    buffer
-        .slice((at * 4) as u64..((at + len) * 4) as u64)
-        .into()
+/// Storage that tests read back.
+fn usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST
 }
 
 proptest! {
@@ -412,41 +390,158 @@ proptest! {
         let dy = logits(rows, cols, 1.0, seed ^ 0xd7);
         // Inputs in one buffer, outputs in another: x, then dy past it.
         let dy_at = x_at + n + dy_at;
-        let (inputs, _) = arena(&ctx, dy_at + n + 8, &[(x_at, &x), (dy_at, &dy)]);
-        let dx_at = y_at + n + dx_at;
-        let (outputs, guards) = arena(&ctx, dx_at + n + 8, &[]);
+        let inputs = Arena::new(&ctx, dy_at + n + 8, &[(x_at, &bits(&x)), (dy_at, &bits(&dy))], usage());
+        let outputs = Arena::new(&ctx, y_at + n + 8, &[], usage());
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        let y_region = region(&outputs, y_at, n);
-        ctx.encode_softmax(&mut encoder, region(&inputs, x_at, n), y_region, rows, cols)
+        ctx.encode_softmax(&mut encoder, inputs.region(x_at, n), outputs.region(y_at, n), rows, cols)
             .unwrap();
         ctx.queue().submit([encoder.finish()]);
         // The backward reads y from the outputs' buffer, so it writes into another one.
-        let (dx_buffer, dx_guards) = arena(&ctx, dx_at + n + 8, &[]);
+        let grads = Arena::new(&ctx, dx_at + n + 8, &[], usage());
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         ctx.encode_softmax_backward(
             &mut encoder,
-            region(&outputs, y_at, n),
-            region(&inputs, dy_at, n),
-            region(&dx_buffer, dx_at, n),
+            outputs.region(y_at, n),
+            inputs.region(dy_at, n),
+            grads.region(dx_at, n),
             rows,
             cols,
         )
         .unwrap();
         ctx.queue().submit([encoder.finish()]);
         let what = format!("{rows}x{cols}, x at {x_at}, y at {y_at}, dy at {dy_at}, dx at {dx_at}");
-        let now = common::read_buffer(&ctx, &outputs, guards.len());
-        let y = &now[y_at..y_at + n];
-        let cmp = Tolerance::SOFTMAX.compare(y, &reference::softmax(&x, cols).unwrap());
+        inputs.written(&ctx, &[], &what);
+        let y = outputs.written(&ctx, &[(y_at, n)], &what).remove(0);
+        let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
         prop_assert!(cmp.passed(), "softmax {}: {:?}", what, cmp);
-        let dx_now = common::read_buffer(&ctx, &dx_buffer, dx_guards.len());
-        let cmp = compare_backward(y, &dy, &dx_now[dx_at..dx_at + n], cols, false);
+        let dx = grads.written(&ctx, &[(dx_at, n)], &what).remove(0);
+        let cmp = compare_backward(&y, &dy, &dx, cols, false);
         prop_assert!(cmp.passed(), "softmax backward {}: {:?}", what, cmp);
-        for (buffer, written) in [(&now, y_at..y_at + n), (&dx_now, dx_at..dx_at + n)] {
-            let stray = buffer
-                .iter()
-                .enumerate()
-                .position(|(i, v)| !written.contains(&i) && v.to_bits() != GUARD);
-            prop_assert!(stray.is_none(), "{}: word {:?} outside the region written", what, stray);
+    }
+
+    /// Cross-entropy's encode forms on regions at any word offset, along rows (`inner` 1) and
+    /// along the middle axis of `[outer, C, inner]`: index or probability targets, the gradient
+    /// into a region, over the logits or not at all, the upstream gradient known when recorded
+    /// or read from a region, a reduced loss written or copied into its region. The loss and
+    /// gradient match the reference, and no other word of any buffer changes.
+    #[test]
+    fn any_tuning_keeps_cross_entropy_to_its_regions(
+        tuning in tuning(),
+        (rows, cols) in batch(),
+        inner in prop_oneof![Just(1usize), 2usize..=9, 10usize..=40],
+        seed in any::<u64>(),
+        case in loss_case(),
+        (grad_to, upstream_on_device, loss_copied) in (0u8..3, any::<bool>(), any::<bool>()),
+        [x_at, t_at, g_at, l_at, d_at] in [0usize..8, 0usize..8, 0usize..8, 0usize..8, 0usize..8],
+    ) {
+        let Some(base) = context() else { return Ok(()) };
+        let ctx = tuned(base, tuning);
+        let outer = rows.div_ceil(inner);
+        let layout = AxisLayout::from_parts(outer, cols, inner).unwrap();
+        let (lines, n) = (layout.lines(), layout.numel());
+        let rows_x = input(lines, cols, seed, true);
+        let x = layout.from_rows(&rows_x).unwrap();
+        let (idx, probs_rows) = targets(lines, cols, seed);
+        let weight: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+        let options = CrossEntropyOptions {
+            weight: case.weighted.then_some(&weight[..]),
+            label_smoothing: if case.smoothing { 0.1 } else { 0.0 },
+            reduction: case.reduction,
+            ..Default::default()
+        };
+        let reduced = case.reduction != Reduction::None;
+        // Per line for `None`, one value otherwise; the reference takes it per line for `None`
+        // either way.
+        let upstream: Vec<f32> = if reduced {
+            vec![0.5]
+        } else if upstream_on_device {
+            (0..lines).map(|r| 1.0 + (r % 3) as f32).collect()
+        } else {
+            vec![0.5; lines]
+        };
+        let (target_words, targets_rows, encoding) = if case.probabilities {
+            let probs = layout.from_rows(&probs_rows).unwrap();
+            (bits(&probs), Targets::Probabilities(&probs_rows), TargetEncoding::Probabilities)
+        } else {
+            let words = idx.iter().map(|&t| t as i32 as u32).collect();
+            (words, Targets::Indices(&idx), TargetEncoding::Indices)
+        };
+        let want = reference::cross_entropy(
+            &rows_x,
+            cols,
+            targets_rows,
+            &options,
+            if reduced { GradOutput::Scalar(0.5) } else { GradOutput::PerRow(&upstream) },
+        )
+        .unwrap();
+        let loss_len = want.loss.len();
+        let in_place = grad_to == 2;
+        // Operands read alone share one buffer; the logits move to their own when written over.
+        let t_at = x_at + n + t_at;
+        let g_at = t_at + target_words.len() + g_at;
+        let x_words = bits(&x);
+        let mut read_parts = vec![(t_at, &target_words[..])];
+        let upstream_words = bits(&upstream);
+        if upstream_on_device {
+            read_parts.push((g_at, &upstream_words[..]));
+        }
+        if !in_place {
+            read_parts.push((x_at, &x_words[..]));
+        }
+        let inputs = Arena::new(&ctx, g_at + upstream.len() + 8, &read_parts, usage());
+        let logits_own = Arena::new(&ctx, x_at + n + 8, &[(x_at, &x_words[..])], usage());
+        let logits_buffer = if in_place { &logits_own } else { &inputs };
+        let loss_usage = if reduced && loss_copied { wgpu::BufferUsages::COPY_DST } else { usage() };
+        let losses = Arena::new(&ctx, l_at + loss_len + 8, &[], loss_usage);
+        let grads = Arena::new(&ctx, d_at + n + 8, &[], usage());
+        let grad = match grad_to {
+            0 => GradDestination::None,
+            1 => GradDestination::Buffer(grads.region(d_at, n)),
+            _ => GradDestination::InPlace,
+        };
+        let buffers = CrossEntropyBuffers {
+            logits: logits_buffer.region(x_at, n),
+            targets: inputs.region(t_at, target_words.len()),
+            target_encoding: encoding,
+            loss: losses.region(l_at, loss_len),
+            grad,
+            rows: lines,
+        };
+        let grad_output = if upstream_on_device {
+            DeviceGradOutput::Region(inputs.region(g_at, upstream.len()))
+        } else {
+            DeviceGradOutput::Scalar(0.5)
+        };
+        let loss_fn = ctx.cross_entropy_loss(cols, &options).unwrap();
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        if inner == 1 {
+            loss_fn.encode(&mut encoder, buffers, grad_output).unwrap();
+        } else {
+            loss_fn.encode_along(&mut encoder, layout, buffers, grad_output).unwrap();
+        }
+        ctx.queue().submit([encoder.finish()]);
+        let what = format!(
+            "{outer}x{cols}x{inner} {case:?}, gradient {grad:?}, upstream on device \
+             {upstream_on_device}, loss copied {loss_copied}, logits at {x_at}, targets at \
+             {t_at}, upstream at {g_at}, loss at {l_at}, gradient at {d_at}"
+        );
+        inputs.written(&ctx, &[], &what);
+        let loss = losses.written(&ctx, &[(l_at, loss_len)], &what).remove(0);
+        let cmp = LOSS_TOLERANCE.compare(&loss, &want.loss);
+        prop_assert!(cmp.passed(), "{}: loss {:?}", what, cmp);
+        let got_grad = match grad_to {
+            0 => None,
+            1 => Some(grads.written(&ctx, &[(d_at, n)], &what).remove(0)),
+            _ => Some(logits_own.written(&ctx, &[(x_at, n)], &what).remove(0)),
+        };
+        if grad_to != 1 {
+            grads.written(&ctx, &[], &what);
+        }
+        if !in_place {
+            logits_own.written(&ctx, &[], &what);
+        }
+        if let Some(got) = got_grad {
+            assert_grad_close(&layout.to_rows(&got).unwrap(), &want.grad, &what);
         }
     }
 }

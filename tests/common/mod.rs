@@ -1,6 +1,7 @@
 //! Shared test support: one context per test binary, generated batches, shape tables.
 #![allow(dead_code)]
 
+pub mod arena;
 pub mod files;
 
 use std::sync::OnceLock;
