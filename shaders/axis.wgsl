@@ -152,9 +152,13 @@ fn line_stats(piece: Piece) -> vec2<f32> {
     }
     var s = 0.0;
     if (is_finite(m)) {
-        for (var c = 0u; c < p.chunks; c++) {
-            let slot = b + 2u * (piece.slot0 + c * p.extra);
-            s += partials[slot + 1u] * rescale(partials[slot], m);
+        for (var g = 0u; g < p.chunks; g += SUM_BLOCK) {
+            var block = 0.0;
+            for (var c = g; c < min(p.chunks, g + SUM_BLOCK); c++) {
+                let slot = b + 2u * (piece.slot0 + c * p.extra);
+                block += partials[slot + 1u] * rescale(partials[slot], m);
+            }
+            s += block;
         }
     }
     return vec2<f32>(m, s);
@@ -333,8 +337,12 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     if (p.chunks == 1u) {
         r = chunk_dot(piece);
     } else {
-        for (var c = 0u; c < p.chunks; c++) {
-            r += partials[base(3u) + piece.slot0 + c * p.extra];
+        for (var g = 0u; g < p.chunks; g += SUM_BLOCK) {
+            var block = 0.0;
+            for (var c = g; c < min(p.chunks, g + SUM_BLOCK); c++) {
+                block += partials[base(3u) + piece.slot0 + c * p.extra];
+            }
+            r += block;
         }
     }
     for (var k = piece.start; k < piece.end; k++) {
@@ -442,9 +450,13 @@ fn line_stats4(piece: Piece) -> Stats4 {
         m = max(m, partials4[base(3u) / 4u + 2u * (piece.slot0 + c * inner4)]);
     }
     var s = vec4<f32>(0.0);
-    for (var c = 0u; c < p.chunks; c++) {
-        let slot = base(3u) / 4u + 2u * (piece.slot0 + c * inner4);
-        s += partials4[slot + 1u] * exp_lines4(partials4[slot], m);
+    for (var g = 0u; g < p.chunks; g += SUM_BLOCK) {
+        var block = vec4<f32>(0.0);
+        for (var c = g; c < min(p.chunks, g + SUM_BLOCK); c++) {
+            let slot = base(3u) / 4u + 2u * (piece.slot0 + c * inner4);
+            block += partials4[slot + 1u] * exp_lines4(partials4[slot], m);
+        }
+        s += block;
     }
     return finite_sum4(m, s);
 }
@@ -600,8 +612,12 @@ fn backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         r = chunk_dot4(piece);
     } else {
         let inner4 = p.extra / 4u;
-        for (var c = 0u; c < p.chunks; c++) {
-            r += partials4[base(3u) / 4u + piece.slot0 + c * inner4];
+        for (var g = 0u; g < p.chunks; g += SUM_BLOCK) {
+            var block = vec4<f32>(0.0);
+            for (var c = g; c < min(p.chunks, g + SUM_BLOCK); c++) {
+                block += partials4[base(3u) / 4u + piece.slot0 + c * inner4];
+            }
+            r += block;
         }
     }
     for (var k = piece.start; k < piece.end; k++) {

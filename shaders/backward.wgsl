@@ -99,8 +99,13 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 fn row_total(ch: Chunk, lid: u32) -> f32 {
     let first = ch.row * p.chunks;
     var r = 0.0;
-    for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
-        r += partials[first + i];
+    let step = ch.team.size;
+    for (var g = ch.team.lane; g < p.chunks; g += SUM_BLOCK * step) {
+        var block = 0.0;
+        for (var i = g; i < min(p.chunks, g + SUM_BLOCK * step); i += step) {
+            block += partials[first + i];
+        }
+        r += block;
     }
     return team_sum(r, lid);
 }
@@ -305,8 +310,12 @@ const SYNC_WORDS: u32 = 2u;
 // flow by the whole workgroup.
 fn synced_total(row: u32, lid: u32) -> f32 {
     var r = 0.0;
-    for (var i = lid; i < p.chunks; i += WG) {
-        r += stored_partial(row, i).x;
+    for (var g = lid; g < p.chunks; g += SUM_BLOCK * WG) {
+        var block = 0.0;
+        for (var i = g; i < min(p.chunks, g + SUM_BLOCK * WG); i += WG) {
+            block += stored_partial(row, i).x;
+        }
+        r += block;
     }
     return workgroup_sum4(vec4<f32>(r, 0.0, 0.0, 0.0), lid).x;
 }

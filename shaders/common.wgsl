@@ -39,7 +39,9 @@ override REVERSE: bool = false;
 const MAX_WG: u32 = 256u;
 // Streamed sums add SUM_BLOCK of a lane's terms at a time into the running total: the f32
 // rounding error then grows with SUM_BLOCK + n / SUM_BLOCK terms instead of n (a whole row of
-// thousands of columns in one invocation would otherwise miss the 1e-5 bounds).
+// thousands of columns in one invocation would otherwise miss the 1e-5 bounds). A split row's
+// partials are summed so too, where a lane takes more than SUM_BLOCK of them (thousands of short
+// chunks for a team of a few invocations).
 const SUM_BLOCK: u32 = 32u;
 const MAX_ITEMS: u32 = 16u;
 const ABS_MASK: u32 = 0x7fffffffu;

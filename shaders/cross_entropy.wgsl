@@ -407,8 +407,13 @@ fn split_row_stats(ch: Chunk, t: RowTarget, lid: u32) -> RowStats {
     m = team_max(m, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
-        for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
-            acc += combined_partial(partials[partial_slot(ch.row, i)], m);
+        let step = ch.team.size;
+        for (var g = ch.team.lane; g < p.chunks; g += SUM_BLOCK * step) {
+            var block = vec4<f32>(0.0);
+            for (var i = g; i < min(p.chunks, g + SUM_BLOCK * step); i += step) {
+                block += combined_partial(partials[partial_slot(ch.row, i)], m);
+            }
+            acc += block;
         }
     }
     acc = team_sum4(acc, lid);
@@ -847,8 +852,12 @@ fn synced_row_stats(row: u32, lid: u32) -> RowStats {
     let m = synced_max(row, lid);
     var acc = vec4<f32>(0.0);
     if (is_finite(m)) {
-        for (var i = lid; i < p.chunks; i += WG) {
-            acc += combined_partial(stored_partial(row, i), m);
+        for (var g = lid; g < p.chunks; g += SUM_BLOCK * WG) {
+            var block = vec4<f32>(0.0);
+            for (var i = g; i < min(p.chunks, g + SUM_BLOCK * WG); i += WG) {
+                block += combined_partial(stored_partial(row, i), m);
+            }
+            acc += block;
         }
     }
     return RowStats(m, workgroup_sum4(acc, lid));
@@ -934,8 +943,12 @@ fn block_share(g: u32, lid: u32, divisor: bool) -> f32 {
     let start = g * p.chunk;
     let end = min(start + p.chunk, p.rows);
     var total = 0.0;
-    for (var row = start + lid; row < end; row += WG) {
-        total += batch_term(row, divisor);
+    for (var first = start + lid; first < end; first += SUM_BLOCK * WG) {
+        var block = 0.0;
+        for (var row = first; row < min(end, first + SUM_BLOCK * WG); row += WG) {
+            block += batch_term(row, divisor);
+        }
+        total += block;
     }
     return total;
 }
@@ -957,12 +970,20 @@ fn sum_block(wid: vec3<u32>, lid: u32, divisor: bool) {
 fn batch_sum(lid: u32, divisor: bool) -> f32 {
     var total = 0.0;
     if (p.chunks == 0u) {
-        for (var row = lid; row < p.rows; row += WG) {
-            total += batch_term(row, divisor);
+        for (var g = lid; g < p.rows; g += SUM_BLOCK * WG) {
+            var block = 0.0;
+            for (var row = g; row < min(p.rows, g + SUM_BLOCK * WG); row += WG) {
+                block += batch_term(row, divisor);
+            }
+            total += block;
         }
     } else {
-        for (var i = lid; i < p.chunks; i += WG) {
-            total += partials[i].x;
+        for (var g = lid; g < p.chunks; g += SUM_BLOCK * WG) {
+            var block = 0.0;
+            for (var i = g; i < min(p.chunks, g + SUM_BLOCK * WG); i += WG) {
+                block += partials[i].x;
+            }
+            total += block;
         }
     }
     return workgroup_sum4(vec4<f32>(total, 0.0, 0.0, 0.0), lid).x;

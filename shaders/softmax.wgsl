@@ -198,9 +198,14 @@ fn row_stats(ch: Chunk, lid: u32) -> vec2<f32> {
     m = team_max(m, lid);
     var sum = 0.0;
     if (is_finite(m)) {
-        for (var i = ch.team.lane; i < p.chunks; i += ch.team.size) {
-            let part = partials[first + i];
-            sum += part.y * rescale(part.x, m);
+        let step = ch.team.size;
+        for (var g = ch.team.lane; g < p.chunks; g += SUM_BLOCK * step) {
+            var block = 0.0;
+            for (var i = g; i < min(p.chunks, g + SUM_BLOCK * step); i += step) {
+                let part = partials[first + i];
+                block += part.y * rescale(part.x, m);
+            }
+            sum += block;
         }
     }
     return vec2<f32>(m, team_sum(sum, lid));
@@ -452,9 +457,13 @@ fn synced_row_stats(row: u32, lid: u32) -> vec2<f32> {
     let m = synced_max(row, lid);
     var sum = 0.0;
     if (is_finite(m)) {
-        for (var i = lid; i < p.chunks; i += WG) {
-            let part = stored_partial(row, i);
-            sum += part.y * rescale(part.x, m);
+        for (var g = lid; g < p.chunks; g += SUM_BLOCK * WG) {
+            var block = 0.0;
+            for (var i = g; i < min(p.chunks, g + SUM_BLOCK * WG); i += WG) {
+                let part = stored_partial(row, i);
+                block += part.y * rescale(part.x, m);
+            }
+            sum += block;
         }
     }
     return vec2<f32>(m, workgroup_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), lid).x);

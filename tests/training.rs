@@ -1362,3 +1362,93 @@ fn one_pass_splits_of_many_chunks_stay_within_the_loop_budget() {
         }
     });
 }
+
+/// Logits of `rows x cols` whose split rows' partials make a plain f32 sum drift: each row's
+/// first element `ln 4096`, then pairs `(0, c)` with `exp(c)` about 1e-4. Every chunk of an even
+/// number of elements but the first has the same partial, about `(1 + 1e-4) / 4096`, which a
+/// running sum between 1 and 2.5 rounds down by a fifth of a unit in its last place at every
+/// addition: 6e-5 of the sum over 6000 chunks, six times the softmax tolerance on the first
+/// element's 0.4. Summed `SUM_BLOCK` partials at a time, the drift stays within it.
+fn drifting_logits(rows: usize, cols: usize) -> Vec<f32> {
+    let c = (0.4f64 * 2f64.powi(-12)).ln() as f32;
+    let big = 4096f32.ln();
+    (0..rows * cols)
+        .map(|i| match (i % cols, i % 2) {
+            (0, _) => big,
+            (_, 0) => 0.0,
+            _ => c,
+        })
+        .collect()
+}
+
+/// A split row of thousands of chunks, whose partials one invocation (or a workgroup of one)
+/// combines: softmax, log-softmax and cross-entropy along rows, a chunk to an invocation and a
+/// chunk to a workgroup (in one pass where the adapter's loop budget allows), and softmax along
+/// an axis cut into chunks of two. Their partials were summed one after another,
+/// and the statistics drifted out of the accuracy table (a random kernel-choice table found it:
+/// chunks of 2 over rows of 11 856 columns, 1.003e-5 relative).
+#[test]
+fn split_rows_of_thousands_of_chunks_sum_their_partials_in_blocks() {
+    with_gpu(|base| {
+        let (rows, cols) = (2, 12_000);
+        let x = drifting_logits(rows, cols);
+        for (name, split_team) in [("two passes", 0), ("one pass", 2)] {
+            let ctx = tuned(
+                base,
+                Tuning {
+                    thread_max_cols: 0,
+                    row_workgroup: 1,
+                    row_workgroup_without_subgroups: 1,
+                    split_min_cols: 1,
+                    split_max_rows: u32::MAX,
+                    split_chunk: 2,
+                    split_team,
+                    vector: 1,
+                    split_wait: 4096,
+                    loss_split_wait: 4096,
+                    backward_split_wait: 4096,
+                    ..Tuning::GPU
+                },
+            );
+            let strategy = ctx.strategy(rows, cols);
+            assert!(
+                matches!(strategy, wgpu_softmax::Strategy::SplitRow { chunk, .. } if chunk <= 4),
+                "{name}: {strategy:?}"
+            );
+            let what = format!("{name}, {rows}x{cols}");
+            let y = ctx.softmax(&x, cols).unwrap();
+            let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
+            assert!(cmp.passed(), "softmax {what}: {cmp:?}");
+            let ly = ctx.log_softmax(&x, cols).unwrap();
+            let want = reference::log_softmax(&x, cols).unwrap();
+            let cmp = Tolerance::LOG_SOFTMAX.compare(&ly, &want);
+            assert!(cmp.passed(), "log-softmax {what}: {cmp:?}");
+            let idx = index_targets(rows, cols, 61, 0);
+            let options = CrossEntropyOptions::default();
+            let targets = Targets::Indices(&idx);
+            let want =
+                reference::cross_entropy(&x, cols, targets, &options, GradOutput::One).unwrap();
+            let input = (&x[..], cols, targets, GradOutput::One);
+            let what = format!("cross-entropy {what}");
+            check_host_and_in_place(&ctx, input, &options, (&want, true), &what);
+        }
+        // Along the middle axis of [1, 12 000, 4]: four lines, each cut into chunks of 2.
+        let ctx = tuned(
+            base,
+            Tuning {
+                axis_lines: u32::MAX,
+                axis_min_chunk: 1,
+                axis_vec4_max_inner: 0,
+                ..Tuning::GPU
+            },
+        );
+        let layout = wgpu_softmax::AxisLayout::from_parts(1, cols, 4).unwrap();
+        let lines = drifting_logits(layout.lines(), cols);
+        let x = layout.from_rows(&lines).unwrap();
+        let y = layout
+            .to_rows(&ctx.along(layout).softmax(&x).unwrap())
+            .unwrap();
+        let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&lines, cols).unwrap());
+        assert!(cmp.passed(), "softmax along [1, {cols}, 4]: {cmp:?}");
+    });
+}
