@@ -1244,6 +1244,38 @@ fn cross_entropy_over_unaligned_rows_split_at_every_place_within_a_vec4() {
     });
 }
 
+/// Cross-entropy with the default options over index targets from `seed` (none ignored), the
+/// host form then in place (the same bits), against the reference.
+fn check_plain_loss(ctx: &Context, x: &[f32], cols: usize, seed: u64, what: &str) {
+    let idx = index_targets(x.len() / cols, cols, seed, 0);
+    let options = CrossEntropyOptions::default();
+    let targets = Targets::Indices(&idx);
+    let want = reference::cross_entropy(x, cols, targets, &options, GradOutput::One).unwrap();
+    let input = (x, cols, targets, GradOutput::One);
+    let what = format!("cross-entropy {what}");
+    check_host_and_in_place(ctx, input, &options, (&want, true), &what);
+}
+
+/// A table that splits every row into chunks of `split_chunk` elements, a chunk to one
+/// invocation (`split_team` 0) or to a workgroup of one (2: in one pass where waits of `wait`
+/// loads and the adapter's loop budget allow): chunks as short as one element, rows of thousands
+/// of chunks.
+fn short_chunks(split_chunk: u32, split_team: u32, wait: u32) -> Tuning {
+    Tuning {
+        thread_max_cols: 0,
+        row_workgroup: 1,
+        row_workgroup_without_subgroups: 1,
+        split_min_cols: 1,
+        split_max_rows: u32::MAX,
+        split_chunk,
+        split_team,
+        split_wait: wait,
+        loss_split_wait: wait,
+        backward_split_wait: wait,
+        ..Tuning::GPU
+    }
+}
+
 /// Split rows whose partials outgrow the rows (chunks of 1 element: two words of partials per
 /// element for softmax, four for cross-entropy; cross-entropy's chunks of 4 in one pass: five
 /// sync words per 4 elements) run in row blocks whose partials fit a binding, as their
@@ -1264,18 +1296,8 @@ fn split_partials_larger_than_their_rows_fit_the_binding() {
         for (name, split_chunk, split_team, vector, (rows, cols)) in contexts {
             // A team of one invocation lets a chunk be as short as one element (or one vec4).
             let tuning = Tuning {
-                thread_max_cols: 0,
-                row_workgroup: 1,
-                row_workgroup_without_subgroups: 1,
-                split_min_cols: 1,
-                split_max_rows: u32::MAX,
-                split_chunk,
-                split_team,
                 vector,
-                split_wait: 64,
-                loss_split_wait: 64,
-                backward_split_wait: 64,
-                ..Tuning::GPU
+                ..short_chunks(split_chunk, split_team, 64)
             };
             let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
                 max_storage_buffer_binding_size: 64 << 10,
@@ -1327,22 +1349,7 @@ fn split_partials_larger_than_their_rows_fit_the_binding() {
 #[test]
 fn one_pass_splits_of_many_chunks_stay_within_the_loop_budget() {
     with_gpu(|base| {
-        let ctx = tuned(
-            base,
-            Tuning {
-                thread_max_cols: 0,
-                row_workgroup: 1,
-                row_workgroup_without_subgroups: 1,
-                split_min_cols: 1,
-                split_max_rows: u32::MAX,
-                split_chunk: 4,
-                split_team: 2,
-                split_wait: 4096,
-                loss_split_wait: 4096,
-                backward_split_wait: 4096,
-                ..Tuning::GPU
-            },
-        );
+        let ctx = tuned(base, short_chunks(4, 2, 4096));
         for (rows, cols) in [(3, 4096), (2, 1200)] {
             let x = logits(rows, cols, 2.0, 51);
             let what = format!("{rows}x{cols}");
@@ -1351,14 +1358,7 @@ fn one_pass_splits_of_many_chunks_stay_within_the_loop_budget() {
             assert!(cmp.passed(), "softmax {what}: {cmp:?}");
             let dy = logits(rows, cols, 1.0, 52);
             check_backward(&ctx, &x, &dy, cols, &what);
-            let idx = index_targets(rows, cols, 53, 0);
-            let options = CrossEntropyOptions::default();
-            let targets = Targets::Indices(&idx);
-            let want =
-                reference::cross_entropy(&x, cols, targets, &options, GradOutput::One).unwrap();
-            let input = (&x[..], cols, targets, GradOutput::One);
-            let what = format!("cross-entropy {what}");
-            check_host_and_in_place(&ctx, input, &options, (&want, true), &what);
+            check_plain_loss(&ctx, &x, cols, 53, &what);
         }
     });
 }
@@ -1393,23 +1393,11 @@ fn split_rows_of_thousands_of_chunks_sum_their_partials_in_blocks() {
         let (rows, cols) = (2, 12_000);
         let x = drifting_logits(rows, cols);
         for (name, split_team) in [("two passes", 0), ("one pass", 2)] {
-            let ctx = tuned(
-                base,
-                Tuning {
-                    thread_max_cols: 0,
-                    row_workgroup: 1,
-                    row_workgroup_without_subgroups: 1,
-                    split_min_cols: 1,
-                    split_max_rows: u32::MAX,
-                    split_chunk: 2,
-                    split_team,
-                    vector: 1,
-                    split_wait: 4096,
-                    loss_split_wait: 4096,
-                    backward_split_wait: 4096,
-                    ..Tuning::GPU
-                },
-            );
+            let tuning = Tuning {
+                vector: 1,
+                ..short_chunks(2, split_team, 4096)
+            };
+            let ctx = tuned(base, tuning);
             let strategy = ctx.strategy(rows, cols);
             assert!(
                 matches!(strategy, wgpu_softmax::Strategy::SplitRow { chunk, .. } if chunk <= 4),
@@ -1423,14 +1411,7 @@ fn split_rows_of_thousands_of_chunks_sum_their_partials_in_blocks() {
             let want = reference::log_softmax(&x, cols).unwrap();
             let cmp = Tolerance::LOG_SOFTMAX.compare(&ly, &want);
             assert!(cmp.passed(), "log-softmax {what}: {cmp:?}");
-            let idx = index_targets(rows, cols, 61, 0);
-            let options = CrossEntropyOptions::default();
-            let targets = Targets::Indices(&idx);
-            let want =
-                reference::cross_entropy(&x, cols, targets, &options, GradOutput::One).unwrap();
-            let input = (&x[..], cols, targets, GradOutput::One);
-            let what = format!("cross-entropy {what}");
-            check_host_and_in_place(&ctx, input, &options, (&want, true), &what);
+            check_plain_loss(&ctx, &x, cols, 61, &what);
         }
         // Along the middle axis of [1, 12 000, 4]: four lines, each cut into chunks of 2.
         let ctx = tuned(
