@@ -65,9 +65,11 @@ impl Tolerance {
     /// `dx_j = y_j (dy_j - r)` (softmax) or `dy_j - exp(y_j) r` (log-softmax) subtracts
     /// `p_j r` with `r = sum_k t_k` summed in f32 (`p_j = y_j` and `t_k = dy_k y_k`, or
     /// `p_j = exp(y_j)` and `t_k = dy_k`; both given per element). An element outside the
-    /// tolerance still passes within `4 eps_f32 p_j sum_k |t_k|`, the error f32 summation
-    /// allows: on long rows the cancellation in `r` can leave a correct sum's rounding past the
-    /// tolerance, while a wrong formula or a lost block of terms fails either way.
+    /// tolerance still passes within `4 eps_f32 p_j sum_k |t_k|`, the rounding the kernels'
+    /// blocked f32 sums leave where the terms' roundings fall either way: on long rows the
+    /// cancellation in `r` can leave a correct sum's rounding past the tolerance, while a wrong
+    /// formula or a lost block of terms fails either way. Terms built to round the same way at
+    /// every addition can exceed it (see the README's accuracy notes).
     pub fn compare_backward(
         &self,
         got: &[f32],
