@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::context::Context;
 use crate::cpu::fast;
 use crate::error::{Error, Result};
-use crate::kernels::axis::AxisFamily;
+use crate::kernels::axis::{AxisFamily, AxisOp};
 use crate::kernels::{Dispatch, DispatchTimes, Normalization, PipelineKey, Timestamps, Window};
 use crate::layout::AxisLayout;
 use crate::ops::{record_normalize, Tensor};
@@ -294,7 +294,11 @@ impl GpuBench {
         let kernels = &gpu.kernels;
         if self.layout.inner() > 1 && self.op == BenchOp::CrossEntropy {
             // Lines are cut as the softmax along an axis cuts them.
-            return match (AxisFamily::chunks(gpu, self.layout, 1), self.cols) {
+            let partial_words = kernels.cross_entropy.partial_words();
+            return match (
+                AxisFamily::chunks(gpu, self.layout, 1, partial_words),
+                self.cols,
+            ) {
                 ((1, _), cols) if cols <= crate::kernels::rowwise::LINE_ITEMS => {
                     format!("invocation per line, {cols} in registers, scalar")
                 }
@@ -304,7 +308,7 @@ impl GpuBench {
                 ),
             };
         }
-        if self.layout.inner() > 1 {
+        if self.layout.inner() > 1 && self.op != BenchOp::Copy {
             // The bench's tensors start at offset 0.
             let vec4 = AxisFamily::vec4_for(gpu, self.layout, true);
             let (lines, loads) = if vec4 {
@@ -312,7 +316,16 @@ impl GpuBench {
             } else {
                 ("line", "scalar")
             };
-            let (chunks, chunk) = AxisFamily::chunks(gpu, self.layout, if vec4 { 4 } else { 1 });
+            let op = match self.op {
+                BenchOp::Softmax => AxisOp::Normalize(Normalization::Softmax),
+                BenchOp::LogSoftmax => AxisOp::Normalize(Normalization::LogSoftmax),
+                BenchOp::SoftmaxBackward => AxisOp::Backward(Normalization::Softmax),
+                BenchOp::LogSoftmaxBackward => AxisOp::Backward(Normalization::LogSoftmax),
+                BenchOp::CrossEntropy | BenchOp::Copy => unreachable!("described above or below"),
+            };
+            let per_invocation = if vec4 { 4 } else { 1 };
+            let (chunks, chunk) =
+                AxisFamily::chunks(gpu, self.layout, per_invocation, op.partial_words());
             return match chunks {
                 1 if chunk <= AxisFamily::REGISTER_LEN => {
                     format!("invocation per {lines}, {chunk} in registers, {loads}")

@@ -578,3 +578,51 @@ fn encode_forms_work_on_regions_of_the_callers_buffers() {
         ));
     });
 }
+
+/// Lines cut into chunks of one or two elements (`axis_min_chunk` 1) in blocks of slabs on a
+/// device whose bindings hold 64 KiB: a block's partials (2 words a chunk for softmax, 4 for
+/// cross-entropy) bind with its slabs. They once outgrew the binding and every slab past the
+/// first came out wrong (39 629 of 85 344 softmax outputs on `[12, 1016, 7]`); a line now has
+/// no more chunks than keep its partials within its own elements' words.
+#[test]
+fn lines_of_many_short_chunks_keep_their_partials_within_a_binding() {
+    with_gpu(|base| {
+        let (device, queue) = common::device_on_same_adapter(base, |limits| wgpu::Limits {
+            max_storage_buffer_binding_size: 64 << 10,
+            max_buffer_size: 4 << 20,
+            ..limits
+        });
+        let tuning = Tuning {
+            axis_min_chunk: 1,
+            axis_lines: 65536,
+            axis_workgroup: 37,
+            ..base.tuning()
+        };
+        let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
+        let layout = AxisLayout::from_parts(12, 1016, 7).unwrap();
+        let x = logits(layout.numel(), 1, 3.0, 71);
+        let dy = logits(layout.numel(), 1, 1.0, 72);
+        check_layout(&ctx, layout, &x, &dy, "[12, 1016, 7], chunks of 1 or 2");
+        let rows_x = layout.to_rows(&x).unwrap();
+        let idx = common::index_targets(layout.lines(), 1016, 73, 0);
+        let options = wgpu_softmax::CrossEntropyOptions {
+            reduction: wgpu_softmax::Reduction::None,
+            ..Default::default()
+        };
+        let targets = wgpu_softmax::Targets::Indices(&idx);
+        let grad_output = wgpu_softmax::GradOutput::One;
+        let got = ctx
+            .along(layout)
+            .cross_entropy_with_grad(&x, targets, &options, grad_output)
+            .unwrap();
+        let want = reference::cross_entropy(&rows_x, 1016, targets, &options, grad_output).unwrap();
+        assert_close(
+            common::LOSS_TOLERANCE,
+            &got.loss,
+            &want.loss,
+            "cross-entropy loss",
+        );
+        let grad = layout.to_rows(&got.grad).unwrap();
+        common::assert_grad_close(&grad, &want.grad, "cross-entropy along [12, 1016, 7]");
+    });
+}

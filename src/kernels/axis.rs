@@ -26,6 +26,11 @@ pub(crate) enum AxisOp {
 }
 
 impl AxisOp {
+    /// Words of partials a chunk of a line leaves: (max, sum) forward, the sum `r` backward.
+    pub(crate) fn partial_words(self) -> usize {
+        self.entries(false).1
+    }
+
     /// The entry points of a split line (partials, then output), scalar or four lines per
     /// invocation (`vec4`), and the words of a line's partial.
     fn entries(self, vec4: bool) -> ([&'static str; 2], usize, Normalization) {
@@ -76,15 +81,31 @@ impl AxisFamily {
     }
 
     /// How `layout`'s lines are cut, where an invocation takes `lines_per_invocation` of them
-    /// (4 as `vec4`s, else 1): (chunks per line, elements per chunk).
+    /// (4 as `vec4`s, else 1) and a chunk leaves `partial_words` words of partials per line:
+    /// (chunks per line, elements per chunk).
+    ///
+    /// Whatever the table asks, a line has no more chunks than keeps its partials within its
+    /// own elements' words, so that blocks of slabs sized by the operands bind their partials
+    /// too (chunks of 1 element once left a block's partials past a 64 KiB binding, and its
+    /// later slabs wrong), and, where the adapter has a loop budget, no more than an eighth of
+    /// it: the invocation that finishes a chunk loops over all of the line's partials.
     pub(crate) fn chunks(
         gpu: &Gpu,
         layout: AxisLayout,
         lines_per_invocation: usize,
+        partial_words: usize,
     ) -> (usize, usize) {
         let len = layout.len();
         let invocations = layout.lines().div_ceil(lines_per_invocation);
-        let chunks = gpu.tuning.axis_chunks(invocations, len, &gpu.caps);
+        let caps = &gpu.caps;
+        let most = (len / partial_words.max(1)).max(1);
+        let most = caps
+            .loop_budget
+            .map_or(most, |budget| most.min((budget / 8).max(1) as usize));
+        let chunks = gpu.tuning.axis_chunks(invocations, len, caps);
+        // The loop budget's own chunks (lines longer than an invocation may loop over) stay.
+        let by_budget = gpu.tuning.axis_chunks(usize::MAX, len, caps);
+        let chunks = chunks.min(most).max(by_budget);
         let chunk = len.div_ceil(chunks);
         // Rounding the chunk up can leave fewer chunks than asked for; none is empty.
         (len.div_ceil(chunk), chunk)
@@ -136,7 +157,7 @@ impl AxisFamily {
         let (entries, partial_words, normalization) = call.op.entries(vec4);
         // An invocation takes one line, or four neighbouring ones.
         let lines_per_invocation = if vec4 { 4 } else { 1 };
-        let (chunks, chunk) = Self::chunks(gpu, layout, lines_per_invocation);
+        let (chunks, chunk) = Self::chunks(gpu, layout, lines_per_invocation, partial_words);
         let entries = if chunks > 1 {
             &entries[..]
         } else {

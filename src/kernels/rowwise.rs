@@ -500,12 +500,17 @@ impl RowwiseFamily {
     ///
     /// # Errors
     /// [`Error::SlabTooLarge`] for a slab larger than a binding.
+    /// Words of partials a chunk of a split row (or line) leaves.
+    pub(crate) fn partial_words(&self) -> usize {
+        self.desc.partial_words
+    }
+
     fn lines_layout(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Layout> {
         let (rows, cols, inner) = (call.rows, call.cols, call.inner);
         let wg = gpu.tuning.axis_workgroup;
         let layout = crate::layout::AxisLayout::from_parts(rows / inner, cols, inner)?;
         let (entries, items, chunk, chunks) = match (
-            super::axis::AxisFamily::chunks(gpu, layout, 1),
+            super::axis::AxisFamily::chunks(gpu, layout, 1, self.desc.partial_words),
             self.desc.split,
         ) {
             ((chunks @ 2.., chunk), Some(split)) => (split.to_vec(), 0, chunk as u32, chunks),
