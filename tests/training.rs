@@ -1340,6 +1340,37 @@ fn split_partials_larger_than_their_rows_fit_the_binding() {
     });
 }
 
+/// Rows that fit a binding whose partials at the table's chunks would not (chunks of one
+/// element over rows of 10 000 columns, 40 KB, on a device whose bindings hold 64 KiB: 80 KB of
+/// softmax partials, 200 KB of cross-entropy sync words) were refused as `RowTooLong`; their
+/// chunks now lengthen until the partials fit, and every op matches the reference.
+#[test]
+fn rows_whose_partials_alone_outgrow_a_binding_take_longer_chunks() {
+    with_gpu(|base| {
+        let (rows, cols) = (3, 10_000);
+        for (name, split_team) in [("an invocation a chunk", 0), ("a workgroup a chunk", 2)] {
+            let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
+                max_storage_buffer_binding_size: 64 << 10,
+                max_buffer_size: 4 << 20,
+                ..limits
+            });
+            let tuning = Tuning {
+                vector: 1,
+                ..short_chunks(1, split_team, 4096)
+            };
+            let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
+            let x = logits(rows, cols, 2.0, 81);
+            let what = format!("{name}, {rows}x{cols}");
+            let y = ctx.softmax(&x, cols).unwrap();
+            let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
+            assert!(cmp.passed(), "softmax {what}: {cmp:?}");
+            let dy = logits(rows, cols, 1.0, 82);
+            check_backward(&ctx, &x, &dy, cols, &what);
+            check_plain_loss(&ctx, &x, cols, 83, &what);
+        }
+    });
+}
+
 /// Split rows in one pass whose rows have many chunks (chunks of one vec4 for a team of one
 /// invocation): where a row's chunks do not all run at once, the pass that works out the rest
 /// takes them one after another, each combining the row's partials, chunks x chunks loop

@@ -826,11 +826,33 @@ impl RowwiseFamily {
             ..gpu.tuning
         };
         let vector = if vec4.is_some() { 4 } else { 1 };
-        let strategy = tuning.choose(rows, width, &gpu.caps, vector);
-        if self.desc.split.is_none() && matches!(strategy, Strategy::SplitRow { .. }) {
-            return Strategy::RowPerWorkgroup { items: 0 };
+        match tuning.choose(rows, width, &gpu.caps, vector) {
+            Strategy::SplitRow { .. } if self.desc.split.is_none() => {
+                Strategy::RowPerWorkgroup { items: 0 }
+            }
+            Strategy::SplitRow {
+                mut chunk,
+                per_invocation,
+            } => {
+                // A row's partials (or a one-pass split's sync words, one more a chunk and two
+                // a row) bind at once, as its operands do: where a binding cannot hold them,
+                // whatever the table asks, the chunks lengthen until it can (chunks of 1 over a
+                // 40 KB row left 160 KB of partials, and a row that fits was refused).
+                let limit = gpu.max_binding().saturating_sub(gpu.storage_align()) / 4;
+                let words = |chunk: u32| {
+                    let chunks = width.div_ceil(chunk as usize);
+                    (chunks * (self.desc.partial_words + 1) + 2) as u64
+                };
+                while words(chunk) > limit && (chunk as usize) < width {
+                    chunk *= 2;
+                }
+                Strategy::SplitRow {
+                    chunk,
+                    per_invocation,
+                }
+            }
+            strategy => strategy,
         }
-        strategy
     }
 
     /// A sum over all `call.rows` rows (a reduction over the batch). A batch of one block takes
