@@ -626,3 +626,29 @@ fn lines_of_many_short_chunks_keep_their_partials_within_a_binding() {
         common::assert_grad_close(&grad, &want.grad, "cross-entropy along [12, 1016, 7]");
     });
 }
+
+/// Lines of 100 000 elements that the table would cut into 50 000 chunks of 2 (`axis_min_chunk`
+/// 1, as many invocations as there are chunks): the invocation that finishes a chunk loops over
+/// all of its line's partials, past a software adapter's loop budget, which ends it silently
+/// (59 087 of 200 000 softmax outputs wrong on lavapipe). There a line now has no more chunks
+/// than an eighth of the budget.
+#[test]
+fn lines_of_many_chunks_stay_within_the_loop_budget() {
+    with_gpu(|base| {
+        let tuning = Tuning {
+            axis_min_chunk: 1,
+            axis_lines: u32::MAX,
+            ..base.tuning()
+        };
+        let ctx = tuned(base, tuning);
+        let layout = AxisLayout::from_parts(1, 100_000, 2).unwrap();
+        let x = logits(layout.numel(), 1, 3.0, 91);
+        let y = ctx.along(layout).softmax(&x).unwrap();
+        assert_close(
+            Tolerance::SOFTMAX,
+            &y,
+            &softmax_ref(layout, &x),
+            "softmax along [1, 100000, 2], chunks of 2 asked for",
+        );
+    });
+}
