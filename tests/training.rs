@@ -1256,6 +1256,23 @@ fn check_plain_loss(ctx: &Context, x: &[f32], cols: usize, seed: u64, what: &str
     check_host_and_in_place(ctx, input, &options, (&want, true), &what);
 }
 
+/// Softmax, its backward and cross-entropy (as [`check_plain_loss`]) of `rows x cols` logits
+/// from `seed` (upstream gradient and targets from the seeds after it), against the reference.
+fn check_forward_backward_and_loss(
+    ctx: &Context,
+    (rows, cols): (usize, usize),
+    seed: u64,
+    what: &str,
+) {
+    let x = logits(rows, cols, 2.0, seed);
+    let y = ctx.softmax(&x, cols).unwrap();
+    let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
+    assert!(cmp.passed(), "softmax {what}: {cmp:?}");
+    let dy = logits(rows, cols, 1.0, seed + 1);
+    check_backward(ctx, &x, &dy, cols, what);
+    check_plain_loss(ctx, &x, cols, seed + 2, what);
+}
+
 /// A table that splits every row into chunks of `split_chunk` elements, a chunk to one
 /// invocation (`split_team` 0) or to a workgroup of one (2: in one pass where waits of `wait`
 /// loads and the adapter's loop budget allow): chunks as short as one element, rows of thousands
@@ -1359,14 +1376,12 @@ fn rows_whose_partials_alone_outgrow_a_binding_take_longer_chunks() {
                 ..short_chunks(1, split_team, 4096)
             };
             let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
-            let x = logits(rows, cols, 2.0, 81);
-            let what = format!("{name}, {rows}x{cols}");
-            let y = ctx.softmax(&x, cols).unwrap();
-            let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
-            assert!(cmp.passed(), "softmax {what}: {cmp:?}");
-            let dy = logits(rows, cols, 1.0, 82);
-            check_backward(&ctx, &x, &dy, cols, &what);
-            check_plain_loss(&ctx, &x, cols, 83, &what);
+            check_forward_backward_and_loss(
+                &ctx,
+                (rows, cols),
+                81,
+                &format!("{name}, {rows}x{cols}"),
+            );
         }
     });
 }
@@ -1382,14 +1397,7 @@ fn one_pass_splits_of_many_chunks_stay_within_the_loop_budget() {
     with_gpu(|base| {
         let ctx = tuned(base, short_chunks(4, 2, 4096));
         for (rows, cols) in [(3, 4096), (2, 1200)] {
-            let x = logits(rows, cols, 2.0, 51);
-            let what = format!("{rows}x{cols}");
-            let y = ctx.softmax(&x, cols).unwrap();
-            let cmp = Tolerance::SOFTMAX.compare(&y, &reference::softmax(&x, cols).unwrap());
-            assert!(cmp.passed(), "softmax {what}: {cmp:?}");
-            let dy = logits(rows, cols, 1.0, 52);
-            check_backward(&ctx, &x, &dy, cols, &what);
-            check_plain_loss(&ctx, &x, cols, 53, &what);
+            check_forward_backward_and_loss(&ctx, (rows, cols), 51, &format!("{rows}x{cols}"));
         }
     });
 }
