@@ -87,8 +87,10 @@ impl AxisFamily {
     /// Whatever the table asks, a line has no more chunks than keeps its partials within its
     /// own elements' words, so that blocks of slabs sized by the operands bind their partials
     /// too (chunks of 1 element once left a block's partials past a 64 KiB binding, and its
-    /// later slabs wrong), and, where the adapter has a loop budget, no more than an eighth of
-    /// it: the invocation that finishes a chunk loops over all of the line's partials.
+    /// later slabs wrong). The loop budget's chunks ([`Tuning::axis_chunks`]) are never more
+    /// than that: they keep a quarter of the budget's elements each.
+    ///
+    /// [`Tuning::axis_chunks`]: super::plan::Tuning::axis_chunks
     pub(crate) fn chunks(
         gpu: &Gpu,
         layout: AxisLayout,
@@ -97,15 +99,8 @@ impl AxisFamily {
     ) -> (usize, usize) {
         let len = layout.len();
         let invocations = layout.lines().div_ceil(lines_per_invocation);
-        let caps = &gpu.caps;
-        let most = (len / partial_words.max(1)).max(1);
-        let most = caps
-            .loop_budget
-            .map_or(most, |budget| most.min((budget / 8).max(1) as usize));
-        let chunks = gpu.tuning.axis_chunks(invocations, len, caps);
-        // The loop budget's own chunks (lines longer than an invocation may loop over) stay.
-        let by_budget = gpu.tuning.axis_chunks(usize::MAX, len, caps);
-        let chunks = chunks.min(most).max(by_budget);
+        let chunks = gpu.tuning.axis_chunks(invocations, len, &gpu.caps);
+        let chunks = chunks.min(len / partial_words.max(1)).max(1);
         let chunk = len.div_ceil(chunks);
         // Rounding the chunk up can leave fewer chunks than asked for; none is empty.
         (len.div_ceil(chunk), chunk)

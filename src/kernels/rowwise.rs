@@ -489,6 +489,11 @@ impl RowwiseFamily {
         })
     }
 
+    /// Words of partials a chunk of a split row (or line) leaves.
+    pub(crate) fn partial_words(&self) -> usize {
+        self.desc.partial_words
+    }
+
     /// [`RowwiseFamily::layout`] of rows that are lines along an axis ([`RowCall::inner`]): the
     /// scalar `rows` entry, an invocation per line (`Tuning::axis_workgroup` of them per
     /// workgroup, as the kernels along an axis), the line in registers up to [`LINE_ITEMS`]
@@ -500,11 +505,6 @@ impl RowwiseFamily {
     ///
     /// # Errors
     /// [`Error::SlabTooLarge`] for a slab larger than a binding.
-    /// Words of partials a chunk of a split row (or line) leaves.
-    pub(crate) fn partial_words(&self) -> usize {
-        self.desc.partial_words
-    }
-
     fn lines_layout(&self, gpu: &Gpu, call: &RowCall<'_>) -> Result<Layout> {
         let (rows, cols, inner) = (call.rows, call.cols, call.inner);
         let wg = gpu.tuning.axis_workgroup;
