@@ -587,18 +587,13 @@ fn encode_forms_work_on_regions_of_the_callers_buffers() {
 #[test]
 fn lines_of_many_short_chunks_keep_their_partials_within_a_binding() {
     with_gpu(|base| {
-        let (device, queue) = common::device_on_same_adapter(base, |limits| wgpu::Limits {
-            max_storage_buffer_binding_size: 64 << 10,
-            max_buffer_size: 4 << 20,
-            ..limits
-        });
         let tuning = Tuning {
             axis_min_chunk: 1,
             axis_lines: 65536,
             axis_workgroup: 37,
             ..base.tuning()
         };
-        let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
+        let ctx = common::bounded_context(base, tuning, 64 << 10, 4 << 20);
         let layout = AxisLayout::from_parts(12, 1016, 7).unwrap();
         let x = logits(layout.numel(), 1, 3.0, 71);
         let dy = logits(layout.numel(), 1, 1.0, 72);

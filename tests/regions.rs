@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::arena::Arena;
+use common::arena::{usage, Arena};
 use common::{bits, logits, with_gpu};
 use wgpu_softmax::{
     Context, CrossEntropyBuffers, CrossEntropyOptions, DeviceGradOutput, Error, GradDestination,
@@ -34,10 +34,6 @@ fn offset_pairs(ctx: &Context) -> Vec<(usize, usize)> {
         (align, align + 5),
         (align + 3, 2 * align + 4),
     ]
-}
-
-fn usage() -> wgpu::BufferUsages {
-    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST
 }
 
 /// Asserts `got` is within `tolerance` of `want` (a whole-buffer result), and bitwise equal to

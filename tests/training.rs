@@ -4,7 +4,7 @@
 mod common;
 
 use common::{
-    assert_grad_close, assert_same_bits, check_backward, check_host_and_in_place,
+    assert_grad_close, assert_same_bits, bounded_context, check_backward, check_host_and_in_place,
     cross_entropy_options, device_on_same_adapter, index_targets, logits, one_pass_contexts,
     probability_targets, small_limits_context, strategy_tunings, tuned, with_gpu, LOSS_TOLERANCE,
     ONE_PASS_OTHER_CHUNKS, ONE_PASS_SHAPES,
@@ -1316,12 +1316,7 @@ fn split_partials_larger_than_their_rows_fit_the_binding() {
                 vector,
                 ..short_chunks(split_chunk, split_team, 64)
             };
-            let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
-                max_storage_buffer_binding_size: 64 << 10,
-                max_buffer_size: 4 << 20,
-                ..limits
-            });
-            let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
+            let ctx = bounded_context(base, tuning, 64 << 10, 4 << 20);
             let strategy = ctx.strategy(rows, cols);
             assert!(
                 matches!(strategy, wgpu_softmax::Strategy::SplitRow { chunk, .. } if chunk == split_chunk),
@@ -1366,16 +1361,11 @@ fn rows_whose_partials_alone_outgrow_a_binding_take_longer_chunks() {
     with_gpu(|base| {
         let (rows, cols) = (3, 10_000);
         for (name, split_team) in [("an invocation a chunk", 0), ("a workgroup a chunk", 2)] {
-            let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
-                max_storage_buffer_binding_size: 64 << 10,
-                max_buffer_size: 4 << 20,
-                ..limits
-            });
             let tuning = Tuning {
                 vector: 1,
                 ..short_chunks(1, split_team, 4096)
             };
-            let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
+            let ctx = bounded_context(base, tuning, 64 << 10, 4 << 20);
             check_forward_backward_and_loss(
                 &ctx,
                 (rows, cols),

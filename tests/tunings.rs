@@ -10,10 +10,10 @@
 
 mod common;
 
-use common::arena::Arena;
+use common::arena::{usage, Arena};
 use common::{
-    assert_grad_close, bits, check_host_and_in_place, context, device_on_same_adapter,
-    index_targets, logits, probability_targets, tuned, LOSS_TOLERANCE,
+    assert_grad_close, bits, bounded_context, check_host_and_in_place, context, index_targets,
+    logits, probability_targets, tuned, LOSS_TOLERANCE,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -293,12 +293,7 @@ proptest! {
     ) {
         let Some(base) = context() else { return Ok(()) };
         let ctx = if small_bindings {
-            let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
-                max_storage_buffer_binding_size: 256 << 10,
-                max_buffer_size: 1 << 20,
-                ..limits
-            });
-            Context::from_device_with_tuning(device, queue, tuning).unwrap()
+            bounded_context(base, tuning, 256 << 10, 1 << 20)
         } else {
             tuned(base, tuning)
         };
@@ -339,14 +334,8 @@ proptest! {
     ) {
         let Some(base) = context() else { return Ok(()) };
         let (ctx, outer) = if small_bindings {
-            let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
-                max_storage_buffer_binding_size: 64 << 10,
-                max_buffer_size: 4 << 20,
-                ..limits
-            });
-            let ctx = Context::from_device_with_tuning(device, queue, tuning).unwrap();
             // Enough slabs for several blocks.
-            (ctx, outer * 4)
+            (bounded_context(base, tuning, 64 << 10, 4 << 20), outer * 4)
         } else {
             (tuned(base, tuning), outer)
         };
@@ -400,11 +389,6 @@ proptest! {
         }
         check_loss(&ctx, &x, (classes, true), Some(layout), case, seed)?;
     }
-}
-
-/// Storage that tests read back.
-fn usage() -> wgpu::BufferUsages {
-    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST
 }
 
 proptest! {

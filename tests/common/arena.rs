@@ -8,6 +8,12 @@ use wgpu_softmax::{BufferRegion, Context};
 
 use super::read_buffer;
 
+/// The usage of an arena an op reads or writes through storage bindings (arenas can always be
+/// copied from, to be read back).
+pub fn usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST
+}
+
 /// What every word of an arena holds before an op runs, outside the operands.
 pub const GUARD: u32 = 0xDEAD_BEEF;
 

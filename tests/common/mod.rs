@@ -218,6 +218,18 @@ pub fn small_limits_context(base: &Context) -> Context {
     Context::from_device(device, queue).expect("adopt a device with small limits")
 }
 
+/// A context with `tuning` on a device of its own on `base`'s adapter, whose storage bindings
+/// hold `binding` bytes and whose buffers hold `buffer` bytes: batches run in blocks, and
+/// planners meet partials that a binding barely holds.
+pub fn bounded_context(base: &Context, tuning: Tuning, binding: u64, buffer: u64) -> Context {
+    let (device, queue) = device_on_same_adapter(base, |limits| wgpu::Limits {
+        max_storage_buffer_binding_size: binding,
+        max_buffer_size: buffer,
+        ..limits
+    });
+    Context::from_device_with_tuning(device, queue, tuning).expect("adopt a bounded device")
+}
+
 /// A fresh device on the adapter `base` runs on, with the limits `adjust` makes of the adapter's.
 pub fn device_on_same_adapter(
     base: &Context,
